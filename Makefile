@@ -1,0 +1,33 @@
+# Two commands on a fresh machine:  `make run`  and  `make test`.
+# Both create .venv and install what they need (CPU PyTorch first, so pip never pulls CUDA).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+ARGS   ?=
+
+.PHONY: run test install bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+# The main job: the default (cpu) preset on the embedded default corpus.
+run: $(STAMP)
+	$(VENV)/bin/simone run $(ARGS)
+
+# The whole test suite (the browser test needs Debian's chromium: installed here if missing).
+test: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "warning: could not install chromium; the browser test will be skipped"
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) runs models_for_download .pytest_cache test-artifacts

@@ -1,0 +1,3 @@
+from simone.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,312 @@
+"""The `simone` command line: argument parsing only; every verb calls a library function.
+
+    simone run        corpus → curate → tokenizer → shards → train → validate → package
+    simone curate | tokenizer | prepare | train | validate | package   one stage alone
+    simone generate   sample from a run dir, checkpoint dir or packaged .tar.gz
+    simone config     print a preset (or a saved config with overrides)
+    simone doctor     check the machine and the corpus
+    simone monitor    live dashboard (port 5001);  simone status  the same in the terminal
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from simone.config import DEFAULT_PRESET, PRESETS, Config, ConfigError, apply_overrides, load_config, preset
+
+
+class CLIError(Exception):
+    """A user error reported as one line, without a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one clear line (no usage dump, no traceback)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CLIError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+# The original train_all_models.py flag names, accepted as aliases: alias -> config key.
+LEGACY_CONFIG_FLAGS = {
+    "--vocab_size": "tokenizer.vocab_size",
+    "--hidden_dim": "model.dim",
+    "--num_layers": "model.n_layers",
+    "--batch_size": "train.batch_size",
+    "--gradient_accumulation_steps": "train.grad_accum",
+    "--learning_rate": "train.lr",
+    "--num_epochs": "train.num_epochs",
+    "--patience": "train.patience",
+    "--min_epochs": "train.min_epochs",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser, with_data: bool = True) -> None:
+    p.add_argument("--preset", default=None, help=f"named preset ({', '.join(PRESETS)}; default {DEFAULT_PRESET})")
+    p.add_argument("--config", default=None, help="a saved config JSON (e.g. a run's config.json)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.lr=1e-3 (repeatable)")
+    if with_data:
+        p.add_argument("--data", "--data_dir", dest="data", default=None,
+                       help="corpus folder DOMAIN/SUBDOMAIN/*.txt (default: the embedded corpus)")
+    p.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None)
+    p.add_argument("--max-minutes", "--max_minutes", dest="max_minutes", type=float, default=None)
+    for flag, key in LEGACY_CONFIG_FLAGS.items():
+        p.add_argument(flag, dest=f"legacy:{key}", default=None, help=f"alias of --set {key}=…")
+
+
+def build_config(args: argparse.Namespace, run_dir: Path | None = None) -> Config:
+    """Preset (or --config, or the run's own config.json) → legacy flags → --set → plain flags."""
+    if args.config:
+        cfg = load_config(args.config)
+        if args.preset:
+            raise CLIError("give either --config or --preset, not both")
+    elif run_dir is not None and (run_dir / "config.json").exists() and not args.preset:
+        cfg = load_config(run_dir / "config.json")
+    else:
+        cfg = preset(args.preset or DEFAULT_PRESET)
+    for key, value in vars(args).items():
+        if key.startswith("legacy:") and value is not None:
+            apply_overrides(cfg, [f"{key[len('legacy:'):]}={value}"])
+    apply_overrides(cfg, args.overrides)
+    if getattr(args, "data", None):
+        cfg.data.data_dir = str(Path(args.data).expanduser().resolve())
+    if getattr(args, "max_steps", None) is not None:
+        cfg.train.max_steps = args.max_steps
+    if getattr(args, "max_minutes", None) is not None:
+        cfg.train.max_minutes = args.max_minutes
+    if getattr(args, "strict", False):
+        cfg.curate.strict = True
+    if getattr(args, "decontaminate", False):
+        cfg.curate.decontaminate = True
+    if getattr(args, "no_curate", False):
+        cfg.curate.enabled = False
+    return cfg
+
+
+def _default_run_dir() -> Path:
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+# ----------------------------------------------------------------------------- verbs
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from simone.pipeline import run_pipeline
+
+    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
+    cfg = build_config(args, run_dir if args.resume else None)
+    result = run_pipeline(cfg, run_dir, resume=args.resume, monitor=args.monitor,
+                          monitor_port=args.port, package_dir=Path(args.package_dir))
+    return 0 if result.ok else 1
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    from simone.pipeline import stage_curate
+
+    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
+    cfg = build_config(args, run_dir)
+    stage_curate(cfg, run_dir)
+    return 0
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from simone.pipeline import stage_tokenizer
+
+    run_dir = Path(args.run_dir)
+    stage_tokenizer(build_config(args, run_dir), run_dir)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from simone.pipeline import stage_prepare
+
+    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
+    stage_prepare(build_config(args, run_dir), run_dir)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from simone.pipeline import stage_train
+
+    run_dir = Path(args.run_dir)
+    cfg = build_config(args, run_dir)
+    result = stage_train(cfg, run_dir, resume=args.resume)
+    return 0 if result is not None else 1
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from simone.validate import print_report, validate
+
+    report = validate(Path(args.model), out_dir=Path(args.out) if args.out else None,
+                      data_dir=Path(args.data_dir) if args.data_dir else None)
+    print_report(report)
+    return 0 if report["ok"] else 1
+
+
+def cmd_package(args: argparse.Namespace) -> int:
+    from simone.package import package_run
+    from simone.rundir import RunDir
+
+    path = package_run(RunDir(Path(args.run_dir)), Path(args.out))
+    print(path)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from simone.generate import generate_cli
+
+    return generate_cli(
+        model_path=Path(args.model), prompt=args.prompt, max_tokens=args.max_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        stream=not args.no_stream, device=args.device,
+    )
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    print(cfg.to_json())
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from simone.doctor import print_report, run_checks
+
+    checks = run_checks(Path(args.data) if args.data else None, Path(args.run_dir) if args.run_dir else None)
+    return print_report(checks)
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from simone.monitor import run_monitor
+
+    run_monitor(runs_root=Path(args.runs) if args.runs else None,
+                run_dir=Path(args.run_dir) if args.run_dir else None,
+                host=args.host, port=args.port, token=args.token)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from simone.monitor.terminal import print_status
+
+    return print_status(Path(args.run) if args.run else None, runs_root=Path(args.runs)) or 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="simone", description="SIM-ONE MVLM: curate, train, validate and package a small language model.")
+    from simone import __version__
+
+    parser.add_argument("--version", action="version", version=f"simone {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def verb(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=fn)
+        return p
+
+    p = verb("run", cmd_run, "run every stage: corpus to packaged, validated model")
+    _add_config_args(p)
+    p.add_argument("--run-dir", "--output_dir", dest="run_dir", default=None, help="default: runs/<timestamp>")
+    p.add_argument("--resume", "--resume_from", dest="resume", default=None, help="latest | best | checkpoint path")
+    p.add_argument("--package-dir", default="models_for_download", help="where the .tar.gz goes")
+    p.add_argument("--monitor", action="store_true", help="serve the live dashboard beside training")
+    p.add_argument("--port", type=int, default=5001, help="dashboard port (with --monitor)")
+    p.add_argument("--strict", action="store_true", help="leave flagged files out of training")
+    p.add_argument("--decontaminate", action="store_true", help="move contaminated validation docs")
+    p.add_argument("--no-curate", action="store_true", help="skip dedup/quality/label filtering")
+
+    p = verb("curate", cmd_curate, "clean, deduplicate, flag and report a corpus")
+    _add_config_args(p)
+    p.add_argument("--run-dir", dest="run_dir", default=None)
+    p.add_argument("--strict", action="store_true")
+    p.add_argument("--decontaminate", action="store_true")
+    p.add_argument("--no-curate", action="store_true")
+
+    p = verb("tokenizer", cmd_tokenizer, "train the BPE tokenizer on a curated run dir")
+    _add_config_args(p, with_data=False)
+    p.add_argument("--run-dir", dest="run_dir", required=True)
+
+    p = verb("prepare", cmd_prepare, "curate + tokenizer + token shards (everything before training)")
+    _add_config_args(p)
+    p.add_argument("--run-dir", dest="run_dir", default=None)
+    p.add_argument("--strict", action="store_true")
+    p.add_argument("--decontaminate", action="store_true")
+    p.add_argument("--no-curate", action="store_true")
+
+    p = verb("train", cmd_train, "train on a prepared run dir (works under torchrun)")
+    _add_config_args(p)
+    p.add_argument("--run-dir", dest="run_dir", required=True)
+    p.add_argument("--resume", "--resume_from", dest="resume", default=None)
+
+    p = verb("validate", cmd_validate, "write validation/report.{json,md}; non-zero exit when a check fails")
+    p.add_argument("--model", required=True, help="run dir, checkpoint dir or .tar.gz")
+    p.add_argument("--out", default=None, help="report folder (default: RUN/validation or next to the package)")
+    p.add_argument("--data-dir", default=None, help="a run's data/ folder with val.bin (default: the run's own)")
+
+    p = verb("package", cmd_package, "pack a trained run into models_for_download/NAME.tar.gz")
+    p.add_argument("--run-dir", dest="run_dir", required=True)
+    p.add_argument("--out", default="models_for_download")
+
+    p = verb("generate", cmd_generate, "generate text from a trained model")
+    p.add_argument("--model", required=True, help="run dir, checkpoint dir or .tar.gz")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", dest="top_k", type=int, default=50)
+    p.add_argument("--top-p", dest="top_p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-stream", action="store_true", help="print the text at the end, not token by token")
+
+    p = verb("config", cmd_config, "print a preset or a saved config, with overrides applied")
+    _add_config_args(p)
+
+    p = verb("doctor", cmd_doctor, "check Python, PyTorch, device, disk, memory and the corpus")
+    p.add_argument("--data", "--data_dir", dest="data", default=None)
+    p.add_argument("--run-dir", dest="run_dir", default=None)
+
+    p = verb("monitor", cmd_monitor, "serve the live training dashboard")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--runs", default=None, help="folder of run directories (default: runs/)")
+    g.add_argument("--run-dir", dest="run_dir", default=None, help="one run directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5001)
+    p.add_argument("--token", default=None, help="required when binding off loopback (generated if absent)")
+
+    p = verb("status", cmd_status, "print a run's state, progress, losses and ETA")
+    p.add_argument("run", nargs="?", default=None)
+    p.add_argument("--runs", default="runs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ConfigError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a known user-facing error class from a stage
+        if type(e).__name__.endswith(("CorpusError", "CheckpointError", "ModelLoadError", "RunLockedError", "PipelineError")):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if os.environ.get("SIMONE_DEBUG"):
+            raise
+        raise

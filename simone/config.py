@@ -1,0 +1,309 @@
+"""Typed configuration: dataclasses, named presets and command-line overrides.
+
+A `Config` is a tree of small dataclasses, one per stage. Presets are functions that
+return a fully filled `Config`; `--set section.field=value` and `--config FILE` edit it.
+The resolved config is written to `config.json` at the start of every run, so a run can
+always be reproduced from its own directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A config key or value that does not fit the schema."""
+
+
+@dataclass
+class DataConfig:
+    data_dir: str | None = None  # None: the embedded default corpus
+    val_fraction: float = 0.1  # share of documents (not tokens) held out, per domain
+    split_seed: int = 1234
+    min_val_docs_per_domain: int = 1
+
+
+@dataclass
+class CurateConfig:
+    enabled: bool = True  # False: read and clean only, no dedup/quality/label filtering
+    strict: bool = False  # drop `flagged` files from training too
+    decontaminate: bool = False  # move validation docs sharing 13-grams with training docs
+    workers: int = 0  # 0: one per core
+    minhash_perms: int = 112
+    near_dup_threshold: float = 0.8
+    shingle_words: int = 5
+    contamination_ngram: int = 13
+    min_words: int = 50  # below: too_short
+    quality_window_words: int = 2000
+    # per-domain relaxation of the quality thresholds, e.g. {"biblical_classical": 0.5}
+    domain_relax: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 32000
+    min_frequency: int = 2
+    eod_token: str = "<|endoftext|>"
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"  # "llama" (Enhanced SIM-ONE) or "gpt2" (legacy MVLM-GPT2 baseline)
+    vocab_size: int = 32000  # overwritten by the trained tokenizer's size
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int | None = None  # None: = n_heads (no grouped-query attention)
+    ffn_hidden: int | None = None  # None: SwiGLU rule 8/3*dim rounded up to `multiple_of`
+    multiple_of: int = 64
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    # governance (policy / memory / trace heads); off until switched on
+    governance: bool = False
+    policy: bool = True
+    memory: bool = True
+    trace: bool = True
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 12  # sequences per micro-batch per process
+    grad_accum: int = 4  # micro-batches per optimizer step
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 200
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    num_epochs: int = 7  # at most
+    min_epochs: int = 6  # at least, before early stopping may trigger
+    patience: int = 2  # evaluations without improvement after min_epochs
+    max_steps: int | None = None  # hard cap on optimizer steps
+    max_minutes: float | None = None  # wall-clock cap on the training stage
+    eval_every: int = 500  # steps; evaluation also runs at every epoch end
+    eval_batches: int = 20  # per domain
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    sample_every: int = 0  # steps; 0: only at epoch ends
+    sample_tokens: int = 64
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    compile: bool = False
+    fused_adamw: bool = True  # used where the device supports it
+    activation_checkpointing: bool = False
+    system_stats_every_s: float = 5.0
+    max_bad_steps: int = 3  # consecutive non-finite steps before rollback
+    max_rollbacks: int = 2  # rollbacks before the run fails
+    rollback_lr_factor: float = 0.5
+
+
+@dataclass
+class Config:
+    preset: str = "cpu"
+    data: DataConfig = field(default_factory=DataConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def _tiny() -> Config:
+    """Seconds on a CPU: tests and smoke checks."""
+    c = Config(preset="tiny")
+    c.tokenizer.vocab_size = 512
+    c.model = ModelConfig(dim=64, n_layers=2, n_heads=4, max_seq_len=64, vocab_size=512)
+    c.train = TrainConfig(
+        batch_size=8, grad_accum=1, lr=3e-3, warmup_steps=10, num_epochs=2, min_epochs=1,
+        patience=2, eval_every=50, eval_batches=4, log_every=5, checkpoint_every=50,
+        sample_tokens=16, max_minutes=2.0,
+    )
+    return c
+
+
+def _cpu() -> Config:
+    """The default: a few minutes on 2 CPU cores, a model that writes recognisable text."""
+    c = Config(preset="cpu")
+    c.tokenizer.vocab_size = 4096
+    c.model = ModelConfig(dim=256, n_layers=4, n_heads=4, max_seq_len=256, vocab_size=4096)
+    c.train = TrainConfig(
+        batch_size=16, grad_accum=1, lr=2e-3, warmup_steps=50, num_epochs=7, min_epochs=1,
+        patience=2, eval_every=200, eval_batches=8, log_every=10, checkpoint_every=200,
+        max_minutes=8.0,
+    )
+    return c
+
+
+def _h200() -> Config:
+    """The original design's full single-GPU run (125M parameters)."""
+    c = Config(preset="h200")
+    c.tokenizer.vocab_size = 32000
+    c.model = ModelConfig(dim=768, n_layers=12, n_heads=12, max_seq_len=1024, vocab_size=32000)
+    c.train = TrainConfig(
+        batch_size=12, grad_accum=4, lr=3e-4, num_epochs=7, min_epochs=6, patience=2,
+        warmup_steps=500, eval_every=1000, checkpoint_every=1000, device="cuda",
+        dtype="bfloat16", compile=True,
+    )
+    return c
+
+
+def _h100() -> Config:
+    c = _h200()
+    c.preset = "h100"
+    return c
+
+
+def _gpt2_baseline(base: Callable[[], Config]) -> Callable[[], Config]:
+    def preset() -> Config:
+        c = base()
+        c.preset = f"{c.preset}-gpt2"
+        c.model.arch = "gpt2"
+        return c
+
+    return preset
+
+
+PRESETS: dict[str, Callable[[], Config]] = {
+    "tiny": _tiny,
+    "cpu": _cpu,
+    "h100": _h100,
+    "h200": _h200,
+    "tiny-gpt2": _gpt2_baseline(_tiny),
+    "cpu-gpt2": _gpt2_baseline(_cpu),
+}
+DEFAULT_PRESET = "cpu"
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def _base_type(type_hint: Any) -> tuple[type, bool]:
+    """(the underlying type, whether None is allowed) of a field's annotation."""
+    args = typing.get_args(type_hint)
+    if args:  # X | None, or dict[str, float]
+        if type(None) in args:
+            inner = [a for a in args if a is not type(None)][0]
+            return (typing.get_origin(inner) or inner), True
+        return typing.get_origin(type_hint) or type_hint, False
+    return type_hint, False
+
+
+def _coerce(value: Any, type_hint: Any, key: str) -> Any:
+    """Turn a command-line string (or a JSON value) into the field's declared type."""
+    base, optional = _base_type(type_hint)
+    if value is None or (isinstance(value, str) and optional and value.lower() in ("none", "null")):
+        if not optional:
+            raise ConfigError(f"{key}: may not be empty (expected {base.__name__})")
+        return None
+    if isinstance(value, str) and base is not str:
+        if base is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        try:
+            value = json.loads(value) if base is dict else base(value)
+        except ValueError as e:
+            raise ConfigError(f"{key}: cannot read {value!r} as {base.__name__}") from e
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {base.__name__}, got {value!r}")
+    return value
+
+
+def set_value(cfg: Config, key: str, value: Any) -> None:
+    """Set `section.field` (e.g. `train.lr`) on `cfg`, checking the key and the type."""
+    parts = key.split(".")
+    if len(parts) == 1 and parts[0] == "preset":
+        cfg.preset = str(value)
+        return
+    if len(parts) != 2:
+        raise ConfigError(f"config key {key!r} must look like section.field (e.g. train.lr)")
+    section_name, field_name = parts
+    section = getattr(cfg, section_name, None)
+    if section is None or not dataclasses.is_dataclass(section):
+        sections = [f.name for f in dataclasses.fields(cfg) if f.name != "preset"]
+        raise ConfigError(f"unknown config section {section_name!r}; sections: {', '.join(sections)}")
+    hints = get_type_hints(type(section))
+    if field_name not in hints:
+        names = ", ".join(f.name for f in dataclasses.fields(section))
+        raise ConfigError(f"unknown config key {key!r}; {section_name} has: {names}")
+    setattr(section, field_name, _coerce(value, hints[field_name], key))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `key=value` strings in order."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must be key=value (e.g. train.lr=1e-3)")
+        key, value = item.split("=", 1)
+        set_value(cfg, key.strip(), value.strip())
+    return cfg
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Build a Config from a (possibly partial) dict, e.g. a saved config.json.
+
+    Starts from the dict's preset (or the default one) and sets every key given, so an
+    older config missing new fields still loads; unknown keys are an error.
+    """
+    cfg = preset(d.get("preset", DEFAULT_PRESET)) if d.get("preset") in PRESETS else Config()
+    if "preset" in d:
+        cfg.preset = d["preset"]
+    for section_name, section_values in d.items():
+        if section_name == "preset":
+            continue
+        if not isinstance(section_values, dict):
+            raise ConfigError(f"config section {section_name!r} must be an object")
+        for field_name, value in section_values.items():
+            set_value(cfg, f"{section_name}.{field_name}", value)
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{p}: config file not found") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"{p}: a config file must hold a JSON object")
+    try:
+        return from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from e
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from simone.rundir import atomic_write_text
+
+    atomic_write_text(Path(path), cfg.to_json() + "\n")

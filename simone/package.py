@@ -1,0 +1,210 @@
+"""Pack a trained run into `models_for_download/NAME.tar.gz`.
+
+The package is self-contained and safe to load: `model.safetensors`, `config.json`,
+`tokenizer.json`, `training_summary.json`, a model card `README.md`, and `MANIFEST.json`
+with the sha256 and size of every other file. `simone generate --model NAME.tar.gz` and
+`simone validate --model NAME.tar.gz` read it directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from simone.rundir import RunDir, atomic_write_json, read_json
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if not path.exists():
+        return rows
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a half-written last line
+    return rows
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "tokenizers", "safetensors", "numpy", "simone-mvlm"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _hardware() -> dict[str, Any]:
+    import psutil
+    import torch
+
+    hw: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "ram_gb": round(psutil.virtual_memory().total / 2**30, 1)}
+    if torch.cuda.is_available():
+        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return hw
+
+
+def training_summary(run: RunDir, checkpoint: Path) -> dict[str, Any]:
+    """What a user wants to know about how this model was made, from the run's own files."""
+    cfg = read_json(run.config, {})
+    status = run.read_status()
+    rows = _read_metrics(run.metrics)
+    evals = [r for r in rows if r.get("kind") == "eval" and r.get("val_loss") is not None]
+    trains = [r for r in rows if r.get("kind") == "train"]
+    index = read_json(run.data / "index.json", {}) or {}
+    splits = index.get("splits", {})
+    losses = [r["val_loss"] for r in evals if isinstance(r["val_loss"], (int, float)) and math.isfinite(r["val_loss"])]
+    report = read_json(run.validation / "report.json", {}) or {}
+    tps = [r["tokens_per_s"] for r in trains if r.get("tokens_per_s")]
+    return {
+        "schema": 1,
+        "name": run.root.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": cfg,
+        "checkpoint": checkpoint.name,
+        "data": {
+            "train_tokens": splits.get("train", {}).get("n_tokens"),
+            "val_tokens": splits.get("val", {}).get("n_tokens"),
+            "train_docs": splits.get("train", {}).get("n_docs"),
+            "val_docs": splits.get("val", {}).get("n_docs"),
+            "domains": sorted(splits.get("train", {}).get("domains", {}).keys()),
+            "corpus": cfg.get("data", {}).get("data_dir") or "embedded default corpus",
+        },
+        "training": {
+            "steps": max((r.get("step", 0) for r in trains), default=0),
+            "epochs": max((r.get("epoch", 0) for r in rows if r.get("kind") in ("train", "eval")), default=0),
+            "tokens_seen": trains[-1].get("tokens_seen") if trains else None,
+            "best_val_loss": min(losses) if losses else None,
+            "final_val_loss": losses[-1] if losses else None,
+            "final_val_bpb": evals[-1].get("val_bpb") if evals else None,
+            "final_train_loss": trains[-1].get("loss") if trains else None,
+            "tokens_per_s": (sorted(tps)[len(tps) // 2] if tps else None),
+            "mfu": trains[-1].get("mfu") if trains else None,
+            "seconds": (status.get("heartbeat", 0) - status.get("started", 0)) if status.get("started") else None,
+            "stop_reason": status.get("stop_reason"),
+        },
+        "validation": {k: report.get(k) for k in ("ok", "val_loss", "val_ppl", "val_bpb", "params") if k in report},
+        "hardware": _hardware(),
+        "versions": _versions(),
+    }
+
+
+def model_card(summary: dict[str, Any]) -> str:
+    cfg = summary["config"]
+    m = cfg.get("model", {})
+    t = summary["training"]
+    arch = "Llama-style (RoPE, SwiGLU, RMSNorm)" if m.get("arch") == "llama" else "GPT-2-style baseline"
+    lines = [
+        f"# {summary['name']}",
+        "",
+        "A small language model trained from scratch with SIM-ONE MVLM.",
+        "",
+        "| | |", "|---|---|",
+        f"| architecture | {arch} |",
+        f"| layers × width × heads | {m.get('n_layers')} × {m.get('dim')} × {m.get('n_heads')} |",
+        f"| context length | {m.get('max_seq_len')} |",
+        f"| vocabulary | {m.get('vocab_size')} (byte-level BPE) |",
+        f"| corpus | {summary['data']['corpus']} |",
+        f"| domains | {', '.join(summary['data']['domains'])} |",
+        f"| training tokens | {summary['data']['train_tokens']} |",
+        f"| steps / epochs | {t['steps']} / {t['epochs']} |",
+        f"| best validation loss | {t['best_val_loss']} |",
+        f"| final validation bits per byte | {t['final_val_bpb']} |",
+        "",
+        "## Use",
+        "```",
+        "simone generate --model THIS.tar.gz --prompt 'In the beginning' --max-tokens 100",
+        "```",
+        "",
+        "Files: `model.safetensors` (weights), `config.json` (full SIM-ONE config), `tokenizer.json`",
+        "(Hugging Face tokenizers), `training_summary.json`, `MANIFEST.json` (sha256 of every file).",
+        "",
+        "## Limits",
+        "A small model trained on a small corpus: it imitates the style of its training text and",
+        "states no reliable facts. Do not use it for anything that needs to be true.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best") -> Path:
+    """Write `out_dir/NAME.tar.gz` from the run's best (else latest) checkpoint; return its path."""
+    from simone.train.checkpoint import resolve_checkpoint
+
+    ckpt = None
+    for which in (checkpoint, "latest"):
+        try:
+            ckpt = resolve_checkpoint(run.root, which)
+            break
+        except Exception:
+            continue
+    if ckpt is None:
+        from simone.generate import ModelLoadError
+
+        raise ModelLoadError(f"{run.checkpoints}: no verified checkpoint to package")
+    cfg = read_json(run.config, {})
+    name = f"simone-{cfg.get('preset', 'custom')}-{cfg.get('model', {}).get('arch', 'llama')}-{run.root.name}"
+    summary = training_summary(run, ckpt)
+    atomic_write_json(run.root / "training_summary.json", summary)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".pkg-") as tmp:
+        stage = Path(tmp) / name
+        stage.mkdir()
+        shutil.copy2(ckpt / "model.safetensors", stage / "model.safetensors")
+        ckpt_cfg = ckpt / "config.json"
+        shutil.copy2(ckpt_cfg if ckpt_cfg.exists() else run.config, stage / "config.json")
+        shutil.copy2(run.tokenizer, stage / "tokenizer.json")
+        (stage / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        (stage / "README.md").write_text(model_card(summary))
+        manifest = {"schema": 1, "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                                           for p in sorted(stage.iterdir())}}
+        (stage / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp_tar = Path(tmp) / f"{name}.tar.gz"
+        with tarfile.open(tmp_tar, "w:gz") as tar:
+            tar.add(stage, arcname=name)
+        with open(tmp_tar, "rb") as f:
+            os.fsync(f.fileno())
+        final = out_dir / f"{name}.tar.gz"
+        os.replace(tmp_tar, final)
+    return final
+
+
+def verify_manifest(folder: Path) -> list[str]:
+    """Problems found checking `folder/MANIFEST.json` against the files (empty: all good)."""
+    manifest = read_json(folder / "MANIFEST.json")
+    if not isinstance(manifest, dict) or "files" not in manifest:
+        return [f"{folder / 'MANIFEST.json'}: missing or unreadable"]
+    problems = []
+    for name, meta in manifest["files"].items():
+        p = folder / name
+        if not p.exists():
+            problems.append(f"{p}: missing")
+        elif p.stat().st_size != meta.get("bytes"):
+            problems.append(f"{p}: size {p.stat().st_size} != {meta.get('bytes')} in manifest")
+        elif sha256_file(p) != meta.get("sha256"):
+            problems.append(f"{p}: sha256 does not match the manifest (corrupted)")
+    return problems

@@ -1,0 +1,161 @@
+"""`simone run`: chain the stages, each reading the previous one's artifacts in the run dir.
+
+Each `stage_*` function can also run alone (the CLI's one-stage verbs call them). The
+pipeline owns `status.json`'s `state`/`stage` transitions; the trainer owns the training
+progress fields inside it.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from simone.config import Config, save_config
+from simone.rundir import RunDir
+
+
+class PipelineError(RuntimeError):
+    """A stage found its inputs missing or unusable."""
+
+
+@dataclass
+class PipelineResult:
+    ok: bool
+    run_dir: Path
+    package: Path | None = None
+    error: str | None = None
+    sample: str | None = None
+
+
+def _say(msg: str) -> None:
+    print(f"[simone] {msg}", flush=True)
+
+
+def corpus_path(cfg: Config) -> Path:
+    """The user's corpus, or the embedded default materialised from installed packages."""
+    if cfg.data.data_dir:
+        return Path(cfg.data.data_dir)
+    from simone.data.default_corpus import default_corpus_dir
+
+    return default_corpus_dir()
+
+
+def stage_curate(cfg: Config, run_dir: Path):
+    from simone.data.curate import curate, print_summary
+
+    run = RunDir(run_dir).make()
+    if not run.config.exists():
+        save_config(cfg, run.config)
+    corpus = corpus_path(cfg)
+    _say(f"curate: {corpus}")
+    result = curate(corpus, run.data, cfg)
+    print_summary(result)
+    return result
+
+
+def stage_tokenizer(cfg: Config, run_dir: Path):
+    from simone.tokenizer import train_tokenizer
+
+    run = RunDir(run_dir)
+    if not run.documents.exists():
+        raise PipelineError(f"{run.documents}: missing; run `simone curate --run-dir {run.root}` first")
+    _say(f"tokenizer: byte-level BPE, vocab {cfg.tokenizer.vocab_size}")
+    # domain control tokens come from the domains found in documents.jsonl
+    tok = train_tokenizer(run.documents, run.tokenizer_dir, cfg.tokenizer)
+    # the model's embedding must match what the tokenizer really produced
+    cfg.model.vocab_size = tok.vocab_size
+    save_config(cfg, run.config)
+    return tok
+
+
+def stage_shards(cfg: Config, run_dir: Path):
+    from simone.data.shards import build_shards
+    from simone.tokenizer import load_tokenizer
+
+    run = RunDir(run_dir)
+    if not run.tokenizer.exists():
+        raise PipelineError(f"{run.tokenizer}: missing; run `simone tokenizer --run-dir {run.root}` first")
+    tok = load_tokenizer(run.tokenizer)
+    _say("shards: tokenizing into memmap shards")
+    return build_shards(run.documents, tok, run.data)
+
+
+def stage_prepare(cfg: Config, run_dir: Path):
+    """Everything before training: curate → tokenizer → shards."""
+    stage_curate(cfg, run_dir)
+    stage_tokenizer(cfg, run_dir)
+    return stage_shards(cfg, run_dir)
+
+
+def stage_train(cfg: Config, run_dir: Path, resume: str | None = None):
+    from simone.train.trainer import train
+
+    run = RunDir(run_dir)
+    for needed in (run.tokenizer, run.data / "index.json"):
+        if not needed.exists():
+            raise PipelineError(f"{needed}: missing; run `simone prepare --run-dir {run.root}` first")
+    save_config(cfg, run.config)
+    return train(cfg, run, resume=resume)
+
+
+def run_pipeline(cfg: Config, run_dir: Path, resume: str | None = None, monitor: bool = False,
+                 monitor_port: int = 5001, package_dir: Path = Path("models_for_download")) -> PipelineResult:
+    """corpus → curate → tokenizer → shards → train → validate → package, into `run_dir`."""
+    from simone.generate import load_model, sample_text
+    from simone.package import package_run
+    from simone.validate import print_report, validate
+
+    run = RunDir(run_dir).make()
+    t0 = time.time()
+    save_config(cfg, run.config)
+    run.write_status(state="running", stage="curate", preset=cfg.preset, started=t0, error=None)
+    stage = "curate"
+    try:
+        if monitor:
+            from simone.monitor import start_background_monitor
+
+            url = start_background_monitor(run_dir=run.root, port=monitor_port)
+            _say(f"dashboard: {url}")
+        if resume is None or not (run.data / "index.json").exists():
+            stage_curate(cfg, run.root)
+            stage = "tokenizer"
+            run.write_status(stage=stage)
+            stage_tokenizer(cfg, run.root)
+            stage = "shards"
+            run.write_status(stage=stage)
+            stage_shards(cfg, run.root)
+        stage = "train"
+        run.write_status(stage=stage)
+        result = stage_train(cfg, run.root, resume=resume)
+        if getattr(result, "stop_reason", None) == "signal":
+            _say("stopped by signal; resume with --resume latest")
+            return PipelineResult(ok=False, run_dir=run.root, error="stopped")
+        stage = "validate"
+        run.write_status(state="running", stage=stage)
+        report = validate(run.root, out_dir=run.validation)
+        print_report(report)
+        stage = "package"
+        run.write_status(stage=stage)
+        pkg = package_run(run, package_dir)
+        loaded = load_model(pkg)
+        sample = sample_text(loaded, prompt=_sample_prompt(loaded), max_tokens=40, seed=cfg.train.seed)
+        status = "finished" if report["ok"] else "failed"
+        run.write_status(state=status, stage="done", package=str(pkg.resolve()), elapsed_s=time.time() - t0,
+                         error=None if report["ok"] else "validation failed: " + ", ".join(report["failed"]))
+        _say(f"package: {pkg.resolve()}")
+        _say(f"sample: {sample}")
+        _say(f"done in {time.time() - t0:.0f}s ({status})")
+        return PipelineResult(ok=report["ok"], run_dir=run.root, package=pkg, sample=sample)
+    except KeyboardInterrupt:
+        run.write_status(state="stopped", stage=stage)
+        raise
+    except Exception as e:
+        run.write_status(state="failed", stage=stage, error=f"{type(e).__name__}: {e}")
+        run.log_line(f"FAILED in {stage}: {traceback.format_exc()}")
+        raise
+
+
+def _sample_prompt(loaded) -> str:
+    return "The "

@@ -1,0 +1,169 @@
+"""The run directory: the one interface between stages, trainer, validator and monitor.
+
+Layout (schema 1; see docs/ARCHITECTURE.md):
+
+    RUN/config.json  status.json  metrics.jsonl  samples.jsonl  train.log
+    RUN/data/        manifest.jsonl report.html documents.jsonl index.json train.bin val.bin
+    RUN/tokenizer/   tokenizer.json
+    RUN/checkpoints/ step_000500/{model.safetensors,state.pt,MANIFEST.json}, latest, best
+    RUN/validation/  report.json report.md
+
+Every JSON file is written atomically (temp file, fsync, rename) so a reader never sees a
+half-written file; JSON-lines files are appended one whole line per write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = 1
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def append_jsonl(path: Path, obj: dict[str, Any]) -> None:
+    """Append one JSON object as one line, in a single write (readers may tail the file)."""
+    line = json.dumps(obj, default=_json_default, allow_nan=True) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return default
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # paths of the contract
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "status.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples.jsonl"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "train.log"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def manifest(self) -> Path:
+        return self.data / "manifest.jsonl"
+
+    @property
+    def documents(self) -> Path:
+        return self.data / "documents.jsonl"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.tokenizer_dir / "tokenizer.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def validation(self) -> Path:
+        return self.root / "validation"
+
+    def make(self) -> "RunDir":
+        for d in (self.root, self.data, self.tokenizer_dir, self.checkpoints, self.validation):
+            d.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # status.json: the run's state for humans, the monitor and the lock
+    def read_status(self) -> dict[str, Any]:
+        return read_json(self.status, default={}) or {}
+
+    def write_status(self, **fields: Any) -> dict[str, Any]:
+        """Merge `fields` into status.json (atomically) and stamp pid, host and heartbeat."""
+        st = self.read_status()
+        st.update(fields)
+        st["schema"] = SCHEMA
+        st["pid"] = os.getpid()
+        st["host"] = socket.gethostname()
+        st["heartbeat"] = time.time()
+        atomic_write_json(self.status, st)
+        return st
+
+    def log_line(self, message: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with open(self.log, "a", encoding="utf-8") as f:
+            f.write(f"{stamp} {message}\n")
