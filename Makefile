@@ -23,7 +23,7 @@ run: $(STAMP)
 
 # The whole test suite (the browser test needs Debian's chromium: installed here if missing).
 test: $(STAMP)
-	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "warning: could not install chromium; the browser test will be skipped"
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "warning: could not install chromium; the browser test will be skipped"
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

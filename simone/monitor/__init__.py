@@ -1,0 +1,28 @@
+"""The live training dashboard (`simone monitor`) and `simone status`.
+
+Read-only over run directories (docs/ARCHITECTURE.md). Entry points:
+
+    create_app(runs_root=None, run_dir=None, token=None, stall_after_s=60) -> FastAPI
+    serve(runs_root=None, run_dir=None, token=None, host="127.0.0.1", port=5001)
+    run_monitor(runs_root, run_dir, host, port, token)        # `simone monitor`
+    start_background_monitor(...) -> BackgroundMonitor (.url)   # `simone run --monitor`
+    terminal.print_status(run, runs_root)                      # `simone status [RUN]`
+"""
+
+from simone.monitor.app import create_app
+from simone.monitor.server import (
+    BackgroundMonitor,
+    MonitorError,
+    run_monitor,
+    serve,
+    start_background_monitor,
+)
+
+__all__ = [
+    "BackgroundMonitor",
+    "MonitorError",
+    "create_app",
+    "run_monitor",
+    "serve",
+    "start_background_monitor",
+]

@@ -1,0 +1,147 @@
+"""`simone status [RUN]`: the dashboard's essentials in a terminal (for SSH without a browser).
+
+Reads only status.json, config.json and the tail of metrics.jsonl, so it is instant on a
+run of any size.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from simone.monitor.runs import is_run_dir, list_checkpoints, list_run_dirs, quick_summary
+
+STATE_STYLE = {
+    "running": "bold green", "finished": "bold blue", "failed": "bold red",
+    "stalled": "bold yellow", "stopped": "dim", "unknown": "dim",
+}
+
+
+def resolve_run(run: Path | str, runs_root: Path) -> Path | None:
+    """A run given as a path, or as a name under `runs_root`."""
+    candidates = [Path(run), Path(runs_root) / str(run)]
+    for c in candidates:
+        if is_run_dir(c):
+            return c
+    return None
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def fmt_duration(s: float | None) -> str:
+    if s is None:
+        return "–"
+    s = int(round(max(0.0, s)))
+    d, h, m = s // 86400, (s % 86400) // 3600, (s % 3600) // 60
+    if d:
+        return f"{d}d {h}h"
+    if h:
+        return f"{h}h {m:02d}m"
+    if m:
+        return f"{m}m {s % 60:02d}s"
+    return f"{s}s"
+
+
+def fmt_rate(v: float | None) -> str:
+    if v is None:
+        return "–"
+    if v >= 1e6:
+        return f"{v / 1e6:.2f}M"
+    if v >= 1e4:
+        return f"{v / 1e3:.1f}k"
+    return f"{v:.0f}"
+
+
+def progress_bar(progress: float | None, width: int = 30) -> str:
+    if progress is None:
+        return "[" + " " * width + "]"
+    filled = int(round(progress * width))
+    return "[" + "#" * filled + "-" * (width - filled) + f"] {progress * 100:5.1f}%"
+
+
+def status_lines(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) rows for one run, in reading order."""
+    step = f"{_fmt(s.get('step'))}" + (f" / {s['total_steps']}" if s.get("total_steps") else "")
+    epoch = _fmt(s.get("epoch"), 2) + (f" / {s['num_epochs']}" if s.get("num_epochs") else "")
+    rows = [
+        ("state", s["state"] + (f" (stage {s['stage']})" if s.get("stage") else "")),
+        ("progress", progress_bar(s.get("progress"))),
+        ("step", step),
+        ("epoch", epoch),
+        ("ETA", fmt_duration(s.get("eta_s")) if s["state"] == "running" else "–"),
+        ("train loss", _fmt(s.get("loss"))),
+        ("val loss", _fmt(s.get("val_loss")) + (f"  (best {_fmt(s.get('best_val_loss'))})" if s.get("best_val_loss") is not None else "")),
+        ("val bits/byte", _fmt(s.get("val_bpb"), 3)),
+        ("tokens/s", fmt_rate(s.get("tokens_per_s"))),
+        ("MFU", f"{s['mfu'] * 100:.1f}%" if isinstance(s.get("mfu"), (int, float)) else "–"),
+        ("preset", _fmt(s.get("preset"))),
+        ("heartbeat", (fmt_duration(s.get("heartbeat_age_s")) + " ago") if s.get("heartbeat_age_s") is not None else "–"),
+    ]
+    if s.get("stop_reason"):
+        rows.append(("stopped because", str(s["stop_reason"])))
+    if s.get("error"):
+        rows.append(("error", str(s["error"])))
+    if s.get("package"):
+        rows.append(("package", str(s["package"])))
+    return rows
+
+
+def print_status(run: Path | None, runs_root: Path, console: Console | None = None,
+                 stall_after_s: float = 60.0) -> int:
+    """Print one run's essentials (RUN given) or a table of all runs under `runs_root`.
+
+    Returns a process exit code: 0, or 1 if the run was not found."""
+    console = console or Console(highlight=False)
+    now = time.time()
+    if run is not None:
+        path = resolve_run(run, runs_root)
+        if path is None:
+            console.print(f"simone status: {run}: not a run directory (no status.json, config.json or "
+                          f"metrics.jsonl), and no run of that name under {runs_root}", style="red")
+            return 1
+        s = quick_summary(path, now, stall_after_s)
+        table = Table(show_header=False, box=None, pad_edge=False)
+        table.add_column(style="dim", no_wrap=True)
+        table.add_column()
+        for label, value in status_lines(s):
+            style = STATE_STYLE.get(s["state"], "") if label == "state" else ("red" if label == "error" else "")
+            table.add_row(label, Text(value, style=style))
+        ck = list_checkpoints(path)
+        if ck:
+            best = next((c for c in ck if c["best"]), None)
+            table.add_row("checkpoints", f"{len(ck)} (latest step {ck[0]['step']}"
+                          + (f", best step {best['step']}" if best else "") + ")")
+        console.print(Text(f"{s['name']}  ", style="bold") + Text(str(path), style="dim"))
+        console.print(table)
+        return 0
+    paths = list_run_dirs(Path(runs_root))
+    if not paths:
+        console.print(f"no runs under {runs_root}")
+        return 0
+    table = Table(title=f"runs under {runs_root}", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("run", min_width=12, overflow="fold")
+    for col in ("state", "step", "progress", "ETA", "loss", "val loss", "tok/s"):
+        table.add_column(col, no_wrap=True)
+    for p in paths:
+        s = quick_summary(p, now, stall_after_s)
+        step = _fmt(s.get("step")) + (f"/{s['total_steps']}" if s.get("total_steps") else "")
+        table.add_row(
+            s["name"], Text(s["state"], style=STATE_STYLE.get(s["state"], "")), step,
+            f"{s['progress'] * 100:.1f}%" if s.get("progress") is not None else "–",
+            fmt_duration(s.get("eta_s")) if s["state"] == "running" else "–",
+            _fmt(s.get("loss")), _fmt(s.get("val_loss")), fmt_rate(s.get("tokens_per_s")),
+        )
+    console.print(table)
+    return 0

@@ -1,0 +1,268 @@
+"""The dashboard's HTTP API, with FastAPI's test client: run states, half-written lines,
+path traversal, tokens, escaping and read-only-ness."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from simone.monitor import MonitorError, create_app
+from simone.monitor.server import check_bind, dashboard_url
+from simone.rundir import RunDir, append_jsonl, atomic_write_json
+
+STATIC = Path(__file__).resolve().parents[1] / "simone" / "monitor" / "static"
+
+
+def make_run(root: Path, name: str, state: str = "running", heartbeat_age: float = 0.0, steps: int = 20,
+             error: str | None = None, total_steps: int = 100) -> RunDir:
+    run = RunDir(root / name).make()
+    atomic_write_json(run.config, {"preset": "tiny", "train": {"num_epochs": 2}})
+    t0 = time.time() - 100
+    for s in range(1, steps + 1):
+        append_jsonl(run.metrics, {"t": t0 + s, "kind": "train", "step": s, "epoch": 0, "loss": 5.0 - s * 0.1,
+                                   "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 1000.0, "mfu": 0.3, "tokens_seen": s * 512})
+    append_jsonl(run.metrics, {"t": t0 + steps, "kind": "eval", "step": steps, "epoch": 0, "val_loss": 3.5,
+                               "val_bpb": 1.2, "val_ppl": 33.0, "per_domain": {"poetry": {"loss": 3.4, "bpb": 1.1, "ppl": 30.0}}})
+    append_jsonl(run.metrics, {"t": t0 + steps, "kind": "system", "cpu_percent": 50.0, "ram_used_gb": 2.0, "ram_total_gb": 8.0,
+                               "rss_gb": 0.5, "disk_free_gb": 10.0, "gpus": []})
+    run.log_line("started")
+    atomic_write_json(run.status, {"schema": 1, "state": state, "stage": "train", "step": steps, "epoch": 0,
+                                   "total_steps": total_steps, "pid": 1, "host": "h", "error": error,
+                                   "heartbeat": time.time() - heartbeat_age})
+    return run
+
+
+@pytest.fixture
+def runs_root(tmp_path: Path) -> Path:
+    root = tmp_path / "runs"
+    root.mkdir()
+    return root
+
+
+def client(root: Path, **kw) -> TestClient:
+    return TestClient(create_app(runs_root=root, **kw))
+
+
+def test_states_of_live_finished_failed_and_stalled_runs(runs_root: Path) -> None:
+    make_run(runs_root, "live", "running", heartbeat_age=1)
+    make_run(runs_root, "done", "finished", heartbeat_age=500)
+    make_run(runs_root, "broke", "failed", heartbeat_age=500, error="loss became NaN 3 times at step 17")
+    make_run(runs_root, "hung", "running", heartbeat_age=120)
+    c = client(runs_root, stall_after_s=60)
+    runs = {r["name"]: r for r in c.get("/api/runs").json()["runs"]}
+    assert {n: r["state"] for n, r in runs.items()} == {
+        "live": "running", "done": "finished", "broke": "failed", "hung": "stalled"}
+    assert runs["broke"]["error"] == "loss became NaN 3 times at step 17"
+    assert runs["live"]["step"] == 20 and runs["live"]["progress"] == pytest.approx(0.2)
+    assert runs["live"]["eta_s"] == pytest.approx(80.0, rel=0.01)  # 80 steps left at 1 step/s
+    assert runs["hung"]["eta_s"] is None
+    detail = c.get("/api/runs/broke").json()
+    assert detail["summary"]["state"] == "failed" and "NaN" in detail["summary"]["error"]
+    # the stall threshold is the server's setting
+    assert client(runs_root, stall_after_s=600).get("/api/runs/hung").json()["summary"]["state"] == "running"
+
+
+def test_run_detail_has_series_log_checkpoints_and_links(runs_root: Path) -> None:
+    run = make_run(runs_root, "r", steps=30)
+    ck = run.checkpoints / "step_000030"
+    ck.mkdir()
+    (ck / "model.safetensors").write_bytes(b"\0" * 1000)
+    atomic_write_json(ck / "MANIFEST.json", {"step": 30})
+    (run.checkpoints / "latest").write_text("step_000030\n")
+    (run.data / "report.html").write_text("<h1>report</h1>")
+    d = client(runs_root).get("/api/runs/r").json()
+    xs, ys = d["series"]["train/loss"]
+    assert xs == list(range(1, 31)) and ys[-1] == pytest.approx(2.0)
+    assert d["series"]["domain/poetry/loss"] == [[30], [3.4]]
+    assert d["series"]["system/cpu_percent"][1] == [50.0]
+    assert d["log"][-1].endswith("started")
+    assert d["checkpoints"][0]["step"] == 30 and d["checkpoints"][0]["latest"]
+    assert d["checkpoints"][0]["val_loss"] == 3.5 and d["checkpoints"][0]["size_bytes"] > 1000
+    assert {"data/report.html", "config.json"} <= {link["path"] for link in d["links"]}
+    assert d["summary"]["val_loss"] == 3.5 and d["summary"]["preset"] == "tiny"
+
+
+def test_half_written_last_line_is_held_back_until_complete(runs_root: Path) -> None:
+    run = make_run(runs_root, "r", steps=5)
+    row = json.dumps({"t": time.time(), "kind": "train", "step": 6, "epoch": 0, "loss": 1.5, "lr": 1e-3})
+    with open(run.metrics, "a") as f:
+        f.write(row[:25])  # the trainer was interrupted mid-line
+    c = client(runs_root)
+    d = c.get("/api/runs/r").json()
+    assert d["series"]["train/loss"][0] == [1, 2, 3, 4, 5]
+    assert d["summary"]["partial_line"] is True and d["summary"]["bad_lines"] == 0
+    assert c.get("/api/runs").json()["runs"][0]["step"] == 5
+    with open(run.metrics, "a") as f:
+        f.write(row[25:] + "\n")
+    d = c.get("/api/runs/r").json()
+    assert d["series"]["train/loss"][0] == [1, 2, 3, 4, 5, 6]
+    assert d["summary"]["partial_line"] is False and d["summary"]["step"] == 6
+
+
+def test_corrupt_lines_and_nan_losses_do_not_break_the_page(runs_root: Path) -> None:
+    run = make_run(runs_root, "r", steps=3)
+    with open(run.metrics, "a") as f:
+        f.write("not json at all\n")
+        f.write('{"t": 1, "kind": "train", "step": 4, "loss": NaN, "lr": 0.001}\n')
+    r = client(runs_root).get("/api/runs/r")
+    assert r.status_code == 200
+    d = json.loads(r.text)  # strict JSON: a NaN would not parse in a browser
+    assert d["summary"]["bad_lines"] == 1
+    assert d["series"]["train/loss"][0] == [1, 2, 3]  # the NaN point is skipped, not sent
+    assert d["series"]["train/lr"][0] == [1, 2, 3, 4]
+
+
+TRAVERSALS = [
+    "/api/runs/r/files/..%2F..%2Fsecret.txt",
+    "/api/runs/r/files/%2e%2e/%2e%2e/secret.txt",
+    "/api/runs/r/files/%2E%2E%2Fother%2Fstatus.json",
+    "/api/runs/r/files/data/..%2F..%2F..%2Fsecret.txt",
+    "/api/runs/r/files/%2Fetc%2Fpasswd",
+    "/api/runs/r/files//etc/passwd",
+    "/api/runs/r/files/%252e%252e%252fsecret.txt",
+    "/api/runs/r/files/data%5C..%5C..%5Csecret.txt",
+    "/api/runs/r/files/data/leak.txt",  # symlink to a file outside the run
+    "/api/runs/r/files/outside/secret.txt",  # symlinked directory outside the run
+    "/api/runs/..%2Fsecret.txt",
+    "/api/runs/%2e%2e/files/secret.txt",
+    "/api/runs/escaped",  # a run dir symlinked from outside the runs root
+    "/api/runs/escaped/files/status.json",
+    "/api/runs/r/files/checkpoints",  # a directory, not a file
+]
+
+
+def test_path_traversal_and_outside_symlinks_get_404(runs_root: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP SECRET")
+    run = make_run(runs_root, "r")
+    make_run(runs_root, "other")
+    (run.data / "leak.txt").symlink_to(secret)
+    (run.root / "outside").symlink_to(tmp_path)
+    (run.data / "inside.txt").symlink_to(run.log)  # inside the run: allowed
+    elsewhere = make_run(tmp_path / "elsewhere", "escaped")
+    (runs_root / "escaped").symlink_to(elsewhere.root)
+    c = client(runs_root)
+    for url in TRAVERSALS:
+        r = c.get(url)
+        assert r.status_code == 404, url
+        assert "TOP SECRET" not in r.text and "root:" not in r.text
+    assert "escaped" not in [x["name"] for x in c.get("/api/runs").json()["runs"]]
+    ok = c.get("/api/runs/r/files/data/inside.txt")
+    assert ok.status_code == 200 and "started" in ok.text
+    report = c.get("/api/runs/r/files/config.json")
+    assert report.status_code == 200 and report.json()["preset"] == "tiny"
+
+
+def test_served_run_files_are_sandboxed(runs_root: Path) -> None:
+    run = make_run(runs_root, "r")
+    (run.data / "report.html").write_text("<script>alert(1)</script>")
+    r = client(runs_root).get("/api/runs/r/files/data/report.html")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "sandbox" in r.headers["content-security-policy"]
+    assert "allow-scripts" not in r.headers["content-security-policy"]
+    assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_token_required_when_set(runs_root: Path) -> None:
+    make_run(runs_root, "r")
+    c = client(runs_root, token="s3cret-token")
+    for url in ("/", "/api/runs", "/api/runs/r", "/static/app.js", "/api/stream/runs", "/api/runs/r/files/config.json"):
+        assert c.get(url).status_code == 401, url
+    assert c.get("/api/runs", params={"token": "wrong"}).status_code == 401
+    assert c.get("/api/runs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert c.get("/api/runs", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+    first = c.get("/", params={"token": "s3cret-token"})
+    assert first.status_code == 200 and "set-cookie" in first.headers
+    assert "HttpOnly" in first.headers["set-cookie"] and "SameSite=Strict" in first.headers["set-cookie"]
+    assert c.get("/api/runs").status_code == 200  # the cookie now carries the token
+    c.cookies.clear()
+    assert c.get("/api/runs").status_code == 401
+
+
+def test_loopback_by_default_and_token_required_elsewhere() -> None:
+    check_bind("127.0.0.1", None)
+    check_bind("::1", None)
+    check_bind("localhost", None)
+    for host in ("0.0.0.0", "192.168.1.20", "::"):
+        with pytest.raises(MonitorError, match="--token"):
+            check_bind(host, None)
+        check_bind(host, "t")
+    assert dashboard_url("127.0.0.1", 5001, None) == "http://127.0.0.1:5001/"
+    assert dashboard_url("127.0.0.1", 5001, "abc").endswith("/?token=abc")
+
+
+def test_run_text_is_data_never_markup(runs_root: Path) -> None:
+    run = make_run(runs_root, "r", state="failed", error='<img src=x onerror="alert(1)">')
+    run.log_line("<script>alert('x')</script>")
+    c = client(runs_root)
+    d = c.get("/api/runs/r").json()
+    assert d["log"][-1].endswith("<script>alert('x')</script>")  # verbatim, as JSON text
+    assert d["summary"]["error"] == '<img src=x onerror="alert(1)">'
+    page = c.get("/")
+    assert "script-src 'self'" in page.headers["content-security-policy"]  # no inline script runs
+    js = (STATIC / "app.js").read_text()
+    assert "innerHTML" not in js and "insertAdjacentHTML" not in js and "document.write" not in js
+
+
+def test_page_and_plotly_are_served_locally(runs_root: Path) -> None:
+    c = client(runs_root)
+    page = c.get("/").text
+    assert '<script src="/static/plotly.min.js"' in page
+    assert "http://" not in page and "https://" not in page  # no CDN: works offline
+    js = c.get("/static/plotly.min.js")
+    assert js.status_code == 200 and len(js.content) > 1_000_000 and b"plotly" in js.content[:2000].lower()
+    assert c.get("/static/../app.py").status_code == 404
+    assert c.get("/static/runs.py").status_code == 404
+
+
+def test_dashboard_never_writes_into_the_run(runs_root: Path) -> None:
+    run = make_run(runs_root, "r")
+    (run.data / "report.html").write_text("<p>x</p>")
+
+    def fingerprint() -> dict[str, tuple]:
+        out = {}
+        for dirpath, dirnames, filenames in os.walk(run.root):
+            for name in dirnames + filenames:
+                p = Path(dirpath) / name
+                st = p.lstat()
+                digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else ""
+                out[str(p)] = (st.st_size, st.st_mtime_ns, digest)
+        return out
+
+    before = fingerprint()
+    c = client(runs_root)
+    for url in ("/", "/api/runs", "/api/runs/r", "/api/runs/r/files/data/report.html",
+                "/api/compare?runs=r", "/api/runs/r/files/nope.txt"):
+        c.get(url)
+    assert fingerprint() == before
+
+
+def test_single_run_mode_and_compare(runs_root: Path) -> None:
+    make_run(runs_root, "a", steps=10)
+    make_run(runs_root, "b", steps=20)
+    single = TestClient(create_app(run_dir=runs_root / "a"))
+    names = [r["name"] for r in single.get("/api/runs").json()["runs"]]
+    assert names == ["a"]
+    assert single.get("/api/runs/b").status_code == 404  # a sibling is not served
+    cmp = client(runs_root).get("/api/compare", params={"runs": "a,b,missing"}).json()["runs"]
+    assert set(cmp) == {"a", "b"}
+    assert cmp["b"]["train/loss"][0][-1] == 20 and cmp["a"]["eval/val_loss"][1] == [3.5]
+
+
+def test_run_monitor_generates_a_token_off_loopback(monkeypatch, capsys) -> None:
+    from simone.monitor import server as serve_mod
+
+    calls = []
+    monkeypatch.setattr(serve_mod, "serve", lambda **kw: calls.append(kw))
+    serve_mod.run_monitor(Path("runs"), None, host="0.0.0.0", port=5002, token=None)
+    token = calls[0]["token"]
+    assert token and len(token) >= 16 and calls[0]["host"] == "0.0.0.0"
+    assert f":5002/?token={token}" in capsys.readouterr().out
+    serve_mod.run_monitor(Path("runs"), None, host="127.0.0.1", port=5001, token=None)
+    assert calls[1]["token"] is None and "http://127.0.0.1:5001/\n" in capsys.readouterr().out
