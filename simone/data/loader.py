@@ -1,0 +1,256 @@
+"""Batches of training windows from a `TokenShard`, shuffled per epoch, resumable exactly.
+
+Windows. Window `w` is tokens `[w*T, w*T + T + 1)` of the split (T = seq_len): inputs
+`x = window[:-1]`, targets `y = window[1:]`. Windows do not overlap except for the one
+token a target shares with the next window's input; there are `(n_tokens - 1) // T`.
+
+Epochs. Epoch `e` visits the windows in the order `perm_e`, a permutation drawn from
+`numpy.random.default_rng([seed, e])` (never the global RNG). The order is cut into
+global batches of `G = batch_size * world_size` windows:
+
+    global batch k of epoch e  =  perm_e[k*G : (k+1)*G]
+
+and process `rank` of `world_size` takes the strided slice
+
+    micro-batch (rank r)       =  perm_e[k*G + r : (k+1)*G : world_size]      (batch_size rows)
+
+so the ranks of one step together hold exactly the global batch that one process with
+`batch_size * world_size` would get. With gradient accumulation over A micro-batches, one
+optimizer step consumes `perm_e[s*A*G : (s+1)*A*G]` — a set of windows that depends only on
+`A * G`, so 2 processes x A micro-batches of B train on the same windows per step as
+1 process x 2A micro-batches of B (or 1 process x A of 2B). Pass `grad_accum=A` so that
+an epoch is a whole number of optimizer steps: `batches_per_epoch = floor(n_windows /
+(A*G)) * A`; the `n_windows mod (A*G)` windows at the tail of each epoch's permutation are
+skipped in that epoch (different ones every epoch). Equal `A*G` gives equal epochs.
+
+Epoch boundaries. `next_batch()` returns `(x, y)`; right after it returned the last batch
+of an epoch, `epoch_done` is True (and `epoch` still names the finished epoch). The next
+call starts epoch `epoch + 1`.
+
+Resume. `state_dict()` is `{epoch, position, seed, seq_len, global_batch, ...}` in plain
+ints; a loader given it by `load_state_dict` returns exactly the batches the original
+would have returned next.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from simone.data.shards import TokenShard
+
+
+def epoch_permutation(n_windows: int, seed: int, epoch: int) -> np.ndarray:
+    """The window order of `epoch`: a permutation of `range(n_windows)` from (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n_windows)
+
+
+def _gather(tokens: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:
+    """Rows `tokens[s : s+length]` for each start, as an int64 tensor [len(starts), length]."""
+    rows = tokens[starts[:, None] + np.arange(length)[None, :]]  # fancy indexing reads only these
+    return torch.from_numpy(rows.astype(np.int64))
+
+
+class BatchLoader:
+    """Shuffled, rank-sharded, exactly resumable batches of (x, y) from one TokenShard."""
+
+    def __init__(
+        self,
+        shard: TokenShard,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        pin_memory: bool | None = None,
+        grad_accum: int = 1,
+        prefetch: bool | None = None,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        if batch_size < 1 or seq_len < 1 or grad_accum < 1:
+            raise ValueError("batch_size, seq_len and grad_accum must be >= 1")
+        self.shard = shard
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.grad_accum = grad_accum
+        self.device = torch.device(device)
+        on_cuda = self.device.type == "cuda"
+        self.pin_memory = on_cuda if pin_memory is None else pin_memory
+        self.global_batch = batch_size * world_size
+        self.n_windows = max(0, (shard.n_tokens - 1) // seq_len)
+        step_windows = self.global_batch * grad_accum
+        self.batches_per_epoch = (self.n_windows // step_windows) * grad_accum
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{shard.path}: {shard.n_tokens} tokens make {self.n_windows} windows of "
+                f"{seq_len}+1 tokens, fewer than one optimizer step needs "
+                f"(batch_size {batch_size} x world_size {world_size} x grad_accum {grad_accum} "
+                f"= {step_windows}); use a smaller batch_size or seq_len, or more data"
+            )
+        self.epoch = 0
+        self.position = 0  # batches of `epoch` already returned
+        self._perm_cache: tuple[int, np.ndarray] | None = None
+        # Background prefetch of the next batch (CUDA by default). The batch at a given
+        # (epoch, position) is a pure function of them, so prefetching changes no result.
+        self._prefetch = on_cuda if prefetch is None else prefetch
+        self._pool = ThreadPoolExecutor(max_workers=1) if self._prefetch else None
+        self._pending: tuple[tuple[int, int], Future] | None = None
+
+    # ------------------------------------------------------------------ order
+    def _permutation(self, epoch: int) -> np.ndarray:
+        # The cache is one (epoch, perm) tuple replaced in a single assignment, so the
+        # prefetch thread and the caller can never see one epoch's number with another's order.
+        cached = self._perm_cache
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, epoch_permutation(self.n_windows, self.seed, epoch))
+            self._perm_cache = cached
+        return cached[1]
+
+    def window_ids(self, epoch: int, position: int) -> np.ndarray:
+        """Window numbers of this rank's micro-batch `position` of `epoch` (see module doc)."""
+        perm = self._permutation(epoch)
+        base = position * self.global_batch
+        return perm[base + self.rank : base + self.global_batch : self.world_size]
+
+    def _host_batch(self, epoch: int, position: int) -> torch.Tensor:
+        starts = self.window_ids(epoch, position) * self.seq_len
+        buf = _gather(self.shard.tokens, starts, self.seq_len + 1)
+        return buf.pin_memory() if self.pin_memory else buf
+
+    # ------------------------------------------------------------------ iteration
+    @property
+    def epoch_done(self) -> bool:
+        """True right after the last batch of `epoch` was returned."""
+        return self.position >= self.batches_per_epoch
+
+    @property
+    def epoch_progress(self) -> float:
+        """Fraction of the current epoch's batches already returned (0.0 .. 1.0)."""
+        return self.position / self.batches_per_epoch
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next micro-batch `(x, y)`, int64 tensors [batch_size, seq_len] on `device`."""
+        if self.epoch_done:
+            self.epoch += 1
+            self.position = 0
+        key = (self.epoch, self.position)
+        if self._pending is not None and self._pending[0] == key:
+            buf = self._pending[1].result()
+        else:
+            buf = self._host_batch(*key)
+        self._pending = None
+        self.position += 1
+        if self._pool is not None:
+            nxt = (self.epoch + 1, 0) if self.epoch_done else (self.epoch, self.position)
+            self._pending = (nxt, self._pool.submit(self._host_batch, *nxt))
+        if self.device.type != "cpu":
+            buf = buf.to(self.device, non_blocking=self.pin_memory)
+        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        """Plain-int state; `load_state_dict` of it continues with the same batches."""
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "global_batch": self.global_batch,
+            "n_windows": self.n_windows,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`. Raises ValueError if it was made for other data or
+        another seed/seq_len, or if its position is not a whole number of this loader's
+        global batches (after a change of batch_size x world_size)."""
+        for key in ("seed", "seq_len", "n_windows"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"loader state has {key}={state[key]}, this loader has {getattr(self, key)}"
+                )
+        windows_done = int(state["position"]) * int(state.get("global_batch", self.global_batch))
+        if windows_done % self.global_batch:
+            raise ValueError(
+                f"loader state is {windows_done} windows into epoch {state['epoch']}, not a "
+                f"multiple of this loader's global batch {self.global_batch}"
+            )
+        self.epoch = int(state["epoch"])
+        self.position = windows_done // self.global_batch
+        self._pending = None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            self._prefetch = False
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def eval_window_starts(
+    shard: TokenShard, domain: str | None, seq_len: int, n_windows: int
+) -> tuple[np.ndarray, int]:
+    """Start positions of `n_windows` windows spread evenly over a domain's range (or the
+    whole split for `domain=None`), and the window length (seq_len, or shorter when the
+    range is too small for one full window)."""
+    lo, hi = (0, shard.n_tokens) if domain is None else shard.domain_range(domain)
+    available = (hi - lo - 1) // seq_len
+    if available == 0:
+        # A range shorter than one window still gets evaluated: one shorter window.
+        length = hi - lo - 1
+        return (np.array([lo], dtype=np.int64), length) if length >= 1 else (np.zeros(0, np.int64), 0)
+    n = min(n_windows, available)
+    # window i of n: the (i * available // n)-th whole window of the range — distinct, in order
+    picks = np.arange(n, dtype=np.int64) * available // n
+    return lo + picks * seq_len, seq_len
+
+
+def eval_windows(
+    shard: TokenShard,
+    domain: str | None,
+    seq_len: int,
+    max_batches: int,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Deterministic evaluation batches `(x, y)` for one domain (or the whole split).
+
+    Takes up to `max_batches * batch_size` windows evenly spaced over the domain's range;
+    the last batch may be smaller. Every window lies inside the range, so the loss is the
+    domain's own.
+    """
+    starts, length = eval_window_starts(shard, domain, seq_len, max_batches * batch_size)
+    device = torch.device(device)
+    for i in range(0, len(starts), batch_size):
+        buf = _gather(shard.tokens, starts[i : i + batch_size], length + 1)
+        if device.type != "cpu":
+            buf = buf.to(device)
+        yield buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+
+
+def bits_per_byte(mean_loss_nats: float, shard: TokenShard, domain: str | None = None) -> float:
+    """Bits per UTF-8 byte from a mean cross-entropy (nats per token) on `shard`/`domain`."""
+    bytes_per_token = shard.bytes_per_token(domain)
+    if bytes_per_token <= 0:
+        return float("nan")
+    return mean_loss_nats / math.log(2) / bytes_per_token
