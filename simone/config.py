@@ -42,6 +42,8 @@ class CurateConfig:
     quality_window_words: int = 2000
     # per-domain relaxation of the quality thresholds, e.g. {"biblical_classical": 0.5}
     domain_relax: dict[str, float] = field(default_factory=dict)
+    contamination_threshold: float = 0.1  # share of a val doc's 13-grams also in training
+    repeated_passage_words: int = 1000  # flag a document repeating a passage this long
 
 
 @dataclass

@@ -97,7 +97,7 @@ def locate_artifacts(path: Path) -> dict[str, Path]:
 
 def load_model(path: Path, device: str = "auto") -> LoadedModel:
     """Load model + tokenizer + config from a run dir, checkpoint dir or .tar.gz."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_model as load_safetensors
 
     from simone.model import build_model
@@ -117,7 +117,7 @@ def load_model(path: Path, device: str = "auto") -> LoadedModel:
     model = build_model(cfg.model)
     try:
         missing, unexpected = load_safetensors(model, str(files["weights"]), strict=False)
-    except (SafetensorsError, RuntimeError, OSError) as e:
+    except (SafetensorError, RuntimeError, OSError) as e:
         raise ModelLoadError(f"{files['weights']}: weights do not fit the config ({e})") from e
     if missing or unexpected:
         raise ModelLoadError(f"{files['weights']}: weights do not fit the config "

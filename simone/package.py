@@ -2,7 +2,7 @@
 
 The package is self-contained and safe to load: `model.safetensors`, `config.json`,
 `tokenizer.json`, `training_summary.json`, a model card `README.md`, and `MANIFEST.json`
-with the sha256 and size of every other file. `simone generate --model NAME.tar.gz` and
+with the sha256 and size of every other file (the checkpoint manifest format). `simone generate --model NAME.tar.gz` and
 `simone validate --model NAME.tar.gz` read it directly.
 """
 
@@ -180,7 +180,7 @@ def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best") -> Path:
         shutil.copy2(run.tokenizer, stage / "tokenizer.json")
         (stage / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         (stage / "README.md").write_text(model_card(summary))
-        manifest = {"schema": 1, "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        manifest = {"schema": 1, "files": {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
                                            for p in sorted(stage.iterdir())}}
         (stage / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
         tmp_tar = Path(tmp) / f"{name}.tar.gz"
@@ -191,20 +191,3 @@ def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best") -> Path:
         final = out_dir / f"{name}.tar.gz"
         os.replace(tmp_tar, final)
     return final
-
-
-def verify_manifest(folder: Path) -> list[str]:
-    """Problems found checking `folder/MANIFEST.json` against the files (empty: all good)."""
-    manifest = read_json(folder / "MANIFEST.json")
-    if not isinstance(manifest, dict) or "files" not in manifest:
-        return [f"{folder / 'MANIFEST.json'}: missing or unreadable"]
-    problems = []
-    for name, meta in manifest["files"].items():
-        p = folder / name
-        if not p.exists():
-            problems.append(f"{p}: missing")
-        elif p.stat().st_size != meta.get("bytes"):
-            problems.append(f"{p}: size {p.stat().st_size} != {meta.get('bytes')} in manifest")
-        elif sha256_file(p) != meta.get("sha256"):
-            problems.append(f"{p}: sha256 does not match the manifest (corrupted)")
-    return problems

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from simone.package import sha256_file, verify_manifest
+from simone.package import sha256_file
 from simone.rundir import atomic_write_json, atomic_write_text
 
 SAMPLE_PROMPTS = ["The ", "And it came to pass", "What is "]
@@ -101,8 +101,13 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
         return _finish(report, out_dir)
 
     # integrity: the sha256 of every artifact, checked against its manifest
-    folder = loaded.files["checkpoint"]
-    problems = verify_manifest(folder) if (folder / "MANIFEST.json").exists() else [f"{folder}: no MANIFEST.json"]
+    from simone.train.checkpoint import CheckpointError, verify_checkpoint
+
+    try:
+        verify_checkpoint(loaded.files["checkpoint"])
+        problems = []
+    except CheckpointError as e:
+        problems = [str(e)]
     report["artifacts"] = {name: {"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size}
                            for name, p in loaded.files.items() if p.is_file()}
     check("integrity", not problems, "; ".join(problems) or f"{len(report['artifacts'])} files match their manifest")

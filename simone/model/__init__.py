@@ -1,0 +1,29 @@
+"""The language models: `Transformer` (Llama-style, "Enhanced SIM-ONE") and `GPT2` (legacy
+"MVLM-GPT2" baseline), both with the interface of `LanguageModel`."""
+
+from __future__ import annotations
+
+from simone.config import ModelConfig
+from simone.model.attention import KVCache
+from simone.model.base import LanguageModel
+from simone.model.gpt2 import GPT2
+from simone.model.sampling import filter_logits, sample_next_token
+from simone.model.transformer import Transformer
+
+ARCHITECTURES = ("llama", "gpt2")
+
+
+def build_model(cfg: ModelConfig) -> LanguageModel:
+    """The model `cfg.arch` names ("llama" or "gpt2"), freshly initialised on the CPU in float32."""
+    if cfg.governance:
+        raise NotImplementedError("model.governance=true: governance heads are not built yet; "
+                                  "set model.governance=false")
+    if cfg.arch == "llama":
+        return Transformer(cfg)
+    if cfg.arch == "gpt2":
+        return GPT2(cfg)
+    raise ValueError(f"model.arch={cfg.arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+
+
+__all__ = ["ARCHITECTURES", "GPT2", "KVCache", "LanguageModel", "Transformer", "build_model",
+           "filter_logits", "sample_next_token"]

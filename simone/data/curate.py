@@ -1,0 +1,555 @@
+"""The curate stage: read every corpus file, clean, deduplicate, flag, split and report.
+
+    curate(corpus, data_dir, cfg) -> CurateResult
+
+writes into `data_dir`:
+  manifest.jsonl    one line per input file (every one, whatever became of it):
+                    {path, domain, subdomain, status: kept|flagged|quarantined, reasons,
+                     sha256, bytes, chars, words, dup_of, title, author, quality, split, notes}
+  documents.jsonl   one line per training/validation document (cleaned text):
+                    {id, path, domain, subdomain, title, author, split, status,
+                     quality_score, text}
+  report.html       the curation report (self-contained; opens offline)
+  curate.stamp.json inputs + settings fingerprint and the result, for reuse
+
+Steps: (1) per file, in a process pool: decode, clean, metadata, stub/length/quality
+rules, label check, word hashes -> MinHash signature and sampled 13-grams; cleaned text is
+spooled to disk, never held for the whole corpus. (2) exact duplicates by hash of the
+cleaned text, then near duplicates by MinHash LSH; the better copy is kept. (3) split by
+document. (4) contamination: validation documents sharing 13-grams with training.
+(5) write the outputs. The corpus itself is only ever opened for reading.
+
+Reason codes and the status they give:
+  quarantined  empty binary not_utf8 unreadable orphan_sidecar stub too_short
+               exact_duplicate near_duplicate low_quality:<rule>
+  flagged      title_mismatch bad_sidecar contamination low_quality:repeated_passage
+  (kept)       encoding_fixed header_stripped boilerplate_stripped (what cleaning did)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simone.config import Config
+from simone.data.clean import DecodeProblem, clean_text, decode_bytes, is_stub
+from simone.data.corpus import (
+    CorpusError,
+    SidecarError,
+    SourceFile,
+    discover_files,
+    read_sidecar,
+    title_from_filename,
+)
+from simone.data.dedup import (
+    DupCandidate,
+    WordHasher,
+    minhash_permutations,
+    minhash_signature,
+    near_duplicates,
+    ngram_hashes,
+    repeated_passages,
+    sample_grams,
+    unique_sorted,
+)
+from simone.data.labels import check_label
+from simone.data.quality import DocTokens, assess
+from simone.data.split import assign_splits
+from simone.rundir import atomic_write_json
+
+__all__ = ["CorpusError", "CurateResult", "curate", "print_summary"]
+
+CURATE_VERSION = 1  # bump when the output of curation changes for the same inputs
+QUARANTINE = {
+    "empty", "binary", "not_utf8", "unreadable", "orphan_sidecar", "stub", "too_short",
+    "exact_duplicate", "near_duplicate",
+}
+FLAG = {"title_mismatch", "bad_sidecar", "contamination", "low_quality:repeated_passage"}
+CONTAMINATION_SAMPLE = 4  # keep 1 in 4 distinct 13-grams (the same ones in every document)
+
+
+@dataclass
+class CurateResult:
+    """What curation did. Paths point into `data_dir`; counts are over input files."""
+
+    corpus: str
+    data_dir: str
+    manifest: str
+    documents: str
+    report: str
+    files: int = 0
+    bytes_in: int = 0
+    words_in: int = 0
+    status_counts: dict[str, int] = field(default_factory=dict)  # kept / flagged / quarantined
+    reason_counts: dict[str, int] = field(default_factory=dict)
+    # {domain: {"train": {"docs", "words"}, "val": {...}}}, and the same per "domain/subdomain"
+    domains: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    subdomains: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    documents_train: int = 0
+    documents_val: int = 0
+    words_train: int = 0
+    words_val: int = 0
+    duplicate_clusters: list[dict[str, Any]] = field(default_factory=list)
+    contaminated: list[dict[str, Any]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # non-.txt files seen, not inputs
+    enabled: bool = True
+    strict: bool = False
+    seconds: float = 0.0
+    reused: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- per-file work
+
+
+@dataclass
+class _Settings:
+    """What a worker needs (picklable; no Config so workers never import more than this)."""
+
+    enabled: bool
+    min_words: int
+    window_words: int
+    shingle_words: int
+    contamination_ngram: int
+    repeated_passage_words: int
+    domain_relax: dict[str, float]
+    perms: tuple[np.ndarray, np.ndarray] | None
+    spool: str
+
+
+_hasher: WordHasher | None = None  # one per worker process: token -> hash cache
+
+
+def _process_file(args: tuple[int, SourceFile, _Settings]) -> dict[str, Any]:
+    """Everything about one file that does not need the other files."""
+    global _hasher
+    if _hasher is None:
+        _hasher = WordHasher()
+    index, sf, st = args
+    rec: dict[str, Any] = {
+        "path": sf.rel, "domain": sf.domain, "subdomain": sf.subdomain, "status": "kept",
+        "reasons": [], "sha256": None, "bytes": sf.size, "chars": 0, "words": 0, "dup_of": None,
+        "title": None, "author": None, "quality": {}, "notes": {}, "_index": index,
+    }
+
+    def problem(code: str, note: str) -> dict[str, Any]:
+        rec["reasons"].append(code)
+        rec["notes"][code] = note
+        return rec
+
+    if sf.kind == "unreadable":
+        return problem("unreadable", sf.problem or "cannot open")
+    if sf.kind == "orphan_sidecar":
+        _read_raw(sf.path, rec)
+        return problem("orphan_sidecar", sf.problem or "sidecar without its text")
+
+    # metadata: sidecar first, header block fills in what it lacks
+    meta: dict[str, Any] = {}
+    if sf.sidecar is not None:
+        try:
+            meta = read_sidecar(sf.sidecar)
+        except SidecarError as e:
+            problem("bad_sidecar", f"{sf.sidecar.name}: {e}")
+    try:
+        raw = _read_raw(sf.path, rec)
+    except OSError as e:
+        return problem("unreadable", f"{sf.rel}: cannot read ({e.strerror or e})")
+    if not raw.strip():
+        return problem("empty", f"{sf.rel}: empty" if not raw else f"{sf.rel}: only whitespace")
+    try:
+        text, encoding = decode_bytes(raw)
+    except DecodeProblem as e:
+        return problem(e.code, f"{sf.rel}: {e.message}")
+    del raw
+
+    cleaned = clean_text(text, curate=st.enabled)
+    del text
+    if encoding:
+        cleaned.reasons.insert(0, "encoding_fixed")
+        cleaned.notes["encoding_fixed"] = f"decoded as {encoding}"
+    for code in cleaned.reasons:
+        if code not in rec["reasons"]:
+            rec["reasons"].append(code)
+    rec["notes"].update(cleaned.notes)
+    for key, value in (cleaned.header or {}).items():
+        meta.setdefault(key, value)
+    rec["title"] = _str_or_none(meta.get("title")) or title_from_filename(sf.rel)
+    rec["author"] = _str_or_none(meta.get("author"))
+    rec["quality_score"] = _float_or_none(meta.get("quality_score"))
+    if not sf.folder_domain:
+        rec["domain"] = _str_or_none(meta.get("category")) or rec["domain"]
+        rec["subdomain"] = _str_or_none(meta.get("subcategory")) or rec["subdomain"]
+    elif not sf.subdomain:
+        rec["subdomain"] = _str_or_none(meta.get("subcategory")) or ""
+
+    body = cleaned.text
+    rec["chars"] = len(body)
+    rec["words"] = len(body.split())
+    rec["clean_sha256"] = hashlib.sha256(body.encode("utf-8")).hexdigest()
+    if not body:
+        return problem("empty", f"{sf.rel}: no text left after removing the header and boilerplate")
+
+    if st.enabled:
+        stub = is_stub(body, rec["words"])
+        if stub:
+            return problem("stub", f"{sf.rel}: placeholder text ({stub!r})")
+        if rec["words"] < st.min_words:
+            return problem("too_short", f"{sf.rel}: {rec['words']} words (< {st.min_words})")
+        tokens = DocTokens.of(body, _hasher)
+        relax = float(st.domain_relax.get(rec["domain"], 0.0))
+        values, failed = assess(body, tokens, st.window_words, _hasher, relax)
+        grams = ngram_hashes(tokens.hashes, st.contamination_ngram)
+        longest, share = repeated_passages(grams, st.contamination_ngram)
+        values["repeated_passage_words"] = longest
+        values["repeated_share"] = round(share, 4)
+        rec["quality"] = values
+        for rule in failed:
+            problem(f"low_quality:{rule}", f"{rule} = {values[rule]} fails in {values.get(rule + '_failed_windows')} of {values['windows']} windows")
+        if longest >= st.repeated_passage_words:
+            problem("low_quality:repeated_passage", f"a passage of {longest} words occurs more than once ({share:.0%} of the text is repeated)")
+        mismatch = check_label(rec["title"], rec["author"], body, cleaned.named_titles)
+        if mismatch:
+            problem("title_mismatch", mismatch)
+        assert st.perms is not None
+        rec["_signature"] = minhash_signature(ngram_hashes(tokens.hashes, st.shingle_words), st.perms)
+        rec["_grams"] = sample_grams(grams, CONTAMINATION_SAMPLE)
+    return _spool(rec, body, st)
+
+
+def _read_raw(path: Path, rec: dict[str, Any]) -> bytes:
+    with open(path, "rb") as f:  # read-only, always
+        raw = f.read()
+    rec["bytes"] = len(raw)
+    rec["sha256"] = hashlib.sha256(raw).hexdigest()
+    return raw
+
+
+def _spool(rec: dict[str, Any], body: str, st: _Settings) -> dict[str, Any]:
+    path = Path(st.spool) / f"{rec['_index']}.txt"
+    path.write_text(body, encoding="utf-8")
+    rec["_spool"] = str(path)
+    return rec
+
+
+def _str_or_none(v: Any) -> str | None:
+    return str(v).strip() or None if v is not None else None
+
+
+def _float_or_none(v: Any) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _status(reasons: list[str]) -> str:
+    if any(r in QUARANTINE or (r.startswith("low_quality:") and r not in FLAG) for r in reasons):
+        return "quarantined"
+    if any(r in FLAG for r in reasons):
+        return "flagged"
+    return "kept"
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool = True) -> CurateResult:
+    """Curate `corpus` into `data_dir` (see the module docstring); returns what it did.
+
+    Raises `CorpusError` if the corpus is missing or holds no `.txt` file. Re-running with
+    the same inputs and settings returns the previous result without redoing the work.
+    """
+    t0 = time.time()
+    corpus, data_dir = Path(corpus), Path(data_dir)
+    files = discover_files(corpus)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    paths = _paths(corpus, data_dir)
+    stamp_path = data_dir / "curate.stamp.json"
+    fingerprint = _fingerprint(files, cfg)
+    previous = _read_json(stamp_path)
+    if previous and previous.get("fingerprint") == fingerprint and all(Path(p).is_file() for p in (paths["manifest"], paths["documents"], paths["report"])):
+        result = CurateResult(**previous["result"])
+        result.reused = True
+        return result
+
+    c = cfg.curate
+    spool = data_dir / ".curate_spool"
+    shutil.rmtree(spool, ignore_errors=True)
+    spool.mkdir(parents=True)
+    settings = _Settings(
+        enabled=c.enabled, min_words=c.min_words, window_words=c.quality_window_words,
+        shingle_words=c.shingle_words, contamination_ngram=c.contamination_ngram,
+        repeated_passage_words=c.repeated_passage_words, domain_relax=dict(c.domain_relax),
+        perms=minhash_permutations(c.minhash_perms) if c.enabled else None, spool=str(spool),
+    )
+    try:
+        records = _run_workers(files, settings, c.workers, progress)
+        records.sort(key=lambda r: r["path"])
+        if c.enabled:
+            clusters = _deduplicate(records, c.near_dup_threshold, c.minhash_perms)
+        else:
+            clusters = []
+        for r in records:
+            r["status"] = _status(r["reasons"])
+        included = [r for r in records if r["status"] == "kept" or (r["status"] == "flagged" and not c.strict)]
+        splits = assign_splits([(r["path"], r["domain"]) for r in included], cfg.data.val_fraction, cfg.data.split_seed, cfg.data.min_val_docs_per_domain)
+        for r in records:
+            r["split"] = splits.get(r["path"])
+        contaminated = _contamination(included, c.contamination_threshold, c.decontaminate) if c.enabled else []
+        for r in records:
+            r["status"] = _status(r["reasons"])
+            if c.strict and r["status"] == "flagged":
+                r["split"] = None
+        result = _result(corpus, data_dir, paths, records, clusters, contaminated, cfg)
+        _write_manifest(paths["manifest"], records)
+        _write_documents(paths["documents"], records)
+        from simone.data.report import write_report
+
+        write_report(paths["report"], result, records)
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+    result.ignored = _ignored_files(corpus)
+    result.seconds = round(time.time() - t0, 2)
+    atomic_write_json(stamp_path, {"fingerprint": fingerprint, "version": CURATE_VERSION, "result": result.to_dict()})
+    return result
+
+
+def _paths(corpus: Path, data_dir: Path) -> dict[str, Path]:
+    return {
+        "manifest": data_dir / "manifest.jsonl",
+        "documents": data_dir / "documents.jsonl",
+        "report": data_dir / "report.html",
+    }
+
+
+def _run_workers(files: list[SourceFile], st: _Settings, workers: int, progress: bool) -> list[dict[str, Any]]:
+    jobs = [(i, sf, st) for i, sf in enumerate(files)]
+    jobs.sort(key=lambda j: -j[1].size)  # biggest first: the pool ends together
+    n = workers or os.cpu_count() or 1
+    n = max(1, min(n, len(jobs)))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(sf.size for sf in files), unit="B", unit_scale=True, desc="curate", file=sys.stderr, leave=False)
+    records = []
+    try:
+        if n == 1:
+            for rec in map(_process_file, jobs):
+                records.append(rec)
+                if bar is not None:
+                    bar.update(rec.get("bytes") or 0)
+        else:
+            # fork where there is one (no re-import of __main__, fast start); a dead worker
+            # raises BrokenProcessPool here instead of hanging the stage
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            with ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
+                futures = [pool.submit(_process_file, job) for job in jobs]
+                for fut in as_completed(futures):
+                    rec = fut.result()
+                    records.append(rec)
+                    if bar is not None:
+                        bar.update(rec.get("bytes") or 0)
+    finally:
+        if bar is not None:
+            bar.close()
+    return records
+
+
+def _rank(r: dict[str, Any]) -> tuple:
+    """Which copy of a duplicate to keep: higher quality score, then longer, then first path."""
+    return (-(r.get("quality_score") or 0.0), -r["words"], r["path"])
+
+
+def _deduplicate(records: list[dict[str, Any]], threshold: float, num_perm: int) -> list[dict[str, Any]]:
+    """Mark exact and near duplicates (quarantined, with `dup_of`); return the clusters."""
+    live = [r for r in records if _status(r["reasons"]) != "quarantined" and "_signature" in r]
+    clusters: dict[str, list[tuple[str, str, float]]] = defaultdict(list)  # kept -> [(dup, kind, sim)]
+    by_hash: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in live:
+        by_hash[r["clean_sha256"]].append(r)
+    survivors = []
+    for group in by_hash.values():
+        group.sort(key=_rank)
+        survivors.append(group[0])
+        for dup in group[1:]:
+            dup["reasons"].append("exact_duplicate")
+            dup["dup_of"] = group[0]["path"]
+            dup["notes"]["exact_duplicate"] = f"same cleaned text as {group[0]['path']}"
+            clusters[group[0]["path"]].append((dup["path"], "exact", 1.0))
+    by_path = {r["path"]: r for r in survivors}
+    cands = [DupCandidate(r["path"], r["_signature"], _rank(r)) for r in survivors]
+    for dropped, (kept, sim) in near_duplicates(cands, threshold, num_perm).items():
+        r = by_path[dropped]
+        r["reasons"].append("near_duplicate")
+        r["dup_of"] = kept
+        r["notes"]["near_duplicate"] = f"~{sim:.0%} of word 5-grams shared with {kept}"
+        clusters[kept].append((dropped, "near", round(sim, 3)))
+    return [
+        {"kept": k, "copies": [{"path": p, "kind": kind, "similarity": s} for p, kind, s in sorted(v)]}
+        for k, v in sorted(clusters.items())
+    ]
+
+
+def _contamination(included: list[dict[str, Any]], threshold: float, move: bool) -> list[dict[str, Any]]:
+    """Validation documents sharing >= `threshold` of their (sampled) 13-grams with training."""
+    train = [r["_grams"] for r in included if r["split"] == "train" and "_grams" in r]
+    train_grams = unique_sorted(np.concatenate(train)) if train else np.zeros(0, dtype=np.uint64)
+    out = []
+    for r in included:
+        if r["split"] != "val" or "_grams" not in r or len(r["_grams"]) == 0 or len(train_grams) == 0:
+            continue
+        grams = r["_grams"]
+        idx = np.searchsorted(train_grams, grams).clip(max=len(train_grams) - 1)
+        shared = float(np.mean(train_grams[idx] == grams))
+        r["quality"]["train_13gram_overlap"] = round(shared, 4)
+        if shared >= threshold:
+            r["reasons"].append("contamination")
+            note = f"{shared:.0%} of its 13-grams also occur in training documents"
+            if move:
+                r["split"] = "train"
+                note += " (moved to train by --decontaminate)"
+            r["notes"]["contamination"] = note
+            out.append({"path": r["path"], "domain": r["domain"], "overlap": round(shared, 4), "moved": move})
+    return out
+
+
+def _result(corpus: Path, data_dir: Path, paths: dict[str, Path], records: list[dict[str, Any]], clusters, contaminated, cfg: Config) -> CurateResult:
+    res = CurateResult(
+        corpus=str(corpus), data_dir=str(data_dir), manifest=str(paths["manifest"]),
+        documents=str(paths["documents"]), report=str(paths["report"]),
+        files=len(records), enabled=cfg.curate.enabled, strict=cfg.curate.strict,
+    )
+    res.bytes_in = sum(r["bytes"] or 0 for r in records)
+    res.words_in = sum(r["words"] for r in records)
+    res.status_counts = dict(Counter(r["status"] for r in records))
+    for s in ("kept", "flagged", "quarantined"):
+        res.status_counts.setdefault(s, 0)
+    res.reason_counts = dict(sorted(Counter(code for r in records for code in r["reasons"]).items()))
+    domains: dict[str, dict[str, dict[str, int]]] = {}
+    subs: dict[str, dict[str, dict[str, int]]] = {}
+    for r in records:
+        for table, key in ((domains, r["domain"]), (subs, f"{r['domain']}/{r['subdomain']}" if r["subdomain"] else r["domain"])):
+            entry = table.setdefault(key, {s: {"docs": 0, "words": 0} for s in ("train", "val", "dropped")})
+            slot = r["split"] or "dropped"
+            entry[slot]["docs"] += 1
+            entry[slot]["words"] += r["words"]
+    res.domains = dict(sorted(domains.items()))
+    res.subdomains = dict(sorted(subs.items()))
+    res.documents_train = sum(d["train"]["docs"] for d in domains.values())
+    res.documents_val = sum(d["val"]["docs"] for d in domains.values())
+    res.words_train = sum(d["train"]["words"] for d in domains.values())
+    res.words_val = sum(d["val"]["words"] for d in domains.values())
+    res.duplicate_clusters = clusters
+    res.contaminated = contaminated
+    return res
+
+
+_MANIFEST_KEYS = ("path", "domain", "subdomain", "status", "reasons", "sha256", "bytes", "chars", "words", "dup_of", "title", "author", "quality_score", "quality", "split", "notes")
+
+
+def manifest_line(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: r.get(k) for k in _MANIFEST_KEYS}
+
+
+def _write_manifest(path: Path, records: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(manifest_line(r), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_documents(path: Path, records: list[dict[str, Any]]) -> None:
+    """Stream the spooled cleaned texts of the included documents into documents.jsonl."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            if r.get("split") is None or "_spool" not in r:
+                continue
+            text = Path(r["_spool"]).read_text(encoding="utf-8")
+            f.write(json.dumps({
+                "id": r["path"], "path": r["path"], "domain": r["domain"], "subdomain": r["subdomain"],
+                "title": r["title"], "author": r["author"], "split": r["split"], "status": r["status"],
+                "quality_score": r.get("quality_score"), "text": text,
+            }, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _fingerprint(files: list[SourceFile], cfg: Config) -> str:
+    inputs = [(sf.rel, sf.kind, sf.size, sf.mtime_ns, _stat_key(sf.sidecar)) for sf in files]
+    settings = {"curate": dataclasses.asdict(cfg.curate), "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "data_dir"}}
+    blob = json.dumps([CURATE_VERSION, inputs, settings], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _stat_key(path: Path | None) -> tuple[int, int] | None:
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+        return (st.st_size, st.st_mtime_ns)
+    except OSError:
+        return None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _ignored_files(corpus: Path) -> list[str]:
+    if not corpus.is_dir():
+        return []
+    out = []
+    for dirpath, dirnames, filenames in os.walk(corpus):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and Path(name).suffix.lower() not in (".txt", ".json"):
+                out.append((Path(dirpath) / name).relative_to(corpus).as_posix())
+    return sorted(out)
+
+
+# ----------------------------------------------------------------------------- terminal
+
+
+def print_summary(result: CurateResult, console=None) -> None:
+    """A rich table of what curation did, for the end of the stage."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(stderr=False)
+    head = "reused previous curation" if result.reused else f"curated in {result.seconds:.1f}s"
+    sc = result.status_counts
+    console.print(
+        f"[bold]curate[/bold]: {result.files} files, {result.bytes_in / 1e6:.1f} MB, {result.words_in:,} words — "
+        f"[green]{sc.get('kept', 0)} kept[/green], [yellow]{sc.get('flagged', 0)} flagged[/yellow], "
+        f"[red]{sc.get('quarantined', 0)} quarantined[/red] ({head})"
+    )
+    table = Table(title="documents and words by domain (words after cleaning)")
+    for col in ("domain", "train docs", "train words", "val docs", "val words", "dropped"):
+        table.add_column(col, justify="left" if col == "domain" else "right")
+    for domain, d in result.domains.items():
+        table.add_row(domain, str(d["train"]["docs"]), f"{d['train']['words']:,}", str(d["val"]["docs"]), f"{d['val']['words']:,}", str(d["dropped"]["docs"]))
+    table.add_row("[bold]total", str(result.documents_train), f"{result.words_train:,}", str(result.documents_val), f"{result.words_val:,}", "")
+    console.print(table)
+    if result.reason_counts:
+        console.print("reasons: " + ", ".join(f"{k} {v}" for k, v in result.reason_counts.items()))
+    console.print(f"manifest: {result.manifest}\nreport:   {result.report}")

@@ -1,0 +1,173 @@
+"""State-dict adapter between our Llama-style `Transformer` and Hugging Face `LlamaForCausalLM`.
+
+Our model fuses q/k/v into one matrix (`wqkv`) and gate/up into one (`w13`); Hugging Face
+keeps them apart. Everything else is a rename. RoPE needs no permutation: `apply_rope` uses
+the same half-split pairing as `transformers` (`rotate_half`). The mapping is exact: the
+same weights give the same logits (checked in tests/test_export.py).
+
+    ours                                  transformers
+    tok_embeddings.weight                 model.embed_tokens.weight
+    layers.N.attention_norm.weight        model.layers.N.input_layernorm.weight
+    layers.N.attention.wqkv.weight        model.layers.N.self_attn.{q,k,v}_proj.weight
+    layers.N.attention.wo.weight          model.layers.N.self_attn.o_proj.weight
+    layers.N.ffn_norm.weight              model.layers.N.post_attention_layernorm.weight
+    layers.N.feed_forward.w13.weight      model.layers.N.mlp.{gate,up}_proj.weight
+    layers.N.feed_forward.w2.weight       model.layers.N.mlp.down_proj.weight
+    norm.weight                           model.norm.weight
+    output.weight                         lm_head.weight  (the embedding when tied)
+
+`transformers` is imported only inside the functions that build its objects, so the rest
+of the package does not depend on it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from simone.config import ModelConfig
+from simone.model.layers import swiglu_hidden_dim
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def _check_llama(cfg: ModelConfig) -> None:
+    if cfg.arch != "llama":
+        raise ValueError(f"model.arch={cfg.arch!r}: only the Llama-style model maps onto "
+                         f"LlamaForCausalLM")
+
+
+def hf_llama_config(cfg: ModelConfig, eos_id: int | None = None) -> LlamaConfig:
+    """The `transformers.LlamaConfig` describing the same network as `cfg`.
+
+    eos_id (the tokenizer's end-of-document id) becomes eos and pad token for `generate`.
+    """
+    from transformers import LlamaConfig
+
+    _check_llama(cfg)
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=swiglu_hidden_dim(cfg.dim, cfg.ffn_hidden, cfg.multiple_of),
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
+        head_dim=cfg.dim // cfg.n_heads,
+        hidden_act="silu",
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        attention_bias=False,
+        mlp_bias=False,
+        attention_dropout=cfg.dropout,
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=None,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+
+
+def model_config_from_hf(hf_config: Any) -> ModelConfig:
+    """The `ModelConfig` (arch "llama") for a `transformers.LlamaConfig`."""
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    if head_dim * hf_config.num_attention_heads != hf_config.hidden_size:
+        raise ValueError("LlamaConfig with head_dim·num_attention_heads != hidden_size is not supported")
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"LlamaConfig rope_type {rope.get('rope_type')!r} is not supported")
+    return ModelConfig(
+        arch="llama",
+        vocab_size=hf_config.vocab_size,
+        dim=hf_config.hidden_size,
+        n_layers=hf_config.num_hidden_layers,
+        n_heads=hf_config.num_attention_heads,
+        n_kv_heads=hf_config.num_key_value_heads,
+        ffn_hidden=hf_config.intermediate_size,
+        max_seq_len=hf_config.max_position_embeddings,
+        rope_theta=float(theta),
+        norm_eps=hf_config.rms_norm_eps,
+        tie_embeddings=bool(hf_config.tie_word_embeddings),
+    )
+
+
+def to_hf_llama_state_dict(state_dict: dict[str, torch.Tensor],
+                           cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our `Transformer.state_dict()` → `LlamaForCausalLM` names (tensors are views, not copies)."""
+    _check_llama(cfg)
+    head_dim = cfg.dim // cfg.n_heads
+    q_size = cfg.n_heads * head_dim
+    kv_size = (cfg.n_kv_heads or cfg.n_heads) * head_dim
+    out: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": state_dict["tok_embeddings.weight"],
+        "model.norm.weight": state_dict["norm.weight"],
+        "lm_head.weight": state_dict.get("output.weight", state_dict["tok_embeddings.weight"]),
+    }
+    for i in range(cfg.n_layers):
+        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
+        q, k, v = state_dict[ours + "attention.wqkv.weight"].split([q_size, kv_size, kv_size])
+        gate, up = state_dict[ours + "feed_forward.w13.weight"].chunk(2)
+        out.update({
+            theirs + "input_layernorm.weight": state_dict[ours + "attention_norm.weight"],
+            theirs + "self_attn.q_proj.weight": q,
+            theirs + "self_attn.k_proj.weight": k,
+            theirs + "self_attn.v_proj.weight": v,
+            theirs + "self_attn.o_proj.weight": state_dict[ours + "attention.wo.weight"],
+            theirs + "post_attention_layernorm.weight": state_dict[ours + "ffn_norm.weight"],
+            theirs + "mlp.gate_proj.weight": gate,
+            theirs + "mlp.up_proj.weight": up,
+            theirs + "mlp.down_proj.weight": state_dict[ours + "feed_forward.w2.weight"],
+        })
+    return out
+
+
+def from_hf_llama_state_dict(hf_state_dict: dict[str, torch.Tensor],
+                             cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """`LlamaForCausalLM` names → a state dict that `Transformer(cfg).load_state_dict` accepts."""
+    _check_llama(cfg)
+    sd = hf_state_dict
+    embed = sd["model.embed_tokens.weight"]
+    out: dict[str, torch.Tensor] = {
+        "tok_embeddings.weight": embed,
+        "norm.weight": sd["model.norm.weight"],
+        "output.weight": embed if cfg.tie_embeddings else sd["lm_head.weight"],
+    }
+    for i in range(cfg.n_layers):
+        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
+        attn, mlp = theirs + "self_attn.", theirs + "mlp."
+        out.update({
+            ours + "attention_norm.weight": sd[theirs + "input_layernorm.weight"],
+            ours + "attention.wqkv.weight": torch.cat(
+                [sd[attn + "q_proj.weight"], sd[attn + "k_proj.weight"], sd[attn + "v_proj.weight"]]),
+            ours + "attention.wo.weight": sd[attn + "o_proj.weight"],
+            ours + "ffn_norm.weight": sd[theirs + "post_attention_layernorm.weight"],
+            ours + "feed_forward.w13.weight": torch.cat(
+                [sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"]]),
+            ours + "feed_forward.w2.weight": sd[mlp + "down_proj.weight"],
+        })
+    return out
+
+
+def to_hf_llama(model: nn.Module, eos_id: int | None = None,
+                attn_implementation: str = "sdpa") -> LlamaForCausalLM:
+    """A `transformers.LlamaForCausalLM` holding a copy of `model`'s weights, on the same
+    device and in the same dtype, in eval mode."""
+    from transformers import LlamaForCausalLM
+
+    cfg: ModelConfig = model.cfg
+    hf_config = hf_llama_config(cfg, eos_id)
+    hf_config._attn_implementation = attn_implementation
+    param = next(model.parameters())
+    hf_model = LlamaForCausalLM(hf_config).to(device=param.device, dtype=param.dtype)
+    hf_sd = {k: v.detach().clone() for k, v in to_hf_llama_state_dict(model.state_dict(), cfg).items()}
+    missing, unexpected = hf_model.load_state_dict(hf_sd, strict=False)
+    # Non-persistent buffers (rotary inv_freq) are not in a state dict.
+    missing = [k for k in missing if "rotary_emb" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"to_hf_llama: state-dict mismatch; missing {missing}, unexpected {unexpected}")
+    if cfg.tie_embeddings:
+        hf_model.tie_weights()
+    return hf_model.eval()

@@ -1,0 +1,82 @@
+"""Building blocks of the Llama-style model: RMSNorm, the SwiGLU feed-forward and RoPE.
+
+RoPE uses the "half-split" convention of Hugging Face `transformers` (dimension i is paired
+with dimension i + head_dim/2, not with its neighbour), so our q/k projection weights load
+into `LlamaForCausalLM` unchanged (see `simone/export.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Written out rather than F.rms_norm: on the CPU that one decomposes into more, slower
+        # ops (≈50 µs per call on a single token, which dominated generation time).
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+def swiglu_hidden_dim(dim: int, ffn_hidden: int | None, multiple_of: int) -> int:
+    """Width of the SwiGLU layer: `ffn_hidden` if set, else 8/3·dim rounded up to `multiple_of`.
+
+    8/3·dim keeps the parameter count of a 4·dim GELU MLP, since SwiGLU has three matrices.
+    """
+    if ffn_hidden is not None:
+        return ffn_hidden
+    hidden = int(8 * dim / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); gate and up are one matrix `w13` = [gate; up] (one matmul)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.hidden = hidden
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.dropout(self.w2(F.silu(gate) * up))
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position·frequency, each [max_len, head_dim // 2], in float32.
+
+    Frequency j is theta^(-2j/head_dim), as in the RoPE paper and `transformers`.
+    """
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, T, n_heads, head_dim] by position; cos/sin are [T, head_dim // 2].
+
+    Pair (x1[j], x2[j]) = (x[j], x[j + head_dim/2]) is rotated by angle position·freq[j].
+    Then q·k after rotation depends only on the distance between the two positions.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

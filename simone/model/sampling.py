@@ -1,0 +1,41 @@
+"""Choosing the next token from logits: temperature, top-k, nucleus (top-p), greedy."""
+
+from __future__ import annotations
+
+import torch
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the top-p nucleus.
+
+    logits: [B, V]. top_k keeps the k largest (ties at the k-th value are kept too);
+    top_p keeps the smallest set of tokens whose probabilities sum to at least top_p
+    (the most likely token is always kept). None or out-of-range values switch a filter off.
+    """
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits.float(), dim=-1)
+        # A token is dropped when the tokens before it already reach top_p.
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one token per row of logits [B, V]; returns a LongTensor [B, 1].
+
+    temperature 0 (or below) means greedy (argmax); otherwise logits are divided by the
+    temperature, filtered (`filter_logits`) and sampled with `generator` (seeded → repeatable).
+    """
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)

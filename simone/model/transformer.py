@@ -1,0 +1,80 @@
+"""Enhanced SIM-ONE: a Llama-style decoder-only transformer in plain PyTorch.
+
+    tokens → embedding → n_layers × [x + attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] → RMSNorm
+           → output projection (tied to the embedding) → logits
+
+Attention rotates q and k with RoPE, may use fewer key/value heads than query heads
+(grouped-query attention) and runs through `scaled_dot_product_attention`. Parameter names
+map one-to-one onto Hugging Face `LlamaForCausalLM` (`simone/export.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from simone.config import ModelConfig
+from simone.model.attention import CausalSelfAttention, KVCache
+from simone.model.base import LanguageModel
+from simone.model.layers import RMSNorm, SwiGLU, rope_tables, swiglu_hidden_dim
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: attention then SwiGLU, each added to the residual stream."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer  # index into the KV cache
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = CausalSelfAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads,
+                                             cfg.dropout, bias=False)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        hidden = swiglu_hidden_dim(cfg.dim, cfg.ffn_hidden, cfg.multiple_of)
+        self.feed_forward = SwiGLU(cfg.dim, hidden, cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                kv_cache: KVCache | None, start_pos: int) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, kv_cache, self.layer, start_pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(LanguageModel):
+    """The Llama-style model; see `LanguageModel` for counts, optimizer and `generate`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # RoPE tables for every position, computed once (not saved: they follow from cfg).
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights([p for block in self.layers
+                           for p in (block.attention.wo.weight, block.feed_forward.w2.weight)])
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, start_pos: int = 0,
+                last_logits_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx [B, T] token ids at positions start_pos..start_pos+T-1 → (logits, loss).
+
+        logits [B, T, vocab] (or [B, 1, vocab] with last_logits_only and no targets); loss is
+        the mean cross-entropy against targets [B, T] (-1 ignored), or None without targets.
+        With `kv_cache` (from `new_kv_cache`) earlier positions come from the cache.
+        """
+        n_new = idx.size(1)
+        if start_pos + n_new > self.cfg.max_seq_len:
+            raise ValueError(f"positions up to {start_pos + n_new} exceed max_seq_len "
+                             f"{self.cfg.max_seq_len}")
+        h = self.dropout(self.tok_embeddings(idx))
+        rope = (self.rope_cos[start_pos:start_pos + n_new], self.rope_sin[start_pos:start_pos + n_new])
+        for block in self.layers:
+            h = block(h, rope, kv_cache, start_pos)
+        # Future extension (governance): policy / memory / trace heads read `h` here.
+        h = self.norm(h)
+        return self.logits_and_loss(h, targets, last_logits_only)

@@ -1,0 +1,52 @@
+"""`python -m simone.train --run-dir DIR [--resume latest|best|PATH] [--set key=value ...]`
+
+Trains an already prepared run directory (tokenizer and shards present) with its own
+config.json, after applying the `--set` overrides (which are saved back to config.json).
+Exit status: 0 finished, 1 failed, 2 refused (run directory in use, bad config or
+checkpoint), 128+N stopped by signal N (a checkpoint was saved; resume with --resume latest).
+Works under torchrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simone.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--resume", default=None, help="latest | best | a checkpoint directory")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+
+    from simone.config import ConfigError, apply_overrides, load_config, save_config
+    from simone.rundir import RunDir
+    from simone.train.checkpoint import CheckpointError
+    from simone.train.distributed import dist_env_from_environ
+    from simone.train.lock import RunLockedError
+    from simone.train.trainer import TrainingError, train
+
+    run = RunDir(args.run_dir)
+    try:
+        cfg = apply_overrides(load_config(run.config), args.overrides)
+        if dist_env_from_environ().is_main and args.overrides:
+            save_config(cfg, run.config)
+        result = train(cfg, run, resume=args.resume)
+    except (ConfigError, CheckpointError, RunLockedError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"training failed ({e.reason}): {e}", file=sys.stderr)
+        return 1
+    print(f"stopped: {result.stop_reason} at step {result.steps} (best val loss {result.best_val_loss})",
+          file=sys.stderr)
+    if result.stop_reason == "signal":
+        status = run.read_status()
+        return 128 + int(status.get("signal") or 15)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,485 @@
+"""Checkpoints: atomic, verified, never pickled weights.
+
+A checkpoint is a directory `RUN/checkpoints/step_000500/` holding
+
+    model.safetensors  the weights (safetensors; tied tensors stored once, aliases in metadata)
+    state.pt           optimizer, step, data position, RNG states, early stopping... saved with
+                       torch.save but holding only tensors and plain containers, so it loads
+                       with `torch.load(weights_only=True)` (no arbitrary unpickling)
+    config.json        the run's resolved Config
+    MANIFEST.json      {schema, step, created, files: {name: {sha256, size}}}; written last
+
+How a save stays atomic: every file is written into a hidden temporary directory and fsynced,
+the manifest goes in last, the directory is renamed into place and re-verified, and only then
+do the `latest`/`best` pointer files (one line naming a step directory) switch, each by an
+atomic rename. Older checkpoints are deleted only after the new one has been verified. A
+process killed at any moment therefore leaves either the old pointer to an intact checkpoint
+or the new pointer to an intact checkpoint; leftover temporary directories are removed by the
+next save.
+
+Loading verifies the manifest (sizes and sha256s). A truncated or corrupted checkpoint is
+reported by name and `resolve_checkpoint` falls back to the newest older one that verifies.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from simone.rundir import atomic_write_text, fsync_dir
+from simone.train.faults import Faults
+
+MANIFEST = "MANIFEST.json"
+WEIGHTS = "model.safetensors"
+STATE = "state.pt"
+CONFIG = "config.json"
+POINTERS = ("latest", "best")
+MANIFEST_SCHEMA = 1
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_WRITE_CHUNK = 8 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, truncated, corrupted or malformed."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint whose tensors do not fit the model its config describes."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save that failed (e.g. disk full); the previous checkpoints are untouched."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    m = _STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+# ----------------------------------------------------------------------------- safe state
+
+
+def to_safe(obj: Any) -> Any:
+    """Convert `obj` to what `torch.load(weights_only=True)` accepts: tensors, numbers,
+    strings, None and lists/tuples/dicts of those (numpy arrays become tensors)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu() if obj.device.type != "cpu" else obj.detach()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj).copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: to_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [to_safe(v) for v in obj]
+        return items if isinstance(obj, list) else tuple(items)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint state (not a plain value)")
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def estimate_checkpoint_bytes(model_state: dict[str, torch.Tensor], train_state: Any = None) -> int:
+    """Roughly how many bytes a checkpoint of these states takes on disk."""
+    return _tensor_bytes(_dedupe_tied(model_state)[0]) + _tensor_bytes(train_state) + (1 << 20)
+
+
+def check_free_space(directory: Path, needed_bytes: int) -> tuple[bool, int]:
+    """(enough, free_bytes) for writing `needed_bytes` under `directory`."""
+    directory = Path(directory)
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    return free >= needed_bytes, free
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store tensors that share memory (tied embeddings) once; return (tensors, aliases)."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    for name, t in state.items():
+        t = t.detach()
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.to("cpu").contiguous()
+    return tensors, aliases
+
+
+def weights_bytes(model_state: dict[str, torch.Tensor]) -> bytes:
+    tensors, aliases = _dedupe_tied(model_state)
+    return safetensors_save(tensors, metadata={"aliases": json.dumps(aliases), "format": "pt"})
+
+
+def weights_from_bytes(data: bytes, source: str) -> dict[str, torch.Tensor]:
+    try:
+        tensors = safetensors_load(data)
+        meta = _safetensors_metadata(data)
+    except (SafetensorError, ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{source}: not a readable safetensors file ({e})") from e
+    aliases = json.loads(meta.get("aliases", "{}") or "{}")
+    for alias, target in aliases.items():
+        if target not in tensors:
+            raise CheckpointError(f"{source}: tied tensor {alias} points to missing {target}")
+        tensors[alias] = tensors[target]
+    return tensors
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    return header.get("__metadata__", {}) or {}
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def _write_file(path: Path, data: bytes, on_partial: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Write `data` to `path`, fsync it, return its manifest entry."""
+    with open(path, "wb") as f:
+        view = memoryview(data)
+        for offset in range(0, len(view), _WRITE_CHUNK):
+            f.write(view[offset : offset + _WRITE_CHUNK])
+            if on_partial is not None:
+                on_partial()  # fault injection: fail after part of the file is on disk
+        f.flush()
+        os.fsync(f.fileno())
+    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    train_state: dict[str, Any],
+    config_dict: dict[str, Any],
+    *,
+    best: bool = False,
+    keep: int = 3,
+    faults: Faults | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Write checkpoint `step` under `ckpt_root` atomically; switch `latest` (and `best`).
+
+    Keeps the newest `keep` checkpoints plus the best one. Raises `CheckpointSaveError` if the
+    save fails for lack of space or any other OS error; in that case nothing that existed
+    before (checkpoints, pointers) has changed.
+    """
+    faults = faults or Faults()
+    log = log or (lambda msg: None)
+    ckpt_root = Path(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = step_dir_name(step)
+    final = ckpt_root / name
+    tmp = ckpt_root / f".tmp-{name}-{os.getpid()}-{time.time_ns()}"
+    _remove_stale_temporaries(ckpt_root)
+    try:
+        weights = weights_bytes(model_state)
+        state_buf = io.BytesIO()
+        torch.save(to_safe(train_state), state_buf)
+        state = state_buf.getvalue()
+        config = (json.dumps(config_dict, indent=2) + "\n").encode("utf-8")
+        needed = len(weights) + len(state) + len(config) + (1 << 20)
+        enough, free = check_free_space(ckpt_root, needed)
+        if not enough:
+            raise OSError(errno.ENOSPC, f"needs {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB free")
+
+        tmp.mkdir()
+        files: dict[str, Any] = {}
+        files[WEIGHTS] = _write_file(tmp / WEIGHTS, weights, on_partial=lambda: faults.check_save(step))
+        faults.slow_save()
+        files[STATE] = _write_file(tmp / STATE, state)
+        faults.slow_save()
+        files[CONFIG] = _write_file(tmp / CONFIG, config)
+        manifest = {"schema": MANIFEST_SCHEMA, "step": step, "created": time.time(), "files": files}
+        _write_file(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+        fsync_dir(tmp)
+        faults.slow_save()
+
+        if final.exists():  # re-saving a step (after a resume or rollback): swap it out
+            old = ckpt_root / f".old-{name}-{os.getpid()}-{time.time_ns()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(ckpt_root)
+        verify_checkpoint(final)
+    except (OSError, CheckpointError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise CheckpointSaveError(
+                f"{final}: checkpoint not saved, disk full ({e.strerror}); "
+                f"the previous checkpoint is intact; free space under {ckpt_root} and resume"
+            ) from e
+        raise CheckpointSaveError(f"{final}: checkpoint not saved ({e}); the previous checkpoint is intact") from e
+
+    atomic_write_text(ckpt_root / "latest", name + "\n")
+    if best:
+        atomic_write_text(ckpt_root / "best", name + "\n")
+    _prune(ckpt_root, keep, log)
+    return final
+
+
+def _remove_stale_temporaries(ckpt_root: Path) -> None:
+    """Remove half-written saves left by killed processes (one live process per run dir)."""
+    for p in ckpt_root.iterdir():
+        if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _prune(ckpt_root: Path, keep: int, log: Callable[[str], None]) -> None:
+    protected = {read_pointer(ckpt_root, p) for p in POINTERS}
+    dirs = list_checkpoints(ckpt_root)
+    for old in dirs[: max(0, len(dirs) - max(1, keep))]:
+        if old.name not in protected:
+            shutil.rmtree(old, ignore_errors=True)
+            log(f"removed old checkpoint {old.name}")
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete-looking step directories under `ckpt_root`, oldest first."""
+    ckpt_root = Path(ckpt_root)
+    if not ckpt_root.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in ckpt_root.iterdir() if p.is_dir()]
+    return [p for s, p in sorted((s, p) for s, p in found if s is not None)]
+
+
+def read_pointer(ckpt_root: Path, which: str) -> str | None:
+    try:
+        name = (Path(ckpt_root) / which).read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+    return name if _STEP_DIR.match(name) else None
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Check every file against MANIFEST.json; return the manifest or raise CheckpointError."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: no {MANIFEST} (incomplete or not a checkpoint)") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / MANIFEST}: corrupted ({e})") from e
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or WEIGHTS not in files:
+        raise CheckpointError(f"{path / MANIFEST}: malformed (no file list with {WEIGHTS})")
+    for name, entry in files.items():
+        f = path / name
+        try:
+            size = f.stat().st_size
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{f}: missing") from e
+        expected = entry.get("size", entry.get("bytes"))  # packages write "bytes"
+        if size != expected:
+            raise CheckpointError(f"{f}: truncated or altered ({size} bytes, manifest says {expected})")
+        if _sha256_file(f) != entry.get("sha256"):
+            raise CheckpointError(f"{f}: corrupted (sha256 does not match the manifest)")
+    return manifest
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_checkpoint(
+    path: str | Path, *, verify: bool = True, load_train_state: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Load a checkpoint directory: (model_state, train_state, config_dict).
+
+    Verifies the manifest first (unless `verify=False`), reads the weights with safetensors,
+    the training state with `torch.load(weights_only=True)`, and checks that config.json is a
+    valid Config. Raises CheckpointError naming the file and the problem.
+    """
+    from simone.config import ConfigError, from_dict
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    if verify:
+        verify_checkpoint(path)
+    model_state = weights_from_bytes((path / WEIGHTS).read_bytes(), str(path / WEIGHTS))
+    train_state: dict[str, Any] = {}
+    if load_train_state and (path / STATE).exists():
+        try:
+            train_state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
+            raise CheckpointError(f"{path / STATE}: cannot be loaded safely ({e})") from e
+    try:
+        config_dict = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+        from_dict(config_dict)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path / CONFIG}: missing") from e
+    except (json.JSONDecodeError, ConfigError) as e:
+        raise CheckpointError(f"{path / CONFIG}: not a valid SIM-ONE config ({e})") from e
+    return model_state, train_state, config_dict
+
+
+def check_state_fits(model: torch.nn.Module, model_state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointMismatchError if `model_state` does not have `model`'s names and shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in model_state.items()}
+    problems = []
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    if missing:
+        problems.append(f"missing tensors {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_few(unexpected)}")
+    for name in sorted(set(expected) & set(got)):
+        if expected[name] != got[name]:
+            problems.append(f"{name} has shape {list(got[name])} but the config expects {list(expected[name])}")
+    if problems:
+        raise CheckpointMismatchError(
+            f"{source}: weights do not fit the model described by the config (was it made with "
+            f"other model settings?): "
+            + "; ".join(problems[:5])
+            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        )
+
+
+def _few(names: Iterable[str]) -> str:
+    names = list(names)
+    return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+
+
+def _checkpoint_root(path: Path) -> tuple[Path | None, Path | None]:
+    """(checkpoints dir, explicit checkpoint dir) for a run dir, checkpoints dir or step dir."""
+    if (path / MANIFEST).exists() or (path / WEIGHTS).exists():
+        return None, path
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints", None
+    return path, None
+
+
+def resolve_checkpoint(
+    run_dir_or_ckpt: str | Path,
+    which: str = "latest",
+    on_problem: Callable[[str], None] | None = None,
+) -> Path:
+    """The verified checkpoint directory to use.
+
+    `run_dir_or_ckpt` is a run directory, its `checkpoints/` folder, or one checkpoint
+    directory (returned as is once verified). `which` is "latest" or "best". If the pointed-to
+    checkpoint fails verification, the problem is reported through `on_problem` (default: a
+    warning) and the newest older checkpoint that verifies is used instead.
+    """
+    if which not in POINTERS:
+        raise ValueError(f"which must be one of {POINTERS}, not {which!r}")
+    report = on_problem or (lambda msg: warnings.warn(msg, stacklevel=3))
+    path = Path(run_dir_or_ckpt)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run directory or checkpoint")
+    ckpt_root, explicit = _checkpoint_root(path)
+    if explicit is not None:
+        verify_checkpoint(explicit)
+        return explicit
+    assert ckpt_root is not None
+    dirs = list_checkpoints(ckpt_root)
+    if not dirs:
+        raise CheckpointError(f"{ckpt_root}: no checkpoints")
+    pointed = read_pointer(ckpt_root, which)
+    candidates: list[Path] = []
+    if pointed is not None and (ckpt_root / pointed).is_dir():
+        candidates.append(ckpt_root / pointed)
+        start = checkpoint_step(ckpt_root / pointed)
+        candidates += [p for p in reversed(dirs) if (checkpoint_step(p) or 0) < (start or 0)]
+    else:
+        if pointed is not None:
+            report(f"{ckpt_root / which}: points to missing {pointed}; using the newest checkpoint")
+        candidates = list(reversed(dirs))
+    for cand in candidates:
+        try:
+            verify_checkpoint(cand)
+            return cand
+        except CheckpointError as e:
+            report(f"{e}; skipping checkpoint {cand.name}")
+    raise CheckpointError(f"{ckpt_root}: no checkpoint passes verification")
+
+
+def validate_checkpoint(path: str | Path) -> "Config":  # noqa: F821 - imported lazily
+    """Check a checkpoint (or an unpacked package holding the same files) before using it:
+    the manifest (when present), config.json against the Config schema, and every tensor's
+    name and shape against the model that config describes. Returns the Config; raises
+    CheckpointError / CheckpointMismatchError naming the file and the problem.
+
+    The model is built on the `meta` device, so this allocates no weights.
+    """
+    from simone.config import ConfigError, from_dict
+    from simone.model import build_model
+
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        verify_checkpoint(path)
+    try:
+        cfg = from_dict(json.loads((path / CONFIG).read_text(encoding="utf-8")))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path / CONFIG}: missing") from e
+    except (json.JSONDecodeError, ConfigError) as e:
+        raise CheckpointError(f"{path / CONFIG}: not a valid SIM-ONE config ({e})") from e
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path / WEIGHTS), "pt") as f:
+            meta = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path / WEIGHTS}: missing") from e
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path / WEIGHTS}: not a readable safetensors file ({e})") from e
+    for alias, target in json.loads(meta.get("aliases", "{}") or "{}").items():
+        if target in shapes:
+            shapes[alias] = shapes[target]
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    fake = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    if model.output.weight is model.tok_embeddings.weight:  # tied: one stored name is enough
+        for a, b in (("output.weight", "tok_embeddings.weight"), ("tok_embeddings.weight", "output.weight")):
+            if a not in fake and b in fake:
+                fake[a] = fake[b]
+    check_state_fits(model, fake, str(path / WEIGHTS))
+    return cfg

@@ -1,0 +1,210 @@
+"""Where training numbers go: metrics.jsonl, TensorBoard, train.log and the terminal.
+
+`MetricsLogger` writes one JSON object a line to `RUN/metrics.jsonl` (the format in
+docs/ARCHITECTURE.md), mirrors scalars to TensorBoard under `RUN/tensorboard/`, and shows a
+progress bar with an ETA when the terminal is interactive (plain log lines otherwise).
+Only rank 0 constructs one with `enabled=True`; the others get a silent logger.
+
+MFU (model FLOPs utilisation) = flops_per_token x tokens/s / peak FLOP/s of the device. GPU
+peaks come from a table of dense bf16 numbers by device name; on a CPU the peak is measured
+once per process with a short float32 matmul probe.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from simone.rundir import RunDir, append_jsonl
+
+# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, matched by substring of the device name,
+# most specific first.
+GPU_PEAK_FLOPS: list[tuple[str, float]] = [
+    ("H200", 989e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("H800", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("A6000", 155e12),
+    ("V100", 125e12),  # fp16
+    ("T4", 65e12),  # fp16
+]
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    for key, peak in GPU_PEAK_FLOPS:
+        if key.lower() in device_name.lower():
+            return peak
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_peak_flops(n: int = 512, bursts: int = 8, burst_s: float = 0.015) -> float:
+    """Measured float32 matmul FLOP/s of this process's CPU threads (cached per process).
+
+    The best of several short bursts, so a moment of contention from other processes does
+    not make the "peak" (and so MFU's denominator) too small.
+    """
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0))
+    b = torch.randn(n, n, generator=torch.Generator().manual_seed(1))
+    torch.mm(a, b)  # warm up
+    best = 0.0
+    for _ in range(bursts):
+        reps, start = 0, time.perf_counter()
+        while True:
+            torch.mm(a, b)
+            reps += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= burst_s:
+                break
+        best = max(best, 2 * n**3 * reps / elapsed)
+    return best
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak FLOP/s for MFU on `device`; None where unknown (MFU is then not reported)."""
+    if device.type == "cuda":
+        return gpu_peak_flops(torch.cuda.get_device_name(device))
+    if device.type == "cpu":
+        return cpu_peak_flops()
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> float | None:
+    if not peak or tokens_per_s <= 0:
+        return None
+    return flops_per_token * tokens_per_s / peak
+
+
+def format_seconds(s: float | None) -> str:
+    if s is None or s != s or s == float("inf"):
+        return "?"
+    s = int(s)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+class MetricsLogger:
+    """Append rows to metrics.jsonl / samples.jsonl / train.log; mirror to TensorBoard."""
+
+    def __init__(self, run: RunDir, *, enabled: bool = True, tensorboard: bool = True,
+                 progress: bool | None = None, echo: bool = True):
+        self.run = run
+        self.enabled = enabled
+        self.echo = echo and enabled
+        self._lock = threading.Lock()  # the heartbeat thread writes system rows
+        self._tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(run.root / "tensorboard"))
+            except Exception as e:  # noqa: BLE001 - TensorBoard is optional
+                self.log(f"TensorBoard disabled ({e})")
+        interactive = sys.stderr.isatty() if progress is None else progress
+        self._bar = None
+        self._show_bar = enabled and interactive
+
+    # ---- rows
+    def _append(self, path: Path, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            append_jsonl(path, row)
+
+    def train(self, **row: Any) -> None:
+        row = {"t": time.time(), "kind": "train", **row}
+        self._append(self.run.metrics, row)
+        self._scalars("train", row, ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"), row["step"])
+
+    def eval(self, **row: Any) -> None:
+        row = {"t": time.time(), "kind": "eval", **row}
+        self._append(self.run.metrics, row)
+        self._scalars("val", row, ("val_loss", "val_bpb", "val_ppl"), row["step"])
+        if self._tb is not None:
+            for domain, d in row.get("per_domain", {}).items():
+                for k in ("loss", "bpb"):
+                    if d.get(k) is not None:
+                        self._tb.add_scalar(f"val_{k}/{domain}", d[k], row["step"])
+        msg = f"eval step {row['step']}: val_loss {row['val_loss']:.4f} val_bpb {row['val_bpb']:.4f}"
+        self.log(msg)
+
+    def event(self, event: str, step: int, message: str = "", **extra: Any) -> None:
+        row = {"t": time.time(), "kind": "event", "event": event, "step": step, "message": message, **extra}
+        self._append(self.run.metrics, row)
+        if message:
+            self.log(f"[{event}] step {step}: {message}")
+
+    def system(self, snapshot: dict[str, Any]) -> None:
+        self._append(self.run.metrics, {"t": time.time(), "kind": "system", **snapshot})
+
+    def sample(self, step: int, epoch: int, prompt: str, text: str) -> None:
+        self._append(self.run.samples, {"t": time.time(), "step": step, "epoch": epoch, "prompt": prompt, "text": text})
+        self.log(f"sample step {step}: {prompt!r} -> {text[:200]!r}")
+
+    def _scalars(self, prefix: str, row: dict[str, Any], keys: tuple[str, ...], step: int) -> None:
+        if self._tb is None:
+            return
+        for k in keys:
+            v = row.get(k)
+            if isinstance(v, (int, float)):
+                self._tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    # ---- human output
+    @property
+    def interactive(self) -> bool:
+        """True when a progress bar is shown (a terminal, rank 0)."""
+        return self._show_bar
+
+    def log(self, message: str, echo: bool | None = None) -> None:
+        """One line in train.log (and on the terminal unless `echo=False`)."""
+        if not self.enabled:
+            return
+        with self._lock:
+            self.run.log_line(message)
+        if self.echo if echo is None else (echo and self.echo):
+            if self._bar is not None:
+                self._bar.write(message, file=sys.stderr)
+            else:
+                print(message, file=sys.stderr, flush=True)
+
+    def progress(self, step: int, total: int, desc: str) -> None:
+        """Move the progress bar to `step` of `total` (no-op when not interactive)."""
+        if not self._show_bar:
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        if total != self._bar.total:
+            self._bar.total = total
+        self._bar.n = step
+        self._bar.set_description_str(desc, refresh=False)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None

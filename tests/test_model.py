@@ -1,0 +1,269 @@
+"""Behaviour of the two architectures: causality, KV cache, RoPE, GQA, tying, training, counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from simone.config import ModelConfig
+from simone.model import GPT2, Transformer, build_model, filter_logits, sample_next_token
+from simone.model.layers import apply_rope, rope_tables
+
+VOCAB = 61
+
+
+def tiny_cfg(arch: str = "llama", **overrides) -> ModelConfig:
+    fields = dict(arch=arch, vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, max_seq_len=24)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return build_model(tiny_cfg(arch, **overrides)).eval()
+
+
+VARIANTS = [("llama", {}), ("llama", {"n_kv_heads": 2}), ("llama", {"n_kv_heads": 1}), ("gpt2", {})]
+VARIANT_IDS = ["llama", "llama-gqa2", "llama-mqa", "gpt2"]
+
+
+def test_build_model_picks_the_architecture():
+    assert isinstance(build_model(tiny_cfg("llama")), Transformer)
+    assert isinstance(build_model(tiny_cfg("gpt2")), GPT2)
+    with pytest.raises(ValueError, match="arch"):
+        build_model(tiny_cfg("mamba"))
+
+
+@pytest.mark.parametrize("arch,extra", VARIANTS, ids=VARIANT_IDS)
+def test_changing_a_future_token_never_changes_earlier_logits(arch, extra):
+    model = tiny_model(arch, **extra)
+    idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    logits, loss = model(idx)
+    assert logits.shape == (2, 16, VOCAB) and loss is None
+    for t in (0, 7, 15):
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 1) % VOCAB
+        logits2, _ = model(changed)
+        torch.testing.assert_close(logits2[:, :t], logits[:, :t], rtol=0, atol=1e-6)
+        assert (logits2[:, t] - logits[:, t]).abs().max() > 1e-4  # the changed position sees it
+
+
+@pytest.mark.parametrize("arch,extra", VARIANTS, ids=VARIANT_IDS)
+def test_cached_forward_in_chunks_equals_full_forward(arch, extra):
+    model = tiny_model(arch, **extra)
+    idx = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(2))
+    full, _ = model(idx)
+    cache = model.new_kv_cache(3, 20)
+    pieces, pos = [], 0
+    for size in (7, 1, 5, 1, 6):  # prefill, single tokens and chunks after a prefix
+        logits, _ = model(idx[:, pos:pos + size], kv_cache=cache, start_pos=pos)
+        pieces.append(logits)
+        pos += size
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,extra", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0),
+                                      dict(temperature=1.0),
+                                      dict(temperature=0.8, top_k=10, top_p=0.9)],
+                         ids=["greedy", "sample", "topk-topp"])
+def test_generation_with_cache_equals_generation_without(arch, extra, sampling):
+    model = tiny_model(arch, **extra)
+    prompt = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(3))
+    # 30 new tokens run past max_seq_len=24: the cached path must fall back, not break.
+    with_cache = list(model.generate(prompt, 30, generator=torch.Generator().manual_seed(4),
+                                     use_cache=True, **sampling))
+    without = list(model.generate(prompt, 30, generator=torch.Generator().manual_seed(4),
+                                  use_cache=False, **sampling))
+    assert len(with_cache) == 30 and all(t.shape == (2, 1) for t in with_cache)
+    assert torch.equal(torch.cat(with_cache, 1), torch.cat(without, 1))
+
+
+def test_generation_is_seeded_and_greedy_is_argmax():
+    model = tiny_model()
+    prompt = torch.randint(0, VOCAB, (1, 4), generator=torch.Generator().manual_seed(5))
+    a = torch.cat(list(model.generate(prompt, 12, generator=torch.Generator().manual_seed(9))), 1)
+    b = torch.cat(list(model.generate(prompt, 12, generator=torch.Generator().manual_seed(9))), 1)
+    c = torch.cat(list(model.generate(prompt, 12, generator=torch.Generator().manual_seed(10))), 1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    greedy = torch.cat(list(model.generate(prompt, 3, temperature=0.0)), 1)
+    first = model(prompt)[0][:, -1].argmax(-1)
+    assert greedy[0, 0] == first[0]
+
+
+def test_generation_stops_when_every_row_has_produced_eos():
+    model = tiny_model()
+    prompt = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(6))
+    greedy = torch.cat(list(model.generate(prompt, 10, temperature=0.0)), 1)
+    eos = int(greedy[0, 2])  # row 0 emits it at step 3 (or earlier)
+    tokens = list(model.generate(prompt, 10, temperature=0.0, eos_id=eos))
+    out = torch.cat(tokens, 1)
+    row0_end = int((greedy[0] == eos).nonzero()[0])
+    assert torch.all(out[0, row0_end:] == eos)  # a finished row keeps producing eos
+    if not (greedy[1] == eos).any():
+        assert len(tokens) == 10
+    else:
+        assert len(tokens) == max(row0_end, int((greedy[1] == eos).nonzero()[0])) + 1
+
+
+def test_rope_score_depends_only_on_position_difference():
+    head_dim, n = 16, 64
+    cos, sin = rope_tables(head_dim, n, theta=10000.0)
+    g = torch.Generator().manual_seed(7)
+    q, k = torch.randn(head_dim, generator=g), torch.randn(head_dim, generator=g)
+
+    def score(m: int, p: int) -> float:
+        qm = apply_rope(q.view(1, 1, 1, -1), cos[m:m + 1], sin[m:m + 1]).flatten()
+        kp = apply_rope(k.view(1, 1, 1, -1), cos[p:p + 1], sin[p:p + 1]).flatten()
+        return float(qm @ kp)
+
+    for m, p, shift in [(5, 2, 30), (10, 10, 17), (0, 40, 20)]:
+        assert score(m, p) == pytest.approx(score(m + shift, p + shift), abs=1e-4)
+    assert abs(score(5, 2) - score(5, 4)) > 1e-3  # a different distance gives a different score
+    # Rotation keeps the norm and position 0 is the identity.
+    x = torch.randn(1, 3, 2, head_dim, generator=g)
+    rotated = apply_rope(x, cos[:3], sin[:3])
+    torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(rotated[:, 0], x[:, 0])
+
+
+def test_grouped_query_attention_equals_multi_head_with_repeated_kv_heads():
+    gqa = tiny_model(n_kv_heads=2)
+    head_dim, n_heads, n_kv = 8, 4, 2
+    wqkv = gqa.layers[0].attention.wqkv.weight
+    assert wqkv.shape == ((n_heads + 2 * n_kv) * head_dim, 32)
+    cache = gqa.new_kv_cache(3, 10)
+    assert cache.k[0].shape == (3, n_kv, 10, head_dim)
+
+    mha = tiny_model(n_kv_heads=None)
+    state = gqa.state_dict()
+    for i in range(2):
+        w = state[f"layers.{i}.attention.wqkv.weight"]
+        q, k, v = w.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim])
+        repeat = lambda t: t.view(n_kv, head_dim, -1).repeat_interleave(n_heads // n_kv, 0).reshape(-1, 32)  # noqa: E731
+        state[f"layers.{i}.attention.wqkv.weight"] = torch.cat([q, repeat(k), repeat(v)])
+    mha.load_state_dict(state)
+    idx = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(mha(idx)[0], gqa(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_tied_embeddings_are_one_tensor(arch):
+    model = tiny_model(arch).train()
+    assert model.output.weight is model.tok_embeddings.weight
+    untied = tiny_model(arch, tie_embeddings=False)
+    assert untied.output.weight is not untied.tok_embeddings.weight
+    assert untied.num_params() - model.num_params() == VOCAB * 32
+    # One optimizer step through the loss moves the shared matrix once, seen from both ends.
+    opt = model.configure_optimizer(1e-2, 0.0, (0.9, 0.95), "cpu")
+    before = model.tok_embeddings.weight.detach().clone()
+    idx = torch.randint(0, VOCAB, (2, 8))
+    model(idx, idx)[1].backward()
+    opt.step()
+    assert not torch.equal(model.tok_embeddings.weight, before)
+    assert torch.equal(model.output.weight, model.tok_embeddings.weight)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_tiny_model_overfits_a_fixed_batch(arch):
+    model = tiny_model(arch, seed=1).train()
+    g = torch.Generator().manual_seed(11)
+    data = torch.randint(0, VOCAB, (4, 17), generator=g)
+    x, y = data[:, :-1], data[:, 1:]
+    opt = model.configure_optimizer(3e-3, 0.0, (0.9, 0.95), "cpu")
+    first = None
+    for _ in range(100):
+        _, loss = model(x, y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert first == pytest.approx(math.log(VOCAB), rel=0.1)  # init predicts ~uniformly
+    assert loss.item() < 0.25 * first
+
+
+def test_loss_ignores_minus_one_and_is_float32_under_autocast():
+    model = tiny_model()
+    idx = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(12))
+    targets = torch.roll(idx, -1, dims=1)
+    logits, loss = model(idx, targets)
+    masked = targets.clone()
+    masked[:, 5:] = -1
+    _, masked_loss = model(idx, masked)
+    expected = torch.nn.functional.cross_entropy(logits[:, :5].reshape(-1, VOCAB), targets[:, :5].reshape(-1))
+    torch.testing.assert_close(masked_loss, expected)
+    assert not torch.isclose(masked_loss, loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits_bf16, loss_bf16 = model(idx, targets)
+        assert len(list(model.generate(idx[:, :3], 4, temperature=0.0))) == 4  # cache in bf16
+    assert logits_bf16.dtype == torch.bfloat16 and loss_bf16.dtype == torch.float32
+    assert loss_bf16.item() == pytest.approx(loss.item(), rel=0.05)
+
+
+def test_positions_past_max_seq_len_are_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 25, dtype=torch.long))
+    cache = model.new_kv_cache(1, 100)
+    assert cache.max_len == 24  # capped at max_seq_len
+
+
+def test_num_params_and_flops_per_token_on_a_known_config():
+    cfg = ModelConfig(arch="llama", vocab_size=1000, dim=64, n_layers=3, n_heads=4, n_kv_heads=2,
+                      multiple_of=32, max_seq_len=128)
+    model = build_model(cfg)
+    head_dim, ffn = 16, 192  # 8/3·64 = 170.7 → 192 (multiple of 32)
+    per_layer = (64 * (4 + 2 * 2) * head_dim  # wqkv
+                 + 4 * head_dim * 64  # wo
+                 + 3 * 64 * ffn  # w13 and w2
+                 + 2 * 64)  # two RMSNorm weights
+    n = 1000 * 64 + 3 * per_layer + 64  # tied embedding, layers, final norm
+    assert model.num_params() == n
+    assert model.num_params(exclude_embeddings=True) == n  # tied: it is also the output matmul
+    assert model.flops_per_token(128) == 6 * n + 12 * 3 * 64 * 128
+
+    gpt = build_model(ModelConfig(arch="gpt2", vocab_size=1000, dim=64, n_layers=3, n_heads=4,
+                                  max_seq_len=128))
+    per_layer = (64 * 3 * 64 + 3 * 64) + (64 * 64 + 64) + (64 * 256 + 256) + (256 * 64 + 64) + 4 * 64
+    n_gpt = 1000 * 64 + 128 * 64 + 3 * per_layer + 2 * 64
+    assert gpt.num_params() == n_gpt
+    assert gpt.num_params(exclude_embeddings=True) == n_gpt - 128 * 64  # positions do no matmul
+
+
+def test_init_scales_residual_projections():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=512, dim=128, n_layers=8, n_heads=4, max_seq_len=16))
+    assert model.layers[0].attention.wqkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.layers[0].feed_forward.w2.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+    assert model.layers[3].attention.wo.weight.std().item() == pytest.approx(0.02 / 4, rel=0.1)
+    assert torch.all(model.norm.weight == 1)
+
+
+def test_optimizer_decays_only_matrices():
+    model = tiny_model("gpt2")
+    opt = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), "cpu", fused=False)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert not opt.defaults.get("fused")
+    assert model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), "cpu", fused=True).defaults["fused"]
+
+
+def test_top_k_top_p_and_temperature():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    kept = filter_logits(logits, top_k=2)
+    assert torch.isfinite(kept).tolist() == [[True, True, False, False, False]]
+    probs = torch.softmax(logits, -1)[0]  # ≈ .64 .23 .09 .03 .01
+    kept = filter_logits(logits, top_p=float(probs[0] + probs[1]) - 0.01)
+    assert torch.isfinite(kept).tolist() == [[True, True, False, False, False]]
+    kept = filter_logits(logits, top_p=0.1)  # the most likely token always survives
+    assert torch.isfinite(kept).tolist() == [[True, False, False, False, False]]
+    assert sample_next_token(logits, temperature=0.0).item() == 0
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample_next_token(logits.expand(200, -1), 1.0, top_k=3, generator=g)])
+    assert set(draws.flatten().tolist()) == {0, 1, 2}
+    hot = sample_next_token(logits.expand(2000, -1), 100.0, generator=torch.Generator().manual_seed(1))
+    assert len(set(hot.flatten().tolist())) == 5  # a high temperature flattens the distribution

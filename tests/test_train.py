@@ -1,0 +1,179 @@
+"""The trainer end to end on the tiny preset (in-process): the loss falls, every output of the
+run directory follows the contract, and a resumed run continues with identical losses."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from simone.data.shards import TokenShard
+from simone.rundir import RunDir
+from simone.train.checkpoint import load_checkpoint, read_pointer, resolve_checkpoint
+from simone.train.metrics import cpu_peak_flops, gpu_peak_flops, mfu
+from simone.train.trainer import TrainResult, train
+from test_train_support import losses_by_step, new_run, prepared_template, read_metrics
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory):
+    return prepared_template(tmp_path_factory.mktemp("train_template"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two threads on two busy shared cores are ~10x slower than one for a model this small.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def full_run(template, tmp_path_factory):
+    """Two epochs of 18 steps (batch 16), evaluation every 10 steps."""
+    cfg, run = new_run(template, tmp_path_factory.mktemp("full") / "run", batch_size=16, num_epochs=2,
+                       min_epochs=1, patience=5, eval_every=10, checkpoint_every=10, log_every=2,
+                       system_stats_every_s=0.5)
+    result = train(cfg, run)
+    return cfg, run, result
+
+
+def test_loss_falls_well_below_its_start(full_run):
+    _, run, result = full_run
+    losses = [r["loss"] for r in read_metrics(run, "train")]
+    assert losses[0] > 5.0  # ~ln(vocab) at initialisation
+    assert losses[-1] < losses[0] - 2.0
+    assert result.best_val_loss is not None and result.best_val_loss < 4.0
+
+
+def test_result_and_stop_reason(full_run):
+    cfg, run, result = full_run
+    assert isinstance(result, TrainResult)
+    assert result.stop_reason == "num_epochs"
+    assert result.steps == 36 and result.epochs == 2
+    assert result.tokens_seen == 36 * 16 * cfg.model.max_seq_len
+    assert result.tokens_per_s > 0 and result.mfu is not None and result.mfu > 0
+    assert result.final_val_loss == pytest.approx(result.best_val_loss)
+    assert result.best_checkpoint == result.last_checkpoint == "step_000036"
+
+
+def test_metric_rows_follow_the_contract(full_run):
+    cfg, run, _ = full_run
+    rows = read_metrics(run)
+    assert all("t" in r and "kind" in r for r in rows)
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == list(range(2, 37, 2))
+    for r in train_rows:
+        assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens_seen"} <= set(r)
+        assert math.isfinite(r["loss"]) and r["lr"] > 0 and r["grad_norm"] > 0
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [10, 18, 20, 30, 36]  # every 10 steps and at both epoch ends
+    shard = TokenShard(run.data, "val")
+    for r in evals:
+        assert set(r["per_domain"]) == set(shard.domains)
+        for domain, d in r["per_domain"].items():
+            assert d["bpb"] == pytest.approx(d["loss"] / math.log(2) / shard.bytes_per_token(domain))
+            assert d["ppl"] == pytest.approx(math.exp(d["loss"]))
+        assert min(d["loss"] for d in r["per_domain"].values()) <= r["val_loss"] <= max(
+            d["loss"] for d in r["per_domain"].values())
+        assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+    events = [r["event"] for r in rows if r["kind"] == "event"]
+    assert events[0] == "start" and events[-1] == "finished"
+    assert events.count("epoch_end") == 2
+    samples = [json.loads(line) for line in run.samples.read_text().splitlines()]
+    assert [s["step"] for s in samples] == [18, 36]
+    assert all(s["prompt"] and isinstance(s["text"], str) for s in samples)
+    assert "step 36/36" in run.log.read_text()
+    system = [r for r in rows if r["kind"] == "system"]
+    assert system and {"cpu_percent", "ram_used_gb", "disk_free_gb", "gpus"} <= set(system[0])
+    assert (run.root / "tensorboard").is_dir() and any((run.root / "tensorboard").iterdir())
+
+
+def test_status_and_checkpoints(full_run):
+    _, run, _ = full_run
+    status = run.read_status()
+    assert status["state"] == "finished" and status["stage"] == "train"
+    assert status["step"] == 36 and status["total_steps"] == 36
+    assert status["pid"] > 0 and status["heartbeat"] > 0
+    assert read_pointer(run.checkpoints, "latest") == "step_000036"
+    best = resolve_checkpoint(run.root, "best")
+    _, state, config = load_checkpoint(best)
+    assert state["step"] == 36 and state["epochs_done"] == 2
+    assert config["train"]["batch_size"] == 16
+    assert not (run.root / ".lock").exists()  # released at the end
+
+
+def test_resume_continues_with_identical_losses(template, tmp_path, monkeypatch):
+    """20 steps straight == 13 steps, SIGTERM, resume to 20 (dropout on: RNG state matters).
+
+    Step 13 is between checkpoints (every 4) and inside a logging interval's counters.
+    """
+    overrides = dict(batch_size=16, eval_every=5, checkpoint_every=4, log_every=1, num_epochs=2, max_steps=20)
+    cfg_a, run_a = new_run(template, tmp_path / "a", **overrides)
+    cfg_a.model.dropout = 0.1
+    train(cfg_a, run_a)
+    cfg_b, run_b = new_run(template, tmp_path / "b", **overrides)
+    cfg_b.model.dropout = 0.1
+    monkeypatch.setenv("SIMONE_FAULT_SIGTERM_AT_STEP", "13")
+    first = train(cfg_b, run_b)
+    assert first.stop_reason == "signal" and first.steps == 13
+    assert run_b.read_status()["state"] == "stopped" and run_b.read_status()["step"] == 13
+    assert first.last_checkpoint == "step_000013"
+    monkeypatch.delenv("SIMONE_FAULT_SIGTERM_AT_STEP")
+    second = train(cfg_b, run_b, resume="latest")
+    assert second.steps == 20
+    a, b = losses_by_step(run_a), losses_by_step(run_b)
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    assert [a[s] for s in a] == [b[s] for s in a]  # bit for bit
+    resumes = [r for r in read_metrics(run_b, "event") if r["event"] == "resume"]
+    assert len(resumes) == 1 and resumes[0]["step"] == 13
+    # evaluation, early stopping and the LR schedule continued too
+    eval_a = {r["step"]: r["val_loss"] for r in read_metrics(run_a, "eval")}
+    eval_b = {r["step"]: r["val_loss"] for r in read_metrics(run_b, "eval")}
+    assert {s: eval_b[s] for s in eval_a} == eval_a
+    lr_a = {r["step"]: r["lr"] for r in read_metrics(run_a, "train")}
+    lr_b = {r["step"]: r["lr"] for r in read_metrics(run_b, "train")}
+    assert lr_a == lr_b
+
+
+def test_resume_from_best_and_from_a_path(full_run, tmp_path, template):
+    cfg, run, _ = full_run
+    best = resolve_checkpoint(run.root, "best")
+    cfg2, run2 = new_run(template, tmp_path / "r", batch_size=16, num_epochs=3, max_steps=38, log_every=1)
+    result = train(cfg2, run2, resume=str(best))
+    assert result.steps == 38
+    assert min(losses_by_step(run2)) == 37
+
+
+def test_resume_latest_without_checkpoints_starts_fresh(template, tmp_path):
+    cfg, run = new_run(template, tmp_path / "r", max_steps=3, log_every=1)
+    result = train(cfg, run, resume="latest")
+    assert result.steps == 3 and sorted(losses_by_step(run)) == [1, 2, 3]
+
+
+def test_mfu_inputs():
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_peak_flops("NVIDIA H200") == 989e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu_peak_flops("Some Unknown GPU") is None
+    peak = cpu_peak_flops()
+    assert 1e8 < peak < 1e13 and cpu_peak_flops() == peak  # measured once, then cached
+    assert mfu(6e6, 1000.0, 1e10) == pytest.approx(0.6)
+    assert mfu(6e6, 1000.0, None) is None
+
+
+def test_early_stopping_ends_the_run_after_patience(template, tmp_path):
+    """With lr 0 the validation loss never improves: the first evaluation after min_epochs
+    that fails to improve (patience 1) stops the run at the end of epoch 1 of 3."""
+    cfg, run = new_run(template, tmp_path / "r", batch_size=16, lr=0.0, num_epochs=3, min_epochs=1,
+                       patience=1, eval_every=10, checkpoint_every=100, log_every=6)
+    result = train(cfg, run)
+    assert result.stop_reason == "early_stop" and result.steps == 18 and result.epochs == 1
+    assert [r["step"] for r in read_metrics(run, "eval")] == [10, 18]
+    (stop,) = [r for r in read_metrics(run, "event") if r["event"] == "early_stop"]
+    assert stop["step"] == 18
+    assert read_pointer(run.checkpoints, "best") == "step_000010"
+    assert read_pointer(run.checkpoints, "latest") == "step_000018"
