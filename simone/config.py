@@ -26,6 +26,9 @@ class DataConfig:
     val_fraction: float = 0.1  # share of documents (not tokens) held out, per domain
     split_seed: int = 1234
     min_val_docs_per_domain: int = 1
+    # share of training documents that start with their `<|domain:NAME|>` control token
+    # (decided per document by a hash of its id, so rebuilding gives the same shards)
+    control_token_prob: float = 0.0
 
 
 @dataclass
@@ -43,6 +46,7 @@ class CurateConfig:
     # per-domain relaxation of the quality thresholds, e.g. {"biblical_classical": 0.5}
     domain_relax: dict[str, float] = field(default_factory=dict)
     contamination_threshold: float = 0.1  # share of a val doc's 13-grams also in training
+    containment_threshold: float = 0.8  # share of a doc's 13-grams inside a longer doc: a copy
     repeated_passage_words: int = 1000  # flag a document repeating a passage this long
 
 
@@ -73,6 +77,13 @@ class ModelConfig:
     policy: bool = True
     memory: bool = True
     trace: bool = True
+    n_domains: int = 0  # policy classes = the tokenizer's domain control tokens (set at training)
+    policy_layer: int = -1  # block whose output feeds the policy head (-1: the last)
+    policy_loss_weight: float = 0.1  # content alignment: policy cross-entropy vs. the domain
+    coherence_weight: float = 0.05  # coherence: policy agreement with a later position (JS)
+    coherence_distance: int = 16  # tokens between the two positions compared
+    n_memory_slots: int = 8  # learned persistent key/value slots per layer
+    trace_layers: str = "-1"  # comma-separated block indices averaged for the trace (-1: last)
 
 
 @dataclass

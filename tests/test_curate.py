@@ -66,13 +66,15 @@ def zoo(tmp_path_factory):
 
     d = "misc/odd/"
     add(d + "empty.txt", b"")
-    add(d + "binary.txt", bytes(random.Random(0).randrange(256) for _ in range(5000)))
+    rng = random.Random(0)
+    add(d + "binary.txt", bytes(rng.randrange(256) for _ in range(5000)))
     add(d + "nul.txt", b"\x00" * 4096)
     good = book("Winter Letters", "Iris Penn", 20).encode("utf-8")
     add(d + "latin1.txt", good[:1000] + b"caf\xe9 " + good[1000:])  # invalid UTF-8 at byte 1003
     add(d + "utf16.txt", codecs.BOM_UTF16_LE + book("Summer Letters", "Jon Fry", 21).encode("utf-16-le"))
     add(d + "bom8.txt", codecs.BOM_UTF8 + book("Autumn Letters", "Kai Dunn", 22).encode("utf-8"))
-    add(d + "mojibake.txt", book("Spring Letters", "Lea Bloom", 23).replace("the river", "the riverâ€™s edge", 3))
+    spring = book("Spring Letters", "Lea Bloom", 23)
+    add(d + "mojibake.txt", spring + "\nThe sailorâ€™s daughter said the cafÃ© by the riverâ€™s edge was closed.\n")
     add(d + "stub.txt", "FAKE TEXT for 'Collected Works Vol 1' by Nobody. Replace with real content.")
     add(d + "short.txt", "A short note about the harbor and the ships that sailed in the morning.")
     # duplicates of GOOD[0] (exact, in another domain) and GOOD[4] (a lightly edited copy)
@@ -82,6 +84,9 @@ def zoo(tmp_path_factory):
     for i in range(40, len(edited), 120):
         edited[i] = "lighthouse"
     add("poetry/epic/river-kings-edited.txt", " ".join(edited), meta("River Kings", "Edith Stone", "poetry", "epic", quality=5.0))
+    # an excerpt copied out of a longer book (Jaccard is low; containment is not)
+    towers = book("Silver Towers", "Felix Crane", 6).split("\n\n")
+    add("history/ancient/tower-excerpt.txt", "\n\n".join(towers[len(towers) // 3: len(towers) // 3 + 12]))
     # a book under the wrong title
     add(d + "wrong-title.txt", book("The Gardens of Saturn", "Mona Quill", 30),
         meta("Moby Dick", "Herman Melville", "misc", "odd"))
@@ -152,6 +157,7 @@ def test_every_input_appears_exactly_once_in_the_manifest(zoo):
     ("misc/odd/short.txt", "too_short", "quarantined"),
     ("history/modern/morning-songs-copy.txt", "exact_duplicate", "quarantined"),
     ("poetry/epic/river-kings-edited.txt", "near_duplicate", "quarantined"),
+    ("history/ancient/tower-excerpt.txt", "near_duplicate", "quarantined"),
     ("misc/odd/wrong-title.txt", "title_mismatch", "flagged"),
     ("misc/odd/with-header.txt", "header_stripped", "kept"),
     ("misc/odd/gutenberg.txt", "boilerplate_stripped", "kept"),
@@ -191,6 +197,7 @@ def test_duplicates_keep_the_better_copy(zoo):
     m = zoo["manifest"]
     assert m["history/modern/morning-songs-copy.txt"]["dup_of"] == "poetry/lyric/morning-songs.txt"
     assert m["poetry/epic/river-kings-edited.txt"]["dup_of"] == "history/ancient/river-kings.txt"
+    assert m["history/ancient/tower-excerpt.txt"]["dup_of"] == "history/ancient/silver-towers.txt"
     assert m["poetry/lyric/morning-songs.txt"]["status"] == "kept"
     assert m["history/ancient/river-kings.txt"]["status"] == "kept"
     clusters = {c["kept"]: c for c in zoo["result"].duplicate_clusters}
@@ -223,7 +230,8 @@ def test_documents_hold_cleaned_text_of_kept_and_flagged_files(zoo):
     assert by_id["misc/odd/with-header.txt"]["text"].startswith("LANTERN DAYS")
     assert by_id["misc/odd/utf16.txt"]["text"].startswith("SUMMER LETTERS")
     assert "\ufeff" not in by_id["misc/odd/bom8.txt"]["text"]
-    assert "river’s edge" in by_id["misc/odd/mojibake.txt"]["text"] and "â€" not in by_id["misc/odd/mojibake.txt"]["text"]
+    fixed = by_id["misc/odd/mojibake.txt"]["text"]
+    assert "sailor’s daughter said the café by the river’s edge" in fixed and "â€" not in fixed
     g = by_id["misc/odd/gutenberg.txt"]["text"]
     assert g.startswith("CANDLE NIGHTS") and "Gutenberg" not in g and "Produced by" not in g
     assert g.endswith(book("Candle Nights", "Omar Dent", 32).strip().split("\n")[-1])
@@ -254,6 +262,17 @@ def test_rerun_gives_the_same_manifest_and_reuses_the_result(zoo, tmp_path):
     assert reused.reused and reused.status_counts == again.status_counts
     changed = curate(zoo["root"], tmp_path / "data", _cfg(workers=2, near_dup_threshold=0.95), progress=False)
     assert not changed.reused  # a setting changed: the work is redone
+
+
+def test_a_changed_input_file_is_not_reused(tmp_path):
+    root = tmp_path / "corpus"
+    for i in range(3):
+        write_doc(root, f"d/s/{i}.txt", book(f"Tale {i}", "Ed Orr", 600 + i), meta(f"Tale {i}", "Ed Orr", "d", "s"))
+    first = curate(root, tmp_path / "data", _cfg(), progress=False)
+    assert curate(root, tmp_path / "data", _cfg(), progress=False).reused
+    write_doc(root, "d/s/0.txt", book("Tale 0", "Ed Orr", 700, 400))  # same name, new text
+    again = curate(root, tmp_path / "data", _cfg(), progress=False)
+    assert not again.reused and again.words_in != first.words_in
 
 
 def test_report_is_self_contained_and_lists_problems(zoo):
@@ -313,8 +332,10 @@ def test_contamination_is_reported_and_decontaminate_moves_it(tmp_path):
     for p in val_land:
         assert "contamination" not in m[p]["reasons"]
     assert {c["path"] for c in res.contaminated} == set(val_sea)
+    assert all(c["source"].startswith("sea/") for c in res.contaminated)
 
-    curate(root, tmp_path / "d2", _cfg(decontaminate=True), progress=False)
+    moved = curate(root, tmp_path / "d2", _cfg(decontaminate=True), progress=False)
+    assert any("'sea' has no validation documents" in w for w in moved.warnings)
     docs = {d["id"]: d for d in read_jsonl(tmp_path / "d2" / "documents.jsonl")}
     for p in val_sea:
         assert docs[p]["split"] == "train"
@@ -346,3 +367,35 @@ def test_flat_folder_and_single_file(tmp_path):
     single = curate(flat / "a.txt", tmp_path / "d2", _cfg(), progress=False)
     docs = read_jsonl(tmp_path / "d2" / "documents.jsonl")
     assert single.files == 1 and len(docs) == 1 and docs[0]["split"] == "train"
+
+
+def test_duplicate_with_the_right_label_is_kept_over_a_mislabelled_copy(tmp_path):
+    root = tmp_path / "corpus"
+    text = book("Quiet Harbor", "Ivo Lund", 500)
+    # the mislabelled copy sorts first and claims a higher quality score
+    write_doc(root, "a/x/aaa.txt", text, meta("Sermons on Fire", "Some Preacher", "a", "x", quality=10.0))
+    write_doc(root, "b/y/zzz.txt", text, meta("Quiet Harbor", "Ivo Lund", "b", "y", quality=5.0))
+    curate(root, tmp_path / "d", _cfg(), progress=False)
+    m = {r["path"]: r for r in read_jsonl(tmp_path / "d" / "manifest.jsonl")}
+    assert m["b/y/zzz.txt"]["status"] == "kept"
+    assert m["a/x/aaa.txt"]["dup_of"] == "b/y/zzz.txt"
+
+
+def test_a_file_that_breaks_processing_is_reported_not_fatal(tmp_path, monkeypatch):
+    import simone.data.curate as curate_module
+
+    root = tmp_path / "corpus"
+    for i in range(3):
+        write_doc(root, f"d/s/{i}.txt", book(f"Tale {i}", "Ed Orr", 800 + i), meta(f"Tale {i}", "Ed Orr", "d", "s"))
+    real_clean = curate_module.clean_text
+
+    def exploding(text, curate=True):
+        if "TALE 1" in text:
+            raise RecursionError("pathological text")
+        return real_clean(text, curate)
+
+    monkeypatch.setattr(curate_module, "clean_text", exploding)
+    curate(root, tmp_path / "data", _cfg(), progress=False)
+    m = {r["path"]: r for r in read_jsonl(tmp_path / "data" / "manifest.jsonl")}
+    assert m["d/s/1.txt"]["status"] == "quarantined" and "pathological text" in m["d/s/1.txt"]["notes"]["unreadable"]
+    assert m["d/s/0.txt"]["status"] == "kept" and m["d/s/2.txt"]["status"] == "kept"

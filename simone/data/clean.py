@@ -159,12 +159,13 @@ _GUTENBERG_END = re.compile(
     re.IGNORECASE | re.MULTILINE,
 )
 _MARKER_TAIL = re.compile(r"^[^\n*]{0,100}[A-Za-z][^\n*]{0,100}\*{3}[ \t]*$", re.MULTILINE)
+_LICENCE = re.compile(r"Gutenberg-tm|Literary Archive Foundation|SMALL PRINT|Updated editions will replace", re.IGNORECASE)
 # Lines that open an old-style licence block at the top of the file; the text then starts
 # after the matching `*END*THE SMALL PRINT` line (a start marker above).
 _SMALL_PRINT_OPEN = re.compile(r"^\*{3}START\*{2}THE SMALL PRINT", re.IGNORECASE | re.MULTILINE)
 # Preamble paragraphs of a Gutenberg file without a start marker.
 _GUTENBERG_PREAMBLE = re.compile(
-    r"^[ \t*]*(?:The )?Project Gutenberg(?:'s|’s)? (?:E-?(?:Book|text)|Etext)s? (?:of )?[^\n]*$",
+    r"^[ \t*]*(?:The )?Project Gutenberg(?:'s|’s)? (?:(?:E-?(?:Book|text)|Etext)s? (?:of )?)?[^\n]*$",
     re.IGNORECASE | re.MULTILINE,
 )
 _PREAMBLE_TAIL = re.compile(
@@ -179,12 +180,13 @@ _NAMED_TITLE = re.compile(
 )
 # credits and notes, one paragraph each, in the first part of the book
 _CREDITS = re.compile(
-    r"^(?:Produced by|This (?:e-?book|etext) was produced by|Transcribed from|E-?text prepared by"
+    r"^(?:Produced by|This (?:e-?book|e-?text) was (?:produced|prepared|proofread|transcribed|created)"
+    r"|Transcribed from|E-?text prepared by"
     r"|Prepared by|Scanned by|HTML version by)\b[^\n]*(?:\n[^\n]+)*",
     re.IGNORECASE | re.MULTILINE,
 )
 _TRANSCRIBER = re.compile(
-    r"^\[?[ \t]*Transcriber['’]?s?['’]? [Nn]otes?\b[^\n]*(?:\n[^\n]+)*(?:\n\n(?![A-Z][A-Z .,’'-]{3,}\n)[^\n]+(?:\n[^\n]+)*)?",
+    r"^\[?[ \t]*(?:Original )?Transcriber['’]?s?['’]? [Nn]otes?\b[^\n]*(?:\n[^\n]+)*(?:\n\n(?![A-Z][A-Z .,’'-]{3,}\n)[^\n]+(?:\n[^\n]+)*)?",
     re.MULTILINE,
 )
 
@@ -275,9 +277,15 @@ def strip_gutenberg(text: str) -> tuple[str, list[str], list[str]]:
             if cut > 0:
                 removed.append("preamble")
                 text = text[cut:]
-    # end: the first end marker in the second half of the text
+    # end: the first end marker in the second half of the text, or earlier when licence
+    # text follows it (a short work before a long licence); a marker in the middle of a
+    # book with no licence after it belongs to an anthology and is left alone
     n = len(text)
-    m = _GUTENBERG_END.search(text, int(n * 0.5)) or _GUTENBERG_END.search(text, int(n * 0.2))
+    m = None
+    for cand in _GUTENBERG_END.finditer(text):
+        if cand.start() >= n * 0.5 or _LICENCE.search(text, cand.end(), cand.end() + 8000):
+            m = cand
+            break
     if m:
         named(text[m.start() : m.start() + 400])
         removed.append("end marker and licence")

@@ -103,7 +103,7 @@ def discover_files(path: str | Path) -> list[SourceFile]:
             if name.startswith("."):
                 continue
             full = here / name
-            rel = full.relative_to(root).as_posix()
+            rel = _printable(full.relative_to(root).as_posix())
             suffix = Path(name).suffix.lower()
             if suffix == TEXT_SUFFIX:
                 domain, subdomain, from_folder = _domain_of(rel)
@@ -118,7 +118,7 @@ def discover_files(path: str | Path) -> list[SourceFile]:
         sidecar = sidecars.pop(sf.rel[: -len(TEXT_SUFFIX)], None)
         sf.sidecar = sidecar
     for stem_rel, sidecar in sidecars.items():
-        rel = sidecar.relative_to(root).as_posix()
+        rel = _printable(sidecar.relative_to(root).as_posix())
         domain, subdomain, from_folder = _domain_of(rel)
         sf = _source(sidecar, rel, domain, subdomain, None, from_folder)
         sf.kind = "orphan_sidecar"
@@ -126,6 +126,16 @@ def discover_files(path: str | Path) -> list[SourceFile]:
         out.append(sf)
     out.sort(key=lambda s: s.rel)
     return out
+
+
+def _printable(rel: str) -> str:
+    """A file name that is not valid UTF-8 (kept by Python as lone surrogates) shown with
+    U+FFFD, so it can be written to JSON; the file is still opened by its real name."""
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _domain_of(rel: str) -> tuple[str, str, bool]:

@@ -15,7 +15,8 @@ writes into `data_dir`:
 Steps: (1) per file, in a process pool: decode, clean, metadata, stub/length/quality
 rules, label check, word hashes -> MinHash signature and sampled 13-grams; cleaned text is
 spooled to disk, never held for the whole corpus. (2) exact duplicates by hash of the
-cleaned text, then near duplicates by MinHash LSH; the better copy is kept. (3) split by
+cleaned text, then near duplicates by MinHash LSH; the better copy is kept (its label
+fits its text, then higher quality score, then longer). (3) split by
 document. (4) contamination: validation documents sharing 13-grams with training.
 (5) write the outputs. The corpus itself is only ever opened for reading.
 
@@ -56,6 +57,7 @@ from simone.data.corpus import (
 )
 from simone.data.dedup import (
     DupCandidate,
+    contained_pairs,
     WordHasher,
     minhash_permutations,
     minhash_signature,
@@ -92,7 +94,7 @@ class CurateResult:
     report: str
     files: int = 0
     bytes_in: int = 0
-    words_in: int = 0
+    words_in: int = 0  # words of every decodable file as read, before any cleaning
     status_counts: dict[str, int] = field(default_factory=dict)  # kept / flagged / quarantined
     reason_counts: dict[str, int] = field(default_factory=dict)
     # {domain: {"train": {"docs", "words"}, "val": {...}}}, and the same per "domain/subdomain"
@@ -105,9 +107,11 @@ class CurateResult:
     duplicate_clusters: list[dict[str, Any]] = field(default_factory=list)
     contaminated: list[dict[str, Any]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # non-.txt files seen, not inputs
+    warnings: list[str] = field(default_factory=list)  # e.g. a domain left without validation
     enabled: bool = True
     strict: bool = False
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per step
     reused: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,11 +140,27 @@ _hasher: WordHasher | None = None  # one per worker process: token -> hash cache
 
 
 def _process_file(args: tuple[int, SourceFile, _Settings]) -> dict[str, Any]:
-    """Everything about one file that does not need the other files."""
+    """Everything about one file that does not need the other files.
+
+    A file that breaks the processing itself is reported (as `unreadable`, with the
+    error), never allowed to stop the stage: read anything, lose nothing.
+    """
+    index, sf, st = args
+    try:
+        return _process_file_inner(index, sf, st)
+    except Exception as e:  # noqa: BLE001 - any failure is this one file's problem
+        return {
+            "path": sf.rel, "domain": sf.domain, "subdomain": sf.subdomain, "status": "quarantined",
+            "reasons": ["unreadable"], "sha256": None, "bytes": sf.size, "chars": 0, "words": 0,
+            "dup_of": None, "title": None, "author": None, "quality": {}, "_index": index,
+            "notes": {"unreadable": f"{sf.rel}: could not be processed ({type(e).__name__}: {e})"},
+        }
+
+
+def _process_file_inner(index: int, sf: SourceFile, st: _Settings) -> dict[str, Any]:
     global _hasher
     if _hasher is None:
         _hasher = WordHasher()
-    index, sf, st = args
     rec: dict[str, Any] = {
         "path": sf.rel, "domain": sf.domain, "subdomain": sf.subdomain, "status": "kept",
         "reasons": [], "sha256": None, "bytes": sf.size, "chars": 0, "words": 0, "dup_of": None,
@@ -177,6 +197,7 @@ def _process_file(args: tuple[int, SourceFile, _Settings]) -> dict[str, Any]:
         return problem(e.code, f"{sf.rel}: {e.message}")
     del raw
 
+    rec["raw_words"] = len(text.split())
     cleaned = clean_text(text, curate=st.enabled)
     del text
     if encoding:
@@ -188,7 +209,8 @@ def _process_file(args: tuple[int, SourceFile, _Settings]) -> dict[str, Any]:
     rec["notes"].update(cleaned.notes)
     for key, value in (cleaned.header or {}).items():
         meta.setdefault(key, value)
-    rec["title"] = _str_or_none(meta.get("title")) or title_from_filename(sf.rel)
+    meta_title = _str_or_none(meta.get("title"))
+    rec["title"] = meta_title or title_from_filename(sf.rel)
     rec["author"] = _str_or_none(meta.get("author"))
     rec["quality_score"] = _float_or_none(meta.get("quality_score"))
     if not sf.folder_domain:
@@ -222,7 +244,8 @@ def _process_file(args: tuple[int, SourceFile, _Settings]) -> dict[str, Any]:
             problem(f"low_quality:{rule}", f"{rule} = {values[rule]} fails in {values.get(rule + '_failed_windows')} of {values['windows']} windows")
         if longest >= st.repeated_passage_words:
             problem("low_quality:repeated_passage", f"a passage of {longest} words occurs more than once ({share:.0%} of the text is repeated)")
-        mismatch = check_label(rec["title"], rec["author"], body, cleaned.named_titles)
+        # a title guessed from the file name is no claim to check
+        mismatch = check_label(meta_title, rec["author"], body, cleaned.named_titles) if meta_title else None
         if mismatch:
             problem("title_mismatch", mismatch)
         assert st.perms is not None
@@ -283,9 +306,12 @@ def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool
     fingerprint = _fingerprint(files, cfg)
     previous = _read_json(stamp_path)
     if previous and previous.get("fingerprint") == fingerprint and all(Path(p).is_file() for p in (paths["manifest"], paths["documents"], paths["report"])):
-        result = CurateResult(**previous["result"])
-        result.reused = True
-        return result
+        try:
+            result = CurateResult(**previous["result"])
+            result.reused = True
+            return result
+        except TypeError:  # written by a different version: redo the work
+            pass
 
     c = cfg.curate
     spool = data_dir / ".curate_spool"
@@ -297,17 +323,29 @@ def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool
         repeated_passage_words=c.repeated_passage_words, domain_relax=dict(c.domain_relax),
         perms=minhash_permutations(c.minhash_perms) if c.enabled else None, spool=str(spool),
     )
+    stamp_path.unlink(missing_ok=True)  # a run that dies half way must not look reusable
+    timings: dict[str, float] = {}
+    clock = [t0]
+
+    def lap(name: str) -> None:
+        now = time.time()
+        timings[name] = round(now - clock[0], 2)
+        clock[0] = now
+
+    lap("scan")
     try:
         records = _run_workers(files, settings, c.workers, progress)
         records.sort(key=lambda r: r["path"])
-        if c.enabled:
-            clusters = _deduplicate(records, c.near_dup_threshold, c.minhash_perms)
-        else:
-            clusters = []
+        lap("clean_and_hash")
+        clusters = _deduplicate(records, c.near_dup_threshold, c.minhash_perms, c.containment_threshold) if c.enabled else []
         for r in records:
             r["status"] = _status(r["reasons"])
+        lap("deduplicate")
         included = [r for r in records if r["status"] == "kept" or (r["status"] == "flagged" and not c.strict)]
-        splits = assign_splits([(r["path"], r["domain"]) for r in included], cfg.data.val_fraction, cfg.data.split_seed, cfg.data.min_val_docs_per_domain)
+        # flagged files train, but validate only when a domain has too few clean ones
+        flagged = {r["path"] for r in included if r["status"] == "flagged"}
+        splits = assign_splits([(r["path"], r["domain"]) for r in included], cfg.data.val_fraction, cfg.data.split_seed,
+                               cfg.data.min_val_docs_per_domain, avoid_val=flagged)
         for r in records:
             r["split"] = splits.get(r["path"])
         contaminated = _contamination(included, c.contamination_threshold, c.decontaminate) if c.enabled else []
@@ -315,15 +353,19 @@ def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool
             r["status"] = _status(r["reasons"])
             if c.strict and r["status"] == "flagged":
                 r["split"] = None
+        lap("split_and_contamination")
         result = _result(corpus, data_dir, paths, records, clusters, contaminated, cfg)
+        result.ignored = _ignored_files(corpus)
         _write_manifest(paths["manifest"], records)
         _write_documents(paths["documents"], records)
+        lap("write")
         from simone.data.report import write_report
 
         write_report(paths["report"], result, records)
+        lap("report")
     finally:
         shutil.rmtree(spool, ignore_errors=True)
-    result.ignored = _ignored_files(corpus)
+    result.timings = timings
     result.seconds = round(time.time() - t0, 2)
     atomic_write_json(stamp_path, {"fingerprint": fingerprint, "version": CURATE_VERSION, "result": result.to_dict()})
     return result
@@ -355,9 +397,9 @@ def _run_workers(files: list[SourceFile], st: _Settings, workers: int, progress:
                 if bar is not None:
                     bar.update(rec.get("bytes") or 0)
         else:
-            # fork where there is one (no re-import of __main__, fast start); a dead worker
-            # raises BrokenProcessPool here instead of hanging the stage
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            # fork on Linux (fast start, no re-import of __main__), spawn elsewhere; a dead
+            # worker raises BrokenProcessPool here instead of hanging the stage
+            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
             with ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
                 futures = [pool.submit(_process_file, job) for job in jobs]
                 for fut in as_completed(futures):
@@ -372,12 +414,17 @@ def _run_workers(files: list[SourceFile], st: _Settings, workers: int, progress:
 
 
 def _rank(r: dict[str, Any]) -> tuple:
-    """Which copy of a duplicate to keep: higher quality score, then longer, then first path."""
-    return (-(r.get("quality_score") or 0.0), -r["words"], r["path"])
+    """Which copy of a duplicate to keep: one whose label fits its text, then the higher
+    quality score, then the longer, then the first path (so the choice is deterministic)."""
+    return ("title_mismatch" in r["reasons"], -(r.get("quality_score") or 0.0), -r["words"], r["path"])
 
 
-def _deduplicate(records: list[dict[str, Any]], threshold: float, num_perm: int) -> list[dict[str, Any]]:
-    """Mark exact and near duplicates (quarantined, with `dup_of`); return the clusters."""
+def _deduplicate(records: list[dict[str, Any]], threshold: float, num_perm: int, containment: float) -> list[dict[str, Any]]:
+    """Mark exact and near duplicates (quarantined, with `dup_of`); return the clusters.
+
+    Near: MinHash Jaccard >= `threshold` over word 5-grams, or at least `containment` of
+    a document's 13-grams inside a longer document.
+    """
     live = [r for r in records if _status(r["reasons"]) != "quarantined" and "_signature" in r]
     clusters: dict[str, list[tuple[str, str, float]]] = defaultdict(list)  # kept -> [(dup, kind, sim)]
     by_hash: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -394,12 +441,28 @@ def _deduplicate(records: list[dict[str, Any]], threshold: float, num_perm: int)
             clusters[group[0]["path"]].append((dup["path"], "exact", 1.0))
     by_path = {r["path"]: r for r in survivors}
     cands = [DupCandidate(r["path"], r["_signature"], _rank(r)) for r in survivors]
-    for dropped, (kept, sim) in near_duplicates(cands, threshold, num_perm).items():
+    near_dropped = near_duplicates(cands, threshold, num_perm)
+    for dropped, (kept, sim) in near_dropped.items():
         r = by_path[dropped]
         r["reasons"].append("near_duplicate")
         r["dup_of"] = kept
         r["notes"]["near_duplicate"] = f"~{sim:.0%} of word 5-grams shared with {kept}"
         clusters[kept].append((dropped, "near", round(sim, 3)))
+    # a short work copied inside a longer one (an anthology, a collected edition)
+    alive = [r for r in survivors if r["path"] not in near_dropped]
+    pairs = contained_pairs([r["_grams"] for r in alive], containment)
+    dropped_now: set[int] = set()
+    for i, j, share in sorted(pairs, key=lambda p: (len(alive[p[0]]["_grams"]), alive[p[0]]["path"], -p[2])):
+        small, big = alive[i], alive[j]
+        if i in dropped_now or j in dropped_now or len(small["_grams"]) > len(big["_grams"]):
+            continue
+        if len(small["_grams"]) == len(big["_grams"]) and _rank(small) < _rank(big):
+            continue  # the same text twice: the better-ranked copy stays
+        small["reasons"].append("near_duplicate")
+        small["dup_of"] = big["path"]
+        small["notes"]["near_duplicate"] = f"{share:.0%} of its 13-grams occur inside {big['path']}"
+        clusters[big["path"]].append((small["path"], "contained", round(share, 3)))
+        dropped_now.add(i)
     return [
         {"kept": k, "copies": [{"path": p, "kind": kind, "similarity": s} for p, kind, s in sorted(v)]}
         for k, v in sorted(clusters.items())
@@ -419,14 +482,30 @@ def _contamination(included: list[dict[str, Any]], threshold: float, move: bool)
         shared = float(np.mean(train_grams[idx] == grams))
         r["quality"]["train_13gram_overlap"] = round(shared, 4)
         if shared >= threshold:
+            source, source_share = _largest_overlap(grams, included)
             r["reasons"].append("contamination")
-            note = f"{shared:.0%} of its 13-grams also occur in training documents"
+            note = f"{shared:.0%} of its 13-grams also occur in training documents ({source_share:.0%} in {source})"
             if move:
                 r["split"] = "train"
                 note += " (moved to train by --decontaminate)"
             r["notes"]["contamination"] = note
-            out.append({"path": r["path"], "domain": r["domain"], "overlap": round(shared, 4), "moved": move})
+            out.append({"path": r["path"], "domain": r["domain"], "overlap": round(shared, 4), "moved": move,
+                        "source": source, "source_overlap": round(source_share, 4)})
     return out
+
+
+def _largest_overlap(grams: np.ndarray, included: list[dict[str, Any]]) -> tuple[str, float]:
+    """The training document sharing the most of `grams`, and the share."""
+    best = ("", 0.0)
+    for t in included:
+        if t["split"] != "train" or len(t.get("_grams", ())) == 0:
+            continue
+        g = t["_grams"]
+        idx = np.searchsorted(g, grams).clip(max=len(g) - 1)
+        share = float(np.mean(g[idx] == grams))
+        if share > best[1]:
+            best = (t["path"], share)
+    return best
 
 
 def _result(corpus: Path, data_dir: Path, paths: dict[str, Path], records: list[dict[str, Any]], clusters, contaminated, cfg: Config) -> CurateResult:
@@ -436,7 +515,7 @@ def _result(corpus: Path, data_dir: Path, paths: dict[str, Path], records: list[
         files=len(records), enabled=cfg.curate.enabled, strict=cfg.curate.strict,
     )
     res.bytes_in = sum(r["bytes"] or 0 for r in records)
-    res.words_in = sum(r["words"] for r in records)
+    res.words_in = sum(r.get("raw_words", r["words"]) for r in records)  # as read, before cleaning
     res.status_counts = dict(Counter(r["status"] for r in records))
     for s in ("kept", "flagged", "quarantined"):
         res.status_counts.setdefault(s, 0)
@@ -457,6 +536,10 @@ def _result(corpus: Path, data_dir: Path, paths: dict[str, Path], records: list[
     res.words_val = sum(d["val"]["words"] for d in domains.values())
     res.duplicate_clusters = clusters
     res.contaminated = contaminated
+    for name, d in res.domains.items():
+        if d["train"]["docs"] + d["val"]["docs"] >= 2 and d["val"]["docs"] == 0:
+            why = " (--decontaminate moved them to training)" if cfg.curate.decontaminate else ""
+            res.warnings.append(f"domain {name!r} has no validation documents{why}: its evaluation will be empty")
     return res
 
 
@@ -494,8 +577,20 @@ def _write_documents(path: Path, records: list[dict[str, Any]]) -> None:
 def _fingerprint(files: list[SourceFile], cfg: Config) -> str:
     inputs = [(sf.rel, sf.kind, sf.size, sf.mtime_ns, _stat_key(sf.sidecar)) for sf in files]
     settings = {"curate": dataclasses.asdict(cfg.curate), "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "data_dir"}}
-    blob = json.dumps([CURATE_VERSION, inputs, settings], sort_keys=True, default=str)
+    blob = json.dumps([CURATE_VERSION, _code_digest(), inputs, settings], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _code_digest() -> str:
+    """Hash of the curation code itself: a changed rule must not reuse an old result."""
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in ("corpus", "clean", "dedup", "quality", "labels", "split", "curate", "report"):
+        try:
+            h.update((here / f"{name}.py").read_bytes())
+        except OSError:
+            pass
+    return h.hexdigest()
 
 
 def _stat_key(path: Path | None) -> tuple[int, int] | None:
@@ -543,13 +638,17 @@ def print_summary(result: CurateResult, console=None) -> None:
         f"[green]{sc.get('kept', 0)} kept[/green], [yellow]{sc.get('flagged', 0)} flagged[/yellow], "
         f"[red]{sc.get('quarantined', 0)} quarantined[/red] ({head})"
     )
-    table = Table(title="documents and words by domain (words after cleaning)")
-    for col in ("domain", "train docs", "train words", "val docs", "val words", "dropped"):
-        table.add_column(col, justify="left" if col == "domain" else "right")
+    table = Table(title="documents and words by domain (words after cleaning; dropped = files left out)")
+    for col in ("domain", "train", "train words", "val", "val words", "dropped"):
+        table.add_column(col, justify="left" if col == "domain" else "right", no_wrap=True)
     for domain, d in result.domains.items():
         table.add_row(domain, str(d["train"]["docs"]), f"{d['train']['words']:,}", str(d["val"]["docs"]), f"{d['val']['words']:,}", str(d["dropped"]["docs"]))
     table.add_row("[bold]total", str(result.documents_train), f"{result.words_train:,}", str(result.documents_val), f"{result.words_val:,}", "")
     console.print(table)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning[/yellow]: {warning}")
+    if result.ignored:
+        console.print(f"not inputs (ignored): {', '.join(result.ignored[:5])}{' …' if len(result.ignored) > 5 else ''}")
     if result.reason_counts:
         console.print("reasons: " + ", ".join(f"{k} {v}" for k, v in result.reason_counts.items()))
     console.print(f"manifest: {result.manifest}\nreport:   {result.report}")

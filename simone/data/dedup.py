@@ -20,13 +20,18 @@ _TOKEN = re.compile(r"[^\W_]+")
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd constant for polynomial n-gram hashing
 
 
-class WordHasher(dict):
-    """token -> stable uint64 hash, computed once per token per process."""
+class WordHasher:
+    """token -> stable uint64 hash (blake2b), cached: each distinct token is hashed once."""
 
-    def __missing__(self, token: str) -> int:
-        h = int.from_bytes(hashlib.blake2b(token.encode("utf-8"), digest_size=8).digest(), "little")
-        self[token] = h
-        return h
+    def __init__(self) -> None:
+        self.cache: dict[str, int] = {}
+
+    def __call__(self, tokens: list[str]) -> np.ndarray:
+        cache = self.cache
+        for token in set(tokens).difference(cache):
+            cache[token] = int.from_bytes(hashlib.blake2b(token.encode("utf-8"), digest_size=8).digest(), "little")
+        # a plain dict's __getitem__ through map(): no Python-level call per token
+        return np.fromiter(map(cache.__getitem__, tokens), dtype=np.uint64, count=len(tokens))
 
 
 def tokenize(text: str) -> list[str]:
@@ -35,7 +40,7 @@ def tokenize(text: str) -> list[str]:
 
 
 def word_hashes(tokens: list[str], hasher: WordHasher) -> np.ndarray:
-    return np.fromiter(map(hasher.__getitem__, tokens), dtype=np.uint64, count=len(tokens))
+    return hasher(tokens)
 
 
 def _fmix64(h: np.ndarray) -> np.ndarray:
@@ -183,3 +188,36 @@ def sample_grams(grams: np.ndarray, modulus: int) -> np.ndarray:
     if modulus <= 1:
         return unique_sorted(grams)
     return unique_sorted(grams[grams % np.uint64(modulus) == 0])
+
+
+def contained_pairs(grams: list[np.ndarray], min_share: float, min_grams: int = 10, max_docs: int = 32) -> list[tuple[int, int, float]]:
+    """(i, j, share) for documents i whose n-gram set lies at least `min_share` inside
+    document j (j != i), from each document's sorted distinct (sampled) n-gram hashes.
+
+    MinHash estimates Jaccard similarity, which is small when a short work sits inside a
+    long anthology; containment catches that copy. One sort over all n-grams: only n-grams
+    shared by two or more documents are counted pair by pair.
+    """
+    if len(grams) < 2:
+        return []
+    ids = np.concatenate([np.full(len(g), i, dtype=np.int32) for i, g in enumerate(grams)])
+    allg = np.concatenate(grams)
+    order = np.argsort(allg, kind="stable")
+    g, d = allg[order], ids[order]
+    starts = np.flatnonzero(np.concatenate(([True], g[1:] != g[:-1])))
+    ends = np.concatenate((starts[1:], [len(g)]))
+    counts: dict[tuple[int, int], int] = {}
+    sizes = ends - starts
+    # n-grams in very many documents are stock phrases, not copies; they only cost time
+    for k in np.flatnonzero((sizes > 1) & (sizes <= max_docs)):
+        docs = np.unique(d[starts[k] : ends[k]]).tolist()
+        for a in docs:
+            for b in docs:
+                if a != b:
+                    counts[(a, b)] = counts.get((a, b), 0) + 1
+    out = []
+    for (a, b), c in counts.items():
+        n = len(grams[a])
+        if n >= min_grams and c / n >= min_share:
+            out.append((a, b, c / n))
+    return sorted(out)

@@ -20,6 +20,7 @@ _SMALL = frozenset(
 
 
 def _words(s: str) -> list[str]:
+    s = re.sub(r"\([^)]*\)|\[[^\]]*\]", " ", s)  # "(King James Version)", "[1867 Edition]"
     s = unicodedata.normalize("NFKD", s.lower())
     s = "".join(ch for ch in s if not unicodedata.combining(ch))
     s = re.sub(r"['’`]", "", s)
@@ -62,11 +63,17 @@ def title_found(title: str, head: set[str]) -> bool:
 
 
 def author_found(author: str, head: set[str]) -> bool:
-    # surnames and full names; initials and "various"/"anonymous" say nothing
-    words = [w for w in _words(author) if len(w) > 2 and w not in {"various", "anonymous", "unknown", "and", "the"}]
+    """The author's surname (the last real word of the name) is among the head words.
+
+    Surnames only: "Charles Stanley" must not match a text by Charles Dickens.
+    """
+    words = [w for w in _words(author) if len(w) > 2 and w not in _NOT_SURNAME]
     if not words:
-        return True
-    return any(w in head for w in words)
+        return True  # "Various", initials only: nothing to check
+    return _stem(words[-1]) in head
+
+
+_NOT_SURNAME = frozenset("various anonymous unknown and the jr sr iii pere fils translators translator editor".split())
 
 
 def check_label(title: str | None, author: str | None, text: str, named_titles: list[str]) -> str | None:
@@ -78,7 +85,7 @@ def check_label(title: str | None, author: str | None, text: str, named_titles: 
             continue
         if not titles_agree(named, title):
             return f"text names a different title: {named!r} (metadata: {title!r})"
-    head = set(_words(" ".join(text[:20000].split()[:HEAD_WORDS])))
+    head = {_stem(w) for w in _words(" ".join(text[:20000].split()[:HEAD_WORDS]))}
     if title_found(title, head) or (author and author_found(author, head)):
         return None
     first_line = next((ln.strip() for ln in text.split("\n") if ln.strip()), "")[:80]

@@ -7,11 +7,13 @@ Each rule has a threshold; `relax` (0..1, per domain in config) widens every thr
 Rules (value per window; the document's value is the median over its windows):
   mean_word_length   characters per whitespace word, must lie in [3, 10]
   symbol_word_ratio  ("#", "...", "…") per word, at most 0.1
-  para_end_punct     share of paragraphs (of 8+ words) ending in punctuation, at least 0.4
-                     (paragraphs, not lines: hard-wrapped books end lines mid-sentence)
+  para_end_punct     share of paragraphs (of 8+ words) ending in punctuation, at least 0.1
+                     (paragraphs, not lines: hard-wrapped books end lines mid-sentence;
+                     low, because the First Folio ends most speeches without a stop)
   dup_line_frac      share of non-trivial lines that repeat another line, at most 0.3
   top_2gram_frac     share of characters in the most frequent word 2-gram, at most 0.2
-  dup_5gram_frac     share of characters in repeated word 5-grams, at most 0.15
+  dup_5gram_frac     share of characters in repeated word 5-grams, at most 0.4 (Gopher
+                     uses 0.15 for web pages; the KJV's formulaic books reach 0.31)
   stop_words         how many of 8 common English stop words appear, at least 2
   alpha_word_frac    share of whitespace words holding a letter, at least 0.8
 """
@@ -27,7 +29,8 @@ import numpy as np
 from simone.data.dedup import WordHasher, duplicated_mask, ngram_hashes, tokenize, word_hashes
 
 STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
-_NON_ALPHA_WORD = re.compile(r"(?:^|(?<=\s))[\d\W_]+(?=\s|$)")  # a whitespace word without a letter
+# a whitespace word without a letter (Latin, Greek, Cyrillic)
+_NON_ALPHA_WORD = re.compile(r"(?<!\S)[^\sa-zA-Z\u00c0-\u024f\u0370-\u03ff\u0400-\u04ff]+(?!\S)")
 _END_PUNCT = tuple(".!?;:,\"'’”)]»-—_*")
 
 
@@ -41,10 +44,10 @@ class Rule:
 RULES = (
     Rule("mean_word_length", 3.0, 10.0),
     Rule("symbol_word_ratio", None, 0.1),
-    Rule("para_end_punct", 0.4, None),
+    Rule("para_end_punct", 0.1, None),
     Rule("dup_line_frac", None, 0.3),
     Rule("top_2gram_frac", None, 0.2),
-    Rule("dup_5gram_frac", None, 0.15),
+    Rule("dup_5gram_frac", None, 0.4),
     Rule("stop_words", 2.0, None),
     Rule("alpha_word_frac", 0.8, None),
 )

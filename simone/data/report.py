@@ -18,6 +18,11 @@ from typing import Any
 from simone.data.quality import RULES
 from simone.rundir import atomic_write_text
 
+_SHORT = {  # column-friendly rule names
+    "mean_word_length": "wordlen", "symbol_word_ratio": "symbols", "para_end_punct": "punct",
+    "dup_line_frac": "duplines", "top_2gram_frac": "top2gram", "dup_5gram_frac": "dup5gram",
+    "stop_words": "stopwords", "alpha_word_frac": "alpha",
+}
 STATUS_COLORS = {"kept": "#2e7d32", "flagged": "#f9a825", "quarantined": "#c62828"}
 SPLIT_COLORS = {"train": "#1565c0", "val": "#8e24aa", "dropped": "#9e9e9e"}
 
@@ -30,6 +35,9 @@ h1{font-size:1.6em;margin-bottom:4px} h2{margin-top:36px;border-bottom:2px solid
 table{border-collapse:collapse;width:100%;font-size:.86em;margin:8px 0}
 th,td{border-bottom:1px solid #eee;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f5f5f5;position:sticky;top:0} td.n{text-align:right;font-variant-numeric:tabular-nums}
+td.path{font-family:ui-monospace,Menlo,monospace;font-size:.82em;word-break:break-all;min-width:260px;max-width:360px}
+td.note{max-width:380px;overflow-wrap:anywhere}
+td.dup{font-family:ui-monospace,Menlo,monospace;font-size:.82em;overflow-wrap:anywhere;max-width:220px}
 .pill{display:inline-block;border-radius:10px;padding:1px 8px;margin:1px;font-size:.82em;color:#fff}
 .kept{background:#2e7d32}.flagged{background:#f9a825;color:#000}.quarantined{background:#c62828}
 .reason{background:#eceff1;color:#263238}.reason.bad{background:#ffcdd2}.reason.warn{background:#fff3c4}
@@ -94,7 +102,7 @@ def _histogram(name: str, values: list[float], low: float | None, high: float | 
     bw = (width - pad_l - 6) / bins
     parts = [f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg" font-size="10">']
     for i, c in enumerate(counts):
-        bh = (height - pad_b - 8) * c / cmax
+        bh = max(2.0, (height - pad_b - 8) * c / cmax) if c else 0.0  # a single document stays visible
         x0 = lo + (hi - lo) * i / bins
         x1 = lo + (hi - lo) * (i + 1) / bins
         ok = (low is None or x1 >= low) and (high is None or x0 <= high)
@@ -128,18 +136,24 @@ def write_report(path: Path, result, records: list[dict[str, Any]]) -> None:
         f"{'curation on' if r.enabled else 'curation OFF (uncurated ablation: read and decode only)'}"
         f"{' · strict (flagged files dropped)' if r.strict else ''}</div>",
     ]
+    out.append("<nav class=note><a href='#totals'>totals</a> · <a href='#domains'>domains</a> · <a href='#labels'>label mismatches</a> · "
+               "<a href='#problems'>flagged &amp; quarantined</a> · <a href='#duplicates'>duplicates</a> · <a href='#overlap'>overlap</a> · "
+               "<a href='#quality'>quality rules</a> · <a href='#files'>all files</a></nav>")
     mism = [x for x in records if "title_mismatch" in x["reasons"]]
     if mism:
         out.append(f'<div class=banner><b>{len(mism)} file(s) do not appear to hold the work their metadata names</b> '
                    f'(title_mismatch). They are {"dropped (strict)" if r.strict else "kept for training but"} listed below; '
                    "a mislabelled file puts the wrong text into its domain's training and evaluation.</div>")
 
+    for warning in r.warnings:
+        out.append(f"<div class=banner><b>warning</b>: {_e(warning)}</div>")
+
     # totals
-    out.append("<h2>Totals</h2><div class=cards>")
+    out.append("<h2 id=totals>Totals</h2><div class=cards>")
     for label, value, sub in (
         ("input files", f"{r.files}", f"{r.bytes_in / 1e6:.1f} MB"),
-        ("words before", f"{r.words_in:,}", "decoded, after header/boilerplate removal"),
-        ("words after", f"{words_after:,}", _pct(words_after, r.words_in) + " kept"),
+        ("words before", f"{r.words_in:,}", "every decodable file, as read"),
+        ("words after", f"{words_after:,}", _pct(words_after, r.words_in) + " of them train or validate"),
         ("kept", f"{sc.get('kept', 0)}", "files"),
         ("flagged", f"{sc.get('flagged', 0)}", "kept unless --strict"),
         ("quarantined", f"{sc.get('quarantined', 0)}", "left out, never deleted"),
@@ -148,6 +162,9 @@ def write_report(path: Path, result, records: list[dict[str, Any]]) -> None:
     ):
         out.append(f"<div class=card><span>{_e(label)}</span><b>{_e(value)}</b><span>{_e(sub)}</span></div>")
     out.append("</div>")
+    if r.ignored:
+        out.append(f"<p class=note>Not inputs (only .txt and .json are read): {_e(', '.join(r.ignored[:20]))}"
+                   f"{' …' if len(r.ignored) > 20 else ''}</p>")
     out.append(_hbar_chart([("files by status", {k: float(sc.get(k, 0)) for k in STATUS_COLORS})], STATUS_COLORS))
     out.append(_legend(STATUS_COLORS))
     if r.reason_counts:
@@ -155,7 +172,7 @@ def write_report(path: Path, result, records: list[dict[str, Any]]) -> None:
         out.append(_hbar_chart([(k, {"files": float(v)}) for k, v in sorted(r.reason_counts.items(), key=lambda kv: -kv[1])], {"files": "#546e7a"}))
 
     # domains
-    out.append("<h2>Words per domain and subdomain</h2><p class=note>Words after cleaning (whitespace-separated). "
+    out.append("<h2 id=domains>Words per domain and subdomain</h2><p class=note>Words after cleaning (whitespace-separated). "
                "Token counts are not known yet at this stage: the tokenizer is trained on the curated documents; "
                "roughly 1.3 tokens per word for English BPE.</p>")
     out.append(_legend(SPLIT_COLORS))
@@ -165,38 +182,52 @@ def write_report(path: Path, result, records: list[dict[str, Any]]) -> None:
     out.append(_hbar_chart([(d, {k: float(v[k]["words"]) for k in ("train", "val", "dropped")}) for d, v in r.subdomains.items()], SPLIT_COLORS))
     out.append(_domain_table("subdomain", r.subdomains) + "</details>")
 
+    # label mismatches first: they poison per-domain evaluation
+    if mism:
+        out.append(f"<h2 id=labels>Files whose text does not match their metadata ({len(mism)})</h2>")
+        out.append("<table><tr><th>file</th><th>metadata title / author</th><th>what the text shows</th><th>status</th><th>split</th></tr>")
+        for x in mism:
+            out.append(f"<tr><td class=path>{_e(x['path'])}</td><td>{_e(x.get('title'))}<br><span class=note>{_e(x.get('author'))}</span></td>"
+                       f"<td class=note>{_e(x['notes'].get('title_mismatch'))}</td><td><span class='pill {x['status']}'>{x['status']}</span></td>"
+                       f"<td>{_e(x.get('split') or '–')}</td></tr>")
+        out.append("</table>")
+
     # problems
     problems = [x for x in records if x["status"] != "kept"]
     order = {"quarantined": 0, "flagged": 1}
     problems.sort(key=lambda x: (order.get(x["status"], 2), "title_mismatch" not in x["reasons"], x["path"]))
-    out.append(f"<h2>Flagged and quarantined files ({len(problems)})</h2>")
+    out.append(f"<h2 id=problems>Flagged and quarantined files ({len(problems)})</h2>")
     out.append(_file_table(problems, notes=True))
 
     # duplicates
-    out.append(f"<h2>Duplicate clusters ({len(r.duplicate_clusters)})</h2>")
+    out.append(f"<h2 id=duplicates>Duplicate clusters ({len(r.duplicate_clusters)})</h2>")
     if r.duplicate_clusters:
         out.append("<table><tr><th>kept copy</th><th>dropped copies</th></tr>")
         for c in r.duplicate_clusters:
             copies = "<br>".join(f"{_e(x['path'])} <span class=note>({x['kind']}, {x['similarity']:.0%})</span>" for x in c["copies"])
-            out.append(f"<tr><td>{_e(c['kept'])}</td><td>{copies}</td></tr>")
+            # kinds: exact (same cleaned text), near (MinHash Jaccard), contained (13-grams inside the kept copy)
+            out.append(f"<tr><td class=path>{_e(c['kept'])}</td><td class=path>{copies}</td></tr>")
         out.append("</table>")
     else:
         out.append("<p class=note>none</p>")
 
     # contamination
-    out.append(f"<h2>Validation/training overlap ({len(r.contaminated)})</h2><p class=note>Validation documents "
+    out.append(f"<h2 id=overlap>Validation/training overlap ({len(r.contaminated)})</h2><p class=note>Validation documents "
                "whose 13-word spans also occur in training documents (above the threshold). "
                "<code>--decontaminate</code> moves them to training.</p>")
+    if not r.contaminated:
+        out.append("<p class=note>none above the threshold</p>")
     if r.contaminated:
-        out.append("<table><tr><th>validation document</th><th>domain</th><th class=n>13-grams shared</th><th>moved</th></tr>")
+        out.append("<table><tr><th>validation document</th><th>domain</th><th class=n>13-grams shared</th><th>most shared with (training)</th><th>moved</th></tr>")
         for c in r.contaminated:
-            out.append(f"<tr><td>{_e(c['path'])}</td><td>{_e(c['domain'])}</td><td class=n>{c['overlap']:.1%}</td><td>{'yes' if c['moved'] else 'no'}</td></tr>")
+            out.append(f"<tr><td class=path>{_e(c['path'])}</td><td>{_e(c['domain'])}</td><td class=n>{c['overlap']:.1%}</td>"
+                       f"<td class=path>{_e(c.get('source'))} <span class=note>({c.get('source_overlap', 0):.0%})</span></td><td>{'yes' if c['moved'] else 'no'}</td></tr>")
         out.append("</table>")
 
     # quality histograms
     assessed = [x for x in records if x.get("quality")]
     if assessed:
-        out.append("<h2>Quality rules</h2><p class=note>Per document: the median over windows of a few thousand words; "
+        out.append("<h2 id=quality>Quality rules</h2><p class=note>Per document: the median over windows of a few thousand words; "
                    "dashed lines are the thresholds before per-domain relaxation; red bins fall outside them. "
                    "A document fails a rule when more than half of its windows fail it.</p><div class=grid>")
         for rule in RULES:
@@ -210,7 +241,7 @@ def write_report(path: Path, result, records: list[dict[str, Any]]) -> None:
         out.append("</div>")
 
     # everything
-    out.append(f"<h2>All files ({len(records)})</h2><details><summary>show every file</summary>")
+    out.append(f"<h2 id=files>All files ({len(records)})</h2><details><summary>show every file</summary>")
     out.append(_file_table(records, notes=False) + "</details>")
     out.append("</body></html>")
     atomic_write_text(path, "\n".join(out))
@@ -231,16 +262,17 @@ def _file_table(records: list[dict[str, Any]], notes: bool) -> str:
     if not records:
         return "<p class=note>none</p>"
     rows = ["<table><tr><th>file</th><th>status</th><th>reasons</th><th>title / author</th><th class=n>words</th><th>split</th><th>dup_of</th>"
-            + ("<th>details</th>" if notes else "") + "</tr>"]
+            + ("<th>details</th>" if notes else "<th>quality rules (median over windows)</th>") + "</tr>"]
     for x in records:
         reasons = "".join(_reason_pill(c) for c in x["reasons"] if notes or c not in ("header_stripped", "boilerplate_stripped"))
         who = f"{_e(x.get('title'))}<br><span class=note>{_e(x.get('author'))}</span>" if x.get("title") else ""
-        detail = ""
+        q = x.get("quality") or {}
+        detail = "<td class=note>" + " · ".join(f"{_SHORT[r.name]} {q[r.name]:.3g}" for r in RULES if r.name in q) + "</td>"
         if notes:
             detail = "<td class=note>" + "<br>".join(f"<b>{_e(k)}</b>: {_e(v)}" for k, v in x.get("notes", {}).items()
                                                       if k not in ("header_stripped",)) + "</td>"
-        rows.append(f"<tr><td>{_e(x['path'])}</td><td><span class='pill {x['status']}'>{x['status']}</span></td><td>{reasons}</td>"
-                    f"<td>{who}</td><td class=n>{x['words']:,}</td><td>{_e(x.get('split') or '–')}</td><td>{_e(x.get('dup_of') or '')}</td>{detail}</tr>")
+        rows.append(f"<tr><td class=path>{_e(x['path'])}</td><td><span class='pill {x['status']}'>{x['status']}</span></td><td>{reasons}</td>"
+                    f"<td>{who}</td><td class=n>{x['words']:,}</td><td>{_e(x.get('split') or '–')}</td><td class=dup>{_e(x.get('dup_of') or '')}</td>{detail}</tr>")
     rows.append("</table>")
     return "".join(rows)
 
