@@ -11,13 +11,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-from simone.config import DEFAULT_PRESET, PRESETS, Config, ConfigError, apply_overrides, load_config, preset
+from simone.config import DEFAULT_PRESET, PRESETS, Config, apply_overrides, load_config, preset
+from simone.errors import SimoneError
 
 
 class CLIError(Exception):
@@ -294,19 +294,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         return int(args.func(args) or 0)
-    except CLIError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ConfigError, FileNotFoundError, NotADirectoryError) as e:
+    except (CLIError, SimoneError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # a known user-facing error class from a stage
-        if type(e).__name__.endswith(("CorpusError", "CheckpointError", "ModelLoadError", "RunLockedError", "PipelineError")):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        if os.environ.get("SIMONE_DEBUG"):
-            raise
-        raise

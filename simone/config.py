@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, get_type_hints
 
+from simone.errors import SimoneError
 
-class ConfigError(ValueError):
+
+class ConfigError(SimoneError, ValueError):
     """A config key or value that does not fit the schema."""
 
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from simone.config import Config, from_dict
+from simone.errors import SimoneError
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(SimoneError, RuntimeError):
     """The given path does not hold a loadable model (message names the file and problem)."""
 
 

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from simone.config import Config, save_config
+from simone.errors import SimoneError
 from simone.rundir import RunDir
 
 
-class PipelineError(RuntimeError):
+class PipelineError(SimoneError, RuntimeError):
     """A stage found its inputs missing or unusable."""
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from simone.errors import SimoneError
+
 TEXT_SUFFIX = ".txt"
 SIDECAR_SUFFIX = ".json"
 DEFAULT_DOMAIN = "default"
@@ -42,7 +44,7 @@ _HEADER_LINE = re.compile(r"^([A-Za-z][A-Za-z _-]{0,40}):\s*(.*)$")
 _HEADER_RULE = re.compile(r"^={10,}\s*$")
 
 
-class CorpusError(Exception):
+class CorpusError(SimoneError):
     """The corpus path is missing, unreadable or holds no text files."""
 
 

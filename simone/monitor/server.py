@@ -16,10 +16,11 @@ from pathlib import Path
 
 import uvicorn
 
+from simone.errors import SimoneError
 from simone.monitor.app import create_app, is_loopback
 
 
-class MonitorError(RuntimeError):
+class MonitorError(SimoneError, RuntimeError):
     """The dashboard cannot start as asked (e.g. a public address without a token)."""
 
 
