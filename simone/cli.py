@@ -3,9 +3,11 @@
     simone run        corpus → curate → tokenizer → shards → train → validate → package
     simone curate | tokenizer | prepare | train | validate | package   one stage alone
     simone generate   sample from a run dir, checkpoint dir or packaged .tar.gz
+    simone ablate     governance ablation: every variant on the same data and budget
     simone config     print a preset (or a saved config with overrides)
     simone doctor     check the machine and the corpus
     simone monitor    live dashboard (port 5001);  simone status  the same in the terminal
+    simone bench      train | generate | prep: ours against transformers, data-prep time and RAM
 """
 
 from __future__ import annotations
@@ -163,8 +165,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return generate_cli(
         model_path=Path(args.model), prompt=args.prompt, max_tokens=args.max_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        stream=not args.no_stream, device=args.device,
+        stream=not args.no_stream, device=args.device, domain=args.domain,
+        policy_guidance=args.policy_guidance, guidance_top_k=args.guidance_top_k,
+        trace=Path(args.trace) if args.trace else None,
+        trace_html=Path(args.trace_html) if args.trace_html else None,
+        stream_past_context=args.stream_past_context,
     )
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from simone.ablate import VARIANTS, AblationSettings, run_ablation
+
+    cfg = build_config(args)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else list(VARIANTS)
+    settings = AblationSettings(budget_minutes=args.budget_minutes, variants=variants, max_steps=args.max_steps,
+                                samples_per_domain=args.samples_per_domain, sample_tokens=args.sample_tokens,
+                                guidance_weight=args.guidance_weight)
+    try:
+        run_ablation(cfg, Path(args.out), settings)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -193,6 +214,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     from simone.monitor.terminal import print_status
 
     return print_status(Path(args.run) if args.run else None, runs_root=Path(args.runs)) or 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from simone import bench
+
+    common = dict(threads=args.threads, json_path=args.json)
+    if args.kind == "prep":
+        if not args.corpus:
+            raise CLIError("simone bench prep: give --corpus DIR (e.g. ../shared/corpus)")
+        bench.bench_prep(Path(args.corpus), preset=args.preset or DEFAULT_PRESET, **common)
+        return 0
+    if args.corpus:
+        raise CLIError(f"simone bench {args.kind}: --corpus is for `prep` only")
+    options = dict(preset=args.preset or DEFAULT_PRESET, repeats=args.repeats, device=args.device,
+                   dtypes=args.dtype or None, **common)
+    if args.kind == "train":
+        bench.bench_train(compile=not args.no_compile, **options)
+    else:
+        bench.bench_generate(**options)
+    return 0
 
 
 # ----------------------------------------------------------------------------- parser
@@ -263,6 +304,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end, not token by token")
+    p.add_argument("--domain", default=None, help="steer toward a domain: start from its <|domain:NAME|> token")
+    p.add_argument("--policy-guidance", dest="policy_guidance", type=float, default=0.0, metavar="W",
+                   help="rerank the top candidates by W x log p_policy(--domain) (governance models)")
+    p.add_argument("--guidance-top-k", dest="guidance_top_k", type=int, default=8,
+                   help="candidates reranked by --policy-guidance")
+    p.add_argument("--trace", default=None, metavar="FILE.jsonl",
+                   help="write one JSON object per generated token (probability, entropy, sources, policy)")
+    p.add_argument("--trace-html", dest="trace_html", default=None, metavar="FILE.html",
+                   help="the trace as an HTML page (tokens coloured by probability, sources on hover)")
+    p.add_argument("--stream-past-context", dest="stream_past_context", action="store_true",
+                   help="keep generating past the context window (streaming KV cache, Llama-style models)")
+
+    p = verb("ablate", cmd_ablate, "train GPT-2, plain, governance and ablated variants on the same budget; "
+                                  "write ablation.{json,md,svg}")
+    _add_config_args(p)
+    p.add_argument("--budget-minutes", dest="budget_minutes", type=float, default=30.0,
+                   help="total training time to share between the variants (sets the common step count)")
+    p.add_argument("--out", required=True, help="folder for the shared data, the runs and the report")
+    p.add_argument("--variants", default=None, help="comma-separated subset (default: all)")
+    p.add_argument("--samples-per-domain", dest="samples_per_domain", type=int, default=4)
+    p.add_argument("--sample-tokens", dest="sample_tokens", type=int, default=48)
+    p.add_argument("--guidance-weight", dest="guidance_weight", type=float, default=1.0)
 
     p = verb("config", cmd_config, "print a preset or a saved config, with overrides applied")
     _add_config_args(p)
@@ -278,6 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5001)
     p.add_argument("--token", default=None, help="required when binding off loopback (generated if absent)")
+
+    p = verb("bench", cmd_bench, "benchmark: training and generation against transformers, "
+                                 "or data preparation (time and peak RAM)")
+    p.add_argument("kind", choices=["train", "generate", "prep"])
+    p.add_argument("--preset", default=None, help=f"model shape and training settings (default {DEFAULT_PRESET})")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
+    p.add_argument("--corpus", default=None, metavar="DIR", help="corpus folder (prep)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per row (median shown)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: the preset's, auto)")
+    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"],
+                   help="rows to time (repeatable; default float32+bfloat16 on CPU, bfloat16 on GPU)")
+    p.add_argument("--no-compile", action="store_true", help="train: skip the torch.compile rows")
 
     p = verb("status", cmd_status, "print a run's state, progress, losses and ETA")
     p.add_argument("run", nargs="?", default=None)

@@ -150,7 +150,7 @@ def _tiny() -> Config:
     c.train = TrainConfig(
         batch_size=8, grad_accum=1, lr=3e-3, warmup_steps=10, num_epochs=2, min_epochs=1,
         patience=2, eval_every=50, eval_batches=4, log_every=5, checkpoint_every=50,
-        sample_tokens=16, max_minutes=2.0,
+        sample_tokens=16, max_minutes=2.0, dtype="float32",  # exact comparisons in tests
     )
     return c
 
@@ -187,6 +187,16 @@ def _h100() -> Config:
     return c
 
 
+def _h200_350m() -> Config:
+    """A ~350M-parameter Llama-style model for one H200 (or H100): the benchmark's GPU shape."""
+    c = _h200()
+    c.preset = "h200-350m"
+    c.model = ModelConfig(dim=1024, n_layers=24, n_heads=16, max_seq_len=1024, vocab_size=32000)
+    c.train.batch_size = 16
+    c.train.grad_accum = 4
+    return c
+
+
 def _gpt2_baseline(base: Callable[[], Config]) -> Callable[[], Config]:
     def preset() -> Config:
         c = base()
@@ -202,6 +212,7 @@ PRESETS: dict[str, Callable[[], Config]] = {
     "cpu": _cpu,
     "h100": _h100,
     "h200": _h200,
+    "h200-350m": _h200_350m,
     "tiny-gpt2": _gpt2_baseline(_tiny),
     "cpu-gpt2": _gpt2_baseline(_cpu),
 }

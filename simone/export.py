@@ -74,9 +74,11 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
     """The `ModelConfig` (arch "llama") for a `transformers.LlamaConfig`."""
     rope = getattr(hf_config, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    if head_dim * hf_config.num_attention_heads != hf_config.hidden_size:
-        raise ValueError("LlamaConfig with head_dim·num_attention_heads != hidden_size is not supported")
+    n_heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
+    if head_dim * n_heads != hf_config.hidden_size:
+        raise ValueError("LlamaConfig with head_dim·num_attention_heads != hidden_size "
+                         "is not supported")
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"LlamaConfig rope_type {rope.get('rope_type')!r} is not supported")
     return ModelConfig(
@@ -167,7 +169,8 @@ def to_hf_llama(model: nn.Module, eos_id: int | None = None,
     # Non-persistent buffers (rotary inv_freq) are not in a state dict.
     missing = [k for k in missing if "rotary_emb" not in k]
     if missing or unexpected:
-        raise RuntimeError(f"to_hf_llama: state-dict mismatch; missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"to_hf_llama: state-dict mismatch; missing {missing}, "
+                           f"unexpected {unexpected}")
     if cfg.tie_embeddings:
         hf_model.tie_weights()
     return hf_model.eval()

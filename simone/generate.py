@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from simone.config import Config, from_dict
+from simone.config import Config
 from simone.errors import SimoneError
 
 
@@ -103,13 +103,11 @@ def load_model(path: Path, device: str = "auto") -> LoadedModel:
 
     from simone.model import build_model
     from simone.tokenizer import load_tokenizer
+    from simone.train.checkpoint import validate_checkpoint
 
     files = locate_artifacts(Path(path))
-    try:
-        cfg_dict = json.loads(files["config"].read_text(encoding="utf-8"))
-        cfg = from_dict(cfg_dict)
-    except (json.JSONDecodeError, ValueError) as e:
-        raise ModelLoadError(f"{files['config']}: not a valid SIM-ONE config ({e})") from e
+    # from elsewhere, so check before use: manifest hashes, config schema, tensor shapes
+    cfg = validate_checkpoint(files["checkpoint"])
     tokenizer = load_tokenizer(files["tokenizer"])
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ModelLoadError(
@@ -129,10 +127,105 @@ def load_model(path: Path, device: str = "auto") -> LoadedModel:
                        weights=files["weights"], files=files, device=dev)
 
 
+@dataclass
+class GovernanceOptions:
+    """What `simone generate` asks of the governance features (all off by default).
+
+    domain: start from `<|domain:NAME|>` (steering by the control token the model saw in
+    training); policy_guidance W > 0: also rerank the top `guidance_top_k` candidates by
+    W · log p_policy(domain | text + candidate); trace: collect one record per token
+    (`trace_records`); stream: allow more tokens than the context holds (streaming cache).
+    """
+
+    domain: str | None = None
+    policy_guidance: float = 0.0
+    guidance_top_k: int = 8
+    trace: bool = False
+    stream: bool = False
+
+    @property
+    def active(self) -> bool:
+        return bool(self.domain or self.policy_guidance > 0 or self.trace or self.stream)
+
+
+def prompt_ids(loaded: LoadedModel, prompt: str, domain: str | None = None) -> list[int]:
+    """Token ids to start from: `[eod, <|domain:NAME|>] + prompt` with a domain (a document
+    start, as in training), else the prompt (or `[eod]` for an empty one)."""
+    tok = loaded.tokenizer
+    ids = tok.encode(prompt) if prompt else []
+    if domain is not None:
+        try:
+            control = tok.domain_token_id(domain)
+        except KeyError as e:
+            raise ModelLoadError(f"{loaded.files.get('tokenizer', 'tokenizer')}: {e.args[0]}") from None
+        return [tok.eod_id, control] + ids
+    return ids or [tok.eod_id]
+
+
+@torch.no_grad()
+def governed_tokens(loaded: LoadedModel, prompt: str, max_tokens: int, options: GovernanceOptions,
+                    temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = 0.95,
+                    seed: int = 0, trace_records: list[dict] | None = None):
+    """Like `stream_tokens`, through `governed_generate` (streaming cache, steering, trace).
+
+    With `options.trace`, appends to `trace_records` one dict per generated token:
+    {token, text, prob, entropy, top_sources: [[position, token_text, weight], ...],
+    memory, policy: {domain: p}} (positions index `prompt_ids(...)` + generated tokens).
+    """
+    from simone.model.governance import governed_generate
+
+    tok, cfg = loaded.tokenizer, loaded.config.model
+    if cfg.arch != "llama":
+        raise ModelLoadError(f"{loaded.source}: governance features need a Llama-style model "
+                             f"(this one is {cfg.arch})")
+    ids = prompt_ids(loaded, prompt, options.domain)
+    guidance_domain = None
+    if options.policy_guidance > 0:
+        if options.domain is None:
+            raise ValueError("--policy-guidance needs --domain NAME (the domain to steer toward)")
+        guidance_domain = tok.domains.index(options.domain)
+    domains = tok.domains
+    gen = torch.Generator(device=loaded.device).manual_seed(seed)
+    all_ids = list(ids)
+    new_ids: list[int] = []
+    emitted = ""
+    for step in governed_generate(loaded.model, ids, max_tokens, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, generator=gen, eos_id=tok.eod_id,
+                                  guidance_domain=guidance_domain, guidance_weight=options.policy_guidance,
+                                  guidance_top_k=options.guidance_top_k, trace=options.trace):
+        if step.token == tok.eod_id:
+            break
+        all_ids.append(step.token)
+        if trace_records is not None:
+            record = {"token": step.token, "text": tok.decode([step.token]), "prob": round(step.prob, 6),
+                      "entropy": round(step.entropy, 6),
+                      "top_sources": [[p, tok.decode([all_ids[p]]), round(w, 6)] for p, w in step.sources or []],
+                      "policy": {} if step.policy is None else
+                      {d: round(p, 6) for d, p in zip(domains, step.policy)}}
+            if step.memory_weight is not None:
+                record["memory"] = round(step.memory_weight, 6)
+            trace_records.append(record)
+        new_ids.append(step.token)
+        text = tok.decode(new_ids)
+        if not text.endswith("\ufffd"):
+            yield text[len(emitted):]
+            emitted = text
+
+
 @torch.no_grad()
 def stream_tokens(loaded: LoadedModel, prompt: str, max_tokens: int = 100, temperature: float = 0.8,
-                  top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0):
-    """Yield the text of each new token as it is generated (KV cache on)."""
+                  top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0,
+                  governance: GovernanceOptions | None = None, trace_records: list[dict] | None = None):
+    """Yield the text of each new token as it is generated (KV cache on).
+
+    With `governance` options that ask for something, generation goes through
+    `governed_tokens` (see there); otherwise it is the plain cached generation, limited to
+    the context.
+    """
+    if governance is not None and governance.active:
+        yield from governed_tokens(loaded, prompt, max_tokens, governance, temperature, top_k, top_p, seed,
+                                   trace_records)
+        return
     tok = loaded.tokenizer
     ids = tok.encode(prompt) if prompt else [tok.eod_id]
     max_len = loaded.config.model.max_seq_len
@@ -158,13 +251,45 @@ def stream_tokens(loaded: LoadedModel, prompt: str, max_tokens: int = 100, tempe
             emitted = text
 
 
+@torch.no_grad()
+def sample_with_domain(loaded: LoadedModel, options: GovernanceOptions, prompt: str = "", max_tokens: int = 48,
+                       temperature: float = 0.8, top_k: int | None = 50, seed: int = 0) -> str:
+    """The continuation (without the prompt) generated from `<|domain:NAME|>` + prompt.
+
+    Llama-style models go through `governed_tokens` (policy guidance possible); the GPT-2
+    baseline, which has no governance, through its own cached `generate` from the same ids.
+    """
+    if loaded.config.model.arch == "llama":
+        return "".join(governed_tokens(loaded, prompt, max_tokens, options, temperature, top_k, None, seed))
+    tok = loaded.tokenizer
+    ids = prompt_ids(loaded, prompt, options.domain)
+    max_len = loaded.config.model.max_seq_len
+    ids = ids[-(max_len - 1):]
+    idx = torch.tensor([ids], dtype=torch.long, device=loaded.device)
+    gen = torch.Generator(device=loaded.device).manual_seed(seed)
+    new = []
+    for token in loaded.model.generate(idx, min(max_tokens, max_len - len(ids)), temperature=temperature,
+                                       top_k=top_k, generator=gen, eos_id=tok.eod_id):
+        t = int(token.view(-1)[0])
+        if t == tok.eod_id:
+            break
+        new.append(t)
+    return tok.decode(new)
+
+
 def sample_text(loaded: LoadedModel, prompt: str, max_tokens: int = 100, **kw) -> str:
     return prompt + "".join(stream_tokens(loaded, prompt, max_tokens=max_tokens, **kw))
 
 
 def generate_cli(model_path: Path, prompt: str, max_tokens: int, temperature: float, top_k: int | None,
-                 top_p: float | None, seed: int, stream: bool = True, device: str = "auto") -> int:
+                 top_p: float | None, seed: int, stream: bool = True, device: str = "auto",
+                 domain: str | None = None, policy_guidance: float = 0.0, guidance_top_k: int = 8,
+                 trace: Path | None = None, trace_html: Path | None = None,
+                 stream_past_context: bool = False) -> int:
     loaded = load_model(model_path, device=device)
+    options = GovernanceOptions(domain=domain, policy_guidance=policy_guidance, guidance_top_k=guidance_top_k,
+                                trace=trace is not None or trace_html is not None, stream=stream_past_context)
+    records: list[dict] | None = [] if options.trace else None
     t0 = time.perf_counter()
     n = 0
     out = sys.stdout
@@ -174,7 +299,8 @@ def generate_cli(model_path: Path, prompt: str, max_tokens: int, temperature: fl
     pieces = []
     for piece in stream_tokens(loaded, prompt, max_tokens=max_tokens, temperature=temperature,
                                top_k=top_k if top_k and top_k > 0 else None,
-                               top_p=top_p if top_p and top_p < 1 else None, seed=seed):
+                               top_p=top_p if top_p and top_p < 1 else None, seed=seed,
+                               governance=options, trace_records=records):
         n += 1
         pieces.append(piece)
         if stream:
@@ -185,4 +311,25 @@ def generate_cli(model_path: Path, prompt: str, max_tokens: int, temperature: fl
     out.write("\n")
     dt = time.perf_counter() - t0
     print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s]", file=sys.stderr)
+    if records is not None:
+        write_trace(loaded, prompt, domain, records, trace, trace_html)
     return 0
+
+
+def write_trace(loaded: LoadedModel, prompt: str, domain: str | None, records: list[dict],
+                jsonl_path: Path | None, html_path: Path | None) -> None:
+    """Write the trace records as JSONL (one object per generated token) and/or HTML."""
+    if jsonl_path is not None:
+        jsonl_path = Path(jsonl_path)
+        jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(jsonl_path, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        print(f"[trace: {jsonl_path}]", file=sys.stderr)
+    if html_path is not None:
+        from simone.trace_html import write_trace_html
+
+        tok = loaded.tokenizer
+        prompt_tokens = [tok.decode([i]) for i in prompt_ids(loaded, prompt, domain)]
+        write_trace_html(Path(html_path), prompt_tokens, records, title=f"SIM-ONE trace: {loaded.source}")
+        print(f"[trace html: {html_path}]", file=sys.stderr)

@@ -17,6 +17,9 @@ from simone.errors import SimoneError
 from simone.rundir import RunDir
 
 
+SAMPLE_PROMPT = "The "  # the short sample printed at the end of `simone run`
+
+
 class PipelineError(SimoneError, RuntimeError):
     """A stage found its inputs missing or unusable."""
 
@@ -104,11 +107,19 @@ def stage_train(cfg: Config, run_dir: Path, resume: str | None = None):
 def run_pipeline(cfg: Config, run_dir: Path, resume: str | None = None, monitor: bool = False,
                  monitor_port: int = 5001, package_dir: Path = Path("models_for_download")) -> PipelineResult:
     """corpus → curate → tokenizer → shards → train → validate → package, into `run_dir`."""
+    from simone.train.lock import RunLock
+
+    run = RunDir(run_dir).make()
+    with RunLock(run.root):  # a second `simone run` into a live run dir is refused
+        return _run_locked(cfg, run, resume, monitor, monitor_port, package_dir)
+
+
+def _run_locked(cfg: Config, run: RunDir, resume: str | None, monitor: bool, monitor_port: int,
+                package_dir: Path) -> PipelineResult:
     from simone.generate import load_model, sample_text
     from simone.package import package_run
     from simone.validate import print_report, validate
 
-    run = RunDir(run_dir).make()
     t0 = time.time()
     save_config(cfg, run.config)
     run.write_status(state="running", stage="curate", preset=cfg.preset, started=t0, error=None)
@@ -141,7 +152,7 @@ def run_pipeline(cfg: Config, run_dir: Path, resume: str | None = None, monitor:
         run.write_status(stage=stage)
         pkg = package_run(run, package_dir)
         loaded = load_model(pkg)
-        sample = sample_text(loaded, prompt=_sample_prompt(loaded), max_tokens=40, seed=cfg.train.seed)
+        sample = sample_text(loaded, prompt=SAMPLE_PROMPT, max_tokens=40, seed=cfg.train.seed)
         status = "finished" if report["ok"] else "failed"
         run.write_status(state=status, stage="done", package=str(pkg.resolve()), elapsed_s=time.time() - t0,
                          error=None if report["ok"] else "validation failed: " + ", ".join(report["failed"]))
@@ -157,6 +168,3 @@ def run_pipeline(cfg: Config, run_dir: Path, resume: str | None = None, monitor:
         run.log_line(f"FAILED in {stage}: {traceback.format_exc()}")
         raise
 
-
-def _sample_prompt(loaded) -> str:
-    return "The "

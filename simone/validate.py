@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from simone.data.shards import TokenShard
+from simone.evaluate import evaluate_per_domain
 from simone.package import sha256_file
 from simone.rundir import atomic_write_json, atomic_write_text
 
@@ -37,40 +39,6 @@ def _find_data_dir(model_path: Path, loaded) -> Path | None:
         if (cand / "index.json").exists() and (cand / "val.bin").exists():
             return cand
     return None
-
-
-@torch.no_grad()
-def evaluate_shard(model: torch.nn.Module, data_dir: Path, seq_len: int, batch_size: int,
-                   max_batches: int, device: torch.device) -> dict[str, Any]:
-    """Validation loss, perplexity and bits-per-byte, overall and per domain."""
-    from simone.data.loader import eval_windows
-    from simone.data.shards import TokenShard
-
-    shard = TokenShard(data_dir, "val")
-    per_domain: dict[str, dict[str, float]] = {}
-    total_nats = total_tokens = total_bytes = 0.0
-    for domain in sorted(shard.domains):
-        nats = tokens = 0.0
-        for x, y in eval_windows(shard, domain, seq_len=seq_len, max_batches=max_batches, batch_size=batch_size):
-            x, y = x.to(device), y.to(device)
-            _, loss = model(x, y)
-            n = float((y != -1).sum())
-            nats += float(loss) * n
-            tokens += n
-        if tokens == 0:
-            continue
-        bytes_ = tokens * shard.bytes_per_token(domain)  # text bytes these tokens cover
-        loss_d = nats / tokens
-        per_domain[domain] = {"loss": loss_d, "ppl": math.exp(min(loss_d, 50)),
-                              "bpb": nats / math.log(2) / bytes_, "tokens": int(tokens)}
-        total_nats += nats
-        total_tokens += tokens
-        total_bytes += bytes_
-    if total_tokens == 0:
-        return {"val_loss": None, "val_ppl": None, "val_bpb": None, "per_domain": {}}
-    loss = total_nats / total_tokens
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpb": total_nats / math.log(2) / total_bytes,
-            "per_domain": per_domain, "tokens": int(total_tokens)}
 
 
 def _peak_rss_mb() -> float:
@@ -123,8 +91,9 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
     if data_dir is None:
         check("validation_loss", True, "skipped: no validation shards next to this model (pass --data-dir)")
     else:
-        ev = evaluate_shard(model, data_dir, seq_len=cfg.model.max_seq_len, batch_size=cfg.train.batch_size,
-                            max_batches=max_batches or cfg.train.eval_batches, device=loaded.device)
+        ev = evaluate_per_domain(model, TokenShard(data_dir, "val"), seq_len=cfg.model.max_seq_len,
+                                 batch_size=cfg.train.batch_size, max_batches=max_batches or cfg.train.eval_batches,
+                                 device=loaded.device)
         report.update(ev)
         loss = ev["val_loss"]
         uniform = math.log(cfg.model.vocab_size)
@@ -162,7 +131,7 @@ def _finish(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 
 
 def report_markdown(r: dict[str, Any]) -> str:
-    lines = [f"# Validation report", "", f"Model: `{r['model']}`  ", f"Created: {r['created']}  ",
+    lines = ["# Validation report", "", f"Model: `{r['model']}`  ", f"Created: {r['created']}  ",
              f"Result: **{'PASS' if r['ok'] else 'FAIL'}**", "", "## Checks", "", "| check | result | detail |",
              "|---|---|---|"]
     for c in r["checks"]:

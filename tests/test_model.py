@@ -14,6 +14,16 @@ from simone.model.layers import apply_rope, rope_tables
 VOCAB = 61
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; on a shared 2-core machine a second OpenMP
+    thread mostly waits for a descheduled partner (tests went from 0.2 s to 14 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_cfg(arch: str = "llama", **overrides) -> ModelConfig:
     fields = dict(arch=arch, vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, max_seq_len=24)
     fields.update(overrides)
@@ -135,14 +145,16 @@ def test_grouped_query_attention_equals_multi_head_with_repeated_kv_heads():
     wqkv = gqa.layers[0].attention.wqkv.weight
     assert wqkv.shape == ((n_heads + 2 * n_kv) * head_dim, 32)
     cache = gqa.new_kv_cache(3, 10)
-    assert cache.k[0].shape == (3, n_kv, 10, head_dim)
+    assert cache.k[0].shape == (3, 10, n_kv, head_dim)
 
     mha = tiny_model(n_kv_heads=None)
     state = gqa.state_dict()
     for i in range(2):
         w = state[f"layers.{i}.attention.wqkv.weight"]
         q, k, v = w.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim])
-        repeat = lambda t: t.view(n_kv, head_dim, -1).repeat_interleave(n_heads // n_kv, 0).reshape(-1, 32)  # noqa: E731
+        def repeat(t: torch.Tensor) -> torch.Tensor:
+            return t.view(n_kv, head_dim, -1).repeat_interleave(n_heads // n_kv, 0).reshape(-1, 32)
+
         state[f"layers.{i}.attention.wqkv.weight"] = torch.cat([q, repeat(k), repeat(v)])
     mha.load_state_dict(state)
     idx = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(8))
@@ -192,7 +204,8 @@ def test_loss_ignores_minus_one_and_is_float32_under_autocast():
     masked = targets.clone()
     masked[:, 5:] = -1
     _, masked_loss = model(idx, masked)
-    expected = torch.nn.functional.cross_entropy(logits[:, :5].reshape(-1, VOCAB), targets[:, :5].reshape(-1))
+    expected = torch.nn.functional.cross_entropy(logits[:, :5].reshape(-1, VOCAB),
+                                                 targets[:, :5].reshape(-1))
     torch.testing.assert_close(masked_loss, expected)
     assert not torch.isclose(masked_loss, loss)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -267,3 +280,50 @@ def test_top_k_top_p_and_temperature():
     assert set(draws.flatten().tolist()) == {0, 1, 2}
     hot = sample_next_token(logits.expand(2000, -1), 100.0, generator=torch.Generator().manual_seed(1))
     assert len(set(hot.flatten().tolist())) == 5  # a high temperature flattens the distribution
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_fused_output_loss_matches_the_plain_path(autocast):
+    from simone.model.loss import LinearCrossEntropy, linear_cross_entropy
+
+    g = torch.Generator().manual_seed(13)
+    weight = (torch.randn(300, 16, generator=g) * 0.5).requires_grad_()
+    h = torch.randn(2, 150, 16, generator=g, requires_grad=True)  # 300 rows: several chunks
+    targets = torch.randint(0, 300, (2, 150), generator=g)
+    targets[0, :40] = -1
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        plain_logits = torch.nn.functional.linear(h, weight)
+        plain = torch.nn.functional.cross_entropy(plain_logits.float().view(-1, 300),
+                                                  targets.view(-1), ignore_index=-1)
+        logits, fused = linear_cross_entropy(h, weight, targets)
+    assert fused.dtype == torch.float32 and logits.dtype == plain_logits.dtype
+    assert not logits.requires_grad
+    torch.testing.assert_close(logits, plain_logits.detach())
+    tol = dict(rtol=2e-2, atol=1e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused, plain, **tol)
+    grads_plain = torch.autograd.grad(plain * 3.0, (h, weight))
+    grads_fused = torch.autograd.grad(fused * 3.0, (h, weight))  # a non-unit upstream gradient
+    for a, b in zip(grads_fused, grads_plain):
+        torch.testing.assert_close(a, b, **tol)
+    # Small chunks: the rows are processed in pieces, and the result does not change.
+    import simone.model.loss as loss_module
+    original = loss_module._rows_per_chunk
+    loss_module._rows_per_chunk = lambda vocab, device: 7
+    try:
+        chunked, _ = LinearCrossEntropy.apply(h.detach().reshape(-1, 16), weight.detach(),
+                                              targets.view(-1))
+    finally:
+        loss_module._rows_per_chunk = original
+    if not autocast:
+        torch.testing.assert_close(chunked, plain)
+
+
+def test_training_forward_uses_the_fused_loss_and_eval_the_plain_one():
+    model = tiny_model().train()
+    idx = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(14))
+    logits, loss = model(idx, idx)
+    assert loss.requires_grad and not logits.requires_grad  # fused: detached logits
+    with torch.no_grad():
+        logits_eval, loss_eval = model(idx, idx)
+    torch.testing.assert_close(logits, logits_eval)
+    torch.testing.assert_close(loss.detach(), loss_eval)

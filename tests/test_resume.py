@@ -14,6 +14,7 @@ import signal
 import pytest
 
 from simone.rundir import RunDir
+from simone.train.lock import LOCK_NAME
 from test_train_support import (
     losses_by_step,
     new_run,
@@ -78,6 +79,7 @@ def test_kill_9_anywhere_then_resume_matches_uninterrupted(template, tmp_path, r
     k = rng.randint(6, 16)  # after the first checkpoint (step 5)
     kill9_when(run, lambda: last_step(run) >= k, *SETTINGS)
     killed_at = last_step(run)
+    assert (run.root / LOCK_NAME).exists()  # a dead process's lock is left behind...
     # 2. resumed, then killed in the middle of writing a checkpoint (saves slowed down)
     kill9_when(run, lambda: saving_now(run), "--resume", "latest",
                env=subprocess_env(SIMONE_FAULT_SLOW_SAVE="0.4"))
@@ -92,17 +94,22 @@ def test_kill_9_anywhere_then_resume_matches_uninterrupted(template, tmp_path, r
     resumes = [r for r in read_metrics(run, "event") if r["event"] == "resume"]
     assert len(resumes) == 2 and resumes[0]["step"] <= killed_at
     assert run.read_status()["state"] == "finished"
+    assert "taking over a stale lock" in run.log.read_text()  # ...and taken over on resume
+    assert not (run.root / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_stops_and_a_live_run_refuses_a_second(template, tmp_path, reference):
     run = fresh(template, tmp_path / "run")
-    proc = start_training(run, *SETTINGS, env=subprocess_env(SIMONE_FAULT_SLOW_SAVE="0.1"))
+    # slowed down (0.4 s a step) so that it is still running while a second process starts
+    proc = start_training(run, *SETTINGS, env=subprocess_env(SIMONE_FAULT_STEP_DELAY="0.4"))
     try:
         assert wait_for(lambda: last_step(run) >= 7 or proc.poll() is not None, timeout=90)
         status = run.read_status()
         assert status["state"] == "running" and status["pid"] == proc.pid and status["heartbeat"] > 0
         second = run_training(run, *SETTINGS)
         assert second.returncode == 2 and f"in use by pid {proc.pid}" in second.stderr
+        assert proc.poll() is None, "the first run ended before it could be signalled"
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:

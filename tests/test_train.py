@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from simone.data.shards import TokenShard
-from simone.rundir import RunDir
 from simone.train.checkpoint import load_checkpoint, read_pointer, resolve_checkpoint
 from simone.train.metrics import cpu_peak_flops, gpu_peak_flops, mfu
 from simone.train.trainer import TrainResult, train
@@ -177,3 +176,49 @@ def test_early_stopping_ends_the_run_after_patience(template, tmp_path):
     assert stop["step"] == 18
     assert read_pointer(run.checkpoints, "best") == "step_000010"
     assert read_pointer(run.checkpoints, "latest") == "step_000018"
+
+
+def test_max_minutes_caps_the_run(template, tmp_path):
+    cfg, run = new_run(template, tmp_path / "r", max_minutes=1e-6, eval_every=100, log_every=1)
+    result = train(cfg, run)
+    assert result.stop_reason == "max_minutes" and result.steps <= 1
+    assert run.read_status()["state"] == "finished"
+    assert read_pointer(run.checkpoints, "latest") == f"step_{result.steps:06d}"  # the end is saved
+
+
+def test_activation_checkpointing_changes_memory_not_results(template, tmp_path):
+    settings = dict(max_steps=4, eval_every=100, checkpoint_every=100, log_every=1)
+    cfg_a, run_a = new_run(template, tmp_path / "a", **settings)
+    cfg_b, run_b = new_run(template, tmp_path / "b", activation_checkpointing=True, **settings)
+    cfg_a.model.dropout = cfg_b.model.dropout = 0.1  # recomputation must replay the same dropout
+    train(cfg_a, run_a)
+    train(cfg_b, run_b)
+    assert losses_by_step(run_a) == losses_by_step(run_b)
+    weights_a, _, _ = load_checkpoint(run_a.checkpoints / "step_000004")
+    weights_b, _, _ = load_checkpoint(run_b.checkpoints / "step_000004")
+    assert weights_a.keys() == weights_b.keys()  # parameter names unchanged
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_activation_checkpointing_recomputes_blocks_in_backward():
+    from simone.config import preset
+    from simone.model import build_model
+    from simone.train.trainer import apply_activation_checkpointing
+
+    model = build_model(preset("tiny").model)
+    calls = []
+    for i, block in enumerate(model.layers):
+        def counting(*args, _forward=block.forward, _i=i, **kwargs):
+            calls.append(_i)
+            return _forward(*args, **kwargs)
+        block.forward = counting
+    apply_activation_checkpointing(model)
+    x = torch.randint(0, 512, (2, 16))
+    _, loss = model(x, x)
+    assert calls == [0, 1]
+    loss.backward()
+    assert sorted(calls) == [0, 0, 1, 1]  # each block ran again during backward
+    with torch.no_grad():
+        calls.clear()
+        model(x, x)
+        assert calls == [0, 1]  # no checkpointing (and no recompute) without grad

@@ -3,6 +3,8 @@ micro-batches: the same windows per step, gradients averaged, the same losses.""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 
@@ -11,17 +13,32 @@ import pytest
 from test_train_support import losses_by_step, new_run, prepared_template, read_metrics, run_training, subprocess_env
 
 
+SETTINGS = dict(max_steps=6, batch_size=8, grad_accum=2, eval_every=3, checkpoint_every=3)
+
+
+def torchrun(run, *args: str, env=None, port: int = 29531) -> subprocess.CompletedProcess:
+    """2 processes under torchrun; on a timeout the whole process group is killed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "simone.train", "--run-dir", str(run.root), *args]
+    proc = subprocess.Popen(cmd, env=env or subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 120 s:\n{err[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_accumulation(tmp_path):
     template = prepared_template(tmp_path / "t")
-    settings = dict(max_steps=6, batch_size=8, grad_accum=2, eval_every=3, checkpoint_every=3)
-    _, one = new_run(template, tmp_path / "one", **settings)
-    _, two = new_run(template, tmp_path / "two", **settings)
+    _, one = new_run(template, tmp_path / "one", **SETTINGS)
+    _, two = new_run(template, tmp_path / "two", **SETTINGS)
     single = run_training(one)
     assert single.returncode == 0, single.stderr
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", "29531", "-m", "simone.train", "--run-dir", str(two.root)]
-    double = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    double = torchrun(two)
     assert double.returncode == 0, double.stdout[-2000:] + double.stderr[-4000:]
     a, b = losses_by_step(one), losses_by_step(two)
     assert sorted(a) == sorted(b) == list(range(1, 7))
@@ -33,3 +50,18 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path):
     start = [r for r in read_metrics(two, "event") if r["event"] == "start"][0]
     assert start["world_size"] == 2 and start["tokens_per_step"] == 8 * 2 * 64
     assert two.read_status()["state"] == "finished"
+
+
+@pytest.mark.slow
+def test_two_processes_resume_exactly(tmp_path):
+    """Each rank's dropout stream is saved, so a stopped 2-process run resumes bit for bit."""
+    template = prepared_template(tmp_path / "t")
+    _, straight = new_run(template, tmp_path / "straight", **SETTINGS)
+    _, stopped = new_run(template, tmp_path / "stopped", **SETTINGS)
+    dropout = ("--set", "model.dropout=0.1")
+    assert torchrun(straight, *dropout, port=29532).returncode == 0
+    torchrun(stopped, *dropout, env=subprocess_env(SIMONE_FAULT_SIGTERM_AT_STEP="4"), port=29533)
+    assert stopped.read_status()["state"] == "stopped" and stopped.read_status()["step"] == 4
+    done = torchrun(stopped, "--resume", "latest", port=29534)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert losses_by_step(stopped) == losses_by_step(straight)

@@ -27,6 +27,11 @@ Epoch boundaries. `next_batch()` returns `(x, y)`; right after it returned the l
 of an epoch, `epoch_done` is True (and `epoch` still names the finished epoch). The next
 call starts epoch `epoch + 1`.
 
+Domain labels (governance). `next_batch_with_domains()` returns `(x, y, d)` where `d[b, t]`
+is the class of the domain whose range holds input token `x[b, t]` (class i =
+`domain_classes[i]`, default the shard's domains in order; -1 for a domain not listed). It
+advances the loader exactly like `next_batch()`.
+
 Resume. `state_dict()` is `{epoch, position, seed, seq_len, global_batch, ...}` in plain
 ints; a loader given it by `load_state_dict` returns exactly the batches the original
 would have returned next.
@@ -70,6 +75,7 @@ class BatchLoader:
         pin_memory: bool | None = None,
         grad_accum: int = 1,
         prefetch: bool | None = None,
+        domain_classes: list[str] | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
@@ -104,6 +110,12 @@ class BatchLoader:
         self._prefetch = on_cuda if prefetch is None else prefetch
         self._pool = ThreadPoolExecutor(max_workers=1) if self._prefetch else None
         self._pending: tuple[tuple[int, int], Future] | None = None
+        # Domain lookup: range starts in token order and the class of each range.
+        classes = list(shard.domains if domain_classes is None else domain_classes)
+        ranges = sorted((shard.domain_range(d), classes.index(d) if d in classes else -1)
+                        for d in shard.domains)
+        self._range_starts = np.array([r[0][0] for r in ranges], dtype=np.int64)
+        self._range_class = np.array([r[1] for r in ranges], dtype=np.int64)
 
     # ------------------------------------------------------------------ order
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -139,6 +151,23 @@ class BatchLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next micro-batch `(x, y)`, int64 tensors [batch_size, seq_len] on `device`."""
+        return self._next()[:2]
+
+    def next_batch_with_domains(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(x, y, d)`: the next micro-batch and each input token's domain class [B, T]."""
+        x, y, key = self._next()
+        positions = self.window_ids(*key)[:, None] * self.seq_len + np.arange(self.seq_len)[None, :]
+        if len(self._range_starts):
+            which = np.searchsorted(self._range_starts, positions, side="right") - 1
+            labels = np.where(which >= 0, self._range_class[which.clip(min=0)], -1)
+        else:
+            labels = np.full(positions.shape, -1, dtype=np.int64)
+        d = torch.from_numpy(labels.astype(np.int64))
+        if self.device.type != "cpu":
+            d = d.to(self.device, non_blocking=False)
+        return x, y, d
+
+    def _next(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         if self.epoch_done:
             self.epoch += 1
             self.position = 0
@@ -154,7 +183,7 @@ class BatchLoader:
             self._pending = (nxt, self._pool.submit(self._host_batch, *nxt))
         if self.device.type != "cpu":
             buf = buf.to(self.device, non_blocking=self.pin_memory)
-        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous(), key
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:

@@ -12,7 +12,16 @@ is ONE contiguous range of its split — per-domain evaluation is a slice. `inde
         "domains": {DOMAIN: {"start", "end", "n_tokens", "n_bytes", "n_docs",
                              "ranges": [[start, end]]}}}}}     # one range, eods included
 
-`n_bytes` counts UTF-8 bytes of the document texts (for bits-per-byte). Building streams:
+`n_bytes` counts UTF-8 bytes of the document texts (for bits-per-byte).
+
+Control tokens (governance). With `control_token_prob` p > 0, a training document whose
+hash of (control_seed, id) falls below p is preceded by its domain's control token
+`<|domain:NAME|>`: it sits at `tokens[start - 1]`, inside the domain's range, and the
+split's `control_docs` lists those documents. Validation documents never get one, so the
+validation stream (and bits-per-byte) does not depend on the setting. The index records
+`control_token_prob` and `control_seed`; a different setting rebuilds the shards.
+
+Building streams:
 documents are read line by line, encoded in batches on all cores, and appended to one
 temporary file per (split, domain), which are then concatenated; memory stays small. The
 output is byte-identical for identical inputs, and the build is skipped when the index
@@ -65,10 +74,31 @@ class _DomainPart:
     n_tokens: int = 0
     n_bytes: int = 0
     docs: list[list] = field(default_factory=list)  # [doc_id, start, end, n_bytes], local
+    control_docs: list[str] = field(default_factory=list)  # ids preceded by a control token
 
 
-def _is_current(index: dict | None, data_dir: Path, documents_sha: str, tokenizer: Tokenizer) -> bool:
+def _control_prefix(tokenizer: Tokenizer, split: str, domain: str, doc_id: str,
+                    control: tuple[float, int], dtype: np.dtype) -> np.ndarray:
+    """[control token id] for a training document chosen by `takes_control_token`, else []."""
+    if split != "train" or not takes_control_token(doc_id, *control) or domain not in tokenizer.domains:
+        return np.zeros(0, dtype=dtype)
+    return np.array([tokenizer.domain_token_id(domain)], dtype=dtype)
+
+
+def takes_control_token(doc_id: str, prob: float, seed: int) -> bool:
+    """Whether training document `doc_id` starts with its domain control token: a hash of
+    (seed, id) mapped to [0, 1) is below `prob` (the same answer on every machine)."""
+    if prob <= 0:
+        return False
+    digest = hashlib.blake2b(f"control:{seed}:{doc_id}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < prob
+
+
+def _is_current(index: dict | None, data_dir: Path, documents_sha: str, tokenizer: Tokenizer,
+                control: tuple[float, int] = (0.0, 0)) -> bool:
     if not index or index.get("schema") != SCHEMA:
+        return False
+    if (index.get("control_token_prob", 0.0), index.get("control_seed", 0)) != control:
         return False
     if index.get("documents_sha256") != documents_sha or index.get("tokenizer_sha256") != tokenizer.sha256:
         return False
@@ -83,18 +113,23 @@ def _is_current(index: dict | None, data_dir: Path, documents_sha: str, tokenize
     return True
 
 
-def build_shards(documents_jsonl: Path, tokenizer: Tokenizer, data_dir: Path) -> dict:
+def build_shards(documents_jsonl: Path, tokenizer: Tokenizer, data_dir: Path,
+                 control_token_prob: float = 0.0, control_seed: int = 0) -> dict:
     """Tokenize `documents_jsonl` into `data_dir/{train,val}.bin` and `data_dir/index.json`.
 
     Returns the index (see the module docstring). Skips the work and returns the existing
-    index when it was built from the same documents.jsonl and tokenizer.
+    index when it was built from the same documents.jsonl, tokenizer and control-token
+    setting (`control_token_prob`, `control_seed`: see "Control tokens" above).
     """
     documents_jsonl, data_dir = Path(documents_jsonl), Path(data_dir)
     if not documents_jsonl.is_file():
         raise FileNotFoundError(f"{documents_jsonl}: documents file not found (run curation first)")
+    if not 0.0 <= control_token_prob <= 1.0:
+        raise ValueError(f"data.control_token_prob={control_token_prob}: must be in [0, 1]")
+    control = (float(control_token_prob), int(control_seed))
     documents_sha = _file_sha256(documents_jsonl)
     existing = read_json(data_dir / INDEX_FILE)
-    if _is_current(existing, data_dir, documents_sha, tokenizer):
+    if _is_current(existing, data_dir, documents_sha, tokenizer, control):
         return existing
 
     dtype = token_dtype(tokenizer.vocab_size)
@@ -115,11 +150,16 @@ def build_shards(documents_jsonl: Path, tokenizer: Tokenizer, data_dir: Path) ->
             part = parts.get((split, domain))
             if part is None:
                 part = parts[(split, domain)] = _DomainPart(tmp_dir / f"{split}.{len(parts)}.bin")
+            prefix = _control_prefix(tokenizer, split, domain, doc_id, control, dtype)
             with open(part.path, "ab") as f:
+                f.write(prefix.tobytes())
                 f.write(ids.tobytes())
                 f.write(eod.tobytes())
-            part.docs.append([doc_id, part.n_tokens, part.n_tokens + len(ids), n_bytes])
-            part.n_tokens += len(ids) + 1
+            start = part.n_tokens + len(prefix)
+            part.docs.append([doc_id, start, start + len(ids), n_bytes])
+            if len(prefix):
+                part.control_docs.append(doc_id)
+            part.n_tokens = start + len(ids) + 1
             part.n_bytes += n_bytes
 
     try:
@@ -133,6 +173,8 @@ def build_shards(documents_jsonl: Path, tokenizer: Tokenizer, data_dir: Path) ->
             "eod_id": tokenizer.eod_id,
             "tokenizer_sha256": tokenizer.sha256,
             "documents_sha256": documents_sha,
+            "control_token_prob": control[0],
+            "control_seed": control[1],
             "splits": {split: _concatenate_split(split, parts, data_dir, dtype) for split in SPLITS},
         }
     finally:
@@ -217,6 +259,7 @@ def _concatenate_split(split: str, parts: dict[tuple[str, str], _DomainPart], da
     file_name = f"{split}.bin"
     out_tmp = data_dir / f".{file_name}.tmp"
     docs: list[list] = []
+    control_docs: list[str] = []
     domains: dict[str, dict] = {}
     offset = n_bytes = 0
     with open(out_tmp, "wb") as out:
@@ -227,6 +270,7 @@ def _concatenate_split(split: str, parts: dict[tuple[str, str], _DomainPart], da
                 shutil.copyfileobj(src, out, 1 << 22)
             for doc_id, start, end, doc_bytes in part.docs:
                 docs.append([doc_id, domain, offset + start, offset + end, doc_bytes])
+            control_docs.extend(part.control_docs)
             domains[domain] = {
                 "start": offset,
                 "end": offset + part.n_tokens,
@@ -240,7 +284,7 @@ def _concatenate_split(split: str, parts: dict[tuple[str, str], _DomainPart], da
         out.flush()
     out_tmp.replace(data_dir / file_name)
     return {"file": file_name, "n_tokens": offset, "n_bytes": n_bytes, "n_docs": len(docs),
-            "docs": docs, "domains": domains}
+            "docs": docs, "domains": domains, "control_docs": control_docs}
 
 
 class TokenShard:

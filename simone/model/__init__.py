@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 from simone.config import ModelConfig
-from simone.model.attention import KVCache
+from simone.model.attention import KVCache, StreamingKVCache
 from simone.model.base import LanguageModel
+from simone.model.governance import check_governance_config, set_policy_domains
 from simone.model.gpt2 import GPT2
 from simone.model.sampling import filter_logits, sample_next_token
 from simone.model.transformer import Transformer
@@ -14,10 +15,11 @@ ARCHITECTURES = ("llama", "gpt2")
 
 
 def build_model(cfg: ModelConfig) -> LanguageModel:
-    """The model `cfg.arch` names ("llama" or "gpt2"), freshly initialised on the CPU in float32."""
-    if cfg.governance:
-        raise NotImplementedError("model.governance=true: governance heads are not built yet; "
-                                  "set model.governance=false")
+    """The model `cfg.arch` names ("llama" or "gpt2"), freshly initialised on the CPU in float32.
+
+    model.governance=true (Llama-style only) adds the governance parts its switches name;
+    see simone/model/governance.py."""
+    check_governance_config(cfg)
     if cfg.arch == "llama":
         return Transformer(cfg)
     if cfg.arch == "gpt2":
@@ -25,5 +27,5 @@ def build_model(cfg: ModelConfig) -> LanguageModel:
     raise ValueError(f"model.arch={cfg.arch!r}: choose one of {', '.join(ARCHITECTURES)}")
 
 
-__all__ = ["ARCHITECTURES", "GPT2", "KVCache", "LanguageModel", "Transformer", "build_model",
-           "filter_logits", "sample_next_token"]
+__all__ = ["ARCHITECTURES", "GPT2", "KVCache", "LanguageModel", "StreamingKVCache", "Transformer",
+           "build_model", "filter_logits", "sample_next_token", "set_policy_domains"]

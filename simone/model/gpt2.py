@@ -26,10 +26,13 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(dim, hidden)
         self.proj = nn.Linear(hidden, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        y = self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        if self.dropout and self.training:
+            y = F.dropout(y, self.dropout, training=True)
+        return y
 
 
 class GPT2Block(nn.Module):
@@ -55,7 +58,6 @@ class GPT2(LanguageModel):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim)
-        self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(GPT2Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -73,7 +75,9 @@ class GPT2(LanguageModel):
             raise ValueError(f"positions up to {start_pos + n_new} exceed max_seq_len "
                              f"{self.cfg.max_seq_len}")
         positions = torch.arange(start_pos, start_pos + n_new, device=idx.device)
-        h = self.dropout(self.tok_embeddings(idx) + self.pos_embeddings(positions))
+        h = self.tok_embeddings(idx) + self.pos_embeddings(positions)
+        if self.cfg.dropout and self.training:
+            h = F.dropout(h, self.cfg.dropout, training=True)
         for block in self.layers:
             h = block(h, kv_cache, start_pos)
         h = self.norm(h)

@@ -2,10 +2,12 @@
 
 The plain path (`logits = h @ Wᵀ; F.cross_entropy(logits.float(), targets)`) makes many
 full passes over the [tokens, vocab] logits: a float32 copy, log-softmax, its zero-filled
-gradient, the log-softmax backward, a cast back. For a small model on a CPU those passes
-cost as much as the matmul itself. Here the softmax, the loss and the logits' gradient
+gradient, the log-softmax backward, a cast back. Under bfloat16 autocast on a CPU those
+passes cost more than the matmul itself. Here the softmax, the loss and the logits' gradient
 (softmax − one-hot) are computed a few rows at a time while the rows are in cache, and the
 backward is just the two matmuls. Same numbers as the plain path (tests/test_model.py).
+Measured (cpu preset shape, 1 thread): bf16 head+loss forward+backward 193 → 112 ms;
+float32 270 → 253 ms. It also keeps no float32 [tokens, vocab] tensor for the backward.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None
 
 
+@torch.compiler.disable  # a graph break: dynamo would unroll the chunk loop
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor,
                          targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits [..., V], loss) for hidden states h [..., D] and targets [...].

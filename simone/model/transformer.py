@@ -6,16 +6,24 @@
 Attention rotates q and k with RoPE, may use fewer key/value heads than query heads
 (grouped-query attention) and runs through `scaled_dot_product_attention`. Parameter names
 map one-to-one onto Hugging Face `LlamaForCausalLM` (`simone/export.py`).
+
+With `cfg.governance` (simone/model/governance.py) the model also gets learned memory slots
+in every attention layer and a policy head on the hidden states of block `policy_layer`;
+its training loss becomes the comprehensive (multi-objective) loss. With governance off
+none of these exist: the parameters, logits and loss are the plain model's.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from simone.config import ModelConfig
 from simone.model.attention import CausalSelfAttention, KVCache
 from simone.model.base import LanguageModel
+from simone.model.governance import (PolicyHead, check_governance_config, governance_loss,
+                                     uses_memory, uses_policy)
 from simone.model.layers import RMSNorm, SwiGLU, rope_tables, swiglu_hidden_dim
 
 
@@ -45,7 +53,6 @@ class Transformer(LanguageModel):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -57,24 +64,60 @@ class Transformer(LanguageModel):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights([p for block in self.layers
                            for p in (block.attention.wo.weight, block.feed_forward.w2.weight)])
+        # Governance parts are made after the plain init: with the same seed, a governance
+        # model starts from exactly the plain model's weights plus its own.
+        check_governance_config(cfg)
+        self.policy_head: PolicyHead | None = None
+        self.policy_layer = -1  # block whose output feeds the policy head (-1: no head)
+        self.loss_terms: dict[str, torch.Tensor] = {}  # detached terms of the last training loss
+        if uses_memory(cfg):
+            for block in self.layers:
+                block.attention.add_memory(cfg.n_memory_slots)
+        if uses_policy(cfg):
+            self.policy_head = PolicyHead(cfg.dim, cfg.n_domains, cfg.norm_eps)
+            self.policy_layer = cfg.policy_layer % cfg.n_layers
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, start_pos: int = 0,
-                last_logits_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                last_logits_only: bool = False, domain_ids: torch.Tensor | None = None,
+                return_policy: bool = False):
         """idx [B, T] token ids at positions start_pos..start_pos+T-1 → (logits, loss).
 
         logits [B, T, vocab] (or [B, 1, vocab] with last_logits_only and no targets); loss is
         the mean cross-entropy against targets [B, T] (-1 ignored), or None without targets.
         With `kv_cache` (from `new_kv_cache`) earlier positions come from the cache.
+        Governance: `domain_ids` ([B] or [B, T], -1 unknown) are the policy head's labels;
+        with targets, the loss is then the comprehensive loss and `self.loss_terms` holds its
+        terms. return_policy=True returns (logits, loss, policy_logits [B, T or 1, n_domains]
+        or None).
         """
         n_new = idx.size(1)
         if start_pos + n_new > self.cfg.max_seq_len:
             raise ValueError(f"positions up to {start_pos + n_new} exceed max_seq_len "
                              f"{self.cfg.max_seq_len}")
-        h = self.dropout(self.tok_embeddings(idx))
-        rope = (self.rope_cos[start_pos:start_pos + n_new], self.rope_sin[start_pos:start_pos + n_new])
+        h = self.tok_embeddings(idx)
+        if self.cfg.dropout and self.training:
+            h = F.dropout(h, self.cfg.dropout, training=True)
+        positions = slice(start_pos, start_pos + n_new)
+        rope = (self.rope_cos[positions], self.rope_sin[positions])
+        policy_h = None
         for block in self.layers:
             h = block(h, rope, kv_cache, start_pos)
-        # Future extension (governance): policy / memory / trace heads read `h` here.
+            if block.layer == self.policy_layer:
+                policy_h = h
         h = self.norm(h)
-        return self.logits_and_loss(h, targets, last_logits_only)
+        logits, loss = self.logits_and_loss(h, targets, last_logits_only)
+        if self.policy_head is None and not self.cfg.governance:
+            return (logits, loss, None) if return_policy else (logits, loss)
+
+        policy_logits = None
+        if self.policy_head is not None:
+            if last_logits_only and targets is None:
+                policy_h = policy_h[:, -1:]
+            policy_logits = self.policy_head(policy_h)
+        if loss is not None and self.training:
+            if domain_ids is None and self.policy_head is not None:
+                raise ValueError("model.policy=true: training needs domain_ids (the loader's "
+                                 "next_batch_with_domains)")
+            loss, self.loss_terms = governance_loss(self.cfg, loss, policy_logits, domain_ids)
+        return (logits, loss, policy_logits) if return_policy else (logits, loss)

@@ -33,7 +33,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -41,8 +41,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from simone.errors import SimoneError
 from simone.rundir import atomic_write_text, fsync_dir
 from simone.train.faults import Faults
+
+if TYPE_CHECKING:
+    from simone.config import Config
 
 MANIFEST = "MANIFEST.json"
 WEIGHTS = "model.safetensors"
@@ -54,7 +58,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _WRITE_CHUNK = 8 << 20
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SimoneError, RuntimeError):
     """A checkpoint that cannot be used: missing, truncated, corrupted or malformed."""
 
 
@@ -62,7 +66,7 @@ class CheckpointMismatchError(CheckpointError):
     """A checkpoint whose tensors do not fit the model its config describes."""
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(SimoneError, RuntimeError):
     """A save that failed (e.g. disk full); the previous checkpoints are untouched."""
 
 
@@ -108,8 +112,8 @@ def _tensor_bytes(obj: Any) -> int:
 
 
 def estimate_checkpoint_bytes(model_state: dict[str, torch.Tensor], train_state: Any = None) -> int:
-    """Roughly how many bytes a checkpoint of these states takes on disk."""
-    return _tensor_bytes(_dedupe_tied(model_state)[0]) + _tensor_bytes(train_state) + (1 << 20)
+    """Roughly how many bytes a checkpoint of these states takes on disk (no copies made)."""
+    return _tensor_bytes(_dedupe_tied(model_state, to_cpu=False)[0]) + _tensor_bytes(train_state) + (1 << 20)
 
 
 def check_free_space(directory: Path, needed_bytes: int) -> tuple[bool, int]:
@@ -125,7 +129,7 @@ def check_free_space(directory: Path, needed_bytes: int) -> tuple[bool, int]:
 # ----------------------------------------------------------------------------- weights
 
 
-def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _dedupe_tied(state: dict[str, torch.Tensor], to_cpu: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Store tensors that share memory (tied embeddings) once; return (tensors, aliases)."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -137,7 +141,7 @@ def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        tensors[name] = t.to("cpu").contiguous()
+        tensors[name] = t.to("cpu").contiguous() if to_cpu else t
     return tensors, aliases
 
 
@@ -441,7 +445,7 @@ def resolve_checkpoint(
     raise CheckpointError(f"{ckpt_root}: no checkpoint passes verification")
 
 
-def validate_checkpoint(path: str | Path) -> "Config":  # noqa: F821 - imported lazily
+def validate_checkpoint(path: str | Path) -> Config:
     """Check a checkpoint (or an unpacked package holding the same files) before using it:
     the manifest (when present), config.json against the Config schema, and every tensor's
     name and shape against the model that config describes. Returns the Config; raises

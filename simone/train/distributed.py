@@ -9,6 +9,7 @@ The model itself knows nothing about this.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,13 @@ def init_distributed(env: DistEnv, device: torch.device) -> None:
 
 
 def shutdown_distributed(env: DistEnv) -> None:
+    """Leave the process group. Call on every rank after the last collective."""
     if env.distributed and dist.is_initialized():
+        # gloo's worker thread releases the last collective's tensors after the caller has
+        # returned, and needs the GIL for it; tearing the group down (which joins that thread
+        # while holding the GIL) right away can deadlock (seen with torch 2.13 + gloo). A short
+        # sleep releases the GIL and lets the worker go idle first.
+        time.sleep(0.2)
         dist.destroy_process_group()
 
 
@@ -84,6 +91,15 @@ def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def gather_to_all(obj: object, env: DistEnv) -> list:
+    """`[obj of rank 0, obj of rank 1, ...]` on every rank (a collective)."""
+    if not env.distributed:
+        return [obj]
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier(env: DistEnv) -> None:

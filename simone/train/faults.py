@@ -11,6 +11,8 @@ variables. Nothing here has any effect unless a variable is set.
                                of the weights; "N": only saves of step >= N fail
     SIMONE_FAULT_SLOW_SAVE     seconds to sleep between the files of a checkpoint save (widens
                                the window in which a test can kill the process mid-save)
+    SIMONE_FAULT_STEP_DELAY    seconds to sleep after every optimizer step (keeps a test's run
+                               alive long enough to be signalled or raced)
     SIMONE_FAULT_OOM_AT_STEP   "N": step N raises torch.OutOfMemoryError, as a full GPU would
     SIMONE_FAULT_SIGTERM_AT_STEP  "N": behave as if SIGTERM arrived once step N is done
                                (a deterministic stand-in for a scheduler's signal)
@@ -58,6 +60,7 @@ class Faults:
     slow_save_s: float = 0.0
     sigterm_at_step: int | None = None
     oom_at_step: int | None = None
+    step_delay_s: float = 0.0
     _fired: set[int] = field(default_factory=set)
 
     @classmethod
@@ -73,12 +76,14 @@ class Faults:
             slow_save_s=float(env.get("SIMONE_FAULT_SLOW_SAVE", "0") or 0),
             sigterm_at_step=_int_or_none(env.get("SIMONE_FAULT_SIGTERM_AT_STEP")),
             oom_at_step=_int_or_none(env.get("SIMONE_FAULT_OOM_AT_STEP")),
+            step_delay_s=float(env.get("SIMONE_FAULT_STEP_DELAY", "0") or 0),
         )
 
     @property
     def active(self) -> bool:
         return bool(self.nan_steps or self.nan_from is not None or self.enospc_from_step is not None
-                    or self.slow_save_s or self.sigterm_at_step is not None or self.oom_at_step is not None)
+                    or self.slow_save_s or self.sigterm_at_step is not None or self.oom_at_step is not None
+                    or self.step_delay_s)
 
     def nan_at(self, step: int) -> bool:
         """True if the loss of optimizer step `step` should be replaced by NaN."""
@@ -103,6 +108,10 @@ class Faults:
         """Raise ENOSPC if a save of `step` should fail (called after part of a file is written)."""
         if self.enospc_from_step is not None and step >= self.enospc_from_step:
             raise OSError(errno.ENOSPC, "No space left on device (injected by SIMONE_FAULT_ENOSPC_ON_SAVE)")
+
+    def step_delay(self) -> None:
+        if self.step_delay_s > 0:
+            time.sleep(self.step_delay_s)
 
     def slow_save(self) -> None:
         if self.slow_save_s > 0:

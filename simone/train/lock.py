@@ -22,10 +22,12 @@ from typing import Any, Callable
 
 import psutil
 
+from simone.errors import SimoneError
+
 LOCK_NAME = ".lock"
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(SimoneError, RuntimeError):
     """Another live process is working in this run directory."""
 
 

@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +44,10 @@ import numpy as np
 import torch
 
 from simone.config import Config
-from simone.data.loader import BatchLoader, bits_per_byte, eval_windows
+from simone.data.loader import BatchLoader
 from simone.data.shards import TokenShard
+from simone.errors import SimoneError
+from simone.evaluate import evaluate_per_domain
 from simone.model import build_model
 from simone.rundir import RunDir
 from simone.train.checkpoint import (
@@ -67,6 +68,7 @@ from simone.train.distributed import (
     any_rank,
     barrier,
     dist_env_from_environ,
+    gather_to_all,
     init_distributed,
     resolve_device,
     shutdown_distributed,
@@ -83,7 +85,7 @@ TRAIN_STATE_SCHEMA = 1
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(SimoneError, RuntimeError):
     """The run stopped on an error it cannot recover from; status.json says `failed`."""
 
     def __init__(self, message: str, reason: str = "failed"):
@@ -129,11 +131,19 @@ def train(cfg: Config, run: RunDir, resume: str | None = None) -> TrainResult:
 # ----------------------------------------------------------------------------- helpers
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Does this CPU multiply bf16 natively (AMX tiles or AVX512-BF16)? Emulated bf16 is slow."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `train.dtype` on `device` (None: plain float32)."""
     if choice == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_has_fast_bf16():
+            return torch.bfloat16  # AMX / AVX512-BF16 matmuls: about 2x float32 (bench/bench_model.py)
         return None
     table = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if choice not in table:
@@ -142,6 +152,21 @@ def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("train.dtype=bfloat16 but this GPU has no bf16 support; use float16 or auto")
     return dtype
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each transformer block's activations in the backward pass instead of storing
+    them (less memory, ~1/3 more compute). Applied from outside, like compile and DDP: the
+    block's `forward` is wrapped in place, so parameter names (and checkpoints) are unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        def forward(*args: Any, _forward: Any = block.forward, **kwargs: Any) -> Any:
+            if torch.is_grad_enabled():
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
+
+        block.forward = forward
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -216,6 +241,8 @@ class Trainer:
         self.optimizer = self._new_optimizer()
         self.scaler = (torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16
                        and self.device.type == "cuda" else None)
+        if tc.activation_checkpointing:
+            apply_activation_checkpointing(self.raw_model)
         self.model: torch.nn.Module = self.raw_model
         if tc.compile:
             self.model = torch.compile(self.model)
@@ -307,6 +334,7 @@ class Trainer:
                 except _OUT_OF_MEMORY as e:
                     raise self._oom_error(e) from e
                 self.step += 1
+                self.faults.step_delay()
                 if epoch_ended:
                     self.epochs_done += 1
                     self.metrics.event("epoch_end", self.step, f"epoch {self.epochs_done} done",
@@ -321,6 +349,7 @@ class Trainer:
                 if improved or epoch_ended or (tc.checkpoint_every and self.step % tc.checkpoint_every == 0):
                     self._save(best=improved)
             self._finish(stop_reason)
+            barrier(self.env)  # leave together: a rank tearing down early can hang the others
         except TrainingError as e:
             self._fail(str(e), e.reason)
             raise
@@ -364,7 +393,10 @@ class Trainer:
         tc = self.cfg.train
         if self._signal is None and self.faults.sigterm_at(self.step):
             self._signal = int(signal.SIGTERM)
-        if any_rank(self._signal is not None, self.env, self.device):
+        # Signals and the clock differ between ranks, so ranks must agree on them: a collective,
+        # which (with NCCL) is a host sync, so under torchrun only on logging steps.
+        agree_now = not self.env.distributed or self._logging_step()
+        if agree_now and any_rank(self._signal is not None, self.env, self.device):
             return "signal"
         reason = self.early.should_stop(self.epochs_done)
         if reason is not None:
@@ -374,7 +406,7 @@ class Trainer:
         if self.step >= self.total_steps:
             return "num_epochs"
         out_of_time = tc.max_minutes is not None and time.time() - self._session_start >= tc.max_minutes * 60
-        if any_rank(out_of_time, self.env, self.device):
+        if agree_now and any_rank(out_of_time, self.env, self.device):
             return "max_minutes"
         return None
 
@@ -538,40 +570,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation and samples
 
-    @torch.no_grad()
     def _evaluate(self) -> bool:
         """Per-domain validation loss / bpb / perplexity; returns True if it is a new best."""
         tc = self.cfg.train
-        model = self.raw_model
-        model.eval()
-        per_domain: dict[str, dict[str, float]] = {}
-        total_nats = total_tokens = total_bytes = 0.0
-        for domain in self.val_shard.domains:
-            nats = torch.zeros((), dtype=torch.float64, device=self.device)
-            n_tokens = 0
-            for x, y in eval_windows(self.val_shard, domain, self.seq_len, tc.eval_batches, tc.batch_size,
-                                     device=self.device):
-                with self._autocast():
-                    _, loss = model(x, y)
-                nats += loss.double() * y.numel()
-                n_tokens += y.numel()
-            if n_tokens == 0:
-                continue
-            mean = nats.item() / n_tokens
-            per_domain[domain] = {"loss": mean, "bpb": bits_per_byte(mean, self.val_shard, domain),
-                                  "ppl": math.exp(min(mean, 700.0))}
-            total_nats += mean * n_tokens
-            total_tokens += n_tokens
-            total_bytes += n_tokens * self.val_shard.bytes_per_token(domain)
-        model.train()
+        ev = evaluate_per_domain(self.raw_model, self.val_shard, self.seq_len, tc.batch_size,
+                                 tc.eval_batches, device=self.device, autocast=self._autocast)
         self._last_eval_step = self.step
-        if total_tokens == 0:
+        if ev["val_loss"] is None:
             return False
-        val_loss = total_nats / total_tokens
-        val_bpb = total_nats / math.log(2) / total_bytes if total_bytes else float("nan")
+        val_loss = ev["val_loss"]
+        per_domain = {d: {k: v[k] for k in ("loss", "bpb", "ppl")} for d, v in ev["per_domain"].items()}
         epoch = self.epochs_done + (0.0 if self.loader.epoch_done else self.loader.epoch_progress)
-        self.metrics.eval(step=self.step, epoch=round(epoch, 4), val_loss=val_loss, val_bpb=val_bpb,
-                          val_ppl=math.exp(min(val_loss, 700.0)), per_domain=per_domain)
+        self.metrics.eval(step=self.step, epoch=round(epoch, 4), val_loss=val_loss, val_bpb=ev["val_bpb"],
+                          val_ppl=ev["val_ppl"], per_domain=per_domain)
         self.last_val_loss = val_loss
         improved = self.early.update(val_loss, self.step, self.epochs_done)
         if self.early.stopped:
@@ -601,7 +612,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _train_state(self) -> dict[str, Any]:
+    def _train_state(self, rng_per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "schema": TRAIN_STATE_SCHEMA,
             "step": self.step,
@@ -617,7 +628,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "loader": self.loader.state_dict(),
             "early_stopping": self.early.state_dict(),
-            "rng": rng_state(self.device),
+            "rng": rng_per_rank,  # one entry per rank: each has its own dropout stream
             "counters": {"loss_sum": self.loss_sum, "loss_count": self.loss_count,
                          "bad_since_log": self.bad_since_log, "consecutive_bad": self.consecutive_bad},
             "last_val_loss": self.last_val_loss,
@@ -627,9 +638,10 @@ class Trainer:
     def _save(self, best: bool = False) -> None:
         if self.step == self._last_saved_step and not best:
             return
+        rng_per_rank = gather_to_all(rng_state(self.device), self.env)
         if self.env.is_main:
             path = save_checkpoint(self.run.checkpoints, self.step, self.raw_model.state_dict(),
-                                   self._train_state(), self.cfg.to_dict(), best=best,
+                                   self._train_state(rng_per_rank), self.cfg.to_dict(), best=best,
                                    keep=self.cfg.train.keep_checkpoints, faults=self.faults,
                                    log=self.metrics.log)
             self.last_checkpoint = path.name
@@ -666,9 +678,9 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["loader"])
         self.early.load_state_dict(state["early_stopping"])
-        if state.get("world_size", 1) == self.env.world_size:
-            set_rng_state(state["rng"], self.device)
-        else:
+        if len(state["rng"]) == self.env.world_size:
+            set_rng_state(state["rng"][self.env.rank], self.device)
+        else:  # another process count: fresh, still seeded, dropout streams
             torch.manual_seed(self.cfg.train.seed + self.env.rank + state["step"])
         self.step = int(state["step"])
         self.epochs_done = int(state["epochs_done"])
@@ -783,7 +795,3 @@ class Trainer:
         for sig, old in self._old_handlers.items():
             signal.signal(sig, old)
         self._old_handlers.clear()
-
-
-def result_dict(result: TrainResult) -> dict[str, Any]:
-    return asdict(result)

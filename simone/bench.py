@@ -1,0 +1,530 @@
+"""Benchmarks that compare, in one run: our model against its peer, and the data preparation.
+
+    simone bench train    [--preset cpu]    training tokens/s, ours vs transformers.LlamaForCausalLM
+    simone bench generate [--preset cpu]    KV-cache generation tokens/s, batch 1 and batch 8
+    simone bench prep --corpus DIR          curate + tokenizer + shards: wall time and peak RSS
+
+The peer is `transformers.LlamaForCausalLM` built from the same `ModelConfig` with a copy of
+our weights (`simone.export.to_hf_llama`): same vocabulary, width, depth, heads, SwiGLU size,
+tied embeddings, sequence length, batch, optimizer (AdamW, decay on matrices only, fused
+where available), dtype and data. Both models live in this process and are timed in
+alternation, repeat after repeat, so load from other processes on the machine hits both
+alike; tables show medians, and each returned dict has a top-level "ratio" (ours over the
+peer; above 1 means ours is faster). `bench_prep` has no peer: it returns "seconds" and
+"peak_rss_mb" (of this process and its workers together).
+
+MFU uses the trainer's own peak-FLOPS function (`simone.train.metrics.peak_flops`: a table of
+dense bf16 peaks for GPUs, a float32 matmul probe on a CPU) and the model's own FLOP count
+(`flops_per_token`: 6·N plus the attention term).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from simone.config import Config, ModelConfig, preset as load_preset
+
+# The goals of issue 7 (printed beside the measured numbers).
+GOALS = {"train": 1.2, "generate": 1.5, "prep_seconds": 60.0, "prep_peak_rss_mb": 2048.0}
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) that fn takes."""
+    _sync(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def time_alternating(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                     device: torch.device) -> dict[str, dict[str, Any]]:
+    """Run every fn once per round, `warmup + repeats` rounds; time the last `repeats`.
+
+    Returns {name: {"wall": [s...], "cpu": [s...], "first_s": wall time of the first call}}
+    (the first call of a compiled model includes its compilation).
+    """
+    times: dict[str, dict[str, Any]] = {k: {"wall": [], "cpu": [], "first_s": None} for k in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            wall, cpu = _timed(fn, device)
+            if r == 0:
+                times[name]["first_s"] = wall
+            if r >= warmup:
+                times[name]["wall"].append(wall)
+                times[name]["cpu"].append(cpu)
+    return times
+
+
+def _rate(work: float, t: dict[str, Any]) -> dict[str, float]:
+    """Throughput from a median wall time, and from the smallest CPU time (a single-threaded
+    run's CPU time is barely touched by other processes on a shared machine)."""
+    return {"per_s": work / statistics.median(t["wall"]), "per_cpu_s": work / min(t["cpu"]),
+            "median_s": statistics.median(t["wall"])}
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _dtypes_for(device: torch.device, dtypes: Iterable[str] | None) -> list[str]:
+    if dtypes:
+        return list(dtypes)
+    # bfloat16 autocast runs on every CPU (fast with AMX) and on recent GPUs; float32 on
+    # a GPU is not how anyone trains, so the GPU default is bf16 only.
+    return ["bfloat16"] if device.type == "cuda" else ["float32", "bfloat16"]
+
+
+def _preset_dtype(cfg: Config, device: torch.device) -> str:
+    """The dtype `simone train` would use for this preset on this device."""
+    choice = cfg.train.dtype
+    if choice == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return choice
+
+
+def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype={"bfloat16": torch.bfloat16,
+                                               "float16": torch.float16}[dtype])
+
+
+def model_pair(model_cfg: ModelConfig, device: torch.device, seed: int = 0):
+    """(ours, hf): our Llama-style model and a `LlamaForCausalLM` with a copy of its weights."""
+    from simone.export import to_hf_llama
+    from simone.model import build_model
+
+    if model_cfg.arch != "llama":
+        raise ValueError(f"model.arch={model_cfg.arch!r}: the benchmark peer is "
+                         f"LlamaForCausalLM, so only the Llama-style model compares")
+    torch.manual_seed(seed)
+    ours = build_model(model_cfg).to(device)
+    hf = to_hf_llama(ours)
+    return ours, hf
+
+
+def hf_optimizer(hf: torch.nn.Module, lr: float, weight_decay: float,
+                 betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
+    """The peer's AdamW set up as ours is (`LanguageModel.configure_optimizer`): decay on
+    parameters with ≥2 dimensions only, fused kernel on CPU and CUDA."""
+    params = [p for p in hf.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _header(cfg: Config, device: torch.device, n_params: int, extra: str = "") -> str:
+    m = cfg.model
+    return (f"preset {cfg.preset}  device {device}  threads {torch.get_num_threads()}  "
+            f"params {n_params / 1e6:.2f}M  dim {m.dim}  layers {m.n_layers}  heads {m.n_heads}"
+            f"  kv_heads {m.n_kv_heads or m.n_heads}  vocab {m.vocab_size}  seq {m.max_seq_len}"
+            f"{extra}")
+
+
+def _print_table(title: str, columns: list[str], rows: list[list[str]], caption: str = "") -> None:
+    """A rich table on the terminal (plain text when output is not a terminal)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, caption=caption or None, caption_justify="left")
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=max(120, shutil.get_terminal_size().columns)).print(table)
+
+
+def _write_json(result: dict[str, Any], json_path: str | Path | None) -> None:
+    if json_path:
+        from simone.rundir import atomic_write_json
+
+        atomic_write_json(Path(json_path), result)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def bench_train(preset: str = "cpu", *, repeats: int = 5, warmup: int = 2,
+                threads: int | None = None, device: str | None = None,
+                batch: int | None = None, dtypes: Iterable[str] | None = None,
+                compile: bool | None = None, model_cfg: ModelConfig | None = None,
+                json_path: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Training tokens/s (forward, backward, AdamW step on a fixed random batch) of our
+    model against `LlamaForCausalLM` with the same config and weights.
+
+    Rows: for each dtype (default float32 and bfloat16 on a CPU, bfloat16 on a GPU) ours
+    eager vs HF eager and, with compile (default: the preset's train.compile... or True on
+    a CPU, where it is the fast path), ours compiled vs HF eager and ours compiled vs HF
+    compiled. The top-level "ratio" is the headline row: the preset's dtype, ours the way
+    `simone train` runs it (compiled iff the preset compiles) against HF eager.
+    `model_cfg` replaces the preset's model shape (tests use a tiny one).
+    """
+    from simone.train.metrics import mfu, peak_flops
+
+    _set_threads(threads)
+    cfg = load_preset(preset)
+    mcfg = model_cfg or cfg.model
+    dev = resolve_device(device if device is not None else
+                         (None if cfg.train.device == "auto" else cfg.train.device))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        dev = torch.device("cpu")
+    batch = batch or cfg.train.batch_size
+    seq = mcfg.max_seq_len
+    dtype_list = _dtypes_for(dev, dtypes)
+    headline_dtype = _preset_dtype(cfg, dev)
+    if headline_dtype not in dtype_list:
+        dtype_list.insert(0, headline_dtype)
+    do_compile = True if compile is None else compile
+    headline_compiled = cfg.train.compile and do_compile
+
+    ours, hf = model_pair(mcfg, dev)
+    ours.train()
+    hf.train()
+    tc = cfg.train
+    opt_ours = ours.configure_optimizer(tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), dev.type)
+    opt_hf = hf_optimizer(hf, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), dev.type)
+    g = torch.Generator().manual_seed(1)
+    data = torch.randint(0, mcfg.vocab_size, (batch, seq + 1), generator=g).to(dev)
+    x, y = data[:, :-1], data[:, 1:]
+    models = {"ours": ours, "hf": hf}
+    if do_compile:
+        models["ours_compiled"] = torch.compile(ours)
+        models["hf_compiled"] = torch.compile(hf)
+
+    def step_fn(name: str, dtype: str) -> Callable[[], None]:
+        model = models[name]
+        opt = opt_ours if name.startswith("ours") else opt_hf
+
+        def step() -> None:
+            with _autocast(dev, dtype):
+                if name.startswith("ours"):
+                    _, loss = model(x, y)
+                else:  # HF shifts the labels itself: the same next-token task
+                    loss = model(input_ids=x, labels=x, use_cache=False).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    peak = peak_flops(dev)
+    flops = ours.flops_per_token(seq)
+    tokens = batch * seq
+    n_params = ours.num_params()
+    if not quiet:
+        print(_header(cfg, dev, n_params, f"  batch {batch}"), flush=True)
+    rates: dict[str, dict[str, dict[str, float]]] = {}
+    compile_s: dict[str, dict[str, float]] = {}
+    for dtype in dtype_list:
+        fns = {name: step_fn(name, dtype) for name in models}
+        times = time_alternating(fns, repeats, warmup, dev)
+        rates[dtype] = {name: _rate(tokens, t) for name, t in times.items()}
+        compile_s[dtype] = {name: t["first_s"] for name, t in times.items() if "compiled" in name}
+
+    pairs = [("ours eager", "ours", "HF eager", "hf")]
+    if do_compile:
+        pairs += [("ours compiled", "ours_compiled", "HF eager", "hf"),
+                  ("ours compiled", "ours_compiled", "HF compiled", "hf_compiled")]
+    rows = []
+    for dtype in dtype_list:
+        for ours_label, ours_key, peer_label, peer_key in pairs:
+            a, b = rates[dtype][ours_key], rates[dtype][peer_key]
+            rows.append({
+                "dtype": dtype, "ours": ours_label, "peer": peer_label,
+                "ours_tokens_per_s": a["per_s"], "peer_tokens_per_s": b["per_s"],
+                "ratio": a["per_s"] / b["per_s"],
+                "ratio_cpu_time": a["per_cpu_s"] / b["per_cpu_s"],
+                "ours_mfu": mfu(flops, a["per_s"], peak), "peer_mfu": mfu(flops, b["per_s"], peak),
+            })
+    headline_ours = "ours compiled" if headline_compiled else "ours eager"
+    headline = next(r for r in rows if r["dtype"] == headline_dtype
+                    and r["ours"] == headline_ours and r["peer"] == "HF eager")
+    result = {
+        "kind": "train", "preset": cfg.preset, "device": str(dev), "threads": torch.get_num_threads(),
+        "ratio": headline["ratio"],
+        "headline": f"{headline_ours} vs HF eager, {headline_dtype}",
+        "goal": GOALS["train"],
+        "config": {"dim": mcfg.dim, "n_layers": mcfg.n_layers, "n_heads": mcfg.n_heads,
+                   "n_kv_heads": mcfg.n_kv_heads or mcfg.n_heads, "vocab_size": mcfg.vocab_size,
+                   "seq_len": seq, "batch": batch, "params": n_params},
+        "flops_per_token": flops, "peak_flops": peak,
+        "repeats": repeats, "warmup": warmup, "rows": rows, "compile_s": compile_s,
+    }
+    if not quiet:
+        _print_train_table(result)
+    _write_json(result, json_path)
+    return result
+
+
+def _fmt_mfu(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def _print_train_table(result: dict[str, Any]) -> None:
+    rows = [[r["dtype"], r["ours"], r["peer"], f"{r['ours_tokens_per_s']:,.0f}",
+             f"{r['peer_tokens_per_s']:,.0f}", f"{r['ratio']:.2f}x", f"{r['ratio_cpu_time']:.2f}x",
+             _fmt_mfu(r["ours_mfu"]), _fmt_mfu(r["peer_mfu"])] for r in result["rows"]]
+    peak = result["peak_flops"]
+    peak_txt = "unknown" if not peak else f"{peak / 1e9:,.0f} GFLOP/s"
+    compile_txt = "; ".join(f"{d}: " + ", ".join(f"{k} {v:.0f} s" for k, v in c.items())
+                            for d, c in result["compile_s"].items() if c)
+    _print_table(
+        f"train tokens/s (median of {result['repeats']}), ours / transformers.LlamaForCausalLM",
+        ["dtype", "ours", "peer", "ours tok/s", "peer tok/s", "ratio", "ratio (CPU time)",
+         "ours MFU", "peer MFU"], rows,
+        f"headline ({result['headline']}): {result['ratio']:.2f}x, goal ≥ {result['goal']}x.  "
+        f"MFU = flops_per_token·tok/s / peak ({peak_txt}"
+        f"{', float32 matmul probe' if result['device'] == 'cpu' else ''})."
+        + (f"\nfirst call incl. compile: {compile_txt}" if compile_txt else ""))
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def bench_generate(preset: str = "cpu", *, repeats: int = 5, warmup: int = 1,
+                   threads: int | None = None, device: str | None = None,
+                   batches: Iterable[int] = (1, 8), dtypes: Iterable[str] | None = None,
+                   prompt_len: int = 16, new_tokens: int = 128,
+                   model_cfg: ModelConfig | None = None, json_path: str | Path | None = None,
+                   quiet: bool = False) -> dict[str, Any]:
+    """New tokens/s of greedy decoding with a KV cache: our `generate` against
+    `LlamaForCausalLM.generate(do_sample=False)` (its default dynamic cache) on the same
+    weights, for each batch size and dtype. Both run under `torch.no_grad` in eval mode.
+
+    The top-level "ratio" is the smallest ratio over the batch sizes at the preset's dtype.
+    "same_tokens" says whether both produced identical tokens (greedy ties can break
+    differently in bfloat16 or on a random-init model's flat logits).
+    """
+    _set_threads(threads)
+    cfg = load_preset(preset)
+    mcfg = model_cfg or cfg.model
+    dev = resolve_device(device if device is not None else
+                         (None if cfg.train.device == "auto" else cfg.train.device))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        dev = torch.device("cpu")
+    dtype_list = _dtypes_for(dev, dtypes)
+    headline_dtype = _preset_dtype(cfg, dev)
+    if headline_dtype not in dtype_list:
+        dtype_list.insert(0, headline_dtype)
+    ours, hf = model_pair(mcfg, dev)
+    ours.eval()
+    hf.eval()
+    n_new = max(1, min(new_tokens, mcfg.max_seq_len - prompt_len))
+    if not quiet:
+        print(_header(cfg, dev, ours.num_params(), f"  prompt {prompt_len}  new {n_new}"),
+              flush=True)
+
+    rows = []
+    for dtype in dtype_list:
+        for b in batches:
+            g = torch.Generator().manual_seed(2)
+            prompt = torch.randint(0, mcfg.vocab_size, (b, prompt_len), generator=g).to(dev)
+            out: dict[str, torch.Tensor] = {}
+
+            def gen_ours() -> None:
+                with torch.no_grad(), _autocast(dev, dtype):
+                    out["ours"] = torch.cat(list(ours.generate(prompt, n_new, temperature=0.0)), 1)
+
+            def gen_hf() -> None:
+                with torch.no_grad(), _autocast(dev, dtype):
+                    seq = hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new,
+                                      do_sample=False, use_cache=True, pad_token_id=0,
+                                      eos_token_id=None)
+                out["hf"] = seq[:, prompt_len:]
+
+            times = time_alternating({"ours": gen_ours, "hf": gen_hf}, repeats, warmup, dev)
+            a, p = _rate(b * n_new, times["ours"]), _rate(b * n_new, times["hf"])
+            rows.append({
+                "dtype": dtype, "batch": b, "ours_tokens_per_s": a["per_s"],
+                "peer_tokens_per_s": p["per_s"], "ratio": a["per_s"] / p["per_s"],
+                "ratio_cpu_time": a["per_cpu_s"] / p["per_cpu_s"],
+                "ours_ms_per_step": 1000 * a["median_s"] / n_new,
+                "peer_ms_per_step": 1000 * p["median_s"] / n_new,
+                "same_tokens": bool(torch.equal(out["ours"], out["hf"])),
+            })
+    headline_rows = [r for r in rows if r["dtype"] == headline_dtype]
+    result = {
+        "kind": "generate", "preset": cfg.preset, "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "ratio": min(r["ratio"] for r in headline_rows),
+        "headline": f"smallest ratio over batch sizes {list(batches)}, {headline_dtype}",
+        "goal": GOALS["generate"],
+        "config": {"dim": mcfg.dim, "n_layers": mcfg.n_layers, "n_heads": mcfg.n_heads,
+                   "vocab_size": mcfg.vocab_size, "seq_len": mcfg.max_seq_len,
+                   "prompt_len": prompt_len, "new_tokens": n_new, "params": ours.num_params()},
+        "repeats": repeats, "warmup": warmup, "rows": rows,
+    }
+    if not quiet:
+        _print_table(
+            f"generate tokens/s (greedy, KV cache, median of {repeats}), ours / "
+            f"LlamaForCausalLM.generate",
+            ["dtype", "batch", "ours tok/s", "peer tok/s", "ratio", "ratio (CPU time)",
+             "ours ms/step", "peer ms/step", "same tokens"],
+            [[r["dtype"], str(r["batch"]), f"{r['ours_tokens_per_s']:,.0f}",
+              f"{r['peer_tokens_per_s']:,.0f}", f"{r['ratio']:.2f}x", f"{r['ratio_cpu_time']:.2f}x",
+              f"{r['ours_ms_per_step']:.2f}", f"{r['peer_ms_per_step']:.2f}", str(r["same_tokens"])]
+             for r in rows],
+            f"headline ({result['headline']}): {result['ratio']:.2f}x, goal ≥ {result['goal']}x.")
+    _write_json(result, json_path)
+    return result
+
+
+# ----------------------------------------------------------------------------- prep
+
+
+class ResourceMeter:
+    """Wall time, CPU time and peak RSS of the code inside a `with` block, counting this
+    process and its child processes (curation's worker pool) together; RSS is sampled
+    every 20 ms, so a spike shorter than that can be missed."""
+
+    def __init__(self, name: str, interval_s: float = 0.02):
+        import psutil
+
+        self.name = name
+        self.interval_s = interval_s
+        self.proc = psutil.Process()
+        self.wall = self.cpu = 0.0
+        self.peak = 0
+
+    def _tree_rss(self) -> int:
+        import psutil
+
+        total = self.proc.memory_info().rss
+        for child in self.proc.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:  # exited between listing and reading
+                pass
+        return total
+
+    def _cpu_s(self) -> float:
+        t = self.proc.cpu_times()  # children_*: workers that have been waited for
+        return t.user + t.system + t.children_user + t.children_system
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self._tree_rss())
+
+    def __enter__(self) -> ResourceMeter:
+        self.peak = self._tree_rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        self.cpu0 = self._cpu_s()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.t0
+        self.cpu = self._cpu_s() - self.cpu0
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._tree_rss())
+
+    def row(self) -> dict[str, Any]:
+        return {"stage": self.name, "seconds": round(self.wall, 3), "cpu_s": round(self.cpu, 3),
+                "cores_used": round(self.cpu / max(self.wall, 1e-9), 2),
+                "peak_rss_mb": round(self.peak / 2**20, 1)}
+
+
+def bench_prep(corpus: str | Path, *, preset: str = "cpu", out_dir: str | Path | None = None,
+               threads: int | None = None, vocab_size: int | None = None,
+               json_path: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Time `simone prepare` on `corpus`: curate → tokenizer training → shards, each stage
+    measured (wall, CPU seconds, cores used, peak RSS of the process tree).
+
+    Writes into `out_dir` (a fresh temporary folder, removed afterwards, when None).
+    Returns {"kind": "prep", "seconds", "peak_rss_mb", "stages": [...], ...}.
+    """
+    from simone.data.curate import curate
+    from simone.data.shards import build_shards
+    from simone.tokenizer import train_tokenizer
+
+    _set_threads(threads)
+    cfg = load_preset(preset)
+    if vocab_size:
+        cfg.tokenizer.vocab_size = vocab_size
+    corpus = Path(corpus)
+    if not corpus.exists():
+        raise FileNotFoundError(f"{corpus}: corpus folder not found")
+    tmp = None
+    if out_dir is None:
+        tmp = tempfile.mkdtemp(prefix="simone-bench-prep-")
+        out = Path(tmp)
+    else:
+        out = Path(out_dir)
+        shutil.rmtree(out, ignore_errors=True)  # every stage runs fresh
+    data_dir = out / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stages = []
+    try:
+        with ResourceMeter("total") as total:
+            with ResourceMeter("curate") as m:
+                curate(corpus, data_dir, cfg)
+            stages.append(m.row())
+            documents = data_dir / "documents.jsonl"
+            with ResourceMeter("tokenizer") as m:
+                tok = train_tokenizer(documents, out / "tokenizer", cfg.tokenizer)
+            stages.append(m.row())
+            with ResourceMeter("shards") as m:
+                index = build_shards(documents, tok, data_dir, cfg.data.control_token_prob)
+            stages.append(m.row())
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    splits = {s: {k: v.get(k) for k in ("n_tokens", "n_bytes")} | {"n_docs": len(v.get("docs", []))}
+              for s, v in index["splits"].items()}
+    result = {
+        "kind": "prep", "preset": cfg.preset, "corpus": str(corpus),
+        "seconds": round(total.wall, 3), "peak_rss_mb": round(total.peak / 2**20, 1),
+        "cpu_s": round(total.cpu, 3), "cores_used": round(total.cpu / max(total.wall, 1e-9), 2),
+        "cores": os.cpu_count(), "load_average": os.getloadavg()[0],
+        "goal": {"seconds": GOALS["prep_seconds"], "peak_rss_mb": GOALS["prep_peak_rss_mb"]},
+        "vocab_size": tok.vocab_size, "stages": stages, "splits": splits,
+    }
+    if not quiet:
+        rows = [[s["stage"], f"{s['seconds']:.1f}", f"{s['cpu_s']:.1f}", f"{s['cores_used']:.2f}",
+                 f"{s['peak_rss_mb']:,.0f}"] for s in stages]
+        rows.append(["total", f"{result['seconds']:.1f}", f"{result['cpu_s']:.1f}",
+                     f"{result['cores_used']:.2f}", f"{result['peak_rss_mb']:,.0f}"])
+        tokens = ", ".join(f"{s} {v['n_tokens']:,} tokens / {v['n_docs']} docs"
+                           for s, v in splits.items())
+        _print_table(
+            f"prepare {corpus} (curate + tokenizer + shards), preset {cfg.preset}",
+            ["stage", "seconds", "CPU s", "cores used", "peak RSS MB"], rows,
+            f"goal ≤ {GOALS['prep_seconds']:.0f} s and ≤ {GOALS['prep_peak_rss_mb']:,.0f} MB on "
+            f"{os.cpu_count()} cores (load average {result['load_average']:.1f}); "
+            f"vocab {tok.vocab_size}; {tokens}")
+    _write_json(result, json_path)
+    return result
+
