@@ -254,7 +254,7 @@ class Trainer:
 
         self.early = EarlyStopping(tc.min_epochs, tc.num_epochs, tc.patience)
         self.flops_per_token = self.raw_model.flops_per_token(self.seq_len)
-        self.peak_flops = peak_flops(self.device)
+        self.peak_flops = peak_flops(self.device, self.amp_dtype)
         self.tokenizer = None
         if env.is_main:
             from simone.tokenizer import load_tokenizer
