@@ -60,8 +60,7 @@ def make_run_dir(prepared: Path, run_dir: Path) -> None:
 def start_training(arch: str, core: int | None, prepared: Path, run_dir: Path, minutes: float,
                    extra: list[str]) -> subprocess.Popen:
     cmd = simone_cmd("train", "--run-dir", str(run_dir), "--config", str(prepared / "config.json"),
-                     "--set", f"model.arch={arch}", "--max-minutes", str(minutes),
-                     "--set", "train.num_epochs=1000", "--set", "train.patience=1000", *extra)
+                     "--set", f"model.arch={arch}", "--max-minutes", str(minutes), *extra)
     if core is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", str(core), *cmd]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")

@@ -64,7 +64,7 @@ def main() -> None:
         results["generate"] = bench_generate(warmup=max(1, args.warmup - 1),
                                              batches=args.gen_batch or (1, 8),
                                              prompt_len=args.prompt, new_tokens=args.new_tokens,
-                                             **common)
+                                             compile=not args.no_compile, **common)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)

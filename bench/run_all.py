@@ -1,4 +1,4 @@
-"""Every comparison benchmark in one go: `simone bench train`, `generate` and `prep`, then
+"""Every comparison benchmark in one go: `simone bench prep`, `train` and `generate`, then
 (with --architectures) the Llama-vs-GPT-2 budget run; one summary JSON at the end.
 
     python bench/run_all.py --corpus ../shared/corpus --threads 1 --out bench-results
@@ -38,14 +38,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     common = dict(preset=args.preset, repeats=args.repeats, threads=args.threads)
     results = {}
+    # prep first: its peak RSS is this process's, which must not include the models yet
+    if "prep" not in args.skip:
+        results["prep"] = bench_prep(args.corpus, preset=args.preset, threads=args.threads,
+                                     json_path=args.out / "prep.json")
     if "train" not in args.skip:
         results["train"] = bench_train(compile=not args.no_compile,
                                        json_path=args.out / "train.json", **common)
     if "generate" not in args.skip:
-        results["generate"] = bench_generate(json_path=args.out / "generate.json", **common)
-    if "prep" not in args.skip:
-        results["prep"] = bench_prep(args.corpus, preset=args.preset, threads=args.threads,
-                                     json_path=args.out / "prep.json")
+        results["generate"] = bench_generate(compile=not args.no_compile,
+                                             json_path=args.out / "generate.json", **common)
     if args.architectures:
         script = Path(__file__).with_name("bench_architectures.py")
         subprocess.run([sys.executable, str(script), "--corpus", str(args.corpus),

@@ -230,6 +230,44 @@ def streaming_eval(loaded, val_dir: Path, n_contexts: int) -> dict | None:
             "window_bpb": bpb(window_nll), "cache_bytes": stream["cache_bytes"], "max_slots": stream["max_slots"]}
 
 
+@torch.no_grad()
+def policy_accuracy(loaded, val_dir: Path, max_batches: int) -> float | None:
+    """Share of validation positions where the policy head's argmax is the true domain (every
+    position, from the first token of a window on). None without a policy head."""
+    from simone.data.loader import eval_windows
+    from simone.data.shards import TokenShard
+
+    model, cfg = loaded.model, loaded.config
+    if getattr(model, "policy_head", None) is None:
+        return None
+    shard = TokenShard(val_dir, "val")
+    classes = loaded.tokenizer.domains
+    hits = total = 0
+    for domain in shard.domains:
+        if domain not in classes:
+            continue
+        for x, _ in eval_windows(shard, domain, cfg.model.max_seq_len, max_batches, cfg.train.batch_size,
+                                 device=loaded.device):
+            _, _, policy = model(x, return_policy=True)
+            hits += int((policy.argmax(-1) == classes.index(domain)).sum())
+            total += policy.shape[0] * policy.shape[1]
+    return hits / total if total else None
+
+
+def median_train_rate(run: RunDir) -> float | None:
+    """Median training tokens/s over the logging intervals in metrics.jsonl (robust to the
+    intervals that include an evaluation or a checkpoint)."""
+    import statistics
+
+    rates = []
+    if run.metrics.exists():
+        for line in run.metrics.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row.get("kind") == "train" and row.get("tokens_per_s"):
+                rates.append(float(row["tokens_per_s"]))
+    return statistics.median(rates) if rates else None
+
+
 def evaluate_variant(name: str, run: RunDir, val_dir: Path, judge, settings: AblationSettings,
                      train_result) -> dict:
     from simone.generate import load_model
@@ -258,8 +296,10 @@ def evaluate_variant(name: str, run: RunDir, val_dir: Path, judge, settings: Abl
                                    max_tokens=settings.sample_tokens, seed=settings.seed,
                                    policy_guidance=settings.guidance_weight)
         row["steering_accuracy_guided"] = guided["accuracy"]
+    row["policy_accuracy"] = policy_accuracy(loaded, val_dir, cfg.train.eval_batches)
     row["streaming"] = streaming_eval(loaded, val_dir, settings.stream_contexts)
-    row["tokens_per_s"] = getattr(train_result, "tokens_per_s", None)
+    row["tokens_per_s_overall"] = getattr(train_result, "tokens_per_s", None)  # evaluation included
+    row["tokens_per_s"] = median_train_rate(run) or row["tokens_per_s_overall"]
     row["tokens_seen"] = getattr(train_result, "tokens_seen", None)
     row["steps"] = getattr(train_result, "steps", None)
     row["train_seconds"] = getattr(train_result, "seconds", None)
@@ -310,7 +350,9 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
         vcfg = variant_config(cfg, name)
         tc = vcfg.train
         tc.max_steps = steps
-        tc.max_minutes = max(share_s / 60 * 1.5, 0.5)
+        # The step count is the budget; the time cap is only a guard against a stuck run (on a
+        # busy machine a variant may take longer than its share, but it still gets its tokens).
+        tc.max_minutes = max(share_s / 60 * 5, 2.0)
         tc.eval_every = tc.checkpoint_every = steps
         tc.sample_every = 0
         run = RunDir(out / "runs" / name)
@@ -326,6 +368,8 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
         set_policy_domains(vcfg.model, vtok.domains)
         _say(f"{name}: training {steps} steps")
         result = stage_train(vcfg, run.root)
+        if getattr(result, "stop_reason", None) == "signal":
+            raise KeyboardInterrupt(f"ablation stopped by a signal while training {name}")
         rows.append(evaluate_variant(name, run, val_dir, judge, settings, result))
         r = rows[-1]
         _say(f"{name}: val bpb {r['val_bpb']:.4f}, steering {r['steering_accuracy']:.0%}, "
@@ -358,7 +402,7 @@ def ablation_markdown(result: dict) -> str:
     rows = result["variants"]
     domains = sorted({d for r in rows for d in r["per_domain_bpb"]})
     head = (["variant", "params", "val bpb"] + [f"bpb {d}" for d in domains]
-            + ["steering", "steering (guided)", "stream ppl", "stream bpb", "window bpb", "tokens/s"])
+            + ["steering", "steering (guided)", "policy acc", "stream ppl", "stream bpb", "window bpb", "train tokens", "tokens/s"])
     lines = [
         "# SIM-ONE governance ablation", "",
         f"Preset `{result['preset']}`, {result['steps_per_variant']} optimizer steps per variant "
@@ -368,7 +412,8 @@ def ablation_markdown(result: dict) -> str:
         f"samples made with `--domain X` that a naive Bayes judge assigns to X (judge's own accuracy on "
         f"validation snippets {result['steering_judge']['validation_snippet_accuracy']:.0%}, chance "
         f"{result['steering_judge']['chance']:.0%}); guided adds `--policy-guidance "
-        f"{result['settings']['guidance_weight']}`. Streaming: a validation text of "
+        f"{result['settings']['guidance_weight']}`. Policy acc: share of validation positions whose "
+        f"policy-head argmax is the true domain. Streaming: a validation text of "
         f"~{result['settings']['stream_contexts']} contexts read through the bounded cache (stream) vs. "
         f"independent context-sized windows (window).", "",
         "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
@@ -378,8 +423,9 @@ def ablation_markdown(result: dict) -> str:
         cells = ([r["variant"], f"{r['params']:,}", _f(r["val_bpb"])]
                  + [_f(r["per_domain_bpb"].get(d)) for d in domains]
                  + [_f(r["steering_accuracy"], ".0%"), _f(r.get("steering_accuracy_guided"), ".0%"),
+                    _f(r.get("policy_accuracy"), ".0%"),
                     _f(s.get("stream_ppl"), ".2f"), _f(s.get("stream_bpb")), _f(s.get("window_bpb")),
-                    _f(r.get("tokens_per_s"), ",.0f")])
+                    _f(r.get("tokens_seen"), ",d"), _f(r.get("tokens_per_s"), ",.0f")])
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Variants: " + "; ".join(f"`{n}`" for n in (r["variant"] for r in rows)) + 
               ". See `simone/ablate.py` for their definitions.", ""]

@@ -14,8 +14,8 @@ peer; above 1 means ours is faster). `bench_prep` has no peer: it returns "secon
 "peak_rss_mb" (of this process and its workers together).
 
 MFU uses the trainer's own peak-FLOPS function (`simone.train.metrics.peak_flops`: a table of
-dense bf16 peaks for GPUs, a float32 matmul probe on a CPU) and the model's own FLOP count
-(`flops_per_token`: 6·N plus the attention term).
+dense bf16 peaks for GPUs, a short matmul probe in the row's dtype on a CPU) and the model's
+own FLOP count (`flops_per_token`: 6·N plus the attention term).
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ from typing import Any
 import torch
 
 from simone.config import Config, ModelConfig, preset as load_preset
+
+
+class BenchError(RuntimeError):
+    """A benchmark that cannot run as asked (reported as one line by the CLI)."""
+
 
 # The goals of issue 7 (printed beside the measured numbers).
 GOALS = {"train": 1.2, "generate": 1.5, "prep_seconds": 60.0, "prep_peak_rss_mb": 2048.0}
@@ -85,10 +90,16 @@ def _rate(work: float, t: dict[str, Any]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- setup
 
 
-def resolve_device(name: str | None) -> torch.device:
+def bench_device(cfg: Config, device: str | None) -> torch.device:
+    """`device` if given, else the preset's train.device ("auto": CUDA when present)."""
+    name = device if device is not None else cfg.train.device
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"preset {cfg.preset}: device {name} but no CUDA GPU is visible; "
+                         f"pass --device cpu to run this shape on the CPU anyway")
+    return dev
 
 
 def _dtypes_for(device: torch.device, dtypes: Iterable[str] | None) -> list[str]:
@@ -100,11 +111,11 @@ def _dtypes_for(device: torch.device, dtypes: Iterable[str] | None) -> list[str]
 
 
 def _preset_dtype(cfg: Config, device: torch.device) -> str:
-    """The dtype `simone train` would use for this preset on this device."""
-    choice = cfg.train.dtype
-    if choice == "auto":
-        return "bfloat16" if device.type == "cuda" else "float32"
-    return choice
+    """The dtype `simone train` would compute in for this preset on this device."""
+    from simone.train.trainer import autocast_dtype
+
+    dtype = autocast_dtype(cfg.train.dtype, device)
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
@@ -143,8 +154,8 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _header(cfg: Config, device: torch.device, n_params: int, extra: str = "") -> str:
-    m = cfg.model
+def _header(cfg: Config, m: ModelConfig, device: torch.device, n_params: int,
+            extra: str = "") -> str:
     return (f"preset {cfg.preset}  device {device}  threads {torch.get_num_threads()}  "
             f"params {n_params / 1e6:.2f}M  dim {m.dim}  layers {m.n_layers}  heads {m.n_heads}"
             f"  kv_heads {m.n_kv_heads or m.n_heads}  vocab {m.vocab_size}  seq {m.max_seq_len}"
@@ -161,7 +172,7 @@ def _print_table(title: str, columns: list[str], rows: list[list[str]], caption:
         table.add_column(col, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*row)
-    Console(width=max(120, shutil.get_terminal_size().columns)).print(table)
+    Console(width=max(150, shutil.get_terminal_size().columns)).print(table)
 
 
 def _write_json(result: dict[str, Any], json_path: str | Path | None) -> None:
@@ -183,8 +194,8 @@ def bench_train(preset: str = "cpu", *, repeats: int = 5, warmup: int = 2,
     model against `LlamaForCausalLM` with the same config and weights.
 
     Rows: for each dtype (default float32 and bfloat16 on a CPU, bfloat16 on a GPU) ours
-    eager vs HF eager and, with compile (default: the preset's train.compile... or True on
-    a CPU, where it is the fast path), ours compiled vs HF eager and ours compiled vs HF
+    eager vs HF eager and, with compile (default True; each compilation takes tens of
+    seconds, not counted in the medians), ours compiled vs HF eager and ours compiled vs HF
     compiled. The top-level "ratio" is the headline row: the preset's dtype, ours the way
     `simone train` runs it (compiled iff the preset compiles) against HF eager.
     `model_cfg` replaces the preset's model shape (tests use a tiny one).
@@ -194,10 +205,7 @@ def bench_train(preset: str = "cpu", *, repeats: int = 5, warmup: int = 2,
     _set_threads(threads)
     cfg = load_preset(preset)
     mcfg = model_cfg or cfg.model
-    dev = resolve_device(device if device is not None else
-                         (None if cfg.train.device == "auto" else cfg.train.device))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        dev = torch.device("cpu")
+    dev = bench_device(cfg, device)
     batch = batch or cfg.train.batch_size
     seq = mcfg.max_seq_len
     dtype_list = _dtypes_for(dev, dtypes)
@@ -237,12 +245,13 @@ def bench_train(preset: str = "cpu", *, repeats: int = 5, warmup: int = 2,
 
         return step
 
-    peak = peak_flops(dev)
+    peaks = {dtype: _peak_for(peak_flops, dev, dtype) for dtype in dtype_list}
+    peak = peaks[headline_dtype]
     flops = ours.flops_per_token(seq)
     tokens = batch * seq
     n_params = ours.num_params()
     if not quiet:
-        print(_header(cfg, dev, n_params, f"  batch {batch}"), flush=True)
+        print(_header(cfg, mcfg, dev, n_params, f"  batch {batch}"), flush=True)
     rates: dict[str, dict[str, dict[str, float]]] = {}
     compile_s: dict[str, dict[str, float]] = {}
     for dtype in dtype_list:
@@ -264,26 +273,38 @@ def bench_train(preset: str = "cpu", *, repeats: int = 5, warmup: int = 2,
                 "ours_tokens_per_s": a["per_s"], "peer_tokens_per_s": b["per_s"],
                 "ratio": a["per_s"] / b["per_s"],
                 "ratio_cpu_time": a["per_cpu_s"] / b["per_cpu_s"],
-                "ours_mfu": mfu(flops, a["per_s"], peak), "peer_mfu": mfu(flops, b["per_s"], peak),
+                "ours_mfu": mfu(flops, a["per_s"], peaks[dtype]),
+                "peer_mfu": mfu(flops, b["per_s"], peaks[dtype]),
             })
     headline_ours = "ours compiled" if headline_compiled else "ours eager"
     headline = next(r for r in rows if r["dtype"] == headline_dtype
                     and r["ours"] == headline_ours and r["peer"] == "HF eager")
     result = {
         "kind": "train", "preset": cfg.preset, "device": str(dev), "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0],
         "ratio": headline["ratio"],
         "headline": f"{headline_ours} vs HF eager, {headline_dtype}",
         "goal": GOALS["train"],
         "config": {"dim": mcfg.dim, "n_layers": mcfg.n_layers, "n_heads": mcfg.n_heads,
                    "n_kv_heads": mcfg.n_kv_heads or mcfg.n_heads, "vocab_size": mcfg.vocab_size,
                    "seq_len": seq, "batch": batch, "params": n_params},
-        "flops_per_token": flops, "peak_flops": peak,
+        "flops_per_token": flops, "peak_flops": peak, "peak_flops_by_dtype": peaks,
         "repeats": repeats, "warmup": warmup, "rows": rows, "compile_s": compile_s,
     }
     if not quiet:
         _print_train_table(result)
     _write_json(result, json_path)
     return result
+
+
+def _peak_for(peak_flops: Callable[..., float | None], device: torch.device,
+              dtype: str) -> float | None:
+    """The device's peak FLOP/s for `dtype`, from the trainer's function (a matmul probe in
+    that dtype on a CPU, where AMX makes bf16 several times faster than float32; the bf16
+    table on a GPU, which says nothing about float32, so a GPU float32 row gets no MFU)."""
+    if device.type == "cuda" and dtype == "float32":
+        return None
+    return peak_flops(device, dtype=getattr(torch, dtype))
 
 
 def _fmt_mfu(v: float | None) -> str:
@@ -294,8 +315,8 @@ def _print_train_table(result: dict[str, Any]) -> None:
     rows = [[r["dtype"], r["ours"], r["peer"], f"{r['ours_tokens_per_s']:,.0f}",
              f"{r['peer_tokens_per_s']:,.0f}", f"{r['ratio']:.2f}x", f"{r['ratio_cpu_time']:.2f}x",
              _fmt_mfu(r["ours_mfu"]), _fmt_mfu(r["peer_mfu"])] for r in result["rows"]]
-    peak = result["peak_flops"]
-    peak_txt = "unknown" if not peak else f"{peak / 1e9:,.0f} GFLOP/s"
+    peak_txt = ", ".join(f"{d} {'unknown' if not v else f'{v / 1e9:,.0f} GFLOP/s'}"
+                         for d, v in result["peak_flops_by_dtype"].items())
     compile_txt = "; ".join(f"{d}: " + ", ".join(f"{k} {v:.0f} s" for k, v in c.items())
                             for d, c in result["compile_s"].items() if c)
     _print_table(
@@ -304,7 +325,8 @@ def _print_train_table(result: dict[str, Any]) -> None:
          "ours MFU", "peer MFU"], rows,
         f"headline ({result['headline']}): {result['ratio']:.2f}x, goal ≥ {result['goal']}x.  "
         f"MFU = flops_per_token·tok/s / peak ({peak_txt}"
-        f"{', float32 matmul probe' if result['device'] == 'cpu' else ''})."
+        f"{'; CPU: matmul probe' if result['device'] == 'cpu' else ''}); "
+        f"load average {result['load_average']:.1f}."
         + (f"\nfirst call incl. compile: {compile_txt}" if compile_txt else ""))
 
 
@@ -314,70 +336,99 @@ def _print_train_table(result: dict[str, Any]) -> None:
 def bench_generate(preset: str = "cpu", *, repeats: int = 5, warmup: int = 1,
                    threads: int | None = None, device: str | None = None,
                    batches: Iterable[int] = (1, 8), dtypes: Iterable[str] | None = None,
-                   prompt_len: int = 16, new_tokens: int = 128,
+                   prompt_len: int = 16, new_tokens: int = 128, sampling: bool = True,
+                   compile: bool = False,
                    model_cfg: ModelConfig | None = None, json_path: str | Path | None = None,
                    quiet: bool = False) -> dict[str, Any]:
     """New tokens/s of greedy decoding with a KV cache: our `generate` against
     `LlamaForCausalLM.generate(do_sample=False)` (its default dynamic cache) on the same
     weights, for each batch size and dtype. Both run under `torch.no_grad` in eval mode.
+    dtypes default to float32 (how `simone generate` runs: the checkpoint's weights, no
+    autocast) and bfloat16 autocast; the first is the headline dtype. With `sampling`, also
+    "sample" rows in it: temperature 0.8, top-k 50, top-p 0.95 (the `simone generate`
+    defaults) on both sides. With `compile`, also greedy rows in it where our forward is
+    `torch.compile(dynamic=True)`d (applied from outside, to a copy: `simone generate`
+    itself runs eager), against HF eager.
 
-    The top-level "ratio" is the smallest ratio over the batch sizes at the preset's dtype.
-    "same_tokens" says whether both produced identical tokens (greedy ties can break
-    differently in bfloat16 or on a random-init model's flat logits).
+    The top-level "ratio" is the smallest greedy eager ratio over the batch sizes in the
+    headline dtype. "same_tokens" says whether both produced identical tokens (greedy ties can break
+    differently in bfloat16 or on a random-init model's flat logits; sampled tokens differ
+    since the two draw random numbers differently).
     """
     _set_threads(threads)
     cfg = load_preset(preset)
     mcfg = model_cfg or cfg.model
-    dev = resolve_device(device if device is not None else
-                         (None if cfg.train.device == "auto" else cfg.train.device))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        dev = torch.device("cpu")
-    dtype_list = _dtypes_for(dev, dtypes)
-    headline_dtype = _preset_dtype(cfg, dev)
-    if headline_dtype not in dtype_list:
-        dtype_list.insert(0, headline_dtype)
+    dev = bench_device(cfg, device)
+    # `simone generate` runs the checkpoint's float32 weights without autocast: that is the
+    # headline; bf16 autocast rows show what lower precision does.
+    dtype_list = list(dtypes) if dtypes else ["float32", "bfloat16"]
+    headline_dtype = dtype_list[0]
     ours, hf = model_pair(mcfg, dev)
     ours.eval()
     hf.eval()
     n_new = max(1, min(new_tokens, mcfg.max_seq_len - prompt_len))
     if not quiet:
-        print(_header(cfg, dev, ours.num_params(), f"  prompt {prompt_len}  new {n_new}"),
+        print(_header(cfg, mcfg, dev, ours.num_params(), f"  prompt {prompt_len}  new {n_new}"),
               flush=True)
 
+    runners = {"eager": ours}
+    if compile:
+        import copy
+
+        # One graph for every cache length and batch size (dynamic shapes), compiled on the
+        # first call of each row's warm-up.
+        runners["compiled"] = copy.deepcopy(ours)
+        runners["compiled"].forward = torch.compile(runners["compiled"].forward, dynamic=True)
+    cases = [(dtype, b, "greedy", "eager") for dtype in dtype_list for b in batches]
+    if sampling:
+        cases += [(headline_dtype, b, "sample", "eager") for b in batches]
+    if compile:
+        cases += [(headline_dtype, b, "greedy", "compiled") for b in batches]
     rows = []
-    for dtype in dtype_list:
-        for b in batches:
-            g = torch.Generator().manual_seed(2)
-            prompt = torch.randint(0, mcfg.vocab_size, (b, prompt_len), generator=g).to(dev)
-            out: dict[str, torch.Tensor] = {}
+    for dtype, b, mode, runner in cases:
+        model = runners[runner]
+        g = torch.Generator().manual_seed(2)
+        prompt = torch.randint(0, mcfg.vocab_size, (b, prompt_len), generator=g).to(dev)
+        out: dict[str, torch.Tensor] = {}
+        ours_kw: dict[str, Any] = {"temperature": 0.0}
+        hf_kw: dict[str, Any] = {"do_sample": False}
+        if mode == "sample":
+            ours_kw = {"temperature": 0.8, "top_k": 50, "top_p": 0.95,
+                       "generator": torch.Generator(device=dev).manual_seed(3)}
+            hf_kw = {"do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95}
 
-            def gen_ours() -> None:
-                with torch.no_grad(), _autocast(dev, dtype):
-                    out["ours"] = torch.cat(list(ours.generate(prompt, n_new, temperature=0.0)), 1)
+        def gen_ours() -> None:
+            with torch.no_grad(), _autocast(dev, dtype):
+                out["ours"] = torch.cat(list(model.generate(prompt, n_new, **ours_kw)), 1)
 
-            def gen_hf() -> None:
-                with torch.no_grad(), _autocast(dev, dtype):
-                    seq = hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new,
-                                      do_sample=False, use_cache=True, pad_token_id=0,
-                                      eos_token_id=None)
-                out["hf"] = seq[:, prompt_len:]
+        def gen_hf() -> None:
+            with torch.no_grad(), _autocast(dev, dtype):
+                seq = hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new,
+                                  use_cache=True, pad_token_id=0, eos_token_id=None, **hf_kw)
+            out["hf"] = seq[:, prompt_len:]
 
-            times = time_alternating({"ours": gen_ours, "hf": gen_hf}, repeats, warmup, dev)
-            a, p = _rate(b * n_new, times["ours"]), _rate(b * n_new, times["hf"])
-            rows.append({
-                "dtype": dtype, "batch": b, "ours_tokens_per_s": a["per_s"],
-                "peer_tokens_per_s": p["per_s"], "ratio": a["per_s"] / p["per_s"],
-                "ratio_cpu_time": a["per_cpu_s"] / p["per_cpu_s"],
-                "ours_ms_per_step": 1000 * a["median_s"] / n_new,
-                "peer_ms_per_step": 1000 * p["median_s"] / n_new,
-                "same_tokens": bool(torch.equal(out["ours"], out["hf"])),
-            })
-    headline_rows = [r for r in rows if r["dtype"] == headline_dtype]
+        times = time_alternating({"ours": gen_ours, "hf": gen_hf}, repeats, warmup, dev)
+        a, p = _rate(b * n_new, times["ours"]), _rate(b * n_new, times["hf"])
+        rows.append({
+            "dtype": dtype, "batch": b, "mode": mode, "ours": runner,
+            "first_s": times["ours"]["first_s"], "ours_tokens_per_s": a["per_s"],
+            "peer_tokens_per_s": p["per_s"], "ratio": a["per_s"] / p["per_s"],
+            "ratio_cpu_time": a["per_cpu_s"] / p["per_cpu_s"],
+            "ours_ms_per_step": 1000 * a["median_s"] / n_new,
+            "peer_ms_per_step": 1000 * p["median_s"] / n_new,
+            "same_tokens": bool(torch.equal(out["ours"], out["hf"])),
+        })
+    headline_rows = [r for r in rows if r["dtype"] == headline_dtype and r["mode"] == "greedy"
+                     and r["ours"] == "eager"]
+    sampled = [r["ratio"] for r in rows if r["mode"] == "sample"]
+    compiled = [r["ratio"] for r in rows if r["ours"] == "compiled"]
     result = {
         "kind": "generate", "preset": cfg.preset, "device": str(dev),
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0],
         "ratio": min(r["ratio"] for r in headline_rows),
-        "headline": f"smallest ratio over batch sizes {list(batches)}, {headline_dtype}",
+        "headline": f"smallest greedy ratio over batch sizes {list(batches)}, {headline_dtype}",
+        "ratio_sampled": min(sampled) if sampled else None,
+        "ratio_compiled": min(compiled) if compiled else None,
         "goal": GOALS["generate"],
         "config": {"dim": mcfg.dim, "n_layers": mcfg.n_layers, "n_heads": mcfg.n_heads,
                    "vocab_size": mcfg.vocab_size, "seq_len": mcfg.max_seq_len,
@@ -386,15 +437,20 @@ def bench_generate(preset: str = "cpu", *, repeats: int = 5, warmup: int = 1,
     }
     if not quiet:
         _print_table(
-            f"generate tokens/s (greedy, KV cache, median of {repeats}), ours / "
-            f"LlamaForCausalLM.generate",
-            ["dtype", "batch", "ours tok/s", "peer tok/s", "ratio", "ratio (CPU time)",
+            f"generate tokens/s (KV cache, median of {repeats}), ours / LlamaForCausalLM.generate",
+            ["dtype", "batch", "decoding", "ours", "ours tok/s", "peer tok/s", "ratio",
+             "ratio (CPU time)",
              "ours ms/step", "peer ms/step", "same tokens"],
-            [[r["dtype"], str(r["batch"]), f"{r['ours_tokens_per_s']:,.0f}",
+            [[r["dtype"], str(r["batch"]), r["mode"], r["ours"], f"{r['ours_tokens_per_s']:,.0f}",
               f"{r['peer_tokens_per_s']:,.0f}", f"{r['ratio']:.2f}x", f"{r['ratio_cpu_time']:.2f}x",
               f"{r['ours_ms_per_step']:.2f}", f"{r['peer_ms_per_step']:.2f}", str(r["same_tokens"])]
              for r in rows],
-            f"headline ({result['headline']}): {result['ratio']:.2f}x, goal ≥ {result['goal']}x.")
+            f"headline ({result['headline']}): {result['ratio']:.2f}x, goal ≥ {result['goal']}x; "
+            f"load average {result['load_average']:.1f}."
+            + ("" if not sampled else " sample: temperature 0.8, top-k 50, top-p 0.95 on both sides.")
+            + ("" if not compiled else f" compiled: torch.compile(dynamic=True) of our forward "
+               f"(first call incl. compile {max(r['first_s'] for r in rows if r['ours'] == 'compiled'):.0f} s)"
+               f" vs HF eager: {min(compiled):.2f}x."))
     _write_json(result, json_path)
     return result
 
@@ -476,7 +532,7 @@ def bench_prep(corpus: str | Path, *, preset: str = "cpu", out_dir: str | Path |
         cfg.tokenizer.vocab_size = vocab_size
     corpus = Path(corpus)
     if not corpus.exists():
-        raise FileNotFoundError(f"{corpus}: corpus folder not found")
+        raise BenchError(f"{corpus}: corpus folder not found")
     tmp = None
     if out_dir is None:
         tmp = tempfile.mkdtemp(prefix="simone-bench-prep-")

@@ -137,6 +137,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     cfg = build_config(args, run_dir)
+    if args.parallel is not None:
+        cfg.train.parallel = args.parallel
     result = stage_train(cfg, run_dir, resume=args.resume)
     return 0 if result is not None else 1
 
@@ -219,20 +221,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from simone import bench
 
-    common = dict(threads=args.threads, json_path=args.json)
-    if args.kind == "prep":
-        if not args.corpus:
-            raise CLIError("simone bench prep: give --corpus DIR (e.g. ../shared/corpus)")
-        bench.bench_prep(Path(args.corpus), preset=args.preset or DEFAULT_PRESET, **common)
-        return 0
-    if args.corpus:
+    common = dict(preset=args.preset or DEFAULT_PRESET, threads=args.threads, json_path=args.json)
+    if args.kind != "prep" and args.corpus:
         raise CLIError(f"simone bench {args.kind}: --corpus is for `prep` only")
-    options = dict(preset=args.preset or DEFAULT_PRESET, repeats=args.repeats, device=args.device,
-                   dtypes=args.dtype or None, **common)
-    if args.kind == "train":
-        bench.bench_train(compile=not args.no_compile, **options)
-    else:
-        bench.bench_generate(**options)
+    try:
+        if args.kind == "prep":
+            if not args.corpus:
+                raise CLIError("simone bench prep: give --corpus DIR (e.g. ../shared/corpus)")
+            bench.bench_prep(Path(args.corpus), **common)
+            return 0
+        options = dict(repeats=args.repeats, device=args.device, dtypes=args.dtype or None,
+                       compile=not args.no_compile, **common)
+        if args.kind == "train":
+            bench.bench_train(**options)
+        else:
+            bench.bench_generate(**options)
+    except bench.BenchError as e:
+        raise CLIError(str(e)) from e
     return 0
 
 
@@ -280,10 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decontaminate", action="store_true")
     p.add_argument("--no-curate", action="store_true")
 
-    p = verb("train", cmd_train, "train on a prepared run dir (works under torchrun)")
+    p = verb("train", cmd_train, "train a run dir, preparing its data first if needed "
+             "(under torchrun: data-parallel on every process)")
     _add_config_args(p)
     p.add_argument("--run-dir", dest="run_dir", required=True)
     p.add_argument("--resume", "--resume_from", dest="resume", default=None)
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], default=None,
+                   help="under torchrun: ddp (a replica per process, default) or fsdp (FSDP2: sharded "
+                        "parameters, gradients and optimizer state, for models that do not fit one GPU)")
 
     p = verb("validate", cmd_validate, "write validation/report.{json,md}; non-zero exit when a check fails")
     p.add_argument("--model", required=True, help="run dir, checkpoint dir or .tar.gz")
@@ -353,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda (default: the preset's, auto)")
     p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"],
                    help="rows to time (repeatable; default float32+bfloat16 on CPU, bfloat16 on GPU)")
-    p.add_argument("--no-compile", action="store_true", help="train: skip the torch.compile rows")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
 
     p = verb("status", cmd_status, "print a run's state, progress, losses and ETA")
     p.add_argument("run", nargs="?", default=None)

@@ -117,6 +117,9 @@ class TrainConfig:
     compile: bool = False
     fused_adamw: bool = True  # used where the device supports it
     activation_checkpointing: bool = False
+    # under torchrun: "ddp" (a full replica per process) or "fsdp" (FSDP2: parameters, gradients
+    # and optimizer state sharded over the processes, for models that do not fit one GPU)
+    parallel: str = "ddp"
     system_stats_every_s: float = 5.0
     max_bad_steps: int = 3  # consecutive non-finite steps before rollback
     max_rollbacks: int = 2  # rollbacks before the run fails

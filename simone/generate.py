@@ -165,12 +165,13 @@ def prompt_ids(loaded: LoadedModel, prompt: str, domain: str | None = None) -> l
 @torch.no_grad()
 def governed_tokens(loaded: LoadedModel, prompt: str, max_tokens: int, options: GovernanceOptions,
                     temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = 0.95,
-                    seed: int = 0, trace_records: list[dict] | None = None):
+                    seed: int = 0, trace_records: list[dict] | None = None, last_policy: dict | None = None):
     """Like `stream_tokens`, through `governed_generate` (streaming cache, steering, trace).
 
     With `options.trace`, appends to `trace_records` one dict per generated token:
     {token, text, prob, entropy, top_sources: [[position, token_text, weight], ...],
     memory, policy: {domain: p}} (positions index `prompt_ids(...)` + generated tokens).
+    `last_policy` (a dict) receives the policy head's domain distribution of the whole text.
     """
     from simone.model.governance import governed_generate
 
@@ -196,6 +197,8 @@ def governed_tokens(loaded: LoadedModel, prompt: str, max_tokens: int, options: 
         if step.token == tok.eod_id:
             break
         all_ids.append(step.token)
+        if last_policy is not None and step.policy is not None:
+            last_policy.update(zip(domains, step.policy))
         if trace_records is not None:
             record = {"token": step.token, "text": tok.decode([step.token]), "prob": round(step.prob, 6),
                       "entropy": round(step.entropy, 6),
@@ -215,7 +218,8 @@ def governed_tokens(loaded: LoadedModel, prompt: str, max_tokens: int, options: 
 @torch.no_grad()
 def stream_tokens(loaded: LoadedModel, prompt: str, max_tokens: int = 100, temperature: float = 0.8,
                   top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0,
-                  governance: GovernanceOptions | None = None, trace_records: list[dict] | None = None):
+                  governance: GovernanceOptions | None = None, trace_records: list[dict] | None = None,
+                  last_policy: dict | None = None):
     """Yield the text of each new token as it is generated (KV cache on).
 
     With `governance` options that ask for something, generation goes through
@@ -224,7 +228,7 @@ def stream_tokens(loaded: LoadedModel, prompt: str, max_tokens: int = 100, tempe
     """
     if governance is not None and governance.active:
         yield from governed_tokens(loaded, prompt, max_tokens, governance, temperature, top_k, top_p, seed,
-                                   trace_records)
+                                   trace_records, last_policy)
         return
     tok = loaded.tokenizer
     ids = tok.encode(prompt) if prompt else [tok.eod_id]
@@ -290,6 +294,7 @@ def generate_cli(model_path: Path, prompt: str, max_tokens: int, temperature: fl
     options = GovernanceOptions(domain=domain, policy_guidance=policy_guidance, guidance_top_k=guidance_top_k,
                                 trace=trace is not None or trace_html is not None, stream=stream_past_context)
     records: list[dict] | None = [] if options.trace else None
+    policy: dict[str, float] = {}
     t0 = time.perf_counter()
     n = 0
     out = sys.stdout
@@ -300,7 +305,7 @@ def generate_cli(model_path: Path, prompt: str, max_tokens: int, temperature: fl
     for piece in stream_tokens(loaded, prompt, max_tokens=max_tokens, temperature=temperature,
                                top_k=top_k if top_k and top_k > 0 else None,
                                top_p=top_p if top_p and top_p < 1 else None, seed=seed,
-                               governance=options, trace_records=records):
+                               governance=options, trace_records=records, last_policy=policy):
         n += 1
         pieces.append(piece)
         if stream:
@@ -311,6 +316,9 @@ def generate_cli(model_path: Path, prompt: str, max_tokens: int, temperature: fl
     out.write("\n")
     dt = time.perf_counter() - t0
     print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s]", file=sys.stderr)
+    if policy:  # the policy head's reading of the whole text
+        ranked = sorted(policy.items(), key=lambda kv: -kv[1])
+        print("[policy: " + ", ".join(f"{d} {p:.2f}" for d, p in ranked) + "]", file=sys.stderr)
     if records is not None:
         write_trace(loaded, prompt, domain, records, trace, trace_html)
     return 0

@@ -18,6 +18,7 @@ from simone.rundir import RunDir
 
 
 SAMPLE_PROMPT = "The "  # the short sample printed at the end of `simone run`
+PREPARE_TIMEOUT_S = 3600.0  # under torchrun: how long the other ranks wait for rank 0 to prepare
 
 
 class PipelineError(SimoneError, RuntimeError):
@@ -94,13 +95,47 @@ def stage_prepare(cfg: Config, run_dir: Path):
 
 
 def stage_train(cfg: Config, run_dir: Path, resume: str | None = None):
+    """Train; a run directory without tokenizer and shards is prepared first.
+
+    Under torchrun every process calls this: the process group is joined here, rank 0 alone
+    prepares the data and writes config.json while the others wait for its word, and then every
+    rank trains with rank 0's resolved config (the tokenizer may have changed the vocab size).
+    """
+    from simone.train.distributed import (barrier, broadcast_object, dist_env_from_environ,
+                                          init_distributed, resolve_device)
     from simone.train.trainer import train
 
     run = RunDir(run_dir)
-    for needed in (run.tokenizer, run.data / "index.json"):
-        if not needed.exists():
-            raise PipelineError(f"{needed}: missing; run `simone prepare --run-dir {run.root}` first")
-    save_config(cfg, run.config)
+    env = dist_env_from_environ()
+    prepared = run.tokenizer.exists() and (run.data / "index.json").exists()
+    # While rank 0 prepares, the others wait in a collective: give it an hour (torch's default,
+    # 10 minutes with NCCL, is too short for a large corpus).
+    init_distributed(env, resolve_device(cfg.train.device, env), timeout_s=None if prepared else PREPARE_TIMEOUT_S)
+    outcome: tuple[str, object]
+    if env.is_main:
+        try:
+            if not prepared:
+                if resume not in (None, "latest"):
+                    raise PipelineError(f"{run.root}: no tokenizer or shards to resume training on; "
+                                        f"run `simone prepare --run-dir {run.root}` or train without --resume")
+                _say(f"train: {run.root} has no tokenizer and shards yet; preparing them first")
+                stage_prepare(cfg, run.root)
+            save_config(cfg, run.config)
+            outcome = ("ok", cfg.to_dict())
+        except Exception as e:  # the other ranks must hear about it, not wait forever
+            outcome = ("error", f"{type(e).__name__}: {e}")
+            broadcast_object(outcome, env)
+            raise
+    else:
+        outcome = ("waiting", None)
+    outcome = broadcast_object(outcome, env)  # the other ranks wait here while rank 0 prepares
+    if outcome[0] == "error":
+        raise PipelineError(f"rank 0 could not prepare {run.root}: {outcome[1]}")
+    if not env.is_main:
+        from simone.config import from_dict
+
+        cfg = from_dict(outcome[1])
+    barrier(env)
     return train(cfg, run, resume=resume)
 
 

@@ -77,7 +77,7 @@ def _documents(documents_jsonl: Path, split: str) -> Iterable[dict]:
                     yield doc
 
 
-def fit_on_documents(documents_jsonl: Path, split: str = "train", max_chars: int = 200_000,
+def fit_on_documents(documents_jsonl: Path, split: str = "train", max_chars: int = 20_000,
                      alpha: float = 1.0) -> NaiveBayesClassifier:
     """Fit on the `split` documents of a documents.jsonl (each cut to `max_chars`, so one long
     book does not outweigh its domain)."""

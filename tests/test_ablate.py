@@ -11,11 +11,10 @@ from simone.ablate import VARIANTS
 from simone.cli import main
 
 
-@pytest.mark.slow
 def test_ablate_writes_a_table_with_every_variant(tiny_corpus, tmp_path, capsys):
     out = tmp_path / "ablation"
     rc = main(["ablate", "--data", str(tiny_corpus), "--preset", "tiny", "--out", str(out), "--max-steps", "2",
-               "--samples-per-domain", "1", "--sample-tokens", "8", "--set", "train.eval_batches=1"])
+               "--samples-per-domain", "1", "--sample-tokens", "8", "--set", "train.eval_batches=1", "--set", "train.log_every=1"])
     assert rc == 0
     result = json.loads((out / "ablation.json").read_text())
     rows = {r["variant"]: r for r in result["variants"]}
@@ -31,6 +30,7 @@ def test_ablate_writes_a_table_with_every_variant(tiny_corpus, tmp_path, capsys)
             assert stream["contexts"] > 1 and stream["max_slots"] <= 64 and math.isfinite(stream["stream_ppl"])
     assert rows["full"]["steering_accuracy_guided"] is not None
     assert rows["no-policy"]["steering_accuracy_guided"] is None
+    assert 0.0 <= rows["full"]["policy_accuracy"] <= 1.0 and rows["llama"]["policy_accuracy"] is None
     assert rows["no-memory"]["params"] < rows["full"]["params"]
     assert rows["no-policy"]["params"] < rows["full"]["params"]
     assert rows["llama"]["governance"]["governance"] is False

@@ -66,11 +66,16 @@ def test_bench_generate_json(tmp_path: Path):
     r = bench.bench_generate("tiny", repeats=1, warmup=0, batches=(1, 3), dtypes=["float32"],
                              prompt_len=4, new_tokens=6, model_cfg=TINY, json_path=out, quiet=True)
     saved = json.loads(out.read_text())
-    assert saved["kind"] == "generate" and [row["batch"] for row in saved["rows"]] == [1, 3]
-    assert saved["ratio"] == pytest.approx(min(row["ratio"] for row in saved["rows"]))
+    assert saved["kind"] == "generate"
+    assert [(row["batch"], row["mode"]) for row in saved["rows"]] == [
+        (1, "greedy"), (3, "greedy"), (1, "sample"), (3, "sample")]
+    greedy = [row for row in saved["rows"] if row["mode"] == "greedy"]
+    assert saved["ratio"] == pytest.approx(min(row["ratio"] for row in greedy))
+    assert saved["ratio_sampled"] == pytest.approx(min(row["ratio"] for row in saved["rows"]
+                                                       if row["mode"] == "sample"))
     assert isinstance(r["ratio"], float) and r["ratio"] > 0
     # float32 greedy decoding of the same weights gives the same tokens on both sides.
-    assert all(row["same_tokens"] for row in saved["rows"])
+    assert all(row["same_tokens"] for row in greedy)
 
 
 def test_bench_prep_json_and_cli(tiny_corpus: Path, tmp_path: Path, capsys):
@@ -108,7 +113,7 @@ def test_resource_meter_sees_memory():
 @pytest.mark.parametrize("kind", ["train", "generate"])
 def test_cli_bench_model_kinds(kind: str, tmp_path: Path, capsys):
     out = tmp_path / f"{kind}.json"
-    extra = ["--no-compile"] if kind == "train" else []
+    extra = ["--no-compile"]
     assert main(["bench", kind, "--preset", "tiny", "--repeats", "1", "--dtype", "float32",
                  "--threads", "1", "--json", str(out), *extra]) == 0
     saved = json.loads(out.read_text())
@@ -116,3 +121,10 @@ def test_cli_bench_model_kinds(kind: str, tmp_path: Path, capsys):
     assert isinstance(saved["ratio"], float) and saved["ratio"] > 0
     assert {row["dtype"] for row in saved["rows"]} == {"float32"}
     assert "ratio" in capsys.readouterr().out  # the table was printed
+
+
+def test_gpu_preset_without_gpu_is_a_clear_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["bench", "train", "--preset", "h200-350m"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err

@@ -301,3 +301,35 @@ def test_loader_domain_labels_follow_the_domain_ranges(tmp_path):
             pos = s + t
             domain = next(n for n in shard.domains if shard.domain_range(n)[0] <= pos < shard.domain_range(n)[1])
             assert int(d[row, t]) == (classes.index(domain) if domain in classes else -1)
+
+
+def test_each_part_has_its_own_switch():
+    full = model(governance=True)
+    assert full.policy_head is not None and full.layers[0].attention.n_memory == 4
+    no_policy = model(governance=True, policy=False)
+    assert no_policy.policy_head is None and no_policy.layers[0].attention.n_memory == 4
+    no_memory = model(governance=True, memory=False)
+    assert no_memory.policy_head is not None and no_memory.layers[0].attention.n_memory == 0
+    no_trace = model(governance=True, trace=False)
+    with pytest.raises(ValueError, match="trace=false"):
+        list(governed_generate(no_trace, [1, 2], 2, trace=True))
+    assert len(list(governed_generate(no_trace, [1, 2], 2))) == 2  # generation itself still works
+    with pytest.raises(ValueError, match="policy head"):
+        list(governed_generate(no_policy, [1, 2], 2, guidance_domain=0, guidance_weight=1.0))
+
+
+def test_policy_with_a_cache_equals_the_policy_of_the_whole_text():
+    """The head averages the text so far; a cache carries the running sum across calls."""
+    m = model(governance=True)
+    x, _ = batch(t=20)
+    full = m(x, return_policy=True)[2]
+    cache = m.new_kv_cache(2, 32)
+    parts = [m(x[:, :6], kv_cache=cache, start_pos=0, return_policy=True)[2],
+             m(x[:, 6:15], kv_cache=cache, start_pos=6, return_policy=True)[2],
+             m(x[:, 15:16], kv_cache=cache, start_pos=15, return_policy=True)[2],
+             m(x[:, 16:], kv_cache=cache, start_pos=16, last_logits_only=True, return_policy=True)[2]]
+    torch.testing.assert_close(torch.cat(parts[:3], 1), full[:, :16], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(parts[3][:, -1], full[:, -1], rtol=1e-4, atol=1e-5)
+    # a new sequence (start_pos 0) starts a new average
+    again = m(x[:, :6], kv_cache=cache, start_pos=0, return_policy=True)[2]
+    torch.testing.assert_close(again, full[:, :6], rtol=1e-4, atol=1e-5)

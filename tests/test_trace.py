@@ -103,6 +103,8 @@ def test_generate_writes_trace_jsonl_and_html(tmp_path, capsys):
     rc = main(["generate", "--model", str(ckpt), "--prompt", "sun moon", "--max-tokens", "60", "--domain", "alpha",
                "--policy-guidance", "2", "--trace", str(trace), "--trace-html", str(page), "--device", "cpu"])
     assert rc == 0
+    err = capsys.readouterr().err
+    assert "[policy: " in err and "alpha" in err  # the policy head's reading of the text
     records = [json.loads(line) for line in trace.read_text(encoding="utf-8").splitlines()]
     assert 0 < len(records) <= 60
     n_prompt = 2 + len(tok.encode("sun moon"))  # eod, <|domain:alpha|>, prompt

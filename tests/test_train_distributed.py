@@ -1,5 +1,5 @@
 """Two gloo processes under torchrun train exactly like one process accumulating two
-micro-batches: the same windows per step, gradients averaged, the same losses."""
+micro-batches: the same windows per step, gradients averaged, the same losses and final weights."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from test_train_support import losses_by_step, new_run, prepared_template, read_metrics, run_training, subprocess_env
 
@@ -44,6 +45,14 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-5), step
+    # ...and end with the same weights
+    from simone.train.checkpoint import load_checkpoint
+
+    w1, _, _ = load_checkpoint(one.checkpoints / "step_000006")
+    w2, _, _ = load_checkpoint(two.checkpoints / "step_000006")
+    assert sorted(w1) == sorted(w2)
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5, msg=name)
     # only rank 0 wrote: one start event, one row per step
     assert len([r for r in read_metrics(two, "event") if r["event"] == "start"]) == 1
     assert len(read_metrics(two, "train")) == 6

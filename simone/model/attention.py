@@ -38,6 +38,8 @@ class KVCache:
         self.batch_size = batch_size
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        # governance policy head: (running sum of its input [B or 1, dim], count) so far
+        self.policy_state: tuple[torch.Tensor, float] | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:

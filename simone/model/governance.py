@@ -4,10 +4,13 @@
 Each part has a definition, a switch in `ModelConfig` (`governance` on/off, then `policy`,
 `memory`, `trace`) and a measurable effect:
 
-- Policy head (`policy`): RMSNorm + linear on the hidden states after block `policy_layer`,
-  predicting at every position the domain of the document (a class per `<|domain:NAME|>`
-  control token, in the tokenizer's id order). It reads only positions <= t, so it is
-  causal. Trained with the content-alignment loss below; at generation it reports the
+- Policy head (`policy`): predicts at every position t the domain of the text (a class per
+  `<|domain:NAME|>` control token, in the tokenizer's id order) from the running mean of
+  the hidden states after block `policy_layer` over positions <= t (RMSNorm + linear). A
+  mean over the text so far, not one position's state: the domain is a property of the
+  whole text (a per-position linear head learned only the class prior on the real corpus).
+  It reads only positions <= t, so it is causal; with a KV cache the running sum is kept in
+  the cache (`policy_state`), so generation reports the domain of everything generated. Trained with the content-alignment loss below; at generation it reports the
   domain distribution of the text so far and can rerank candidates toward a domain.
 - Memory (`memory`): `n_memory_slots` learned key/value slots per layer
   (`CausalSelfAttention.add_memory`), attended to by every position; with
@@ -95,6 +98,18 @@ def set_policy_domains(cfg: ModelConfig, domains: list[str]) -> None:
         cfg.n_domains = len(domains)
 
 
+def policy_domains_for_run(cfg: ModelConfig, tokenizer_path) -> list[str] | None:
+    """For the trainer: the policy classes (the tokenizer's domains, which also sizes
+    `cfg.n_domains`), or None when the model has no policy head."""
+    if not uses_policy(cfg):
+        return None
+    from simone.tokenizer import load_tokenizer
+
+    domains = load_tokenizer(tokenizer_path).domains
+    set_policy_domains(cfg, domains)
+    return domains
+
+
 def trace_layers(cfg: ModelConfig) -> list[int]:
     """Block indices named by `model.trace_layers` ("-1" = the last; "0,-1"; "all")."""
     text = str(cfg.trace_layers).strip()
@@ -117,7 +132,8 @@ def trace_layers(cfg: ModelConfig) -> list[int]:
 
 
 class PolicyHead(nn.Module):
-    """Domain logits [B, T, n_domains] from hidden states [B, T, dim] (position-wise)."""
+    """Domain logits [B, T, n_domains] from hidden states [B, T, dim]: position t sees the
+    mean of the hidden states at positions <= t (plus, with a cache, everything before)."""
 
     def __init__(self, dim: int, n_domains: int, eps: float = 1e-5):
         super().__init__()
@@ -126,8 +142,17 @@ class PolicyHead(nn.Module):
         nn.init.normal_(self.proj.weight, std=0.02)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(h))
+    def forward(self, h: torch.Tensor, kv_cache=None, start_pos: int = 0) -> torch.Tensor:
+        running = h.float().cumsum(dim=1)
+        count = torch.arange(1, h.size(1) + 1, device=h.device, dtype=torch.float32)
+        if kv_cache is not None:
+            state = kv_cache.policy_state if start_pos > 0 else None
+            if state is not None:  # (sum [B or 1, dim], count) of the positions before start_pos
+                running = running + state[0][:, None]
+                count = count + state[1]
+            kv_cache.policy_state = (running[:, -1].detach(), float(count[-1]))
+        mean = running / count[None, :, None]
+        return self.proj(self.norm(mean.to(h.dtype)))
 
 
 def governance_loss(cfg: ModelConfig, lm_loss: torch.Tensor, policy_logits: torch.Tensor | None,
@@ -346,6 +371,8 @@ def governed_generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: i
                 for k, v in zip(cache.k, cache.v):  # every row continues from the winner
                     k[:, slot] = k[pick, slot]
                     v[:, slot] = v[pick, slot]
+                running, count = cache.policy_state
+                cache.policy_state = (running[pick : pick + 1], count)
                 next_logits, next_policy = c_logits[pick], c_policy[pick]
                 next_attn = None if c_attn is None else c_attn[pick]
             else:

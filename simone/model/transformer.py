@@ -107,14 +107,14 @@ class Transformer(LanguageModel):
                 policy_h = h
         h = self.norm(h)
         logits, loss = self.logits_and_loss(h, targets, last_logits_only)
-        if self.policy_head is None and not self.cfg.governance:
+        if not self.cfg.governance:  # the plain model: nothing more to do
             return (logits, loss, None) if return_policy else (logits, loss)
 
         policy_logits = None
         if self.policy_head is not None:
+            policy_logits = self.policy_head(policy_h, kv_cache, start_pos)
             if last_logits_only and targets is None:
-                policy_h = policy_h[:, -1:]
-            policy_logits = self.policy_head(policy_h)
+                policy_logits = policy_logits[:, -1:]
         if loss is not None and self.training:
             if domain_ids is None and self.policy_head is not None:
                 raise ValueError("model.policy=true: training needs domain_ids (the loader's "

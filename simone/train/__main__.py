@@ -21,11 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
-    from simone.config import ConfigError, apply_overrides, load_config, save_config
+    from simone.config import apply_overrides, load_config, save_config
+    from simone.errors import SimoneError
     from simone.rundir import RunDir
-    from simone.train.checkpoint import CheckpointError
     from simone.train.distributed import dist_env_from_environ
-    from simone.train.lock import RunLockedError
     from simone.train.trainer import TrainingError, train
 
     run = RunDir(args.run_dir)
@@ -34,12 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         if dist_env_from_environ().is_main and args.overrides:
             save_config(cfg, run.config)
         result = train(cfg, run, resume=args.resume)
-    except (ConfigError, CheckpointError, RunLockedError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
+    except TrainingError as e:  # a SimoneError too, but it has its own exit status
         print(f"training failed ({e.reason}): {e}", file=sys.stderr)
         return 1
+    except (SimoneError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"stopped: {result.stop_reason} at step {result.steps} (best val loss {result.best_val_loss})",
           file=sys.stderr)
     if result.stop_reason == "signal":

@@ -1,19 +1,41 @@
 """Process layout: one process, or several launched by `torchrun`.
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK. With WORLD_SIZE > 1 the trainer joins a process
-group (`nccl` on CUDA, `gloo` on CPU), wraps the model in DistributedDataParallel, gives each
-rank its own slice of the data, and lets only rank 0 write anything to the run directory.
-The model itself knows nothing about this.
+group (`nccl` on CUDA, `gloo` on CPU), wraps the model (`wrap_model`), gives each rank its own
+slice of the data, and lets only rank 0 write anything to the run directory. The model itself
+knows nothing about this.
+
+Two ways to spread the model (`train.parallel`):
+- "ddp": DistributedDataParallel, a full replica per process, gradients all-reduced.
+- "fsdp": FSDP2 (`torch.distributed.fsdp.fully_shard`) on every transformer block and the
+  root: parameters, gradients and optimizer moments are sharded over the processes and
+  gathered block by block when used. Works with gloo on a CPU too (torch 2.13).
+
+Checkpoints stay one format whatever the layout: `full_model_state` / `full_optimizer_state`
+gather plain (unsharded) tensors on rank 0, keyed like a single process's `state_dict()`, and
+`load_full_model_state` / `load_full_optimizer_state` put them back into any layout, so a run
+saved by N processes resumes on M.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from simone.errors import SimoneError
+
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+class DistributedConfigError(SimoneError, ValueError):
+    """A batch layout or parallel mode that this process count cannot honour."""
 
 
 @dataclass(frozen=True)
@@ -56,13 +78,17 @@ def resolve_device(preference: str, env: DistEnv) -> torch.device:
     return device
 
 
-def init_distributed(env: DistEnv, device: torch.device) -> None:
-    """Join the process group when there is more than one process (no-op otherwise)."""
+def init_distributed(env: DistEnv, device: torch.device, timeout_s: float | None = None) -> None:
+    """Join the process group when there is more than one process (no-op otherwise).
+    `timeout_s`: how long a collective may wait for the slowest rank (None: torch's default)."""
     if not env.distributed or dist.is_initialized():
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    from datetime import timedelta
+
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                            timeout=None if timeout_s is None else timedelta(seconds=timeout_s))
 
 
 def shutdown_distributed(env: DistEnv) -> None:
@@ -105,3 +131,167 @@ def gather_to_all(obj: object, env: DistEnv) -> list:
 def barrier(env: DistEnv) -> None:
     if env.distributed and dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_object(obj: Any, env: DistEnv) -> Any:
+    """Rank 0's `obj` on every rank (a collective; `obj` is ignored on the other ranks)."""
+    if not env.distributed:
+        return obj
+    box = [obj if env.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------- batch layout
+
+
+def split_batch(batch_size: int, grad_accum: int, world_size: int) -> tuple[int, int]:
+    """(micro-batch per process, accumulation steps) that keep the effective batch
+    `batch_size * grad_accum` sequences per optimizer step on `world_size` processes.
+
+    The accumulation is divided first (2 processes x 2 micro-batches of 12 = 1 x 4 x 12);
+    what the accumulation cannot absorb comes out of the micro-batch (accumulation 1, batch 8
+    on 2 processes: 4 sequences each). Raises DistributedConfigError when neither divides.
+    """
+    if world_size < 1 or batch_size < 1 or grad_accum < 1:
+        raise DistributedConfigError("batch_size, grad_accum and the process count must be >= 1")
+    share = math.gcd(grad_accum, world_size)
+    rest = world_size // share  # processes left to spread over the micro-batch
+    if batch_size % rest:
+        effective = batch_size * grad_accum
+        raise DistributedConfigError(
+            f"train.batch_size={batch_size} x train.grad_accum={grad_accum} = {effective} sequences per step "
+            f"cannot be split evenly over {world_size} processes; make train.grad_accum a multiple of "
+            f"{world_size} (e.g. --set train.grad_accum={grad_accum * world_size // share} "
+            f"--set train.batch_size={max(1, batch_size // rest)}) or use another process count")
+    return batch_size // rest, grad_accum // share
+
+
+# ----------------------------------------------------------------------------- model layout
+
+
+def check_parallel(mode: str) -> str:
+    if mode not in PARALLEL_MODES:
+        raise DistributedConfigError(f"train.parallel={mode!r}: choose one of {', '.join(PARALLEL_MODES)}")
+    return mode
+
+
+def wrap_model(model: torch.nn.Module, env: DistEnv, device: torch.device, mode: str) -> torch.nn.Module:
+    """The module the training step calls: DDP around `model`, or `model` itself sharded in
+    place by FSDP2 (one unit per transformer block, then the root for the embeddings and the
+    output). Create the optimizer after this: FSDP2 swaps the parameters for sharded ones."""
+    check_parallel(mode)
+    if not env.distributed:
+        return model
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def gradient_sync(model: torch.nn.Module, raw_model: torch.nn.Module, sync: bool, env: DistEnv):
+    """Context for one micro-batch's backward: gradients are reduced across processes only
+    when `sync` (the last micro-batch of a step); the others accumulate locally."""
+    if not env.distributed or sync:
+        if is_sharded(raw_model):
+            raw_model.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if is_sharded(raw_model):
+        raw_model.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a replicated DTensor (e.g. FSDP2's total gradient norm)."""
+    full = getattr(t, "full_tensor", None)
+    return full() if full is not None else t
+
+
+def _tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """{alias: first name} for parameters registered under two names (tied embeddings)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded weights, like a single process's `state_dict()`. Under FSDP2 a
+    collective (call on every rank) that leaves the tensors on rank 0's CPU and returns {}
+    elsewhere; tied parameters come back as one tensor so the checkpoint stores them once."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    for alias, name in _tied_names(model).items():
+        if alias in state and name in state:
+            state[alias] = state[name]
+    return state
+
+
+def load_full_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load unsharded weights (every rank holds them) into `model`, sharded or not."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    # Each tensor is scattered in the order of the dict, so every rank must use the same order:
+    # the model's own (safetensors returns its tensors in an order that differs per process).
+    ordered = {k: state[k] for k in model.state_dict() if k in state}
+    ordered.update({k: v for k, v in state.items() if k not in ordered})  # strict loading reports extras
+    set_model_state_dict(model, ordered, options=StateDictOptions(full_state_dict=True))
+
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state as a single process's `optimizer.state_dict()` has it (parameters
+    numbered in parameter-group order). Under FSDP2 a collective: the unsharded moments on
+    rank 0's CPU, {} elsewhere."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    by_name = get_optimizer_state_dict(model, optimizer,
+                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not by_name:
+        return {}
+    number = {n: i for i, n in enumerate(n for group in _param_names(model, optimizer) for n in group)}
+    groups = [{**g, "params": [number[n] for n in g["params"]]} for g in by_name["param_groups"]]
+    return {"state": {number[n]: v for n, v in by_name["state"].items()}, "param_groups": groups}
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                              state: dict[str, Any]) -> None:
+    """Load a state saved by `full_optimizer_state` (any process count, any layout)."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [n for group in _param_names(model, optimizer) for n in group]
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
+    by_name = {"state": {names[i]: v for i, v in state["state"].items()}, "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))

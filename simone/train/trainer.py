@@ -49,6 +49,7 @@ from simone.data.shards import TokenShard
 from simone.errors import SimoneError
 from simone.evaluate import evaluate_per_domain
 from simone.model import build_model
+from simone.model.governance import LossTermMeter, policy_domains_for_run
 from simone.rundir import RunDir
 from simone.train.checkpoint import (
     WEIGHTS,
@@ -67,11 +68,20 @@ from simone.train.distributed import (
     all_reduce_mean,
     any_rank,
     barrier,
+    check_parallel,
     dist_env_from_environ,
+    full_model_state,
+    full_optimizer_state,
     gather_to_all,
+    gradient_sync,
     init_distributed,
+    load_full_model_state,
+    load_full_optimizer_state,
+    local_tensor,
     resolve_device,
     shutdown_distributed,
+    split_batch,
+    wrap_model,
 )
 from simone.train.early_stopping import EarlyStopping
 from simone.train.faults import Faults
@@ -193,6 +203,24 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _si(x: float) -> str:
+    """512000 → '512k', 1.9e9 → '1.9B'."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.0f} s"
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 
@@ -219,44 +247,51 @@ class Trainer:
             cfg.model.vocab_size = self.train_shard.vocab_size
         self.seq_len = cfg.model.max_seq_len
 
-        # Keep the effective batch when torchrun spreads the accumulation over processes.
-        self.grad_accum = tc.grad_accum
-        if env.distributed:
-            if tc.grad_accum % env.world_size == 0:
-                self.grad_accum = tc.grad_accum // env.world_size
-            else:
-                self.metrics.log(f"train.grad_accum {tc.grad_accum} is not divisible by "
-                                 f"{env.world_size} processes: the effective batch grows x{env.world_size}")
-        self.loader = BatchLoader(self.train_shard, tc.batch_size, self.seq_len, tc.seed, rank=env.rank,
-                                  world_size=env.world_size, device=self.device, grad_accum=self.grad_accum)
+        # Keep the effective batch (batch_size x grad_accum sequences per step) whatever the
+        # process count: the accumulation is divided over the processes, and what it cannot
+        # absorb comes out of the micro-batch (distributed.split_batch; an error if neither can).
+        self.micro_batch, self.grad_accum = split_batch(tc.batch_size, tc.grad_accum, env.world_size)
+        self.parallel = check_parallel(tc.parallel)
+        if self.parallel == "fsdp" and not env.distributed:
+            self.metrics.log("train.parallel=fsdp needs several processes (torchrun); one process trains unsharded")
+        # Governance: the policy head's classes are the tokenizer's domain control tokens, and
+        # its labels (each input token's domain) come from the loader. None: no policy head.
+        self.domain_classes = policy_domains_for_run(cfg.model, run.tokenizer)
+        self.loss_terms = LossTermMeter()  # the comprehensive loss's terms, logged per interval
+        self.loader = BatchLoader(self.train_shard, self.micro_batch, self.seq_len, tc.seed, rank=env.rank,
+                                  world_size=env.world_size, device=self.device, grad_accum=self.grad_accum,
+                                  domain_classes=self.domain_classes)
         self.steps_per_epoch = self.loader.batches_per_epoch // self.grad_accum
         self.total_steps = tc.num_epochs * self.steps_per_epoch
         if tc.max_steps is not None:
             self.total_steps = min(self.total_steps, tc.max_steps)
-        self.tokens_per_step = tc.batch_size * self.seq_len * self.grad_accum * env.world_size
+        self.tokens_per_step = self.micro_batch * self.seq_len * self.grad_accum * env.world_size
 
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
         self.raw_model = build_model(cfg.model).to(self.device)
         self.amp_dtype = autocast_dtype(tc.dtype, self.device)
-        self.optimizer = self._new_optimizer()
         self.scaler = (torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16
                        and self.device.type == "cuda" else None)
         if tc.activation_checkpointing:
             apply_activation_checkpointing(self.raw_model)
+        # Applied from outside, in this order: activation checkpointing, sharding (FSDP2 shards
+        # raw_model in place), compile, DDP. The optimizer comes last: FSDP2 replaces parameters.
         self.model: torch.nn.Module = self.raw_model
+        if self.parallel == "fsdp":
+            self.model = wrap_model(self.raw_model, env, self.device, "fsdp")
         if tc.compile:
             self.model = torch.compile(self.model)
-        if env.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.parallel == "ddp":
+            self.model = wrap_model(self.model, env, self.device, "ddp")
+        self.optimizer = self._new_optimizer()
         torch.manual_seed(tc.seed + env.rank)  # dropout streams differ per rank
 
         self.early = EarlyStopping(tc.min_epochs, tc.num_epochs, tc.patience)
         self.flops_per_token = self.raw_model.flops_per_token(self.seq_len)
         self.peak_flops = peak_flops(self.device, self.amp_dtype)
+        self._sharded = self.parallel == "fsdp" and env.distributed
         self.tokenizer = None
-        if env.is_main:
+        if env.is_main or self._sharded:  # sharded: every rank takes part in generating samples
             from simone.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer(run.tokenizer)
@@ -286,6 +321,8 @@ class Trainer:
         self._session_tokens = 0
         self._log_clock = (time.perf_counter(), 0)  # (time, tokens) at the last log
         self._rate = (0.0, 0.0)  # (tokens/s, steps/s) over the last logging interval
+        self._expected_reported = False
+        self._session_first_step = 0  # set again on resume
         self._skips_on_device = optimizer_skips_on_device(self.optimizer) and self.scaler is None
 
     # ------------------------------------------------------------------ setup helpers
@@ -322,6 +359,7 @@ class Trainer:
             self._check_disk_at_start()
             self._write_status(state="running", error=None, step=self.step, total_steps=self.total_steps,
                                started=self._session_start)
+            self._session_first_step = self.step
             self._install_signal_handlers()
             self._start_heartbeat()
             while True:
@@ -426,12 +464,17 @@ class Trainer:
         epoch_ended = False
         step_loss = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
-            x, y = self.loader.next_batch()
+            governance = {}
+            if self.domain_classes is not None:
+                x, y, governance["domain_ids"] = self.loader.next_batch_with_domains()
+            else:
+                x, y = self.loader.next_batch()
             last = micro == self.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not self.env.distributed else self.model.no_sync()
-            with sync:
+            with gradient_sync(self.model, self.raw_model, last, self.env):
                 with self._autocast():
-                    _, loss = self.model(x, y)
+                    _, loss = self.model(x, y, **governance)
+                if self.cfg.model.governance:
+                    self.loss_terms.add(self.raw_model.loss_terms)
                 if poison:
                     loss = loss * float("nan")
                 step_loss += loss.detach().float()
@@ -443,7 +486,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = tc.grad_clip if tc.grad_clip and tc.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        grad_norm = local_tensor(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm))
         if self.scaler is not None:
             # fp16: overflowing gradients are the scaler's business; only a bad loss counts
             finite = torch.isfinite(step_loss)
@@ -472,13 +515,14 @@ class Trainer:
 
     def _oom_error(self, e: BaseException) -> TrainingError:
         tc = self.cfg.train
-        effective = tc.batch_size * self.grad_accum
+        effective = tc.batch_size * tc.grad_accum
         half = max(1, tc.batch_size // 2)
         accum = max(1, effective // half)
         return TrainingError(
-            f"out of GPU memory with train.batch_size={tc.batch_size} (seq_len {self.seq_len}, "
-            f"grad_accum {self.grad_accum}): try --set train.batch_size={half} --set train.grad_accum={accum} "
-            f"to keep the effective batch of {effective} sequences ({e})", "out_of_memory")
+            f"out of GPU memory with train.batch_size={tc.batch_size} ({self.micro_batch} sequences per "
+            f"process, seq_len {self.seq_len}, grad_accum {self.grad_accum}): try --set train.batch_size={half} --set "
+            f"train.grad_accum={accum} to keep the effective batch of {effective} sequences ({e})",
+            "out_of_memory")
 
     # ------------------------------------------------------------------ logging and faults
 
@@ -500,7 +544,8 @@ class Trainer:
         epoch = self.epochs_done + (0.0 if self.loader.epoch_done else self.loader.epoch_progress)
         self.metrics.train(step=self.step, epoch=round(epoch, 4), loss=loss, lr=self._last_lr,
                            grad_norm=grad_norm, tokens_per_s=round(tokens_per_s, 1),
-                           mfu=None if step_mfu is None else round(step_mfu, 5), tokens_seen=self.tokens_seen)
+                           mfu=None if step_mfu is None else round(step_mfu, 5), tokens_seen=self.tokens_seen,
+                           **self.loss_terms.read_and_reset())
         eta = self._eta_s()
         mfu_txt = "" if step_mfu is None else f" | mfu {step_mfu:.1%}"
         loss_txt = "skipped" if loss is None else f"{loss:.4f}"
@@ -509,6 +554,7 @@ class Trainer:
                 f"eta {format_seconds(eta)}")
         self.metrics.progress(self.step, self.total_steps, f"loss {loss_txt}")
         self.metrics.log(line, echo=not self.metrics.interactive)  # the bar shows it already
+        self._report_expected_time(tokens_per_s)
         self._write_status(step=self.step, epoch=round(epoch, 4), total_steps=self.total_steps, eta_s=eta)
 
         self.loss_sum.zero_()
@@ -520,6 +566,27 @@ class Trainer:
                                consecutive=int(consecutive))
         if consecutive >= self.cfg.train.max_bad_steps:
             self._rollback(int(consecutive))
+
+    def _report_expected_time(self, tokens_per_s: float) -> None:
+        """Once a run: the measured throughput and what it means for the whole schedule
+        ("expected: 512k tokens/s → 7 epochs of 1.9B tokens ≈ 7.2 h"): each preset's own short
+        benchmark. Taken from the first logging interval that does not hold this session's
+        first step (compile and allocator warm-up), or the first one when that is all there is."""
+        if self._expected_reported or tokens_per_s <= 0:
+            return
+        warm = self.step - self.cfg.train.log_every >= self._session_first_step + 1
+        if not warm and self.step + self.cfg.train.log_every <= self.total_steps:
+            return  # a warm interval is still to come
+        self._expected_reported = True
+        epochs = self.cfg.train.num_epochs
+        epoch_tokens = self.steps_per_epoch * self.tokens_per_step
+        seconds = epochs * epoch_tokens / tokens_per_s
+        message = (f"expected: {_si(tokens_per_s)} tokens/s → {epochs} epoch{'s' if epochs != 1 else ''} of "
+                   f"{_si(epoch_tokens)} tokens ≈ {_duration(seconds)} on {self.env.world_size} process(es) "
+                   f"({self.device.type})")
+        self.metrics.event("expected_time", self.step, message, tokens_per_s=round(tokens_per_s, 1),
+                           epochs=epochs, epoch_tokens=epoch_tokens, expected_s=round(seconds, 1),
+                           world_size=self.env.world_size)
 
     def _eta_s(self) -> float | None:
         steps_per_s = self._rate[1]
@@ -557,7 +624,7 @@ class Trainer:
         """Back to step 0: the seeded initial weights, a fresh optimizer and loader."""
         torch.manual_seed(self.cfg.train.seed)
         fresh = build_model(self.cfg.model)
-        self.raw_model.load_state_dict(fresh.state_dict())
+        load_full_model_state(self.raw_model, fresh.state_dict())
         self.optimizer = self._new_optimizer()
         self.loader.load_state_dict({"epoch": 0, "position": 0})
         torch.manual_seed(self.cfg.train.seed + self.env.rank)
@@ -594,7 +661,7 @@ class Trainer:
     @torch.no_grad()
     def _sample(self) -> None:
         """A seeded continuation of a fixed prompt, appended to samples.jsonl (rank 0)."""
-        if not self.env.is_main or self.tokenizer is None:
+        if self.tokenizer is None:  # ranks other than 0 (unless sharded: all must run the model)
             return
         tok = self.tokenizer
         ids = tok.encode(SAMPLE_PROMPT) or [tok.eod_id]
@@ -612,7 +679,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _train_state(self, rng_per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    def _train_state(self, rng_per_rank: list[dict[str, Any]], optimizer_state: dict[str, Any]) -> dict[str, Any]:
         return {
             "schema": TRAIN_STATE_SCHEMA,
             "step": self.step,
@@ -624,7 +691,7 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.env.world_size,
             "grad_accum": self.grad_accum,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "loader": self.loader.state_dict(),
             "early_stopping": self.early.state_dict(),
@@ -639,9 +706,13 @@ class Trainer:
         if self.step == self._last_saved_step and not best:
             return
         rng_per_rank = gather_to_all(rng_state(self.device), self.env)
+        # unsharded on rank 0 whatever the layout (collectives under FSDP), so any process
+        # count can resume it
+        model_state = full_model_state(self.raw_model)
+        optimizer_state = full_optimizer_state(self.raw_model, self.optimizer)
         if self.env.is_main:
-            path = save_checkpoint(self.run.checkpoints, self.step, self.raw_model.state_dict(),
-                                   self._train_state(rng_per_rank), self.cfg.to_dict(), best=best,
+            path = save_checkpoint(self.run.checkpoints, self.step, model_state,
+                                   self._train_state(rng_per_rank, optimizer_state), self.cfg.to_dict(), best=best,
                                    keep=self.cfg.train.keep_checkpoints, faults=self.faults,
                                    log=self.metrics.log)
             self.last_checkpoint = path.name
@@ -672,16 +743,23 @@ class Trainer:
         """Load a verified checkpoint into the model, optimizer, loader, RNGs and counters."""
         model_state, state, _ = load_checkpoint(ckpt, verify=False)  # resolve_checkpoint verified it
         check_state_fits(self.raw_model, model_state, str(ckpt / WEIGHTS))
-        self.raw_model.load_state_dict(model_state)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_full_model_state(self.raw_model, model_state)
+        load_full_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["loader"])
         self.early.load_state_dict(state["early_stopping"])
-        if len(state["rng"]) == self.env.world_size:
+        saved_world = len(state["rng"])
+        if saved_world == self.env.world_size:
             set_rng_state(state["rng"][self.env.rank], self.device)
-        else:  # another process count: fresh, still seeded, dropout streams
+        else:
+            # Another process count: weights, optimizer, schedule and data position carry over
+            # (the loader converts its position between global batch sizes), but the dropout
+            # streams cannot: fresh, still seeded ones. With dropout the losses then match the
+            # uninterrupted run only approximately (float summation order differs too).
             torch.manual_seed(self.cfg.train.seed + self.env.rank + state["step"])
+            self.metrics.log(f"{ckpt}: saved by {saved_world} process(es), resumed on {self.env.world_size}: "
+                             f"same weights, optimizer, schedule and data position; new dropout streams")
         self.step = int(state["step"])
         self.epochs_done = int(state["epochs_done"])
         self.tokens_seen = int(state["tokens_seen"])
@@ -703,7 +781,8 @@ class Trainer:
         if not self.env.is_main:
             return
         n_params = sum(p.numel() for p in self.raw_model.parameters())
-        per_ckpt = estimate_checkpoint_bytes(self.raw_model.state_dict()) + 2 * 4 * n_params  # + AdamW moments
+        weights = 4 * n_params if self._sharded else estimate_checkpoint_bytes(self.raw_model.state_dict())
+        per_ckpt = weights + 2 * 4 * n_params  # + AdamW moments
         needed = per_ckpt * (self.cfg.train.keep_checkpoints + 2)  # kept + best + one being written
         enough, free = check_free_space(self.run.checkpoints, needed)
         if not enough:
