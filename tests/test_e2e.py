@@ -48,6 +48,15 @@ def test_run_packages_a_model_that_generate_and_validate_load(tiny_corpus, tmp_p
     # validate the package itself (no shards beside it: the loss check is skipped, not failed)
     assert main(["validate", "--model", pkg, "--out", str(tmp_path / "pv")]) == 0
 
+    # a corrupted model fails validation with a non-zero exit and says why in the report
+    for weights in (run_dir / "checkpoints").glob("step_*/model.safetensors"):
+        data = bytearray(weights.read_bytes())
+        data[-10] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    assert main(["validate", "--model", str(run_dir), "--out", str(tmp_path / "bad")]) == 1
+    bad = json.loads((tmp_path / "bad" / "report.json").read_text())
+    assert not bad["ok"] and "loads" in bad["failed"]
+
 
 def test_missing_or_empty_corpus_is_one_clear_line(tmp_path, capsys):
     assert main(["run", "--data", str(tmp_path / "nope"), "--preset", "tiny", "--run-dir", str(tmp_path / "r")]) != 0
