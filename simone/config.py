@@ -161,6 +161,7 @@ def _tiny() -> Config:
 def _cpu() -> Config:
     """The default: a few minutes on 2 CPU cores, a model that writes recognisable text."""
     c = Config(preset="cpu")
+    c.data.control_token_prob = 0.5  # half the training docs open with <|domain:NAME|>: --domain steers
     c.tokenizer.vocab_size = 4096
     c.model = ModelConfig(dim=256, n_layers=4, n_heads=4, max_seq_len=256, vocab_size=4096)
     c.train = TrainConfig(
@@ -177,6 +178,7 @@ def _cpu() -> Config:
 def _h200() -> Config:
     """The original design's full single-GPU run (125M parameters)."""
     c = Config(preset="h200")
+    c.data.control_token_prob = 0.5
     c.tokenizer.vocab_size = 32000
     c.model = ModelConfig(dim=768, n_layers=12, n_heads=12, max_seq_len=1024, vocab_size=32000)
     c.train = TrainConfig(

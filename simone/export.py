@@ -38,6 +38,11 @@ def _check_llama(cfg: ModelConfig) -> None:
     if cfg.arch != "llama":
         raise ValueError(f"model.arch={cfg.arch!r}: only the Llama-style model maps onto "
                          f"LlamaForCausalLM")
+    # A policy head can be dropped (it never touches the logits); memory slots cannot: every
+    # position attends to them, and LlamaForCausalLM has no place for them.
+    if cfg.governance and cfg.memory:
+        raise ValueError("model.memory=true: persistent memory slots change the logits and have no "
+                         "LlamaForCausalLM equivalent; export a model trained with model.memory=false")
 
 
 def hf_llama_config(cfg: ModelConfig, eos_id: int | None = None) -> LlamaConfig:

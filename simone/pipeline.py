@@ -84,7 +84,8 @@ def stage_shards(cfg: Config, run_dir: Path):
         raise PipelineError(f"{run.tokenizer}: missing; run `simone tokenizer --run-dir {run.root}` first")
     tok = load_tokenizer(run.tokenizer)
     _say("shards: tokenizing into memmap shards")
-    return build_shards(run.documents, tok, run.data)
+    # with control_token_prob > 0, training documents may start with their <|domain:NAME|> token
+    return build_shards(run.documents, tok, run.data, cfg.data.control_token_prob, cfg.data.split_seed)
 
 
 def stage_prepare(cfg: Config, run_dir: Path):

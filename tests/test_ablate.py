@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
-
 from simone.ablate import VARIANTS
 from simone.cli import main
 

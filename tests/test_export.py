@@ -101,3 +101,9 @@ def test_state_dict_round_trip_and_config_mapping():
 def test_gpt2_arch_is_refused():
     with pytest.raises(ValueError, match="arch"):
         hf_llama_config(ModelConfig(arch="gpt2"))
+
+
+def test_memory_slots_are_refused_but_a_policy_head_is_not():
+    with pytest.raises(ValueError, match="memory"):
+        hf_llama_config(ModelConfig(governance=True, memory=True))
+    hf_llama_config(ModelConfig(governance=True, memory=False, policy=True))

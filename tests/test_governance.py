@@ -73,7 +73,7 @@ def test_governance_off_is_exactly_the_plain_model():
         assert torch.equal(v, off.state_dict()[k])
     x, y = batch()
     plain.train(), off.train()
-    (l1, loss1), (l2, loss2) = plain(x, y), off(x, y)
+    (_, loss1), (_, loss2) = plain(x, y), off(x, y)
     assert torch.equal(loss1, loss2)
     plain.eval(), off.eval()
     assert torch.equal(plain(x)[0], off(x)[0])
@@ -333,3 +333,4 @@ def test_policy_with_a_cache_equals_the_policy_of_the_whole_text():
     # a new sequence (start_pos 0) starts a new average
     again = m(x[:, :6], kv_cache=cache, start_pos=0, return_policy=True)[2]
     torch.testing.assert_close(again, full[:, :6], rtol=1e-4, atol=1e-5)
+
