@@ -8,7 +8,6 @@ with the sha256 and size of every other file (the checkpoint manifest format). `
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -20,15 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simone.rundir import RunDir, atomic_write_json, read_json
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from simone.rundir import RunDir, atomic_write_json, read_json, sha256_file
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:

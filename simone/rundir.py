@@ -14,6 +14,7 @@ half-written file; JSON-lines files are appended one whole line per write.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -24,6 +25,15 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = 1
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (checkpoint and package manifests)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:

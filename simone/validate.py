@@ -17,8 +17,7 @@ import torch
 
 from simone.data.shards import TokenShard
 from simone.evaluate import evaluate_per_domain
-from simone.package import sha256_file
-from simone.rundir import atomic_write_json, atomic_write_text
+from simone.rundir import atomic_write_json, atomic_write_text, sha256_file
 
 SAMPLE_PROMPTS = ["The ", "And it came to pass", "What is "]
 

@@ -42,7 +42,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from simone.errors import SimoneError
-from simone.rundir import atomic_write_text, fsync_dir
+from simone.rundir import atomic_write_text, fsync_dir, sha256_file
 from simone.train.faults import Faults
 
 if TYPE_CHECKING:
@@ -317,17 +317,9 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         expected = entry.get("size", entry.get("bytes"))  # packages write "bytes"
         if size != expected:
             raise CheckpointError(f"{f}: truncated or altered ({size} bytes, manifest says {expected})")
-        if _sha256_file(f) != entry.get("sha256"):
+        if sha256_file(f) != entry.get("sha256"):
             raise CheckpointError(f"{f}: corrupted (sha256 does not match the manifest)")
     return manifest
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_checkpoint(
