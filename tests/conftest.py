@@ -42,6 +42,23 @@ def make_corpus(root: Path, docs_per_subdomain: int = 3, words_per_doc: int = 40
     return root
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Pin each test to one thread again (a test may change it) and restore afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory) -> Path:
+    """A prepared tiny run directory (tokenizer + shards); tests copy it with `new_run`."""
+    from test_train_support import prepared_template
+
+    return prepared_template(tmp_path_factory.mktemp("train_template"))
+
+
 @pytest.fixture
 def tiny_corpus(tmp_path) -> Path:
     return make_corpus(tmp_path / "corpus")

@@ -15,23 +15,10 @@ from simone.train import trainer as trainer_module
 from simone.train.metrics import peak_flops
 from simone.train.optim import optimizer_skips_on_device
 from simone.train.trainer import autocast_dtype, train
-from test_train_support import losses_by_step, new_run, prepared_template
+from test_train_support import losses_by_step, new_run
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 STEPS = dict(max_steps=4, eval_every=100, checkpoint_every=100, log_every=1)
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return prepared_template(tmp_path_factory.mktemp("paths_template"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_model() -> torch.nn.Module:

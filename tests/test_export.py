@@ -20,16 +20,6 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 97
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine a second OpenMP
-    thread mostly waits for a descheduled partner (tests went from 0.2 s to 14 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**overrides):
     fields = dict(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, max_seq_len=32, rope_theta=500.0)
     fields.update(overrides)

@@ -6,27 +6,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from simone.train.checkpoint import CheckpointMismatchError, list_checkpoints, load_checkpoint, read_pointer
 from simone.train.faults import Faults
 from simone.train.lock import LOCK_NAME, RunLock, RunLockedError
 from simone.train.optim import lr_at
 from simone.train.trainer import TrainingError, train
-from test_train_support import new_run, prepared_template, read_metrics
-
-
-@pytest.fixture(scope="session")
-def template(tmp_path_factory):
-    return prepared_template(tmp_path_factory.mktemp("train_template"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_train_support import new_run, read_metrics
 
 
 def events(run, name):

@@ -23,14 +23,6 @@ from simone.tokenizer import domain_token, train_tokenizer
 VOCAB = 61
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def cfg(**overrides) -> ModelConfig:
     fields = dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, max_seq_len=32, n_domains=3,
                   n_memory_slots=4, coherence_distance=4)

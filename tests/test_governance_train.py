@@ -8,7 +8,6 @@ import math
 import random
 
 import pytest
-import torch
 
 from simone.config import preset
 from simone.data.shards import build_shards
@@ -21,14 +20,6 @@ WORDS = {
     "poetry": "love heart rose summer winter moon star sweet fair sorrow dream song".split(),
     "history": "congress people state law liberty union war treaty nation president rights".split(),
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def prepared_run(root, **model):

@@ -14,16 +14,6 @@ from simone.model.layers import apply_rope, rope_tables
 VOCAB = 61
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine a second OpenMP
-    thread mostly waits for a descheduled partner (tests went from 0.2 s to 14 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_cfg(arch: str = "llama", **overrides) -> ModelConfig:
     fields = dict(arch=arch, vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, max_seq_len=24)
     fields.update(overrides)

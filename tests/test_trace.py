@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from simone.config import Config, ModelConfig, TokenizerConfig
@@ -13,14 +12,6 @@ from simone.model import build_model
 from simone.model.governance import governed_generate
 
 N_COPY, VOCAB, SEP = 10, 24, 1
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def train_copy_model(steps: int = 200):

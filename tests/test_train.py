@@ -13,21 +13,7 @@ from simone.data.shards import TokenShard
 from simone.train.checkpoint import load_checkpoint, read_pointer, resolve_checkpoint
 from simone.train.metrics import cpu_peak_flops, gpu_peak_flops, mfu
 from simone.train.trainer import TrainResult, train
-from test_train_support import losses_by_step, new_run, prepared_template, read_metrics
-
-
-@pytest.fixture(scope="session")
-def template(tmp_path_factory):
-    return prepared_template(tmp_path_factory.mktemp("train_template"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two threads on two busy shared cores are ~10x slower than one for a model this small.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_train_support import losses_by_step, new_run, read_metrics
 
 
 @pytest.fixture(scope="module")
