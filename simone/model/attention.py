@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simone.model.layers import apply_rope, rope_tables
+from simone.model.layers import RotaryQKV, apply_rope, rope_tables
 
 
 class KVCache:
@@ -168,11 +168,10 @@ class CausalSelfAttention(nn.Module):
         batch, n_new, _ = x.shape
         n_q, n_kv = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(batch, n_new, n_q + 2 * n_kv, self.head_dim)
-        # split, not slicing: its backward is one concatenation, not zero-filled copies.
-        qk, v = qkv.split([n_q + n_kv, n_kv], dim=2)
-        if rope is not None:
-            qk = apply_rope(qk, *rope)  # q and k rotated together: one pass over both
-        q, k = qk.split([n_q, n_kv], dim=2)
+        if rope is not None:  # q and k rotated together; the backward writes d(qkv) at once
+            q, k, v = RotaryQKV.apply(qkv, *rope, n_q, n_kv)
+        else:  # split, not slicing: its backward is one concatenation, not zero-filled copies
+            q, k, v = qkv.split([n_q, n_kv, n_kv], dim=2)
 
         attn_mask, is_causal = None, True
         if kv_cache is not None:

@@ -46,20 +46,21 @@ class LanguageModel(nn.Module):
             nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
 
     def logits_and_loss(self, h: torch.Tensor, targets: torch.Tensor | None,
-                        last_logits_only: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        last_logits_only: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Final hidden states h [B, T, dim] → logits [B, T, V] and the mean cross-entropy.
 
         The loss is computed in float32 even under autocast; targets equal to -1 are ignored.
         When gradients are on, the projection and loss are fused (`linear_cross_entropy`):
-        the same loss and gradients, but the returned logits carry no gradient.
+        the same loss and gradients, but no logits (None is returned in their place); run
+        under `torch.no_grad()` to get both.
         """
         if targets is None:
             if last_logits_only:
                 h = h[:, -1:]  # generation only needs the next token
             return self.output(h), None
         if torch.is_grad_enabled() and (h.requires_grad or self.output.weight.requires_grad):
-            # Training: fused projection + loss (simone/model/loss.py); logits come back detached.
-            return linear_cross_entropy(h, self.output.weight, targets)
+            # Training: fused projection + loss (simone/model/loss.py), no logits kept.
+            return None, linear_cross_entropy(h, self.output.weight, targets)
         logits = self.output(h)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1)

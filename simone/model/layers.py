@@ -39,6 +39,32 @@ def swiglu_hidden_dim(dim: int, ffn_hidden: int | None, multiple_of: int) -> int
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+class SiluGate(torch.autograd.Function):
+    """silu(gate) · up, for gate_up = [gate | up] on the last dimension.
+
+    Written out by hand for its backward: autograd of `chunk`, `silu` and `*` would make the
+    two halves of the gradient separately and then concatenate them (a full extra pass over
+    a [tokens, 2·hidden] tensor); here both halves are written into one buffer directly.
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        silu_gate = F.silu(gate)
+        ctx.save_for_backward(gate_up, silu_gate)  # what autograd would keep anyway
+        return silu_gate * up
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+        gate_up, silu_gate = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad.chunk(2, dim=-1)
+        torch.mul(grad_out, silu_gate, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad_out * up, gate, grad_input=grad_gate)
+        return grad
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); gate and up are one matrix `w13` = [gate; up] (one matmul)."""
 
@@ -50,8 +76,7 @@ class SwiGLU(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        y = self.w2(F.silu(gate) * up)
+        y = self.w2(SiluGate.apply(self.w13(x)))
         if self.dropout and self.training:
             y = F.dropout(y, self.dropout, training=True)
         return y
@@ -84,3 +109,49 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     if cos.dtype != x.dtype:
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` without autograd, written into `out` (which may be a view)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    out1, out2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=out1)
+    out1.addcmul_(x2, sin, value=-1)  # x1·cos − x2·sin
+    torch.mul(x2, cos, out=out2)
+    out2.addcmul_(x1, sin)  # x2·cos + x1·sin
+    return out
+
+
+class RotaryQKV(torch.autograd.Function):
+    """Split the fused projection qkv [B, T, n_q + 2·n_kv, head_dim] into q, k, v, with q
+    and k rotated by RoPE.
+
+    By hand for the backward: autograd would build d(qkv) from the gradients of q, k and v
+    through three concatenations; here the inverse rotation of dq and dk and the copy of
+    dv are written straight into one d(qkv) buffer. cos and sin are constants.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                n_q: int, n_kv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if cos.dtype != qkv.dtype:
+            cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
+        ctx.save_for_backward(cos, sin)
+        ctx.n_q, ctx.n_kv = n_q, n_kv
+        qk, v = qkv.split([n_q + n_kv, n_kv], dim=2)
+        rotated = qk.new_empty(qk.shape)
+        q, k = _rotate_into(rotated, qk, cos, sin).split([n_q, n_kv], dim=2)
+        return q, k, v  # v: a view of qkv (autograd tracks it as this function's output)
+
+    @staticmethod
+    def backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        n_q, n_kv = ctx.n_q, ctx.n_kv
+        batch, seq, _, head_dim = grad_q.shape
+        grad = grad_q.new_empty(batch, seq, n_q + 2 * n_kv, head_dim)
+        into_q, into_k, into_v = grad.split([n_q, n_kv, n_kv], dim=2)
+        _rotate_into(into_q, grad_q, cos, -sin)  # the inverse rotation: angle → −angle
+        _rotate_into(into_k, grad_k, cos, -sin)
+        into_v.copy_(grad_v)
+        return grad, None, None, None, None

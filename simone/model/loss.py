@@ -25,8 +25,10 @@ def _rows_per_chunk(vocab_size: int, device: torch.device) -> int:
 class LinearCrossEntropy(torch.autograd.Function):
     """loss = mean cross-entropy of (h @ weightᵀ) against targets (-1 ignored).
 
-    forward(h [N, D], weight [V, D], targets [N]) → (loss, logits [N, V]). The logits are
-    returned for the caller to look at and carry no gradient; the loss does.
+    forward(h [N, D], weight [V, D], targets [N]) → loss. The logits are never returned:
+    their one [N, V] buffer is overwritten, chunk by chunk, with d(loss)/d(logits), so
+    nothing else of that size is allocated (a second buffer, or the zeros autograd would
+    make for an unused logits output, costs a full pass plus page faults per step).
     Matmuls run in h's dtype (the autocast dtype, cast by the caller); softmax in float32.
     """
 
@@ -34,38 +36,38 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
         compute = h.dtype
         w = weight.to(compute)
-        logits = h @ w.t()
-        grad_logits = torch.empty_like(logits)  # d(loss)/d(logits), in `compute`
+        grad_logits = h @ w.t()  # the logits now; d(loss)/d(logits) after the loop
         valid = targets != -1
         n_valid = valid.sum()
         inv_n = 1.0 / n_valid.clamp(min=1).float()  # the mean's 1/N, applied in float32
         safe_targets = targets.clamp(min=0)
         n_rows = h.size(0)
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
-        step = _rows_per_chunk(logits.size(1), h.device)
+        step = _rows_per_chunk(grad_logits.size(1), h.device)
         for start in range(0, n_rows, step):
             rows = slice(start, min(start + step, n_rows))
-            if compute == torch.float32:  # work in place in the gradient buffer
-                chunk = grad_logits[rows].copy_(logits[rows])
-            else:
-                chunk = logits[rows].float()
-            lse = torch.logsumexp(chunk, dim=-1, keepdim=True)
+            chunk = grad_logits[rows].float()  # a view in float32, a copy otherwise
             tgt = safe_targets[rows, None]
-            ok = valid[rows, None]
-            loss_sum += ((lse - chunk.gather(1, tgt)) * ok).sum()
-            probs = chunk.sub_(lse).exp_()  # softmax, in place in the float32 copy
-            probs.scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=probs.dtype))
-            probs.mul_(ok * inv_n)
+            weight_per_row = valid[rows, None] * inv_n  # 1/N, or 0 for ignored targets
+            target_logit = chunk.gather(1, tgt)
+            row_max = chunk.amax(dim=-1, keepdim=True)
+            exp = chunk.sub_(row_max).exp_()  # in place: one exp pass
+            sum_exp = exp.sum(dim=-1, keepdim=True)
+            log_sum_exp = sum_exp.log() + row_max
+            loss_sum += ((log_sum_exp - target_logit) * weight_per_row).sum()
+            # (softmax − one-hot) / N = exp · (1/N)/Σexp, minus 1/N at the target
+            exp.mul_(weight_per_row / sum_exp)
+            exp.scatter_add_(1, tgt, -weight_per_row)
             if compute != torch.float32:
-                grad_logits[rows] = probs
-        loss = loss_sum / n_valid  # 0/0 = nan when every target is ignored, like F.cross_entropy
+                grad_logits[rows] = exp
+        # loss_sum is already divided by N; an empty mean is 0/0 = nan, like F.cross_entropy.
+        loss = loss_sum * (n_valid.clamp(min=1) / n_valid)
         ctx.save_for_backward(h, w, grad_logits)
         ctx.weight_dtype = weight.dtype
-        ctx.mark_non_differentiable(logits)
-        return loss, logits
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, _grad_logits_unused: torch.Tensor | None):
+    def backward(ctx, grad_loss: torch.Tensor):
         h, w, grad_logits = ctx.saved_tensors
         grad_h = grad_w = None
         # grad_loss is applied to the small [N, D] / [V, D] results, in float32.
@@ -78,17 +80,17 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 @torch.compiler.disable  # a graph break: dynamo would unroll the chunk loop
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor,
-                         targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits [..., V], loss) for hidden states h [..., D] and targets [...].
+                         targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (float32) of the logits h @ weightᵀ, for hidden states h [..., D]
+    and targets [...]; -1 targets are ignored.
 
-    Under autocast the matmuls run in the autocast dtype (like `nn.Linear` would); the
-    loss is float32. The returned logits are detached: gradients flow through the loss only.
+    Under autocast the matmuls run in the autocast dtype (like `nn.Linear` would). The
+    logits themselves are not returned (see `LinearCrossEntropy`).
     """
     device_type = h.device.type
     compute = h.dtype
     if torch.is_autocast_enabled(device_type):
         compute = torch.get_autocast_dtype(device_type)
     with torch.autocast(device_type, enabled=False):
-        loss, logits = LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)).to(compute), weight,
-                                                targets.reshape(-1))
-    return logits.view(*h.shape[:-1], -1), loss
+        return LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)).to(compute), weight,
+                                        targets.reshape(-1))

@@ -83,7 +83,8 @@ class Transformer(LanguageModel):
                 return_policy: bool = False):
         """idx [B, T] token ids at positions start_pos..start_pos+T-1 → (logits, loss).
 
-        logits [B, T, vocab] (or [B, 1, vocab] with last_logits_only and no targets); loss is
+        logits [B, T, vocab] (or [B, 1, vocab] with last_logits_only and no targets; None when
+        targets are given with gradients on: the fused training loss keeps none); loss is
         the mean cross-entropy against targets [B, T] (-1 ignored), or None without targets.
         With `kv_cache` (from `new_kv_cache`) earlier positions come from the cache.
         Governance: `domain_ids` ([B] or [B, T], -1 unknown) are the policy head's labels;
