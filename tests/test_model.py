@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from simone.config import ModelConfig
 from simone.model import GPT2, Transformer, build_model, filter_logits, sample_next_token
@@ -326,3 +327,53 @@ def test_training_forward_uses_the_fused_loss_and_eval_the_plain_one():
         logits_eval, loss_eval = model(idx, idx)
     assert logits_eval.shape == (2, 10, VOCAB)
     torch.testing.assert_close(loss.detach(), loss_eval)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hand_written_backwards_match_autograd_of_the_plain_formulas(dtype):
+    from simone.model.layers import RotaryQKV, SiluGate, apply_rope, rope_tables
+
+    g = torch.Generator().manual_seed(21)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    # RoPE on a fused q/k/v projection: 4 query heads, 2 key/value heads (grouped-query).
+    cos, sin = rope_tables(8, 10)
+    qkv = torch.randn(2, 10, 8, 8, generator=g).to(dtype).requires_grad_()
+    weights = [torch.randn(2, 10, n, 8, generator=g).to(dtype) for n in (4, 2, 2)]
+    fused = RotaryQKV.apply(qkv, cos, sin, 4, 2)
+    qk, v = qkv.split([6, 2], dim=2)
+    plain = (*apply_rope(qk, cos, sin).split([4, 2], dim=2), v)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, **tol)
+    grad_fused, = torch.autograd.grad(sum((t * w).sum() for t, w in zip(fused, weights)), qkv)
+    grad_plain, = torch.autograd.grad(sum((t * w).sum() for t, w in zip(plain, weights)), qkv)
+    torch.testing.assert_close(grad_fused, grad_plain, **tol)
+    # SwiGLU's gate: silu(gate) * up on gate_up = [gate | up].
+    gate_up = torch.randn(3, 5, 12, generator=g).to(dtype).requires_grad_()
+    weight = torch.randn(3, 5, 6, generator=g).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(SiluGate.apply(gate_up), F.silu(gate) * up, **tol)
+    grad_fused, = torch.autograd.grad((SiluGate.apply(gate_up) * weight).sum(), gate_up)
+    grad_plain, = torch.autograd.grad((F.silu(gate) * up * weight).sum(), gate_up)
+    torch.testing.assert_close(grad_fused, grad_plain, **tol)
+
+
+def test_linear_decodes_through_a_transposed_copy_that_follows_the_weights():
+    from simone.model.layers import Linear
+
+    layer = Linear(16, 32, bias=True)
+    x = torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(22))
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert layer._weight_t.shape == (16, 32) and layer._weight_t.is_contiguous()
+    with torch.no_grad():  # an optimizer-like in-place update: the copy must be remade
+        layer.weight.mul_(2.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        assert y.dtype == torch.bfloat16 and layer._weight_t.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), F.linear(x, layer.weight, layer.bias),
+                                   rtol=2e-2, atol=5e-2)
+    fresh = Linear(16, 32)
+    fresh(torch.randn(64, 3, 16)).sum().backward()  # training: plain F.linear, no copy
+    assert not hasattr(fresh, "_weight_t") and fresh.weight.grad is not None

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simone.model.layers import RotaryQKV, apply_rope, rope_tables
+from simone.model.layers import Linear, apply_rope, rope_tables, rotary_qkv
 
 
 class KVCache:
@@ -145,8 +145,8 @@ class CausalSelfAttention(nn.Module):
         self.n_kv_heads = n_kv_heads
         self.head_dim = dim // n_heads
         self.dropout = dropout
-        self.wqkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
-        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=bias)
+        self.wqkv = Linear(dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
+        self.wo = Linear(n_heads * self.head_dim, dim, bias=bias)
         self.register_parameter("memory_k", None)  # [n_slots, n_kv_heads, head_dim] or None
         self.register_parameter("memory_v", None)
 
@@ -169,7 +169,7 @@ class CausalSelfAttention(nn.Module):
         n_q, n_kv = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(batch, n_new, n_q + 2 * n_kv, self.head_dim)
         if rope is not None:  # q and k rotated together; the backward writes d(qkv) at once
-            q, k, v = RotaryQKV.apply(qkv, *rope, n_q, n_kv)
+            q, k, v = rotary_qkv(qkv, *rope, n_q, n_kv)
         else:  # split, not slicing: its backward is one concatenation, not zero-filled copies
             q, k, v = qkv.split([n_q, n_kv, n_kv], dim=2)
 

@@ -17,6 +17,7 @@ from torch import nn
 from simone.config import ModelConfig
 from simone.model.attention import CausalSelfAttention, KVCache
 from simone.model.base import LanguageModel
+from simone.model.layers import Linear
 
 
 class MLP(nn.Module):
@@ -24,8 +25,8 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
-        self.fc = nn.Linear(dim, hidden)
-        self.proj = nn.Linear(hidden, dim)
+        self.fc = Linear(dim, hidden)
+        self.proj = Linear(hidden, dim)
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +61,7 @@ class GPT2(LanguageModel):
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim)
         self.layers = nn.ModuleList(GPT2Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.init_weights([p for block in self.layers

@@ -24,7 +24,7 @@ from simone.model.attention import CausalSelfAttention, KVCache
 from simone.model.base import LanguageModel
 from simone.model.governance import (PolicyHead, check_governance_config, governance_loss,
                                      uses_memory, uses_policy)
-from simone.model.layers import RMSNorm, SwiGLU, rope_tables, swiglu_hidden_dim
+from simone.model.layers import Linear, RMSNorm, SwiGLU, rope_tables, swiglu_hidden_dim
 
 
 class TransformerBlock(nn.Module):
@@ -55,7 +55,7 @@ class Transformer(LanguageModel):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # RoPE tables for every position, computed once (not saved: they follow from cfg).
