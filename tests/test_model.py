@@ -377,3 +377,15 @@ def test_linear_decodes_through_a_transposed_copy_that_follows_the_weights():
     fresh = Linear(16, 32)
     fresh(torch.randn(64, 3, 16)).sum().backward()  # training: plain F.linear, no copy
     assert not hasattr(fresh, "_weight_t") and fresh.weight.grad is not None
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_eager_tokens():
+    """torch.compile of the forward, with the KV cache, in inference mode: the hand-written
+    paths step aside for the compiler and the greedy tokens stay the same."""
+    model = tiny_model(seed=3).eval()
+    prompt = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(23))
+    eager = torch.cat(list(model.generate(prompt, 6, temperature=0.0)), 1)
+    model.forward = torch.compile(model.forward, dynamic=True)
+    compiled = torch.cat(list(model.generate(prompt, 6, temperature=0.0)), 1)
+    assert torch.equal(compiled, eager)
