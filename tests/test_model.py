@@ -357,6 +357,32 @@ def test_hand_written_backwards_match_autograd_of_the_plain_formulas(dtype):
     torch.testing.assert_close(grad_fused, grad_plain, **tol)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_rmsnorm_training_path_matches_autograd_of_f_rms_norm(autocast):
+    from simone.model.layers import RMSNorm
+
+    g = torch.Generator().manual_seed(24)
+    norm = RMSNorm(32, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(32, generator=g))
+    x = (3 * torch.randn(2, 7, 32, generator=g)).requires_grad_()
+    upstream = torch.randn(2, 7, 32, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = norm(x)  # the hand-written Function: gradients are on
+    expected = F.rms_norm(x, (32,), norm.weight, 1e-5)
+    assert y.dtype == (torch.bfloat16 if autocast else torch.float32)  # a Linear follows
+    tol = dict(rtol=1e-2, atol=1e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.float(), expected, **tol)
+    grads = torch.autograd.grad((y.float() * upstream).sum(), (x, norm.weight))
+    if autocast:  # the gradient reaching a bf16 output is rounded to bf16 on its way
+        upstream = upstream.bfloat16().float()
+    grads_expected = torch.autograd.grad((expected * upstream).sum(), (x, norm.weight))
+    for a, b in zip(grads, grads_expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # inference: the plain op, in float32
+        torch.testing.assert_close(norm(x), expected.detach())
+
+
 def test_linear_decodes_through_a_transposed_copy_that_follows_the_weights():
     from simone.model.layers import Linear
 
