@@ -165,13 +165,15 @@ def prompt_ids(loaded: LoadedModel, prompt: str, domain: str | None = None) -> l
 @torch.no_grad()
 def governed_tokens(loaded: LoadedModel, prompt: str, max_tokens: int, options: GovernanceOptions,
                     temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = 0.95,
-                    seed: int = 0, trace_records: list[dict] | None = None, last_policy: dict | None = None):
+                    seed: int = 0, trace_records: list[dict] | None = None, last_policy: dict | None = None,
+                    token_ids: list[int] | None = None):
     """Like `stream_tokens`, through `governed_generate` (streaming cache, steering, trace).
 
     With `options.trace`, appends to `trace_records` one dict per generated token:
     {token, text, prob, entropy, top_sources: [[position, token_text, weight], ...],
     memory, policy: {domain: p}} (positions index `prompt_ids(...)` + generated tokens).
-    `last_policy` (a dict) receives the policy head's domain distribution of the whole text.
+    `last_policy` (a dict) receives the policy head's domain distribution of the whole text;
+    `token_ids` (a list) each generated token id (pieces of text are not tokens).
     """
     from simone.model.governance import governed_generate
 
@@ -188,7 +190,7 @@ def governed_tokens(loaded: LoadedModel, prompt: str, max_tokens: int, options: 
     domains = tok.domains
     gen = torch.Generator(device=loaded.device).manual_seed(seed)
     all_ids = list(ids)
-    new_ids: list[int] = []
+    new_ids: list[int] = token_ids if token_ids is not None else []
     emitted = ""
     for step in governed_generate(loaded.model, ids, max_tokens, temperature=temperature, top_k=top_k,
                                   top_p=top_p, generator=gen, eos_id=tok.eod_id,
@@ -219,16 +221,17 @@ def governed_tokens(loaded: LoadedModel, prompt: str, max_tokens: int, options: 
 def stream_tokens(loaded: LoadedModel, prompt: str, max_tokens: int = 100, temperature: float = 0.8,
                   top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0,
                   governance: GovernanceOptions | None = None, trace_records: list[dict] | None = None,
-                  last_policy: dict | None = None):
+                  last_policy: dict | None = None, token_ids: list[int] | None = None):
     """Yield the text of each new token as it is generated (KV cache on).
 
     With `governance` options that ask for something, generation goes through
     `governed_tokens` (see there); otherwise it is the plain cached generation, limited to
-    the context.
+    the context. `token_ids` (a list) receives each generated token id: a yielded piece of
+    text may hold several tokens, or none yet (a character split across tokens).
     """
     if governance is not None and governance.active:
         yield from governed_tokens(loaded, prompt, max_tokens, governance, temperature, top_k, top_p, seed,
-                                   trace_records, last_policy)
+                                   trace_records, last_policy, token_ids)
         return
     tok = loaded.tokenizer
     ids = tok.encode(prompt) if prompt else [tok.eod_id]
@@ -239,7 +242,7 @@ def stream_tokens(loaded: LoadedModel, prompt: str, max_tokens: int = 100, tempe
         return
     idx = torch.tensor([ids], dtype=torch.long, device=loaded.device)
     gen = torch.Generator(device=loaded.device).manual_seed(seed)
-    new_ids: list[int] = []
+    new_ids: list[int] = token_ids if token_ids is not None else []
     emitted = ""
     for token in loaded.model.generate(idx, max_new_tokens=max_tokens, temperature=temperature,
                                        top_k=top_k, top_p=top_p, generator=gen, use_cache=True,
@@ -296,7 +299,7 @@ def generate_cli(model_path: Path, prompt: str, max_tokens: int, temperature: fl
     records: list[dict] | None = [] if options.trace else None
     policy: dict[str, float] = {}
     t0 = time.perf_counter()
-    n = 0
+    token_ids: list[int] = []
     out = sys.stdout
     if stream:
         out.write(prompt)
@@ -305,8 +308,8 @@ def generate_cli(model_path: Path, prompt: str, max_tokens: int, temperature: fl
     for piece in stream_tokens(loaded, prompt, max_tokens=max_tokens, temperature=temperature,
                                top_k=top_k if top_k and top_k > 0 else None,
                                top_p=top_p if top_p and top_p < 1 else None, seed=seed,
-                               governance=options, trace_records=records, last_policy=policy):
-        n += 1
+                               governance=options, trace_records=records, last_policy=policy,
+                               token_ids=token_ids):
         pieces.append(piece)
         if stream:
             out.write(piece)
@@ -315,6 +318,7 @@ def generate_cli(model_path: Path, prompt: str, max_tokens: int, temperature: fl
         out.write(prompt + "".join(pieces))
     out.write("\n")
     dt = time.perf_counter() - t0
+    n = len(token_ids)
     print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s]", file=sys.stderr)
     if policy:  # the policy head's reading of the whole text
         ranked = sorted(policy.items(), key=lambda kv: -kv[1])

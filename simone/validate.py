@@ -105,9 +105,11 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
     n_tokens, seconds = 0, 0.0
     for i, prompt in enumerate(SAMPLE_PROMPTS):
         t0 = time.perf_counter()
-        pieces = list(stream_tokens(loaded, prompt, max_tokens=sample_tokens, seed=i))
+        token_ids: list[int] = []
+        pieces = list(stream_tokens(loaded, prompt, max_tokens=sample_tokens, seed=i,
+                                    token_ids=token_ids))
         seconds += time.perf_counter() - t0
-        n_tokens += len(pieces)
+        n_tokens += len(token_ids)
         samples.append({"prompt": prompt, "text": prompt + "".join(pieces)})
     report["samples"] = samples
     report["generation_tokens_per_s"] = round(n_tokens / max(seconds, 1e-9), 1)

@@ -98,6 +98,7 @@ def test_generate_writes_trace_jsonl_and_html(tmp_path, capsys):
     assert "[policy: " in err and "alpha" in err  # the policy head's reading of the text
     records = [json.loads(line) for line in trace.read_text(encoding="utf-8").splitlines()]
     assert 0 < len(records) <= 60
+    assert f"[{len(records)} tokens in " in err  # tokens counted, not pieces of text
     n_prompt = 2 + len(tok.encode("sun moon"))  # eod, <|domain:alpha|>, prompt
     for i, rec in enumerate(records):
         assert set(rec) >= {"token", "text", "prob", "entropy", "top_sources", "policy"}
@@ -116,3 +117,14 @@ def test_generate_refuses_an_unknown_domain(tmp_path, capsys):
     ckpt, _ = _checkpoint_dir(tmp_path)
     rc = main(["generate", "--model", str(ckpt), "--domain", "nowhere", "--max-tokens", "3", "--device", "cpu"])
     assert rc == 2 and "nowhere" in capsys.readouterr().err
+
+
+def test_stream_tokens_reports_every_token_id_behind_the_text(tmp_path):
+    from simone.generate import load_model, stream_tokens
+
+    ckpt, tok = _checkpoint_dir(tmp_path)
+    loaded = load_model(ckpt, device="cpu")
+    token_ids: list[int] = []
+    pieces = list(stream_tokens(loaded, "sun", max_tokens=20, seed=1, token_ids=token_ids))
+    assert 0 < len(token_ids) <= 20 and tok.eod_id not in token_ids
+    assert tok.decode(token_ids).startswith("".join(pieces))  # a split character may trail
