@@ -194,3 +194,37 @@ def test_checkpoint_of_one_process_resumes_in_two_with_fsdp(template, tmp_path, 
     reference = build_model(model_cfg)
     assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in reference.state_dict().items()}
     assert int(state["step"]) == 6 and set(state["optimizer"]["state"]) == set(range(len(list(reference.parameters()))))
+
+
+DDP_POLICY_ONLY_READS = """
+import os, socket, sys, torch, torch.distributed as dist
+from simone.config import ModelConfig
+from simone.model import build_model
+from simone.train.distributed import DistEnv, wrap_model
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+dist.init_process_group("gloo", rank=0, world_size=1)
+cfg = ModelConfig(dim=16, n_layers=2, n_heads=2, max_seq_len=16, vocab_size=32, governance=True,
+                  policy=True, memory=False, n_domains=3, policy_loss_weight=0.0, coherence_weight=0.0)
+ddp = wrap_model(build_model(cfg), DistEnv(rank=0, local_rank=0, world_size=2), torch.device("cpu"), "ddp")
+x = torch.randint(0, 32, (2, 8))
+for step in range(3):  # DDP notices a parameter without gradient at the second backward
+    _, loss = ddp(x, x, domain_ids=torch.tensor([0, 1]))
+    loss.backward()
+dist.destroy_process_group()
+print("trained")
+"""
+
+
+def test_ddp_trains_a_policy_head_that_no_loss_term_reaches():
+    """Both governance loss weights 0: the policy head gets no gradient, and DDP is told to
+    expect that (find_unused_parameters) instead of failing at the next step."""
+    from simone.config import ModelConfig
+    from simone.train.distributed import has_unreached_parameters
+
+    assert not has_unreached_parameters(ModelConfig(governance=True, policy=True))
+    assert not has_unreached_parameters(ModelConfig())
+    done = subprocess.run([sys.executable, "-c", DDP_POLICY_ONLY_READS], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "trained" in done.stdout, done.stderr[-2000:]

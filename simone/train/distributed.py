@@ -192,7 +192,18 @@ def wrap_model(model: torch.nn.Module, env: DistEnv, device: torch.device, mode:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=has_unreached_parameters(getattr(model, "cfg", None)))
+
+
+def has_unreached_parameters(cfg: Any) -> bool:
+    """True when some parameters get no gradient from the training loss: a policy head whose
+    loss weights are both 0 (it then only reads along). DDP must be told, or it waits for
+    their gradients forever; finding them costs a graph walk per step, so only then."""
+    from simone.model.governance import uses_policy
+
+    return bool(cfg is not None and uses_policy(cfg)
+                and cfg.policy_loss_weight == 0 and cfg.coherence_weight == 0)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
