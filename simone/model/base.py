@@ -2,7 +2,8 @@
 counts, the optimizer, the KV cache and token-by-token generation.
 
 A subclass builds `tok_embeddings`, `layers` (each with `.attention`), `norm` and `output`,
-and implements `forward(idx, targets=None, kv_cache=None, start_pos=0) -> (logits, loss)`.
+and implements `forward(idx, targets=None, kv_cache=None, start_pos=0) -> (logits, loss)`
+(logits None when targets are given with gradients on; see `logits_and_loss`).
 """
 
 from __future__ import annotations

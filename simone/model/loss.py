@@ -4,10 +4,10 @@ The plain path (`logits = h @ Wᵀ; F.cross_entropy(logits.float(), targets)`) m
 full passes over the [tokens, vocab] logits: a float32 copy, log-softmax, its zero-filled
 gradient, the log-softmax backward, a cast back. Under bfloat16 autocast on a CPU those
 passes cost more than the matmul itself. Here the softmax, the loss and the logits' gradient
-(softmax − one-hot) are computed a few rows at a time while the rows are in cache, and the
-backward is just the two matmuls. Same numbers as the plain path (tests/test_model.py).
-Measured (cpu preset shape, 1 thread): bf16 head+loss forward+backward 193 → 112 ms;
-float32 270 → 253 ms. It also keeps no float32 [tokens, vocab] tensor for the backward.
+(softmax − one-hot) are computed a few rows at a time while the rows are in cache, in the
+one buffer that held the logits, and the backward is just the two matmuls. Same numbers as
+the plain path (tests/test_model.py). Measured (cpu preset shape, 16×256 tokens, 1 thread):
+head + loss forward and backward, bf16 244 → 102 ms, float32 313 → 240 ms.
 """
 
 from __future__ import annotations
