@@ -160,6 +160,16 @@ def check_cpu() -> Check:
     return _ok("cpu", detail)
 
 
+def check_compiler() -> Check:
+    from simone.train.trainer import compiler_missing
+
+    missing = compiler_missing()
+    if missing:
+        return _warn("compiler", missing + ": torch.compile is skipped and training runs eager "
+                     "(about 30% slower on a CPU)", "install one: apt install g++")
+    return _ok("compiler", "a C++ compiler is on PATH: torch.compile can build kernels")
+
+
 def check_memory() -> Check:
     if importlib.util.find_spec("psutil") is None:
         return _warn("memory", "psutil is not installed: cannot read RAM", "pip install psutil")
@@ -288,6 +298,7 @@ def run_checks(corpus: Path | None, run_dir: Path | None) -> list[Check]:
         ("pytorch", check_torch),
         ("device", check_devices),
         ("cpu", check_cpu),
+        ("compiler", check_compiler),
         ("memory", check_memory),
         ("disk", lambda: check_disk(run_dir)),
         ("corpus", lambda: check_corpus(corpus)),

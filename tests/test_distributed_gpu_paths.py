@@ -101,6 +101,23 @@ def test_training_attention_is_eligible_for_the_flash_kernel(monkeypatch):
         F.scaled_dot_product_attention(q, q, q, is_causal=True)
 
 
+def test_compile_is_skipped_with_a_reason_when_no_compiler_is_installed(template, tmp_path, monkeypatch):
+    import shutil
+
+    from torch._dynamo.utils import counters
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    assert "no C++ compiler" in trainer_module.compiler_missing()
+    cfg, run = new_run(template, tmp_path / "run", compile=True, max_steps=2, eval_every=100,
+                       checkpoint_every=100, log_every=1)
+    counters.clear()
+    train(cfg, run)
+    assert sorted(losses_by_step(run)) == [1, 2]  # trained, eager
+    assert counters["stats"]["unique_graphs"] == 0
+    assert "training runs eager" in run.log.read_text(encoding="utf-8")
+
+
 # ----------------------------------------------------------------------------- the paths, run
 
 

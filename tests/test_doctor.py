@@ -118,7 +118,7 @@ def test_run_checks_covers_everything_and_survives_a_broken_check(tmp_path, monk
     corpus = _tiny_corpus(tmp_path / "corpus")
     checks = doctor.run_checks(corpus, tmp_path / "run")
     names = [c.name for c in checks]
-    for expected in ("python", "pytorch", "cpu", "memory", "disk", "corpus", "packages"):
+    for expected in ("python", "pytorch", "cpu", "compiler", "memory", "disk", "corpus", "packages"):
         assert expected in names
     assert any(n == "device" or n.startswith("gpu") for n in names)
     assert _by_name(checks, "python").level == "ok"  # the suite runs on >= 3.10
@@ -158,3 +158,14 @@ def test_exit_code_fails_only_on_fail():
 def test_report_prints_brackets_literally():
     code, text = _report([Check("corpus", True, "ok", "[bold]not markup[/bold]", "")])
     assert code == 0 and "[bold]not markup[/bold]" in text
+
+
+def test_missing_compiler_warns_that_training_runs_eager(monkeypatch):
+    import shutil
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    check = doctor.check_compiler()
+    assert check.level == "warn" and "runs eager" in check.detail and "g++" in check.fix
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: "/usr/bin/g++" if name == "g++" else None)
+    assert doctor.check_compiler().level == "ok"

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -164,6 +166,16 @@ def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     return dtype
 
 
+def compiler_missing() -> str | None:
+    """Why torch.compile cannot run here, or None. Inductor builds its CPU kernels, and
+    Triton its GPU kernel launchers, with the system's C/C++ compiler; without one the first
+    step would fail, so the trainer runs eager instead."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return None
+    return "no C++ compiler (g++, c++, clang++ or $CXX) is on PATH"
+
+
 def apply_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each transformer block's activations in the backward pass instead of storing
     them (less memory, ~1/3 more compute). Applied from outside, like compile and DDP: the
@@ -280,7 +292,11 @@ class Trainer:
         if self.parallel == "fsdp":
             self.model = wrap_model(self.raw_model, env, self.device, "fsdp")
         if tc.compile:
-            self.model = torch.compile(self.model)
+            missing = compiler_missing()
+            if missing:
+                self.metrics.log(f"train.compile=true but {missing}; training runs eager")
+            else:
+                self.model = torch.compile(self.model)
         if self.parallel == "ddp":
             self.model = wrap_model(self.model, env, self.device, "ddp")
         self.optimizer = self._new_optimizer()
