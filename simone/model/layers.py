@@ -1,4 +1,10 @@
-"""Building blocks of the Llama-style model: RMSNorm, the SwiGLU feed-forward and RoPE.
+"""Building blocks of the Llama-style model: RMSNorm, the SwiGLU feed-forward, RoPE, and a
+Linear that decodes faster on CPUs.
+
+RMSNorm, SwiGLU's gate and RoPE on the fused q/k/v projection each have a hand-written
+backward (an autograd Function) for eager training, where autograd's own would make extra
+passes over [tokens, width] tensors; inference runs the plain formulas (a Function's
+per-call overhead matters there), and so does torch.compile (it fuses them itself).
 
 RoPE uses the "half-split" convention of Hugging Face `transformers` (dimension i is paired
 with dimension i + head_dim/2, not with its neighbour), so our q/k projection weights load
