@@ -402,7 +402,7 @@ def test_linear_decodes_through_a_transposed_copy_that_follows_the_weights():
                                    rtol=2e-2, atol=5e-2)
     fresh = Linear(16, 32)
     fresh(torch.randn(64, 3, 16)).sum().backward()  # training: plain F.linear, no copy
-    assert not hasattr(fresh, "_weight_t") and fresh.weight.grad is not None
+    assert fresh._weight_t is None and fresh.weight.grad is not None
 
 
 @pytest.mark.slow
@@ -415,3 +415,48 @@ def test_compiled_decoding_gives_the_eager_tokens():
     model.forward = torch.compile(model.forward, dynamic=True)
     compiled = torch.cat(list(model.generate(prompt, 6, temperature=0.0)), 1)
     assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("extra", [{}, {"n_kv_heads": 2}, {"n_kv_heads": 1},
+                                   {"tie_embeddings": False, "ffn_hidden": 40}],
+                         ids=["mha", "gqa", "mqa", "untied"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_flat_decoding_step_equals_the_module_forward(extra, autocast):
+    from simone.model import decode
+
+    model = tiny_model(seed=4, **extra)
+    with torch.no_grad():  # non-trivial norm weights, so a swapped norm would show
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+    prompt = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(25))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        cache_a, cache_b = model.new_kv_cache(2, 12), model.new_kv_cache(2, 12)
+        model(prompt[:, :6], kv_cache=cache_a, start_pos=0)
+        model(prompt[:, :6], kv_cache=cache_b, start_pos=0)
+        assert decode.supports(model, cache_a)
+        expected, _ = model(prompt[:, 6:], kv_cache=cache_a, start_pos=6, last_logits_only=True)
+        got = decode.decode_step(model, decode.plan_for(model), prompt[:, 6:], cache_b, 6)
+    assert got.shape == (2, VOCAB)
+    torch.testing.assert_close(got, expected[:, -1], rtol=0, atol=0)  # the same operations
+    torch.testing.assert_close(cache_b.k[1][:, :7], cache_a.k[1][:, :7], rtol=0, atol=0)
+    # generate takes this path: its greedy tokens are those of cache-less recomputation
+    greedy = torch.cat(list(model.generate(prompt, 4, temperature=0.0)), 1)
+    recomputed = torch.cat(list(model.generate(prompt, 4, temperature=0.0, use_cache=False)), 1)
+    assert torch.equal(greedy, recomputed)
+
+
+def test_flat_decoding_step_is_not_used_where_it_would_differ():
+    from simone.model import decode
+    from simone.model.attention import StreamingKVCache
+
+    model = tiny_model()
+    cache = model.new_kv_cache(1, 8)
+    assert decode.supports(model, cache)
+    assert not decode.supports(model.train(), cache)
+    model.eval()
+    assert not decode.supports(model, StreamingKVCache(2, 1, 4, 8, 8))
+    assert not decode.supports(tiny_model("gpt2"), cache)
+    assert not decode.supports(tiny_model(governance=True, policy=True, memory=False, n_domains=2), cache)
+    model.forward = torch.compile(model.forward)  # what the caller asked for runs
+    assert not decode.supports(model, cache)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from simone.config import ModelConfig
+from simone.model import decode
 from simone.model.attention import KVCache
 from simone.model.loss import linear_cross_entropy
 from simone.model.sampling import sample_next_token
@@ -158,16 +159,21 @@ class LanguageModel(nn.Module):
         if use_cache:
             cache = self.new_kv_cache(batch, min(max_len, idx.size(1) + max_new_tokens), idx.device)
         n_cached = 0  # positions of idx already in the cache
+        # One token at a time through the flat decoding step where it applies (decode.py).
+        plan = decode.plan_for(self) if decode.supports(self, cache) else None
         finished = torch.zeros(batch, 1, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if cache is not None and idx.size(1) <= cache.max_len:
-                logits, _ = self(idx[:, n_cached:], kv_cache=cache, start_pos=n_cached,
-                                 last_logits_only=True)
+                if plan is not None and n_cached > 0:  # exactly one new token
+                    logits = decode.decode_step(self, plan, idx[:, n_cached:], cache, n_cached)
+                else:
+                    logits = self(idx[:, n_cached:], kv_cache=cache, start_pos=n_cached,
+                                  last_logits_only=True)[0][:, -1]
                 n_cached = idx.size(1)
             else:
                 cache = None  # full (or never made): recompute the last max_len tokens
-                logits, _ = self(idx[:, -max_len:], last_logits_only=True)
-            token = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)
+                logits = self(idx[:, -max_len:], last_logits_only=True)[0][:, -1]
+            token = sample_next_token(logits, temperature, top_k, top_p, generator)
             if eos_id is not None:
                 token = token.masked_fill(finished, eos_id)
                 finished |= token == eos_id

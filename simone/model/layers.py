@@ -93,21 +93,36 @@ class Linear(nn.Linear):
     parameters and state dict are nn.Linear's. Costs one more copy of the weights.
     """
 
+    _weight_t: torch.Tensor | None = None  # the [in, out] copy (None: not made, or not usable)
+    _weight_t_key: tuple | None = None  # (storage, version, dtype) it was made from
+
     decode_rows = 64
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Checked in order of cost: this runs ~20 times per generated token.
+        if (torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or x.numel() > self.decode_rows * x.size(-1)):
+            return F.linear(x, self.weight, self.bias)
+        weight_t = self.decode_weight()
+        if weight_t is None:
+            return F.linear(x, self.weight, self.bias)
+        y = x @ weight_t
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def decode_weight(self) -> torch.Tensor | None:
+        """The weight as a contiguous [in, out] copy in the compute dtype (autocast's, when
+        on), remade when the weight changed; None where there is none to make (a GPU, or a
+        DTensor shard under FSDP)."""
         weight = self.weight
-        if (torch.is_grad_enabled() or x.device.type != "cpu" or torch.compiler.is_compiling()
-                or x.numel() > self.decode_rows * x.size(-1)
-                or type(weight.data) is not torch.Tensor):  # e.g. a DTensor shard under FSDP
-            return F.linear(x, weight, self.bias)
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
         key = (weight.data_ptr(), weight._version, dtype)
-        if getattr(self, "_weight_t_key", None) != key:
-            self._weight_t = weight.detach().t().to(dtype).contiguous()
+        if key != self._weight_t_key:
             self._weight_t_key = key
-        y = x @ self._weight_t
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+            self._weight_t = None
+            if weight.device.type == "cpu" and type(weight.data) is torch.Tensor:
+                with torch.no_grad():
+                    self._weight_t = weight.t().to(dtype).contiguous()
+        return self._weight_t
 
 
 def swiglu_hidden_dim(dim: int, ffn_hidden: int | None, multiple_of: int) -> int:
