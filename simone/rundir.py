@@ -28,7 +28,7 @@ SCHEMA = 1
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (checkpoint and package manifests)."""
+    """Hex sha256 of a file, read in 1 MiB blocks (manifests, and the inputs stages reuse by)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

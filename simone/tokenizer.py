@@ -26,7 +26,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from simone.config import TokenizerConfig
-from simone.rundir import atomic_write_json, atomic_write_text, read_json
+from simone.rundir import atomic_write_json, atomic_write_text, read_json, sha256_file
 
 TOKENIZER_FILE = "tokenizer.json"
 STAMP_FILE = "stamp.json"
@@ -184,14 +184,6 @@ def _train_texts(documents_jsonl: Path) -> Iterator[str]:
             yield from split_for_encoding(doc["text"])
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def documents_domains(documents_jsonl: Path) -> list[str]:
     """Sorted names of every domain in `documents.jsonl` (both splits)."""
     return sorted({str(doc.get("domain") or "unknown") for doc in _iter_documents(documents_jsonl)})
@@ -214,7 +206,7 @@ def train_tokenizer(
     if not documents_jsonl.is_file():
         raise FileNotFoundError(f"{documents_jsonl}: documents file not found (run curation first)")
     stamp = {
-        "documents_sha256": _file_sha256(documents_jsonl),
+        "documents_sha256": sha256_file(documents_jsonl),
         "vocab_size": cfg.vocab_size,
         "min_frequency": cfg.min_frequency,
         "eod_token": cfg.eod_token,

@@ -42,7 +42,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from simone.rundir import atomic_write_json, read_json
+from simone.rundir import atomic_write_json, read_json, sha256_file
 from simone.tokenizer import Tokenizer, split_for_encoding
 
 SCHEMA = 1
@@ -56,14 +56,6 @@ _DocRow = tuple[str, str, str, int, int]  # (split, domain, doc_id, n_bytes, n_p
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits (vocab_size <= 65535), else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -127,7 +119,7 @@ def build_shards(documents_jsonl: Path, tokenizer: Tokenizer, data_dir: Path,
     if not 0.0 <= control_token_prob <= 1.0:
         raise ValueError(f"data.control_token_prob={control_token_prob}: must be in [0, 1]")
     control = (float(control_token_prob), int(control_seed))
-    documents_sha = _file_sha256(documents_jsonl)
+    documents_sha = sha256_file(documents_jsonl)
     existing = read_json(data_dir / INDEX_FILE)
     if _is_current(existing, data_dir, documents_sha, tokenizer, control):
         return existing
