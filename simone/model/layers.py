@@ -242,14 +242,10 @@ class RotaryQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 n_q: int, n_kv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if cos.dtype != qkv.dtype:
-            cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
+        cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)  # no copies when they match
         ctx.save_for_backward(cos, sin)
         ctx.n_q, ctx.n_kv = n_q, n_kv
-        qk, v = qkv.split([n_q + n_kv, n_kv], dim=2)
-        rotated = qk.new_empty(qk.shape)
-        q, k = _rotate_into(rotated, qk, cos, sin).split([n_q, n_kv], dim=2)
-        return q, k, v  # v: a view of qkv (autograd tracks it as this function's output)
+        return _split_and_rotate(qkv, cos, sin, n_q, n_kv)  # v: a view of qkv
 
     @staticmethod
     def backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor):
@@ -269,13 +265,18 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int
     """(q, k, v) from qkv [B, T, n_q + 2·n_kv, head_dim], q and k rotated: through
     `RotaryQKV` when a gradient is needed, without its per-call overhead otherwise, and
     as the plain formula under torch.compile."""
-    qk, v = qkv.split([n_q + n_kv, n_kv], dim=2)
     if torch.compiler.is_compiling():  # compile fuses the plain formula into one kernel
+        qk, v = qkv.split([n_q + n_kv, n_kv], dim=2)
         q, k = apply_rope(qk, cos, sin).split([n_q, n_kv], dim=2)
         return q, k, v
     if torch.is_grad_enabled() and qkv.requires_grad:
         return RotaryQKV.apply(qkv, cos, sin, n_q, n_kv)
-    if cos.dtype != qkv.dtype:
-        cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
+    return _split_and_rotate(qkv, cos.to(qkv.dtype), sin.to(qkv.dtype), n_q, n_kv)
+
+
+def _split_and_rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int,
+                      n_kv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v) views: q and k rotated together into one new tensor, v a view of qkv."""
+    qk, v = qkv.split([n_q + n_kv, n_kv], dim=2)
     q, k = _rotate_into(qk.new_empty(qk.shape), qk, cos, sin).split([n_q, n_kv], dim=2)
     return q, k, v
