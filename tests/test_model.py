@@ -425,10 +425,11 @@ def test_flat_decoding_step_equals_the_module_forward(extra, autocast):
     from simone.model import decode
 
     model = tiny_model(seed=4, **extra)
-    with torch.no_grad():  # non-trivial norm weights, so a swapped norm would show
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # distinct norm weights, so a swapped norm would show
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
     prompt = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(25))
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         cache_a, cache_b = model.new_kv_cache(2, 12), model.new_kv_cache(2, 12)
