@@ -25,9 +25,14 @@ class ConfigError(SimoneError, ValueError):
 @dataclass
 class DataConfig:
     data_dir: str | None = None  # None: the embedded default corpus
-    val_fraction: float = 0.1  # share of documents (not tokens) held out, per domain
+    # share of documents (not tokens) held out, per domain; in a domain with one document,
+    # the share of that document's words held out as its validation slice
+    val_fraction: float = 0.1
     split_seed: int = 1234
     min_val_docs_per_domain: int = 1
+    # a held-out slice has at least this many words, and its document keeps as many to train
+    # on; a single-document domain shorter than twice this fails curation
+    min_val_words: int = 200
     # share of training documents that start with their `<|domain:NAME|>` control token
     # (decided per document by a hash of its id, so rebuilding gives the same shards)
     control_token_prob: float = 0.0

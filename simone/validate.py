@@ -90,10 +90,13 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
     if data_dir is None:
         check("validation_loss", True, "skipped: no validation shards next to this model (pass --data-dir)")
     else:
-        ev = evaluate_per_domain(model, TokenShard(data_dir, "val"), seq_len=cfg.model.max_seq_len,
+        val_shard = TokenShard(data_dir, "val")
+        ev = evaluate_per_domain(model, val_shard, seq_len=cfg.model.max_seq_len,
                                  batch_size=cfg.train.batch_size, max_batches=max_batches or cfg.train.eval_batches,
                                  device=loaded.device)
         report.update(ev)
+        # domains that validate on the held-out tail of a training document (curation's slices)
+        report["held_out_slices"] = {d: v["n_slices"] for d, v in val_shard.info["domains"].items() if v.get("n_slices")}
         loss = ev["val_loss"]
         uniform = math.log(cfg.model.vocab_size)
         ok = loss is not None and math.isfinite(loss) and loss < uniform
@@ -145,6 +148,10 @@ def report_markdown(r: dict[str, Any]) -> str:
         for d, v in r["per_domain"].items():
             lines.append(f"| {d} | {v['loss']:.4f} | {v['ppl']:.1f} | {v['bpb']:.3f} | {v['tokens']} |")
         lines.append(f"| **all** | {r['val_loss']:.4f} | {r['val_ppl']:.1f} | {r['val_bpb']:.3f} | {r['tokens']} |")
+        if r.get("held_out_slices"):
+            lines += ["", "Validation text of " + ", ".join(f"**{d}**" for d in r["held_out_slices"])
+                      + " is a held-out slice: the tail of a training document, cut at a paragraph break and never "
+                      "trained on (a domain with a single document has no other to spare)."]
     if r.get("samples"):
         lines += ["", "## Samples", ""]
         for s in r["samples"]:

@@ -335,12 +335,14 @@ def test_contamination_is_reported_and_decontaminate_moves_it(tmp_path):
     assert all(c["source"].startswith("sea/") for c in res.contaminated)
 
     moved = curate(root, tmp_path / "d2", _cfg(decontaminate=True), progress=False)
-    assert any("'sea' has no validation documents" in w for w in moved.warnings)
-    docs = {d["id"]: d for d in read_jsonl(tmp_path / "d2" / "documents.jsonl")}
+    assert any("'sea' has no validation documents" in w and "held-out slice" in w for w in moved.warnings)
+    # the domain left without validation documents validates on a held-out slice instead
+    assert moved.domains["sea"]["val"]["slices"] == 1 and moved.domains["land"]["val"]["slices"] == 0
+    split_of = {d["id"]: d["split"] for d in read_jsonl(tmp_path / "d2" / "documents.jsonl")}
     for p in val_sea:
-        assert docs[p]["split"] == "train"
+        assert split_of.get(p, split_of.get(p + "#train")) == "train"
     for p in val_land:
-        assert docs[p]["split"] == "val"
+        assert split_of[p] == "val"
 
 
 def test_missing_or_empty_corpus_is_one_clear_error(tmp_path):
@@ -364,9 +366,12 @@ def test_flat_folder_and_single_file(tmp_path):
     assert m["c.txt"]["domain"] == "default"
     assert res.domains["fiction"]["val"]["docs"] == 1
 
+    assert m["c.txt"]["split"] == "train+val-slice"  # alone in its domain: a slice validates
+    assert res.domains["default"]["val"] == {"docs": 0, "words": m["c.txt"]["holdout"]["words"], "slices": 1}
+
     single = curate(flat / "a.txt", tmp_path / "d2", _cfg(), progress=False)
     docs = read_jsonl(tmp_path / "d2" / "documents.jsonl")
-    assert single.files == 1 and len(docs) == 1 and docs[0]["split"] == "train"
+    assert single.files == 1 and [(d["id"], d["split"]) for d in docs] == [("a.txt#train", "train"), ("a.txt#val", "val")]
 
 
 def test_duplicate_with_the_right_label_is_kept_over_a_mislabelled_copy(tmp_path):

@@ -5,10 +5,13 @@
 writes into `data_dir`:
   manifest.jsonl    one line per input file (every one, whatever became of it):
                     {path, domain, subdomain, status: kept|flagged|quarantined, reasons,
-                     sha256, bytes, chars, words, dup_of, title, author, quality, split, notes}
+                     sha256, bytes, chars, words, dup_of, title, author, quality, split,
+                     holdout, notes}
   documents.jsonl   one line per training/validation document (cleaned text):
                     {id, path, domain, subdomain, title, author, split, status,
-                     quality_score, text}
+                     quality_score, text}; a document with a held-out slice is two lines,
+                    ids `PATH#train` and `PATH#val`, each with `slice`: [start, end], the
+                    characters of the cleaned text it holds
   report.html       the curation report (self-contained; opens offline)
   curate.stamp.json inputs + settings fingerprint and the result, for reuse
 
@@ -18,7 +21,11 @@ spooled to disk, never held for the whole corpus. (2) exact duplicates by hash o
 cleaned text, then near duplicates by MinHash LSH; the better copy is kept (its label
 fits its text, then higher quality score, then longer). (3) split by
 document. (4) contamination: validation documents sharing 13-grams with training.
-(5) write the outputs. The corpus itself is only ever opened for reading.
+(5) held-out slices: a domain left without a validation document (it has one document)
+validates on the tail of its longest document, which is then trained on only up to the cut
+(manifest `split`: "train+val-slice", `holdout`: where); a domain too short for that stops
+curation with a `CorpusError`. (6) write the outputs. The corpus itself is only ever opened
+for reading.
 
 Reason codes and the status they give:
   quarantined  empty binary not_utf8 unreadable orphan_sidecar stub too_short
@@ -69,7 +76,7 @@ from simone.data.dedup import (
 )
 from simone.data.labels import check_label
 from simone.data.quality import DocTokens, assess
-from simone.data.split import assign_splits
+from simone.data.split import assign_splits, hold_out_slice, min_words_to_hold_out
 from simone.rundir import atomic_write_json
 
 __all__ = ["CorpusError", "CurateResult", "curate", "print_summary"]
@@ -80,6 +87,7 @@ QUARANTINE = {
     "exact_duplicate", "near_duplicate",
 }
 FLAG = {"title_mismatch", "bad_sidecar", "contamination", "low_quality:repeated_passage"}
+SLICED = "train+val-slice"  # manifest split of a document whose tail is held out for validation
 CONTAMINATION_SAMPLE = 4  # keep 1 in 4 distinct 13-grams (the same ones in every document)
 
 
@@ -97,11 +105,14 @@ class CurateResult:
     words_in: int = 0  # words of every decodable file as read, before any cleaning
     status_counts: dict[str, int] = field(default_factory=dict)  # kept / flagged / quarantined
     reason_counts: dict[str, int] = field(default_factory=dict)
-    # {domain: {"train": {"docs", "words"}, "val": {...}}}, and the same per "domain/subdomain"
+    # {domain: {"train": {"docs", "words"}, "val": {"docs", "words", "slices"}, "dropped": {...}}},
+    # and the same per "domain/subdomain"; a sliced document counts as a training doc, its
+    # held-out tail as a validation slice (val words include the slices' words)
     domains: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     subdomains: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     documents_train: int = 0
     documents_val: int = 0
+    val_slices: int = 0  # documents whose tail is held out for validation (see SLICED)
     words_train: int = 0
     words_val: int = 0
     duplicate_clusters: list[dict[str, Any]] = field(default_factory=list)
@@ -353,8 +364,10 @@ def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool
             r["status"] = _status(r["reasons"])
             if c.strict and r["status"] == "flagged":
                 r["split"] = None
+        slice_notes = _hold_out_slices(records, cfg, corpus)
         lap("split_and_contamination")
         result = _result(corpus, data_dir, paths, records, clusters, contaminated, cfg)
+        result.warnings += slice_notes
         result.ignored = _ignored_files(corpus)
         _write_manifest(paths["manifest"], records)
         _write_documents(paths["documents"], records)
@@ -508,6 +521,47 @@ def _largest_overlap(grams: np.ndarray, included: list[dict[str, Any]]) -> tuple
     return best
 
 
+def _hold_out_slices(records: list[dict[str, Any]], cfg: Config, corpus: Path) -> list[str]:
+    """Give each domain without a validation document a held-out slice: the tail of its
+    longest document (a clean one before a flagged one), at least `data.min_val_words` words.
+
+    Marks that record's split SLICED and sets `holdout`; returns warnings for domains that
+    had documents to spare but lost them (--decontaminate). Raises `CorpusError` when no
+    document of such a domain is long enough: training could never be evaluated.
+    """
+    by_domain: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r.get("split") in ("train", "val"):
+            by_domain[r["domain"]].append(r)
+    notes = []
+    fraction, min_words = cfg.data.val_fraction, cfg.data.min_val_words
+    for domain, docs in sorted(by_domain.items()):
+        if any(r["split"] == "val" for r in docs):
+            continue
+        candidates = sorted((r for r in docs if "_spool" in r), key=lambda r: (r["status"] != "kept", -r["words"], r["path"]))
+        for r in candidates:
+            text = Path(r["_spool"]).read_text(encoding="utf-8")
+            cut = hold_out_slice(text, fraction, min_words)
+            if cut is not None:
+                r["split"] = SLICED
+                r["holdout"] = {"start_char": cut.start, "end_char": len(text), "words": cut.words,
+                                "train_words": cut.train_words}
+                if len(docs) > 1:
+                    why = " (--decontaminate moved them to training)" if cfg.curate.decontaminate else ""
+                    notes.append(f"domain {domain!r} has no validation documents{why}: "
+                                 f"validates on a held-out slice of {r['path']}")
+                break
+        else:
+            need = min_words_to_hold_out(min_words)
+            words = sum(r["words"] for r in docs)
+            have = f"{words:,} words of text in domain {domain!r}" if len(docs) == 1 else \
+                f"{words:,} words of text in domain {domain!r} but no validation document, and its longest document has {max(r['words'] for r in docs):,}"
+            raise CorpusError(f"{corpus}: corpus has {have}; need at least {need:,} to hold out validation "
+                              f"({min_words} words, data.min_val_words, to validate on and as many to train on): "
+                              f"add text or lower data.min_val_words")
+    return notes
+
+
 def _result(corpus: Path, data_dir: Path, paths: dict[str, Path], records: list[dict[str, Any]], clusters, contaminated, cfg: Config) -> CurateResult:
     res = CurateResult(
         corpus=str(corpus), data_dir=str(data_dir), manifest=str(paths["manifest"]),
@@ -524,7 +578,15 @@ def _result(corpus: Path, data_dir: Path, paths: dict[str, Path], records: list[
     subs: dict[str, dict[str, dict[str, int]]] = {}
     for r in records:
         for table, key in ((domains, r["domain"]), (subs, f"{r['domain']}/{r['subdomain']}" if r["subdomain"] else r["domain"])):
-            entry = table.setdefault(key, {s: {"docs": 0, "words": 0} for s in ("train", "val", "dropped")})
+            entry = table.setdefault(key, {"train": {"docs": 0, "words": 0}, "val": {"docs": 0, "words": 0, "slices": 0},
+                                           "dropped": {"docs": 0, "words": 0}})
+            if r["split"] == SLICED:
+                held = r["holdout"]["words"]
+                entry["train"]["docs"] += 1
+                entry["train"]["words"] += r["words"] - held
+                entry["val"]["slices"] += 1
+                entry["val"]["words"] += held
+                continue
             slot = r["split"] or "dropped"
             entry[slot]["docs"] += 1
             entry[slot]["words"] += r["words"]
@@ -534,16 +596,13 @@ def _result(corpus: Path, data_dir: Path, paths: dict[str, Path], records: list[
     res.documents_val = sum(d["val"]["docs"] for d in domains.values())
     res.words_train = sum(d["train"]["words"] for d in domains.values())
     res.words_val = sum(d["val"]["words"] for d in domains.values())
+    res.val_slices = sum(d["val"]["slices"] for d in domains.values())
     res.duplicate_clusters = clusters
     res.contaminated = contaminated
-    for name, d in res.domains.items():
-        if d["train"]["docs"] + d["val"]["docs"] >= 2 and d["val"]["docs"] == 0:
-            why = " (--decontaminate moved them to training)" if cfg.curate.decontaminate else ""
-            res.warnings.append(f"domain {name!r} has no validation documents{why}: its evaluation will be empty")
     return res
 
 
-_MANIFEST_KEYS = ("path", "domain", "subdomain", "status", "reasons", "sha256", "bytes", "chars", "words", "dup_of", "title", "author", "quality_score", "quality", "split", "notes")
+_MANIFEST_KEYS = ("path", "domain", "subdomain", "status", "reasons", "sha256", "bytes", "chars", "words", "dup_of", "title", "author", "quality_score", "quality", "split", "holdout", "notes")
 
 
 def manifest_line(r: dict[str, Any]) -> dict[str, Any]:
@@ -559,18 +618,26 @@ def _write_manifest(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def _write_documents(path: Path, records: list[dict[str, Any]]) -> None:
-    """Stream the spooled cleaned texts of the included documents into documents.jsonl."""
+    """Stream the spooled cleaned texts of the included documents into documents.jsonl;
+    a document with a held-out slice becomes its `#train` part and its `#val` part."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for r in records:
             if r.get("split") is None or "_spool" not in r:
                 continue
             text = Path(r["_spool"]).read_text(encoding="utf-8")
-            f.write(json.dumps({
+            line = {
                 "id": r["path"], "path": r["path"], "domain": r["domain"], "subdomain": r["subdomain"],
                 "title": r["title"], "author": r["author"], "split": r["split"], "status": r["status"],
                 "quality_score": r.get("quality_score"), "text": text,
-            }, ensure_ascii=False) + "\n")
+            }
+            if r["split"] != SLICED:
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                continue
+            cut = r["holdout"]["start_char"]
+            for split, (a, b) in (("train", (0, cut)), ("val", (cut, len(text)))):
+                part = line | {"id": f"{r['path']}#{split}", "split": split, "slice": [a, b], "text": text[a:b]}
+                f.write(json.dumps(part, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -638,12 +705,15 @@ def print_summary(result: CurateResult, console=None) -> None:
         f"[green]{sc.get('kept', 0)} kept[/green], [yellow]{sc.get('flagged', 0)} flagged[/yellow], "
         f"[red]{sc.get('quarantined', 0)} quarantined[/red] ({head})"
     )
-    table = Table(title="documents and words by domain (words after cleaning; dropped = files left out)")
-    for col in ("domain", "train", "train words", "val", "val words", "dropped"):
+    table = Table(title="documents and words by domain (words after cleaning; dropped = files left out; "
+                        "val slices = held-out tails of training documents)")
+    for col in ("domain", "train", "train words", "val", "val slices", "val words", "dropped"):
         table.add_column(col, justify="left" if col == "domain" else "right", no_wrap=True)
     for domain, d in result.domains.items():
-        table.add_row(domain, str(d["train"]["docs"]), f"{d['train']['words']:,}", str(d["val"]["docs"]), f"{d['val']['words']:,}", str(d["dropped"]["docs"]))
-    table.add_row("[bold]total", str(result.documents_train), f"{result.words_train:,}", str(result.documents_val), f"{result.words_val:,}", "")
+        table.add_row(domain, str(d["train"]["docs"]), f"{d['train']['words']:,}", str(d["val"]["docs"]),
+                      str(d["val"].get("slices", 0)), f"{d['val']['words']:,}", str(d["dropped"]["docs"]))
+    table.add_row("[bold]total", str(result.documents_train), f"{result.words_train:,}", str(result.documents_val),
+                  str(result.val_slices), f"{result.words_val:,}", "")
     console.print(table)
     for warning in result.warnings:
         console.print(f"[yellow]warning[/yellow]: {warning}")

@@ -158,7 +158,8 @@ def write_report(path: Path, result, records: list[dict[str, Any]]) -> None:
         ("flagged", f"{sc.get('flagged', 0)}", "kept unless --strict"),
         ("quarantined", f"{sc.get('quarantined', 0)}", "left out, never deleted"),
         ("train", f"{r.documents_train} docs", f"{r.words_train:,} words"),
-        ("validation", f"{r.documents_val} docs", f"{r.words_val:,} words"),
+        ("validation", f"{r.documents_val} docs" + (f" + {r.val_slices} slices" if r.val_slices else ""),
+         f"{r.words_val:,} words"),
     ):
         out.append(f"<div class=card><span>{_e(label)}</span><b>{_e(value)}</b><span>{_e(sub)}</span></div>")
     out.append("</div>")
@@ -177,6 +178,11 @@ def write_report(path: Path, result, records: list[dict[str, Any]]) -> None:
                "roughly 1.3 tokens per word for English BPE.</p>")
     out.append(_legend(SPLIT_COLORS))
     out.append(_hbar_chart([(d, {k: float(v[k]["words"]) for k in ("train", "val", "dropped")}) for d, v in r.domains.items()], SPLIT_COLORS))
+    if r.val_slices:
+        out.append("<p class=note><b>val slices</b>: a domain with no document to spare for validation (a single book) "
+                   "validates on a held-out slice, the tail of its longest document cut at a paragraph break "
+                   "(<code>data.val_fraction</code> of its words, at least <code>data.min_val_words</code>); "
+                   "only the text before the cut is trained on. Its file shows split <code>train+val-slice</code> below.</p>")
     out.append(_domain_table("domain", r.domains))
     out.append("<details><summary>per subdomain</summary>")
     out.append(_hbar_chart([(d, {k: float(v[k]["words"]) for k in ("train", "val", "dropped")}) for d, v in r.subdomains.items()], SPLIT_COLORS))
@@ -249,10 +255,10 @@ def write_report(path: Path, result, records: list[dict[str, Any]]) -> None:
 
 def _domain_table(kind: str, table: dict[str, dict[str, dict[str, int]]]) -> str:
     rows = [f"<table><tr><th>{kind}</th><th class=n>train docs</th><th class=n>train words</th><th class=n>val docs</th>"
-            "<th class=n>val words</th><th class=n>dropped docs</th><th class=n>dropped words</th></tr>"]
+            "<th class=n>val slices</th><th class=n>val words</th><th class=n>dropped docs</th><th class=n>dropped words</th></tr>"]
     for name, v in table.items():
         rows.append(f"<tr><td>{_e(name)}</td><td class=n>{v['train']['docs']}</td><td class=n>{v['train']['words']:,}</td>"
-                    f"<td class=n>{v['val']['docs']}</td><td class=n>{v['val']['words']:,}</td>"
+                    f"<td class=n>{v['val']['docs']}</td><td class=n>{v['val'].get('slices', 0)}</td><td class=n>{v['val']['words']:,}</td>"
                     f"<td class=n>{v['dropped']['docs']}</td><td class=n>{v['dropped']['words']:,}</td></tr>")
     rows.append("</table>")
     return "".join(rows)

@@ -9,10 +9,14 @@ is ONE contiguous range of its split — per-domain evaluation is a slice. `inde
      "splits": {"train"|"val": {"file", "n_tokens", "n_bytes", "n_docs",
         "docs": [[doc_id, domain, start, end, n_bytes], ...],   # tokens[start:end] is the
                                                                # document; tokens[end] = eod
-        "domains": {DOMAIN: {"start", "end", "n_tokens", "n_bytes", "n_docs",
-                             "ranges": [[start, end]]}}}}}     # one range, eods included
+        "domains": {DOMAIN: {"start", "end", "n_tokens", "n_bytes", "n_docs", "n_slices",
+                             "ranges": [[start, end]]}},       # one range, eods included
+        "slices": [doc_id, ...]}}}
 
-`n_bytes` counts UTF-8 bytes of the document texts (for bits-per-byte).
+`n_bytes` counts UTF-8 bytes of the document texts (for bits-per-byte). `slices` (and each
+domain's `n_slices`) are the split's parts of a document cut in two by curation (a
+documents.jsonl line with `slice`): in "val", the held-out tails that a domain with a single
+document validates on.
 
 Control tokens (governance). With `control_token_prob` p > 0, a training document whose
 hash of (control_seed, id) falls below p is preceded by its domain's control token
@@ -50,7 +54,7 @@ SPLITS = ("train", "val")
 INDEX_FILE = "index.json"
 BATCH_CHARS = 8 << 20  # characters of text per encode_batch call (bounds memory)
 T = TypeVar("T")
-_DocRow = tuple[str, str, str, int, int]  # (split, domain, doc_id, n_bytes, n_pieces)
+_DocRow = tuple[str, str, str, int, int, bool]  # (split, domain, doc_id, n_bytes, n_pieces, is_slice)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -67,6 +71,7 @@ class _DomainPart:
     n_bytes: int = 0
     docs: list[list] = field(default_factory=list)  # [doc_id, start, end, n_bytes], local
     control_docs: list[str] = field(default_factory=list)  # ids preceded by a control token
+    slices: list[str] = field(default_factory=list)  # ids of parts of a document cut in two
 
 
 def _control_prefix(tokenizer: Tokenizer, split: str, domain: str, doc_id: str,
@@ -136,7 +141,7 @@ def build_shards(documents_jsonl: Path, tokenizer: Tokenizer, data_dir: Path,
         document (its pieces concatenated, then eod) to its (split, domain) temp file."""
         encoded = tokenizer.encode_batch(pieces)
         at = 0
-        for split, domain, doc_id, n_bytes, n_pieces in batch:
+        for split, domain, doc_id, n_bytes, n_pieces, is_slice in batch:
             ids = np.concatenate([np.array(e, dtype=dtype) for e in encoded[at : at + n_pieces]])
             at += n_pieces
             part = parts.get((split, domain))
@@ -151,6 +156,8 @@ def build_shards(documents_jsonl: Path, tokenizer: Tokenizer, data_dir: Path,
             part.docs.append([doc_id, start, start + len(ids), n_bytes])
             if len(prefix):
                 part.control_docs.append(doc_id)
+            if is_slice:
+                part.slices.append(doc_id)
             part.n_tokens = start + len(ids) + 1
             part.n_bytes += n_bytes
 
@@ -178,7 +185,7 @@ def build_shards(documents_jsonl: Path, tokenizer: Tokenizer, data_dir: Path,
 
 def _document_batches(documents_jsonl: Path) -> Iterator[tuple[list[_DocRow], list[str]]]:
     """Read documents.jsonl line by line into batches of about BATCH_CHARS characters:
-    ([(split, domain, doc_id, n_bytes, n_pieces), ...], [piece, ...]) per batch."""
+    ([(split, domain, doc_id, n_bytes, n_pieces, is_slice), ...], [piece, ...]) per batch."""
     batch: list[_DocRow] = []
     pieces: list[str] = []
     batch_chars = 0
@@ -199,7 +206,7 @@ def _document_batches(documents_jsonl: Path) -> Iterator[tuple[list[_DocRow], li
             doc_pieces = split_for_encoding(text)
             domain = str(doc.get("domain") or "unknown")
             doc_id = str(doc.get("id") or f"line{lineno}")
-            batch.append((split, domain, doc_id, len(text.encode("utf-8")), len(doc_pieces)))
+            batch.append((split, domain, doc_id, len(text.encode("utf-8")), len(doc_pieces), "slice" in doc))
             pieces.extend(doc_pieces)
             batch_chars += len(text)
             if batch_chars >= BATCH_CHARS:
@@ -252,6 +259,7 @@ def _concatenate_split(split: str, parts: dict[tuple[str, str], _DomainPart], da
     out_tmp = data_dir / f".{file_name}.tmp"
     docs: list[list] = []
     control_docs: list[str] = []
+    slices: list[str] = []
     domains: dict[str, dict] = {}
     offset = n_bytes = 0
     with open(out_tmp, "wb") as out:
@@ -263,12 +271,14 @@ def _concatenate_split(split: str, parts: dict[tuple[str, str], _DomainPart], da
             for doc_id, start, end, doc_bytes in part.docs:
                 docs.append([doc_id, domain, offset + start, offset + end, doc_bytes])
             control_docs.extend(part.control_docs)
+            slices.extend(part.slices)
             domains[domain] = {
                 "start": offset,
                 "end": offset + part.n_tokens,
                 "n_tokens": part.n_tokens,
                 "n_bytes": part.n_bytes,
                 "n_docs": len(part.docs),
+                "n_slices": len(part.slices),
                 "ranges": [[offset, offset + part.n_tokens]],
             }
             offset += part.n_tokens
@@ -276,7 +286,7 @@ def _concatenate_split(split: str, parts: dict[tuple[str, str], _DomainPart], da
         out.flush()
     out_tmp.replace(data_dir / file_name)
     return {"file": file_name, "n_tokens": offset, "n_bytes": n_bytes, "n_docs": len(docs),
-            "docs": docs, "domains": domains, "control_docs": control_docs}
+            "docs": docs, "domains": domains, "control_docs": control_docs, "slices": slices}
 
 
 class TokenShard:
