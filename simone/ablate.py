@@ -17,7 +17,7 @@ once from it, with domain control tokens before `data.control_token_prob` of the
 documents (0.5 when the config leaves it at 0, so that every variant can be steered), and
 each variant's run directory links to them. The uncurated variant has its own curation,
 tokenizer and shards, with every clean validation document removed from its training split
-(by id and by text), and is evaluated on the clean validation documents re-tokenized with its
+(by id and by text; a held-out slice is cut off the training text of its document), and is evaluated on the clean validation documents re-tokenized with its
 own tokenizer; bits per byte makes the two tokenizers comparable.
 
 Budget. All variants train for the same number of optimizer steps (so the same tokens):
@@ -39,6 +39,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -121,14 +122,23 @@ def prepare_uncurated(cfg: Config, shared: RunDir, run: RunDir) -> Path:
 
     stage_curate(cfg, run.root)
     clean_val = [d for d in _read_documents(shared.documents) if d.get("split") == "val"]
-    val_ids = {d.get("id") for d in clean_val} | {d.get("path") for d in clean_val}
-    val_texts = {_text_key(d.get("text") or "") for d in clean_val}
+    whole_val = [d for d in clean_val if "slice" not in d]
+    val_ids = {d.get("id") for d in whole_val} | {d.get("path") for d in whole_val}
+    val_texts = {_text_key(d.get("text") or "") for d in whole_val}
+    # a held-out slice is the tail of a document whose head trains: cut it off that document
+    slice_heads = {d.get("path"): _words_pattern(d.get("text") or "") for d in clean_val if "slice" in d}
+    documents = _read_documents(run.documents)
     kept, dropped = [], 0
-    for doc in _read_documents(run.documents):
+    for doc in documents:
         if doc.get("split") == "train" and (doc.get("id") in val_ids or doc.get("path") in val_ids
                                             or _text_key(doc.get("text") or "") in val_texts):
             dropped += 1
             continue
+        if doc.get("split") == "train" and doc.get("path") in slice_heads:
+            doc = _without_slice(doc, slice_heads[doc["path"]], documents)
+            if doc is None:
+                dropped += 1
+                continue
         kept.append(doc)
     atomic_write_text(run.documents, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in kept))
     _say(f"uncurated: {len(kept)} documents, {dropped} training copies of clean validation documents removed")
@@ -140,6 +150,24 @@ def prepare_uncurated(cfg: Config, shared: RunDir, run: RunDir) -> Path:
                       "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in clean_val))
     build_shards(eval_dir / "documents.jsonl", tok, eval_dir)
     return eval_dir
+
+
+def _words_pattern(text: str, n_words: int = 24) -> re.Pattern:
+    """The first `n_words` words of `text`, matched across any whitespace (curation with and
+    without cleaning may break lines differently)."""
+    return re.compile(r"\s+".join(re.escape(w) for w in text.split()[:n_words]))
+
+
+def _without_slice(doc: dict, head: re.Pattern, documents: list[dict]) -> dict | None:
+    """`doc` (uncurated training text) cut where the clean held-out slice begins; unchanged
+    when the slice begins in another part of the same file; None (drop it) when the slice's
+    start is found nowhere, so held-out text can never be trained on."""
+    text = doc.get("text") or ""
+    m = head.search(text)
+    if m is not None:
+        return doc | {"text": text[: m.start()]} if m.start() > 0 else None
+    others = (d.get("text") or "" for d in documents if d.get("path") == doc.get("path") and d is not doc)
+    return doc if any(head.search(t) for t in others) else None
 
 
 # ----------------------------------------------------------------------------- budget
