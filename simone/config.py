@@ -104,6 +104,8 @@ class TrainConfig:
     patience: int = 2  # evaluations without improvement after min_epochs
     max_steps: int | None = None  # hard cap on optimizer steps
     max_minutes: float | None = None  # wall-clock cap on the training stage
+    # a cap the planned steps do not fit: warmup-stable-decay, this share of the run decaying
+    decay_fraction: float = 0.2
     eval_every: int = 500  # steps; evaluation also runs at every epoch end
     eval_batches: int = 20  # per domain
     log_every: int = 10
