@@ -128,3 +128,23 @@ def test_validation_report_and_model_card_name_the_stop(slow, tmp_path):
     assert summary["training"]["schedule_progress"] == 1.0
     card = model_card(summary)
     assert "| training stopped by | max_minutes, learning-rate schedule 100% done |" in card
+
+
+def test_a_resumed_capped_run_continues_its_time_plan(template, tmp_path, monkeypatch):
+    """Stopped by a signal in the stable phase, then resumed (a fresh 30 s): the saved plan
+    holds the peak until the new session has measured its own speed, then decays to the floor."""
+    cfg, run = new_run(template, tmp_path / "run", batch_size=16, num_epochs=2, min_epochs=2, max_minutes=0.5,
+                       eval_every=10, checkpoint_every=100, log_every=1)
+    clock = FakeClock()
+    slow_machine(monkeypatch, clock, step_s=1.0, eval_s=1.0)
+    monkeypatch.setenv("SIMONE_FAULT_SIGTERM_AT_STEP", "15")
+    first = train(cfg, run, clock=clock)
+    assert first.stop_reason == "signal" and first.steps == 15 and first.schedule_progress < 1.0
+    assert [r for r in read_metrics(run, "event") if r["event"] == "schedule"]  # planned by time
+    monkeypatch.delenv("SIMONE_FAULT_SIGTERM_AT_STEP")
+    clock = FakeClock()
+    slow_machine(monkeypatch, clock, step_s=1.0, eval_s=1.0)
+    second = train(cfg, run, resume="latest", clock=clock)
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run, "train")}
+    assert lrs[16] == lrs[17] == cfg.train.lr  # held, as planned before the stop (a cosine would be lower)
+    assert second.schedule_progress == 1.0 and lrs[second.steps] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)
