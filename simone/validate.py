@@ -155,7 +155,7 @@ def report_markdown(r: dict[str, Any]) -> str:
         lines += ["", f"Parameters: {r['params']:,} ({r.get('weights_mb')} MB of weights)"]
     if r.get("stop_reason"):  # how the training behind this model ended
         progress = r.get("schedule_progress")
-        done = "" if progress is None else f", learning-rate schedule {math.floor(progress * 1000) / 10:g}% done"
+        done = "" if progress is None else f", learning-rate schedule {math.floor(progress * 1000 + 1e-6) / 10:g}% done"
         lines += ["", f"Training stopped: {r['stop_reason']}{done}"]
     if r.get("per_domain"):
         lines += ["", "## Validation by domain", "", "| domain | loss | perplexity | bits per byte | tokens |",

@@ -139,3 +139,9 @@ def test_the_plan_travels_in_a_checkpoint():
     assert [again.lr(s) for s in range(600)] == [sched.lr(s) for s in range(600)]
     again.load_state_dict(None)  # a checkpoint from before time planning: the cosine
     assert again.mode == "cosine" and again.lr(300) == lr_at(300, 1.0, 20, 1000, 0.1)
+
+
+def test_progress_is_never_rounded_up_to_finished():
+    sched = LRSchedule(1.0, 0, 30_000, 0.1)
+    assert sched.progress(29_999) == 0.9999 and sched.progress(30_000) == 1.0
+    assert sched.progress(13 * 1500) == 0.65 and sched.progress(0) == 0.0

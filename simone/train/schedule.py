@@ -113,7 +113,8 @@ class LRSchedule:
 
     def progress(self, steps_done: int) -> float:
         """How far the schedule got after `steps_done` steps: 0.0 .. 1.0 (the lr at its floor)."""
-        return round(min(1.0, steps_done / max(1, self.end_step)), 4)
+        # 4 decimals, rounded down: 29999 of 30000 steps is not a finished 1.0
+        return min(1.0, math.floor(steps_done / max(1, self.end_step) * 10_000 + 1e-6) / 10_000)
 
     def finished(self, steps_done: int) -> bool:
         """A time-planned schedule has reached its floor (the run's cap has come: stop)."""
@@ -223,7 +224,7 @@ STOP_REASONS = {
 
 def percent_done(progress: float) -> str:
     """0.9983 → '99.8%' (never rounded up to a finished-looking 100%)."""
-    return f"{math.floor(progress * 1000) / 10:g}%"
+    return f"{math.floor(progress * 1000 + 1e-6) / 10:g}%"
 
 
 def stop_summary(reason: str, progress: float) -> str:
