@@ -109,7 +109,7 @@ def _stop_row(training: dict[str, Any]) -> list[str]:
     reason, progress = training.get("stop_reason"), training.get("schedule_progress")
     if not reason:
         return []
-    done = "" if progress is None else f", learning-rate schedule {math.floor(progress * 1000 + 1e-6) / 10:g}% done"
+    done = "" if progress is None else f", learning-rate schedule {math.floor(progress * 1e3 + 1e-6) / 10:g}% done"
     return [f"| training stopped by | {reason}{done} |"]
 
 

@@ -154,8 +154,8 @@ def report_markdown(r: dict[str, Any]) -> str:
     if r.get("params"):
         lines += ["", f"Parameters: {r['params']:,} ({r.get('weights_mb')} MB of weights)"]
     if r.get("stop_reason"):  # how the training behind this model ended
-        progress = r.get("schedule_progress")
-        done = "" if progress is None else f", learning-rate schedule {math.floor(progress * 1000 + 1e-6) / 10:g}% done"
+        progress = r.get("schedule_progress")  # rounded down: 99.9% is not a finished schedule
+        done = "" if progress is None else f", learning-rate schedule {math.floor(progress * 1e3 + 1e-6) / 10:g}% done"
         lines += ["", f"Training stopped: {r['stop_reason']}{done}"]
     if r.get("per_domain"):
         lines += ["", "## Validation by domain", "", "| domain | loss | perplexity | bits per byte | tokens |",

@@ -147,4 +147,5 @@ def test_a_resumed_capped_run_continues_its_time_plan(template, tmp_path, monkey
     second = train(cfg, run, resume="latest", clock=clock)
     lrs = {r["step"]: r["lr"] for r in read_metrics(run, "train")}
     assert lrs[16] == lrs[17] == cfg.train.lr  # held, as planned before the stop (a cosine would be lower)
-    assert second.schedule_progress == 1.0 and lrs[second.steps] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)
+    assert second.schedule_progress == 1.0
+    assert lrs[second.steps] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)
