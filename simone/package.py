@@ -96,11 +96,21 @@ def training_summary(run: RunDir, checkpoint: Path) -> dict[str, Any]:
             "mfu": trains[-1].get("mfu") if trains else None,
             "seconds": (status.get("heartbeat", 0) - status.get("started", 0)) if status.get("started") else None,
             "stop_reason": status.get("stop_reason"),
+            "schedule_progress": status.get("schedule_progress"),  # 1.0: the learning rate reached its floor
         },
         "validation": {k: report.get(k) for k in ("ok", "val_loss", "val_ppl", "val_bpb", "params") if k in report},
         "hardware": _hardware(),
         "versions": _versions(),
     }
+
+
+def _stop_row(training: dict[str, Any]) -> list[str]:
+    """The card's row on why training stopped and how far the learning-rate schedule got."""
+    reason, progress = training.get("stop_reason"), training.get("schedule_progress")
+    if not reason:
+        return []
+    done = "" if progress is None else f", learning-rate schedule {math.floor(progress * 1e3 + 1e-6) / 10:g}% done"
+    return [f"| training stopped by | {reason}{done} |"]
 
 
 def model_card(summary: dict[str, Any]) -> str:
@@ -124,6 +134,7 @@ def model_card(summary: dict[str, Any]) -> str:
         f"| steps / epochs | {t['steps']} / {t['epochs']} |",
         f"| best validation loss | {t['best_val_loss']} |",
         f"| final validation bits per byte | {t['final_val_bpb']} |",
+        *_stop_row(t),
         "",
         "## Use",
         "```",

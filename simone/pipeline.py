@@ -140,6 +140,16 @@ def stage_train(cfg: Config, run_dir: Path, resume: str | None = None):
     return train(cfg, run, resume=resume)
 
 
+def _training_ended(result) -> str:
+    """The console's word on how training ended: named, with how far the schedule got."""
+    from simone.train.schedule import stop_summary
+
+    reason = getattr(result, "stop_reason", None)
+    if reason is None:
+        return "training: no result"
+    return f"training ended: {stop_summary(reason, result.schedule_progress)}"
+
+
 def run_pipeline(cfg: Config, run_dir: Path, resume: str | None = None, monitor: bool = False,
                  monitor_port: int = 5001, package_dir: Path = Path("models_for_download")) -> PipelineResult:
     """corpus → curate → tokenizer → shards → train → validate → package, into `run_dir`."""
@@ -194,7 +204,7 @@ def _run_locked(cfg: Config, run: RunDir, resume: str | None, monitor: bool, mon
                          error=None if report["ok"] else "validation failed: " + ", ".join(report["failed"]))
         _say(f"package: {pkg.resolve()}")
         _say(f"sample: {sample}")
-        _say(f"done in {time.time() - t0:.0f}s ({status})")
+        _say(f"done in {time.time() - t0:.0f}s ({status}); {_training_ended(result)}")
         return PipelineResult(ok=report["ok"], run_dir=run.root, package=pkg, sample=sample)
     except KeyboardInterrupt:
         run.write_status(state="stopped", stage=stage)

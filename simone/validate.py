@@ -17,7 +17,7 @@ import torch
 
 from simone.data.shards import TokenShard
 from simone.evaluate import evaluate_per_domain
-from simone.rundir import atomic_write_json, atomic_write_text, sha256_file
+from simone.rundir import atomic_write_json, atomic_write_text, read_json, sha256_file
 
 SAMPLE_PROMPTS = ["The ", "And it came to pass", "What is "]
 
@@ -38,6 +38,19 @@ def _find_data_dir(model_path: Path, loaded) -> Path | None:
         if (cand / "index.json").exists() and (cand / "val.bin").exists():
             return cand
     return None
+
+
+def _training_stop(model_path: Path, loaded) -> dict[str, Any]:
+    """Why the training behind this model stopped and how far its learning-rate schedule got:
+    from the run's status.json, or a package's training_summary.json (None when unknown)."""
+    for status in (model_path / "status.json", loaded.files["checkpoint"].parent.parent / "status.json"):
+        if status.is_file():
+            found = read_json(status, {}) or {}
+            break
+    else:
+        summary = loaded.files.get("summary")
+        found = (read_json(summary, {}) or {}).get("training", {}) if summary else {}
+    return {"stop_reason": found.get("stop_reason"), "schedule_progress": found.get("schedule_progress")}
 
 
 def _peak_rss_mb() -> float:
@@ -79,6 +92,7 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
                            for name, p in loaded.files.items() if p.is_file()}
     check("integrity", not problems, "; ".join(problems) or f"{len(report['artifacts'])} files match their manifest")
 
+    report.update(_training_stop(model_path, loaded))
     model, cfg = loaded.model, loaded.config
     n_params = sum(p.numel() for p in model.parameters())
     report["params"] = n_params
@@ -142,6 +156,10 @@ def report_markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {c['name']} | {'pass' if c['ok'] else '**FAIL**'} | {c['detail'].replace('|', '/')} |")
     if r.get("params"):
         lines += ["", f"Parameters: {r['params']:,} ({r.get('weights_mb')} MB of weights)"]
+    if r.get("stop_reason"):  # how the training behind this model ended
+        progress = r.get("schedule_progress")  # rounded down: 99.9% is not a finished schedule
+        done = "" if progress is None else f", learning-rate schedule {math.floor(progress * 1e3 + 1e-6) / 10:g}% done"
+        lines += ["", f"Training stopped: {r['stop_reason']}{done}"]
     if r.get("per_domain"):
         lines += ["", "## Validation by domain", "", "| domain | loss | perplexity | bits per byte | tokens |",
                   "|---|---|---|---|---|"]

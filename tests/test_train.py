@@ -82,6 +82,7 @@ def test_status_and_checkpoints(full_run):
     status = run.read_status()
     assert status["state"] == "finished" and status["stage"] == "train"
     assert status["step"] == 36 and status["total_steps"] == 36
+    assert status["stop_reason"] == "num_epochs" and status["schedule_progress"] == 1.0
     assert status["pid"] > 0 and status["heartbeat"] > 0
     assert read_pointer(run.checkpoints, "latest") == "step_000036"
     best = resolve_checkpoint(run.root, "best")
@@ -106,6 +107,8 @@ def test_resume_continues_with_identical_losses(template, tmp_path, monkeypatch)
     first = train(cfg_b, run_b)
     assert first.stop_reason == "signal" and first.steps == 13
     assert run_b.read_status()["state"] == "stopped" and run_b.read_status()["step"] == 13
+    assert run_b.read_status()["stop_reason"] == "signal" and first.schedule_progress == 0.65  # 13 of 20
+    assert run_b.read_status()["schedule_progress"] == 0.65
     assert first.last_checkpoint == "step_000013"
     monkeypatch.delenv("SIMONE_FAULT_SIGTERM_AT_STEP")
     second = train(cfg_b, run_b, resume="latest")
@@ -157,6 +160,8 @@ def test_early_stopping_ends_the_run_after_patience(template, tmp_path):
                        patience=1, eval_every=10, checkpoint_every=100, log_every=6)
     result = train(cfg, run)
     assert result.stop_reason == "early_stop" and result.steps == 18 and result.epochs == 1
+    status = run.read_status()  # named, with how far the 3-epoch schedule got
+    assert status["stop_reason"] == "early_stop" and status["schedule_progress"] == pytest.approx(18 / 54, abs=1e-4)
     assert [r["step"] for r in read_metrics(run, "eval")] == [10, 18]
     (stop,) = [r for r in read_metrics(run, "event") if r["event"] == "early_stop"]
     assert stop["step"] == 18
@@ -168,7 +173,7 @@ def test_max_minutes_caps_the_run(template, tmp_path):
     cfg, run = new_run(template, tmp_path / "r", max_minutes=1e-6, eval_every=100, log_every=1)
     result = train(cfg, run)
     assert result.stop_reason == "max_minutes" and result.steps <= 1
-    assert run.read_status()["state"] == "finished"
+    assert run.read_status()["state"] == "finished" and run.read_status()["stop_reason"] == "max_minutes"
     assert read_pointer(run.checkpoints, "latest") == f"step_{result.steps:06d}"  # the end is saved
 
 

@@ -2,7 +2,8 @@
 
     trainer.py        the loop, evaluation, samples, resume, rollback, signals, heartbeat
     checkpoint.py     atomic verified checkpoints (safetensors + weights-only state)
-    optim.py          warmup + cosine learning-rate schedule
+    schedule.py       the learning-rate schedule: warmup + cosine, or planned by time under a cap
+    optim.py          the cosine curve (lr_at), setting the lr, fused-AdamW support
     early_stopping.py the min_epochs / num_epochs / patience rule
     metrics.py        metrics.jsonl, TensorBoard, progress bar, MFU
     lock.py           one live process per run directory

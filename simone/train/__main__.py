@@ -39,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     except (SimoneError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"stopped: {result.stop_reason} at step {result.steps} (best val loss {result.best_val_loss})",
-          file=sys.stderr)
+    from simone.train.schedule import stop_summary
+
+    print(f"stopped at step {result.steps}: {stop_summary(result.stop_reason, result.schedule_progress)} "
+          f"(best val loss {result.best_val_loss})", file=sys.stderr)
     if result.stop_reason == "signal":
         status = run.read_status()
         return 128 + int(status.get("signal") or 15)

@@ -119,6 +119,15 @@ def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def min_over_ranks(x: float, env: DistEnv, device: torch.device) -> float:
+    """The smallest of every rank's `x` (a collective: call it on every rank together)."""
+    if not env.distributed:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t.item())
+
+
 def gather_to_all(obj: object, env: DistEnv) -> list:
     """`[obj of rank 0, obj of rank 1, ...]` on every rank (a collective)."""
     if not env.distributed:

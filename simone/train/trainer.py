@@ -38,6 +38,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ from simone.train.distributed import (
     load_full_model_state,
     load_full_optimizer_state,
     local_tensor,
+    min_over_ranks,
     resolve_device,
     shutdown_distributed,
     split_batch,
@@ -89,7 +91,8 @@ from simone.train.early_stopping import EarlyStopping
 from simone.train.faults import Faults
 from simone.train.lock import RunLock
 from simone.train.metrics import MetricsLogger, format_seconds, mfu, peak_flops
-from simone.train.optim import lr_at, optimizer_skips_on_device, set_lr
+from simone.train.optim import optimizer_skips_on_device, set_lr
+from simone.train.schedule import LRSchedule, percent_done, stop_summary
 
 SAMPLE_PROMPT = "In the beginning"
 HEARTBEAT_S = 5.0
@@ -117,10 +120,12 @@ class TrainResult:
     tokens_per_s: float
     mfu: float | None
     seconds: float
-    stop_reason: str  # max_steps | max_minutes | early_stop | num_epochs | signal
+    stop_reason: str  # num_epochs (the planned end) | max_steps | max_minutes | early_stop | signal
+    schedule_progress: float = 0.0  # how far the learning-rate schedule got: 1.0 = at its floor
 
 
-def train(cfg: Config, run: RunDir, resume: str | None = None) -> TrainResult:
+def train(cfg: Config, run: RunDir, resume: str | None = None,
+          clock: Callable[[], float] | None = None) -> TrainResult:
     """Train on a prepared run directory; return what happened.
 
     Needs `run.tokenizer` and `run.data/{train,val}.bin + index.json`. `resume` is None (start
@@ -128,12 +133,13 @@ def train(cfg: Config, run: RunDir, resume: str | None = None) -> TrainResult:
     process calls this; only rank 0 writes to the run directory. Raises TrainingError (after
     marking status.json `failed`) when the run cannot go on, RunLockedError when another live
     process owns the run directory, CheckpointError when the checkpoint to resume from is
-    unusable or does not fit the config.
+    unusable or does not fit the config. `clock` (seconds, monotonic) times the run for the
+    time cap and the schedule; tests pass a fake one.
     """
     env = dist_env_from_environ()
     lock = RunLock(run.root, warn=run.log_line) if env.is_main else contextlib.nullcontext()
     with lock:
-        trainer = Trainer(cfg, run, env)
+        trainer = Trainer(cfg, run, env, clock=clock or time.monotonic)
         try:
             return trainer.fit(resume)
         finally:
@@ -239,7 +245,7 @@ def _duration(seconds: float) -> str:
 class Trainer:
     """Holds the model, optimizer, data and counters of one training run (one process)."""
 
-    def __init__(self, cfg: Config, run: RunDir, env: DistEnv):
+    def __init__(self, cfg: Config, run: RunDir, env: DistEnv, clock: Callable[[], float] = time.monotonic):
         self.cfg, self.run, self.env = cfg, run, env
         tc = cfg.train
         self.faults = Faults.from_env()
@@ -278,6 +284,10 @@ class Trainer:
         if tc.max_steps is not None:
             self.total_steps = min(self.total_steps, tc.max_steps)
         self.tokens_per_step = self.micro_batch * self.seq_len * self.grad_accum * env.world_size
+        # cosine over the planned steps; under a time cap they do not fit, planned by time (schedule.py)
+        self.schedule = LRSchedule(tc.lr, tc.warmup_steps, self.total_steps, tc.min_lr_ratio,
+                                   max_seconds=tc.max_minutes * 60 if tc.max_minutes is not None else None,
+                                   decay_fraction=tc.decay_fraction, clock=clock)
 
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
         self.raw_model = build_model(cfg.model).to(self.device)
@@ -333,7 +343,8 @@ class Trainer:
         self._last_grad_norm = torch.zeros((), device=self.device)
         self._last_saved_step = -1
         self._last_eval_step = -1
-        self._session_start = time.time()
+        self._session_start = time.time()  # wall time for status.json; the cap is the schedule's clock
+        self.schedule.start_session()
         self._session_tokens = 0
         self._log_clock = (time.perf_counter(), 0)  # (time, tokens) at the last log
         self._rate = (0.0, 0.0)  # (tokens/s, steps/s) over the last logging interval
@@ -374,7 +385,8 @@ class Trainer:
                 self._start_fresh()
             self._check_disk_at_start()
             self._write_status(state="running", error=None, step=self.step, total_steps=self.total_steps,
-                               started=self._session_start)
+                               started=self._session_start, stop_reason=None,
+                               schedule_progress=self.schedule.progress(self.step))
             self._session_first_step = self.step
             self._install_signal_handlers()
             self._start_heartbeat()
@@ -396,12 +408,13 @@ class Trainer:
                 if self._logging_step():
                     self._log_and_check()
                 improved = False
-                if (tc.eval_every and self.step % tc.eval_every == 0) or epoch_ended:
-                    improved = self._evaluate()
-                if epoch_ended or (tc.sample_every and self.step % tc.sample_every == 0):
-                    self._sample()
-                if improved or epoch_ended or (tc.checkpoint_every and self.step % tc.checkpoint_every == 0):
-                    self._save(best=improved)
+                with self.schedule.paused():  # not training: left out of the measured throughput
+                    if (tc.eval_every and self.step % tc.eval_every == 0) or epoch_ended:
+                        improved = self._evaluate()
+                    if epoch_ended or (tc.sample_every and self.step % tc.sample_every == 0):
+                        self._sample()
+                    if improved or epoch_ended or (tc.checkpoint_every and self.step % tc.checkpoint_every == 0):
+                        self._save(best=improved)
             self._finish(stop_reason)
             barrier(self.env)  # leave together: a rank tearing down early can hang the others
         except TrainingError as e:
@@ -430,7 +443,7 @@ class Trainer:
             last_checkpoint=self.last_checkpoint, tokens_seen=self.tokens_seen,
             tokens_per_s=tokens_per_s, mfu=mfu(self.flops_per_token, tokens_per_s / max(1, self.env.world_size),
                                                self.peak_flops),
-            seconds=seconds, stop_reason=stop_reason)
+            seconds=seconds, stop_reason=stop_reason, schedule_progress=self.schedule.progress(self.step))
 
     def _start_fresh(self) -> None:
         if list_checkpoints(self.run.checkpoints):
@@ -459,8 +472,9 @@ class Trainer:
             return "max_steps"
         if self.step >= self.total_steps:
             return "num_epochs"
-        out_of_time = tc.max_minutes is not None and time.time() - self._session_start >= tc.max_minutes * 60
-        if agree_now and any_rank(out_of_time, self.env, self.device):
+        if self.schedule.finished(self.step):  # planned by time: its decay ended as the cap came
+            return "max_minutes"
+        if agree_now and any_rank(self.schedule.out_of_time(), self.env, self.device):
             return "max_minutes"
         return None
 
@@ -472,7 +486,7 @@ class Trainer:
     def _train_step(self) -> bool:
         """Run one optimizer step (grad_accum micro-batches); return True if an epoch ended."""
         tc = self.cfg.train
-        lr = lr_at(self.step, tc.lr, tc.warmup_steps, self.total_steps, tc.min_lr_ratio) * self.lr_scale
+        lr = self.schedule.lr(self.step) * self.lr_scale
         set_lr(self.optimizer, lr)
         poison = self.faults.nan_at(self.step + 1)
         if self.faults.oom_at(self.step + 1):
@@ -555,6 +569,10 @@ class Trainer:
         steps_per_s = (self._session_tokens - tok0) / self.tokens_per_step / dt
         self._log_clock = (now, self._session_tokens)
         self._rate = (tokens_per_s, steps_per_s)
+        news = self.schedule.observe(self.step, agree=lambda x: min_over_ranks(x, self.env, self.device))
+        if news:
+            self.metrics.event("schedule", self.step, news, mode=self.schedule.mode,
+                               end_step=self.schedule.end_step)
         loss = loss_sum_v / count if count else None  # None (JSON null): every step skipped
         step_mfu = mfu(self.flops_per_token, tokens_per_s / self.env.world_size, self.peak_flops)
         epoch = self.epochs_done + (0.0 if self.loader.epoch_done else self.loader.epoch_progress)
@@ -571,7 +589,8 @@ class Trainer:
         self.metrics.progress(self.step, self.total_steps, f"loss {loss_txt}")
         self.metrics.log(line, echo=not self.metrics.interactive)  # the bar shows it already
         self._report_expected_time(tokens_per_s)
-        self._write_status(step=self.step, epoch=round(epoch, 4), total_steps=self.total_steps, eta_s=eta)
+        self._write_status(step=self.step, epoch=round(epoch, 4), total_steps=self.total_steps, eta_s=eta,
+                           schedule_progress=self.schedule.progress(self.step))
 
         self.loss_sum.zero_()
         self.loss_count.zero_()
@@ -608,7 +627,7 @@ class Trainer:
         steps_per_s = self._rate[1]
         if steps_per_s <= 0:
             return None
-        return (self.total_steps - self.step) / steps_per_s
+        return max(0, self.schedule.end_step - self.step) / steps_per_s
 
     def _rollback(self, consecutive: int) -> None:
         """Go back to the last good checkpoint with a smaller learning rate, or fail."""
@@ -645,6 +664,7 @@ class Trainer:
         self.loader.load_state_dict({"epoch": 0, "position": 0})
         torch.manual_seed(self.cfg.train.seed + self.env.rank)
         self.step = self.epochs_done = self.tokens_seen = 0
+        self.schedule.reset()
         self._zero_interval_counters()
         self.early = EarlyStopping(self.cfg.train.min_epochs, self.cfg.train.num_epochs, self.cfg.train.patience)
 
@@ -704,6 +724,7 @@ class Trainer:
             "lr_scale": self.lr_scale,
             "rollbacks": self.rollbacks,
             "total_steps": self.total_steps,
+            "schedule": self.schedule.state_dict(),  # the plan of a time-capped run
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.env.world_size,
             "grad_accum": self.grad_accum,
@@ -781,6 +802,7 @@ class Trainer:
         self.tokens_seen = int(state["tokens_seen"])
         self.lr_scale = float(state["lr_scale"])
         self.rollbacks = int(state["rollbacks"])
+        self.schedule.load_state_dict(state.get("schedule"))
         counters = state["counters"]
         self.loss_sum = counters["loss_sum"].to(self.device)
         self.loss_count = counters["loss_count"].to(self.device)
@@ -809,18 +831,24 @@ class Trainer:
     # ------------------------------------------------------------------ end of run
 
     def _finish(self, reason: str) -> None:
+        progress = self.schedule.progress(self.step)
         if reason == "signal":
             self._save()
-            self.metrics.event("stopped", self.step, f"stopped by signal {self._signal} at step {self.step}; "
-                               f"resume with --resume latest", signal=self._signal)
-            self._write_status(state="stopped", step=self.step, eta_s=None, signal=self._signal)
+            self.metrics.event("stopped", self.step, f"stopped by signal {self._signal} at step {self.step}, "
+                               f"learning-rate schedule {percent_done(progress)} done; resume with --resume latest",
+                               signal=self._signal, stop_reason=reason, schedule_progress=progress)
+            self._write_status(state="stopped", step=self.step, eta_s=None, signal=self._signal,
+                               stop_reason=reason, schedule_progress=progress)
             return
         improved = False
         if self._last_eval_step != self.step:
             improved = self._evaluate()
         self._save(best=improved)
-        self.metrics.event("finished", self.step, f"training stopped: {reason}", stop_reason=reason)
-        self._write_status(state="finished", step=self.step, eta_s=0, stop_reason=reason)
+        self.metrics.event("finished", self.step,
+                           f"training stopped: {stop_summary(reason, progress)}, at step {self.step}",
+                           stop_reason=reason, schedule_progress=progress)
+        self._write_status(state="finished", step=self.step, eta_s=0, stop_reason=reason,
+                           schedule_progress=progress)
 
     def _fail(self, message: str, reason: str) -> None:
         self.metrics.event("failed", self.step, message, reason=reason)

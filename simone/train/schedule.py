@@ -1,0 +1,232 @@
+"""The learning-rate schedule of one run: planned over steps, or over time under a time cap.
+
+Without a time cap, or when the planned steps fit comfortably inside it, the schedule is the
+plain one: linear warmup, then a half cosine to `lr * min_lr_ratio` over the planned steps
+(`optim.lr_at`), a pure function of the step.
+
+A time cap (`train.max_minutes`) that the planned steps will not fit, judged from the measured
+step throughput, turns it into warmup-stable-decay: the learning rate holds where it is, and the
+decay (the same half-cosine shape, to the same floor) starts when the steps still expected to
+fit are `decay_fraction` of the run. From then on the end of the decay is re-fitted at every
+logging step to the time left, so the run reaches its floor as the cap arrives, on a fast
+machine or a slow one, instead of being cut mid-schedule.
+
+The throughput counts training steps only: time inside `paused()` (evaluation, samples,
+checkpoints) is left out of it, and the session's first logging interval (compile and
+allocator warm-up) is never measured. Pauses still eat into the time left, so they enter the
+plan as an overhead ratio, and the longest one is kept in reserve before the cap (room for the
+final evaluation and checkpoint).
+
+The plan changes only at logging steps, and is a function of the step in between, so every
+rank uses the same learning rate (the trainer agrees the throughput over the ranks) and a
+checkpoint (`state_dict`) carries it: an uncapped run resumes bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from simone.config import ConfigError
+from simone.train.optim import lr_at
+
+# The planned steps "fit" the cap when they need at most this share of the time left (judged
+# once per session, at the first measurement; later a plan is changed only when it no longer fits)
+FIT_MARGIN = 0.9
+# Step time is measured over the last this many logging intervals: recent enough to see a
+# machine slow down (another job starts) in time to re-fit the decay, long enough to smooth noise
+RATE_WINDOW = 8
+
+
+def cosine_factor(q: float) -> float:
+    """1 at q=0, 0 at q=1: the half-cosine shape of every decay here."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(max(q, 0.0), 1.0)))
+
+
+class LRSchedule:
+    """Learning rate per step; `observe` at logging steps re-plans it under a time cap.
+
+    `lr(step)` is for the optimizer step with 0-based index `step`; `progress(steps_done)` is
+    how far the schedule has got (1.0: at its floor). `clock` returns seconds (monotonic).
+    """
+
+    def __init__(self, base_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float,
+                 max_seconds: float | None = None, decay_fraction: float = 0.2,
+                 clock: Callable[[], float] = time.monotonic):
+        if not 0.0 < decay_fraction <= 1.0:
+            raise ConfigError(f"train.decay_fraction={decay_fraction}: must be in (0, 1]")
+        self.base_lr, self.warmup_steps, self.min_lr_ratio = base_lr, warmup_steps, min_lr_ratio
+        self.total_steps = total_steps
+        self.max_seconds = max_seconds
+        self.decay_fraction = decay_fraction
+        self.clock = clock
+        self.reset()
+        self.start_session()
+
+    # ---------------------------------------------------------------- the plan (in checkpoints)
+
+    def reset(self) -> None:
+        """The initial plan: cosine over the planned steps."""
+        self.mode = "cosine"  # "cosine" (over planned steps) | "time" (warmup-stable-decay to the cap)
+        self.hold = 1.0  # time mode: the lr factor held until the decay starts
+        self.decay_anchor: tuple[int, float] | None = None  # time mode: (step, decay progress) the plan starts from
+        self.end_step = self.total_steps  # the step count at which the lr reaches its floor
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "hold": self.hold, "end_step": self.end_step,
+                "decay_anchor": list(self.decay_anchor) if self.decay_anchor is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Continue a saved plan (None: a checkpoint from before time planning: cosine)."""
+        self.reset()
+        if not state or state.get("mode") != "time":
+            return  # cosine: a function of the step and this run's total_steps
+        self.mode = "time"
+        self.hold = float(state["hold"])
+        self.end_step = min(int(state["end_step"]), self.total_steps)
+        anchor = state.get("decay_anchor")
+        self.decay_anchor = (int(anchor[0]), float(anchor[1])) if anchor is not None else None
+
+    # ---------------------------------------------------------------- learning rate and progress
+
+    def factor(self, step: int) -> float:
+        """The learning rate of step `step` (0-based) as a fraction of the peak."""
+        if step < self.warmup_steps or self.mode == "cosine":
+            return lr_at(step, 1.0, self.warmup_steps, self.total_steps, self.min_lr_ratio)
+        if self.decay_anchor is None:
+            return self.hold
+        return self.min_lr_ratio + (self.hold - self.min_lr_ratio) * cosine_factor(self._decay_progress(step))
+
+    def lr(self, step: int) -> float:
+        return self.base_lr * self.factor(step)
+
+    def _decay_progress(self, step: int) -> float:
+        """Decay progress of step `step`: the plan's last step (end_step - 1) runs at the floor.
+        The anchor's progress is that of the step before it, so a re-fit is continuous."""
+        anchor_step, anchor_q = self.decay_anchor  # type: ignore[misc]
+        span = max(1, self.end_step - anchor_step)
+        return min(1.0, anchor_q + (1.0 - anchor_q) * max(0, step + 1 - anchor_step) / span)
+
+    def progress(self, steps_done: int) -> float:
+        """How far the schedule got after `steps_done` steps: 0.0 .. 1.0 (the lr at its floor)."""
+        # 4 decimals, rounded down: 29999 of 30000 steps is not a finished 1.0
+        return min(1.0, math.floor(steps_done / max(1, self.end_step) * 10_000 + 1e-6) / 10_000)
+
+    def finished(self, steps_done: int) -> bool:
+        """A time-planned schedule has reached its floor (the run's cap has come: stop)."""
+        return self.mode == "time" and steps_done >= self.end_step
+
+    # ---------------------------------------------------------------- time (this session only)
+
+    def start_session(self) -> None:
+        """Start the clock: the cap counts from here (a resumed run gets a fresh one)."""
+        self._start = self.clock()
+        self._paused_s = 0.0
+        self._longest_pause_s = 0.0
+        # (steps done, training s, wall s) at the logging steps of the rate window; the first of
+        # the session (its interval holds compile and warm-up) starts the measurement
+        self._marks: deque[tuple[int, float, float]] = deque(maxlen=RATE_WINDOW)
+        self._first: tuple[int, float, float] | None = None
+        self._decided = False  # the first fit judgement (with FIT_MARGIN) of this session is made
+
+    def elapsed_s(self) -> float:
+        return self.clock() - self._start
+
+    def out_of_time(self) -> bool:
+        return self.max_seconds is not None and self.elapsed_s() >= self.max_seconds
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time inside is not training (evaluation, samples, checkpoints): not in the throughput."""
+        t0 = self.clock()
+        try:
+            yield
+        finally:
+            pause = self.clock() - t0
+            self._paused_s += pause
+            self._longest_pause_s = max(self._longest_pause_s, pause)
+
+    def observe(self, steps_done: int, agree: Callable[[float], float] = lambda x: x) -> str | None:
+        """At a logging step (after the host sync): measure throughput and, under a time cap,
+        re-plan. `agree` makes the ranks agree on a number (the minimum over them); it is
+        called at the same steps on every rank. Returns a message when the plan changes kind."""
+        if self.max_seconds is None:
+            return None
+        wall = self.elapsed_s()
+        train = wall - self._paused_s
+        if self._first is None or steps_done <= self._marks[-1][0]:  # first of the session, or a rollback
+            self._first = (steps_done, train, wall)
+            self._marks.clear()
+            self._marks.append(self._first)
+            return None
+        window_step, window_train, _ = self._marks[0]
+        self._marks.append((steps_done, train, wall))
+        step_s = max(train - window_train, 1e-9) / (steps_done - window_step)
+        # pauses come now and then (every eval_every steps): their share over the whole session
+        first_step, first_train, first_wall = self._first
+        overhead = max(1.0, (wall - first_wall) / max(train - first_train, 1e-9))
+        left_s = self.max_seconds - wall - self._longest_pause_s
+        steps_fit = agree(max(0.0, left_s) / (step_s * overhead))
+        return self._replan(steps_done, steps_fit, step_s)
+
+    def _replan(self, steps_done: int, steps_fit: float, step_s: float) -> str | None:
+        planned_left = self.total_steps - steps_done
+        message = None
+        if self.mode == "cosine":
+            if steps_done < self.warmup_steps:
+                return None  # the warmup is the same either way: judge with the most measurements
+            margin = 1.0 if self._decided else FIT_MARGIN
+            self._decided = True
+            if planned_left <= margin * steps_fit:
+                return None  # fits: the plain schedule, as planned
+            # hold the lr where the cosine has it (the end of warmup: the peak) and plan by time
+            self.hold = self.factor(steps_done)
+            self.mode = "time"
+            message = (f"the {self.total_steps} planned steps do not fit the {self.max_seconds / 60:g}-minute cap "
+                       f"at {1 / step_s:.3g} steps/s: warmup-stable-decay, the decay ({self.decay_fraction:.0%} "
+                       f"of the run) ending as the cap arrives")
+        # floor, with a hair for float error: a step that does not quite fit is not planned
+        steps_left = max(0, min(planned_left, math.floor(steps_fit + 1e-6)))
+        end = steps_done + steps_left
+        if self.decay_anchor is None:
+            run_after_warmup = end - self.warmup_steps
+            if steps_left > self.decay_fraction * run_after_warmup:
+                self.end_step = max(end, self.warmup_steps)
+                return message  # stable: the decay starts later
+            start = max(steps_done, self.warmup_steps)
+            self.decay_anchor = (start, 0.0)
+            self.end_step = max(end, start + 1)
+            return (message + "; " if message else "") + (
+                f"learning-rate decay starts at step {start}, to end at step {self.end_step}")
+        # re-fit the decay: continue from the progress of the last step taken, to the new end
+        anchor = max(steps_done, self.decay_anchor[0])
+        done = self._decay_progress(anchor - 1)
+        self.decay_anchor = (anchor, done)
+        # at least one more step, at the floor, unless the last one ran there already
+        self.end_step = steps_done if done >= 1.0 else max(end, anchor + 1)
+        return message
+
+
+# Why a run stopped, in words: every stop but the planned end is a choice or an accident the
+# user should see named, with how far the schedule got (status.json, console, reports).
+STOP_REASONS = {
+    "num_epochs": "the planned end",
+    "max_steps": "the step cap (train.max_steps)",
+    "max_minutes": "the time cap (train.max_minutes)",
+    "early_stop": "early stopping (the validation loss stopped improving)",
+    "signal": "a signal (resume with --resume latest)",
+}
+
+
+def percent_done(progress: float) -> str:
+    """0.9983 → '99.8%' (never rounded up to a finished-looking 100%)."""
+    return f"{math.floor(progress * 1000 + 1e-6) / 10:g}%"
+
+
+def stop_summary(reason: str, progress: float) -> str:
+    """'max_minutes (the time cap (train.max_minutes)), learning-rate schedule 100% done'."""
+    return f"{reason} ({STOP_REASONS.get(reason, reason)}), learning-rate schedule {percent_done(progress)} done"
