@@ -25,6 +25,9 @@ class ConfigError(SimoneError, ValueError):
 @dataclass
 class DataConfig:
     data_dir: str | None = None  # None: the embedded default corpus
+    # a pre-split validation folder (same DOMAIN/SUB/*.txt layout): its documents are the
+    # validation split and every data_dir document trains (None: split data_dir by document)
+    validation_dir: str | None = None
     val_fraction: float = 0.1  # share of documents (not tokens) held out, per domain
     split_seed: int = 1234
     min_val_docs_per_domain: int = 1
