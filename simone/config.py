@@ -228,7 +228,8 @@ def _cpu() -> Config:
 
 
 def _h200() -> Config:
-    """The original design's full single-GPU run (125M parameters): the governance model
+    """The original design's full single-GPU run (~110M parameters with the 32k vocabulary,
+    embeddings tied): the governance model
     (policy head, memory slots, trace; the combined loss), as the original flagship was.
     `--set model.governance=false` gives the plain model."""
     c = Config(preset="h200")

@@ -35,6 +35,7 @@ class PipelineResult:
     package: Path | None = None
     error: str | None = None
     sample: str | None = None
+    training: object | None = None  # the trainer's TrainResult
 
 
 def _say(msg: str) -> None:
@@ -346,7 +347,7 @@ def _run_locked(cfg: Config, run: RunDir, resume: str | None, monitor: bool, mon
         _say(f"package: {pkg.resolve()}")
         _say(f"sample: {sample}")
         _say(f"done in {time.time() - t0:.0f}s ({status})")
-        return PipelineResult(ok=report["ok"], run_dir=run.root, package=pkg, sample=sample)
+        return PipelineResult(ok=report["ok"], run_dir=run.root, package=pkg, sample=sample, training=result)
     except KeyboardInterrupt:
         run.write_status(state="stopped", stage=stage)
         raise
@@ -452,8 +453,10 @@ def comparison_row(name: str, sub: RunDir, result: PipelineResult) -> dict:
     training = (read_json(sub.root / "training_summary.json", {}) or {}).get("training", {})
     return {"model": name, "run_dir": str(sub.root), "package": str(result.package) if result.package else None,
             "validation_ok": report.get("ok"), "val_bpb": report.get("val_bpb"), "val_loss": report.get("val_loss"),
-            "params": report.get("params"), "tokens_per_s": training.get("tokens_per_s"),
-            "steps": training.get("steps"), "tokens_seen": training.get("tokens_seen"),
+            # the median over logging intervals; a run too short to log one: the overall rate
+            "params": report.get("params"),
+            "tokens_per_s": training.get("tokens_per_s") or getattr(result.training, "tokens_per_s", None),
+            "steps": sub.read_status().get("step"), "tokens_seen": training.get("tokens_seen"),
             "stop_reason": training.get("stop_reason")}
 
 
