@@ -142,7 +142,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if unknown or not models:
             raise CLIError(f"--models: unknown model(s) {', '.join(unknown) or '(none)'}; "
                            f"choose from {', '.join(MODEL_CHOICES)}")
-        result = run_models(cfg, run_dir, models, resume=resume, package_dir=Path(args.package_dir))
+        result = run_models(cfg, run_dir, models, resume=resume, package_dir=Path(args.package_dir),
+                            monitor=args.monitor, monitor_port=args.port)
     else:
         result = run_pipeline(cfg, run_dir, resume=resume, monitor=args.monitor,
                               monitor_port=args.port, package_dir=Path(args.package_dir))

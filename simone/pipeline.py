@@ -384,7 +384,8 @@ def _link_shared(target: Path, link: Path) -> None:
 
 
 def run_models(cfg: Config, run_dir: Path, models: list[str], resume: str | None = None,
-               package_dir: Path = Path("models_for_download")) -> PipelineResult:
+               package_dir: Path = Path("models_for_download"), monitor: bool = False,
+               monitor_port: int = 5001) -> PipelineResult:
     """`simone run --models llama,gpt2`: the original train_all_models, on one data preparation.
 
     Curates, trains the tokenizer and builds the shards once in `run_dir`; then each model
@@ -404,6 +405,11 @@ def run_models(cfg: Config, run_dir: Path, models: list[str], resume: str | None
         run.write_status(state="running", stage="curate", preset=cfg.preset, started=time.time(), error=None,
                          models=models)
         try:
+            if monitor:  # one dashboard over every model's run dir
+                from simone.monitor import start_background_monitor
+
+                (run.root / "runs").mkdir(exist_ok=True)
+                _say(f"dashboard: {start_background_monitor(runs_root=run.root / 'runs', port=monitor_port)}")
             if resume is None or not (run.data / "index.json").exists():
                 stage_prepare(cfg, run.root)
             else:  # resuming: the shared data is there; the vocab is the tokenizer's

@@ -45,6 +45,15 @@ def test_h200_is_the_governance_model_and_can_be_switched_off():
     assert not _config(["config", "--preset", "h200", "--set", "model.governance=false"]).model.governance
 
 
+def test_bench_compares_the_plain_shape_of_a_governance_preset():
+    from simone.bench import model_pair
+
+    model_cfg = preset("tiny").model
+    model_cfg.governance = True  # as h200's: the transformers peer has no governance parts
+    ours, hf = model_pair(model_cfg, torch.device("cpu"))
+    assert ours.policy_head is None and ours.num_params() == sum(p.numel() for p in hf.parameters())
+
+
 def test_cuda_preset_without_cuda_is_one_line_before_any_work(no_cuda, tiny_corpus, tmp_path, capsys):
     run_dir = tmp_path / "run"
     for verb in ("run", "train"):
