@@ -21,6 +21,7 @@ own FLOP count (`flops_per_token`: 6·N plus the attention term).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import statistics
@@ -133,6 +134,8 @@ def model_pair(model_cfg: ModelConfig, device: torch.device, seed: int = 0):
     if model_cfg.arch != "llama":
         raise ValueError(f"model.arch={model_cfg.arch!r}: the benchmark peer is "
                          f"LlamaForCausalLM, so only the Llama-style model compares")
+    if model_cfg.governance:  # the peer has no governance parts (h100/h200 train them): time the plain shape
+        model_cfg = dataclasses.replace(model_cfg, governance=False)
     torch.manual_seed(seed)
     ours = build_model(model_cfg).to(device)
     hf = to_hf_llama(ours)

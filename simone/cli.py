@@ -47,6 +47,22 @@ LEGACY_CONFIG_FLAGS = {
 }
 
 
+# With any of those flags and no --preset/--config, a run starts from the original recipe
+# (the h200 preset: 12 layers x 768, context 1024), as the original script did, not from the
+# small default.
+LEGACY_PRESET = "h200"
+# The original script's --resume_from spellings -> ours.
+RESUME_ALIASES = {"best_model": "best", "latest_checkpoint": "latest"}
+
+
+def uses_legacy_flags(args: argparse.Namespace) -> bool:
+    return any(key.startswith("legacy:") and value is not None for key, value in vars(args).items())
+
+
+def _resume_arg(value: str | None) -> str | None:
+    return RESUME_ALIASES.get(value, value) if value is not None else None
+
+
 def _add_config_args(p: argparse.ArgumentParser, with_data: bool = True) -> None:
     p.add_argument("--preset", default=None, help=f"named preset ({', '.join(PRESETS)}; default {DEFAULT_PRESET})")
     p.add_argument("--config", default=None, help="a saved config JSON (e.g. a run's config.json)")
@@ -55,6 +71,9 @@ def _add_config_args(p: argparse.ArgumentParser, with_data: bool = True) -> None
     if with_data:
         p.add_argument("--data", "--data_dir", dest="data", default=None,
                        help="corpus folder DOMAIN/SUBDOMAIN/*.txt (default: the embedded corpus)")
+        p.add_argument("--validation-dir", "--validation_dir", dest="validation_dir", default=None,
+                       help="a pre-split validation folder (same layout): its documents are the "
+                            "validation split, every --data document trains")
     p.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None)
     p.add_argument("--max-minutes", "--max_minutes", dest="max_minutes", type=float, default=None)
     for flag, key in LEGACY_CONFIG_FLAGS.items():
@@ -70,13 +89,15 @@ def build_config(args: argparse.Namespace, run_dir: Path | None = None) -> Confi
     elif run_dir is not None and (run_dir / "config.json").exists() and not args.preset:
         cfg = load_config(run_dir / "config.json")
     else:
-        cfg = preset(args.preset or DEFAULT_PRESET)
+        cfg = preset(args.preset or (LEGACY_PRESET if uses_legacy_flags(args) else DEFAULT_PRESET))
     for key, value in vars(args).items():
         if key.startswith("legacy:") and value is not None:
             apply_overrides(cfg, [f"{key[len('legacy:'):]}={value}"])
     apply_overrides(cfg, args.overrides)
     if getattr(args, "data", None):
         cfg.data.data_dir = str(Path(args.data).expanduser().resolve())
+    if getattr(args, "validation_dir", None):
+        cfg.data.validation_dir = str(Path(args.validation_dir).expanduser().resolve())
     if getattr(args, "max_steps", None) is not None:
         cfg.train.max_steps = args.max_steps
     if getattr(args, "max_minutes", None) is not None:
@@ -97,13 +118,35 @@ def _default_run_dir() -> Path:
 # ----------------------------------------------------------------------------- verbs
 
 
+def _implied_legacy_preset(args: argparse.Namespace, cfg: Config) -> bool:
+    """True when the legacy flags chose the preset (not --preset, --config or a saved run)."""
+    return not args.preset and not args.config and uses_legacy_flags(args) and cfg.preset == LEGACY_PRESET
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from simone.pipeline import run_pipeline
+    from simone.pipeline import MODEL_CHOICES, check_device, run_models, run_pipeline
 
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
-    cfg = build_config(args, run_dir if args.resume else None)
-    result = run_pipeline(cfg, run_dir, resume=args.resume, monitor=args.monitor,
-                          monitor_port=args.port, package_dir=Path(args.package_dir))
+    resume = _resume_arg(args.resume)
+    cfg = build_config(args, run_dir if resume else None)
+    legacy = _implied_legacy_preset(args, cfg)
+    if legacy:
+        print(f"[simone] legacy flags without --preset: starting from the original recipe, preset {LEGACY_PRESET}",
+              flush=True)
+    # a CUDA preset chosen by the legacy flags runs on whatever device there is; one named
+    # with --preset on a machine without CUDA is an error before any work
+    check_device(cfg, fall_back_to_cpu=legacy)
+    if args.models:
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        unknown = [m for m in models if m not in MODEL_CHOICES]
+        if unknown or not models:
+            raise CLIError(f"--models: unknown model(s) {', '.join(unknown) or '(none)'}; "
+                           f"choose from {', '.join(MODEL_CHOICES)}")
+        result = run_models(cfg, run_dir, models, resume=resume, package_dir=Path(args.package_dir),
+                            monitor=args.monitor, monitor_port=args.port)
+    else:
+        result = run_pipeline(cfg, run_dir, resume=resume, monitor=args.monitor,
+                              monitor_port=args.port, package_dir=Path(args.package_dir))
     return 0 if result.ok else 1
 
 
@@ -139,7 +182,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_config(args, run_dir)
     if args.parallel is not None:
         cfg.train.parallel = args.parallel
-    result = stage_train(cfg, run_dir, resume=args.resume)
+    result = stage_train(cfg, run_dir, resume=_resume_arg(args.resume))
     return 0 if result is not None else 1
 
 
@@ -259,7 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("run", cmd_run, "run every stage: corpus to packaged, validated model")
     _add_config_args(p)
     p.add_argument("--run-dir", "--output_dir", dest="run_dir", default=None, help="default: runs/<timestamp>")
-    p.add_argument("--resume", "--resume_from", dest="resume", default=None, help="latest | best | checkpoint path")
+    p.add_argument("--resume", "--resume_from", dest="resume", default=None,
+                   help="latest | best (or best_model) | checkpoint path")
+    p.add_argument("--models", default=None, metavar="llama,gpt2",
+                   help="train several architectures on the same data, tokenizer and budget into "
+                        "RUN/runs/NAME, validate and package each, and write RUN/comparison.{md,json}")
     p.add_argument("--package-dir", default="models_for_download", help="where the .tar.gz goes")
     p.add_argument("--monitor", action="store_true", help="serve the live dashboard beside training")
     p.add_argument("--port", type=int, default=5001, help="dashboard port (with --monitor)")

@@ -25,6 +25,9 @@ class ConfigError(SimoneError, ValueError):
 @dataclass
 class DataConfig:
     data_dir: str | None = None  # None: the embedded default corpus
+    # a pre-split validation folder (same DOMAIN/SUB/*.txt layout): its documents are the
+    # validation split and every data_dir document trains (None: split data_dir by document)
+    validation_dir: str | None = None
     # share of documents (not tokens) held out, per domain; in a domain with one document,
     # the share of that document's words held out as its validation slice
     val_fraction: float = 0.1
@@ -93,6 +96,36 @@ class ModelConfig:
     trace_layers: str = "-1"  # comma-separated block indices averaged for the trace (-1: last)
 
 
+def analytic_param_count(m: ModelConfig) -> int:
+    """The parameter count `m` describes, worked out from the shapes alone (no model built).
+
+    `simone validate` compares it with the loaded model's count: a model that does not match
+    its own config (a layer missing or doubled, an untied head counted twice) fails there.
+    A tied embedding/output matrix counts once. Governance parts count only on the
+    Llama-style model (the GPT-2 baseline has none); the policy head needs `n_domains`.
+    """
+    d, v = m.dim, m.vocab_size
+    n_kv = m.n_kv_heads or m.n_heads
+    head_dim = d // m.n_heads
+    qkv_out = (m.n_heads + 2 * n_kv) * head_dim
+    out_head = 0 if m.tie_embeddings else v * d
+    if m.arch == "gpt2":
+        hidden = m.ffn_hidden or 4 * d
+        block = (2 * 2 * d  # two LayerNorms, weight and bias
+                 + d * qkv_out + qkv_out + m.n_heads * head_dim * d + d  # attention, with biases
+                 + d * hidden + hidden + hidden * d + d)  # GELU MLP, with biases
+        return v * d + m.max_seq_len * d + m.n_layers * block + 2 * d + out_head
+    if m.ffn_hidden is not None:
+        hidden = m.ffn_hidden
+    else:  # SwiGLU: 8/3 * dim rounded up to multiple_of (model.layers.swiglu_hidden_dim)
+        hidden = m.multiple_of * ((int(8 * d / 3) + m.multiple_of - 1) // m.multiple_of)
+    block = 2 * d + d * qkv_out + m.n_heads * head_dim * d + 3 * d * hidden
+    if m.governance and m.memory and m.n_memory_slots > 0:
+        block += 2 * m.n_memory_slots * n_kv * head_dim  # memory keys and values
+    policy = d + d * m.n_domains + m.n_domains if m.governance and m.policy else 0  # norm + linear
+    return v * d + m.n_layers * block + d + out_head + policy
+
+
 @dataclass
 class TrainConfig:
     batch_size: int = 12  # sequences per micro-batch per process
@@ -134,6 +167,18 @@ class TrainConfig:
 
 
 @dataclass
+class ValidateConfig:
+    """Bounds `simone validate` checks a trained model against (per preset; a failure names
+    the figure and the bound). Generation speed is batch-1 sampling with the KV cache; peak
+    memory is measured over the validation itself (host RSS; on CUDA also GPU memory)."""
+
+    min_generation_tokens_per_s_cpu: float = 5.0
+    min_generation_tokens_per_s_cuda: float = 50.0
+    max_peak_rss_mb: float = 8192.0
+    max_peak_gpu_mb: float = 16384.0
+
+
+@dataclass
 class Config:
     preset: str = "cpu"
     data: DataConfig = field(default_factory=DataConfig)
@@ -141,6 +186,7 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -162,6 +208,8 @@ def _tiny() -> Config:
         patience=2, eval_every=50, eval_batches=4, log_every=5, checkpoint_every=50,
         sample_tokens=16, max_minutes=2.0, dtype="float32",  # exact comparisons in tests
     )
+    # ~0.1M parameters: thousands of tokens/s and a few hundred MB (most of it PyTorch itself)
+    c.validate = ValidateConfig(min_generation_tokens_per_s_cpu=20.0, max_peak_rss_mb=4096.0)
     return c
 
 
@@ -182,20 +230,31 @@ def _cpu() -> Config:
         patience=2, eval_every=200, eval_batches=8, log_every=10, checkpoint_every=200,
         max_minutes=9.0, compile=True,
     )
+    # 4.3M parameters: hundreds of tokens/s on 2 cores; well under 1 GB besides PyTorch
+    c.validate = ValidateConfig(min_generation_tokens_per_s_cpu=20.0, max_peak_rss_mb=4096.0)
     return c
 
 
 def _h200() -> Config:
-    """The original design's full single-GPU run (125M parameters)."""
+    """The original design's full single-GPU run (~110M parameters with the 32k vocabulary,
+    embeddings tied): the governance model
+    (policy head, memory slots, trace; the combined loss), as the original flagship was.
+    `--set model.governance=false` gives the plain model."""
     c = Config(preset="h200")
     c.data.control_token_prob = 0.5
     c.tokenizer.vocab_size = 32000
-    c.model = ModelConfig(dim=768, n_layers=12, n_heads=12, max_seq_len=1024, vocab_size=32000)
+    c.model = ModelConfig(dim=768, n_layers=12, n_heads=12, max_seq_len=1024, vocab_size=32000,
+                          governance=True)
     c.train = TrainConfig(
         batch_size=12, grad_accum=4, lr=3e-4, num_epochs=7, min_epochs=6, patience=2,
         warmup_steps=500, eval_every=1000, checkpoint_every=1000, device="cuda",
         dtype="bfloat16", compile=True,
     )
+    # On the GPU: batch-1 decoding of 125M parameters is launch-bound at hundreds of tokens/s;
+    # validation holds the weights and one evaluation batch (12 x 1024 tokens) of logits.
+    # On a CPU (`--set train.device=cpu`): tens of tokens/s on 2 cores.
+    c.validate = ValidateConfig(min_generation_tokens_per_s_cuda=50.0, min_generation_tokens_per_s_cpu=2.0,
+                                max_peak_rss_mb=16384.0, max_peak_gpu_mb=16384.0)
     return c
 
 

@@ -152,8 +152,13 @@ def model_card(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best") -> Path:
-    """Write `out_dir/NAME.tar.gz` from the run's best (else latest) checkpoint; return its path."""
+def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best", name: str | None = None) -> Path:
+    """Write `out_dir/NAME.tar.gz` from the run's best (else latest) checkpoint; return its path.
+
+    `out_dir/NAME.training_summary.json` is written beside it (the original layout kept the
+    summary beside the models; one per package, so several packages never collide), and the
+    same summary is inside the tarball. NAME defaults to simone-PRESET-ARCH-RUNDIRNAME.
+    """
     from simone.train.checkpoint import resolve_checkpoint
 
     ckpt = None
@@ -168,7 +173,7 @@ def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best") -> Path:
 
         raise ModelLoadError(f"{run.checkpoints}: no verified checkpoint to package")
     cfg = read_json(run.config, {})
-    name = f"simone-{cfg.get('preset', 'custom')}-{cfg.get('model', {}).get('arch', 'llama')}-{run.root.name}"
+    name = name or f"simone-{cfg.get('preset', 'custom')}-{cfg.get('model', {}).get('arch', 'llama')}-{run.root.name}"
     summary = training_summary(run, ckpt)
     atomic_write_json(run.root / "training_summary.json", summary)
 
@@ -192,4 +197,5 @@ def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best") -> Path:
             os.fsync(f.fileno())
         final = out_dir / f"{name}.tar.gz"
         os.replace(tmp_tar, final)
+    atomic_write_json(out_dir / f"{name}.training_summary.json", summary)
     return final

@@ -7,6 +7,9 @@ progress fields inside it.
 
 from __future__ import annotations
 
+import copy
+import os
+import shutil
 import time
 import traceback
 from dataclasses import dataclass
@@ -32,10 +35,140 @@ class PipelineResult:
     package: Path | None = None
     error: str | None = None
     sample: str | None = None
+    training: object | None = None  # the trainer's TrainResult
 
 
 def _say(msg: str) -> None:
     print(f"[simone] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- the device and the plan
+
+# Expected time = training FLOPs / (the device's peak x an assumed MFU). The CPU peak is a
+# matmul probe in the training dtype (simone.train.metrics); ~30% is what the `cpu` preset
+# reaches on 2 cores (bf16, compiled); for GPUs the peak comes from a table and 35% is a guess.
+ASSUMED_MFU = {"cpu": 0.30, "cuda": 0.35}
+BYTES_PER_TOKEN_GUESS = 4.0  # before the tokenizer exists: byte-level BPE on English prose
+DEFAULT_CORPUS_BYTES = 9.2e6  # the embedded default corpus (Shakespeare 5.0 MB + KJV 4.2 MB)
+
+
+class DeviceError(PipelineError):
+    """The config asks for a device this machine does not have."""
+
+
+def _corpus_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*.txt") if f.is_file())
+
+
+def estimated_train_tokens(cfg: Config) -> int:
+    """Training tokens guessed from the corpus's size, for a plan made before tokenizing."""
+    if cfg.data.data_dir is None:
+        n_bytes = DEFAULT_CORPUS_BYTES
+    else:
+        n_bytes = _corpus_bytes(Path(cfg.data.data_dir))
+    share = 1.0 if cfg.data.validation_dir else 1.0 - cfg.data.val_fraction
+    return int(n_bytes * share / BYTES_PER_TOKEN_GUESS)
+
+
+def _training_device_type(cfg: Config) -> str:
+    import torch
+
+    if cfg.train.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = cfg.train.device.split(":")[0]
+    return kind if kind in ASSUMED_MFU else "cpu"
+
+
+def expected_training_seconds(cfg: Config, train_tokens: int, device_type: str) -> float | None:
+    """Roughly how long training `cfg` on `train_tokens` takes on `device_type` (time cap
+    included); None where the device's peak is unknown."""
+    import torch
+
+    from simone.config import analytic_param_count
+    from simone.train.metrics import cpu_peak_flops, gpu_peak_flops
+
+    m, t = cfg.model, cfg.train
+    if device_type == "cuda":
+        peak = gpu_peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    else:
+        from simone.train.trainer import autocast_dtype
+
+        peak = cpu_peak_flops(autocast_dtype(t.dtype, torch.device("cpu")) or torch.float32)
+    if not peak:
+        return None
+    # 6 FLOPs per matmul parameter per token, plus attention (LanguageModel.flops_per_token)
+    matmul_params = analytic_param_count(m) - (m.max_seq_len * m.dim if m.arch == "gpt2" else 0) \
+        - (0 if m.tie_embeddings else m.vocab_size * m.dim)
+    flops_per_token = 6.0 * matmul_params + 12.0 * m.n_layers * m.dim * m.max_seq_len
+    tokens_per_step = t.batch_size * t.grad_accum * m.max_seq_len
+    steps = t.num_epochs * max(1, train_tokens // tokens_per_step)
+    if t.max_steps is not None:
+        steps = min(steps, t.max_steps)
+    seconds = steps * tokens_per_step * flops_per_token / (peak * ASSUMED_MFU[device_type])
+    if t.max_minutes is not None:
+        seconds = min(seconds, t.max_minutes * 60)
+    return seconds
+
+
+def _hms(seconds: float | None) -> str:
+    from simone.train.metrics import format_seconds
+
+    if seconds is None:
+        return "unknown"
+    return f"{seconds / 86400:.1f} days" if seconds >= 2 * 86400 else format_seconds(seconds)
+
+
+def check_device(cfg: Config, fall_back_to_cpu: bool = False) -> None:
+    """Before any work: does this machine have the device the config asks for?
+
+    A config that wants CUDA on a machine without it raises DeviceError (one line, with the
+    override that runs it on the CPU and how long that would take), or, with
+    `fall_back_to_cpu`, switches `cfg` to the CPU and says so with the expected time.
+    """
+    import torch
+
+    want = cfg.train.device
+    if not want.startswith("cuda") or torch.cuda.is_available():
+        return
+    on_cpu = copy.deepcopy(cfg)
+    on_cpu.train.device, on_cpu.train.dtype = "cpu", "auto"
+    on_cpu.model.vocab_size = min(on_cpu.model.vocab_size, on_cpu.tokenizer.vocab_size)
+    tokens = estimated_train_tokens(on_cpu)
+    expected = f"expected time ~{_hms(expected_training_seconds(on_cpu, tokens, 'cpu'))} for ~{tokens:,} training tokens"
+    if not fall_back_to_cpu:
+        raise DeviceError(f"preset {cfg.preset} wants CUDA (train.device={want}), none found; use --set "
+                          f"train.device=cpu --set train.dtype=auto to run it on the CPU ({expected})")
+    cfg.train.device, cfg.train.dtype = "cpu", "auto"
+    _say(f"warning: preset {cfg.preset} wants CUDA, none found: training on the CPU "
+         f"(train.device=cpu, train.dtype=auto; {expected})")
+
+
+def training_plan(cfg: Config, train_tokens: int, estimated: bool) -> list[str]:
+    """What will be trained, printed before training: model, context, batch, time cap, expected time."""
+    from simone.config import analytic_param_count
+
+    if estimated:  # the model's vocabulary will be what the tokenizer makes (at most its target)
+        cfg = copy.deepcopy(cfg)
+        cfg.model.vocab_size = min(cfg.model.vocab_size, cfg.tokenizer.vocab_size)
+    m, t = cfg.model, cfg.train
+    device_type = _training_device_type(cfg)
+    kind = "Llama-style" if m.arch == "llama" else "GPT-2 baseline"
+    if m.arch == "llama" and m.governance:
+        kind += " + governance"
+    tokens_per_step = t.batch_size * t.grad_accum * m.max_seq_len
+    cap = "none" if t.max_minutes is None else f"{t.max_minutes:g} min"
+    steps = "" if t.max_steps is None else f", at most {t.max_steps} steps"
+    source = "guessed from the corpus size" if estimated else "tokenized"
+    return [
+        f"model: {kind}, {analytic_param_count(m):,} parameters (dim {m.dim}, {m.n_layers} layers, "
+        f"{m.n_heads} heads{'' if not m.n_kv_heads else f', {m.n_kv_heads} kv heads'}), vocab {m.vocab_size}",
+        f"context {m.max_seq_len} tokens; batch {t.batch_size} x {t.grad_accum} accumulation = "
+        f"{tokens_per_step:,} tokens a step; {t.num_epochs} epochs of ~{train_tokens:,} tokens ({source}){steps}",
+        f"device {t.device} ({device_type}), dtype {t.dtype}; time cap {cap}; expected time "
+        f"~{_hms(expected_training_seconds(cfg, train_tokens, device_type))}",
+    ]
 
 
 def corpus_path(cfg: Config) -> Path:
@@ -106,6 +239,7 @@ def stage_train(cfg: Config, run_dir: Path, resume: str | None = None):
                                           init_distributed, resolve_device)
     from simone.train.trainer import train
 
+    check_device(cfg)  # before any work: a missing GPU is one line, not a traceback after preparing
     run = RunDir(run_dir)
     env = dist_env_from_environ()
     prepared = run.tokenizer.exists() and (run.data / "index.json").exists()
@@ -150,18 +284,32 @@ def _training_ended(result) -> str:
     return f"training ended: {stop_summary(reason, result.schedule_progress)}"
 
 
+def _train_tokens(run: RunDir) -> int:
+    from simone.rundir import read_json
+
+    index = read_json(run.data / "index.json", {}) or {}
+    return int(index.get("splits", {}).get("train", {}).get("n_tokens") or 0)
+
+
 def run_pipeline(cfg: Config, run_dir: Path, resume: str | None = None, monitor: bool = False,
-                 monitor_port: int = 5001, package_dir: Path = Path("models_for_download")) -> PipelineResult:
-    """corpus → curate → tokenizer → shards → train → validate → package, into `run_dir`."""
+                 monitor_port: int = 5001, package_dir: Path = Path("models_for_download"),
+                 prepared: bool = False, package_name: str | None = None) -> PipelineResult:
+    """corpus → curate → tokenizer → shards → train → validate → package, into `run_dir`.
+
+    prepared=True: the run dir already holds its tokenizer and shards (`run_models` links
+    them in); training starts at once. `package_name`: the package's name (default from the
+    preset, architecture and run dir name).
+    """
     from simone.train.lock import RunLock
 
+    check_device(cfg)  # before the run dir exists: nothing is written for a machine that cannot run it
     run = RunDir(run_dir).make()
     with RunLock(run.root):  # a second `simone run` into a live run dir is refused
-        return _run_locked(cfg, run, resume, monitor, monitor_port, package_dir)
+        return _run_locked(cfg, run, resume, monitor, monitor_port, package_dir, prepared, package_name)
 
 
 def _run_locked(cfg: Config, run: RunDir, resume: str | None, monitor: bool, monitor_port: int,
-                package_dir: Path) -> PipelineResult:
+                package_dir: Path, prepared: bool = False, package_name: str | None = None) -> PipelineResult:
     from simone.generate import load_model, sample_text
     from simone.package import package_run
     from simone.validate import print_report, validate
@@ -176,7 +324,9 @@ def _run_locked(cfg: Config, run: RunDir, resume: str | None, monitor: bool, mon
 
             url = start_background_monitor(run_dir=run.root, port=monitor_port)
             _say(f"dashboard: {url}")
-        if resume is None or not (run.data / "index.json").exists():
+        if not prepared and (resume is None or not (run.data / "index.json").exists()):
+            for line in training_plan(cfg, estimated_train_tokens(cfg), estimated=True):
+                _say(line)
             stage_curate(cfg, run.root)
             stage = "tokenizer"
             run.write_status(stage=stage)
@@ -184,6 +334,8 @@ def _run_locked(cfg: Config, run: RunDir, resume: str | None, monitor: bool, mon
             stage = "shards"
             run.write_status(stage=stage)
             stage_shards(cfg, run.root)
+        for line in training_plan(cfg, _train_tokens(run), estimated=False):
+            _say(line)
         stage = "train"
         run.write_status(stage=stage)
         result = stage_train(cfg, run.root, resume=resume)
@@ -196,7 +348,7 @@ def _run_locked(cfg: Config, run: RunDir, resume: str | None, monitor: bool, mon
         print_report(report)
         stage = "package"
         run.write_status(stage=stage)
-        pkg = package_run(run, package_dir)
+        pkg = package_run(run, package_dir, name=package_name)
         loaded = load_model(pkg)
         sample = sample_text(loaded, prompt=SAMPLE_PROMPT, max_tokens=40, seed=cfg.train.seed)
         status = "finished" if report["ok"] else "failed"
@@ -205,7 +357,7 @@ def _run_locked(cfg: Config, run: RunDir, resume: str | None, monitor: bool, mon
         _say(f"package: {pkg.resolve()}")
         _say(f"sample: {sample}")
         _say(f"done in {time.time() - t0:.0f}s ({status}); {_training_ended(result)}")
-        return PipelineResult(ok=report["ok"], run_dir=run.root, package=pkg, sample=sample)
+        return PipelineResult(ok=report["ok"], run_dir=run.root, package=pkg, sample=sample, training=result)
     except KeyboardInterrupt:
         run.write_status(state="stopped", stage=stage)
         raise
@@ -214,3 +366,125 @@ def _run_locked(cfg: Config, run: RunDir, resume: str | None, monitor: bool, mon
         run.log_line(f"FAILED in {stage}: {traceback.format_exc()}")
         raise
 
+
+
+# ----------------------------------------------------------------------------- several models
+
+MODEL_CHOICES = ("llama", "gpt2")  # `simone run --models`: the Llama-style model, the GPT-2 baseline
+
+
+def model_variant(cfg: Config, name: str) -> Config:
+    """`cfg` for the model `name`: "llama" is the preset's Llama-style model (governance as the
+    preset has it), "gpt2" the GPT-2 baseline of the same size (which has no governance)."""
+    out = copy.deepcopy(cfg)
+    out.model.arch = name
+    if name == "gpt2":
+        out.model.governance = False
+    return out
+
+
+def _link_shared(target: Path, link: Path) -> None:
+    """`link` -> `target` (a relative symlink; a copy where symlinks are not allowed)."""
+    if link.is_symlink() or link.exists():
+        return
+    try:
+        link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
+    except OSError:
+        shutil.copytree(target, link)
+
+
+def run_models(cfg: Config, run_dir: Path, models: list[str], resume: str | None = None,
+               package_dir: Path = Path("models_for_download"), monitor: bool = False,
+               monitor_port: int = 5001) -> PipelineResult:
+    """`simone run --models llama,gpt2`: the original train_all_models, on one data preparation.
+
+    Curates, trains the tokenizer and builds the shards once in `run_dir`; then each model
+    trains in its own run dir `run_dir/runs/NAME` (its data/ and tokenizer/ link to the
+    shared ones) with the same training settings, and is validated and packaged as
+    `simone-PRESET-NAME-RUNDIRNAME`. Writes `run_dir/comparison.{json,md}` (val bpb,
+    parameters, tokens/s per model) and prints the table.
+    """
+    from simone.train.lock import RunLock
+
+    check_device(cfg)
+    run = RunDir(run_dir).make()
+    rows: list[dict] = []
+    results: list[PipelineResult] = []
+    with RunLock(run.root):
+        save_config(cfg, run.config)
+        run.write_status(state="running", stage="curate", preset=cfg.preset, started=time.time(), error=None,
+                         models=models)
+        try:
+            if monitor:  # one dashboard over every model's run dir
+                from simone.monitor import start_background_monitor
+
+                (run.root / "runs").mkdir(exist_ok=True)
+                _say(f"dashboard: {start_background_monitor(runs_root=run.root / 'runs', port=monitor_port)}")
+            if resume is None or not (run.data / "index.json").exists():
+                stage_prepare(cfg, run.root)
+            else:  # resuming: the shared data is there; the vocab is the tokenizer's
+                from simone.config import load_config
+
+                cfg.model.vocab_size = load_config(run.config).model.vocab_size
+            for name in models:
+                run.write_status(stage=f"model {name}")
+                sub = RunDir(run.root / "runs" / name)
+                sub.root.mkdir(parents=True, exist_ok=True)
+                _link_shared(run.data, sub.data)
+                _link_shared(run.tokenizer_dir, sub.tokenizer_dir)
+                _say(f"model {name}: {sub.root}")
+                result = run_pipeline(model_variant(cfg, name), sub.root, resume=resume, package_dir=package_dir,
+                                      prepared=True, package_name=f"simone-{cfg.preset}-{name}-{run.root.name}")
+                results.append(result)
+                if result.error == "stopped":
+                    run.write_status(state="stopped", stage=f"model {name}")
+                    return PipelineResult(ok=False, run_dir=run.root, error="stopped")
+                rows.append(comparison_row(name, sub, result))
+        except KeyboardInterrupt:
+            run.write_status(state="stopped")
+            raise
+        except Exception as e:
+            run.write_status(state="failed", error=f"{type(e).__name__}: {e}")
+            raise
+        comparison = {"schema": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "preset": cfg.preset, "corpus": cfg.data.data_dir or "embedded default corpus",
+                      "train_tokens": _train_tokens(run), "models": rows}
+        from simone.rundir import atomic_write_json, atomic_write_text
+
+        atomic_write_json(run.root / "comparison.json", comparison)
+        atomic_write_text(run.root / "comparison.md", comparison_markdown(comparison))
+        print(comparison_markdown(comparison), flush=True)
+        ok = all(r.ok for r in results)
+        run.write_status(state="finished" if ok else "failed", stage="done",
+                         error=None if ok else "a model failed validation")
+        _say(f"comparison: {run.root / 'comparison.md'}")
+        return PipelineResult(ok=ok, run_dir=run.root, package=results[-1].package if results else None)
+
+
+def comparison_row(name: str, sub: RunDir, result: PipelineResult) -> dict:
+    """One model's line of the comparison: from its validation report and training summary."""
+    from simone.rundir import read_json
+
+    report = read_json(sub.validation / "report.json", {}) or {}
+    training = (read_json(sub.root / "training_summary.json", {}) or {}).get("training", {})
+    return {"model": name, "run_dir": str(sub.root), "package": str(result.package) if result.package else None,
+            "validation_ok": report.get("ok"), "val_bpb": report.get("val_bpb"), "val_loss": report.get("val_loss"),
+            # the median over logging intervals; a run too short to log one: the overall rate
+            "params": report.get("params"),
+            "tokens_per_s": training.get("tokens_per_s") or getattr(result.training, "tokens_per_s", None),
+            "steps": sub.read_status().get("step"), "tokens_seen": training.get("tokens_seen"),
+            "stop_reason": training.get("stop_reason")}
+
+
+def comparison_markdown(c: dict) -> str:
+    def fmt(value, spec: str) -> str:
+        return "–" if value is None else format(value, spec)
+
+    lines = [f"# Models compared: preset {c['preset']}", "",
+             f"Same corpus ({c['corpus']}), tokenizer, {c['train_tokens']:,} training tokens and training settings.", "",
+             "| model | val bpb | parameters | tokens/s | steps | validation |", "|---|---|---|---|---|---|"]
+    for r in c["models"]:
+        lines.append(f"| {r['model']} | {fmt(r['val_bpb'], '.4f')} | {fmt(r['params'], ',')} | "
+                     f"{fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['steps'], 'd')} | "
+                     f"{'PASS' if r['validation_ok'] else 'FAIL'} |")
+    return "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from simone.config import ValidateConfig, analytic_param_count
 from simone.data.shards import TokenShard
 from simone.evaluate import evaluate_per_domain
 from simone.rundir import atomic_write_json, atomic_write_text, read_json, sha256_file
@@ -53,16 +54,86 @@ def _training_stop(model_path: Path, loaded) -> dict[str, Any]:
     return {"stop_reason": found.get("stop_reason"), "schedule_progress": found.get("schedule_progress")}
 
 
+def _reset_peak_rss() -> bool:
+    """Start a fresh peak-RSS measurement (Linux: `5` into /proc/self/clear_refs resets VmHWM),
+    so validation after training in the same process measures validation, not training."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process in MB: VmHWM where Linux has it (it honours
+    `_reset_peak_rss`), else ru_maxrss (KiB on Linux, bytes on macOS: the lifetime peak)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+# ----------------------------------------------------------------------------- diversity
+
+
+def distinct_n(words: list[str], n: int = 2) -> float | None:
+    """Distinct n-grams / all n-grams of `words` (1.0: no n-gram repeats; near 0: a loop);
+    None when the text has fewer than n words."""
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def longest_repeated_ngram(words: list[str]) -> int:
+    """Length of the longest word n-gram that occurs at least twice in `words` (0: none).
+    If no n-gram repeats, no longer one can, so the search stops at the first n without one."""
+    n = 0
+    while n < len(words):
+        grams = [tuple(words[i:i + n + 1]) for i in range(len(words) - n)]
+        if len(set(grams)) == len(grams):
+            break
+        n += 1
+    return n
+
+
+def diversity(texts: list[str]) -> dict[str, Any]:
+    """Repetition figures over whitespace words, each text on its own, then averaged
+    (distinct-2) or maximised (longest repeated n-gram)."""
+    word_lists = [t.split() for t in texts]
+    d2 = [x for x in (distinct_n(w, 2) for w in word_lists) if x is not None]
+    return {"distinct_2": round(sum(d2) / len(d2), 4) if d2 else None,
+            "longest_repeated_ngram": max((longest_repeated_ngram(w) for w in word_lists), default=0),
+            "texts": len(texts), "words": sum(len(w) for w in word_lists)}
+
+
+def validation_snippets(shard: TokenShard, tokenizer, n: int, n_tokens: int) -> list[str]:
+    """`n` stretches of `n_tokens` validation tokens, evenly spaced over the split (the same
+    length as the samples, since repetition figures depend on length)."""
+    if shard.n_tokens <= n_tokens or n < 1:
+        return [tokenizer.decode(int(t) for t in shard.tokens[: shard.n_tokens])] if shard.n_tokens else []
+    step = (shard.n_tokens - n_tokens) // n
+    return [tokenizer.decode(int(t) for t in shard.tokens[i * step: i * step + n_tokens]) for i in range(n)]
 
 
 def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | None = None,
-             max_batches: int | None = None, sample_tokens: int = 48) -> dict[str, Any]:
-    """Run every check on a run dir, checkpoint dir or package; write report.json and report.md."""
+             max_batches: int | None = None, sample_tokens: int = 48,
+             bounds: ValidateConfig | None = None) -> dict[str, Any]:
+    """Run every check on a run dir, checkpoint dir or package; write report.json and report.md.
+
+    `bounds`: the generation-speed and peak-memory bounds (default: the model's own config's
+    `validate` section, i.e. its preset's)."""
     from simone.generate import ModelLoadError, load_model, stream_tokens
 
+    _reset_peak_rss()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     model_path = Path(model_path)
     out_dir = Path(out_dir) if out_dir else _default_out_dir(model_path)
     checks: list[dict[str, Any]] = []
@@ -99,6 +170,12 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
     report["weights_mb"] = round(loaded.weights.stat().st_size / 2**20, 2)
     check("parameters", n_params > 0 and all(torch.isfinite(p).all() for p in model.parameters()),
           f"{n_params:,} parameters, {report['weights_mb']} MB, all finite")
+    expected = analytic_param_count(cfg.model)
+    report["params_expected"] = expected
+    check("parameter_count", n_params == expected,
+          f"{n_params:,} parameters = the config's analytic count" if n_params == expected else
+          f"the model has {n_params:,} parameters, its config's analytic count is {expected:,} "
+          f"(difference {n_params - expected:+,})")
 
     data_dir = data_dir or _find_data_dir(model_path, loaded)
     if data_dir is None:
@@ -118,7 +195,7 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
               f"loss {loss:.4f} (uniform guess {uniform:.2f}), ppl {ev['val_ppl']:.1f}, bpb {ev['val_bpb']:.3f}"
               if loss is not None else "no validation tokens")
 
-    samples = []
+    samples, continuations = [], []
     n_tokens, seconds = 0, 0.0
     for i, prompt in enumerate(SAMPLE_PROMPTS):
         t0 = time.perf_counter()
@@ -128,6 +205,7 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
         seconds += time.perf_counter() - t0
         n_tokens += len(token_ids)
         samples.append({"prompt": prompt, "text": prompt + "".join(pieces)})
+        continuations.append("".join(pieces))
     report["samples"] = samples
     report["generation_tokens_per_s"] = round(n_tokens / max(seconds, 1e-9), 1)
     report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
@@ -135,7 +213,34 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
         report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     check("generation", n_tokens > 0 and any(s["text"].strip() != s["prompt"].strip() for s in samples),
           f"{n_tokens} tokens at {report['generation_tokens_per_s']} tok/s")
+
+    # repetition: the generated continuations beside validation text of the same length
+    report["diversity"] = {"samples": diversity(continuations)}
+    if data_dir is not None:
+        snippets = validation_snippets(TokenShard(data_dir, "val"), loaded.tokenizer, len(samples), sample_tokens)
+        report["diversity"]["validation_text"] = diversity(snippets)
+
+    _check_bounds(check, report, bounds or cfg.validate, loaded.device.type, cfg.preset)
     return _finish(report, out_dir)
+
+
+def _check_bounds(check, report: dict[str, Any], bounds: ValidateConfig, device_type: str, preset: str) -> None:
+    """Generation speed and peak memory against the preset's bounds; a failure names both."""
+    key = "min_generation_tokens_per_s_cuda" if device_type == "cuda" else "min_generation_tokens_per_s_cpu"
+    floor, speed = getattr(bounds, key), report["generation_tokens_per_s"]
+    report["bounds"] = {key: floor, "max_peak_rss_mb": bounds.max_peak_rss_mb}
+    check("generation_speed", speed >= floor,
+          f"generation {speed} tokens/s " + (">=" if speed >= floor else "is below") +
+          f" the bound {floor} tokens/s (validate.{key}, preset {preset})")
+    figures = [("peak RSS", report["peak_rss_mb"], "max_peak_rss_mb")]
+    if "peak_gpu_mb" in report:
+        report["bounds"]["max_peak_gpu_mb"] = bounds.max_peak_gpu_mb
+        figures.append(("peak GPU memory", report["peak_gpu_mb"], "max_peak_gpu_mb"))
+    over = [(name, value, k) for name, value, k in figures if value > getattr(bounds, k)]
+    check("peak_memory", not over,
+          "; ".join(f"{name} {value} MB exceeds the bound {getattr(bounds, k)} MB (validate.{k}, preset {preset})"
+                    for name, value, k in over) or
+          ", ".join(f"{name} {value} MB <= {getattr(bounds, k)} MB" for name, value, k in figures))
 
 
 def _finish(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -175,6 +280,16 @@ def report_markdown(r: dict[str, Any]) -> str:
         for s in r["samples"]:
             lines += [f"- `{s['prompt']}` → {s['text']!r}"]
         lines += ["", f"Generation: {r['generation_tokens_per_s']} tokens/s; peak RSS {r['peak_rss_mb']} MB"]
+    if r.get("diversity"):
+        lines += ["", "## Repetition", "",
+                  "Word-level, each text alone: distinct-2 = distinct bigrams / bigrams (1.0: none repeats); "
+                  "longest repeated n-gram in words.", "",
+                  "| text | distinct-2 | longest repeated n-gram | texts | words |", "|---|---|---|---|---|"]
+        for label, key in (("samples", "samples"), ("validation text (same length)", "validation_text")):
+            d = r["diversity"].get(key)
+            if d:
+                d2 = "–" if d["distinct_2"] is None else f"{d['distinct_2']:.3f}"
+                lines.append(f"| {label} | {d2} | {d['longest_repeated_ngram']} | {d['texts']} | {d['words']} |")
     if r.get("artifacts"):
         lines += ["", "## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]
         for name, a in r["artifacts"].items():

@@ -302,6 +302,9 @@ def _status(reasons: list[str]) -> str:
 # ----------------------------------------------------------------------------- the stage
 
 
+VALIDATION_DIR_PREFIX = "validation_dir:"  # document ids of files from data.validation_dir
+
+
 def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool = True) -> CurateResult:
     """Curate `corpus` into `data_dir` (see the module docstring); returns what it did.
 
@@ -311,6 +314,11 @@ def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool
     t0 = time.time()
     corpus, data_dir = Path(corpus), Path(data_dir)
     files = discover_files(corpus)
+    if cfg.data.validation_dir:  # a pre-split validation folder (the original --validation_dir)
+        val_files = discover_files(cfg.data.validation_dir)
+        for sf in val_files:  # ids distinct from the training corpus's, domain from its own folders
+            sf.rel = VALIDATION_DIR_PREFIX + sf.rel
+        files += val_files
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = _paths(corpus, data_dir)
     stamp_path = data_dir / "curate.stamp.json"
@@ -357,6 +365,8 @@ def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool
         flagged = {r["path"] for r in included if r["status"] == "flagged"}
         splits = assign_splits([(r["path"], r["domain"]) for r in included], cfg.data.val_fraction, cfg.data.split_seed,
                                cfg.data.min_val_docs_per_domain, avoid_val=flagged)
+        if cfg.data.validation_dir:  # the user split it: their validation folder is validation, the rest trains
+            splits = {r["path"]: "val" if r["path"].startswith(VALIDATION_DIR_PREFIX) else "train" for r in included}
         for r in records:
             r["split"] = splits.get(r["path"])
         contaminated = _contamination(included, c.contamination_threshold, c.decontaminate) if c.enabled else []
