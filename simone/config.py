@@ -58,6 +58,8 @@ class CurateConfig:
     contamination_threshold: float = 0.1  # share of a val doc's 13-grams also in training
     containment_threshold: float = 0.8  # share of a doc's 13-grams inside a longer doc: a copy
     repeated_passage_words: int = 1000  # flag a document repeating a passage this long
+    max_file_bytes: int = 64 * 1024 * 1024  # a bigger file is quarantined (too_large), never read
+    max_file_seconds: float = 300.0  # CPU seconds to process one file before it is given up (timed_out)
 
 
 @dataclass

@@ -18,7 +18,9 @@ def test_tree_pairs_texts_with_sidecars_and_names_domains(tmp_path):
     (tmp_path / "README.md").write_text("not an input")
     (tmp_path / ".hidden.txt").write_text("ignored")
     files = {f.rel: f for f in discover_files(tmp_path)}
-    assert sorted(files) == ["bible/kjv/exodus.txt", "bible/kjv/genesis.txt", "bible/lost.json"]
+    assert sorted(files) == [".hidden.txt", "README.md", "bible/kjv/exodus.txt", "bible/kjv/genesis.txt", "bible/lost.json"]
+    assert (files[".hidden.txt"].kind, files[".hidden.txt"].reason) == ("skipped", "hidden")
+    assert files["README.md"].kind == "ignored"  # listed, not an input
     g = files["bible/kjv/genesis.txt"]
     assert (g.domain, g.subdomain, g.kind) == ("bible", "kjv", "text")
     assert g.sidecar is not None and g.sidecar.name == "genesis.json"
@@ -36,9 +38,11 @@ def test_unreadable_entries_are_listed_not_walked(tmp_path):
     os.mkfifo(d / "pipe.txt")  # would block a reader forever
     files = {f.rel: f for f in discover_files(tmp_path)}
     assert files["dom/sub/ok.txt"].kind == "text"
-    for rel in ("dom/sub/dir.txt", "dom/sub/self.txt", "dom/sub/pipe.txt"):
-        assert files[rel].kind == "unreadable", rel
+    for rel, reason in (("dom/sub/dir.txt", "not_regular_file"), ("dom/sub/self.txt", "unreadable"), ("dom/sub/pipe.txt", "not_regular_file")):
+        assert (files[rel].kind, files[rel].reason) == ("unreadable", reason), rel
         assert rel in files[rel].problem
+    assert "a FIFO" in files["dom/sub/pipe.txt"].problem
+    assert (files["dom/sub/back"].kind, files["dom/sub/back"].reason) == ("skipped", "symlinked_dir")
     assert not any("back/" in rel for rel in files)
 
 
@@ -86,4 +90,4 @@ def test_file_names_that_are_not_utf8_are_read_and_reported(tmp_path):
     cfg.curate.workers = 1
     curate(tmp_path / "corpus", tmp_path / "data", cfg, progress=False)
     [line] = read_jsonl(tmp_path / "data" / "manifest.jsonl")
-    assert line["path"] == "dom/sub/caf\ufffd.txt" and line["status"] == "kept"
+    assert line["path"] == "dom/sub/caf\\xe9.txt" and line["status"] == "kept"

@@ -113,6 +113,7 @@ def zoo(tmp_path_factory):
     os.symlink(root / d / "loop-a.txt", root / d / "loop-b.txt")
     inputs += [d + "loop-a.txt", d + "loop-b.txt"]
     os.symlink(root / "misc", root / d / "up")  # a directory symlink loop: must not be walked
+    inputs.append(d + "up")  # ... but reported (symlinked_dir)
     # quality: symbols and numbers, not prose
     add(d + "table.txt", "\n".join(f"### {i} ... {i * 7} ... {i * 13} ###" for i in range(400)))
     # one long passage repeated inside one document
@@ -163,7 +164,7 @@ def test_every_input_appears_exactly_once_in_the_manifest(zoo):
     ("misc/odd/gutenberg.txt", "boilerplate_stripped", "kept"),
     ("misc/odd/bad-sidecar.txt", "bad_sidecar", "flagged"),
     ("misc/odd/orphan.json", "orphan_sidecar", "quarantined"),
-    ("misc/odd/folder.txt", "unreadable", "quarantined"),
+    ("misc/odd/folder.txt", "not_regular_file", "quarantined"),
     ("misc/odd/dangling.txt", "unreadable", "quarantined"),
     ("misc/odd/loop-a.txt", "unreadable", "quarantined"),
     ("misc/odd/repeats.txt", "low_quality:repeated_passage", "flagged"),

@@ -125,3 +125,19 @@ def test_author_match_is_by_surname_not_first_name():
     assert check_label("The Blessings of Brokenness", "Charles Stanley", text, [])
     assert check_label("Great Expectations", "Charles Dickens", text, []) is None  # same author
     assert check_label("Discourse on Inequality", "Jean-Jacques Rousseau", "A DISCOURSE\n\nBy J. J. Rousseau", []) is None
+
+
+def test_long_runs_of_spaces_and_marker_lines_clean_in_linear_time():
+    import time
+
+    from simone.data.clean import collapse_blank_lines
+
+    assert collapse_blank_lines("a  \t\nb \n \n\t\n\nc  ") == "a\nb\n\nc"
+    cases = {
+        "spaces, no newline": "word " + " " * 2_000_000 + "end",  # `[ \t]+\n` retried from every space
+        "end-marker lines": "End of the Project Gutenberg work\n" * 30_000,  # a licence search after each
+    }
+    for name, text in cases.items():
+        t0 = time.perf_counter()
+        clean_text(text)
+        assert time.perf_counter() - t0 < 5.0, name

@@ -6,12 +6,16 @@ A corpus is one of
   - a single `.txt` file.
 
 Nothing here reads the texts themselves (the curate workers do); this module only walks
-the tree, pairs texts with sidecars, and says which files cannot be read at all. The
-corpus is read-only to us: nothing here opens a file for writing.
+the tree, pairs texts with sidecars, and says which files cannot or must not be read
+(links leading outside the corpus, FIFOs and devices, dot-files, symlinked folders).
+`read_regular_file` is the one way a corpus file is opened: regular files only, never
+blocking, never more than a size limit. The corpus is read-only to us: nothing here
+opens a file for writing.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -25,6 +29,7 @@ from simone.errors import SimoneError
 TEXT_SUFFIX = ".txt"
 SIDECAR_SUFFIX = ".json"
 DEFAULT_DOMAIN = "default"
+SIDECAR_MAX_BYTES = 1 << 20  # metadata, not text: a bigger sidecar is a bad one
 
 # metadata keys we understand, from a sidecar or from a header block
 _HEADER_KEYS = {
@@ -50,33 +55,104 @@ class CorpusError(SimoneError):
 
 @dataclass
 class SourceFile:
-    """One input file of the corpus, as found by `discover_files`.
+    """One entry of the corpus, as found by `discover_files`.
 
-    `kind` is "text" for a `.txt` to curate, "orphan_sidecar" for a `.json` with no text
-    beside it, or "unreadable" for an entry we cannot open (`problem` says why).
+    `kind` is
+      "text"            a `.txt` to curate;
+      "orphan_sidecar"  a `.json` with no text beside it;
+      "unreadable"      an entry we cannot read (a broken link, a FIFO, a folder we may not list);
+      "skipped"         an entry we will not read (a dot-file, a symlinked folder, a link
+                        leading outside the corpus);
+      "ignored"         a file that is not an input (not `.txt`/`.json`): listed, never read.
+    For "unreadable" and "skipped", `reason` is the manifest reason code and `problem` says why.
     """
 
-    path: Path  # absolute
-    rel: str  # path relative to the corpus root (posix); the stable document id
+    path: Path  # absolute; for a link inside the corpus, its checked target: what is opened
+    rel: str  # path relative to the corpus root (posix, printable); the stable document id
     domain: str
     subdomain: str
     kind: str = "text"
     sidecar: Path | None = None
     problem: str | None = None
+    reason: str | None = None
+    sidecar_problem: str | None = None  # why the sidecar beside this text was not read
     folder_domain: bool = True  # False: domain to be taken from metadata (flat folder / single file)
     size: int = 0
     mtime_ns: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class UnsafeFile(Exception):
+    """A file we refuse to read: `code` is the manifest reason (`not_regular_file`,
+    `too_large`, `unreadable`), `message` the detail."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
+    """The bytes of `path`, which must be a regular file of at most `max_bytes`.
+
+    The checks hold for what is actually opened, not for a name checked earlier: the
+    file is opened without following a final symlink (discovery already resolved and
+    checked links) and without blocking (a FIFO swapped in cannot hang us), then
+    `fstat` must say "regular file", and at most `max_bytes + 1` bytes are ever read.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        what = "a symlink appeared after the corpus was scanned" if e.errno == errno.ELOOP else e.strerror or str(e)
+        raise UnsafeFile("unreadable", f"cannot open ({what})") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFile("not_regular_file", f"not a regular file ({_file_type(st.st_mode)}); not read")
+        if st.st_size > max_bytes:
+            raise UnsafeFile("too_large", too_large_note(st.st_size, max_bytes))
+        chunks, total = [], 0
+        while total <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > max_bytes:  # it grew while we read
+            raise UnsafeFile("too_large", too_large_note(total, max_bytes))
+        return b"".join(chunks)
+    except OSError as e:
+        raise UnsafeFile("unreadable", f"cannot read ({e.strerror or e})") from e
+    finally:
+        os.close(fd)
+
+
+def too_large_note(size: int, max_bytes: int) -> str:
+    return f"{size / 2**20:.1f} MiB, over the limit of {max_bytes / 2**20:.1f} MiB a file; not read"
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 def discover_files(path: str | Path) -> list[SourceFile]:
-    """Every `.txt` (and every orphan `.json` sidecar) under `path`, sorted by relative path.
+    """Every entry under `path` that curation must account for, sorted by relative path.
+
+    That is every `.txt` and `.json` (sidecars are paired with their text and not listed
+    on their own unless orphaned or unusable), every folder we could not or would not walk
+    (a folder we may not list, a symlinked folder, a dot-folder), and every other file as
+    kind "ignored". Nothing is opened here: entries are classified by `lstat`/`stat` only.
 
     Raises `CorpusError` when `path` does not exist or holds no `.txt` file at all.
-    Symlinks to files are followed; symlinked directories are not (so a symlink loop
-    cannot make the walk endless); a `.txt` entry that cannot be opened as a regular file
-    (a directory named `x.txt`, a FIFO, a broken or looping symlink) comes back with
-    kind "unreadable".
+    Symlinks to files inside the corpus are followed; a link resolving outside it is
+    "skipped" (`outside_corpus`) and never read; symlinked folders are not walked (so a
+    loop cannot make the walk endless, and nothing outside is reached through them).
+    The walk keeps its own stack, so a tree thousands of folders deep is fine.
     """
     root = Path(path)
     if not os.path.lexists(root):
@@ -84,60 +160,178 @@ def discover_files(path: str | Path) -> list[SourceFile]:
     if root.is_file():
         if root.suffix.lower() != TEXT_SUFFIX:
             raise CorpusError(f"{root}: not a .txt file (a corpus is a folder of .txt files or one .txt)")
+        # the file the user named is read even if it is a link; its sidecar must stay beside it
+        text = _source(root, root.name, DEFAULT_DOMAIN, "", False)
         sidecar = root.with_suffix(SIDECAR_SUFFIX)
-        return [_source(root, root.name, DEFAULT_DOMAIN, "", sidecar if sidecar.is_file() else None, False)]
+        out = [text]
+        if os.path.lexists(sidecar):
+            out += _pair(text, sidecar, sidecar.name, os.path.realpath(root.parent))
+        return out
     if not root.is_dir():
         raise CorpusError(f"{root}: not a file or a folder")
 
-    texts: dict[str, SourceFile] = {}
-    sidecars: dict[str, Path] = {}  # rel path without suffix -> sidecar path
-    try:
-        walker = list(os.walk(root, followlinks=False, onerror=None))
-    except OSError as e:  # pragma: no cover - os.walk swallows most errors itself
-        raise CorpusError(f"{root}: cannot read the folder ({e})") from e
-    for dirpath, dirnames, filenames in walker:
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        here = Path(dirpath)
-        # a directory (or anything else) named *.txt appears in dirnames: not a text file
-        entries = list(filenames) + [d for d in dirnames if d.lower().endswith(TEXT_SUFFIX)]
-        # symlinked directories are listed in dirnames but never walked; note them if named .txt
-        for name in sorted(entries):
-            if name.startswith("."):
+    real_root = os.path.realpath(root)
+    texts: dict[str, SourceFile] = {}  # keyed by the real relative name (may hold surrogates)
+    sidecars: dict[str, tuple[str, Path]] = {}  # real rel without suffix -> (real rel, path)
+    others: list[SourceFile] = []
+    stack = [""]  # relative folders still to list; depth-first, in name order
+    while stack:
+        rel_dir = stack.pop()
+        here = root / rel_dir if rel_dir else root
+        try:
+            with os.scandir(here) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            if not rel_dir:
+                raise CorpusError(f"{root}: cannot read the folder ({e.strerror or e})") from e
+            others.append(_skip(here, rel_dir, "unreadable", "unreadable",
+                                f"folder cannot be listed ({e.strerror or e}); nothing inside it was read"))
+            continue
+        subdirs = []
+        for entry in entries:
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            full = here / entry.name
+            suffix = os.path.splitext(entry.name)[1].lower()
+            is_input = suffix in (TEXT_SUFFIX, SIDECAR_SUFFIX)
+            try:
+                real_dir = entry.is_dir(follow_symlinks=False)
+                linked_dir = not real_dir and entry.is_symlink() and entry.is_dir()  # is_dir follows the link
+            except OSError:
+                real_dir = linked_dir = False
+            if entry.name.startswith("."):
+                if real_dir or linked_dir or is_input:
+                    what = "dot-folder: nothing inside it was read" if real_dir or linked_dir else "dot-file: not read"
+                    others.append(_skip(full, rel, "skipped", "hidden", f"hidden {what}"))
+                else:
+                    others.append(_skip(full, rel, "ignored", None, None))
                 continue
-            full = here / name
-            rel = _printable(full.relative_to(root).as_posix())
-            suffix = Path(name).suffix.lower()
+            if linked_dir:
+                others.append(_skip(full, rel, "skipped", "symlinked_dir",
+                                    "symlinked folder: not followed (it could loop or lead outside the corpus); nothing inside it was read"))
+                continue
+            if real_dir:
+                subdirs.append(rel)
+                if suffix == TEXT_SUFFIX:  # a folder named x.txt: walked, and reported as no text file
+                    texts[rel] = _source(full, rel, *_domain_of(_printable(rel)), real_root=real_root)
+                continue
             if suffix == TEXT_SUFFIX:
-                domain, subdomain, from_folder = _domain_of(rel)
-                texts[rel] = _source(full, rel, domain, subdomain, None, from_folder)
+                texts[rel] = _source(full, rel, *_domain_of(_printable(rel)), real_root=real_root)
             elif suffix == SIDECAR_SUFFIX:
-                sidecars[rel[: -len(SIDECAR_SUFFIX)]] = full
+                sidecars[rel[: -len(SIDECAR_SUFFIX)]] = (rel, full)
+            else:
+                others.append(_skip(full, rel, "ignored", None, None))
+        stack.extend(reversed(subdirs))
     if not texts:
         raise CorpusError(f"{root}: no .txt files found (expected DOMAIN/SUBDOMAIN/*.txt, a flat folder of .txt, or one .txt file)")
 
     out = list(texts.values())
-    for sf in out:
-        sidecar = sidecars.pop(sf.rel[: -len(TEXT_SUFFIX)], None)
-        sf.sidecar = sidecar
-    for stem_rel, sidecar in sidecars.items():
-        rel = _printable(sidecar.relative_to(root).as_posix())
-        domain, subdomain, from_folder = _domain_of(rel)
-        sf = _source(sidecar, rel, domain, subdomain, None, from_folder)
-        sf.kind = "orphan_sidecar"
-        sf.problem = f"{rel}: sidecar without its text ({stem_rel}{TEXT_SUFFIX} is missing)"
+    for real_rel, sf in texts.items():
+        found = sidecars.pop(real_rel[: -len(TEXT_SUFFIX)], None)
+        if found is not None:
+            out += _pair(sf, found[1], found[0], real_root)
+    for stem_rel, (real_rel, sidecar) in sidecars.items():
+        sf = _source(sidecar, real_rel, *_domain_of(_printable(real_rel)), real_root=real_root)
+        if sf.kind == "text":  # a readable file: an orphan; an unsafe one keeps its own reason
+            sf.kind = "orphan_sidecar"
+            sf.problem = f"{sf.rel}: sidecar without its text ({_printable(stem_rel)}{TEXT_SUFFIX} is missing)"
         out.append(sf)
+    out += others
+    _unique_rels(out)
     out.sort(key=lambda s: s.rel)
     return out
 
 
+def _pair(text: SourceFile, sidecar: Path, real_rel: str, real_root: str) -> list[SourceFile]:
+    """Attach `sidecar` to `text`; a sidecar that is unsafe to read gets a line of its own
+    instead (returned), and the text notes why its metadata was not used."""
+    rel = _printable(real_rel)
+    target, problem = _inspect(sidecar, rel, real_root)
+    if problem is None:
+        text.sidecar = target
+        return []
+    text.sidecar_problem = f"{rel}: not read ({problem[1]}; see its own manifest line)"
+    return [_problem_entry(sidecar, rel, *problem)]
+
+
+def _inside(path: str, real_root: str) -> bool:
+    return path == real_root or path.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def _inspect(full: Path, rel: str, real_root: str | None) -> tuple[Path, tuple[str, str, str] | None]:
+    """(path to open, None) for a readable regular file inside the corpus, else
+    (full, (kind, reason code, detail)). Follows links only to look: nothing is opened."""
+    try:
+        st = os.stat(full)  # follows symlinks (metadata only): a loop or a dangling link raises here
+    except OSError as e:
+        reason = "symlink loop" if e.errno == errno.ELOOP else e.strerror or str(e)
+        if os.path.islink(full) and e.errno == errno.ENOENT:
+            reason = "broken symlink"
+        return full, ("unreadable", "unreadable", f"cannot open ({reason})")
+    target = full
+    if os.path.islink(full):
+        resolved = os.path.realpath(full)
+        if real_root is not None and not _inside(resolved, real_root):
+            return full, ("skipped", "outside_corpus", f"links outside the corpus (to {_printable(resolved)}); not read")
+        target = Path(resolved)
+    if not stat.S_ISREG(st.st_mode):
+        return full, ("unreadable", "not_regular_file", f"not a regular file ({_file_type(st.st_mode)}); not opened")
+    if not os.access(full, os.R_OK):
+        return full, ("unreadable", "unreadable", "cannot open (permission denied)")
+    return target, None
+
+
+def _source(full: Path, real_rel: str, domain: str, subdomain: str, from_folder: bool, real_root: str | None = None) -> SourceFile:
+    rel = _printable(real_rel)
+    target, problem = _inspect(full, rel, real_root)
+    if problem is not None:
+        sf = _problem_entry(full, rel, *problem)
+        sf.folder_domain = from_folder
+        return sf
+    st = os.stat(target)
+    return SourceFile(path=target, rel=rel, domain=domain, subdomain=subdomain, folder_domain=from_folder,
+                      size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+def _problem_entry(full: Path, rel: str, kind: str, reason: str, detail: str) -> SourceFile:
+    sf = _skip(full, rel, kind, reason, detail, printable=True)
+    try:
+        st = os.lstat(full)
+        sf.size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+        sf.mtime_ns = st.st_mtime_ns
+    except OSError:
+        pass
+    return sf
+
+
+def _skip(full: Path, rel: str, kind: str, reason: str | None, detail: str | None, printable: bool = False) -> SourceFile:
+    rel = rel if printable else _printable(rel)
+    domain, subdomain, from_folder = _domain_of(rel)
+    return SourceFile(path=full, rel=rel, domain=domain, subdomain=subdomain, kind=kind, reason=reason,
+                      problem=f"{rel}: {detail}" if detail else None, folder_domain=from_folder)
+
+
+def _unique_rels(files: list[SourceFile]) -> None:
+    """Two real names can print alike (`caf\\xe9` escaped vs a name spelled with a
+    backslash): give the later one a `#2` suffix so no manifest line hides another."""
+    seen: set[str] = set()
+    for sf in files:
+        rel, n = sf.rel, 1
+        while rel in seen:
+            n += 1
+            rel = f"{sf.rel}#{n}"
+        seen.add(rel)
+        sf.rel = rel
+
+
 def _printable(rel: str) -> str:
-    """A file name that is not valid UTF-8 (kept by Python as lone surrogates) shown with
-    U+FFFD, so it can be written to JSON; the file is still opened by its real name."""
+    """A file name that is not valid UTF-8 (kept by Python as lone surrogates) with the
+    bad bytes written as `\\xNN`, so it can go into JSON and two names that differ only
+    in those bytes stay apart; the file is still opened by its real name."""
     try:
         rel.encode("utf-8")
         return rel
     except UnicodeEncodeError:
-        return rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _domain_of(rel: str) -> tuple[str, str, bool]:
@@ -149,28 +343,6 @@ def _domain_of(rel: str) -> tuple[str, str, bool]:
     return DEFAULT_DOMAIN, "", False
 
 
-def _source(full: Path, rel: str, domain: str, subdomain: str, sidecar: Path | None, from_folder: bool) -> SourceFile:
-    sf = SourceFile(path=full, rel=rel, domain=domain, subdomain=subdomain, sidecar=sidecar, folder_domain=from_folder)
-    try:
-        st = os.stat(full)  # follows symlinks: a loop or a dangling link raises here
-    except OSError as e:
-        sf.kind = "unreadable"
-        reason = "symlink loop" if getattr(e, "errno", None) == 40 else e.strerror or str(e)
-        if os.path.islink(full) and getattr(e, "errno", None) == 2:
-            reason = "broken symlink"
-        sf.problem = f"{rel}: cannot open ({reason})"
-        return sf
-    sf.size, sf.mtime_ns = st.st_size, st.st_mtime_ns
-    if not stat.S_ISREG(st.st_mode):
-        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        sf.kind = "unreadable"
-        sf.problem = f"{rel}: cannot open ({what})"
-    elif not os.access(full, os.R_OK):
-        sf.kind = "unreadable"
-        sf.problem = f"{rel}: cannot open (permission denied)"
-    return sf
-
-
 # ----------------------------------------------------------------------------- metadata
 
 
@@ -178,18 +350,22 @@ class SidecarError(ValueError):
     """A sidecar that is not a JSON object."""
 
 
-def read_sidecar(path: Path) -> dict[str, Any]:
+def read_sidecar(path: Path, max_bytes: int = SIDECAR_MAX_BYTES) -> dict[str, Any]:
     """The sidecar's metadata as a dict; `SidecarError` (with the reason) if malformed."""
     try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise SidecarError(f"cannot read ({e.strerror or e})") from e
+        raw = read_regular_file(path, max_bytes)
+    except UnsafeFile as e:
+        raise SidecarError(e.message) from e
     try:
         obj = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise SidecarError(f"not UTF-8 at byte {e.start}") from e
     except json.JSONDecodeError as e:
         raise SidecarError(f"not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from e
+    except RecursionError as e:
+        raise SidecarError("not usable JSON (nested too deeply)") from e
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise SidecarError(f"not usable JSON ({e})") from e
     if not isinstance(obj, dict):
         raise SidecarError(f"a JSON {type(obj).__name__}, not an object")
     return obj

@@ -27,9 +27,18 @@ validates on the tail of its longest document, which is then trained on only up 
 curation with a `CorpusError`. (6) write the outputs. The corpus itself is only ever opened
 for reading.
 
+A hostile corpus cannot stop the stage or lose a file: every entry gets a manifest line,
+nothing outside the corpus is read, a worker process that dies (out of memory, killed)
+costs only the file it was reading, and each file has a CPU-time budget.
+
 Reason codes and the status they give:
   quarantined  empty binary not_utf8 unreadable orphan_sidecar stub too_short
                exact_duplicate near_duplicate low_quality:<rule>
+               outside_corpus (a link leading out of the corpus; never opened)
+               not_regular_file (a FIFO, device, socket or folder named like a text; never opened)
+               too_large (over curate.max_file_bytes; never read) timed_out (over
+               curate.max_file_seconds of CPU) hidden (a dot-file or dot-folder; never read)
+               symlinked_dir (a linked folder; never walked)
   flagged      title_mismatch bad_sidecar contamination low_quality:repeated_passage
   (kept)       encoding_fixed header_stripped boilerplate_stripped (what cleaning did)
 """
@@ -42,9 +51,13 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,9 +71,12 @@ from simone.data.corpus import (
     CorpusError,
     SidecarError,
     SourceFile,
+    UnsafeFile,
     discover_files,
+    read_regular_file,
     read_sidecar,
     title_from_filename,
+    too_large_note,
 )
 from simone.data.dedup import (
     DupCandidate,
@@ -84,8 +100,10 @@ __all__ = ["CorpusError", "CurateResult", "curate", "print_summary"]
 CURATE_VERSION = 1  # bump when the output of curation changes for the same inputs
 QUARANTINE = {
     "empty", "binary", "not_utf8", "unreadable", "orphan_sidecar", "stub", "too_short",
-    "exact_duplicate", "near_duplicate",
+    "exact_duplicate", "near_duplicate", "outside_corpus", "not_regular_file", "too_large",
+    "timed_out", "hidden", "symlinked_dir",
 }
+NOT_DOCUMENTS = {"hidden", "symlinked_dir"}  # folder-level skips: not counted in any domain
 FLAG = {"title_mismatch", "bad_sidecar", "contamination", "low_quality:repeated_passage"}
 SLICED = "train+val-slice"  # manifest split of a document whose tail is held out for validation
 CONTAMINATION_SAMPLE = 4  # keep 1 in 4 distinct 13-grams (the same ones in every document)
@@ -145,6 +163,8 @@ class _Settings:
     domain_relax: dict[str, float]
     perms: tuple[np.ndarray, np.ndarray] | None
     spool: str
+    max_file_bytes: int
+    max_file_seconds: float
 
 
 _hasher: WordHasher | None = None  # one per worker process: token -> hash cache
@@ -154,18 +174,65 @@ def _process_file(args: tuple[int, SourceFile, _Settings]) -> dict[str, Any]:
     """Everything about one file that does not need the other files.
 
     A file that breaks the processing itself is reported (as `unreadable`, with the
-    error), never allowed to stop the stage: read anything, lose nothing.
+    error, or `timed_out`), never allowed to stop the stage: read anything, lose nothing.
     """
     index, sf, st = args
+    marker = _started_marker(st, index)
+    marker.touch()  # names the file in hand if this worker dies (see _run_workers)
     try:
-        return _process_file_inner(index, sf, st)
+        with _cpu_time_limit(st.max_file_seconds):
+            return _process_file_inner(index, sf, st)
+    except _FileTimeout:
+        return _failed_record(index, sf, "timed_out", f"{sf.rel}: processing used more than {st.max_file_seconds:g} s of CPU (curate.max_file_seconds); given up")
     except Exception as e:  # noqa: BLE001 - any failure is this one file's problem
-        return {
-            "path": sf.rel, "domain": sf.domain, "subdomain": sf.subdomain, "status": "quarantined",
-            "reasons": ["unreadable"], "sha256": None, "bytes": sf.size, "chars": 0, "words": 0,
-            "dup_of": None, "title": None, "author": None, "quality": {}, "_index": index,
-            "notes": {"unreadable": f"{sf.rel}: could not be processed ({type(e).__name__}: {e})"},
-        }
+        return _failed_record(index, sf, "unreadable", f"{sf.rel}: could not be processed ({type(e).__name__}: {e})")
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _failed_record(index: int, sf: SourceFile, code: str, note: str) -> dict[str, Any]:
+    return {
+        "path": sf.rel, "domain": sf.domain, "subdomain": sf.subdomain, "status": "quarantined",
+        "reasons": [code], "sha256": None, "bytes": sf.size, "chars": 0, "words": 0,
+        "dup_of": None, "title": None, "author": None, "quality": {}, "_index": index,
+        "notes": {code: note},
+    }
+
+
+def _started_marker(st: _Settings, index: int) -> Path:
+    return Path(st.spool) / f"{index}.started"
+
+
+class _FileTimeout(Exception):
+    """Raised by the CPU-time alarm inside the work on one file."""
+
+
+_armed = False  # the alarm raises only while a file is being processed
+
+
+def _on_cpu_alarm(signum, frame) -> None:
+    if _armed:
+        raise _FileTimeout()
+
+
+@contextmanager
+def _cpu_time_limit(seconds: float):
+    """Raise `_FileTimeout` after `seconds` of CPU time (a regular expression or a
+    pathological text cannot spin forever). CPU time, not wall time, so a loaded machine
+    does not time files out; a no-op off the main thread, where signals cannot be set."""
+    global _armed
+    if not seconds or seconds <= 0 or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+    previous = signal.signal(signal.SIGVTALRM, _on_cpu_alarm)
+    _armed = True
+    signal.setitimer(signal.ITIMER_VIRTUAL, seconds)
+    try:
+        yield
+    finally:
+        _armed = False
+        signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+        signal.signal(signal.SIGVTALRM, previous)
 
 
 def _process_file_inner(index: int, sf: SourceFile, st: _Settings) -> dict[str, Any]:
@@ -183,23 +250,32 @@ def _process_file_inner(index: int, sf: SourceFile, st: _Settings) -> dict[str, 
         rec["notes"][code] = note
         return rec
 
-    if sf.kind == "unreadable":
-        return problem("unreadable", sf.problem or "cannot open")
+    if sf.kind in ("unreadable", "skipped"):  # never opened
+        if sf.reason in NOT_DOCUMENTS:
+            rec["_not_a_document"] = True
+        return problem(sf.reason or "unreadable", sf.problem or "cannot open")
+    if sf.size > st.max_file_bytes:
+        return problem("too_large", f"{sf.rel}: {too_large_note(sf.size, st.max_file_bytes)} (curate.max_file_bytes)")
     if sf.kind == "orphan_sidecar":
-        _read_raw(sf.path, rec)
+        try:
+            _read_raw(sf.path, rec, st.max_file_bytes)
+        except UnsafeFile as e:
+            return problem(e.code, f"{sf.rel}: {e.message}")
         return problem("orphan_sidecar", sf.problem or "sidecar without its text")
 
     # metadata: sidecar first, header block fills in what it lacks
     meta: dict[str, Any] = {}
-    if sf.sidecar is not None:
+    if sf.sidecar_problem is not None:
+        problem("bad_sidecar", sf.sidecar_problem)
+    elif sf.sidecar is not None:
         try:
             meta = read_sidecar(sf.sidecar)
         except SidecarError as e:
             problem("bad_sidecar", f"{sf.sidecar.name}: {e}")
     try:
-        raw = _read_raw(sf.path, rec)
-    except OSError as e:
-        return problem("unreadable", f"{sf.rel}: cannot read ({e.strerror or e})")
+        raw = _read_raw(sf.path, rec, st.max_file_bytes)
+    except UnsafeFile as e:
+        return problem(e.code, f"{sf.rel}: {e.message}")
     if not raw.strip():
         return problem("empty", f"{sf.rel}: empty" if not raw else f"{sf.rel}: only whitespace")
     try:
@@ -265,9 +341,8 @@ def _process_file_inner(index: int, sf: SourceFile, st: _Settings) -> dict[str, 
     return _spool(rec, body, st)
 
 
-def _read_raw(path: Path, rec: dict[str, Any]) -> bytes:
-    with open(path, "rb") as f:  # read-only, always
-        raw = f.read()
+def _read_raw(path: Path, rec: dict[str, Any], max_bytes: int) -> bytes:
+    raw = read_regular_file(path, max_bytes)  # read-only, regular files only, bounded
     rec["bytes"] = len(raw)
     rec["sha256"] = hashlib.sha256(raw).hexdigest()
     return raw
@@ -313,12 +388,14 @@ def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool
     """
     t0 = time.time()
     corpus, data_dir = Path(corpus), Path(data_dir)
-    files = discover_files(corpus)
+    entries = discover_files(corpus)
     if cfg.data.validation_dir:  # a pre-split validation folder (the original --validation_dir)
-        val_files = discover_files(cfg.data.validation_dir)
-        for sf in val_files:  # ids distinct from the training corpus's, domain from its own folders
+        val_entries = discover_files(cfg.data.validation_dir)
+        for sf in val_entries:  # ids distinct from the training corpus's, domain from its own folders
             sf.rel = VALIDATION_DIR_PREFIX + sf.rel
-        files += val_files
+        entries += val_entries
+    files = [sf for sf in entries if sf.kind != "ignored"]
+    ignored = [sf.rel for sf in entries if sf.kind == "ignored"]
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = _paths(corpus, data_dir)
     stamp_path = data_dir / "curate.stamp.json"
@@ -341,6 +418,7 @@ def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool
         shingle_words=c.shingle_words, contamination_ngram=c.contamination_ngram,
         repeated_passage_words=c.repeated_passage_words, domain_relax=dict(c.domain_relax),
         perms=minhash_permutations(c.minhash_perms) if c.enabled else None, spool=str(spool),
+        max_file_bytes=c.max_file_bytes, max_file_seconds=c.max_file_seconds,
     )
     stamp_path.unlink(missing_ok=True)  # a run that dies half way must not look reusable
     timings: dict[str, float] = {}
@@ -378,7 +456,7 @@ def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool
         lap("split_and_contamination")
         result = _result(corpus, data_dir, paths, records, clusters, contaminated, cfg)
         result.warnings += slice_notes
-        result.ignored = _ignored_files(corpus)
+        result.ignored = ignored
         _write_manifest(paths["manifest"], records)
         _write_documents(paths["documents"], records)
         lap("write")
@@ -412,28 +490,58 @@ def _run_workers(files: list[SourceFile], st: _Settings, workers: int, progress:
         from tqdm import tqdm
 
         bar = tqdm(total=sum(sf.size for sf in files), unit="B", unit_scale=True, desc="curate", file=sys.stderr, leave=False)
-    records = []
+    records: list[dict[str, Any]] = []
+
+    def take(rec: dict[str, Any]) -> None:
+        records.append(rec)
+        if bar is not None:
+            bar.update(rec.get("bytes") or 0)
+
     try:
         if n == 1:
-            for rec in map(_process_file, jobs):
-                records.append(rec)
-                if bar is not None:
-                    bar.update(rec.get("bytes") or 0)
+            for job in jobs:
+                take(_process_file(job))
         else:
-            # fork on Linux (fast start, no re-import of __main__), spawn elsewhere; a dead
-            # worker raises BrokenProcessPool here instead of hanging the stage
+            # fork on Linux (fast start, no re-import of __main__), spawn elsewhere
             ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            with ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
-                futures = [pool.submit(_process_file, job) for job in jobs]
-                for fut in as_completed(futures):
-                    rec = fut.result()
-                    records.append(rec)
-                    if bar is not None:
-                        bar.update(rec.get("bytes") or 0)
+            pending = jobs
+            while pending:
+                unfinished = _pool_pass(pending, n, ctx, take)
+                # a worker died (out of memory, killed): the files it had in hand are
+                # suspects, each retried alone; the rest never started and go round again
+                in_hand = [j for j in unfinished if _started_marker(st, j[0]).exists()] or unfinished
+                suspects = {j[0] for j in in_hand}
+                pending = [j for j in unfinished if j[0] not in suspects]
+                for job in in_hand:
+                    _started_marker(st, job[0]).unlink(missing_ok=True)
+                    if _pool_pass([job], 1, ctx, take):
+                        take(_failed_record(job[0], job[1], "unreadable", f"{job[1].rel}: the worker process reading it died "
+                                            "(killed, e.g. out of memory); the other files were processed"))
     finally:
         if bar is not None:
             bar.close()
     return records
+
+
+def _pool_pass(jobs: list, n: int, ctx, take) -> list:
+    """Run `jobs` in a fresh pool of `n` processes, passing each record to `take`;
+    returns the jobs left without a record because a worker died."""
+    futures: dict[Any, Any] = {}
+    done: set[int] = set()  # job indices whose record was taken
+    try:
+        with ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
+            for job in jobs:
+                futures[pool.submit(_process_file, job)] = job
+            for fut in as_completed(futures):
+                take(fut.result())  # BrokenProcessPool when a worker died
+                done.add(futures[fut][0])
+    except BrokenProcessPool:
+        pass
+    for fut, job in futures.items():  # finished before the break, not yet collected
+        if job[0] not in done and fut.done() and not fut.cancelled() and fut.exception() is None:
+            take(fut.result())
+            done.add(job[0])
+    return [job for job in jobs if job[0] not in done]
 
 
 def _rank(r: dict[str, Any]) -> tuple:
@@ -587,6 +695,8 @@ def _result(corpus: Path, data_dir: Path, paths: dict[str, Path], records: list[
     domains: dict[str, dict[str, dict[str, int]]] = {}
     subs: dict[str, dict[str, dict[str, int]]] = {}
     for r in records:
+        if r.get("_not_a_document"):
+            continue
         for table, key in ((domains, r["domain"]), (subs, f"{r['domain']}/{r['subdomain']}" if r["subdomain"] else r["domain"])):
             entry = table.setdefault(key, {"train": {"docs": 0, "words": 0}, "val": {"docs": 0, "words": 0, "slices": 0},
                                            "dropped": {"docs": 0, "words": 0}})
@@ -652,7 +762,7 @@ def _write_documents(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def _fingerprint(files: list[SourceFile], cfg: Config) -> str:
-    inputs = [(sf.rel, sf.kind, sf.size, sf.mtime_ns, _stat_key(sf.sidecar)) for sf in files]
+    inputs = [(sf.rel, sf.kind, sf.reason, sf.sidecar_problem, sf.size, sf.mtime_ns, _stat_key(sf.sidecar)) for sf in files]
     settings = {"curate": dataclasses.asdict(cfg.curate), "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "data_dir"}}
     blob = json.dumps([CURATE_VERSION, _code_digest(), inputs, settings], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
@@ -687,24 +797,16 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _ignored_files(corpus: Path) -> list[str]:
-    if not corpus.is_dir():
-        return []
-    out = []
-    for dirpath, dirnames, filenames in os.walk(corpus):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and Path(name).suffix.lower() not in (".txt", ".json"):
-                out.append((Path(dirpath) / name).relative_to(corpus).as_posix())
-    return sorted(out)
-
-
 # ----------------------------------------------------------------------------- terminal
 
 
 def print_summary(result: CurateResult, console=None) -> None:
-    """A rich table of what curation did, for the end of the stage."""
+    """A rich table of what curation did, for the end of the stage.
+
+    Every name from the corpus (domains, file names, paths) is escaped: a file called
+    `notes[/].md` is Rich markup, and would otherwise crash the summary on every rerun."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console(stderr=False)
@@ -720,15 +822,15 @@ def print_summary(result: CurateResult, console=None) -> None:
     for col in ("domain", "train", "train words", "val", "val slices", "val words", "dropped"):
         table.add_column(col, justify="left" if col == "domain" else "right", no_wrap=True)
     for domain, d in result.domains.items():
-        table.add_row(domain, str(d["train"]["docs"]), f"{d['train']['words']:,}", str(d["val"]["docs"]),
+        table.add_row(escape(domain), str(d["train"]["docs"]), f"{d['train']['words']:,}", str(d["val"]["docs"]),
                       str(d["val"].get("slices", 0)), f"{d['val']['words']:,}", str(d["dropped"]["docs"]))
     table.add_row("[bold]total", str(result.documents_train), f"{result.words_train:,}", str(result.documents_val),
                   str(result.val_slices), f"{result.words_val:,}", "")
     console.print(table)
     for warning in result.warnings:
-        console.print(f"[yellow]warning[/yellow]: {warning}")
+        console.print(f"[yellow]warning[/yellow]: {escape(warning)}")
     if result.ignored:
-        console.print(f"not inputs (ignored): {', '.join(result.ignored[:5])}{' …' if len(result.ignored) > 5 else ''}")
+        console.print(f"not inputs (ignored): {escape(', '.join(result.ignored[:5]))}{' …' if len(result.ignored) > 5 else ''}")
     if result.reason_counts:
-        console.print("reasons: " + ", ".join(f"{k} {v}" for k, v in result.reason_counts.items()))
-    console.print(f"manifest: {result.manifest}\nreport:   {result.report}")
+        console.print("reasons: " + escape(", ".join(f"{k} {v}" for k, v in result.reason_counts.items())))
+    console.print(f"manifest: {escape(result.manifest)}\nreport:   {escape(result.report)}")

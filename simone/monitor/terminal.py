@@ -12,6 +12,7 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -108,8 +109,8 @@ def print_status(run: Path | None, runs_root: Path, console: Console | None = No
     if run is not None:
         path = resolve_run(run, runs_root)
         if path is None:
-            console.print(f"simone status: {run}: not a run directory (no status.json, config.json or "
-                          f"metrics.jsonl), and no run of that name under {runs_root}", style="red")
+            console.print(f"simone status: {escape(str(run))}: not a run directory (no status.json, config.json or "
+                          f"metrics.jsonl), and no run of that name under {escape(str(runs_root))}", style="red")
             return 1
         s = quick_summary(path, now, stall_after_s)
         table = Table(show_header=False, box=None, pad_edge=False)
@@ -128,9 +129,9 @@ def print_status(run: Path | None, runs_root: Path, console: Console | None = No
         return 0
     paths = list_run_dirs(Path(runs_root))
     if not paths:
-        console.print(f"no runs under {runs_root}")
+        console.print(f"no runs under {escape(str(runs_root))}")
         return 0
-    table = Table(title=f"runs under {runs_root}", title_justify="left", box=box.SIMPLE_HEAD)
+    table = Table(title=f"runs under {escape(str(runs_root))}", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("run", min_width=12, overflow="fold")
     for col in ("state", "step", "progress", "ETA", "loss", "val loss", "tok/s"):
         table.add_column(col, no_wrap=True)
@@ -138,7 +139,7 @@ def print_status(run: Path | None, runs_root: Path, console: Console | None = No
         s = quick_summary(p, now, stall_after_s)
         step = _fmt(s.get("step")) + (f"/{s['total_steps']}" if s.get("total_steps") else "")
         table.add_row(
-            s["name"], Text(s["state"], style=STATE_STYLE.get(s["state"], "")), step,
+            Text(s["name"]), Text(s["state"], style=STATE_STYLE.get(s["state"], "")), step,  # Text: a run name is not markup
             f"{s['progress'] * 100:.1f}%" if s.get("progress") is not None else "–",
             fmt_duration(s.get("eta_s")) if s["state"] == "running" else "–",
             _fmt(s.get("loss")), _fmt(s.get("val_loss")), fmt_rate(s.get("tokens_per_s")),
