@@ -8,6 +8,7 @@
     simone doctor     check the machine and the corpus
     simone monitor    live dashboard (port 5001);  simone status  the same in the terminal
     simone bench      train | generate | prep: ours against transformers, data-prep time and RAM
+    simone export     a trained model as a Hugging Face folder (--format hf)
 """
 
 from __future__ import annotations
@@ -175,6 +176,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from simone.inference.hf_folder import export_hf
+
+    print(export_hf(Path(args.model), Path(args.out)))
+    return 0
+
+
 def cmd_ablate(args: argparse.Namespace) -> int:
     from simone.ablate import VARIANTS, AblationSettings, run_ablation
 
@@ -324,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the trace as an HTML page (tokens coloured by probability, sources on hover)")
     p.add_argument("--stream-past-context", dest="stream_past_context", action="store_true",
                    help="keep generating past the context window (streaming KV cache, Llama-style models)")
+
+    p = verb("export", cmd_export, "write a trained model as a folder that transformers opens "
+                                   "(AutoModelForCausalLM / AutoTokenizer.from_pretrained)")
+    p.add_argument("--model", required=True, help="run dir, checkpoint dir or .tar.gz")
+    p.add_argument("--format", choices=["hf"], required=True, help="hf: a Hugging Face folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
 
     p = verb("ablate", cmd_ablate, "train GPT-2, plain, governance and ablated variants on the same budget; "
                                   "write ablation.{json,md,svg}")
