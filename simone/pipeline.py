@@ -140,18 +140,37 @@ def stage_train(cfg: Config, run_dir: Path, resume: str | None = None):
     return train(cfg, run, resume=resume)
 
 
+def stage_eval(model: Path, eval_data: Path, run: RunDir) -> dict:
+    """Bits per byte of `model` on the text folder `eval_data`, printed and written to
+    RUN/validation/eval.json."""
+    from simone.inference.eval_text import evaluate_models, format_table
+    from simone.rundir import atomic_write_json
+
+    _say(f"eval: {model.name} on {eval_data}")
+    result = evaluate_models([str(model)], Path(eval_data))
+    print(format_table(result), flush=True)
+    atomic_write_json(run.validation / "eval.json", result)
+    return result
+
+
 def run_pipeline(cfg: Config, run_dir: Path, resume: str | None = None, monitor: bool = False,
-                 monitor_port: int = 5001, package_dir: Path = Path("models_for_download")) -> PipelineResult:
-    """corpus → curate → tokenizer → shards → train → validate → package, into `run_dir`."""
+                 monitor_port: int = 5001, package_dir: Path = Path("models_for_download"),
+                 eval_data: Path | None = None) -> PipelineResult:
+    """corpus → curate → tokenizer → shards → train → validate → package, into `run_dir`;
+    with `eval_data`, then bits per byte of the package on that text (validation/eval.json)."""
     from simone.train.lock import RunLock
 
+    if eval_data is not None:  # a bad folder fails now, not after training
+        from simone.inference.eval_text import read_text_folder
+
+        read_text_folder(Path(eval_data))
     run = RunDir(run_dir).make()
     with RunLock(run.root):  # a second `simone run` into a live run dir is refused
-        return _run_locked(cfg, run, resume, monitor, monitor_port, package_dir)
+        return _run_locked(cfg, run, resume, monitor, monitor_port, package_dir, eval_data)
 
 
 def _run_locked(cfg: Config, run: RunDir, resume: str | None, monitor: bool, monitor_port: int,
-                package_dir: Path) -> PipelineResult:
+                package_dir: Path, eval_data: Path | None = None) -> PipelineResult:
     from simone.generate import load_model, sample_text
     from simone.package import package_run
     from simone.validate import print_report, validate
@@ -187,6 +206,8 @@ def _run_locked(cfg: Config, run: RunDir, resume: str | None, monitor: bool, mon
         stage = "package"
         run.write_status(stage=stage)
         pkg = package_run(run, package_dir)
+        if eval_data is not None:
+            stage_eval(pkg, eval_data, run)
         loaded = load_model(pkg)
         sample = sample_text(loaded, prompt=SAMPLE_PROMPT, max_tokens=40, seed=cfg.train.seed)
         status = "finished" if report["ok"] else "failed"
