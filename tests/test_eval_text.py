@@ -21,7 +21,7 @@ from test_hf_export import _save_model_run
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory):
     root = make_corpus(tmp_path_factory.mktemp("eval") / "text", docs_per_subdomain=1, words_per_doc=100)
-    (root / "poetry" / "poetry_a" / "unicode.txt").write_text("Ωμέγα — café 🙂\r\n\ttabs  and  runs\n",
+    (root / "poetry" / "poetry_a" / "unicode.txt").write_text("Ωμέγα — café 🙂\r\n\ttabs  and  runs <|endoftext|> as text\n",
                                                                encoding="utf-8")
     return root
 

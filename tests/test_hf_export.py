@@ -63,7 +63,8 @@ def tokenizer_strings(domains: list[str]) -> list[str]:
              "café naïve résumé", "Ωμέγα λόγος", "Привет, мир", "中文字符测试", "日本語のテキスト",
              "한국어", "عربي", "עברית", "emoji 🙂👍🏽 family 👨‍👩‍👧", "e\u0301 combining", "\u00a0nbsp\u2009thin",
              "zero\u200bwidth", "<|endoftext|>", "a<|endoftext|>b", "<|endoftext|><|endoftext|>",
-             "text <|endoftext|> more", "<|endof", "|>", "<|", "<|domain:unknown|>", "’quotes’ “double”"]
+             "text <|endoftext|> more", "<|endof", "|>", "<|", "<|domain:unknown|>", "’quotes’ “double”",
+             "a . b , c ! do n't"]  # decode must not "clean up" spaces before punctuation
     for d in domains:
         fixed += [f"<|domain:{d}|>", f"<|endoftext|><|domain:{d}|>The lord", f"x<|domain:{d}|>y z"]
     rng = random.Random(0)

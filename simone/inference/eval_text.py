@@ -33,6 +33,9 @@ import torch
 from simone.errors import SimoneError
 
 SCHEMA = 1
+# Windows longer than this are not read at once: a Hugging Face model may declare a context of
+# 128k tokens, whose logits alone would not fit in memory. Our models' contexts are far below.
+MAX_WINDOW = 4096
 
 
 class EvalError(SimoneError, ValueError):
@@ -180,7 +183,7 @@ def load_hf_scorer(spec: str, device: str) -> Scorer:
     def logits(x: torch.Tensor) -> torch.Tensor:  # windows are never padded: attend to every id
         return model(x, attention_mask=torch.ones_like(x)).logits
 
-    return TorchScorer(spec, "hf", logits, encode, start_id, int(context), dev)
+    return TorchScorer(spec, "hf", logits, encode, start_id, min(int(context), MAX_WINDOW), dev)
 
 
 def load_gguf_scorer(spec: str, device: str) -> Scorer:
