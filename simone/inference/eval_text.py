@@ -82,8 +82,9 @@ def read_text_folder(data_dir: Path) -> list[TextFile]:
 
 class Scorer(Protocol):
     """One model, ready to score text. `document_ids(text)` gives the ids the model reads
-    (a document-start id first, when the model has one); `nll_bits(ids)` the summed
-    -log2 p(ids[t] | ids[:t]) over t >= 1."""
+    (a document-start id first, when the model has one: without one, the first token is
+    never predicted and costs nothing); `nll_bits(ids)` the summed -log2 p(ids[t] | ids[:t])
+    over t >= 1."""
 
     label: str
     kind: str
@@ -95,7 +96,7 @@ class Scorer(Protocol):
 
 def sliding_windows(n_ids: int, context: int) -> list[tuple[int, int, int]]:
     """Windows (start, end, n_scored) over ids[0:n_ids]: the model reads ids[start:end-1] (at
-    most `context` tokens) and the last n_scored of its predictions, for ids[end-n_scored:end],
+    most `context` tokens) and only its last n_scored predictions (of ids[end-n_scored:end])
     count. Together they score ids[1:] exactly once; after the first window each scored
     token has at least context - context // 2 tokens before it."""
     stride = max(1, context // 2)
@@ -125,7 +126,7 @@ class TorchScorer:
     def nll_bits(self, ids: list[int]) -> float:
         windows = sliding_windows(len(ids), self.context)
         all_ids = torch.tensor(ids, dtype=torch.long)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on device: one sync
         # windows of the same length run as one batch (all but the first and last, usually)
         by_length: dict[int, list[tuple[int, int, int]]] = {}
         for w in windows:
@@ -137,8 +138,8 @@ class TorchScorer:
                 y = torch.stack([all_ids[s + 1 : e] for s, e, _ in batch]).to(self.device)
                 logp = self.logits_fn(x).float().log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
                 for row, (_, _, n_scored) in enumerate(batch):
-                    total -= logp[row, -n_scored:].double().sum().item()
-        return total / math.log(2)
+                    total -= logp[row, -n_scored:].double().sum()
+        return total.item() / math.log(2)
 
 
 def load_simone_scorer(spec: str, device: str) -> Scorer:
