@@ -8,6 +8,8 @@
     simone doctor     check the machine and the corpus
     simone monitor    live dashboard (port 5001);  simone status  the same in the terminal
     simone bench      train | generate | prep: ours against transformers, data-prep time and RAM
+    simone export     a trained model as a Hugging Face folder (--format hf)
+    simone eval       bits per byte of models (simone, hf:DIR, GGUF) on any folder of text
 """
 
 from __future__ import annotations
@@ -136,6 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # a CUDA preset chosen by the legacy flags runs on whatever device there is; one named
     # with --preset on a machine without CUDA is an error before any work
     check_device(cfg, fall_back_to_cpu=legacy)
+    eval_data = Path(args.eval_data) if args.eval_data else None
     if args.models:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         unknown = [m for m in models if m not in MODEL_CHOICES]
@@ -143,10 +146,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise CLIError(f"--models: unknown model(s) {', '.join(unknown) or '(none)'}; "
                            f"choose from {', '.join(MODEL_CHOICES)}")
         result = run_models(cfg, run_dir, models, resume=resume, package_dir=Path(args.package_dir),
-                            monitor=args.monitor, monitor_port=args.port)
+                            monitor=args.monitor, monitor_port=args.port, eval_data=eval_data)
     else:
         result = run_pipeline(cfg, run_dir, resume=resume, monitor=args.monitor,
-                              monitor_port=args.port, package_dir=Path(args.package_dir))
+                              monitor_port=args.port, package_dir=Path(args.package_dir), eval_data=eval_data)
     return 0 if result.ok else 1
 
 
@@ -216,6 +219,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         trace_html=Path(args.trace_html) if args.trace_html else None,
         stream_past_context=args.stream_past_context,
     )
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from simone.inference.hf_folder import export_hf
+
+    print(export_hf(Path(args.model), Path(args.out)))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from simone.inference.eval_text import eval_cli
+
+    return eval_cli(args.model, Path(args.data), Path(args.json) if args.json else None, device=args.device)
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
@@ -313,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="leave flagged files out of training")
     p.add_argument("--decontaminate", action="store_true", help="move contaminated validation docs")
     p.add_argument("--no-curate", action="store_true", help="skip dedup/quality/label filtering")
+    p.add_argument("--eval-data", dest="eval_data", default=None, metavar="DIR",
+                   help="at the end, bits per byte of the packaged model on this folder of text "
+                        "(written to RUN/validation/eval.json)")
 
     p = verb("curate", cmd_curate, "clean, deduplicate, flag and report a corpus")
     _add_config_args(p)
@@ -371,6 +390,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the trace as an HTML page (tokens coloured by probability, sources on hover)")
     p.add_argument("--stream-past-context", dest="stream_past_context", action="store_true",
                    help="keep generating past the context window (streaming KV cache, Llama-style models)")
+
+    p = verb("export", cmd_export, "write a trained model as a folder that transformers opens "
+                                   "(AutoModelForCausalLM / AutoTokenizer.from_pretrained)")
+    p.add_argument("--model", required=True, help="run dir, checkpoint dir or .tar.gz")
+    p.add_argument("--format", choices=["hf"], required=True, help="hf: a Hugging Face folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
+
+    p = verb("eval", cmd_eval, "bits per byte of one or more models on a folder of text, overall and per domain")
+    p.add_argument("--model", action="append", required=True, metavar="MODEL",
+                   help="run dir, checkpoint dir, .tar.gz, hf:DIR or FILE.gguf (repeatable)")
+    p.add_argument("--data", required=True, metavar="DIR", help="DOMAIN/SUB/*.txt or a flat folder of *.txt")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the result here")
+    p.add_argument("--device", default="auto")
 
     p = verb("ablate", cmd_ablate, "train GPT-2, plain, governance and ablated variants on the same budget; "
                                   "write ablation.{json,md,svg}")

@@ -1,4 +1,5 @@
-"""State-dict adapter between our Llama-style `Transformer` and Hugging Face `LlamaForCausalLM`.
+"""State-dict adapters between our models and Hugging Face's: the Llama-style `Transformer`
+↔ `LlamaForCausalLM`, and the GPT-2 baseline → `GPT2LMHeadModel`.
 
 Our model fuses q/k/v into one matrix (`wqkv`) and gate/up into one (`w13`); Hugging Face
 keeps them apart. Everything else is a rename. RoPE needs no permutation: `apply_rope` uses
@@ -16,8 +17,18 @@ same weights give the same logits (checked in tests/test_export.py).
     norm.weight                           model.norm.weight
     output.weight                         lm_head.weight  (the embedding when tied)
 
-`transformers` is imported only inside the functions that build its objects, so the rest
-of the package does not depend on it.
+The GPT-2 baseline maps name for name (`wqkv` is already GPT-2's fused `c_attn`), except
+that GPT-2 stores its linear layers as `Conv1D`, whose weights are the transpose of ours.
+
+    tok_embeddings / pos_embeddings       transformer.wte / transformer.wpe
+    layers.N.attention_norm / ffn_norm    transformer.h.N.ln_1 / ln_2
+    layers.N.attention.wqkv / wo          transformer.h.N.attn.c_attn / c_proj   (weights .T)
+    layers.N.feed_forward.fc / proj       transformer.h.N.mlp.c_fc / c_proj      (weights .T)
+    norm / output                         transformer.ln_f / lm_head
+
+`hf_config_dict` gives the `config.json` of either as plain JSON, so writing a Hugging Face
+folder needs no `transformers`; `transformers` is imported only inside the functions that
+build its objects, so the rest of the package does not depend on it.
 """
 
 from __future__ import annotations
@@ -28,32 +39,31 @@ import torch
 from torch import nn
 
 from simone.config import ModelConfig
+from simone.errors import SimoneError
 from simone.model.layers import swiglu_hidden_dim
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig, LlamaForCausalLM
 
 
+class ExportError(SimoneError, ValueError):
+    """The model has a part the target format cannot hold (the message says which)."""
+
+
 def _check_llama(cfg: ModelConfig) -> None:
     if cfg.arch != "llama":
-        raise ValueError(f"model.arch={cfg.arch!r}: only the Llama-style model maps onto "
+        raise ExportError(f"model.arch={cfg.arch!r}: only the Llama-style model maps onto "
                          f"LlamaForCausalLM")
     # A policy head can be dropped (it never touches the logits); memory slots cannot: every
     # position attends to them, and LlamaForCausalLM has no place for them.
     if cfg.governance and cfg.memory:
-        raise ValueError("model.memory=true: persistent memory slots change the logits and have no "
+        raise ExportError("model.memory=true: persistent memory slots change the logits and have no "
                          "LlamaForCausalLM equivalent; export a model trained with model.memory=false")
 
 
-def hf_llama_config(cfg: ModelConfig, eos_id: int | None = None) -> LlamaConfig:
-    """The `transformers.LlamaConfig` describing the same network as `cfg`.
-
-    eos_id (the tokenizer's end-of-document id) becomes eos and pad token for `generate`.
-    """
-    from transformers import LlamaConfig
-
+def _llama_config_kwargs(cfg: ModelConfig, eos_id: int | None) -> dict[str, Any]:
     _check_llama(cfg)
-    return LlamaConfig(
+    return dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.dim,
         intermediate_size=swiglu_hidden_dim(cfg.dim, cfg.ffn_hidden, cfg.multiple_of),
@@ -69,10 +79,63 @@ def hf_llama_config(cfg: ModelConfig, eos_id: int | None = None) -> LlamaConfig:
         mlp_bias=False,
         attention_dropout=cfg.dropout,
         tie_word_embeddings=cfg.tie_embeddings,
-        bos_token_id=None,
+        bos_token_id=eos_id,  # a document starts after the end-of-document token, as in training
         eos_token_id=eos_id,
         pad_token_id=eos_id,
     )
+
+
+def _check_gpt2(cfg: ModelConfig) -> None:
+    if cfg.arch != "gpt2":
+        raise ExportError(f"model.arch={cfg.arch!r}: only the GPT-2 baseline maps onto GPT2LMHeadModel")
+    if (cfg.n_kv_heads or cfg.n_heads) != cfg.n_heads:
+        raise ExportError(f"model.n_kv_heads={cfg.n_kv_heads}: GPT2LMHeadModel has no grouped-query "
+                          f"attention; export a GPT-2 baseline with n_kv_heads = n_heads")
+
+
+def _gpt2_config_kwargs(cfg: ModelConfig, eos_id: int | None) -> dict[str, Any]:
+    _check_gpt2(cfg)
+    return dict(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.max_seq_len,
+        n_embd=cfg.dim,
+        n_layer=cfg.n_layers,
+        n_head=cfg.n_heads,
+        n_inner=cfg.ffn_hidden or 4 * cfg.dim,
+        activation_function="gelu_new",  # GELU's tanh approximation, as in `simone.model.gpt2.MLP`
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        layer_norm_epsilon=cfg.norm_eps,
+        scale_attn_weights=True,
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+
+
+def hf_config_dict(cfg: ModelConfig, eos_id: int | None = None) -> dict[str, Any]:
+    """The `config.json` (plain JSON) of the Hugging Face model equal to ours:
+    `LlamaForCausalLM` for arch "llama", `GPT2LMHeadModel` for arch "gpt2"."""
+    if cfg.arch == "gpt2":
+        head = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
+        return {**head, **_gpt2_config_kwargs(cfg, eos_id), "dtype": "float32"}
+    head = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    kwargs = _llama_config_kwargs(cfg, eos_id)
+    # transformers >= 5 reads rope_parameters, older versions rope_theta: write both
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return {**head, **kwargs, "rope_parameters": rope, "dtype": "float32"}
+
+
+def hf_llama_config(cfg: ModelConfig, eos_id: int | None = None) -> LlamaConfig:
+    """The `transformers.LlamaConfig` describing the same network as `cfg`.
+
+    eos_id (the tokenizer's end-of-document id) becomes bos, eos and pad token for `generate`.
+    """
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**_llama_config_kwargs(cfg, eos_id))
 
 
 def model_config_from_hf(hf_config: Any) -> ModelConfig:
@@ -156,6 +219,38 @@ def from_hf_llama_state_dict(hf_state_dict: dict[str, torch.Tensor],
             ours + "feed_forward.w2.weight": sd[mlp + "down_proj.weight"],
         })
     return out
+
+
+def to_hf_gpt2_state_dict(state_dict: dict[str, torch.Tensor],
+                          cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our `GPT2.state_dict()` → `GPT2LMHeadModel` names (`Conv1D` weights transposed)."""
+    _check_gpt2(cfg)
+    sd = state_dict
+    out: dict[str, torch.Tensor] = {
+        "transformer.wte.weight": sd["tok_embeddings.weight"],
+        "transformer.wpe.weight": sd["pos_embeddings.weight"],
+        "transformer.ln_f.weight": sd["norm.weight"],
+        "transformer.ln_f.bias": sd["norm.bias"],
+        "lm_head.weight": sd.get("output.weight", sd["tok_embeddings.weight"]),
+    }
+    pairs = {"attention_norm": "ln_1", "ffn_norm": "ln_2", "attention.wqkv": "attn.c_attn",
+             "attention.wo": "attn.c_proj", "feed_forward.fc": "mlp.c_fc", "feed_forward.proj": "mlp.c_proj"}
+    for i in range(cfg.n_layers):
+        for ours, theirs in pairs.items():
+            weight = sd[f"layers.{i}.{ours}.weight"]
+            is_linear = not ours.endswith("norm")
+            out[f"transformer.h.{i}.{theirs}.weight"] = weight.t() if is_linear else weight
+            out[f"transformer.h.{i}.{theirs}.bias"] = sd[f"layers.{i}.{ours}.bias"]
+    return out
+
+
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict → the Hugging Face names of `hf_config_dict(cfg)`'s architecture.
+    Parts of a governance model that never touch the logits (the policy head) are left out;
+    memory slots, which do, are refused (`ExportError`)."""
+    if cfg.arch == "gpt2":
+        return to_hf_gpt2_state_dict(state_dict, cfg)
+    return to_hf_llama_state_dict(state_dict, cfg)
 
 
 def to_hf_llama(model: nn.Module, eos_id: int | None = None,

@@ -1,8 +1,9 @@
 """Pack a trained run into `models_for_download/NAME.tar.gz`.
 
 The package is self-contained and safe to load: `model.safetensors`, `config.json`,
-`tokenizer.json`, `training_summary.json`, a model card `README.md`, and `MANIFEST.json`
-with the sha256 and size of every other file (the checkpoint manifest format). `simone generate --model NAME.tar.gz` and
+`tokenizer.json`, `training_summary.json`, a model card `README.md`, `hf/` (the same model as
+a Hugging Face folder, `simone export --format hf`; absent for a model with memory slots), and
+`MANIFEST.json` with the sha256 and size of every other file (the checkpoint manifest format). `simone generate --model NAME.tar.gz` and
 `simone validate --model NAME.tar.gz` read it directly.
 """
 
@@ -141,8 +142,12 @@ def model_card(summary: dict[str, Any]) -> str:
         "simone generate --model THIS.tar.gz --prompt 'In the beginning' --max-tokens 100",
         "```",
         "",
+        "In `transformers`, without simone: `AutoModelForCausalLM.from_pretrained(\"hf\")` and",
+        "`AutoTokenizer.from_pretrained(\"hf\")` on the `hf/` folder of this package.",
+        "",
         "Files: `model.safetensors` (weights), `config.json` (full SIM-ONE config), `tokenizer.json`",
-        "(Hugging Face tokenizers), `training_summary.json`, `MANIFEST.json` (sha256 of every file).",
+        "(Hugging Face tokenizers), `training_summary.json`, `hf/` (Hugging Face folder),",
+        "`MANIFEST.json` (sha256 of every file).",
         "",
         "## Limits",
         "A small model trained on a small corpus: it imitates the style of its training text and",
@@ -152,12 +157,27 @@ def model_card(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _write_hf_folder(checkpoint: Path, out_dir: Path, name: str) -> None:
+    """The package's `hf/` folder; a model that transformers cannot hold is packaged without
+    one (said on stderr)."""
+    import sys
+
+    from simone.export import ExportError
+    from simone.inference.hf_folder import export_hf
+
+    try:
+        export_hf(checkpoint, out_dir, name=name)
+    except ExportError as e:
+        print(f"[simone] package: no hf/ folder: {e}", file=sys.stderr)
+
+
 def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best", name: str | None = None) -> Path:
     """Write `out_dir/NAME.tar.gz` from the run's best (else latest) checkpoint; return its path.
 
     `out_dir/NAME.training_summary.json` is written beside it (the original layout kept the
     summary beside the models; one per package, so several packages never collide), and the
-    same summary is inside the tarball. NAME defaults to simone-PRESET-ARCH-RUNDIRNAME.
+    same summary is inside the tarball, with an `hf/` folder that transformers opens. NAME
+    defaults to simone-PRESET-ARCH-RUNDIRNAME.
     """
     from simone.train.checkpoint import resolve_checkpoint
 
@@ -187,8 +207,10 @@ def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best", name: str 
         shutil.copy2(run.tokenizer, stage / "tokenizer.json")
         (stage / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         (stage / "README.md").write_text(model_card(summary))
-        manifest = {"schema": 1, "files": {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
-                                           for p in sorted(stage.iterdir())}}
+        _write_hf_folder(ckpt, stage / "hf", name)
+        manifest = {"schema": 1, "files": {p.relative_to(stage).as_posix(): {"sha256": sha256_file(p),
+                                                                             "size": p.stat().st_size}
+                                           for p in sorted(stage.rglob("*")) if p.is_file()}}
         (stage / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
         tmp_tar = Path(tmp) / f"{name}.tar.gz"
         with tarfile.open(tmp_tar, "w:gz") as tar:

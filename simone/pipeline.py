@@ -291,25 +291,45 @@ def _train_tokens(run: RunDir) -> int:
     return int(index.get("splits", {}).get("train", {}).get("n_tokens") or 0)
 
 
+def stage_eval(model: Path, eval_data: Path, run: RunDir) -> dict:
+    """Bits per byte of `model` on the text folder `eval_data`, printed and written to
+    RUN/validation/eval.json."""
+    from simone.inference.eval_text import evaluate_models, format_table
+    from simone.rundir import atomic_write_json
+
+    _say(f"eval: {model.name} on {eval_data}")
+    result = evaluate_models([str(model)], Path(eval_data))
+    print(format_table(result), flush=True)
+    atomic_write_json(run.validation / "eval.json", result)
+    return result
+
+
 def run_pipeline(cfg: Config, run_dir: Path, resume: str | None = None, monitor: bool = False,
                  monitor_port: int = 5001, package_dir: Path = Path("models_for_download"),
-                 prepared: bool = False, package_name: str | None = None) -> PipelineResult:
+                 prepared: bool = False, package_name: str | None = None,
+                 eval_data: Path | None = None) -> PipelineResult:
     """corpus → curate → tokenizer → shards → train → validate → package, into `run_dir`.
 
     prepared=True: the run dir already holds its tokenizer and shards (`run_models` links
     them in); training starts at once. `package_name`: the package's name (default from the
-    preset, architecture and run dir name).
+    preset, architecture and run dir name). With `eval_data`, then bits per byte of the
+    package on that text (validation/eval.json).
     """
     from simone.train.lock import RunLock
 
     check_device(cfg)  # before the run dir exists: nothing is written for a machine that cannot run it
+    if eval_data is not None:  # a bad folder fails now, not after training
+        from simone.inference.eval_text import read_text_folder
+
+        read_text_folder(Path(eval_data))
     run = RunDir(run_dir).make()
     with RunLock(run.root):  # a second `simone run` into a live run dir is refused
-        return _run_locked(cfg, run, resume, monitor, monitor_port, package_dir, prepared, package_name)
+        return _run_locked(cfg, run, resume, monitor, monitor_port, package_dir, prepared, package_name, eval_data)
 
 
 def _run_locked(cfg: Config, run: RunDir, resume: str | None, monitor: bool, monitor_port: int,
-                package_dir: Path, prepared: bool = False, package_name: str | None = None) -> PipelineResult:
+                package_dir: Path, prepared: bool = False, package_name: str | None = None,
+                eval_data: Path | None = None) -> PipelineResult:
     from simone.generate import load_model, sample_text
     from simone.package import package_run
     from simone.validate import print_report, validate
@@ -349,6 +369,8 @@ def _run_locked(cfg: Config, run: RunDir, resume: str | None, monitor: bool, mon
         stage = "package"
         run.write_status(stage=stage)
         pkg = package_run(run, package_dir, name=package_name)
+        if eval_data is not None:
+            stage_eval(pkg, eval_data, run)
         loaded = load_model(pkg)
         sample = sample_text(loaded, prompt=SAMPLE_PROMPT, max_tokens=40, seed=cfg.train.seed)
         status = "finished" if report["ok"] else "failed"
@@ -395,7 +417,7 @@ def _link_shared(target: Path, link: Path) -> None:
 
 def run_models(cfg: Config, run_dir: Path, models: list[str], resume: str | None = None,
                package_dir: Path = Path("models_for_download"), monitor: bool = False,
-               monitor_port: int = 5001) -> PipelineResult:
+               monitor_port: int = 5001, eval_data: Path | None = None) -> PipelineResult:
     """`simone run --models llama,gpt2`: the original train_all_models, on one data preparation.
 
     Curates, trains the tokenizer and builds the shards once in `run_dir`; then each model
@@ -434,7 +456,8 @@ def run_models(cfg: Config, run_dir: Path, models: list[str], resume: str | None
                 _link_shared(run.tokenizer_dir, sub.tokenizer_dir)
                 _say(f"model {name}: {sub.root}")
                 result = run_pipeline(model_variant(cfg, name), sub.root, resume=resume, package_dir=package_dir,
-                                      prepared=True, package_name=f"simone-{cfg.preset}-{name}-{run.root.name}")
+                                      prepared=True, package_name=f"simone-{cfg.preset}-{name}-{run.root.name}",
+                                      eval_data=eval_data)
                 results.append(result)
                 if result.error == "stopped":
                     run.write_status(state="stopped", stage=f"model {name}")
