@@ -1,0 +1,1 @@
+"""Inference: load a trained model once; generate, validate, package, export, evaluate."""
