@@ -353,3 +353,20 @@ def test_simone_serve_command_answers_the_openai_client(model_dir):
         proc.terminate()
         out, _ = proc.communicate(timeout=10)
     assert "http://127.0.0.1:" in out and "API key required" in out
+
+
+def test_bench_serve_smoke(model_dir, tmp_path):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_serve.py"
+    spec = importlib.util.spec_from_file_location("bench_serve", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "serve.json"
+    result = bench.main(["--model", str(model_dir), "--requests", "1", "--concurrency", "1", "--concurrency", "2",
+                         "--prompt-tokens", "4", "--max-tokens", "3", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert [r["clients"] for r in result["served"]] == [1, 2] and [r["requests"] for r in result["served"]] == [1, 2]
+    for row in [result["direct"], *result["served"]]:
+        assert 0 < row["tokens"] <= 3 * row["requests"] and row["tokens_per_s"] > 0
+        assert row["latency_p50_s"] <= row["latency_p95_s"]
