@@ -21,7 +21,12 @@ httpx = pytest.importorskip("httpx")
 from simone.config import Config, ModelConfig, TokenizerConfig  # noqa: E402
 from simone.generate import load_model, stream_tokens  # noqa: E402
 from simone.inference.serve import (  # noqa: E402
+    _DONE,
     CHAT_STOP,
+    Job,
+    ModelWorker,
+    Piece,
+    Sampling,
     ServeError,
     StopText,
     check_bind,
@@ -197,6 +202,28 @@ def test_stop_strings_cut_the_text_streaming_or_not(client, loaded):
     chunks = list(client.completions.create(model="tiny-model", prompt="law", max_tokens=12, temperature=0,
                                             stop=stop, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == full[:cut]
+
+
+def test_a_job_whose_client_left_stops_at_its_next_token(loaded):
+    worker = ModelWorker(loaded)
+    delivered: list = []
+    skipped: list = []
+    ids = loaded.tokenizer.encode("law")
+    job = Job([ids], 1, Sampling(40, 0.0, None, None, [], None), seed=0)
+
+    def deliver(item):  # the client goes away after the first piece of text
+        delivered.append(item)
+        job.cancelled.set()
+
+    job.deliver = deliver
+    waiting = Job([ids], 1, Sampling(40, 0.0, None, None, [], None), seed=0, deliver=skipped.append)
+    waiting.cancelled.set()  # left while it waited in the queue
+    worker.jobs.put(job)
+    worker.jobs.put(waiting)
+    worker.stop()
+    worker.thread.join(10)
+    assert isinstance(delivered[0], Piece) and delivered[1:] == [_DONE]
+    assert skipped == []
 
 
 class _PieceTokenizer:

@@ -284,6 +284,8 @@ def run_job(loaded: LoadedModel, job: Job) -> Iterator[Piece | Finished]:
     generator = torch.Generator(device=loaded.device).manual_seed(job.seed)
     for p, ids in enumerate(job.prompts):
         for j in range(job.n):
+            if job.cancelled.is_set():
+                return
             yield from generate_choice(loaded, p * job.n + j, ids, s, generator, job.cancelled)
 
 
