@@ -15,10 +15,16 @@ that costs). A request whose client goes away mid-stream stops at the next token
 
 Sampling: `temperature` (0 = greedy), `top_p`, and `top_k` (an extension, off by
 default), as `simone generate` samples. `seed` makes a request repeatable: the same request
-with the same seed gives the same text; without one a fresh seed is drawn. With a list of
+with the same seed gives the same text (on the same device); without one a fresh seed is drawn. With a list of
 prompts and `n` > 1, choice `i * n + j` is prompt i's j-th sample, all drawn from the
 request's one generator in that order. `logprobs` are the model's own distribution (log
 softmax of the logits, before temperature and filtering).
+
+Fields as OpenAI's, with their defaults (completions: `max_tokens` 16, `temperature` 1,
+`top_p` 1, `n` 1); `stream_options.include_usage` adds a last chunk with the usage. Refused
+with a 400 naming the field unless neutral: `echo`, `best_of` other than `n`, `suffix`,
+`logit_bias`, `presence_penalty`, `frequency_penalty`, `tools`/`functions`, and a
+`response_format` other than text. A prompt may also be token ids (a list of ints).
 
 Context: a prompt and its `max_tokens` must fit the model's context window (max_seq_len);
 otherwise the request is rejected with 400 `context_length_exceeded` (nothing is silently
@@ -51,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import json
 import queue
 import secrets
 import socket
@@ -291,6 +298,8 @@ def run_job(loaded: LoadedModel, job: Job) -> Iterator[Piece | Finished]:
 
 def generate_choice(loaded: LoadedModel, index: int, ids: list[int], s: Sampling,
                     generator: torch.Generator, cancelled: threading.Event) -> Iterator[Piece | Finished]:
+    """One choice: its text as it is released (with the tokens behind it), then how it ended.
+    Stops early, without a Finished event, once `cancelled` is set."""
     tok = loaded.tokenizer
     text = StopText(tok, s.stop, s.strip)
     pending: list[TokenStep] = []  # steps whose text has not been released yet
@@ -531,8 +540,11 @@ def _sampling(req: SamplingRequest, max_tokens: int, stop: list[str], n_top: int
 
 
 def model_name(path: Path) -> str:
-    """The id clients use: the package's or folder's name."""
-    name = Path(path).resolve().name
+    """The id clients use: the package's or folder's name (RUN-step_N for a checkpoint)."""
+    path = Path(path).resolve()
+    name = path.name
+    if path.parent.name == "checkpoints":
+        return f"{path.parent.parent.name}-{name}"
     for suffix in (".tar.gz", ".tgz"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
@@ -581,9 +593,29 @@ async def _events(worker: ModelWorker, job: Job) -> AsyncIterator[Piece | Finish
         job.cancelled.set()  # a client that went away stops the job at its next token
 
 
-def _sse(obj: Any) -> bytes:
-    import json
+@dataclass
+class Outcome:
+    """A whole request's result: each choice's text, tokens and finish reason."""
 
+    texts: dict[int, str]
+    steps: dict[int, list[TokenStep]]
+    reasons: dict[int, str]
+    completion_tokens: int
+
+
+async def collect(worker: ModelWorker, job: Job) -> Outcome:
+    out = Outcome({}, {}, {}, 0)
+    async for ev in _events(worker, job):
+        if isinstance(ev, Piece):
+            out.texts[ev.index] = out.texts.get(ev.index, "") + ev.text
+            out.steps.setdefault(ev.index, []).extend(ev.steps)
+        else:
+            out.reasons[ev.index] = ev.reason
+            out.completion_tokens += ev.completion_tokens
+    return out
+
+
+def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
 
@@ -680,18 +712,33 @@ def create_app(loaded: LoadedModel, api_key: str | None = None, name: str | None
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         return Job(prompts=prompts, n=req.n or 1, sampling=sampling, seed=seed)
 
-    def stream_response(chunks: AsyncIterator[bytes]) -> StreamingResponse:
-        return StreamingResponse(chunks, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def stream(job: Job, head: dict[str, Any], include_usage: bool, piece_choice: Any, finish_choice: Any,
+               opening: list[dict[str, Any]] | None = None) -> StreamingResponse:
+        """Server-sent events: `opening` choices, then one chunk per piece of text or finished
+        choice, then (include_usage) a chunk with the usage, then [DONE]. Once streaming has
+        begun, an error can only be reported as an event."""
+        extra = {"usage": None} if include_usage else {}
 
-    async def guarded(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """Once streaming has begun, an error can only be reported as an event."""
-        try:
-            async for chunk in chunks:
-                yield chunk
-        except Exception as e:  # noqa: BLE001
-            yield _sse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"))
-        yield b"data: [DONE]\n\n"
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                for choice in opening or []:
+                    yield _sse({**head, "choices": [choice], **extra})
+                completion_tokens = 0
+                async for ev in _events(worker, job):
+                    if isinstance(ev, Piece):
+                        choice = piece_choice(ev)
+                    else:
+                        completion_tokens += ev.completion_tokens
+                        choice = finish_choice(ev)
+                    yield _sse({**head, "choices": [choice], **extra})
+                if include_usage:
+                    yield _sse({**head, "choices": [], "usage": usage(job.prompts, completion_tokens)})
+            except Exception as e:  # noqa: BLE001
+                yield _sse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"))
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(chunks(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> Any:
@@ -706,40 +753,17 @@ def create_app(loaded: LoadedModel, api_key: str | None = None, name: str | None
         rid, now = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": now, "model": name}
         want_logprobs = req.logprobs is not None
-
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-            async def chunks() -> AsyncIterator[bytes]:
-                completion_tokens = 0
-                async for ev in _events(worker, job):
-                    if isinstance(ev, Piece):
-                        choice = {"index": ev.index, "text": ev.text, "finish_reason": None,
-                                  "logprobs": completion_logprobs(ev.steps) if want_logprobs else None}
-                    else:
-                        completion_tokens += ev.completion_tokens
-                        choice = {"index": ev.index, "text": "", "logprobs": None, "finish_reason": ev.reason}
-                    yield _sse({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
-                if include_usage:
-                    yield _sse({**head, "choices": [], "usage": usage(prompts, completion_tokens)})
-
-            return stream_response(guarded(chunks()))
-
-        texts: dict[int, list[str]] = {}
-        steps: dict[int, list[TokenStep]] = {}
-        reasons: dict[int, str] = {}
-        completion_tokens = 0
-        async for ev in _events(worker, job):
-            if isinstance(ev, Piece):
-                texts.setdefault(ev.index, []).append(ev.text)
-                steps.setdefault(ev.index, []).extend(ev.steps)
-            else:
-                reasons[ev.index] = ev.reason
-                completion_tokens += ev.completion_tokens
-        choices = [{"index": i, "text": "".join(texts.get(i, [])), "finish_reason": reasons[i],
-                    "logprobs": completion_logprobs(steps.get(i, [])) if want_logprobs else None}
-                   for i in sorted(reasons)]
-        return {**head, "choices": choices, "usage": usage(prompts, completion_tokens)}
+            return stream(job, head, include_usage,
+                          lambda ev: {"index": ev.index, "text": ev.text, "finish_reason": None,
+                                      "logprobs": completion_logprobs(ev.steps) if want_logprobs else None},
+                          lambda ev: {"index": ev.index, "text": "", "logprobs": None, "finish_reason": ev.reason})
+        out = await collect(worker, job)
+        choices = [{"index": i, "text": out.texts.get(i, ""), "finish_reason": reason,
+                    "logprobs": completion_logprobs(out.steps.get(i, [])) if want_logprobs else None}
+                   for i, reason in sorted(out.reasons.items())]
+        return {**head, "choices": choices, "usage": usage(prompts, out.completion_tokens)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest) -> Any:
@@ -758,49 +782,23 @@ def create_app(loaded: LoadedModel, api_key: str | None = None, name: str | None
             raise _bad("top_logprobs", "needs logprobs: true")
         job = new_job(req, prompts, _sampling(req, max_tokens, stop + CHAT_STOP, n_top, strip=True))
         rid, now = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
-        n = req.n or 1
-
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
             head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": name}
-            extra = {"usage": None} if include_usage else {}
-
-            async def chunks() -> AsyncIterator[bytes]:
-                for i in range(n):
-                    delta = {"role": "assistant", "content": ""}
-                    yield _sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": None,
-                                                     "finish_reason": None}], **extra})
-                completion_tokens = 0
-                async for ev in _events(worker, job):
-                    if isinstance(ev, Piece):
-                        choice = {"index": ev.index, "delta": {"content": ev.text}, "finish_reason": None,
-                                  "logprobs": chat_logprobs(ev.steps) if n_top is not None else None}
-                    else:
-                        completion_tokens += ev.completion_tokens
-                        choice = {"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.reason}
-                    yield _sse({**head, "choices": [choice], **extra})
-                if include_usage:
-                    yield _sse({**head, "choices": [], "usage": usage(prompts, completion_tokens)})
-
-            return stream_response(guarded(chunks()))
-
-        texts: dict[int, list[str]] = {}
-        steps: dict[int, list[TokenStep]] = {}
-        reasons: dict[int, str] = {}
-        completion_tokens = 0
-        async for ev in _events(worker, job):
-            if isinstance(ev, Piece):
-                texts.setdefault(ev.index, []).append(ev.text)
-                steps.setdefault(ev.index, []).extend(ev.steps)
-            else:
-                reasons[ev.index] = ev.reason
-                completion_tokens += ev.completion_tokens
-        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(texts.get(i, []))},
-                    "finish_reason": reasons[i],
-                    "logprobs": chat_logprobs(steps.get(i, [])) if n_top is not None else None}
-                   for i in sorted(reasons)]
+            opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None} for i in range(job.n)]
+            return stream(job, head, include_usage,
+                          lambda ev: {"index": ev.index, "delta": {"content": ev.text}, "finish_reason": None,
+                                      "logprobs": chat_logprobs(ev.steps) if n_top is not None else None},
+                          lambda ev: {"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.reason},
+                          opening)
+        out = await collect(worker, job)
+        choices = [{"index": i, "message": {"role": "assistant", "content": out.texts.get(i, "")},
+                    "finish_reason": reason,
+                    "logprobs": chat_logprobs(out.steps.get(i, [])) if n_top is not None else None}
+                   for i, reason in sorted(out.reasons.items())]
         return {"id": rid, "object": "chat.completion", "created": now, "model": name,
-                "choices": choices, "usage": usage(prompts, completion_tokens)}
+                "choices": choices, "usage": usage(prompts, out.completion_tokens)}
 
     return app
 
