@@ -7,6 +7,7 @@
     simone config     print a preset (or a saved config with overrides)
     simone doctor     check the machine and the corpus
     simone monitor    live dashboard (port 5001);  simone status  the same in the terminal
+    simone serve      an OpenAI-compatible HTTP API over a trained model (port 8000)
     simone bench      train | generate | prep: ours against transformers, data-prep time and RAM
     simone export     a trained model as a Hugging Face folder (--format hf)
     simone eval       bits per byte of models (simone, hf:DIR, GGUF) on any folder of text
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -271,6 +273,14 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from simone.inference.serve import run_server
+
+    run_server(Path(args.model), host=args.host, port=args.port,
+               api_key=args.api_key or os.environ.get("SIMONE_API_KEY") or None, device=args.device)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from simone.monitor.terminal import print_status
 
@@ -429,6 +439,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5001)
     p.add_argument("--token", default=None, help="required when binding off loopback (generated if absent)")
+
+    p = verb("serve", cmd_serve, "serve a trained model over an OpenAI-compatible HTTP API "
+                                 "(/v1/completions, /v1/chat/completions, /v1/models, /health)")
+    p.add_argument("--model", required=True, help="run dir, checkpoint dir or .tar.gz")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", dest="api_key", default=None,
+                   help="clients must send it as a Bearer token; required off loopback (default: $SIMONE_API_KEY)")
+    p.add_argument("--device", default="auto")
 
     p = verb("bench", cmd_bench, "benchmark: training and generation against transformers, "
                                  "or data preparation (time and peak RAM)")
