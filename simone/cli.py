@@ -9,7 +9,7 @@
     simone monitor    live dashboard (port 5001);  simone status  the same in the terminal
     simone serve      an OpenAI-compatible HTTP API over a trained model (port 8000)
     simone bench      train | generate | prep: ours against transformers, data-prep time and RAM
-    simone export     a trained model as a Hugging Face folder (--format hf)
+    simone export     a trained model as a Hugging Face folder (--format hf) or GGUF file (--format gguf)
     simone eval       bits per byte of models (simone, hf:DIR, GGUF) on any folder of text
 """
 
@@ -224,6 +224,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "gguf":
+        from simone.inference.gguf_file import export_gguf
+
+        print(export_gguf(Path(args.model), Path(args.out), dtype=args.dtype or "f32"))
+        return 0
+    if args.dtype:
+        raise CLIError("--dtype applies to --format gguf only (the hf folder is float32)")
     from simone.inference.hf_folder import export_hf
 
     print(export_hf(Path(args.model), Path(args.out)))
@@ -402,10 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep generating past the context window (streaming KV cache, Llama-style models)")
 
     p = verb("export", cmd_export, "write a trained model as a folder that transformers opens "
-                                   "(AutoModelForCausalLM / AutoTokenizer.from_pretrained)")
+                                   "(AutoModelForCausalLM / AutoTokenizer.from_pretrained) "
+                                   "or as one GGUF file that llama.cpp runs")
     p.add_argument("--model", required=True, help="run dir, checkpoint dir or .tar.gz")
-    p.add_argument("--format", choices=["hf"], required=True, help="hf: a Hugging Face folder")
-    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
+    p.add_argument("--format", choices=["hf", "gguf"], required=True,
+                   help="hf: a Hugging Face folder; gguf: one .gguf file for llama.cpp")
+    p.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default=None,
+                   help="gguf only: the type of the weight matrices, default f32 (norms stay f32)")
+    p.add_argument("--out", required=True, metavar="DIR|FILE", help="the folder (hf) or file (gguf) to write")
 
     p = verb("eval", cmd_eval, "bits per byte of one or more models on a folder of text, overall and per domain")
     p.add_argument("--model", action="append", required=True, metavar="MODEL",

@@ -1,0 +1,251 @@
+"""Write a trained model as one GGUF file that llama.cpp runs (`simone export --format gguf`).
+
+The file holds everything llama.cpp needs, in its metadata and tensors:
+
+    general.*                 architecture ("llama", or "gpt2" for the GPT-2 baseline), name, file type
+    llama.* / gpt2.*          hyperparameters: context, width, layers, heads, norm eps, RoPE base
+    tokenizer.ggml.*          our byte-level BPE: model "gpt2", pre-tokenizer "gpt-2", tokens,
+                              token types (special tokens are CONTROL), merges, bos/eos/pad ids
+    tensors                   llama.cpp's names (token_embd, blk.N.attn_q, ...), in --dtype
+
+The tensors come from the Hugging Face names of `simone.export` (the state-dict adapter every
+export shares), then take llama.cpp's names. Two conventions differ from Hugging Face's:
+
+- RoPE. Our `apply_rope` (like `transformers`' `rotate_half`) rotates the pair (x[j],
+  x[j + head_dim/2]); llama.cpp's "llama" architecture rotates neighbours (x[2j], x[2j+1]).
+  Reordering the output rows of wq and wk within each head (row j → 2j, row j + head_dim/2 →
+  2j + 1) makes q·k identical, since attention only ever sees the dot products of q and k.
+- GPT-2. `transformers` stores GPT-2's linear layers transposed (`Conv1D`); GGUF, like us, stores
+  every matrix as [out_features, in_features], so those are transposed back.
+
+Types: 1-D tensors (norms, biases) stay float32 in every file, as llama.cpp's own converter
+does; matrices are written as --dtype. q8_0 packs rows in blocks of 32 values: a matrix whose
+rows are not a multiple of 32 long is written as f16 instead.
+
+The end-of-document token is bos, eos and pad. llama.cpp is told not to add a bos token
+itself (`add_bos_token` false), because `simone generate` encodes a prompt without one: the
+same prompt then gives the same ids on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from simone.config import Config
+from simone.export import ExportError, to_hf_state_dict
+from simone.model.layers import swiglu_hidden_dim
+
+DTYPES = ("f32", "f16", "bf16", "q8_0")
+PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for the byte-level GPT-2 split regex, which ours is
+Q8_0_BLOCK = 32
+
+
+def _ggml_types() -> dict[str, Any]:
+    import gguf
+
+    t = gguf.GGMLQuantizationType
+    return {"f32": t.F32, "f16": t.F16, "bf16": t.BF16, "q8_0": t.Q8_0}
+
+
+def _file_types() -> dict[str, Any]:
+    import gguf
+
+    f = gguf.LlamaFileType
+    return {"f32": f.ALL_F32, "f16": f.MOSTLY_F16, "bf16": f.MOSTLY_BF16, "q8_0": f.MOSTLY_Q8_0}
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def rope_pairs_to_neighbours(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder the output rows of a q or k projection [n_heads·head_dim, dim] so that head
+    dimension j and j + head_dim/2 (our RoPE pair) become 2j and 2j + 1 (llama.cpp's)."""
+    rows, cols = weight.shape
+    head_dim = rows // n_heads
+    return weight.reshape(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def llama_gguf_tensors(hf: dict[str, torch.Tensor], n_layers: int, n_heads: int,
+                       n_kv_heads: int) -> dict[str, torch.Tensor]:
+    """`LlamaForCausalLM` names → llama.cpp's, q and k rows reordered for its RoPE. A tied
+    output matrix is left out: llama.cpp falls back to token_embd when `output` is absent."""
+    out = {"token_embd.weight": hf["model.embed_tokens.weight"], "output_norm.weight": hf["model.norm.weight"]}
+    if "lm_head.weight" in hf:
+        out["output.weight"] = hf["lm_head.weight"]
+    for i in range(n_layers):
+        src, dst = f"model.layers.{i}.", f"blk.{i}."
+        out.update({
+            dst + "attn_norm.weight": hf[src + "input_layernorm.weight"],
+            dst + "attn_q.weight": rope_pairs_to_neighbours(hf[src + "self_attn.q_proj.weight"], n_heads),
+            dst + "attn_k.weight": rope_pairs_to_neighbours(hf[src + "self_attn.k_proj.weight"], n_kv_heads),
+            dst + "attn_v.weight": hf[src + "self_attn.v_proj.weight"],
+            dst + "attn_output.weight": hf[src + "self_attn.o_proj.weight"],
+            dst + "ffn_norm.weight": hf[src + "post_attention_layernorm.weight"],
+            dst + "ffn_gate.weight": hf[src + "mlp.gate_proj.weight"],
+            dst + "ffn_up.weight": hf[src + "mlp.up_proj.weight"],
+            dst + "ffn_down.weight": hf[src + "mlp.down_proj.weight"],
+        })
+    return out
+
+
+def gpt2_gguf_tensors(hf: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """`GPT2LMHeadModel` names → llama.cpp's "gpt2" names, `Conv1D` weights transposed back."""
+    out = {"token_embd.weight": hf["transformer.wte.weight"],
+           "position_embd.weight": hf["transformer.wpe.weight"],
+           "output_norm.weight": hf["transformer.ln_f.weight"],
+           "output_norm.bias": hf["transformer.ln_f.bias"]}
+    if "lm_head.weight" in hf:
+        out["output.weight"] = hf["lm_head.weight"]
+    parts = {"ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    for i in range(n_layers):
+        for theirs, name in parts.items():
+            src, dst = f"transformer.h.{i}.{theirs}.", f"blk.{i}.{name}."
+            weight = hf[src + "weight"]
+            out[dst + "weight"] = weight if theirs.startswith("ln_") else weight.t()
+            out[dst + "bias"] = hf[src + "bias"]
+    return out
+
+
+def gguf_tensors(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The model's weights under llama.cpp's names, as float32 numpy arrays [out, in]. Refuses
+    (ExportError) what GGUF cannot hold, as the Hugging Face export does."""
+    cfg = model.cfg
+    hf = to_hf_state_dict(model.state_dict(), cfg)
+    if cfg.tie_embeddings:
+        hf.pop("lm_head.weight", None)
+    if cfg.arch == "gpt2":
+        tensors = gpt2_gguf_tensors(hf, cfg.n_layers)
+    else:
+        tensors = llama_gguf_tensors(hf, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads)
+    return {name: t.detach().to("cpu", torch.float32).contiguous().numpy() for name, t in tensors.items()}
+
+
+def tensor_type(array: np.ndarray, dtype: str) -> str:
+    """The type a tensor is written as: 1-D stays f32; q8_0 needs rows in blocks of 32."""
+    if array.ndim < 2:
+        return "f32"
+    if dtype == "q8_0" and array.shape[-1] % Q8_0_BLOCK:
+        return "f16"
+    return dtype
+
+
+def encode_tensor(array: np.ndarray, dtype: str) -> tuple[np.ndarray, Any]:
+    """(data, ggml type) for `GGUFWriter.add_tensor`."""
+    import gguf
+
+    ggml_type = _ggml_types()[dtype]
+    return gguf.quants.quantize(array, ggml_type), ggml_type
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def gguf_vocab(tokenizer_json: dict[str, Any], vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """(tokens by id, token types, merges "a b") of a byte-level BPE `tokenizer.json`.
+
+    Special tokens are CONTROL (llama.cpp never produces them from plain text); ids the model
+    has beyond the tokenizer's (none, today) get placeholder UNUSED tokens."""
+    import gguf
+
+    model = tokenizer_json["model"]
+    if model.get("type") != "BPE":
+        raise ExportError(f"tokenizer model {model.get('type')!r}: GGUF export reads byte-level BPE only")
+    by_id: dict[int, tuple[str, int]] = {i: (tok, gguf.TokenType.NORMAL) for tok, i in model["vocab"].items()}
+    for added in tokenizer_json.get("added_tokens", []):
+        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        by_id[added["id"]] = (added["content"], kind)
+    if by_id and max(by_id) >= vocab_size:
+        raise ExportError(f"tokenizer has id {max(by_id)} but the model only {vocab_size} embeddings")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        tok, kind = by_id.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED))
+        tokens.append(tok)
+        types.append(int(kind))
+    # tokenizers writes merges as "a b" (older) or ["a", "b"] (newer); byte-level tokens hold no space
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return tokens, types, merges
+
+
+# ----------------------------------------------------------------------------- file
+
+
+def write_gguf(model: torch.nn.Module, cfg: Config, tokenizer_file: Path, eod_id: int, out_path: Path,
+               name: str, dtype: str = "f32") -> Path:
+    """Write `model` and its tokenizer as one GGUF file `out_path` (replaced if there; written
+    to a temporary file beside it first, so a failed export leaves nothing half-written)."""
+    import gguf
+
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise ExportError(f"{out_path}: is a folder; give a file name ending in .gguf")
+    m = cfg.model
+    tensors = gguf_tensors(model)  # refuses what llama.cpp cannot hold, before writing anything
+    tokens, types, merges = gguf_vocab(json.loads(Path(tokenizer_file).read_text(encoding="utf-8")),
+                                       m.vocab_size)
+    arch = "gpt2" if m.arch == "gpt2" else "llama"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}-", suffix=".tmp")
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_name(name)
+        writer.add_file_type(_file_types()[dtype])
+        if dtype == "q8_0":
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_context_length(m.max_seq_len)
+        writer.add_embedding_length(m.dim)
+        writer.add_block_count(m.n_layers)
+        writer.add_head_count(m.n_heads)
+        if arch == "llama":
+            writer.add_feed_forward_length(swiglu_hidden_dim(m.dim, m.ffn_hidden, m.multiple_of))
+            writer.add_head_count_kv(m.n_kv_heads or m.n_heads)
+            writer.add_layer_norm_rms_eps(m.norm_eps)
+            writer.add_rope_dimension_count(m.dim // m.n_heads)
+            writer.add_rope_freq_base(m.rope_theta)
+            writer.add_vocab_size(m.vocab_size)
+        else:
+            writer.add_feed_forward_length(m.ffn_hidden or 4 * m.dim)
+            writer.add_layer_norm_eps(m.norm_eps)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(PRE_TOKENIZER)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(eod_id)
+        writer.add_eos_token_id(eod_id)
+        writer.add_pad_token_id(eod_id)
+        writer.add_add_bos_token(False)
+        writer.add_add_eos_token(False)
+        for tensor_name, array in tensors.items():
+            data, ggml_type = encode_tensor(array, tensor_type(array, dtype))
+            writer.add_tensor(tensor_name, data, raw_dtype=ggml_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+def export_gguf(model_path: Path, out_path: Path, dtype: str = "f32", name: str | None = None) -> Path:
+    """`simone export --format gguf`: the model at `model_path` (run dir, checkpoint dir or
+    .tar.gz) as one GGUF file `out_path`, matrices in `dtype` (f32, f16, bf16 or q8_0)."""
+    from simone.generate import load_model
+
+    loaded = load_model(Path(model_path), device="cpu")
+    name = name or Path(model_path).resolve().name.removesuffix(".tar.gz")
+    return write_gguf(loaded.model, loaded.config, loaded.files["tokenizer"], loaded.tokenizer.eod_id,
+                      out_path, name, dtype)
