@@ -2,6 +2,7 @@
 
     simone bench train    [--preset cpu]    training tokens/s, ours vs transformers.LlamaForCausalLM
     simone bench generate [--preset cpu]    KV-cache generation tokens/s, batch 1 and batch 8
+                                            (+ llama.cpp on the same weights, when installed)
     simone bench prep --corpus DIR          curate + tokenizer + shards: wall time and peak RSS
 
 The peer is `transformers.LlamaForCausalLM` built from the same `ModelConfig` with a copy of
@@ -364,6 +365,10 @@ def bench_generate(preset: str = "cpu", *, repeats: int = 5, warmup: int = 1,
     headline dtype. "same_tokens" says whether both produced identical tokens (greedy ties can break
     differently in bfloat16 or on a random-init model's flat logits; sampled tokens differ
     since the two draw random numbers differently).
+
+    When llama-cpp-python is installed, "llama_cpp" also holds a second peer: the same weights
+    written as an f32 GGUF file and run by llama.cpp, greedy at batch 1 against ours in float32
+    (`_llama_cpp_peer`); it is [] otherwise.
     """
     _set_threads(threads)
     cfg = load_preset(preset)
@@ -428,6 +433,7 @@ def bench_generate(preset: str = "cpu", *, repeats: int = 5, warmup: int = 1,
             "peer_ms_per_step": 1000 * p["median_s"] / n_new,
             "same_tokens": bool(torch.equal(out["ours"], out["hf"])),
         })
+    llama_cpp_rows = _llama_cpp_peer(ours, mcfg, prompt_len, n_new, repeats, warmup, dev)
     headline_rows = [r for r in rows if r["dtype"] == headline_dtype and r["mode"] == "greedy"
                      and r["ours"] == "eager"]
     sampled = [r["ratio"] for r in rows if r["mode"] == "sample"]
@@ -443,7 +449,7 @@ def bench_generate(preset: str = "cpu", *, repeats: int = 5, warmup: int = 1,
         "config": {"dim": mcfg.dim, "n_layers": mcfg.n_layers, "n_heads": mcfg.n_heads,
                    "vocab_size": mcfg.vocab_size, "seq_len": mcfg.max_seq_len,
                    "prompt_len": prompt_len, "new_tokens": n_new, "params": ours.num_params()},
-        "repeats": repeats, "warmup": warmup, "rows": rows,
+        "repeats": repeats, "warmup": warmup, "rows": rows, "llama_cpp": llama_cpp_rows,
     }
     if not quiet:
         _print_table(
@@ -461,8 +467,70 @@ def bench_generate(preset: str = "cpu", *, repeats: int = 5, warmup: int = 1,
             + ("" if not compiled else f" compiled: torch.compile(dynamic=True) of our forward "
                f"(first call incl. compile {max(r['first_s'] for r in rows if r['ours'] == 'compiled'):.0f} s)"
                f" vs HF eager: {min(compiled):.2f}x."))
+        if llama_cpp_rows:
+            _print_table(
+                f"generate tokens/s (median of {repeats}), ours / llama.cpp on the same weights (GGUF)",
+                ["gguf", "batch", "decoding", "ours tok/s", "llama.cpp tok/s", "ratio", "ours ms/step",
+                 "llama.cpp ms/step", "same tokens"],
+                [[r["gguf"], "1", "greedy", f"{r['ours_tokens_per_s']:,.0f}", f"{r['peer_tokens_per_s']:,.0f}",
+                  f"{r['ratio']:.2f}x", f"{r['ours_ms_per_step']:.2f}", f"{r['peer_ms_per_step']:.2f}",
+                  str(r["same_tokens"])] for r in llama_cpp_rows],
+                f"ours: float32 on {dev}; llama.cpp: llama-cpp-python {llama_cpp_rows[0]['llama_cpp_python']}"
+                + (" (every layer offloaded, if its build has a GPU backend)" if dev.type == "cuda" else " on the CPU")
+                + ", running the model as written by `simone export --format gguf`.")
     _write_json(result, json_path)
     return result
+
+
+def _bytes_only_tokenizer(path: Path) -> Path:
+    """A byte-level BPE `tokenizer.json` without merges (256 byte tokens after <|endoftext|>):
+    the random benchmark model has no trained tokenizer, and llama.cpp wants a vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(path))
+    return path
+
+
+def _llama_cpp_peer(ours: torch.nn.Module, mcfg: ModelConfig, prompt_len: int, n_new: int, repeats: int,
+                    warmup: int, dev: torch.device) -> list[dict[str, Any]]:
+    """Greedy decoding at batch 1, ours (float32) against llama.cpp running the same weights
+    as an f32 GGUF file; [] when llama-cpp-python is not installed."""
+    from simone.inference import gguf_file
+
+    if not gguf_file.llama_cpp_available() or mcfg.vocab_size < 257:
+        return []
+    import llama_cpp
+
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, mcfg.vocab_size, (1, prompt_len), generator=g)
+    out: dict[str, list[int]] = {}
+    with tempfile.TemporaryDirectory(prefix="simone-bench-gguf-") as tmp:
+        cfg = Config(model=mcfg)
+        path = gguf_file.write_gguf(ours, cfg, _bytes_only_tokenizer(Path(tmp) / "tokenizer.json"), 0,
+                                    Path(tmp) / "model.gguf", "bench", "f32")
+        llm = gguf_file.open_in_llama_cpp(path, mcfg.max_seq_len, threads=torch.get_num_threads(),
+                                          gpu=dev.type == "cuda")
+
+        def gen_ours() -> None:
+            with torch.no_grad():
+                steps = ours.generate(prompt.to(dev), n_new, temperature=0.0)
+                out["ours"] = torch.cat(list(steps), 1)[0].tolist()
+
+        def gen_llama_cpp() -> None:
+            out["llama.cpp"] = gguf_file.llama_cpp_greedy(llm, prompt[0].tolist(), n_new)
+
+        times = time_alternating({"ours": gen_ours, "llama.cpp": gen_llama_cpp}, repeats, warmup, dev)
+        del llm
+    a, p = _rate(n_new, times["ours"]), _rate(n_new, times["llama.cpp"])
+    return [{"gguf": "f32", "batch": 1, "mode": "greedy", "ours_tokens_per_s": a["per_s"],
+             "peer_tokens_per_s": p["per_s"], "ratio": a["per_s"] / p["per_s"],
+             "ours_ms_per_step": 1000 * a["median_s"] / n_new, "peer_ms_per_step": 1000 * p["median_s"] / n_new,
+             "same_tokens": out["ours"] == out["llama.cpp"], "llama_cpp_python": llama_cpp.__version__}]
 
 
 # ----------------------------------------------------------------------------- prep

@@ -242,3 +242,28 @@ def test_q8_0_falls_back_to_f16_for_short_rows():
     assert tensor_type(np.zeros((4, 64), np.float32), "q8_0") == "q8_0"
     assert tensor_type(np.zeros((4, 48), np.float32), "q8_0") == "f16"
     assert tensor_type(np.zeros(64, np.float32), "q8_0") == "f32"
+
+
+def test_llama_cpp_runs_the_file_as_ours(exported, tmp_path):
+    """llama.cpp itself (only where llama-cpp-python is installed; see bench/bench_gguf.py):
+    our token ids, our greedy tokens from the f32 file, and our bits per byte in `simone eval`."""
+    pytest.importorskip("llama_cpp")
+    from simone.inference.eval_text import evaluate_models
+    from simone.inference.gguf_file import llama_cpp_greedy, open_in_llama_cpp
+
+    path, run = exported["llama", "f32"]
+    loaded = load_model(run, device="cpu")
+    tok, model = loaded.tokenizer, loaded.model
+    llm = open_in_llama_cpp(path, loaded.config.model.max_seq_len)
+    for s in tokenizer_strings(tok.domains):
+        assert llm.tokenize(s.encode("utf-8"), add_bos=False, special=False) == tok.encode(s), s
+    prompt = tok.encode("The lord god of heaven")
+    with torch.no_grad():
+        ours = torch.cat(list(model.generate(torch.tensor([prompt]), 32, temperature=0.0)), 1)[0].tolist()
+    assert llama_cpp_greedy(llm, prompt, 32) == ours
+
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("In the beginning God created the heaven and the earth. " * 8)
+    result = evaluate_models([str(run), f"gguf:{path}"], tmp_path / "text", device="cpu")
+    simone_bpb, gguf_bpb = (m["bpb"] for m in result["models"])
+    assert gguf_bpb == pytest.approx(simone_bpb, rel=1e-4)

@@ -11,10 +11,10 @@ tokens and scores only the tokens that the previous one did not, so every token 
 once with at least half a context before it.
 
 Models: a `simone` run dir, checkpoint dir or `.tar.gz` package; `hf:DIR` (a folder that
-`transformers` opens, e.g. from `simone export --format hf`); a `.gguf` file (or `gguf:FILE`).
+`transformers` opens, e.g. from `simone export --format hf`); a `.gguf` file (or `gguf:FILE`,
+e.g. from `simone export --format gguf`), run by llama.cpp (needs llama-cpp-python).
 Each kind is a `Scorer`: something that turns a text into ids and ids into bits. The
-loaders are in `SCORER_LOADERS`, keyed by the prefix; GGUF has a loader that refuses the
-file until a scorer for it exists.
+loaders are in `SCORER_LOADERS`, keyed by the prefix.
 
 Data: `DIR/DOMAIN/SUB/*.txt` (the corpus layout; the domain is the first folder) or a flat
 `DIR/*.txt` (one domain, named after DIR).
@@ -187,18 +187,50 @@ def load_hf_scorer(spec: str, device: str) -> Scorer:
     return TorchScorer(spec, "hf", logits, encode, start_id, min(int(context), MAX_WINDOW), dev)
 
 
+class LlamaCppScorer:
+    """A scorer over a GGUF file run by llama.cpp: its own tokenizer (the file's vocabulary,
+    merges and pre-tokenizer), its own logits. Windows as `TorchScorer`, one at a time."""
+
+    def __init__(self, label: str, llm: Any, start_id: int | None, context: int):
+        self.label, self.kind = label, "gguf"
+        self.llm, self.start_id, self.context = llm, start_id, context
+
+    def document_ids(self, text: str) -> list[int]:
+        # the text is text: special-token strings in it are not control ids (special=False)
+        ids = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        return ([self.start_id] if self.start_id is not None else []) + ids
+
+    def nll_bits(self, ids: list[int]) -> float:
+        from simone.inference.gguf_file import llama_cpp_logits
+
+        total = 0.0
+        for start, end, n_scored in sliding_windows(len(ids), self.context):
+            logits = torch.from_numpy(llama_cpp_logits(self.llm, ids[start : end - 1])).double()
+            y = torch.tensor(ids[start + 1 : end])
+            logp = logits.log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+            total -= logp[-n_scored:].sum().item()
+        return total / math.log(2)
+
+
 def load_gguf_scorer(spec: str, device: str) -> Scorer:
-    """`FILE.gguf` / `gguf:FILE`: refused until a llama.cpp scorer is written (it plugs in
-    here: any object with `label`, `kind`, `document_ids` and `nll_bits`)."""
+    """`FILE.gguf` / `gguf:FILE`: a GGUF file (e.g. from `simone export --format gguf`), run by
+    llama.cpp through llama-cpp-python, on the CPU (or its build's GPU backend)."""
     path = Path(spec.removeprefix("gguf:"))
     if not path.is_file():
         raise EvalError(f"{path}: no such GGUF file")
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
+    from simone.inference.gguf_file import gguf_document_start, llama_cpp_available, open_in_llama_cpp
+
+    if not llama_cpp_available():
         raise EvalError(f"{path}: scoring a GGUF file needs llama-cpp-python "
-                        f"(pip install llama-cpp-python)") from None
-    raise EvalError(f"{path}: GGUF scoring is not available in this version of simone")
+                        f"(pip install llama-cpp-python)")
+    try:
+        context, start_id = gguf_document_start(path)
+        llm = open_in_llama_cpp(path, min(context, MAX_WINDOW), logits_all=True,
+                                gpu=device != "cpu" and torch.cuda.is_available())
+    except (OSError, ValueError, KeyError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EvalError(f"{path}: not a GGUF file that llama-cpp-python can open ({first_line})") from None
+    return LlamaCppScorer(spec, llm, start_id, min(context, MAX_WINDOW))
 
 
 SCORER_LOADERS: dict[str, Callable[[str, str], Scorer]] = {

@@ -249,3 +249,69 @@ def export_gguf(model_path: Path, out_path: Path, dtype: str = "f32", name: str 
     name = name or Path(model_path).resolve().name.removesuffix(".tar.gz")
     return write_gguf(loaded.model, loaded.config, loaded.files["tokenizer"], loaded.tokenizer.eod_id,
                       out_path, name, dtype)
+
+
+# ----------------------------------------------------------------------------- running it in llama.cpp
+# Optional: these need llama-cpp-python (`pip install llama-cpp-python`, which builds llama.cpp).
+
+
+def llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def gguf_document_start(path: Path) -> tuple[int, int | None]:
+    """(context length, document-start id) from a GGUF file's metadata: the start id is the
+    bos token (ours: end-of-document, as in training), else eos, else None."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+
+    def value(key: str) -> Any:
+        field = reader.get_field(key)
+        return None if field is None else field.contents()
+
+    arch = value("general.architecture")
+    context = value(f"{arch}.context_length")
+    if not arch or not context:
+        raise ValueError(f"no {arch or 'general.architecture'}.context_length in its metadata")
+    start = value("tokenizer.ggml.bos_token_id")
+    return int(context), int(start) if start is not None else value("tokenizer.ggml.eos_token_id")
+
+
+def open_in_llama_cpp(path: Path, n_ctx: int, logits_all: bool = False, threads: int | None = None,
+                      gpu: bool = False) -> Any:
+    """A `llama_cpp.Llama` over the GGUF file (quiet; `gpu` offloads every layer when llama.cpp
+    was built with a GPU backend)."""
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all,
+                 n_threads=threads, n_threads_batch=threads, n_gpu_layers=-1 if gpu else 0,
+                 verbose=False)
+
+
+def llama_cpp_greedy(llm: Any, prompt_ids: list[int], n_new: int) -> list[int]:
+    """`n_new` greedy tokens after `prompt_ids` (argmax of llama.cpp's own logits each step,
+    the prompt evaluated afresh: no reuse of an earlier call's cache)."""
+    import llama_cpp
+
+    n_vocab = llm.n_vocab()
+    llm.reset()
+    llm.eval(prompt_ids)
+    out: list[int] = []
+    for _ in range(n_new):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+        out.append(int(logits.argmax()))
+        if len(out) < n_new:
+            llm.eval(out[-1:])
+    return out
+
+
+def llama_cpp_logits(llm: Any, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits [len(ids), vocab] for every position of `ids` (needs logits_all=True)."""
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
