@@ -145,8 +145,8 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
         for dtype in args.dtypes.split(","):
-            path = write_gguf(model, loaded.config, tok.path, tok.eod_id, Path(tmp) / f"model-{dtype}.gguf",
-                              "bench", dtype)
+            path = write_gguf(model, loaded.config, loaded.files.get("tokenizer") or tok.path, tok.eod_id,
+                              Path(tmp) / f"model-{dtype}.gguf", "bench", dtype)
             checker = open_in_llama_cpp(path, mcfg.max_seq_len, logits_all=True, threads=threads)
             theirs_ids = [checker.tokenize(s.encode("utf-8"), add_bos=False, special=False) for s in strings]
             tok_mismatch = [s for s, a, b in zip(strings, ours_ids, theirs_ids) if a != b]

@@ -483,12 +483,13 @@ def bench_generate(preset: str = "cpu", *, repeats: int = 5, warmup: int = 1,
 
 
 def _bytes_only_tokenizer(path: Path) -> Path:
-    """A byte-level BPE `tokenizer.json` without merges (256 byte tokens after <|endoftext|>):
-    the random benchmark model has no trained tokenizer, and llama.cpp wants a vocabulary."""
+    """A byte-level BPE `tokenizer.json` of <|endoftext|>, the 256 bytes and one merge: the
+    random benchmark model has no trained tokenizer, and llama.cpp wants a vocabulary (with merges)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    vocab["Ġt"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t")]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<|endoftext|>"])
@@ -502,7 +503,7 @@ def _llama_cpp_peer(ours: torch.nn.Module, mcfg: ModelConfig, prompt_len: int, n
     as an f32 GGUF file; [] when llama-cpp-python is not installed."""
     from simone.inference import gguf_file
 
-    if not gguf_file.llama_cpp_available() or mcfg.vocab_size < 257:
+    if not gguf_file.llama_cpp_available() or mcfg.vocab_size < 258:
         return []
     import llama_cpp
 

@@ -244,19 +244,57 @@ def test_q8_0_falls_back_to_f16_for_short_rows():
     assert tensor_type(np.zeros(64, np.float32), "q8_0") == "f32"
 
 
-def test_llama_cpp_runs_the_file_as_ours(exported, tmp_path):
+def _sharp_run(template, dest):
+    """A llama run whose attention is far from uniform (q and k scaled up) and whose logits are
+    spread (embedding scaled up): so RoPE and every weight visibly shape the logits."""
+    from simone.config import save_config
+    from simone.model import build_model
+    from simone.train.checkpoint import save_checkpoint
+    from test_train_support import new_run
+
+    cfg, run = new_run(template, dest)
+    cfg.model.n_kv_heads = 2
+    torch.manual_seed(0)
+    net = build_model(cfg.model)
+    hd = cfg.model.dim // cfg.model.n_heads
+    qk_rows = (cfg.model.n_heads + 2) * hd
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            if name.endswith("wqkv.weight"):
+                p[:qk_rows].mul_(15.0)
+        net.tok_embeddings.weight.mul_(20.0)
+    save_config(cfg, run.config)
+    save_checkpoint(run.checkpoints, 1, net.state_dict(), {}, cfg.to_dict(), best=True)
+    return run.root
+
+
+def test_llama_cpp_runs_the_file_as_ours(template, tmp_path):
     """llama.cpp itself (only where llama-cpp-python is installed; see bench/bench_gguf.py):
-    our token ids, our greedy tokens from the f32 file, and our bits per byte in `simone eval`."""
+    our token ids, our logits and greedy tokens from the f32 file, and our bits per byte in
+    `simone eval`."""
     pytest.importorskip("llama_cpp")
     from simone.inference.eval_text import evaluate_models
-    from simone.inference.gguf_file import llama_cpp_greedy, open_in_llama_cpp
+    from simone.inference.gguf_file import llama_cpp_greedy, llama_cpp_logits, open_in_llama_cpp
 
-    path, run = exported["llama", "f32"]
+    run = _sharp_run(template, tmp_path / "run")
+    path = tmp_path / "sharp.gguf"
+    assert main(["export", "--model", str(run), "--format", "gguf", "--out", str(path)]) == 0
     loaded = load_model(run, device="cpu")
     tok, model = loaded.tokenizer, loaded.model
-    llm = open_in_llama_cpp(path, loaded.config.model.max_seq_len)
+    context = loaded.config.model.max_seq_len
+    llm = open_in_llama_cpp(path, context, logits_all=True)
     for s in tokenizer_strings(tok.domains):
         assert llm.tokenize(s.encode("utf-8"), add_bos=False, special=False) == tok.encode(s), s
+
+    ids = ([tok.eod_id] + tok.encode("In the beginning God created the heaven and the earth. " * 6))[:context]
+    with torch.no_grad():
+        want = model(torch.tensor([ids]))[0][0]
+    got = torch.from_numpy(llama_cpp_logits(llm, ids))
+    assert want.std() > 1.0  # spread logits: a wrong weight or RoPE order shows
+    assert (got - want).abs().max() < 1e-3 * want.abs().max()
+
     prompt = tok.encode("The lord god of heaven")
     with torch.no_grad():
         ours = torch.cat(list(model.generate(torch.tensor([prompt]), 32, temperature=0.0)), 1)[0].tolist()
@@ -267,3 +305,17 @@ def test_llama_cpp_runs_the_file_as_ours(exported, tmp_path):
     result = evaluate_models([str(run), f"gguf:{path}"], tmp_path / "text", device="cpu")
     simone_bpb, gguf_bpb = (m["bpb"] for m in result["models"])
     assert gguf_bpb == pytest.approx(simone_bpb, rel=1e-4)
+
+
+def test_bench_generate_has_llama_cpp_as_a_peer_when_installed():
+    from simone import bench
+    from simone.inference.gguf_file import llama_cpp_available
+
+    r = bench.bench_generate("tiny", repeats=1, warmup=0, batches=(1,), dtypes=["float32"], prompt_len=4,
+                             new_tokens=12, sampling=False, device="cpu", quiet=True)
+    if not llama_cpp_available():
+        assert r["llama_cpp"] == []
+        return
+    (row,) = r["llama_cpp"]
+    assert row["gguf"] == "f32" and row["batch"] == 1 and row["peer_tokens_per_s"] > 0
+    assert row["same_tokens"]  # float32 greedy on the same weights

@@ -227,7 +227,7 @@ def load_gguf_scorer(spec: str, device: str) -> Scorer:
         context, start_id = gguf_document_start(path)
         llm = open_in_llama_cpp(path, min(context, MAX_WINDOW), logits_all=True,
                                 gpu=device != "cpu" and torch.cuda.is_available())
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # the gguf reader on a bad file
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EvalError(f"{path}: not a GGUF file that llama-cpp-python can open ({first_line})") from None
     return LlamaCppScorer(spec, llm, start_id, min(context, MAX_WINDOW))
