@@ -216,7 +216,8 @@ def test_q_k_rows_suit_neighbour_pair_rope():
         return torch.stack([a * ang.cos() - b * ang.sin(), a * ang.sin() + b * ang.cos()], -1).flatten(-2)
 
     want = ours(wq) @ ours(wk).transpose(-1, -2)
-    got = neighbours(rope_pairs_to_neighbours(wq, n_heads)) @ neighbours(rope_pairs_to_neighbours(wk, n_heads)).transpose(-1, -2)
+    q, k = neighbours(rope_pairs_to_neighbours(wq, n_heads)), neighbours(rope_pairs_to_neighbours(wk, n_heads))
+    got = q @ k.transpose(-1, -2)
     assert torch.allclose(got, want, atol=1e-4)
     unpermuted = neighbours(wq) @ neighbours(wk).transpose(-1, -2)
     assert not torch.allclose(unpermuted, want, atol=1e-2)  # the reorder is needed
@@ -244,8 +245,8 @@ def test_q8_0_falls_back_to_f16_for_short_rows():
     assert tensor_type(np.zeros(64, np.float32), "q8_0") == "f32"
 
 
-def _sharp_run(template, dest):
-    """A llama run whose attention is far from uniform (q and k scaled up) and whose logits are
+def _sharp_run(template, dest, arch: str):
+    """A run whose attention is far from uniform (q and k scaled up) and whose logits are
     spread (embedding scaled up): so RoPE and every weight visibly shape the logits."""
     from simone.config import save_config
     from simone.model import build_model
@@ -253,11 +254,11 @@ def _sharp_run(template, dest):
     from test_train_support import new_run
 
     cfg, run = new_run(template, dest)
-    cfg.model.n_kv_heads = 2
+    cfg.model.arch = arch
+    cfg.model.n_kv_heads = 2 if arch == "llama" else None  # GPT-2 has no grouped-query attention
     torch.manual_seed(0)
     net = build_model(cfg.model)
-    hd = cfg.model.dim // cfg.model.n_heads
-    qk_rows = (cfg.model.n_heads + 2) * hd
+    qk_rows = (cfg.model.n_heads + (cfg.model.n_kv_heads or cfg.model.n_heads)) * (cfg.model.dim // cfg.model.n_heads)
     with torch.no_grad():
         for name, p in net.named_parameters():
             if "norm" in name:
@@ -270,7 +271,8 @@ def _sharp_run(template, dest):
     return run.root
 
 
-def test_llama_cpp_runs_the_file_as_ours(template, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_llama_cpp_runs_the_file_as_ours(template, tmp_path, arch):
     """llama.cpp itself (only where llama-cpp-python is installed; see bench/bench_gguf.py):
     our token ids, our logits and greedy tokens from the f32 file, and our bits per byte in
     `simone eval`."""
@@ -278,7 +280,7 @@ def test_llama_cpp_runs_the_file_as_ours(template, tmp_path):
     from simone.inference.eval_text import evaluate_models
     from simone.inference.gguf_file import llama_cpp_greedy, llama_cpp_logits, open_in_llama_cpp
 
-    run = _sharp_run(template, tmp_path / "run")
+    run = _sharp_run(template, tmp_path / "run", arch)
     path = tmp_path / "sharp.gguf"
     assert main(["export", "--model", str(run), "--format", "gguf", "--out", str(path)]) == 0
     loaded = load_model(run, device="cpu")
