@@ -266,3 +266,67 @@ def test_run_monitor_generates_a_token_off_loopback(monkeypatch, capsys) -> None
     assert f":5002/?token={token}" in capsys.readouterr().out
     serve_mod.run_monitor(Path("runs"), None, host="127.0.0.1", port=5001, token=None)
     assert calls[1]["token"] is None and "http://127.0.0.1:5001/\n" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- hostile run files (item 16)
+
+DEEP = "[" * 100_000
+BIG = "1" + "0" * 400  # beyond float range; below Python's int-string limit, so it parses
+
+
+@pytest.mark.parametrize("status_text", [
+    DEEP,
+    '{"state": "failed", "error": %s}' % ("[" * 900 + "]" * 900),  # parses, then too deep to walk
+    '{"state": "running", "heartbeat": %s, "step": %s, "total_steps": %s, "eta_s": %s}' % (BIG, BIG, BIG, BIG),
+    '{"state": "running", "step": %s}' % ("9" * 5000),  # over the int-string limit: ValueError
+    '["not", "an", "object"]',
+    '{"state": %s, "step": {"a": 1}, "host": [1]}' % ("[" * 900 + "]" * 900),  # fields that are no scalar
+], ids=["deep-nesting", "deep-error-value", "400-digit-ints", "5000-digit-int", "not-an-object", "deep-state"])
+def test_one_hostile_status_json_does_not_break_the_run_list(runs_root: Path, status_text: str) -> None:
+    make_run(runs_root, "good", steps=20)
+    bad = make_run(runs_root, "bad", steps=5)
+    bad.status.write_text(status_text)
+    c = client(runs_root)
+    r = c.get("/api/runs")
+    assert r.status_code == 200
+    runs = {x["name"]: x for x in r.json()["runs"]}
+    assert runs["good"]["state"] == "running" and runs["good"]["step"] == 20
+    assert "bad" in runs
+    if status_text in (DEEP, '["not", "an", "object"]') or "9" * 5000 in status_text:
+        assert runs["bad"]["state"] == "unreadable" and "status.json" in runs["bad"]["error"]
+    if status_text.startswith('{"state": [['):
+        assert runs["bad"]["state"] == "unknown" and runs["bad"]["host"] is None
+    detail = c.get("/api/runs/bad")
+    assert detail.status_code == 200 and detail.json()["summary"]["state"] == runs["bad"]["state"]
+    assert c.get("/api/runs/good").status_code == 200
+
+
+def test_hostile_metrics_lines_are_counted_bad_not_fatal(runs_root: Path) -> None:
+    run = make_run(runs_root, "r", steps=3)
+    with open(run.metrics, "a") as f:
+        f.write(DEEP + "\n")
+        f.write('{"t": 1, "kind": "train", "step": 4, "loss": %s, "lr": %s, "x": %s}\n' % (BIG, BIG, "[" * 900 + "]" * 900))
+        f.write('{"t": 1, "kind": "event", "event": "odd", "step": 4, "deep": %s}\n' % ("[" * 900 + "]" * 900))
+    make_run(runs_root, "other")
+    c = client(runs_root)
+    r = c.get("/api/runs")
+    assert r.status_code == 200 and {x["name"] for x in r.json()["runs"]} == {"r", "other"}
+    d = c.get("/api/runs/r")
+    assert d.status_code == 200
+    summary = d.json()["summary"]
+    assert summary["bad_lines"] == 1 and summary["step"] == 4 and summary["loss"] == int(BIG)
+    assert d.json()["series"]["train/loss"][0] == [1, 2, 3]  # the 400-digit loss is not a point
+
+
+def test_two_broken_lines_that_join_into_valid_json_are_both_bad(runs_root: Path) -> None:
+    from simone.monitor.runs import parse_lines
+
+    halves = [b'{"kind": "train", "step": 1, "loss": 1.0}, {"kind": "train", "step": 2, "loss": [1',
+              b'2]}']
+    assert parse_lines(halves) == ([], 2)
+    assert parse_lines([b'{"a": 1}', b"", b'{"b": 2']) == ([{"a": 1}], 1)
+    run = make_run(runs_root, "r", steps=3)
+    with open(run.metrics, "ab") as f:
+        f.write(b"\n".join(halves) + b"\n")
+    d = client(runs_root).get("/api/runs/r").json()
+    assert d["summary"]["bad_lines"] == 2 and d["series"]["train/loss"][0] == [1, 2, 3]

@@ -42,6 +42,7 @@ from simone.monitor.runs import (
     clean_json,
     list_run_dirs,
     safe_file,
+    unreadable_summary,
 )
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -168,11 +169,14 @@ class Monitor:
         out = []
         for p in paths:
             w, ch = self.watches.get(p.name), self.channels.get(p.name)
-            if w is not None and ch is not None and ch.subscribers and w.exact:
-                with w.lock:  # followed live, so its summary is current (and exact)
-                    out.append(w.summary(now))
-            else:
-                out.append(self.summaries.summary(p, now, self.stall_after_s))
+            try:
+                if w is not None and ch is not None and ch.subscribers and w.exact:
+                    with w.lock:  # followed live, so its summary is current (and exact)
+                        out.append(w.summary(now))
+                else:
+                    out.append(self.summaries.summary(p, now, self.stall_after_s))
+            except Exception as e:  # one run's odd files must not take the whole list down
+                out.append(unreadable_summary(p, f"cannot summarise this run: {e!r}"[:300], now))
         return out
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
