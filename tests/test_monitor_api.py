@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def runs_root(tmp_path: Path) -> Path:
 
 
 def client(root: Path, **kw) -> TestClient:
-    return TestClient(create_app(runs_root=root, **kw))
+    # the dashboard answers only to its own names (DNS-rebinding guard), not to "testserver"
+    return TestClient(create_app(runs_root=root, **kw), base_url="http://127.0.0.1:5001")
 
 
 def test_states_of_live_finished_failed_and_stalled_runs(runs_root: Path) -> None:
@@ -246,7 +248,7 @@ def test_dashboard_never_writes_into_the_run(runs_root: Path) -> None:
 def test_single_run_mode_and_compare(runs_root: Path) -> None:
     make_run(runs_root, "a", steps=10)
     make_run(runs_root, "b", steps=20)
-    single = TestClient(create_app(run_dir=runs_root / "a"))
+    single = TestClient(create_app(run_dir=runs_root / "a"), base_url="http://localhost:5001")
     names = [r["name"] for r in single.get("/api/runs").json()["runs"]]
     assert names == ["a"]
     assert single.get("/api/runs/b").status_code == 404  # a sibling is not served
@@ -266,6 +268,49 @@ def test_run_monitor_generates_a_token_off_loopback(monkeypatch, capsys) -> None
     assert f":5002/?token={token}" in capsys.readouterr().out
     serve_mod.run_monitor(Path("runs"), None, host="127.0.0.1", port=5001, token=None)
     assert calls[1]["token"] is None and "http://127.0.0.1:5001/\n" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- DNS rebinding (issue 13, item 15)
+
+FOREIGN_HOSTS = ["evil.example", "evil.example:5001", "localhost.evil.example", "127.0.0.1.evil.example:5001",
+                 "10.0.0.7:5001", ""]
+
+
+def test_requests_naming_another_host_get_421(runs_root: Path) -> None:
+    """A DNS-rebinding page (its name now resolving to 127.0.0.1) must not read the corpus."""
+    run = make_run(runs_root, "r")
+    (run.data / "documents.jsonl").write_text('{"text": "THE WHOLE CORPUS"}\n')
+    c = client(runs_root)
+    urls = ["/", "/api/runs", "/api/runs/r", "/api/runs/r/files/data/documents.jsonl", "/static/app.js",
+            "/static/plotly.min.js", "/api/compare?runs=r", "/api/stream/runs", "/api/stream/run/r", "/nope"]
+    for host in FOREIGN_HOSTS:
+        for url in urls:
+            r = c.get(url, headers={"Host": host})
+            assert r.status_code == 421, (host, url)
+            assert "CORPUS" not in r.text and "loss" not in r.text
+    for host in ("localhost", "localhost:5001", "127.0.0.1", "127.0.0.1:5001", "[::1]", "[::1]:5001", "LocalHost:80"):
+        r = c.get("/api/runs/r/files/data/documents.jsonl", headers={"Host": host})
+        assert r.status_code == 200 and "CORPUS" in r.text, host
+        assert c.get("/", headers={"Host": host}).status_code == 200, host
+
+
+def test_host_check_comes_before_the_token_and_allows_the_bound_host(runs_root: Path) -> None:
+    make_run(runs_root, "r")
+    auth = {"Authorization": "Bearer tok"}
+    lan = TestClient(create_app(runs_root=runs_root, token="tok", host="192.168.1.20"))
+    assert lan.get("/api/runs", headers={**auth, "Host": "192.168.1.20:5001"}).status_code == 200
+    assert lan.get("/api/runs", headers={**auth, "Host": "localhost:5001"}).status_code == 200
+    assert lan.get("/api/runs", headers={**auth, "Host": "evil.example:5001"}).status_code == 421
+    assert lan.get("/", params={"token": "tok"}, headers={"Host": "evil.example"}, follow_redirects=False).status_code == 421
+    assert lan.get("/api/runs", headers={"Host": "192.168.1.20"}).status_code == 401  # right host, no token
+    named = TestClient(create_app(runs_root=runs_root, token="tok", host="gpu-box.lan"))
+    assert named.get("/api/runs", headers={**auth, "Host": "gpu-box.lan:5001"}).status_code == 200
+    assert named.get("/api/runs", headers={**auth, "Host": "192.168.1.20:5001"}).status_code == 421
+    # all interfaces: any address and the machine's name (what `simone monitor` prints), no other name
+    wild = TestClient(create_app(runs_root=runs_root, token="tok", host="0.0.0.0"))
+    assert wild.get("/api/runs", headers={**auth, "Host": "10.1.2.3:5001"}).status_code == 200
+    assert wild.get("/api/runs", headers={**auth, "Host": f"{socket.gethostname()}:5001"}).status_code == 200
+    assert wild.get("/api/runs", headers={**auth, "Host": "evil.example:5001"}).status_code == 421
 
 
 # ----------------------------------------------------------------------------- hostile run files (item 16)
