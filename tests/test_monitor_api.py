@@ -179,8 +179,8 @@ def test_token_required_when_set(runs_root: Path) -> None:
     assert c.get("/api/runs", params={"token": "wrong"}).status_code == 401
     assert c.get("/api/runs", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert c.get("/api/runs", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
-    first = c.get("/", params={"token": "s3cret-token"})
-    assert first.status_code == 200 and "set-cookie" in first.headers
+    first = c.get("/", params={"token": "s3cret-token"}, follow_redirects=False)
+    assert first.status_code == 303 and "set-cookie" in first.headers
     assert "HttpOnly" in first.headers["set-cookie"] and "SameSite=Strict" in first.headers["set-cookie"]
     assert c.get("/api/runs").status_code == 200  # the cookie now carries the token
     c.cookies.clear()
@@ -375,3 +375,22 @@ def test_two_broken_lines_that_join_into_valid_json_are_both_bad(runs_root: Path
         f.write(b"\n".join(halves) + b"\n")
     d = client(runs_root).get("/api/runs/r").json()
     assert d["summary"]["bad_lines"] == 2 and d["series"]["train/loss"][0] == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- token out of the address bar (item 17)
+
+
+def test_token_in_the_query_is_traded_for_a_cookie_and_a_clean_url(runs_root: Path) -> None:
+    make_run(runs_root, "r")
+    c = client(runs_root, token="s3cret-token")
+    r = c.get("/", params={"token": "s3cret-token"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/"
+    assert "s3cret-token" in r.headers["set-cookie"] and r.headers["cache-control"] == "no-store"
+    r = c.get("/api/runs/r/files/config.json?x=1&token=s3cret-token&y=a%20b", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/api/runs/r/files/config.json?x=1&y=a+b"
+    assert "s3cret-token" not in r.headers["location"]
+    c.cookies.clear()
+    page = c.get("/", params={"token": "s3cret-token"})  # followed: the page, with the token gone
+    assert page.status_code == 200 and "token" not in str(page.url) and "SIM-ONE" in page.text
+    c.cookies.clear()
+    assert c.get("/", params={"token": "wrong"}, follow_redirects=False).status_code == 401

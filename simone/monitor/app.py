@@ -33,7 +33,7 @@ from http.cookies import SimpleCookie
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, parse_qsl, quote, urlencode
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -301,7 +301,10 @@ def token_cookie_name(token: str) -> str:
 
 class TokenGate:
     """ASGI middleware: with a token set, every request needs `?token=`, the cookie that a
-    first `?token=` request sets, or `Authorization: Bearer TOKEN`; otherwise 401."""
+    first `?token=` request sets, or `Authorization: Bearer TOKEN`; otherwise 401.
+
+    A GET with a right `?token=` is answered by a 303 to the same URL without it (the
+    cookie set on the way), so the token does not stay in the address bar or history."""
 
     def __init__(self, app: Any, token: str | None):
         self.app = app
@@ -329,6 +332,9 @@ class TokenGate:
                 cookie = jar[self.cookie].value
         if self._ok(from_query):
             set_cookie = f"{self.cookie}={self.token}; Path=/; HttpOnly; SameSite=Strict".encode()
+            if scope["type"] == "http" and scope.get("method") in ("GET", "HEAD"):
+                await self._redirect_without_token(scope, receive, send, set_cookie)
+                return
 
             async def send_with_cookie(message: dict) -> None:
                 if message["type"] == "http.response.start":
@@ -346,6 +352,16 @@ class TokenGate:
             status_code=401,
             headers={"WWW-Authenticate": "Bearer"},
         )
+        await response(scope, receive, send)
+
+    @staticmethod
+    async def _redirect_without_token(scope: dict, receive: Any, send: Any, set_cookie: bytes) -> None:
+        query = [(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+                 if k != "token"]
+        path = scope.get("raw_path") or quote(scope.get("path", "/")).encode()
+        location = path.decode("latin-1") + ("?" + urlencode(query) if query else "")
+        response = Response(status_code=303, headers={"Location": location, "Cache-Control": "no-store"})
+        response.raw_headers.append((b"set-cookie", set_cookie))
         await response(scope, receive, send)
 
 
