@@ -331,7 +331,10 @@ class TokenGate:
             if self.cookie in jar:
                 cookie = jar[self.cookie].value
         if self._ok(from_query):
-            set_cookie = f"{self.cookie}={self.token}; Path=/; HttpOnly; SameSite=Strict".encode()
+            # Lax, not Strict: after the redirect, a Strict cookie is withheld when the printed
+            # link was clicked on another site (a chat, a web terminal), and the page gets 401.
+            # Lax still keeps it off every cross-site fetch, image and form; nothing here writes.
+            set_cookie = f"{self.cookie}={self.token}; Path=/; HttpOnly; SameSite=Lax".encode()
             if scope["type"] == "http" and scope.get("method") in ("GET", "HEAD"):
                 await self._redirect_without_token(scope, receive, send, set_cookie)
                 return
