@@ -518,6 +518,7 @@ class FileTail:
         self.path = path
         self.offset = 0
         self._pending = b""
+        self._skipping = False  # inside an overlong line: drop up to its newline
         self._ino: int | None = None
         self.dropped_lines = 0
 
@@ -534,7 +535,7 @@ class FileTail:
         except OSError:
             self._ino = None
         self.offset = offset
-        self._pending = b""
+        self._pending, self._skipping = b"", False
 
     def changed(self) -> bool:
         """True if the file was replaced or truncated since the last read."""
@@ -545,7 +546,7 @@ class FileTail:
         return (self._ino is not None and st.st_ino != self._ino) or st.st_size < self.offset
 
     def reset(self) -> None:
-        self.offset, self._pending, self._ino = 0, b"", None
+        self.offset, self._pending, self._skipping, self._ino = 0, b"", False, None
 
     def read_chunks(self, chunk_bytes: int = CHUNK_BYTES, until: int | None = None) -> Iterator[list[bytes]]:
         """Yield lists of new complete lines, at most about `chunk_bytes` at a time."""
@@ -563,12 +564,17 @@ class FileTail:
                 if not data:
                     break
                 self.offset += len(data)
+                if self._skipping:  # the rest of a dropped line is not a line of its own
+                    nl = data.find(b"\n")
+                    if nl < 0:
+                        continue
+                    data, self._skipping = data[nl + 1 :], False
                 data = self._pending + data
                 cut = data.rfind(b"\n")
                 if cut < 0:
                     self._pending = data
                     if len(self._pending) > MAX_PENDING_BYTES:
-                        self._pending = b""
+                        self._pending, self._skipping = b"", True
                         self.dropped_lines += 1
                     continue
                 self._pending = data[cut + 1 :]
@@ -576,7 +582,7 @@ class FileTail:
 
     @property
     def has_partial_line(self) -> bool:
-        return bool(self._pending)
+        return bool(self._pending) or self._skipping
 
 
 class _MetricsIndex:
