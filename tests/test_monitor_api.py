@@ -389,6 +389,9 @@ def test_token_in_the_query_is_traded_for_a_cookie_and_a_clean_url(runs_root: Pa
     r = c.get("/api/runs/r/files/config.json?x=1&token=s3cret-token&y=a%20b", follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/api/runs/r/files/config.json?x=1&y=a+b"
     assert "s3cret-token" not in r.headers["location"]
+    for target in ("//evil.example/x", "/\\evil.example/x"):  # the redirect stays on this site
+        r = c.get(f"{target}?token=s3cret-token", follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"].startswith("/") and r.headers["location"][1] not in "/\\"
     c.cookies.clear()
     page = c.get("/", params={"token": "s3cret-token"})  # followed: the page, with the token gone
     assert page.status_code == 200 and "token" not in str(page.url) and "SIM-ONE" in page.text

@@ -361,8 +361,9 @@ class TokenGate:
     async def _redirect_without_token(scope: dict, receive: Any, send: Any, set_cookie: bytes) -> None:
         query = [(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
                  if k != "token"]
-        path = scope.get("raw_path") or quote(scope.get("path", "/")).encode()
-        location = path.decode("latin-1") + ("?" + urlencode(query) if query else "")
+        # one leading slash: "//evil.example" (or "/\evil.example") would be another site
+        path = "/" + quote(scope.get("path", "/")).lstrip("/")
+        location = path + ("?" + urlencode(query) if query else "")
         response = Response(status_code=303, headers={"Location": location, "Cache-Control": "no-store"})
         response.raw_headers.append((b"set-cookie", set_cookie))
         await response(scope, receive, send)
