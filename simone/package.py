@@ -2,7 +2,8 @@
 
 The package is self-contained and safe to load: `model.safetensors`, `config.json`,
 `tokenizer.json`, `training_summary.json`, a model card `README.md`, and `MANIFEST.json`
-with the sha256 and size of every other file (the checkpoint manifest format). `simone generate --model NAME.tar.gz` and
+with the sha256 and size of every other file (the checkpoint manifest format). Packaging only
+reads the run directory; an existing package is never replaced. `simone generate --model NAME.tar.gz` and
 `simone validate --model NAME.tar.gz` read it directly.
 """
 
@@ -19,7 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simone.rundir import RunDir, atomic_write_json, read_json, sha256_file
+from simone.errors import SimoneError
+from simone.rundir import RunDir, fsync_dir, read_json, sha256_file
+
+
+class PackageError(SimoneError, RuntimeError):
+    """A package that cannot be written."""
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -142,8 +148,13 @@ def model_card(summary: dict[str, Any]) -> str:
 
 
 def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best") -> Path:
-    """Write `out_dir/NAME.tar.gz` from the run's best (else latest) checkpoint; return its path."""
-    from simone.train.checkpoint import resolve_checkpoint
+    """Write `out_dir/NAME.tar.gz` from the run's best (else latest) checkpoint; return its path.
+
+    NAME says which model it is: `simone-PRESET-ARCH-RUN-stepN-WEIGHTSHA8`. An existing
+    package is never replaced: a name already taken gets a `-2`, `-3`... suffix. Nothing is
+    written into the run directory (it may be read-only).
+    """
+    from simone.train.checkpoint import resolve_checkpoint, verify_checkpoint
 
     ckpt = None
     for which in (checkpoint, "latest"):
@@ -156,10 +167,12 @@ def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best") -> Path:
         from simone.generate import ModelLoadError
 
         raise ModelLoadError(f"{run.checkpoints}: no verified checkpoint to package")
+    ckpt_manifest = verify_checkpoint(ckpt)
     cfg = read_json(run.config, {})
-    name = f"simone-{cfg.get('preset', 'custom')}-{cfg.get('model', {}).get('arch', 'llama')}-{run.root.name}"
+    weights_sha = ckpt_manifest["files"]["model.safetensors"]["sha256"]
+    name = (f"simone-{cfg.get('preset', 'custom')}-{cfg.get('model', {}).get('arch', 'llama')}-{run.root.name}"
+            f"-step{ckpt_manifest.get('step', 'x')}-{str(weights_sha)[:8]}")
     summary = training_summary(run, ckpt)
-    atomic_write_json(run.root / "training_summary.json", summary)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".pkg-") as tmp:
@@ -171,14 +184,28 @@ def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best") -> Path:
         shutil.copy2(run.tokenizer, stage / "tokenizer.json")
         (stage / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         (stage / "README.md").write_text(model_card(summary))
-        manifest = {"schema": 1, "files": {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
-                                           for p in sorted(stage.iterdir())}}
+        manifest = {"schema": 1, "step": ckpt_manifest.get("step"),
+                    "tokenizer_sha256": sha256_file(stage / "tokenizer.json"),
+                    "files": {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
+                              for p in sorted(stage.iterdir())}}
         (stage / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
         tmp_tar = Path(tmp) / f"{name}.tar.gz"
         with tarfile.open(tmp_tar, "w:gz") as tar:
             tar.add(stage, arcname=name)
         with open(tmp_tar, "rb") as f:
             os.fsync(f.fileno())
-        final = out_dir / f"{name}.tar.gz"
-        os.replace(tmp_tar, final)
-    return final
+        return _place_without_replacing(tmp_tar, out_dir, name)
+
+
+def _place_without_replacing(tmp_tar: Path, out_dir: Path, name: str) -> Path:
+    """Hard-link `tmp_tar` as `out_dir/NAME.tar.gz`, or NAME-2, -3... if taken (a link never
+    replaces an existing file, so two packagers racing cannot overwrite each other)."""
+    for n in range(1, 1000):
+        final = out_dir / (f"{name}.tar.gz" if n == 1 else f"{name}-{n}.tar.gz")
+        try:
+            os.link(tmp_tar, final)
+        except FileExistsError:
+            continue
+        fsync_dir(out_dir)
+        return final
+    raise PackageError(f"{out_dir}: {name}.tar.gz and 998 numbered copies exist already; remove some")
