@@ -103,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
     cfg = build_config(args, run_dir if args.resume else None)
     result = run_pipeline(cfg, run_dir, resume=args.resume, monitor=args.monitor,
-                          monitor_port=args.port, package_dir=Path(args.package_dir))
+                          monitor_port=args.port, package_dir=Path(args.package_dir), force=args.force)
     return 0 if result.ok else 1
 
 
@@ -139,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_config(args, run_dir)
     if args.parallel is not None:
         cfg.train.parallel = args.parallel
-    result = stage_train(cfg, run_dir, resume=args.resume)
+    result = stage_train(cfg, run_dir, resume=args.resume, force=args.force)
     return 0 if result is not None else 1
 
 
@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--run-dir", "--output_dir", dest="run_dir", default=None, help="default: runs/<timestamp>")
     p.add_argument("--resume", "--resume_from", dest="resume", default=None, help="latest | best | checkpoint path")
+    p.add_argument("--force", action="store_true",
+                   help="start over in a run dir that holds checkpoints (its earlier run moves to RUN/replaced-*)")
     p.add_argument("--package-dir", default="models_for_download", help="where the .tar.gz goes")
     p.add_argument("--monitor", action="store_true", help="serve the live dashboard beside training")
     p.add_argument("--port", type=int, default=5001, help="dashboard port (with --monitor)")
@@ -290,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--run-dir", dest="run_dir", required=True)
     p.add_argument("--resume", "--resume_from", dest="resume", default=None)
+    p.add_argument("--force", action="store_true",
+                   help="start over in a run dir that holds checkpoints (its earlier run moves to RUN/replaced-*)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default=None,
                    help="under torchrun: ddp (a replica per process, default) or fsdp (FSDP2: sharded "
                         "parameters, gradients and optimizer state, for models that do not fit one GPU)")
