@@ -72,7 +72,8 @@ def claim_run_dir(run: RunDir, resume: str | None, force: bool) -> None:
 
     if resume is not None:
         return
-    checkpoints = list_checkpoints(run.checkpoints)
+    # a leftover copy of an interrupted re-save (.old-step_N-*) is a checkpoint too
+    checkpoints = list_checkpoints(run.checkpoints) + sorted(run.checkpoints.glob(".old-step_*"))
     if not checkpoints:
         return
     if not force:

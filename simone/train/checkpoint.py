@@ -500,9 +500,9 @@ def resolve_checkpoint(
         return explicit
     assert ckpt_root is not None
     dirs = list_checkpoints(ckpt_root)
-    if not dirs:
-        raise CheckpointError(f"{ckpt_root}: no checkpoints")
     pointed = read_pointer(ckpt_root, which)
+    if not dirs and (pointed is None or not _leftover_copies(ckpt_root, pointed)):
+        raise CheckpointError(f"{ckpt_root}: no checkpoints")
     candidates: list[Path] = []
     if pointed is not None and ((ckpt_root / pointed).is_dir() or _leftover_copies(ckpt_root, pointed)):
         candidates.append(ckpt_root / pointed)
