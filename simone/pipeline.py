@@ -53,7 +53,7 @@ def _holding_run_lock(stage):
         if not dist_env_from_environ().is_main:
             return stage(cfg, run_dir, *args, **kwargs)
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        with RunLock(run_dir):
+        with RunLock(run_dir, warn=RunDir(run_dir).log_line):
             return stage(cfg, run_dir, *args, **kwargs)
 
     return locked
@@ -222,7 +222,7 @@ def run_pipeline(cfg: Config, run_dir: Path, resume: str | None = None, monitor:
 
     run = RunDir(run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
-    with RunLock(run.root):  # a second `simone run` into a live run dir is refused, before any write
+    with RunLock(run.root, warn=run.log_line):  # a second `simone run` here is refused, before any write
         claim_run_dir(run, resume, force)
         run.make()
         return _run_locked(cfg, run, resume, monitor, monitor_port, package_dir)

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     is_main = dist_env_from_environ().is_main
     try:
         # the lock before config.json is rewritten (train() takes it again, re-entrantly)
-        with RunLock(run.root) if is_main and run.root.is_dir() else contextlib.nullcontext():
+        with RunLock(run.root, warn=run.log_line) if is_main and run.root.is_dir() else contextlib.nullcontext():
             cfg = apply_overrides(load_config(run.config), args.overrides)
             if is_main and args.overrides:
                 save_config(cfg, run.config)
