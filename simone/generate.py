@@ -116,15 +116,19 @@ def _extract_members(path: Path, dest: Path) -> None:
                     raise ModelLoadError(f"{path}: member {member.name!r} is not a regular file "
                                          f"(links and devices are refused)")
                 name = parts[-1]
-                if name not in PACKAGE_FILES:
-                    continue  # not ours: not extracted
-                if name in written:
-                    raise ModelLoadError(f"{path}: member {name!r} appears twice")
+                # capped even when skipped: skipping a member still decompresses it
                 cap = MAX_PACKAGE_WEIGHTS_BYTES if name == "model.safetensors" else MAX_PACKAGE_FILE_BYTES
                 if member.size > cap:
                     raise ModelLoadError(f"{path}: member {member.name!r} declares {member.size:,} bytes, "
                                          f"more than the {cap:,} a package file may have")
                 total += member.size
+                if total > MAX_PACKAGE_WEIGHTS_BYTES + MAX_PACKAGE_FILE_BYTES * len(PACKAGE_FILES):
+                    raise ModelLoadError(f"{path}: members declare more than "
+                                         f"{MAX_PACKAGE_WEIGHTS_BYTES + MAX_PACKAGE_FILE_BYTES * len(PACKAGE_FILES):,} bytes in all")
+                if name not in PACKAGE_FILES:
+                    continue  # not ours: not extracted
+                if name in written:
+                    raise ModelLoadError(f"{path}: member {name!r} appears twice")
                 free = shutil.disk_usage(dest).free
                 if member.size > free:
                     raise ModelLoadError(f"{path}: member {member.name!r} needs {member.size:,} bytes, "
