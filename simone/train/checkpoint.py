@@ -239,7 +239,7 @@ def save_checkpoint(
         faults.slow_save()
         files[CONFIG] = _write_file(tmp / CONFIG, config)
         manifest = {"schema": MANIFEST_SCHEMA, "step": step, "created": time.time(), "files": files}
-        if tokenizer is not None:
+        if tokenizer is not None and Path(tokenizer).is_file():  # (a bare test run may have none)
             manifest["tokenizer_sha256"] = sha256_file(tokenizer)
         _write_file(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
         fsync_dir(tmp)
