@@ -97,3 +97,13 @@ def test_two_trainings_started_together_one_wins_and_the_loser_writes_nothing(te
     rc, err = results[losers[0]]
     assert rc == 2 and f"in use by pid {procs[winners[0]].pid}" in err, err
     assert json.loads(run.config.read_text())["train"]["seed"] == winners[0]  # the loser wrote nothing
+
+
+def test_resuming_with_another_tokenizer_is_refused_naming_both(trained_run, capsys):
+    run = trained_run
+    with run.tokenizer.open("a") as f:
+        f.write(" ")  # retrained or replaced since the checkpoints were written
+    assert main(["train", "--run-dir", str(run.root), "--resume", "latest"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the trainer's own [failed] event
+    assert err.startswith("error: ")
+    assert "MANIFEST.json: trained with tokenizer sha256" in err and f"{run.tokenizer} has sha256" in err
