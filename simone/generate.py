@@ -73,6 +73,7 @@ PACKAGE_FILES = ("model.safetensors", "config.json", "tokenizer.json", "training
 MAX_PACKAGE_MEMBERS = 64
 MAX_PACKAGE_FILE_BYTES = 256 << 20  # each file but the weights
 MAX_PACKAGE_WEIGHTS_BYTES = 256 << 30
+MAX_PACKAGE_BYTES = MAX_PACKAGE_WEIGHTS_BYTES + MAX_PACKAGE_FILE_BYTES * len(PACKAGE_FILES)
 
 
 def is_package(path: Path) -> bool:
@@ -122,9 +123,8 @@ def _extract_members(path: Path, dest: Path) -> None:
                     raise ModelLoadError(f"{path}: member {member.name!r} declares {member.size:,} bytes, "
                                          f"more than the {cap:,} a package file may have")
                 total += member.size
-                if total > MAX_PACKAGE_WEIGHTS_BYTES + MAX_PACKAGE_FILE_BYTES * len(PACKAGE_FILES):
-                    raise ModelLoadError(f"{path}: members declare more than "
-                                         f"{MAX_PACKAGE_WEIGHTS_BYTES + MAX_PACKAGE_FILE_BYTES * len(PACKAGE_FILES):,} bytes in all")
+                if total > MAX_PACKAGE_BYTES:
+                    raise ModelLoadError(f"{path}: members declare more than {MAX_PACKAGE_BYTES:,} bytes in all")
                 if name not in PACKAGE_FILES:
                     continue  # not ours: not extracted
                 if name in written:

@@ -326,7 +326,8 @@ def test_manifest_records_the_tokenizer_and_a_different_one_is_refused(tmp_path,
     check_tokenizer(path, tok)
     other = tmp_path / "other.json"
     other.write_text('{"version": "b"}')
-    with pytest.raises(CheckpointError, match=r"MANIFEST.json: trained with tokenizer sha256 [0-9a-f]{16}.*other.json has sha256"):
+    with pytest.raises(CheckpointError,
+                       match=r"MANIFEST.json: trained with tokenizer sha256 [0-9a-f]{16}.*other.json has sha256"):
         check_tokenizer(path, other)
 
 
@@ -341,8 +342,8 @@ def test_kill_9_between_the_renames_of_a_resave(tmp_path):
     code = ("import torch; from simone.config import preset; from simone.model import build_model; "
             "from simone.train.checkpoint import save_checkpoint; from simone.train.faults import Faults; "
             "cfg = preset('tiny'); m = build_model(cfg.model); "
-            f"[save_checkpoint({str(root)!r}, 3, m.state_dict(), {{'step': 3}}, cfg.to_dict(), faults=Faults.from_env()) "
-            "for _ in range(2)]")
+            f"[save_checkpoint({str(root)!r}, 3, m.state_dict(), {{'step': 3}}, cfg.to_dict(), "
+            "faults=Faults.from_env()) for _ in range(2)]")
     env = dict(os.environ, SIMONE_FAULT_KILL_BETWEEN_RENAMES="3")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == -signal.SIGKILL, done.stderr
