@@ -395,7 +395,7 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
         vcfg.model.vocab_size = vtok.vocab_size
         set_policy_domains(vcfg.model, vtok.domains)
         _say(f"{name}: training {steps} steps")
-        result = stage_train(vcfg, run.root)
+        result = stage_train(vcfg, run.root, force=True)  # a rerun into the same --out starts over
         if getattr(result, "stop_reason", None) == "signal":
             raise KeyboardInterrupt(f"ablation stopped by a signal while training {name}")
         rows.append(evaluate_variant(name, run, val_dir, judge, settings, result))

@@ -148,10 +148,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise CLIError(f"--models: unknown model(s) {', '.join(unknown) or '(none)'}; "
                            f"choose from {', '.join(MODEL_CHOICES)}")
         result = run_models(cfg, run_dir, models, resume=resume, package_dir=Path(args.package_dir),
-                            monitor=args.monitor, monitor_port=args.port, eval_data=eval_data)
+                            monitor=args.monitor, monitor_port=args.port, eval_data=eval_data, force=args.force)
     else:
-        result = run_pipeline(cfg, run_dir, resume=resume, monitor=args.monitor,
-                              monitor_port=args.port, package_dir=Path(args.package_dir), eval_data=eval_data)
+        result = run_pipeline(cfg, run_dir, resume=resume, monitor=args.monitor, monitor_port=args.port,
+                              package_dir=Path(args.package_dir), eval_data=eval_data, force=args.force)
     return 0 if result.ok else 1
 
 
@@ -187,7 +187,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_config(args, run_dir)
     if args.parallel is not None:
         cfg.train.parallel = args.parallel
-    result = stage_train(cfg, run_dir, resume=_resume_arg(args.resume))
+    result = stage_train(cfg, run_dir, resume=_resume_arg(args.resume), force=args.force)
     return 0 if result is not None else 1
 
 
@@ -330,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", "--output_dir", dest="run_dir", default=None, help="default: runs/<timestamp>")
     p.add_argument("--resume", "--resume_from", dest="resume", default=None,
                    help="latest | best (or best_model) | checkpoint path")
+    p.add_argument("--force", action="store_true",
+                   help="start over in a run dir that holds checkpoints (its earlier run moves to RUN/replaced-*)")
     p.add_argument("--models", default=None, metavar="llama,gpt2",
                    help="train several architectures on the same data, tokenizer and budget into "
                         "RUN/runs/NAME, validate and package each, and write RUN/comparison.{md,json}")
@@ -366,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--run-dir", dest="run_dir", required=True)
     p.add_argument("--resume", "--resume_from", dest="resume", default=None)
+    p.add_argument("--force", action="store_true",
+                   help="start over in a run dir that holds checkpoints (its earlier run moves to RUN/replaced-*)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default=None,
                    help="under torchrun: ddp (a replica per process, default) or fsdp (FSDP2: sharded "
                         "parameters, gradients and optimizer state, for models that do not fit one GPU)")

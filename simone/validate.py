@@ -34,8 +34,15 @@ def _default_out_dir(model_path: Path) -> Path:
 
 
 def _find_data_dir(model_path: Path, loaded) -> Path | None:
-    """The run's data/ folder with val.bin, when the model came from a run."""
-    for cand in (model_path / "data", loaded.files["checkpoint"].parent.parent / "data"):
+    """The run's data/ folder with val.bin, when the model came from a run (a run dir or a
+    checkpoint inside its checkpoints/); never for a package, which carries no shards."""
+    if loaded.unpacked is not None:
+        return None
+    candidates = [model_path / "data"]
+    ckpt = loaded.files["checkpoint"]
+    if ckpt.parent.name == "checkpoints":
+        candidates.append(ckpt.parent.parent / "data")
+    for cand in candidates:
         if (cand / "index.json").exists() and (cand / "val.bin").exists():
             return cand
     return None
@@ -221,6 +228,9 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
         report["diversity"]["validation_text"] = diversity(snippets)
 
     _check_bounds(check, report, bounds or cfg.validate, loaded.device.type, cfg.preset)
+
+
+    loaded.close()  # an extracted package's temporary folder (else removed when `loaded` goes)
     return _finish(report, out_dir)
 
 

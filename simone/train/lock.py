@@ -1,20 +1,26 @@
-"""One live process per run directory: a lock file holding the owner's pid.
+"""One live process per run directory: an `fcntl.flock` on `RUN/.lock`.
 
-`RUN/.lock` is created exclusively (O_EXCL) and holds `{pid, host, started, create_time}`.
-A second process that finds the lock checks whether the owner is still alive: a live owner
-means the run is refused (`RunLockedError`); a dead one (a `kill -9`, a crash, a reboot) means
-the lock is stale and is taken over with a warning. The owner's process start time is stored
-too, so a recycled pid belonging to some unrelated process is not mistaken for the owner.
+The kernel holds the lock for the process and drops it when the process dies (a `kill -9`,
+a crash, a reboot), so there is no stale-lock takeover to get wrong: whoever gets the flock
+owns the run. The file also holds `{pid, host, started}`, written after the lock is taken,
+only so that a refused process can say who owns the run.
 
-The lock is re-entrant within one process: the CLI may hold it for a whole pipeline run and
-`train()` may take it again without deadlocking itself.
+The lock is re-entrant within one process: `simone run` holds it for the whole pipeline and
+each stage, and `train()`, takes it again without deadlocking itself (a second flock on a
+new file description would block even in the same process, so one is shared).
+
+The file is removed on release. To make that safe, a process that gets the flock checks
+that the path still names the file it locked (another owner may have removed it meanwhile);
+if not, it tries again on the new file.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -26,47 +32,28 @@ from simone.errors import SimoneError
 
 LOCK_NAME = ".lock"
 
+# path -> [fd, depth, pid]: the locks this process holds (a forked child's copy is not its own)
+_HELD: dict[str, list[int]] = {}
+_HELD_GUARD = threading.Lock()
+
 
 class RunLockedError(SimoneError, RuntimeError):
     """Another live process is working in this run directory."""
 
 
-def _process_start_time(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
-        return None
-
-
-def _owner_alive(info: dict[str, Any]) -> bool:
-    """Is the process recorded in a lock file still running (on this host)?"""
-    pid = info.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    if info.get("host") not in (None, socket.gethostname()):
-        # another machine's lock (shared filesystem): we cannot check, so trust it
-        return True
-    if not psutil.pid_exists(pid):
-        return False
-    try:
-        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-            return False
-    except psutil.Error:
-        return False
-    recorded = info.get("create_time")
-    actual = _process_start_time(pid)
-    if isinstance(recorded, (int, float)) and actual is not None and abs(actual - recorded) > 1.0:
-        return False  # the pid was recycled by an unrelated process
-    return True
-
-
 def read_lock(run_root: Path) -> dict[str, Any] | None:
+    """The owner info in a lock file: None without one, {} when empty or unreadable."""
     try:
-        return json.loads((Path(run_root) / LOCK_NAME).read_text(encoding="utf-8"))
+        info = json.loads((Path(run_root) / LOCK_NAME).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}  # half-written or garbage: treated as stale
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _alive(pid: Any) -> bool:
+    return isinstance(pid, int) and pid > 0 and psutil.pid_exists(pid)
 
 
 class RunLock:
@@ -75,58 +62,70 @@ class RunLock:
     def __init__(self, run_root: str | Path, warn: Callable[[str], None] | None = None):
         self.path = Path(run_root) / LOCK_NAME
         self._warn = warn or (lambda msg: warnings.warn(msg, stacklevel=3))
-        self._owned = False  # True if this object created the lock (and must remove it)
+        self._key = ""
+        self._held = False
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": time.time(),
-            "create_time": _process_start_time(os.getpid()),
-        }
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                info = read_lock(self.path.parent)
-                if info is None:
-                    continue  # removed between our open and our read: try again
-                if info.get("pid") == os.getpid() and info.get("host") == me["host"]:
-                    return self  # re-entrant: this process already holds it
-                if _owner_alive(info):
-                    raise RunLockedError(
-                        f"{self.path.parent}: run directory is in use by pid {info.get('pid')} "
-                        f"on {info.get('host')} (lock file {self.path}); stop that process first, "
-                        f"or choose another run directory"
-                    )
-                self._warn(
-                    f"{self.path}: taking over a stale lock from pid {info.get('pid')}, "
-                    f"which is no longer running"
-                )
+        self._key = os.path.realpath(self.path)
+        with _HELD_GUARD:
+            held = _HELD.get(self._key)
+            if held is not None and held[2] == os.getpid():
+                held[1] += 1  # re-entrant: this process already holds it
+                self._held = True
+                return self
+            for _ in range(10):
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
                 try:
-                    self.path.unlink()
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    info = read_lock(self.path.parent) or {}
+                    raise RunLockedError(
+                        f"{self.path.parent}: run directory is in use by pid {info.get('pid', '?')} "
+                        f"on {info.get('host', '?')} (lock file {self.path}); stop that process first, "
+                        f"or choose another run directory") from None
+                try:
+                    same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
                 except FileNotFoundError:
-                    pass
-                continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(me, f)
-                f.flush()
-                os.fsync(f.fileno())
-            self._owned = True
-            return self
-        raise RunLockedError(f"{self.path}: could not take the lock (another process raced for it)")
+                    same_file = False
+                if not same_file:  # the previous owner removed it as we opened it: again
+                    os.close(fd)
+                    continue
+                self._record_owner(fd)
+                _HELD[self._key] = [fd, 1, os.getpid()]
+                self._held = True
+                return self
+        raise RunLockedError(f"{self.path}: could not take the lock (other processes keep racing for it)")
+
+    def _record_owner(self, fd: int) -> None:
+        """Write who holds the lock (for other processes' messages)."""
+        previous = read_lock(self.path.parent)
+        if previous and previous.get("pid") not in (None, os.getpid()) and not _alive(previous.get("pid")):
+            self._warn(f"{self.path}: taking over a stale lock from pid {previous.get('pid')}, "
+                       f"which is no longer running")
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
 
     def release(self) -> None:
-        if not self._owned:
+        if not self._held:
             return
-        info = read_lock(self.path.parent)
-        if info and info.get("pid") == os.getpid():
-            try:
+        self._held = False
+        with _HELD_GUARD:
+            held = _HELD.get(self._key)
+            if held is None or held[2] != os.getpid():
+                return
+            held[1] -= 1
+            if held[1] > 0:
+                return
+            del _HELD[self._key]
+            fd = held[0]
+            try:  # remove the file while still holding the lock (see the module docstring)
                 self.path.unlink()
             except FileNotFoundError:
                 pass
-        self._owned = False
+            os.close(fd)  # closing the last descriptor releases the flock
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

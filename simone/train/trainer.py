@@ -60,6 +60,7 @@ from simone.train.checkpoint import (
     CheckpointSaveError,
     check_free_space,
     check_state_fits,
+    check_tokenizer,
     estimate_checkpoint_bytes,
     list_checkpoints,
     load_checkpoint,
@@ -751,7 +752,7 @@ class Trainer:
             path = save_checkpoint(self.run.checkpoints, self.step, model_state,
                                    self._train_state(rng_per_rank, optimizer_state), self.cfg.to_dict(), best=best,
                                    keep=self.cfg.train.keep_checkpoints, faults=self.faults,
-                                   log=self.metrics.log)
+                                   log=self.metrics.log, tokenizer=self.run.tokenizer)
             self.last_checkpoint = path.name
             if best:
                 self.best_checkpoint = path.name
@@ -778,6 +779,8 @@ class Trainer:
 
     def _restore(self, ckpt: Path) -> None:
         """Load a verified checkpoint into the model, optimizer, loader, RNGs and counters."""
+        if self.env.is_main and self.run.tokenizer.exists():
+            check_tokenizer(ckpt, self.run.tokenizer)  # never continue with another tokenizer
         model_state, state, _ = load_checkpoint(ckpt, verify=False)  # resolve_checkpoint verified it
         check_state_fits(self.raw_model, model_state, str(ckpt / WEIGHTS))
         load_full_model_state(self.raw_model, model_state)
