@@ -181,12 +181,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from simone.pipeline import stage_train
+    from simone.pipeline import check_device, stage_train
 
     run_dir = Path(args.run_dir)
     cfg = build_config(args, run_dir)
     if args.parallel is not None:
         cfg.train.parallel = args.parallel
+    check_device(cfg)  # before the run lock creates the run dir
     result = stage_train(cfg, run_dir, resume=_resume_arg(args.resume), force=args.force)
     return 0 if result is not None else 1
 

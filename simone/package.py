@@ -217,10 +217,14 @@ def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best", name: str 
         (stage / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         (stage / "README.md").write_text(model_card(summary))
         _write_hf_folder(ckpt, stage / "hf", name)
+        # `files`: the checkpoint manifest format (plain names, what simone loads); `hf_files`:
+        # the hf/ copy, which simone never extracts (`verify_hf_folder` checks an unpacked one)
         manifest = {"schema": 1, "step": ckpt_manifest.get("step"),
                     "tokenizer_sha256": sha256_file(stage / "tokenizer.json"),
-                    "files": {p.relative_to(stage).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
-                              for p in sorted(stage.rglob("*")) if p.is_file()}}
+                    "files": {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
+                              for p in sorted(stage.iterdir()) if p.is_file()},
+                    "hf_files": {p.relative_to(stage).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
+                                 for p in sorted((stage / "hf").rglob("*")) if p.is_file()}}
         (stage / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
         tmp_tar = Path(tmp) / f"{name}.tar.gz"
         with tarfile.open(tmp_tar, "w:gz") as tar:
@@ -244,3 +248,19 @@ def _place_without_replacing(tmp_tar: Path, out_dir: Path, name: str) -> Path:
         fsync_dir(out_dir)
         return final
     raise PackageError(f"{out_dir}: {name}.tar.gz and 998 numbered copies exist already; remove some")
+
+
+def verify_hf_folder(package_dir: Path) -> dict[str, Any]:
+    """Check an unpacked package's hf/ folder against its MANIFEST.json (`hf_files`); return
+    the manifest. Raises PackageError naming the first file that is missing or differs."""
+    package_dir = Path(package_dir)
+    manifest = read_json(package_dir / "MANIFEST.json", None)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("hf_files"), dict):
+        raise PackageError(f"{package_dir / 'MANIFEST.json'}: no hf_files list (a package from before hf/ folders?)")
+    for rel, entry in manifest["hf_files"].items():
+        path = package_dir / rel
+        if not rel.startswith("hf/") or ".." in Path(rel).parts or not path.is_file() or path.is_symlink():
+            raise PackageError(f"{path}: missing or not a regular file of the package's hf/ folder")
+        if not isinstance(entry, dict) or sha256_file(path) != entry.get("sha256"):
+            raise PackageError(f"{path}: sha256 does not match MANIFEST.json (hf_files[{rel!r}])")
+    return manifest

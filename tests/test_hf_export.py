@@ -197,15 +197,17 @@ def test_model_card_has_hub_metadata_and_says_what_stays_in_simone(exported):
 
 
 def test_package_manifest_covers_the_hf_folder(exported):
+    from simone.package import verify_hf_folder
     from simone.train.checkpoint import verify_checkpoint
 
     package_dir = exported["folders"]["package"].parent
-    manifest = verify_checkpoint(package_dir)
-    assert "hf/model.safetensors" in manifest["files"] and "hf/tokenizer.json" in manifest["files"]
+    verify_checkpoint(package_dir)  # what simone loads: plain names only
+    manifest = verify_hf_folder(package_dir)
+    assert "hf/model.safetensors" in manifest["hf_files"] and "hf/tokenizer.json" in manifest["hf_files"]
     with open(package_dir / "hf" / "config.json", "a") as f:
         f.write(" ")
     with pytest.raises(Exception, match="hf/config.json"):
-        verify_checkpoint(package_dir)
+        verify_hf_folder(package_dir)
 
 
 def test_memory_slots_are_refused_in_one_line(template, tmp_path, capsys):
