@@ -128,7 +128,7 @@ def _implied_legacy_preset(args: argparse.Namespace, cfg: Config) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from simone.pipeline import MODEL_CHOICES, check_device, run_models, run_pipeline
+    from simone.workflows.pipeline import MODEL_CHOICES, check_device, run_models, run_pipeline
 
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
     resume = _resume_arg(args.resume)
@@ -156,7 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
-    from simone.pipeline import stage_curate
+    from simone.workflows.pipeline import stage_curate
 
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
     cfg = build_config(args, run_dir)
@@ -165,7 +165,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
-    from simone.pipeline import stage_tokenizer
+    from simone.workflows.pipeline import stage_tokenizer
 
     run_dir = Path(args.run_dir)
     stage_tokenizer(build_config(args, run_dir), run_dir)
@@ -173,7 +173,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from simone.pipeline import stage_prepare
+    from simone.workflows.pipeline import stage_prepare
 
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
     stage_prepare(build_config(args, run_dir), run_dir)
@@ -181,7 +181,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from simone.pipeline import check_device, stage_train
+    from simone.workflows.pipeline import check_device, stage_train
 
     run_dir = Path(args.run_dir)
     cfg = build_config(args, run_dir)
@@ -193,7 +193,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from simone.validate import print_report, validate
+    from simone.inference.validate import print_report, validate
 
     report = validate(Path(args.model), out_dir=Path(args.out) if args.out else None,
                       data_dir=Path(args.data_dir) if args.data_dir else None)
@@ -202,7 +202,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_package(args: argparse.Namespace) -> int:
-    from simone.package import package_run
+    from simone.inference.package import package_run
     from simone.rundir import RunDir
 
     path = package_run(RunDir(Path(args.run_dir)), Path(args.out))
@@ -211,7 +211,7 @@ def cmd_package(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from simone.generate import generate_cli
+    from simone.inference.generate import generate_cli
 
     return generate_cli(
         model_path=Path(args.model), prompt=args.prompt, max_tokens=args.max_tokens,
@@ -238,7 +238,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from simone.ablate import VARIANTS, AblationSettings, run_ablation
+    from simone.workflows.ablate import VARIANTS, AblationSettings, run_ablation
 
     cfg = build_config(args)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else list(VARIANTS)
@@ -259,7 +259,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from simone.doctor import print_report, run_checks
+    from simone.workflows.doctor import print_report, run_checks
 
     checks = run_checks(Path(args.data) if args.data else None, Path(args.run_dir) if args.run_dir else None)
     return print_report(checks)
@@ -289,7 +289,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from simone import bench
+    from simone.workflows import bench
 
     common = dict(preset=args.preset or DEFAULT_PRESET, threads=args.threads, json_path=args.json)
     if args.kind != "prep" and args.corpus:

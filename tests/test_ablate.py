@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from simone.ablate import VARIANTS
+from simone.workflows.ablate import VARIANTS
 from simone.cli import main
 
 

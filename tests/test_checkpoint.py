@@ -13,7 +13,7 @@ from safetensors.torch import load_model as safetensors_load_model
 
 from simone.config import preset
 from simone.model import build_model
-from simone.train.checkpoint import (
+from simone.checkpoint import (
     CheckpointError,
     CheckpointMismatchError,
     CheckpointSaveError,
@@ -25,7 +25,7 @@ from simone.train.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from simone.train.faults import Faults
+from simone.faults import Faults
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_invalid_config_in_checkpoint_is_rejected(tmp_path, model):
 
 
 def test_validate_checkpoint_checks_manifest_schema_and_shapes(tmp_path, model):
-    from simone.train.checkpoint import validate_checkpoint
+    from simone.inference.generate import validate_checkpoint
 
     cfg, m = model
     path = _save(tmp_path / "c", 1, m, cfg)
@@ -313,7 +313,7 @@ def test_manifest_entry_that_is_a_symlink_is_refused(tmp_path, model):
 
 
 def test_manifest_records_the_tokenizer_and_a_different_one_is_refused(tmp_path, model):
-    from simone.train.checkpoint import check_tokenizer
+    from simone.checkpoint import check_tokenizer
 
     cfg, m = model
     tok = tmp_path / "tokenizer.json"
@@ -340,7 +340,7 @@ def test_kill_9_between_the_renames_of_a_resave(tmp_path):
 
     root = tmp_path / "checkpoints"
     code = ("import torch; from simone.config import preset; from simone.model import build_model; "
-            "from simone.train.checkpoint import save_checkpoint; from simone.train.faults import Faults; "
+            "from simone.checkpoint import save_checkpoint; from simone.faults import Faults; "
             "cfg = preset('tiny'); m = build_model(cfg.model); "
             f"[save_checkpoint({str(root)!r}, 3, m.state_dict(), {{'step': 3}}, cfg.to_dict(), "
             "faults=Faults.from_env()) for _ in range(2)]")

@@ -187,7 +187,7 @@ def test_checkpoint_of_one_process_resumes_in_two_with_fsdp(template, tmp_path, 
     # every rank ran the sharded model to generate the sample; rank 0 alone wrote it
     assert [json.loads(line)["step"] for line in run.samples.read_text().splitlines()] == [6]
     # the FSDP run's own checkpoint holds full tensors: one process loads and checks it
-    from simone.train.checkpoint import load_checkpoint
+    from simone.checkpoint import load_checkpoint
 
     weights, state, _ = load_checkpoint(run.checkpoints / "step_000006")
     model_cfg = preset("tiny").model

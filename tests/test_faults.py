@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from simone.train.checkpoint import CheckpointMismatchError, list_checkpoints, load_checkpoint, read_pointer
-from simone.train.faults import Faults
-from simone.train.lock import LOCK_NAME, RunLock, RunLockedError
+from simone.checkpoint import CheckpointMismatchError, list_checkpoints, load_checkpoint, read_pointer
+from simone.faults import Faults
+from simone.lock import LOCK_NAME, RunLock, RunLockedError
 from simone.train.optim import lr_at
 from simone.train.trainer import TrainingError, train
 from test_train_support import new_run, read_metrics
@@ -111,7 +111,7 @@ def _dead_pid() -> int:
 
 def hold_lock(run_root) -> subprocess.Popen:
     """Another process that holds the run lock until killed (prints 'locked' once it does)."""
-    code = ("import sys, time; from simone.train.lock import RunLock; "
+    code = ("import sys, time; from simone.lock import RunLock; "
             f"lock = RunLock({str(run_root)!r}).acquire(); print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"

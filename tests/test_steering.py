@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from simone.steering import NaiveBayesClassifier, fit_on_documents, snippet_accuracy, words
+from simone.inference.steering import NaiveBayesClassifier, fit_on_documents, snippet_accuracy, words
 
 TEXTS = {
     "sky": ["the sun and the moon and a star in the sky", "bright star light over the moon"],

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from simone.generate import ModelLoadError, load_model, sample_text
-from simone.package import package_run
+from simone.inference.generate import ModelLoadError, load_model, sample_text
+from simone.inference.package import package_run
 from simone.rundir import RunDir
 from simone.train.trainer import train
-from simone.validate import validate
+from simone.inference.validate import validate
 from test_train_support import new_run, subprocess_env
 
 

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from simone.errors import SimoneError
     from simone.rundir import RunDir
     from simone.train.distributed import dist_env_from_environ
-    from simone.train.lock import RunLock
+    from simone.lock import RunLock
     from simone.train.trainer import TrainingError, train
 
     run = RunDir(args.run_dir)

@@ -46,15 +46,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from simone.config import Config
+from simone.config import Config, ModelConfig
 from simone.data.loader import BatchLoader
 from simone.data.shards import TokenShard
+from simone.data.tokenizer import load_tokenizer
 from simone.errors import SimoneError
-from simone.evaluate import evaluate_per_domain
+from simone.inference.evaluate import evaluate_per_domain
 from simone.model import build_model
-from simone.model.governance import LossTermMeter, policy_domains_for_run
+from simone.model.governance import LossTermMeter, set_policy_domains, uses_policy
 from simone.rundir import RunDir
-from simone.train.checkpoint import (
+from simone.checkpoint import (
     WEIGHTS,
     CheckpointError,
     CheckpointSaveError,
@@ -89,8 +90,8 @@ from simone.train.distributed import (
     wrap_model,
 )
 from simone.train.early_stopping import EarlyStopping
-from simone.train.faults import Faults
-from simone.train.lock import RunLock
+from simone.faults import Faults
+from simone.lock import RunLock
 from simone.train.metrics import MetricsLogger, format_seconds, mfu, peak_flops
 from simone.train.optim import optimizer_skips_on_device, set_lr
 from simone.train.schedule import LRSchedule, percent_done, stop_summary
@@ -243,6 +244,16 @@ def _duration(seconds: float) -> str:
 # ----------------------------------------------------------------------------- the trainer
 
 
+def policy_domains_for_run(cfg: ModelConfig, tokenizer_path) -> list[str] | None:
+    """For the trainer: the policy classes (the tokenizer's domains, which also sizes
+    `cfg.n_domains`), or None when the model has no policy head."""
+    if not uses_policy(cfg):
+        return None
+    domains = load_tokenizer(tokenizer_path).domains
+    set_policy_domains(cfg, domains)
+    return domains
+
+
 class Trainer:
     """Holds the model, optimizer, data and counters of one training run (one process)."""
 
@@ -319,7 +330,7 @@ class Trainer:
         self._sharded = self.parallel == "fsdp" and env.distributed
         self.tokenizer = None
         if env.is_main or self._sharded:  # sharded: every rank takes part in generating samples
-            from simone.tokenizer import load_tokenizer
+            from simone.data.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer(run.tokenizer)
 

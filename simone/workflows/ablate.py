@@ -25,7 +25,7 @@ Budget. All variants train for the same number of optimizer steps (so the same t
 `budget_minutes / n_variants` minutes, measured by timing a few of its steps first.
 
 Measures per variant: parameters; validation bits per byte, overall and per domain; steering
-accuracy (`simone.steering`: a naive Bayes judge fitted on the training split, samples made
+accuracy (`simone.inference.steering`: a naive Bayes judge fitted on the training split, samples made
 with `--domain X`), also with policy guidance for models with a policy head; streaming
 perplexity and bits per byte of a validation text `stream_contexts` times longer than the
 context, read through the bounded streaming cache (Llama-style models), beside the
@@ -96,7 +96,7 @@ def _link(target: Path, link: Path) -> None:
 def prepare_shared(cfg: Config, out: Path) -> RunDir:
     """Curate, train the tokenizer and build the shards once, in OUT/shared."""
     from simone.data.shards import build_shards
-    from simone.pipeline import stage_curate, stage_tokenizer
+    from simone.workflows.pipeline import stage_curate, stage_tokenizer
 
     shared = RunDir(out / "shared")
     stage_curate(cfg, shared.root)
@@ -118,7 +118,7 @@ def prepare_uncurated(cfg: Config, shared: RunDir, run: RunDir) -> Path:
     """Curation off into `run`, clean validation documents removed from its training split;
     returns the folder with the clean validation set tokenized by its own tokenizer."""
     from simone.data.shards import build_shards
-    from simone.pipeline import stage_curate, stage_tokenizer
+    from simone.workflows.pipeline import stage_curate, stage_tokenizer
 
     stage_curate(cfg, run.root)
     clean_val = [d for d in _read_documents(shared.documents) if d.get("split") == "val"]
@@ -187,7 +187,7 @@ def seconds_per_step(cfg: Config, shared: RunDir, steps: int = 3) -> float:
     """Time a few optimizer steps (forward, backward, AdamW) of `cfg`'s model on real batches."""
     from simone.data.loader import BatchLoader
     from simone.data.shards import TokenShard
-    from simone.generate import pick_device
+    from simone.inference.generate import pick_device
     from simone.model import build_model
 
     tc = cfg.train
@@ -298,10 +298,10 @@ def median_train_rate(run: RunDir) -> float | None:
 
 def evaluate_variant(name: str, run: RunDir, val_dir: Path, judge, settings: AblationSettings,
                      train_result) -> dict:
-    from simone.generate import load_model
-    from simone.steering import steering_accuracy
+    from simone.inference.generate import load_model
+    from simone.inference.steering import steering_accuracy
     from simone.data.shards import TokenShard
-    from simone.evaluate import evaluate_per_domain
+    from simone.inference.evaluate import evaluate_per_domain
 
     loaded = load_model(run.root)
     cfg = loaded.config
@@ -341,9 +341,9 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
     """Train and evaluate every variant in `settings.variants` into `out`; write
     `ablation.json`, `ablation.md` and `ablation.svg` there and return the result dict."""
     from simone.model import set_policy_domains
-    from simone.pipeline import stage_train
-    from simone.steering import fit_on_documents, snippet_accuracy
-    from simone.tokenizer import load_tokenizer
+    from simone.workflows.pipeline import stage_train
+    from simone.inference.steering import fit_on_documents, snippet_accuracy
+    from simone.data.tokenizer import load_tokenizer
 
     unknown = [v for v in settings.variants if v not in VARIANTS]
     if unknown:
@@ -456,7 +456,7 @@ def ablation_markdown(result: dict) -> str:
                     _f(r.get("tokens_seen"), ",d"), _f(r.get("tokens_per_s"), ",.0f")])
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Variants: " + "; ".join(f"`{n}`" for n in (r["variant"] for r in rows)) + 
-              ". See `simone/ablate.py` for their definitions.", ""]
+              ". See `simone/workflows/ablate.py` for their definitions.", ""]
     return "\n".join(lines)
 
 

@@ -112,7 +112,7 @@ def steering_accuracy(loaded, classifier: NaiveBayesClassifier, domains: list[st
     Domains default to those both the tokenizer (control tokens) and the classifier know.
     `policy_guidance` > 0 adds policy reranking (governance models with a policy head).
     """
-    from simone.generate import GovernanceOptions, sample_with_domain
+    from simone.inference.generate import GovernanceOptions, sample_with_domain
 
     tok = loaded.tokenizer
     domains = domains or [d for d in tok.domains if d in classifier.classes]

@@ -17,7 +17,7 @@ import torch
 
 from simone.config import ValidateConfig, analytic_param_count
 from simone.data.shards import TokenShard
-from simone.evaluate import evaluate_per_domain
+from simone.inference.evaluate import evaluate_per_domain
 from simone.rundir import atomic_write_json, atomic_write_text, read_json, sha256_file
 
 SAMPLE_PROMPTS = ["The ", "And it came to pass", "What is "]
@@ -136,7 +136,7 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
 
     `bounds`: the generation-speed and peak-memory bounds (default: the model's own config's
     `validate` section, i.e. its preset's)."""
-    from simone.generate import ModelLoadError, load_model, stream_tokens
+    from simone.inference.generate import ModelLoadError, load_model, stream_tokens
 
     _reset_peak_rss()
     if torch.cuda.is_available():
@@ -159,7 +159,7 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
         return _finish(report, out_dir)
 
     # integrity: the sha256 of every artifact, checked against its manifest
-    from simone.train.checkpoint import CheckpointError, verify_checkpoint
+    from simone.checkpoint import CheckpointError, verify_checkpoint
 
     try:
         verify_checkpoint(loaded.files["checkpoint"])

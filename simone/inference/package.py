@@ -168,7 +168,7 @@ def _write_hf_folder(checkpoint: Path, out_dir: Path, name: str) -> None:
     one (said on stderr)."""
     import sys
 
-    from simone.export import ExportError
+    from simone.inference.export import ExportError
     from simone.inference.hf_folder import export_hf
 
     try:
@@ -186,7 +186,7 @@ def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best", name: str 
     is written beside the tarball (the original layout kept the summary beside the models), and
     the same summary is inside it, with an `hf/` folder that transformers opens.
     """
-    from simone.train.checkpoint import resolve_checkpoint, verify_checkpoint
+    from simone.checkpoint import resolve_checkpoint, verify_checkpoint
 
     ckpt = None
     for which in (checkpoint, "latest"):
@@ -196,7 +196,7 @@ def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best", name: str 
         except Exception:
             continue
     if ckpt is None:
-        from simone.generate import ModelLoadError
+        from simone.inference.generate import ModelLoadError
 
         raise ModelLoadError(f"{run.checkpoints}: no verified checkpoint to package")
     ckpt_manifest = verify_checkpoint(ckpt)

@@ -47,7 +47,7 @@ from safetensors.torch import save as safetensors_save
 
 from simone.errors import SimoneError
 from simone.rundir import atomic_write_text, fsync_dir, sha256_file
-from simone.train.faults import Faults
+from simone.faults import Faults
 
 if TYPE_CHECKING:
     from simone.config import Config
@@ -524,47 +524,3 @@ def resolve_checkpoint(
                     return old
             report(f"{e}; skipping checkpoint {cand.name}")
     raise CheckpointError(f"{ckpt_root}: no checkpoint passes verification")
-
-
-def validate_checkpoint(path: str | Path) -> Config:
-    """Check a checkpoint (or an unpacked package holding the same files) before using it:
-    the manifest (when present), config.json against the Config schema, and every tensor's
-    name and shape against the model that config describes. Returns the Config; raises
-    CheckpointError / CheckpointMismatchError naming the file and the problem.
-
-    The model is built on the `meta` device, so this allocates no weights.
-    """
-    from simone.config import ConfigError, from_dict
-    from simone.model import build_model
-
-    path = Path(path)
-    if (path / MANIFEST).exists():
-        verify_checkpoint(path)
-    try:
-        cfg = from_dict(json.loads((path / CONFIG).read_text(encoding="utf-8")))
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path / CONFIG}: missing") from e
-    except (json.JSONDecodeError, ConfigError) as e:
-        raise CheckpointError(f"{path / CONFIG}: not a valid SIM-ONE config ({e})") from e
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path / WEIGHTS), "pt") as f:
-            meta = f.metadata() or {}
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path / WEIGHTS}: missing") from e
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path / WEIGHTS}: not a readable safetensors file ({e})") from e
-    for alias, target in json.loads(meta.get("aliases", "{}") or "{}").items():
-        if target in shapes:
-            shapes[alias] = shapes[target]
-    with torch.device("meta"):
-        model = build_model(cfg.model)
-    fake = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-    if model.output.weight is model.tok_embeddings.weight:  # tied: one stored name is enough
-        for a, b in (("output.weight", "tok_embeddings.weight"), ("tok_embeddings.weight", "output.weight")):
-            if a not in fake and b in fake:
-                fake[a] = fake[b]
-    check_state_fits(model, fake, str(path / WEIGHTS))
-    return cfg

@@ -35,7 +35,7 @@ class LoadedModel:
     collected, or at the latest when the interpreter exits."""
 
     model: torch.nn.Module
-    tokenizer: object  # simone.tokenizer.Tokenizer
+    tokenizer: object  # simone.data.tokenizer.Tokenizer
     config: Config
     source: Path  # what the user pointed at
     weights: Path  # the model.safetensors actually loaded
@@ -67,7 +67,7 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-# What a package may hold (see simone/package.py); anything else in the archive is skipped.
+# What a package may hold (see simone/inference/package.py); anything else in the archive is skipped.
 PACKAGE_FILES = ("model.safetensors", "config.json", "tokenizer.json", "training_summary.json",
                  "README.md", "MANIFEST.json")
 MAX_PACKAGE_MEMBERS = 64
@@ -155,7 +155,7 @@ def locate_artifacts(path: Path, in_package: bool = False) -> dict[str, Path]:
         raise ModelLoadError(f"{path}: expected a run dir, a checkpoint dir or a .tar.gz package")
 
     if not in_package and (path / "checkpoints").is_dir():  # a run directory
-        from simone.train.checkpoint import resolve_checkpoint
+        from simone.checkpoint import resolve_checkpoint
 
         ckpt = None
         for which in ("best", "latest"):
@@ -204,8 +204,8 @@ def _load(path: Path, unpacked: Path | None, device: str) -> LoadedModel:
     from safetensors.torch import load_model as load_safetensors
 
     from simone.model import build_model
-    from simone.tokenizer import load_tokenizer
-    from simone.train.checkpoint import CheckpointError, check_tokenizer, validate_checkpoint
+    from simone.data.tokenizer import load_tokenizer
+    from simone.checkpoint import CheckpointError, check_tokenizer
 
     files = locate_artifacts(unpacked or path, in_package=unpacked is not None)
     # from elsewhere, so check before use: manifest hashes, config schema, tensor shapes
@@ -446,9 +446,56 @@ def write_trace(loaded: LoadedModel, prompt: str, domain: str | None, records: l
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         print(f"[trace: {jsonl_path}]", file=sys.stderr)
     if html_path is not None:
-        from simone.trace_html import write_trace_html
+        from simone.inference.trace_html import write_trace_html
 
         tok = loaded.tokenizer
         prompt_tokens = [tok.decode([i]) for i in prompt_ids(loaded, prompt, domain)]
         write_trace_html(Path(html_path), prompt_tokens, records, title=f"SIM-ONE trace: {loaded.source}")
         print(f"[trace html: {html_path}]", file=sys.stderr)
+
+
+def validate_checkpoint(path: str | Path) -> Config:
+    """Check a checkpoint (or an unpacked package holding the same files) before using it:
+    the manifest (when present), config.json against the Config schema, and every tensor's
+    name and shape against the model that config describes. Returns the Config; raises
+    CheckpointError / CheckpointMismatchError naming the file and the problem.
+
+    The model is built on the `meta` device, so this allocates no weights.
+    """
+    from safetensors import SafetensorError
+
+    from simone.checkpoint import CONFIG, MANIFEST, WEIGHTS, CheckpointError, check_state_fits, verify_checkpoint
+    from simone.config import ConfigError, from_dict
+    from simone.model import build_model
+
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        verify_checkpoint(path)
+    try:
+        cfg = from_dict(json.loads((path / CONFIG).read_text(encoding="utf-8")))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path / CONFIG}: missing") from e
+    except (json.JSONDecodeError, ConfigError) as e:
+        raise CheckpointError(f"{path / CONFIG}: not a valid SIM-ONE config ({e})") from e
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path / WEIGHTS), "pt") as f:
+            meta = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path / WEIGHTS}: missing") from e
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path / WEIGHTS}: not a readable safetensors file ({e})") from e
+    for alias, target in json.loads(meta.get("aliases", "{}") or "{}").items():
+        if target in shapes:
+            shapes[alias] = shapes[target]
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    fake = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    if model.output.weight is model.tok_embeddings.weight:  # tied: one stored name is enough
+        for a, b in (("output.weight", "tok_embeddings.weight"), ("tok_embeddings.weight", "output.weight")):
+            if a not in fake and b in fake:
+                fake[a] = fake[b]
+    check_state_fits(model, fake, str(path / WEIGHTS))
+    return cfg

@@ -180,7 +180,7 @@ def _holding_run_lock(stage):
     @functools.wraps(stage)
     def locked(cfg: Config, run_dir: Path, *args, **kwargs):
         from simone.train.distributed import dist_env_from_environ
-        from simone.train.lock import RunLock
+        from simone.lock import RunLock
 
         if not dist_env_from_environ().is_main:
             return stage(cfg, run_dir, *args, **kwargs)
@@ -200,7 +200,7 @@ def claim_run_dir(run: RunDir, resume: str | None, force: bool) -> None:
     """Refuse to start a new run over an earlier run's checkpoints, unless resuming it or
     `force` is given; with `force` the earlier run's outputs go to `RUN/replaced-STAMP/`.
     Call it holding the run lock, before anything is written."""
-    from simone.train.checkpoint import list_checkpoints
+    from simone.checkpoint import list_checkpoints
 
     if resume is not None:
         return
@@ -257,7 +257,7 @@ def stage_curate(cfg: Config, run_dir: Path):
 
 @_holding_run_lock
 def stage_tokenizer(cfg: Config, run_dir: Path):
-    from simone.tokenizer import train_tokenizer
+    from simone.data.tokenizer import train_tokenizer
 
     run = RunDir(run_dir)
     if not run.documents.exists():
@@ -274,7 +274,7 @@ def stage_tokenizer(cfg: Config, run_dir: Path):
 @_holding_run_lock
 def stage_shards(cfg: Config, run_dir: Path):
     from simone.data.shards import build_shards
-    from simone.tokenizer import load_tokenizer
+    from simone.data.tokenizer import load_tokenizer
 
     run = RunDir(run_dir)
     if not run.tokenizer.exists():
@@ -387,7 +387,7 @@ def run_pipeline(cfg: Config, run_dir: Path, resume: str | None = None, monitor:
     preset, architecture, run dir name, step and weights). With `eval_data`, then bits per
     byte of the package on that text (validation/eval.json).
     """
-    from simone.train.lock import RunLock
+    from simone.lock import RunLock
 
     check_device(cfg)  # before the run dir exists: nothing is written for a machine that cannot run it
     if eval_data is not None:  # a bad folder fails now, not after training
@@ -405,9 +405,9 @@ def run_pipeline(cfg: Config, run_dir: Path, resume: str | None = None, monitor:
 def _run_locked(cfg: Config, run: RunDir, resume: str | None, monitor: bool, monitor_port: int,
                 package_dir: Path, prepared: bool = False, package_name: str | None = None,
                 eval_data: Path | None = None) -> PipelineResult:
-    from simone.generate import load_model, sample_text
-    from simone.package import package_run
-    from simone.validate import print_report, validate
+    from simone.inference.generate import load_model, sample_text
+    from simone.inference.package import package_run
+    from simone.inference.validate import print_report, validate
 
     t0 = time.time()
     save_config(cfg, run.config)
@@ -501,7 +501,7 @@ def run_models(cfg: Config, run_dir: Path, models: list[str], resume: str | None
     `simone-PRESET-NAME-RUNDIRNAME`. Writes `run_dir/comparison.{json,md}` (val bpb,
     parameters, tokens/s per model) and prints the table.
     """
-    from simone.train.lock import RunLock
+    from simone.lock import RunLock
 
     check_device(cfg)
     run = RunDir(run_dir)
