@@ -158,6 +158,8 @@ class TrainConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     compile: bool = False
     fused_adamw: bool = True  # used where the device supports it
+    # "adamw", or "muon": torch.optim.Muon for the blocks' matrices, AdamW for the rest (train/optim.py)
+    optimizer: str = "adamw"
     activation_checkpointing: bool = False
     # under torchrun: "ddp" (a full replica per process) or "fsdp" (FSDP2: parameters, gradients
     # and optimizer state sharded over the processes, for models that do not fit one GPU)
