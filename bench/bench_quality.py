@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--eval-chars", dest="eval_chars", type=int, default=100_000,
                     help="characters scored from each held-out document")
     ap.add_argument("--tiny", action="store_true", help="smoke mode: tiny shapes for both recipes")
+    ap.add_argument("--no-compile", dest="no_compile", action="store_true",
+                    help="our recipes eager (compiling takes ~15 s of the budget on an idle 2-core CPU, "
+                         "minutes on a loaded one)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -289,6 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base.train.device = "cpu"
     if args.tiny:
         base.train.eval_every = 0
+    if args.no_compile:
+        base.train.compile = False
 
     held_out = choose_held_out(corpus)
     train_dir, eval_dir = split_corpus(corpus, held_out, work, args.eval_chars)

@@ -9,7 +9,14 @@ import torch
 
 from simone.config import preset
 from simone.model import build_model
-from simone.train.optim import MuonWithAdamW, OptimizerConfigError, build_optimizer, hidden_matrices
+from simone.train.optim import (
+    Float32Muon,
+    MuonWithAdamW,
+    OptimizerConfigError,
+    build_optimizer,
+    hidden_matrices,
+    set_lr,
+)
 from simone.train.trainer import train
 from test_train_support import losses_by_step, new_run, read_metrics
 
@@ -41,7 +48,8 @@ def test_a_muon_step_moves_each_matrix_by_an_orthogonalised_update():
     (AdamW's first step would move every entry by about lr)."""
     model = tiny_model()
     lr = 1e-2
-    opt = build_optimizer(model, "muon", lr=lr, weight_decay=0.0, betas=(0.9, 0.95), device_type="cpu")
+    opt = build_optimizer(model, "muon", lr=lr, weight_decay=0.0, betas=(0.9, 0.95), device_type="cpu",
+                          muon_lr_scale=1.0)
     before = [p.detach().clone() for p in hidden_matrices(model)]
     x = torch.randint(0, 512, (2, 16))
     model(x, x)[1].backward()
@@ -49,6 +57,38 @@ def test_a_muon_step_moves_each_matrix_by_an_orthogonalised_update():
     for p, p0 in zip(hidden_matrices(model), before):
         rms = (p.detach() - p0).pow(2).mean().sqrt().item()
         assert 0.1 * lr < rms < 0.3 * lr, (tuple(p.shape), rms / lr)
+
+
+def test_float32_muon_steps_like_torch_muon_and_shares_its_state():
+    """The float32 Newton-Schulz (for CPUs whose bf16 is emulated) gives the update torch's
+    bf16 one gives, to bf16's precision; the state dicts are interchangeable."""
+    torch.manual_seed(0)
+    w0 = torch.randn(96, 64)
+    grads = [torch.randn(96, 64) for _ in range(3)]
+    params, opts = [], []
+    for cls in (torch.optim.Muon, Float32Muon):
+        p = torch.nn.Parameter(w0.clone())
+        params.append(p)
+        opts.append(cls([p], lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"))
+    for g in grads:
+        for p, opt in zip(params, opts):
+            p.grad = g.clone()
+            opt.step()
+    d_torch, d_ours = params[0].detach() - w0, params[1].detach() - w0
+    cos = torch.nn.functional.cosine_similarity(d_torch.flatten(), d_ours.flatten(), dim=0)
+    assert cos > 0.995 and abs(d_torch.norm() / d_ours.norm() - 1) < 0.02, (cos, d_torch.norm(), d_ours.norm())
+    opts[0].load_state_dict(opts[1].state_dict())
+    assert torch.equal(opts[0].state[params[0]]["momentum_buffer"], opts[1].state[params[1]]["momentum_buffer"])
+
+
+def test_muon_lr_scale_multiplies_only_muons_rate():
+    model = tiny_model()
+    opt = build_optimizer(model, "muon", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu",
+                          muon_lr_scale=4.0)
+    set_lr(opt, 2e-3)
+    assert [g["lr"] for g in opt.muon.param_groups] == [8e-3]
+    assert {g["lr"] for g in opt.adamw.param_groups} == {2e-3}
+    assert opt.muon.param_groups[0]["weight_decay"] * 8e-3 == pytest.approx(0.1 * 2e-3)  # AdamW's decay
 
 
 def test_state_round_trips_and_refuses_an_adamw_state():

@@ -358,7 +358,7 @@ class Trainer:
         tc = self.cfg.train
         return build_optimizer(self.raw_model, tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay,
                                betas=(tc.beta1, tc.beta2), device_type=self.device.type,
-                               fused=None if tc.fused_adamw else False)
+                               fused=None if tc.fused_adamw else False, muon_lr_scale=tc.muon_lr_scale)
 
     def _zero_interval_counters(self) -> None:
         """Device-side sums of the current logging interval (read only at logging steps)."""
