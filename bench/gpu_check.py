@@ -236,6 +236,10 @@ def summarize(work: Path, out: Path, mode: str) -> dict[str, Any]:
             status = "failed"
         seconds = float(sec_file.read_text().strip()) if sec_file.exists() else None
         steps[name] = {"status": status, "exit_status": rc, "wall_s": seconds, **data}
+        log = work / "logs" / f"{name}.log"
+        if status in ("failed", "timeout") and log.exists():  # the step's last words, for the table
+            last = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+            steps[name]["error"] = last[-1][:300] if last else f"exit status {rc}"
     env, train, run, gen, ddp = (steps[n] for n in STEPS)
     headline = {
         "bench_train_tokens_per_s": train.get("tokens_per_s"), "bench_train_mfu": train.get("mfu"),
@@ -274,7 +278,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
     }
     for name in STEPS:
         step = st[name]
-        lines.append(f"| {name} | {step['status']} | {_fmt(step.get('wall_s'), '.0f')} | {figures[name]} |")
+        text = figures[name] if "error" not in step else f"{step['error']}".replace("|", "/")
+        lines.append(f"| {name} | {step['status']} | {_fmt(step.get('wall_s'), '.0f')} | {text} |")
     lines += ["", "Goal at the 125M shape: >= 45% MFU in bf16 (issue 16). Logs: steps.log.", ""]
     return "\n".join(lines)
 

