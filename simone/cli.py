@@ -140,6 +140,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # a CUDA preset chosen by the legacy flags runs on whatever device there is; one named
     # with --preset on a machine without CUDA is an error before any work
     check_device(cfg, fall_back_to_cpu=legacy)
+    if args.budget_minutes is not None and not resume:  # a resumed run keeps its saved shape
+        _apply_budget_minutes(cfg, args.budget_minutes)
     eval_data = Path(args.eval_data) if args.eval_data else None
     if args.models:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -153,6 +155,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         result = run_pipeline(cfg, run_dir, resume=resume, monitor=args.monitor, monitor_port=args.port,
                               package_dir=Path(args.package_dir), eval_data=eval_data, force=args.force)
     return 0 if result.ok else 1
+
+
+def _apply_budget_minutes(cfg: Config, minutes: float) -> None:
+    """--budget-minutes: measure this machine on the preset's model, then pick the shape and
+    batch for the budget (simone/train/budget.py) and cap training at `minutes`."""
+    from simone.pipeline import estimated_train_tokens
+    from simone.train.budget import apply_budget, probe_tokens_per_s, shape_for_budget
+
+    if minutes <= 0:
+        raise CLIError(f"--budget-minutes: must be > 0 (got {minutes:g})")
+    tokens_per_s, flops_per_token = probe_tokens_per_s(cfg)
+    shape = shape_for_budget(minutes, tokens_per_s, flops_per_token, cfg.tokenizer.vocab_size,
+                             corpus_tokens=estimated_train_tokens(cfg), base=cfg.model)
+    apply_budget(cfg, minutes, shape)
+    print(f"[simone] --budget-minutes {minutes:g}: probe {tokens_per_s:,.0f} tokens/s on the preset's model; "
+          f"shape {shape.describe()}", flush=True)
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
@@ -342,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="leave flagged files out of training")
     p.add_argument("--decontaminate", action="store_true", help="move contaminated validation docs")
     p.add_argument("--no-curate", action="store_true", help="skip dedup/quality/label filtering")
+    p.add_argument("--budget-minutes", dest="budget_minutes", type=float, default=None, metavar="M",
+                   help="pick depth, width, context and batch for M minutes of training on this machine "
+                        "(a short throughput probe first) and cap training at M minutes")
     p.add_argument("--eval-data", dest="eval_data", default=None, metavar="DIR",
                    help="at the end, bits per byte of the packaged model on this folder of text "
                         "(written to RUN/validation/eval.json)")

@@ -93,7 +93,7 @@ from simone.train.early_stopping import EarlyStopping
 from simone.faults import Faults
 from simone.lock import RunLock
 from simone.train.metrics import MetricsLogger, format_seconds, mfu, peak_flops
-from simone.train.optim import optimizer_skips_on_device, set_lr
+from simone.train.optim import build_optimizer, optimizer_skips_on_device, set_lr
 from simone.train.schedule import LRSchedule, percent_done, stop_summary
 
 SAMPLE_PROMPT = "In the beginning"
@@ -368,9 +368,9 @@ class Trainer:
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         tc = self.cfg.train
-        return self.raw_model.configure_optimizer(
-            lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2),
-            device_type=self.device.type, fused=None if tc.fused_adamw else False)
+        return build_optimizer(self.raw_model, tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay,
+                               betas=(tc.beta1, tc.beta2), device_type=self.device.type,
+                               fused=None if tc.fused_adamw else False, muon_lr_scale=tc.muon_lr_scale)
 
     def _zero_interval_counters(self) -> None:
         """Device-side sums of the current logging interval (read only at logging steps)."""
