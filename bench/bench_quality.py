@@ -115,7 +115,7 @@ def split_corpus(corpus: Path, held_out: list[Path], work: Path, eval_chars: int
 
 def prepare(cfg: Config, train_dir: Path, work: Path) -> Path:
     """Curate, tokenize and shard the training copy once (the pipeline skips unchanged work)."""
-    from simone.pipeline import stage_prepare
+    from simone.workflows.pipeline import stage_prepare
     from simone.rundir import RunDir
 
     prepared = work / f"prepared-{cfg.preset}"
@@ -156,7 +156,7 @@ def score(model: torch.nn.Module, tokenizer: Any, context: int, eval_dir: Path, 
 
 
 def score_run(run_dir: Path, eval_dir: Path, label: str) -> dict[str, Any]:
-    from simone.generate import load_model
+    from simone.inference.generate import load_model
 
     loaded = load_model(run_dir, device="cpu")
     return score(loaded.model, loaded.tokenizer, loaded.config.model.max_seq_len, eval_dir, label)
@@ -171,7 +171,7 @@ def train_ours(base: Config, prepared: Path, work: Path, eval_dir: Path, minutes
     import copy
 
     from simone.config import load_config
-    from simone.pipeline import stage_train
+    from simone.workflows.pipeline import stage_train
 
     cfg = copy.deepcopy(base)
     cfg.model.vocab_size = load_config(prepared / "config.json").model.vocab_size
@@ -209,7 +209,7 @@ def train_peer(prepared: Path, eval_dir: Path, minutes: float, tiny: bool, seed:
     from simone.config import load_config
     from simone.data.shards import TokenShard
     from simone.model import build_model
-    from simone.tokenizer import load_tokenizer
+    from simone.data.tokenizer import load_tokenizer
     from simone.train.optim import lr_at
 
     p = PEER_TINY if tiny else PEER

@@ -116,7 +116,7 @@ def step_env(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def step_bench_train(args: argparse.Namespace) -> dict[str, Any]:
-    from simone import bench
+    from simone.workflows import bench
 
     if args.dry_run:
         r = bench.bench_train("tiny", repeats=1, warmup=1, device="cpu", dtypes=["float32"], compile=False,
@@ -156,7 +156,7 @@ def step_run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def step_generate(args: argparse.Namespace) -> dict[str, Any]:
-    from simone import bench
+    from simone.workflows import bench
 
     if args.dry_run:
         r = bench.bench_generate("tiny", repeats=1, warmup=1, device="cpu", dtypes=["float32"], compile=False,

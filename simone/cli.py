@@ -160,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _apply_budget_minutes(cfg: Config, minutes: float) -> None:
     """--budget-minutes: measure this machine on the preset's model, then pick the shape and
     batch for the budget (simone/train/budget.py) and cap training at `minutes`."""
-    from simone.pipeline import estimated_train_tokens
+    from simone.workflows.pipeline import estimated_train_tokens
     from simone.train.budget import apply_budget, probe_tokens_per_s, shape_for_budget
 
     if minutes <= 0:

@@ -82,7 +82,7 @@ def test_probe_measures_the_model_on_this_machine():
 
 def test_run_budget_minutes_flag(tmp_path, monkeypatch, capsys):
     """The flag probes, applies the shape and caps the time, then runs the pipeline (stubbed)."""
-    import simone.pipeline as pipeline
+    import simone.workflows.pipeline as pipeline
     from simone import cli
 
     seen = {}
