@@ -13,7 +13,10 @@ Variants (each seed its own run directory under OUT/runs/NAME/seed_K):
                 label filtering), evaluated on the curated run's clean validation set
 
 A sweep point is `BASE@TAG` (e.g. `full@mem16`) with its own `--set` overrides
-(`AblationSettings.overrides`, `simone ablate --vset full@mem16:model.n_memory_slots=16`).
+(`AblationSettings.overrides`, `simone ablate --vset full@mem16:model.n_memory_slots=16`); the
+knobs worth sweeping: `model.policy_loss_weight` and `model.coherence_weight` (the auxiliary
+losses), `model.policy_layer`, `model.n_memory_slots`, and `ablate.guidance_weight` (the policy
+guidance this variant's guided steering uses).
 
 Data. The corpus is curated once (OUT/shared); the tokenizer and the token shards are built
 once from it, with domain control tokens before `data.control_token_prob` of the training
@@ -106,6 +109,7 @@ class AblationSettings:
     judge_snippets_per_domain: int = 3000  # training snippets the judge is fitted on, per domain
     seed: int = 0  # steering samples of seed K start at seed + 10_000 * K
     # per variant, `section.key=value` overrides applied after the variant's own switches
+    # (`ablate.guidance_weight=W`: this variant's guidance weight)
     overrides: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -220,6 +224,19 @@ def check_variants(settings: AblationSettings) -> None:
         raise ValueError(f"--seeds must be at least 1, got {settings.seeds}")
 
 
+ABLATE_KEYS = {"ablate.guidance_weight": "guidance_weight"}  # per-variant settings besides the config
+
+
+def variant_settings(settings: AblationSettings, name: str) -> AblationSettings:
+    """`settings` with this variant's `ablate.*` overrides applied."""
+    changes = {}
+    for item in settings.overrides.get(name, []):
+        key, _, value = item.partition("=")
+        if key.strip() in ABLATE_KEYS:
+            changes[ABLATE_KEYS[key.strip()]] = float(value)
+    return dataclasses.replace(settings, **changes) if changes else settings
+
+
 def variant_config(base: Config, name: str, overrides: list[str] = ()) -> Config:
     from simone.config import apply_overrides
 
@@ -228,7 +245,7 @@ def variant_config(base: Config, name: str, overrides: list[str] = ()) -> Config
         setattr(cfg.model, key, value)
     if base_variant(name) == "uncurated":
         cfg.curate.enabled = False
-    apply_overrides(cfg, list(overrides))
+    apply_overrides(cfg, [o for o in overrides if o.partition("=")[0].strip() not in ABLATE_KEYS])
     cfg.preset = f"{base.preset}+{name}"
     return cfg
 
@@ -391,6 +408,7 @@ def evaluate_variant(name: str, run: RunDir, val_dir: Path, heldout_dir: Path, j
     row["steering_per_domain"] = steer["per_domain"]
     row["steering_samples"] = steer["samples"][: 2 * len(steer["per_domain"])]
     row["steering_accuracy_guided"] = None
+    row["guidance_weight"] = settings.guidance_weight
     if getattr(loaded.model, "policy_head", None) is not None and settings.guidance_weight > 0:
         guided = steering_accuracy(loaded, judge, samples_per_domain=settings.samples_per_domain,
                                    max_tokens=settings.sample_tokens, seed=sample_seed,
@@ -461,7 +479,8 @@ def summarize_runs(runs: list[dict], variants: list[str]) -> tuple[list[dict], l
         first = mine[0]
         row: dict[str, Any] = {"variant": name, "arch": first["arch"], "governance": first["governance"],
                                "params": first["params"], "seeds": [r["train_seed"] for r in mine],
-                               "steps": first["steps"], "tokens_seen": first["tokens_seen"]}
+                               "steps": first["steps"], "tokens_seen": first["tokens_seen"],
+                               "overrides": first.get("overrides", []), "guidance_weight": first.get("guidance_weight")}
         for figure in FIGURES:
             row[figure] = summarize([r.get(figure) for r in mine])
         domains = sorted({d for r in mine for d in r["per_domain_bpb"]})
@@ -557,7 +576,9 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
             trained = stage_train(vcfg, run.root)
             if getattr(trained, "stop_reason", None) == "signal":
                 raise KeyboardInterrupt(f"ablation stopped by a signal while training {name} seed {k}")
-            r = evaluate_variant(name, run, run.data, heldout_dir, judge, settings, trained, seed=k)
+            r = evaluate_variant(name, run, run.data, heldout_dir, judge, variant_settings(settings, name),
+                                 trained, seed=k)
+            r["overrides"] = settings.overrides.get(name, [])
             runs.append(r)
             _say(f"{name} seed {k}: val bpb {r['val_bpb']:.4f}, held-out bpb {r['heldout_bpb']:.4f}, "
                  f"steering {r['steering_accuracy']:.0%}, {(r['tokens_per_s'] or 0):,.0f} tok/s")
@@ -569,7 +590,7 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
                   "tokens_per_variant": steps * tokens_per_step,
                   "control_token_prob": cfg.data.control_token_prob, "domains": tok.domains,
                   "judge_accuracy": judge_acc,
-                  "steering_judge": {"kind": "scikit-learn logistic regression on word (1-2) and character (2-5) "
+                  "steering_judge": {"kind": "scikit-learn logistic regression (SGD) on word (1-2) and character (2-5) "
                                              "n-gram TF-IDF, fitted on training snippets",
                                      "snippet_words": snippet_words, "validation_snippet_accuracy": judge_acc,
                                      "chance": 1 / max(1, len(judge.classes))},
@@ -658,7 +679,8 @@ def ablation_markdown(result: dict) -> str:
         for name, s in streams:
             lines.append(f"| {name} | {_f(s.get('stream_ppl'), '.2f')} | {_f(s.get('stream_bpb'))} | "
                          f"{_f(s.get('window_bpb'))} |")
-    lines += ["", "Variants: " + "; ".join(f"`{r['variant']}`" for r in rows)
+    lines += ["", "Variants: " + "; ".join(f"`{r['variant']}`" + (f" ({', '.join(r['overrides'])})" if r.get("overrides") else "")
+                                   for r in rows)
               + ". See `simone/ablate.py` for their definitions.", ""]
     return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """Steering accuracy: does `generate --domain X` write text that reads like domain X?
 
-The judge is independent of the model: a scikit-learn logistic regression over TF-IDF word
+The judge is independent of the model: a scikit-learn logistic regression (fitted by SGD) over TF-IDF word
 (1-2 grams) and character (2-5 grams, inside word boundaries) features, fitted on the training
 split's documents cut into snippets of sample length, so it learns to judge text as short as
 the samples it will read (classes balanced: every domain contributes as many snippets as it
@@ -47,15 +47,16 @@ def snippets(text: str, n_words: int, n: int | None = None) -> list[str]:
 class SteeringJudge:
     """Which domain does a piece of text read like? TF-IDF words + characters, logistic regression."""
 
-    def __init__(self, C: float = 10.0, max_features: int = 200_000):
-        self.C = C
+    def __init__(self, alpha: float = 1e-5, epochs: int = 30, max_features: int = 200_000):
+        self.alpha = alpha  # L2 penalty
+        self.epochs = epochs
         self.max_features = max_features
         self.classes: list[str] = []
         self.pipeline = None
 
     def fit(self, texts: list[str], labels: list[str]) -> SteeringJudge:
         from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.linear_model import LogisticRegression
+        from sklearn.linear_model import SGDClassifier
         from sklearn.pipeline import FeatureUnion, make_pipeline
 
         classes = sorted(set(labels))
@@ -67,7 +68,10 @@ class SteeringJudge:
             ("chars", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True,
                                       max_features=self.max_features)),
         ])
-        classifier = LogisticRegression(C=self.C, max_iter=2000, class_weight="balanced")
+        # logistic regression fitted by SGD: a fixed number of seeded epochs, seconds where
+        # lbfgs took minutes on 15k snippets x 400k features (same accuracy)
+        classifier = SGDClassifier(loss="log_loss", alpha=self.alpha, max_iter=self.epochs, tol=None,
+                                   class_weight="balanced", random_state=0)
         self.pipeline = make_pipeline(features, classifier).fit(texts, labels)
         self.classes = [str(c) for c in self.pipeline.classes_]
         return self
@@ -100,7 +104,7 @@ def _domain(doc: dict) -> str:
 
 
 def fit_on_documents(documents_jsonl: Path, split: str = "train", snippet_words: int = 96,
-                     max_snippets_per_domain: int = 3000, seed: int = 0, C: float = 10.0) -> SteeringJudge:
+                     max_snippets_per_domain: int = 3000, seed: int = 0) -> SteeringJudge:
     """Fit a judge on the `split` documents of a documents.jsonl, cut into snippets of
     `snippet_words` words; a domain with more snippets than `max_snippets_per_domain` gives a
     seeded random choice of them (so one big domain does not drown the others, and fitting on
@@ -116,7 +120,7 @@ def fit_on_documents(documents_jsonl: Path, split: str = "train", snippet_words:
             chosen = rng.sample(chosen, max_snippets_per_domain)
         texts += chosen
         labels += [domain] * len(chosen)
-    return SteeringJudge(C=C).fit(texts, labels)
+    return SteeringJudge().fit(texts, labels)
 
 
 def snippet_accuracy(judge: SteeringJudge, documents_jsonl: Path, split: str = "val",

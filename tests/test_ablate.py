@@ -9,7 +9,9 @@ import math
 import pytest
 
 from simone.ablate import (FIGURES, NO_DIFFERENCE, VARIANTS, AblationSettings, ablation_markdown, ablation_svg,
-                           paired_difference, reading, steps_for_budget, summarize, summarize_runs)
+                           check_variants, paired_difference, reading, steps_for_budget, summarize, summarize_runs,
+                           variant_config, variant_settings)
+from simone.config import preset
 from simone.cli import main
 
 
@@ -17,7 +19,8 @@ def test_ablate_runs_every_variant_with_two_seeds(tiny_corpus, tmp_path, capsys)
     out = tmp_path / "ablation"
     rc = main(["ablate", "--data", str(tiny_corpus), "--preset", "tiny", "--out", str(out), "--max-steps", "2",
                "--seeds", "2", "--samples-per-domain", "2", "--sample-tokens", "8", "--heldout-batches", "2",
-               "--set", "train.eval_batches=1", "--set", "train.log_every=1"])
+               "--set", "train.eval_batches=1", "--set", "train.log_every=1",
+               "--vset", "no-trace:ablate.guidance_weight=0"])  # a per-variant override: no guided steering
     assert rc == 0
     result = json.loads((out / "ablation.json").read_text())
     assert result["seeds"] == 2
@@ -40,6 +43,7 @@ def test_ablate_runs_every_variant_with_two_seeds(tiny_corpus, tmp_path, capsys)
     assert llama[0] != llama[1]
     assert rows["full"]["steering_accuracy_guided"]["n"] == 2
     assert rows["no-policy"]["steering_accuracy_guided"]["mean"] is None
+    assert rows["no-trace"]["steering_accuracy_guided"]["mean"] is None and rows["no-trace"]["guidance_weight"] == 0
     assert rows["llama"]["policy_accuracy"]["mean"] is None and rows["full"]["policy_accuracy"]["n"] == 2
     assert rows["no-memory"]["params"] < rows["full"]["params"]
     # the uncurated variant trained on its own data (built once), held out on the clean validation set
@@ -115,3 +119,17 @@ def test_the_budget_is_the_same_number_of_tokens_for_every_variant():
     # the time budget: 60% of each run's share of the minutes
     assert steps_for_budget(AblationSettings(budget_minutes=10, variants=["llama", "full"], seeds=2), 4096,
                             seconds_per_step=1.0) == 90
+
+
+def test_a_sweep_point_is_a_variant_with_its_own_overrides():
+    overrides = {"full@mem2": ["model.n_memory_slots=2", "model.policy_layer=0", "ablate.guidance_weight=3"]}
+    settings = AblationSettings(variants=["llama", "full@mem2"], overrides=overrides)
+    check_variants(settings)
+    cfg = variant_config(preset("tiny"), "full@mem2", overrides["full@mem2"])
+    assert cfg.model.governance and cfg.model.memory and cfg.model.n_memory_slots == 2 and cfg.model.policy_layer == 0
+    assert variant_settings(settings, "full@mem2").guidance_weight == 3.0
+    assert variant_settings(settings, "llama").guidance_weight == 1.0
+    with pytest.raises(ValueError, match="mamba@x"):
+        check_variants(AblationSettings(variants=["mamba@x"]))
+    with pytest.raises(ValueError, match="not in the ablation"):
+        check_variants(AblationSettings(variants=["llama"], overrides={"full": ["model.n_memory_slots=2"]}))
