@@ -41,7 +41,7 @@ def ablate_command(args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, "-m", "simone", "ablate", "--data", str(args.corpus), "--preset", args.preset,
            "--out", str(args.out), "--variants", ",".join(args.variants), "--seeds", str(args.seeds),
            "--tokens-per-variant", str(args.tokens_per_variant), "--samples-per-domain", str(args.samples_per_domain),
-           "--sample-tokens", str(args.sample_tokens)]
+           "--sample-tokens", str(args.sample_tokens), "--heldout-batches", str(args.heldout_batches)]
     for item in args.overrides:
         cmd += ["--set", item]
     for item in args.vset:
@@ -103,7 +103,7 @@ def probe_data(args: argparse.Namespace, work: Path) -> dict:
 
 def probe_model(args: argparse.Namespace, n_domains: int) -> dict:
     """Seconds per optimizer step, per generated token and per evaluated token, for each variant."""
-    from simone.ablate import variant_config
+    from simone.ablate import base_variant, variant_config
     from simone.config import apply_overrides, preset
     from simone.model import build_model
     from simone.model.governance import governed_generate
@@ -120,7 +120,7 @@ def probe_model(args: argparse.Namespace, n_domains: int) -> dict:
     d = torch.randint(0, n_domains, (tc.batch_size, T), generator=g)
     out = {}
     for name in args.variants:
-        cfg = variant_config(base, name, [])
+        cfg = variant_config(base, name, [o for o in args.vset_by_variant.get(name, []) if not o.startswith("ablate.")])
         model = build_model(cfg.model).train()
         opt = model.configure_optimizer(tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), "cpu")
         kwargs = {"domain_ids": d} if getattr(model, "policy_head", None) is not None else {}
@@ -148,7 +148,7 @@ def probe_model(args: argparse.Namespace, n_domains: int) -> dict:
             n = args.probe_gen_tokens
             t0 = time.perf_counter()
             if cfg.model.arch == "llama":
-                guided = name in POLICY_VARIANTS
+                guided = base_variant(name) in POLICY_VARIANTS
                 for _ in governed_generate(model, [0, 1], n, temperature=0.8, top_k=50, generator=g,
                                            guidance_domain=0 if guided else None,
                                            guidance_weight=1.0 if guided else 0.0):
@@ -165,6 +165,7 @@ def probe_model(args: argparse.Namespace, n_domains: int) -> dict:
 
 def estimate(args: argparse.Namespace, data: dict, models: dict) -> dict:
     """Seconds of the full run, by part, from the probe's rates."""
+    from simone.ablate import base_variant
     from simone.config import apply_overrides, preset
 
     cfg = apply_overrides(preset(args.preset), list(args.overrides))
@@ -172,13 +173,14 @@ def estimate(args: argparse.Namespace, data: dict, models: dict) -> dict:
     steps = math.ceil(args.tokens_per_variant / tokens_per_step)
     scale = data["corpus_bytes"] / max(1, data["sampled_bytes"])
     corpus_tokens = data["corpus_bytes"] / data["bytes_per_token"]
-    heldout_tokens = corpus_tokens * data["val_share_of_tokens"]
+    heldout_cap = data["domains"] * args.heldout_batches * cfg.train.batch_size * cfg.model.max_seq_len
+    heldout_tokens = min(corpus_tokens * data["val_share_of_tokens"], heldout_cap)
     prep = 2 * data["prep_s"] * scale + data["judge_fit_s"]  # curated and uncurated data
     per_run = {}
     for name, m in models.items():
         train = steps * m["step_s"]
         gen = data["domains"] * args.samples_per_domain * args.sample_tokens * m["gen_s_per_token"]
-        gen *= 2 if name in POLICY_VARIANTS else 1
+        gen *= 2 if base_variant(name) in POLICY_VARIANTS else 1
         evaluation = heldout_tokens * m["eval_s_per_token"] * 1.2  # held-out + val + streaming + policy
         per_run[name] = {"train_s": train, "steering_s": gen, "eval_s": evaluation, "total_s": train + gen + evaluation}
     total = prep + args.seeds * sum(r["total_s"] for r in per_run.values())
@@ -190,7 +192,7 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", type=Path, default=Path("../shared/corpus"))
     ap.add_argument("--preset", default="cpu")
@@ -200,6 +202,8 @@ def main() -> None:
     ap.add_argument("--tokens-per-variant", dest="tokens_per_variant", type=int, default=2_500_000)
     ap.add_argument("--samples-per-domain", dest="samples_per_domain", type=int, default=50)
     ap.add_argument("--sample-tokens", dest="sample_tokens", type=int, default=128)
+    ap.add_argument("--heldout-batches", dest="heldout_batches", type=int, default=50,
+                    help="held-out batches per domain (50 x 16 x 256 = 205k tokens a domain with `cpu`)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--vset", action="append", default=[], metavar="VARIANT:KEY=VALUE",
                     help="a per-variant override; BASE@TAG adds a sweep point (see simone ablate --help)")
@@ -208,9 +212,18 @@ def main() -> None:
     ap.add_argument("--probe-steps", dest="probe_steps", type=int, default=3)
     ap.add_argument("--probe-gen-tokens", dest="probe_gen_tokens", type=int, default=64)
     ap.add_argument("--json", type=Path, default=None, help="also write the probe's figures here")
-    args = ap.parse_args()
-    args.variants += [item.split(":", 1)[0] for item in args.vset
-                      if "@" in item.split(":", 1)[0] and item.split(":", 1)[0] not in args.variants]
+    args = ap.parse_args(argv)
+    args.vset_by_variant = {}
+    for item in args.vset:
+        name, _, override = item.partition(":")
+        args.vset_by_variant.setdefault(name, []).append(override)
+    # sweep points join the variants (as `simone ablate --vset` does)
+    args.variants = list(args.variants) + [n for n in args.vset_by_variant if "@" in n and n not in args.variants]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     cmd = ablate_command(args)
     if args.run:
         print("$ " + " ".join(cmd), flush=True)
@@ -218,7 +231,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="ablation-probe-") as tmp:
         data = probe_data(args, Path(tmp))
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     models = probe_model(args, data["domains"])
+    # On a shared machine the probe gets only part of the cores; so would the run, now.
+    cpu_share = min(1.0, (time.process_time() - cpu0) / ((time.perf_counter() - wall0) * torch.get_num_threads()))
     plan = estimate(args, data, models)
     print()
     print(f"Probe on {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads "
@@ -234,10 +250,12 @@ def main() -> None:
         print(f"    {name:>10}: train {_hours(r['train_s'])}, steering {_hours(r['steering_s'])}, "
               f"evaluation {_hours(r['eval_s'])} per seed")
     print(f"  data preparation (curated + uncurated): {_hours(plan['prep_s'])}")
-    print(f"Expected wall time: about {_hours(plan['total_s'])} (eager probe; the run compiles its models)")
+    print(f"Expected wall time: about {_hours(plan['total_s'])} at today's load (the probe got {cpu_share:.0%} "
+          f"of {torch.get_num_threads()} threads' CPU time); about {_hours(plan['total_s'] * cpu_share)} on an "
+          f"idle machine. Eager probe: the run compiles its models, ~30% faster training on this CPU.")
     print("Command:\n  " + " ".join(cmd))
     if args.json:
-        args.json.write_text(json.dumps({"data": data, "models": models, "plan": plan, "command": cmd}, indent=2))
+        args.json.write_text(json.dumps({"data": data, "models": models, "plan": plan, "cpu_share": cpu_share, "command": cmd}, indent=2))
 
 
 if __name__ == "__main__":
