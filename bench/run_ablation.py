@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 VARIANTS = ["llama", "full", "no-policy", "no-memory", "uncurated", "gpt2"]
-POLICY_VARIANTS = {"full", "no-memory", "uncurated"}  # steered twice: control token alone, and guided
+POLICY_VARIANTS = {"full", "no-memory", "uncurated"}  # also steered with policy guidance (one sample at a time)
 
 
 def ablate_command(args: argparse.Namespace) -> list[str]:
@@ -145,27 +145,31 @@ def probe_model(args: argparse.Namespace, n_domains: int) -> dict:
             with autocast():
                 model(x, y)
             eval_s_per_token = (time.perf_counter() - t0) / x.numel()
-            n = args.probe_gen_tokens
+            # steering without guidance: a domain's samples in one batch, through the KV cache
+            n, batch = args.probe_gen_tokens, args.samples_per_domain
             t0 = time.perf_counter()
-            if cfg.model.arch == "llama":
-                guided = base_variant(name) in POLICY_VARIANTS
-                for _ in governed_generate(model, [0, 1], n, temperature=0.8, top_k=50, generator=g,
-                                           guidance_domain=0 if guided else None,
-                                           guidance_weight=1.0 if guided else 0.0):
+            for _ in model.generate(torch.tensor([[0, 1]] * batch), n, temperature=0.8, top_k=50, top_p=0.95,
+                                    generator=g):
+                pass
+            batch_s = (time.perf_counter() - t0) / (n * batch)
+            # with policy guidance: one sample at a time through the governed path
+            guided_s = 0.0
+            if base_variant(name) in POLICY_VARIANTS:
+                t0 = time.perf_counter()
+                for _ in governed_generate(model, [0, 1], n, temperature=0.8, top_k=50, top_p=0.95, generator=g,
+                                           guidance_domain=0, guidance_weight=1.0):
                     pass
-            else:
-                for _ in model.generate(torch.tensor([[0, 1]]), n, temperature=0.8, top_k=50, generator=g):
-                    pass
-            gen_s_per_token = (time.perf_counter() - t0) / n
-        out[name] = {"step_s": step_s, "eval_s_per_token": eval_s_per_token, "gen_s_per_token": gen_s_per_token}
-        print(f"[probe] {name}: {step_s:.3f} s/step, {1 / gen_s_per_token:,.0f} generated tok/s, "
-              f"{1 / eval_s_per_token:,.0f} evaluated tok/s", flush=True)
+                guided_s = (time.perf_counter() - t0) / n
+        out[name] = {"step_s": step_s, "eval_s_per_token": eval_s_per_token, "batch_gen_s_per_token": batch_s,
+                     "guided_gen_s_per_token": guided_s}
+        print(f"[probe] {name}: {step_s:.3f} s/step, {1 / batch_s:,.0f} sampled tok/s in batches of {batch}"
+              + (f", {1 / guided_s:,.0f} guided tok/s" if guided_s else "")
+              + f", {1 / eval_s_per_token:,.0f} evaluated tok/s", flush=True)
     return out
 
 
 def estimate(args: argparse.Namespace, data: dict, models: dict) -> dict:
     """Seconds of the full run, by part, from the probe's rates."""
-    from simone.ablate import base_variant
     from simone.config import apply_overrides, preset
 
     cfg = apply_overrides(preset(args.preset), list(args.overrides))
@@ -179,8 +183,8 @@ def estimate(args: argparse.Namespace, data: dict, models: dict) -> dict:
     per_run = {}
     for name, m in models.items():
         train = steps * m["step_s"]
-        gen = data["domains"] * args.samples_per_domain * args.sample_tokens * m["gen_s_per_token"]
-        gen *= 2 if base_variant(name) in POLICY_VARIANTS else 1
+        gen = (data["domains"] * args.samples_per_domain * args.sample_tokens
+               * (m["batch_gen_s_per_token"] + m["guided_gen_s_per_token"]))
         evaluation = heldout_tokens * m["eval_s_per_token"] * 1.2  # held-out + val + streaming + policy
         per_run[name] = {"train_s": train, "steering_s": gen, "eval_s": evaluation, "total_s": train + gen + evaluation}
     total = prep + args.seeds * sum(r["total_s"] for r in per_run.values())

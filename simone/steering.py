@@ -135,26 +135,55 @@ def snippet_accuracy(judge: SteeringJudge, documents_jsonl: Path, split: str = "
     return judge.accuracy(texts, labels)
 
 
+def sample_batch(loaded, domain: str, n: int, max_tokens: int, temperature: float = 0.8,
+                 top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0) -> list[str]:
+    """`n` continuations of `<|domain:NAME|>` at once: one batch through the model's cached
+    `generate` (each row cut at its first end-of-document token)."""
+    import torch
+
+    from simone.generate import prompt_ids
+
+    tok = loaded.tokenizer
+    ids = prompt_ids(loaded, "", domain)
+    idx = torch.tensor([ids] * n, dtype=torch.long, device=loaded.device)
+    gen = torch.Generator(device=loaded.device).manual_seed(seed)
+    max_new = min(max_tokens, loaded.config.model.max_seq_len - len(ids))
+    steps = list(loaded.model.generate(idx, max_new, temperature=temperature, top_k=top_k, top_p=top_p,
+                                       generator=gen, eos_id=tok.eod_id))
+    if not steps:
+        return [""] * n
+    texts = []
+    for row in torch.cat(steps, dim=1).tolist():
+        if tok.eod_id in row:
+            row = row[: row.index(tok.eod_id)]
+        texts.append(tok.decode(row))
+    return texts
+
+
 def steering_accuracy(loaded, judge: SteeringJudge, domains: list[str] | None = None,
                       samples_per_domain: int = 50, max_tokens: int = 128, temperature: float = 0.8,
                       top_k: int | None = 50, seed: int = 0, policy_guidance: float = 0.0) -> dict:
     """Generate `samples_per_domain` samples with `--domain X` for each domain X and return
     {"accuracy", "per_domain": {X: share}, "n", "samples": [{domain, predicted, text}]}.
 
-    Domains default to those both the tokenizer (control tokens) and the judge know.
-    `policy_guidance` > 0 adds policy reranking (governance models with a policy head).
+    Domains default to those both the tokenizer (control tokens) and the judge know. Without
+    guidance a domain's samples are drawn in one batch (`sample_batch`); `policy_guidance` > 0
+    adds policy reranking (governance models with a policy head), one sample at a time. Both
+    sample with the same temperature, top-k and top-p 0.95.
     """
     from simone.generate import GovernanceOptions, sample_with_domain
 
     tok = loaded.tokenizer
     domains = domains or [d for d in tok.domains if d in judge.classes]
     samples = []
-    for d in domains:
-        for i in range(samples_per_domain):
+    for j, d in enumerate(domains):
+        if policy_guidance > 0:
             options = GovernanceOptions(domain=d, policy_guidance=policy_guidance)
-            text = sample_with_domain(loaded, options, max_tokens=max_tokens, temperature=temperature,
-                                      top_k=top_k, seed=seed + i)
-            samples.append({"domain": d, "text": text})
+            texts = [sample_with_domain(loaded, options, max_tokens=max_tokens, temperature=temperature,
+                                        top_k=top_k, seed=seed + i) for i in range(samples_per_domain)]
+        else:
+            texts = sample_batch(loaded, d, samples_per_domain, max_tokens, temperature, top_k, seed=seed + j)
+        samples += [{"domain": d, "text": text} for text in texts]
     for s, predicted in zip(samples, judge.predict_many([s["text"] for s in samples])):
         s["predicted"] = predicted
     per_domain = {d: sum(s["predicted"] == d for s in samples if s["domain"] == d) / samples_per_domain

@@ -37,11 +37,14 @@ def test_the_plan_adds_up_the_measured_rates(bench):
                              "--sample-tokens", "100", "--heldout-batches", "1"])
     data = {"sampled_bytes": 1_000, "corpus_bytes": 100_000, "prep_s": 3.0, "judge_fit_s": 4.0, "domains": 2,
             "val_share_of_tokens": 0.5, "bytes_per_token": 1.0}
-    models = {name: {"step_s": 0.01, "eval_s_per_token": 0.0, "gen_s_per_token": 0.001} for name in ("llama", "full")}
+    models = {"llama": {"step_s": 0.01, "eval_s_per_token": 0.0, "batch_gen_s_per_token": 0.001,
+                        "guided_gen_s_per_token": 0.0},
+              "full": {"step_s": 0.01, "eval_s_per_token": 0.0, "batch_gen_s_per_token": 0.001,
+                       "guided_gen_s_per_token": 0.001}}
     plan = bench.estimate(args, data, models)
     assert plan["steps_per_run"] == 611  # ceil(2.5M / (16 x 256)) with the cpu preset
     assert plan["heldout_tokens_est"] == 2 * 1 * 16 * 256  # capped by --heldout-batches
-    # steering: 2 domains x 10 samples x 100 tokens x 1 ms; full is also steered with guidance
+    # steering: 2 domains x 10 samples x 100 tokens x 1 ms; full also one at a time with guidance
     assert plan["per_run"]["llama"]["steering_s"] == pytest.approx(2.0)
     assert plan["per_run"]["full"]["steering_s"] == pytest.approx(4.0)
     assert plan["prep_s"] == pytest.approx(2 * 3.0 * 100 + 4.0)

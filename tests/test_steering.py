@@ -76,3 +76,32 @@ def test_big_domains_are_capped_to_the_same_number_of_snippets(tmp_path, monkeyp
     monkeypatch.setattr(SteeringJudge, "fit", spy)
     fit_on_documents(path, snippet_words=4, max_snippets_per_domain=7)
     assert seen == {"big": 7, "small": 5}
+
+
+def test_unguided_samples_are_drawn_in_one_batch_and_cut_at_end_of_document():
+    from types import SimpleNamespace
+
+    import torch
+
+    from simone.steering import sample_batch, steering_accuracy
+
+    calls = []
+
+    class Model:
+        def generate(self, idx, max_new, **kw):
+            calls.append((idx.tolist(), max_new))
+            yield torch.tensor([[5], [0], [7]])  # row 1 ends its document at once
+            yield torch.tensor([[6], [0], [8]])
+
+    tok = SimpleNamespace(eod_id=0, domains=["sky", "law"], domain_token_id=lambda d: {"sky": 1, "law": 2}[d],
+                          decode=lambda ids: " ".join(f"w{i}" for i in ids))
+    loaded = SimpleNamespace(model=Model(), tokenizer=tok, device=torch.device("cpu"), files={},
+                             config=SimpleNamespace(model=SimpleNamespace(max_seq_len=64)))
+    assert sample_batch(loaded, "law", 3, max_tokens=100) == ["w5 w6", "", "w7 w8"]
+    assert calls == [([[0, 2]] * 3, 62)]  # [eod, <|domain:law|>] three times; the context caps the length
+
+    judge = SimpleNamespace(classes=["law", "sky"], predict_many=lambda texts: ["sky" if "w5" in t else "law" for t in texts])
+    calls.clear()
+    result = steering_accuracy(loaded, judge, samples_per_domain=3, max_tokens=2)
+    assert len(calls) == 2 and result["n"] == 6  # one batch per domain
+    assert result["per_domain"] == {"sky": 1 / 3, "law": 2 / 3} and result["accuracy"] == 0.5
