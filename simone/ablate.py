@@ -529,7 +529,8 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
                              max_snippets_per_domain=settings.judge_snippets_per_domain)
     judge_acc = snippet_accuracy(judge, shared.documents, snippet_words=snippet_words)
     _say(f"steering judge (TF-IDF + logistic regression, {len(judge.classes)} domains): {judge_acc:.1%} "
-         f"on validation snippets of {snippet_words} words (~{settings.sample_tokens} tokens)")
+         f"on validation snippets of {snippet_words} words (~{settings.sample_tokens} tokens), "
+         f"{judge.training_books_accuracy:.1%} on unseen passages of the training books")
 
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.max_seq_len
     sec = None
@@ -590,6 +591,8 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
                   "tokens_per_variant": steps * tokens_per_step,
                   "control_token_prob": cfg.data.control_token_prob, "domains": tok.domains,
                   "judge_accuracy": judge_acc,
+                  "judge_accuracy_training_books": (judge.training_books_accuracy
+                                                    if math.isfinite(judge.training_books_accuracy) else None),
                   "steering_judge": {"kind": "scikit-learn logistic regression (SGD) on word (1-2) and character (2-5) "
                                              "n-gram TF-IDF, fitted on training snippets",
                                      "snippet_words": snippet_words, "validation_snippet_accuracy": judge_acc,
@@ -640,7 +643,9 @@ def ablation_markdown(result: dict) -> str:
         f"{result['settings']['samples_per_domain']} samples per domain of {result['settings']['sample_tokens']} "
         f"tokens made with `--domain X` that the judge (logistic regression on word and character TF-IDF) "
         f"assigns to X; the judge itself is right on {result['judge_accuracy']:.1%} of validation snippets "
-        f"of that length (chance {result['steering_judge']['chance']:.0%}). Guided adds `--policy-guidance "
+        f"of that length (books it never saw) and on {_f(result.get('judge_accuracy_training_books'), '.1%')} "
+        f"of held-back passages of its training books (chance {result['steering_judge']['chance']:.0%}). "
+        f"Guided adds `--policy-guidance "
         f"{result['settings']['guidance_weight']}`. Policy acc: share of validation positions whose "
         f"policy-head argmax is the true domain.", "",
     ]

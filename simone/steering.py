@@ -53,6 +53,7 @@ class SteeringJudge:
         self.max_features = max_features
         self.classes: list[str] = []
         self.pipeline = None
+        self.training_books_accuracy = float("nan")  # set by fit_on_documents
 
     def fit(self, texts: list[str], labels: list[str]) -> SteeringJudge:
         from sklearn.feature_extraction.text import TfidfVectorizer
@@ -104,23 +105,31 @@ def _domain(doc: dict) -> str:
 
 
 def fit_on_documents(documents_jsonl: Path, split: str = "train", snippet_words: int = 96,
-                     max_snippets_per_domain: int = 3000, seed: int = 0) -> SteeringJudge:
+                     max_snippets_per_domain: int = 3000, seed: int = 0, check_share: float = 0.1) -> SteeringJudge:
     """Fit a judge on the `split` documents of a documents.jsonl, cut into snippets of
     `snippet_words` words; a domain with more snippets than `max_snippets_per_domain` gives a
     seeded random choice of them (so one big domain does not drown the others, and fitting on
-    a large corpus takes seconds, not hours)."""
+    a large corpus takes seconds, not hours).
+
+    `check_share` of each domain's chosen snippets is kept back: `judge.training_books_accuracy`
+    is the judge's accuracy on them, other passages of the books it learned from (what a model
+    imitating its training data writes), beside `snippet_accuracy` on books it never saw."""
     per_domain: dict[str, list[str]] = {}
     for doc in _documents(Path(documents_jsonl), split):
         per_domain.setdefault(_domain(doc), []).extend(snippets(doc["text"], snippet_words))
     rng = random.Random(seed)
-    texts, labels = [], []
+    texts, labels, check_texts, check_labels = [], [], [], []
     for domain in sorted(per_domain):
         chosen = per_domain[domain]
-        if len(chosen) > max_snippets_per_domain:
-            chosen = rng.sample(chosen, max_snippets_per_domain)
-        texts += chosen
-        labels += [domain] * len(chosen)
-    return SteeringJudge().fit(texts, labels)
+        chosen = rng.sample(chosen, min(len(chosen), max_snippets_per_domain))
+        n_check = int(len(chosen) * check_share) if len(chosen) >= 10 else 0
+        check_texts += chosen[:n_check]
+        check_labels += [domain] * n_check
+        texts += chosen[n_check:]
+        labels += [domain] * (len(chosen) - n_check)
+    judge = SteeringJudge().fit(texts, labels)
+    judge.training_books_accuracy = judge.accuracy(check_texts, check_labels)
+    return judge
 
 
 def snippet_accuracy(judge: SteeringJudge, documents_jsonl: Path, split: str = "val",

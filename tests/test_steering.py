@@ -43,6 +43,7 @@ def test_judge_separates_distinct_domains_at_sample_length(tmp_path):
     judge = fit_on_documents(docs, snippet_words=12)
     assert judge.classes == ["history", "poetry", "scripture"]
     assert snippet_accuracy(judge, docs, split="val", snippet_words=12) >= 0.95
+    assert judge.training_books_accuracy >= 0.95  # held-back passages of the training documents
     assert judge.predict("the lord god made heaven and earth, light and darkness") == "scripture"
     assert judge.predict("my love, sweet rose of summer, a song of sorrow") == "poetry"
     # text that shares a domain's characters but no whole word still lands there (char n-grams)
