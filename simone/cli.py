@@ -260,9 +260,18 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else list(VARIANTS)
+    overrides: dict[str, list[str]] = {}
+    for item in args.variant_overrides:  # NAME:section.key=value
+        name, sep, override = item.partition(":")
+        if not sep or "=" not in override:
+            raise CLIError(f"--vset {item!r}: expected VARIANT:section.key=value")
+        overrides.setdefault(name.strip(), []).append(override.strip())
+    variants += [name for name in overrides if "@" in name and name not in variants]  # sweep points join
     settings = AblationSettings(budget_minutes=args.budget_minutes, variants=variants, max_steps=args.max_steps,
+                                seeds=args.seeds, tokens_per_variant=args.tokens_per_variant,
                                 samples_per_domain=args.samples_per_domain, sample_tokens=args.sample_tokens,
-                                guidance_weight=args.guidance_weight)
+                                guidance_weight=args.guidance_weight, heldout_batches=args.heldout_batches,
+                                overrides=overrides)
     try:
         run_ablation(cfg, Path(args.out), settings)
     except ValueError as e:
@@ -447,9 +456,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="total training time to share between the variants (sets the common step count)")
     p.add_argument("--out", required=True, help="folder for the shared data, the runs and the report")
     p.add_argument("--variants", default=None, help="comma-separated subset (default: all)")
-    p.add_argument("--samples-per-domain", dest="samples_per_domain", type=int, default=4)
-    p.add_argument("--sample-tokens", dest="sample_tokens", type=int, default=48)
+    p.add_argument("--seeds", type=int, default=3,
+                   help="runs per variant (seed K: train.seed + K, for the initial weights and the data order)")
+    p.add_argument("--tokens-per-variant", dest="tokens_per_variant", type=int, default=None,
+                   help="training tokens per run, the same for every variant (instead of --budget-minutes)")
+    p.add_argument("--samples-per-domain", dest="samples_per_domain", type=int, default=50)
+    p.add_argument("--sample-tokens", dest="sample_tokens", type=int, default=128)
     p.add_argument("--guidance-weight", dest="guidance_weight", type=float, default=1.0)
+    p.add_argument("--heldout-batches", dest="heldout_batches", type=int, default=None,
+                   help="held-out batches per domain (default: every window of the held-out documents)")
+    p.add_argument("--vset", dest="variant_overrides", action="append", default=[], metavar="VARIANT:KEY=VALUE",
+                   help="override a config field for one variant; a sweep point BASE@TAG "
+                        "(e.g. full@mem16:model.n_memory_slots=16) joins --variants (repeatable)")
 
     p = verb("config", cmd_config, "print a preset or a saved config, with overrides applied")
     _add_config_args(p)
