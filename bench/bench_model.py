@@ -5,7 +5,7 @@
     python bench/bench_model.py --preset h200-350m --device cuda
     python bench/bench_model.py --dim 512 --n-layers 8 --n-heads 8 --seq 512 --batch 8
 
-A thin wrapper over `simone.bench.bench_train` and `bench_generate` (the same code as
+A thin wrapper over `simone.workflows.bench.bench_train` and `bench_generate` (the same code as
 `simone bench train|generate`) that also lets you set the model shape by hand.
 Training: tokens/s of one step (forward, backward, AdamW step) on a fixed random batch,
 eager and `torch.compile`d. Generation: new tokens/s of greedy decoding with a KV cache
@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from simone.bench import bench_generate, bench_train
+from simone.workflows.bench import bench_generate, bench_train
 from simone.config import preset
 
 

@@ -3,7 +3,7 @@
     python bench/bench_prep.py --corpus ../shared/corpus
     python bench/bench_prep.py --corpus ../shared/corpus --preset h200 --out /tmp/bench_prep
 
-A thin wrapper over `simone.bench.bench_prep` (the same code as `simone bench prep`):
+A thin wrapper over `simone.workflows.bench.bench_prep` (the same code as `simone bench prep`):
 wall time, CPU time, cores used and peak RSS (this process and its workers, sampled every
 20 ms) of each stage and in total. Every run starts fresh.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from simone.bench import bench_prep
+from simone.workflows.bench import bench_prep
 
 
 def main() -> None:

@@ -37,9 +37,9 @@ def random_model(preset_name: str, device: str):
     """An untrained model of the preset's shape with a small byte-level tokenizer (for speed
     only: its text is noise)."""
     from simone.config import TokenizerConfig, preset
-    from simone.generate import LoadedModel, pick_device
+    from simone.inference.generate import LoadedModel, pick_device
     from simone.model import build_model
-    from simone.tokenizer import train_tokenizer
+    from simone.data.tokenizer import train_tokenizer
 
     cfg = preset(preset_name)
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args(argv)
 
-    from simone.generate import load_model
+    from simone.inference.generate import load_model
     from simone.inference.serve import model_name, start_background_server
 
     if args.threads:

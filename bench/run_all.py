@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from simone.bench import GOALS, bench_generate, bench_prep, bench_train
+from simone.workflows.bench import GOALS, bench_generate, bench_prep, bench_train
 
 
 def main() -> None:

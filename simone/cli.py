@@ -128,7 +128,7 @@ def _implied_legacy_preset(args: argparse.Namespace, cfg: Config) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from simone.pipeline import MODEL_CHOICES, check_device, run_models, run_pipeline
+    from simone.workflows.pipeline import MODEL_CHOICES, check_device, run_models, run_pipeline
 
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
     resume = _resume_arg(args.resume)
@@ -140,6 +140,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # a CUDA preset chosen by the legacy flags runs on whatever device there is; one named
     # with --preset on a machine without CUDA is an error before any work
     check_device(cfg, fall_back_to_cpu=legacy)
+    if args.budget_minutes is not None and not resume:  # a resumed run keeps its saved shape
+        _apply_budget_minutes(cfg, args.budget_minutes)
     eval_data = Path(args.eval_data) if args.eval_data else None
     if args.models:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -148,15 +150,31 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise CLIError(f"--models: unknown model(s) {', '.join(unknown) or '(none)'}; "
                            f"choose from {', '.join(MODEL_CHOICES)}")
         result = run_models(cfg, run_dir, models, resume=resume, package_dir=Path(args.package_dir),
-                            monitor=args.monitor, monitor_port=args.port, eval_data=eval_data)
+                            monitor=args.monitor, monitor_port=args.port, eval_data=eval_data, force=args.force)
     else:
-        result = run_pipeline(cfg, run_dir, resume=resume, monitor=args.monitor,
-                              monitor_port=args.port, package_dir=Path(args.package_dir), eval_data=eval_data)
+        result = run_pipeline(cfg, run_dir, resume=resume, monitor=args.monitor, monitor_port=args.port,
+                              package_dir=Path(args.package_dir), eval_data=eval_data, force=args.force)
     return 0 if result.ok else 1
 
 
+def _apply_budget_minutes(cfg: Config, minutes: float) -> None:
+    """--budget-minutes: measure this machine on the preset's model, then pick the shape and
+    batch for the budget (simone/train/budget.py) and cap training at `minutes`."""
+    from simone.workflows.pipeline import estimated_train_tokens
+    from simone.train.budget import apply_budget, probe_tokens_per_s, shape_for_budget
+
+    if minutes <= 0:
+        raise CLIError(f"--budget-minutes: must be > 0 (got {minutes:g})")
+    tokens_per_s, flops_per_token = probe_tokens_per_s(cfg)
+    shape = shape_for_budget(minutes, tokens_per_s, flops_per_token, cfg.tokenizer.vocab_size,
+                             corpus_tokens=estimated_train_tokens(cfg), base=cfg.model)
+    apply_budget(cfg, minutes, shape)
+    print(f"[simone] --budget-minutes {minutes:g}: probe {tokens_per_s:,.0f} tokens/s on the preset's model; "
+          f"shape {shape.describe()}", flush=True)
+
+
 def cmd_curate(args: argparse.Namespace) -> int:
-    from simone.pipeline import stage_curate
+    from simone.workflows.pipeline import stage_curate
 
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
     cfg = build_config(args, run_dir)
@@ -165,7 +183,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
-    from simone.pipeline import stage_tokenizer
+    from simone.workflows.pipeline import stage_tokenizer
 
     run_dir = Path(args.run_dir)
     stage_tokenizer(build_config(args, run_dir), run_dir)
@@ -173,7 +191,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from simone.pipeline import stage_prepare
+    from simone.workflows.pipeline import stage_prepare
 
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
     stage_prepare(build_config(args, run_dir), run_dir)
@@ -181,18 +199,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from simone.pipeline import stage_train
+    from simone.workflows.pipeline import check_device, stage_train
 
     run_dir = Path(args.run_dir)
     cfg = build_config(args, run_dir)
     if args.parallel is not None:
         cfg.train.parallel = args.parallel
-    result = stage_train(cfg, run_dir, resume=_resume_arg(args.resume))
+    check_device(cfg)  # before the run lock creates the run dir
+    result = stage_train(cfg, run_dir, resume=_resume_arg(args.resume), force=args.force)
     return 0 if result is not None else 1
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from simone.validate import print_report, validate
+    from simone.inference.validate import print_report, validate
 
     report = validate(Path(args.model), out_dir=Path(args.out) if args.out else None,
                       data_dir=Path(args.data_dir) if args.data_dir else None)
@@ -201,7 +220,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_package(args: argparse.Namespace) -> int:
-    from simone.package import package_run
+    from simone.inference.package import package_run
     from simone.rundir import RunDir
 
     path = package_run(RunDir(Path(args.run_dir)), Path(args.out))
@@ -210,7 +229,7 @@ def cmd_package(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from simone.generate import generate_cli
+    from simone.inference.generate import generate_cli
 
     return generate_cli(
         model_path=Path(args.model), prompt=args.prompt, max_tokens=args.max_tokens,
@@ -244,13 +263,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from simone.ablate import VARIANTS, AblationSettings, run_ablation
+    from simone.workflows.ablate import VARIANTS, AblationSettings, run_ablation
 
     cfg = build_config(args)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else list(VARIANTS)
+    overrides: dict[str, list[str]] = {}
+    for item in args.variant_overrides:  # NAME:section.key=value
+        name, sep, override = item.partition(":")
+        if not sep or "=" not in override:
+            raise CLIError(f"--vset {item!r}: expected VARIANT:section.key=value")
+        overrides.setdefault(name.strip(), []).append(override.strip())
+    variants += [name for name in overrides if "@" in name and name not in variants]  # sweep points join
     settings = AblationSettings(budget_minutes=args.budget_minutes, variants=variants, max_steps=args.max_steps,
+                                seeds=args.seeds, tokens_per_variant=args.tokens_per_variant,
                                 samples_per_domain=args.samples_per_domain, sample_tokens=args.sample_tokens,
-                                guidance_weight=args.guidance_weight)
+                                guidance_weight=args.guidance_weight, heldout_batches=args.heldout_batches,
+                                overrides=overrides)
     try:
         run_ablation(cfg, Path(args.out), settings)
     except ValueError as e:
@@ -265,7 +293,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from simone.doctor import print_report, run_checks
+    from simone.workflows.doctor import print_report, run_checks
 
     checks = run_checks(Path(args.data) if args.data else None, Path(args.run_dir) if args.run_dir else None)
     return print_report(checks)
@@ -295,7 +323,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from simone import bench
+    from simone.workflows import bench
 
     common = dict(preset=args.preset or DEFAULT_PRESET, threads=args.threads, json_path=args.json)
     if args.kind != "prep" and args.corpus:
@@ -337,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", "--output_dir", dest="run_dir", default=None, help="default: runs/<timestamp>")
     p.add_argument("--resume", "--resume_from", dest="resume", default=None,
                    help="latest | best (or best_model) | checkpoint path")
+    p.add_argument("--force", action="store_true",
+                   help="start over in a run dir that holds checkpoints (its earlier run moves to RUN/replaced-*)")
     p.add_argument("--models", default=None, metavar="llama,gpt2",
                    help="train several architectures on the same data, tokenizer and budget into "
                         "RUN/runs/NAME, validate and package each, and write RUN/comparison.{md,json}")
@@ -346,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="leave flagged files out of training")
     p.add_argument("--decontaminate", action="store_true", help="move contaminated validation docs")
     p.add_argument("--no-curate", action="store_true", help="skip dedup/quality/label filtering")
+    p.add_argument("--budget-minutes", dest="budget_minutes", type=float, default=None, metavar="M",
+                   help="pick depth, width, context and batch for M minutes of training on this machine "
+                        "(a short throughput probe first) and cap training at M minutes")
     p.add_argument("--eval-data", dest="eval_data", default=None, metavar="DIR",
                    help="at the end, bits per byte of the packaged model on this folder of text "
                         "(written to RUN/validation/eval.json)")
@@ -373,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--run-dir", dest="run_dir", required=True)
     p.add_argument("--resume", "--resume_from", dest="resume", default=None)
+    p.add_argument("--force", action="store_true",
+                   help="start over in a run dir that holds checkpoints (its earlier run moves to RUN/replaced-*)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default=None,
                    help="under torchrun: ddp (a replica per process, default) or fsdp (FSDP2: sharded "
                         "parameters, gradients and optimizer state, for models that do not fit one GPU)")
@@ -432,9 +467,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="total training time to share between the variants (sets the common step count)")
     p.add_argument("--out", required=True, help="folder for the shared data, the runs and the report")
     p.add_argument("--variants", default=None, help="comma-separated subset (default: all)")
-    p.add_argument("--samples-per-domain", dest="samples_per_domain", type=int, default=4)
-    p.add_argument("--sample-tokens", dest="sample_tokens", type=int, default=48)
+    p.add_argument("--seeds", type=int, default=3,
+                   help="runs per variant (seed K: train.seed + K, for the initial weights and the data order)")
+    p.add_argument("--tokens-per-variant", dest="tokens_per_variant", type=int, default=None,
+                   help="training tokens per run, the same for every variant (instead of --budget-minutes)")
+    p.add_argument("--samples-per-domain", dest="samples_per_domain", type=int, default=50)
+    p.add_argument("--sample-tokens", dest="sample_tokens", type=int, default=128)
     p.add_argument("--guidance-weight", dest="guidance_weight", type=float, default=1.0)
+    p.add_argument("--heldout-batches", dest="heldout_batches", type=int, default=None,
+                   help="held-out batches per domain (default: every window of the held-out documents)")
+    p.add_argument("--vset", dest="variant_overrides", action="append", default=[], metavar="VARIANT:KEY=VALUE",
+                   help="override a config field for one variant; a sweep point BASE@TAG "
+                        "(e.g. full@mem16:model.n_memory_slots=16) joins --variants (repeatable)")
 
     p = verb("config", cmd_config, "print a preset or a saved config, with overrides applied")
     _add_config_args(p)

@@ -1,43 +1,63 @@
-"""`simone ablate` on a tiny corpus writes a table with every variant."""
+"""`simone ablate`: every variant with several seeds, figures with error bars, differences that
+say "no measurable difference" when their interval includes zero."""
 
 from __future__ import annotations
 
 import json
 import math
 
-from simone.ablate import VARIANTS
+import pytest
+
+from simone.workflows.ablate import (FIGURES, NO_DIFFERENCE, VARIANTS, AblationSettings, ablation_markdown, ablation_svg,
+                           check_variants, paired_difference, reading, steps_for_budget, summarize, summarize_runs,
+                           variant_config, variant_settings)
+from simone.config import preset
 from simone.cli import main
 
 
-def test_ablate_writes_a_table_with_every_variant(tiny_corpus, tmp_path, capsys):
+def test_ablate_runs_every_variant_with_two_seeds(tiny_corpus, tmp_path, capsys):
     out = tmp_path / "ablation"
     rc = main(["ablate", "--data", str(tiny_corpus), "--preset", "tiny", "--out", str(out), "--max-steps", "2",
-               "--samples-per-domain", "1", "--sample-tokens", "8", "--set", "train.eval_batches=1", "--set", "train.log_every=1"])
+               "--seeds", "2", "--samples-per-domain", "2", "--sample-tokens", "8", "--heldout-batches", "2",
+               "--set", "train.eval_batches=1", "--set", "train.log_every=1",
+               "--vset", "no-trace:ablate.guidance_weight=0"])  # a per-variant override: no guided steering
     assert rc == 0
     result = json.loads((out / "ablation.json").read_text())
+    assert result["seeds"] == 2
+    # make_corpus's domains have distinct vocabularies: the judge must separate 8-word snippets
+    assert result["judge_accuracy"] >= 0.9 and result["judge_accuracy_training_books"] >= 0.9
     rows = {r["variant"]: r for r in result["variants"]}
     assert list(rows) == list(VARIANTS)
+    assert len(result["runs"]) == 2 * len(VARIANTS)
     for name, r in rows.items():
         assert r["steps"] == 2 and r["tokens_seen"] == 2 * result["tokens_per_step"]  # the same budget
-        assert math.isfinite(r["val_bpb"]) and set(r["per_domain_bpb"]) == {"history", "poetry", "scripture"}
-        assert 0.0 <= r["steering_accuracy"] <= 1.0 and r["params"] > 0 and r["tokens_per_s"] > 0
-        stream = r["streaming"]
-        if name == "gpt2":
-            assert stream is None  # no RoPE: no streaming
-        else:
-            assert stream["contexts"] > 1 and stream["max_slots"] <= 64 and math.isfinite(stream["stream_ppl"])
-    assert rows["full"]["steering_accuracy_guided"] is not None
-    assert rows["no-policy"]["steering_accuracy_guided"] is None
-    assert 0.0 <= rows["full"]["policy_accuracy"] <= 1.0 and rows["llama"]["policy_accuracy"] is None
+        assert len(set(r["seeds"])) == 2  # two training seeds (init and data order)
+        for figure in FIGURES:
+            assert {"mean", "std", "ci95"} <= set(r[figure]), (name, figure)
+        for figure in ("val_bpb", "heldout_bpb", "steering_accuracy"):
+            s = r[figure]
+            assert s["n"] == 2 and s["ci95"][0] <= s["mean"] <= s["ci95"][1], (name, figure)
+        assert set(r["per_domain_bpb"]) == {"history", "poetry", "scripture"} and r["params"] > 0
+    # different seeds train different models
+    llama = [x["val_bpb"] for x in result["runs"] if x["variant"] == "llama"]
+    assert llama[0] != llama[1]
+    assert rows["full"]["steering_accuracy_guided"]["n"] == 2
+    assert rows["no-policy"]["steering_accuracy_guided"]["mean"] is None
+    assert rows["no-trace"]["steering_accuracy_guided"]["mean"] is None and rows["no-trace"]["guidance_weight"] == 0
+    assert rows["llama"]["policy_accuracy"]["mean"] is None and rows["full"]["policy_accuracy"]["n"] == 2
     assert rows["no-memory"]["params"] < rows["full"]["params"]
-    assert rows["no-policy"]["params"] < rows["full"]["params"]
-    assert rows["llama"]["governance"]["governance"] is False
-    # the uncurated variant trained on its own data, evaluated on the clean validation set
-    assert (out / "runs" / "uncurated" / "clean_val" / "val.bin").exists()
-    assert not (out / "runs" / "uncurated" / "data").is_symlink()
+    # the uncurated variant trained on its own data (built once), held out on the clean validation set
+    assert (out / "uncurated" / "clean_val" / "val.bin").exists()
+    assert (out / "runs" / "uncurated" / "seed_1" / "data").resolve() == (out / "uncurated" / "data").resolve()
+    assert (out / "runs" / "full" / "seed_1" / "data").resolve() == (out / "shared" / "data").resolve()
+    # differences against the plain model, paired by seed, each with its reading
+    diffs = result["differences"]
+    assert {(d["variant"], d["reference"]) for d in diffs} >= {("full", "llama"), ("uncurated", "full")}
+    assert all(d["n"] == 2 and d["reading"] for d in diffs)
     table = (out / "ablation.md").read_text()
     for name in VARIANTS:
         assert f"| {name} |" in table
+    assert " ± " in table and "held-out bpb" in table
     assert (out / "ablation.svg").read_text().startswith("<svg")
 
 
@@ -45,3 +65,71 @@ def test_ablate_refuses_an_unknown_variant(tiny_corpus, tmp_path, capsys):
     rc = main(["ablate", "--data", str(tiny_corpus), "--preset", "tiny", "--out", str(tmp_path / "a"),
                "--variants", "llama,mamba", "--max-steps", "1"])
     assert rc == 2 and "mamba" in capsys.readouterr().err
+    rc = main(["ablate", "--data", str(tiny_corpus), "--preset", "tiny", "--out", str(tmp_path / "a"),
+               "--vset", "full@x:model.n_memory_slots", "--max-steps", "1"])
+    assert rc == 2 and "VARIANT:section.key=value" in capsys.readouterr().err
+
+
+def test_summary_is_the_t_interval_of_the_mean():
+    s = summarize([1.0, 2.0, 3.0, 4.0, None, float("nan")])  # missing values are left out
+    std = math.sqrt(((1.5 ** 2) + (0.5 ** 2)) * 2 / 3)  # sample std, n - 1 = 3
+    half = 3.182446305284263 * std / 2  # t(0.975, df=3) * std / sqrt(4)
+    assert s["n"] == 4 and s["mean"] == pytest.approx(2.5) and s["std"] == pytest.approx(std)
+    assert s["ci95"] == pytest.approx([2.5 - half, 2.5 + half])
+    one = summarize([0.7])
+    assert one["mean"] == 0.7 and one["std"] is None and one["ci95"] is None
+    assert summarize([None])["mean"] is None
+
+
+def _run(variant, seed, val_bpb, steering):
+    return {"variant": variant, "seed": seed, "train_seed": 1337 + seed, "arch": "llama", "governance": {},
+            "params": 10, "steps": 2, "tokens_seen": 100, "tokens_per_s": 1.0, "per_domain_bpb": {"a": val_bpb},
+            "streaming": None, "val_bpb": val_bpb, "heldout_bpb": val_bpb, "steering_accuracy": steering,
+            "steering_accuracy_guided": None, "policy_accuracy": None}
+
+
+def test_a_difference_whose_interval_includes_zero_is_no_ranking():
+    runs = [_run("llama", 0, 2.00, 0.50), _run("llama", 1, 2.10, 0.60), _run("llama", 2, 2.05, 0.40),
+            # full: bpb lower by 0.10 ± 0.01 on every seed; steering up on one seed, down on another
+            _run("full", 0, 1.90, 0.60), _run("full", 1, 2.01, 0.50), _run("full", 2, 1.94, 0.45)]
+    bpb = paired_difference(runs, "full", "llama", "val_bpb")
+    assert bpb["values"] == pytest.approx([-0.10, -0.09, -0.11]) and bpb["ci95"][1] < 0
+    assert reading(bpb, lower_is_better=True) == "lower (better)"
+    steer = paired_difference(runs, "full", "llama", "steering_accuracy")
+    assert steer["ci95"][0] < 0 < steer["ci95"][1]
+    assert reading(steer, lower_is_better=False) == NO_DIFFERENCE
+    assert reading({"mean": 0.2, "ci95": None}, lower_is_better=False) == NO_DIFFERENCE  # one seed
+
+    rows, diffs = summarize_runs(runs, ["llama", "full"])
+    result = {"preset": "tiny", "seeds": 3, "steps_per_variant": 2, "tokens_per_variant": 100,
+              "control_token_prob": 0.5, "judge_accuracy": 0.9, "steering_judge": {"chance": 0.5},
+              "settings": AblationSettings().__dict__, "variants": rows, "differences": diffs}
+    table = ablation_markdown(result)
+    steering_line = next(line for line in table.splitlines() if line.startswith("| full | llama | steering |"))
+    assert NO_DIFFERENCE in steering_line and "better" not in steering_line and "worse" not in steering_line
+    bpb_line = next(line for line in table.splitlines() if line.startswith("| full | llama | val bpb |"))
+    assert "lower (better)" in bpb_line
+    assert "2.0500 ± 0.0500 [" in table  # llama's val bpb: mean ± std [95% interval]
+    assert ablation_svg(result).count("<path") == 2 * 3  # a whisker per variant with an interval, 3 figures
+
+
+def test_the_budget_is_the_same_number_of_tokens_for_every_variant():
+    assert steps_for_budget(AblationSettings(tokens_per_variant=2_500_000), tokens_per_step=4096) == 611
+    assert steps_for_budget(AblationSettings(tokens_per_variant=2_500_000, max_steps=5), 4096) == 5
+    # the time budget: 60% of each run's share of the minutes
+    assert steps_for_budget(AblationSettings(budget_minutes=10, variants=["llama", "full"], seeds=2), 4096,
+                            seconds_per_step=1.0) == 90
+
+
+def test_a_sweep_point_is_a_variant_with_its_own_overrides():
+    overrides = {"full@mem2": ["model.n_memory_slots=2", "model.policy_layer=0", "ablate.guidance_weight=3"]}
+    settings = AblationSettings(variants=["llama", "full@mem2"], overrides=overrides)
+    check_variants(settings)
+    cfg = variant_config(preset("tiny"), "full@mem2", overrides["full@mem2"])
+    assert cfg.model.governance and cfg.model.memory and cfg.model.n_memory_slots == 2 and cfg.model.policy_layer == 0
+    assert variant_settings(settings, "full@mem2").guidance_weight == 3.0
+    assert variant_settings(settings, "llama").guidance_weight == 1.0
+    with pytest.raises(ValueError, match="mamba@x"):
+        check_variants(AblationSettings(variants=["mamba@x"]))
+    with pytest.raises(ValueError, match="not in the ablation"):
+        check_variants(AblationSettings(variants=["llama"], overrides={"full": ["model.n_memory_slots=2"]}))

@@ -1,4 +1,4 @@
-"""simone.bench: the comparison is apples to apples, and each kind's JSON has its keys."""
+"""simone.workflows.bench: the comparison is apples to apples, and each kind's JSON has its keys."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from simone import bench
+from simone.workflows import bench
 from simone.cli import main
 from simone.config import ModelConfig
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_model as safetensors_load_model
 
 from simone.config import preset
 from simone.model import build_model
-from simone.train.checkpoint import (
+from simone.checkpoint import (
     CheckpointError,
     CheckpointMismatchError,
     CheckpointSaveError,
@@ -25,7 +25,7 @@ from simone.train.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from simone.train.faults import Faults
+from simone.faults import Faults
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_invalid_config_in_checkpoint_is_rejected(tmp_path, model):
 
 
 def test_validate_checkpoint_checks_manifest_schema_and_shapes(tmp_path, model):
-    from simone.train.checkpoint import validate_checkpoint
+    from simone.inference.generate import validate_checkpoint
 
     cfg, m = model
     path = _save(tmp_path / "c", 1, m, cfg)
@@ -186,3 +186,167 @@ def test_validate_checkpoint_checks_manifest_schema_and_shapes(tmp_path, model):
     (path / "MANIFEST.json").unlink()  # a bare folder (e.g. an unpacked package) has none
     with pytest.raises(CheckpointMismatchError, match="missing tensors layers.2"):
         validate_checkpoint(path)
+
+
+# ----------------------------------------------------------------------------- re-saving a step
+
+
+class _Crash(BaseException):
+    """A stand-in for kill -9: nothing in save_checkpoint catches it."""
+
+
+class _CrashBetweenRenames(Faults):
+    def between_renames(self, step: int) -> None:
+        raise _Crash
+
+
+class _CorruptNewCopy(Faults):
+    """Flip a byte of the new copy's weights once it is written (a bad disk, a bad write)."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root, self.calls = root, 0
+
+    def slow_save(self) -> None:
+        self.calls += 1
+        if self.calls == 3:  # after the manifest, before anything old is touched
+            weights = next(self.root.glob(".tmp-*/model.safetensors"))
+            data = bytearray(weights.read_bytes())
+            data[-5] ^= 0xFF
+            weights.write_bytes(bytes(data))
+
+
+def test_resaving_a_step_verifies_the_new_copy_before_the_old_one_goes(tmp_path, model):
+    cfg, m = model
+    root = tmp_path / "checkpoints"
+    _save(root, 10, m, cfg)
+    before = (root / "step_000010" / "model.safetensors").read_bytes()
+    with pytest.raises(CheckpointSaveError, match="step_000010"):
+        _save(root, 10, m, cfg, faults=_CorruptNewCopy(root))
+    verify_checkpoint(root / "step_000010")  # the old copy is in place and intact
+    assert (root / "step_000010" / "model.safetensors").read_bytes() == before
+    assert not [p for p in root.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+
+def test_crash_between_the_renames_of_a_resave_leaves_a_loadable_latest(tmp_path, model):
+    cfg, m = model
+    root = tmp_path / "checkpoints"
+    _save(root, 5, m, cfg)
+    _save(root, 10, m, cfg)
+    with pytest.raises(_Crash):
+        _save(root, 10, m, cfg, faults=_CrashBetweenRenames())
+    assert not (root / "step_000010").exists() and read_pointer(root, "latest") == "step_000010"
+    problems: list[str] = []
+    chosen = resolve_checkpoint(root, "latest", on_problem=problems.append)
+    assert chosen.name.startswith(".old-step_000010-")  # not the older step_000005
+    assert "interrupted save" in problems[0]
+    _, state, _ = load_checkpoint(chosen)
+    assert state["step"] == 10
+    # the next save puts the copy back in place before anything else
+    _save(root, 11, m, cfg)
+    verify_checkpoint(root / "step_000010")
+    assert not [p for p in root.iterdir() if p.name.startswith(".old-")]
+
+
+def test_leftover_old_copy_is_dropped_when_the_step_is_intact(tmp_path, model):
+    cfg, m = model
+    root = tmp_path / "checkpoints"
+    _save(root, 10, m, cfg)
+    stale = root / ".old-step_000010-1-2"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    assert resolve_checkpoint(root, "latest").name == "step_000010"
+    _save(root, 11, m, cfg)
+    assert not stale.exists()
+
+
+# ----------------------------------------------------------------------------- hostile manifests
+
+
+def _rewrite_manifest(path, edit) -> None:
+    manifest = json.loads((path / "MANIFEST.json").read_text())
+    edit(manifest["files"])
+    (path / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda files: files.update({"/dev/zero": {"sha256": "0" * 64, "size": 0}}), "not a plain file name"),
+    (lambda files: files.update({"../x": {"sha256": "0" * 64, "size": 0}}), "not a plain file name"),
+    (lambda files: files.update({"state.pt": "not an object"}), "is not an object"),
+    (lambda files: files.update({"state.pt": None}), "is not an object"),
+])
+def test_manifest_names_outside_the_checkpoint_are_refused_quickly(tmp_path, model, edit, message):
+    import signal
+
+    cfg, m = model
+    root = tmp_path / "c"
+    path = _save(root, 1, m, cfg)
+    _save(root, 2, m, cfg)
+    (root / "x").write_bytes(b"")  # what "../x" would name
+    _rewrite_manifest(root / "step_000002", edit)
+
+    def hang(*_):
+        raise TimeoutError("verify_checkpoint hung")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(10)
+    try:
+        with pytest.raises(CheckpointError, match=message):
+            verify_checkpoint(root / "step_000002")
+        problems: list[str] = []
+        assert resolve_checkpoint(root, "latest", on_problem=problems.append) == path  # falls back
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_manifest_entry_that_is_a_symlink_is_refused(tmp_path, model):
+    cfg, m = model
+    path = _save(tmp_path / "c", 1, m, cfg)
+    (path / "link").symlink_to("/dev/zero")
+    _rewrite_manifest(path, lambda files: files.update({"link": {"sha256": "0" * 64, "size": 0}}))
+    with pytest.raises(CheckpointError, match="link: not a regular file"):
+        verify_checkpoint(path)
+
+
+# ----------------------------------------------------------------------------- tokenizer hash
+
+
+def test_manifest_records_the_tokenizer_and_a_different_one_is_refused(tmp_path, model):
+    from simone.checkpoint import check_tokenizer
+
+    cfg, m = model
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text('{"version": "a"}')
+    path = _save(tmp_path / "c", 1, m, cfg, tokenizer=tok)
+    manifest = json.loads((path / "MANIFEST.json").read_text())
+    import hashlib
+
+    assert manifest["tokenizer_sha256"] == hashlib.sha256(tok.read_bytes()).hexdigest()
+    check_tokenizer(path, tok)
+    other = tmp_path / "other.json"
+    other.write_text('{"version": "b"}')
+    with pytest.raises(CheckpointError,
+                       match=r"MANIFEST.json: trained with tokenizer sha256 [0-9a-f]{16}.*other.json has sha256"):
+        check_tokenizer(path, other)
+
+
+def test_kill_9_between_the_renames_of_a_resave(tmp_path):
+    """The real thing: SIMONE_FAULT_KILL_BETWEEN_RENAMES kills the saving process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = tmp_path / "checkpoints"
+    code = ("import torch; from simone.config import preset; from simone.model import build_model; "
+            "from simone.checkpoint import save_checkpoint; from simone.faults import Faults; "
+            "cfg = preset('tiny'); m = build_model(cfg.model); "
+            f"[save_checkpoint({str(root)!r}, 3, m.state_dict(), {{'step': 3}}, cfg.to_dict(), "
+            "faults=Faults.from_env()) for _ in range(2)]")
+    env = dict(os.environ, SIMONE_FAULT_KILL_BETWEEN_RENAMES="3")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert not (root / "step_000003").exists() and read_pointer(root, "latest") == "step_000003"
+    chosen = resolve_checkpoint(root, "latest", on_problem=lambda msg: None)
+    assert load_checkpoint(chosen)[1]["step"] == 3

@@ -69,3 +69,32 @@ def test_user_errors_are_one_line(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_passes_the_range_checks(name):
+    from simone.config import check_model_ranges
+
+    check_model_ranges(preset(name).model)
+    from_dict(preset(name).to_dict())
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("n_layers", 10**8, r"model.n_layers=100000000: out of range \(expected 1..1024\)"),
+    ("max_seq_len", 2**31, r"model.max_seq_len=2147483648: out of range"),
+    ("vocab_size", 0, r"model.vocab_size=0: out of range"),
+    ("dim", 10**7, r"model.dim=10000000: out of range"),
+    ("n_heads", 3, r"model.dim=64: not divisible by model.n_heads=3"),
+    ("n_kv_heads", 3, r"model.n_heads=4: not divisible by model.n_kv_heads=3"),
+    ("dropout", 1.5, r"model.dropout=1.5: out of range"),
+    ("norm_eps", -1.0, r"model.norm_eps=-1.0: out of range"),
+    ("policy_layer", 7, r"model.policy_layer=7: not a block index"),
+])
+def test_a_downloaded_config_out_of_range_is_refused_before_anything_is_built(tmp_path, field, value, message):
+    d = preset("tiny").to_dict()
+    d["model"][field] = value
+    with pytest.raises(ConfigError, match=message):
+        from_dict(d)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "config.json")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from simone import doctor
-from simone.doctor import Check
+from simone.workflows import doctor
+from simone.workflows.doctor import Check
 
 
 def _by_name(checks: list[Check], name: str) -> Check:

@@ -25,9 +25,9 @@ def test_run_packages_a_model_that_generate_and_validate_load(tiny_corpus, tmp_p
     assert pkg.endswith(".tar.gz") and pkg in out  # the path is printed at the end
     with tarfile.open(pkg) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        summary = json.loads(tar.extractfile(next(m for m in tar if m.name.endswith("/training_summary.json"))).read())
     assert {"model.safetensors", "config.json", "tokenizer.json", "training_summary.json",
             "README.md", "MANIFEST.json"} <= names
-    summary = json.loads((run_dir / "training_summary.json").read_text())
     assert summary["training"]["steps"] == 60
     assert summary["training"]["best_val_loss"] is not None
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from simone.config import ModelConfig
-from simone.export import (
+from simone.inference.export import (
     from_hf_llama_state_dict,
     hf_llama_config,
     model_config_from_hf,

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from simone.train.checkpoint import CheckpointMismatchError, list_checkpoints, load_checkpoint, read_pointer
-from simone.train.faults import Faults
-from simone.train.lock import LOCK_NAME, RunLock, RunLockedError
+from simone.checkpoint import CheckpointMismatchError, list_checkpoints, load_checkpoint, read_pointer
+from simone.faults import Faults
+from simone.lock import LOCK_NAME, RunLock, RunLockedError
 from simone.train.optim import lr_at
 from simone.train.trainer import TrainingError, train
 from test_train_support import new_run, read_metrics
@@ -109,27 +109,45 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def test_live_lock_refuses_and_stale_lock_is_taken_over(template, tmp_path):
+def hold_lock(run_root) -> subprocess.Popen:
+    """Another process that holds the run lock until killed (prints 'locked' once it does)."""
+    code = ("import sys, time; from simone.lock import RunLock; "
+            f"lock = RunLock({str(run_root)!r}).acquire(); print('locked', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_live_lock_refuses_and_a_dead_owners_lock_is_taken_over(template, tmp_path):
     cfg, run = new_run(template, tmp_path / "r", max_steps=1, eval_every=100)
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = hold_lock(run.root)
     try:
-        (run.root / LOCK_NAME).write_text(f'{{"pid": {live.pid}, "host": null}}')
         with pytest.raises(RunLockedError, match=f"in use by pid {live.pid}"):
             train(cfg, run)
         assert (run.root / LOCK_NAME).exists()  # the owner's lock is left alone
     finally:
         live.kill()
         live.wait()
-    dead = _dead_pid()
-    (run.root / LOCK_NAME).write_text(f'{{"pid": {dead}, "host": null}}')
+    # the kernel dropped the dead owner's flock; its file (and pid) is still there
+    assert f'"pid": {live.pid}' in (run.root / LOCK_NAME).read_text()
     warnings: list[str] = []
     with RunLock(run.root, warn=warnings.append):
-        assert f"stale lock from pid {dead}" in warnings[0]
+        assert f"stale lock from pid {live.pid}" in warnings[0]
         with RunLock(run.root):  # re-entrant in the same process
             pass
         assert (run.root / LOCK_NAME).exists()
     assert not (run.root / LOCK_NAME).exists()
     assert train(cfg, run).steps == 1  # a dead owner does not block training
+
+
+def test_a_lock_file_alone_does_not_lock(template, tmp_path):
+    """Only a live flock holds a run: garbage or a live pid written into the file does not."""
+    cfg, run = new_run(template, tmp_path / "r", max_steps=1, eval_every=100)
+    (run.root / LOCK_NAME).write_text("{}")
+    with RunLock(run.root):
+        pass
+    (run.root / LOCK_NAME).write_text(f'{{"pid": {_dead_pid()}, "host": null}}')
+    assert train(cfg, run).steps == 1
 
 
 def test_out_of_memory_names_the_batch_and_the_accumulation_that_keeps_it(template, tmp_path, monkeypatch):

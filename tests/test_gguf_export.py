@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from simone.cli import main
-from simone.generate import load_model
+from simone.inference.generate import load_model
 from simone.model.layers import apply_rope, rope_tables
 from test_hf_export import _save_model_run, tokenizer_strings
 
@@ -250,7 +250,7 @@ def _sharp_run(template, dest, arch: str):
     spread (embedding scaled up): so RoPE and every weight visibly shape the logits."""
     from simone.config import save_config
     from simone.model import build_model
-    from simone.train.checkpoint import save_checkpoint
+    from simone.checkpoint import save_checkpoint
     from test_train_support import new_run
 
     cfg, run = new_run(template, dest)
@@ -310,7 +310,7 @@ def test_llama_cpp_runs_the_file_as_ours(template, tmp_path, arch):
 
 
 def test_bench_generate_has_llama_cpp_as_a_peer_when_installed():
-    from simone import bench
+    from simone.workflows import bench
     from simone.inference.gguf_file import llama_cpp_available
 
     r = bench.bench_generate("tiny", repeats=1, warmup=0, batches=(1,), dtypes=["float32"], prompt_len=4,

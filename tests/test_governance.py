@@ -18,7 +18,7 @@ from simone.model.attention import StreamingKVCache
 from simone.model.governance import (LOSS_TERMS, LossTermMeter, governed_generate, policy_coherence,
                                      streaming_nll)
 from simone.model.layers import apply_rope, rope_tables
-from simone.tokenizer import domain_token, train_tokenizer
+from simone.data.tokenizer import domain_token, train_tokenizer
 
 VOCAB = 61
 

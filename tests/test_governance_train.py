@@ -13,7 +13,7 @@ from simone.config import preset
 from simone.data.shards import build_shards
 from simone.model.governance import LOSS_TERMS
 from simone.rundir import RunDir
-from simone.tokenizer import train_tokenizer
+from simone.data.tokenizer import train_tokenizer
 
 WORDS = {
     "scripture": "lord god heaven earth light darkness waters spirit day night land seed".split(),
@@ -47,7 +47,7 @@ def prepared_run(root, **model):
 
 
 def test_each_loss_term_is_logged_and_finite(tmp_path):
-    from simone.generate import GovernanceOptions, load_model, sample_with_domain
+    from simone.inference.generate import GovernanceOptions, load_model, sample_with_domain
     from simone.train.trainer import train
 
     cfg, run, tok = prepared_run(tmp_path / "run", policy_loss_weight=0.5, coherence_weight=0.1)

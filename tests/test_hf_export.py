@@ -17,11 +17,11 @@ import torch
 
 from simone.cli import main
 from simone.config import save_config
-from simone.generate import load_model
+from simone.inference.generate import load_model
 from simone.model import build_model
-from simone.package import package_run
+from simone.inference.package import package_run
 from simone.rundir import RunDir
-from simone.train.checkpoint import save_checkpoint
+from simone.checkpoint import save_checkpoint
 from test_train_support import new_run
 
 pytest.importorskip("transformers")
@@ -81,7 +81,7 @@ def _save_model_run(template: Path, dest: Path, **model) -> Path:
     for k, v in model.items():
         setattr(cfg.model, k, v)
     if cfg.model.governance:
-        from simone.tokenizer import load_tokenizer
+        from simone.data.tokenizer import load_tokenizer
 
         cfg.model.n_domains = len(load_tokenizer(run.tokenizer).domains)
     torch.manual_seed(0)
@@ -197,15 +197,17 @@ def test_model_card_has_hub_metadata_and_says_what_stays_in_simone(exported):
 
 
 def test_package_manifest_covers_the_hf_folder(exported):
-    from simone.train.checkpoint import verify_checkpoint
+    from simone.inference.package import verify_hf_folder
+    from simone.checkpoint import verify_checkpoint
 
     package_dir = exported["folders"]["package"].parent
-    manifest = verify_checkpoint(package_dir)
-    assert "hf/model.safetensors" in manifest["files"] and "hf/tokenizer.json" in manifest["files"]
+    verify_checkpoint(package_dir)  # what simone loads: plain names only
+    manifest = verify_hf_folder(package_dir)
+    assert "hf/model.safetensors" in manifest["hf_files"] and "hf/tokenizer.json" in manifest["hf_files"]
     with open(package_dir / "hf" / "config.json", "a") as f:
         f.write(" ")
     with pytest.raises(Exception, match="hf/config.json"):
-        verify_checkpoint(package_dir)
+        verify_hf_folder(package_dir)
 
 
 def test_memory_slots_are_refused_in_one_line(template, tmp_path, capsys):

@@ -46,7 +46,7 @@ def test_h200_is_the_governance_model_and_can_be_switched_off():
 
 
 def test_bench_compares_the_plain_shape_of_a_governance_preset():
-    from simone.bench import model_pair
+    from simone.workflows.bench import model_pair
 
     model_cfg = preset("tiny").model
     model_cfg.governance = True  # as h200's: the transformers peer has no governance parts
@@ -66,7 +66,7 @@ def test_cuda_preset_without_cuda_is_one_line_before_any_work(no_cuda, tiny_corp
 
 def test_legacy_command_falls_back_to_cpu_prints_the_plan_and_resumes_best_model(no_cuda, tiny_corpus,
                                                                                 tmp_path, capsys, monkeypatch):
-    import simone.pipeline as pipeline
+    import simone.workflows.pipeline as pipeline
 
     printed_before_training = []
     real_stage_train = pipeline.stage_train
@@ -94,7 +94,7 @@ def test_legacy_command_falls_back_to_cpu_prints_the_plan_and_resumes_best_model
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["preset"] == "h200" and cfg["train"]["device"] == "cpu" and cfg["model"]["governance"]
 
-    from simone.train.checkpoint import read_pointer
+    from simone.checkpoint import read_pointer
 
     best = read_pointer(run_dir / "checkpoints", "best")
     rc = main(["run", "--output_dir", str(run_dir), "--resume_from", "best_model", "--max-steps", "6",

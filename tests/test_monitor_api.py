@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def runs_root(tmp_path: Path) -> Path:
 
 
 def client(root: Path, **kw) -> TestClient:
-    return TestClient(create_app(runs_root=root, **kw))
+    # the dashboard answers only to its own names (DNS-rebinding guard), not to "testserver"
+    return TestClient(create_app(runs_root=root, **kw), base_url="http://127.0.0.1:5001")
 
 
 def test_states_of_live_finished_failed_and_stalled_runs(runs_root: Path) -> None:
@@ -177,9 +179,9 @@ def test_token_required_when_set(runs_root: Path) -> None:
     assert c.get("/api/runs", params={"token": "wrong"}).status_code == 401
     assert c.get("/api/runs", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert c.get("/api/runs", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
-    first = c.get("/", params={"token": "s3cret-token"})
-    assert first.status_code == 200 and "set-cookie" in first.headers
-    assert "HttpOnly" in first.headers["set-cookie"] and "SameSite=Strict" in first.headers["set-cookie"]
+    first = c.get("/", params={"token": "s3cret-token"}, follow_redirects=False)
+    assert first.status_code == 303 and "set-cookie" in first.headers
+    assert "HttpOnly" in first.headers["set-cookie"] and "SameSite=Lax" in first.headers["set-cookie"]
     assert c.get("/api/runs").status_code == 200  # the cookie now carries the token
     c.cookies.clear()
     assert c.get("/api/runs").status_code == 401
@@ -246,7 +248,7 @@ def test_dashboard_never_writes_into_the_run(runs_root: Path) -> None:
 def test_single_run_mode_and_compare(runs_root: Path) -> None:
     make_run(runs_root, "a", steps=10)
     make_run(runs_root, "b", steps=20)
-    single = TestClient(create_app(run_dir=runs_root / "a"))
+    single = TestClient(create_app(run_dir=runs_root / "a"), base_url="http://localhost:5001")
     names = [r["name"] for r in single.get("/api/runs").json()["runs"]]
     assert names == ["a"]
     assert single.get("/api/runs/b").status_code == 404  # a sibling is not served
@@ -266,3 +268,132 @@ def test_run_monitor_generates_a_token_off_loopback(monkeypatch, capsys) -> None
     assert f":5002/?token={token}" in capsys.readouterr().out
     serve_mod.run_monitor(Path("runs"), None, host="127.0.0.1", port=5001, token=None)
     assert calls[1]["token"] is None and "http://127.0.0.1:5001/\n" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- DNS rebinding (issue 13, item 15)
+
+FOREIGN_HOSTS = ["evil.example", "evil.example:5001", "localhost.evil.example", "127.0.0.1.evil.example:5001",
+                 "10.0.0.7:5001", ""]
+
+
+def test_requests_naming_another_host_get_421(runs_root: Path) -> None:
+    """A DNS-rebinding page (its name now resolving to 127.0.0.1) must not read the corpus."""
+    run = make_run(runs_root, "r")
+    (run.data / "documents.jsonl").write_text('{"text": "THE WHOLE CORPUS"}\n')
+    c = client(runs_root)
+    urls = ["/", "/api/runs", "/api/runs/r", "/api/runs/r/files/data/documents.jsonl", "/static/app.js",
+            "/static/plotly.min.js", "/api/compare?runs=r", "/api/stream/runs", "/api/stream/run/r", "/nope"]
+    for host in FOREIGN_HOSTS:
+        for url in urls:
+            r = c.get(url, headers={"Host": host})
+            assert r.status_code == 421, (host, url)
+            assert "CORPUS" not in r.text and "loss" not in r.text
+    for host in ("localhost", "localhost:5001", "127.0.0.1", "127.0.0.1:5001", "[::1]", "[::1]:5001", "LocalHost:80"):
+        r = c.get("/api/runs/r/files/data/documents.jsonl", headers={"Host": host})
+        assert r.status_code == 200 and "CORPUS" in r.text, host
+        assert c.get("/", headers={"Host": host}).status_code == 200, host
+
+
+def test_host_check_comes_before_the_token_and_allows_the_bound_host(runs_root: Path) -> None:
+    make_run(runs_root, "r")
+    auth = {"Authorization": "Bearer tok"}
+    lan = TestClient(create_app(runs_root=runs_root, token="tok", host="192.168.1.20"))
+    assert lan.get("/api/runs", headers={**auth, "Host": "192.168.1.20:5001"}).status_code == 200
+    assert lan.get("/api/runs", headers={**auth, "Host": "localhost:5001"}).status_code == 200
+    assert lan.get("/api/runs", headers={**auth, "Host": "evil.example:5001"}).status_code == 421
+    assert lan.get("/", params={"token": "tok"}, headers={"Host": "evil.example"}, follow_redirects=False).status_code == 421
+    assert lan.get("/api/runs", headers={"Host": "192.168.1.20"}).status_code == 401  # right host, no token
+    named = TestClient(create_app(runs_root=runs_root, token="tok", host="gpu-box.lan"))
+    assert named.get("/api/runs", headers={**auth, "Host": "gpu-box.lan:5001"}).status_code == 200
+    assert named.get("/api/runs", headers={**auth, "Host": "192.168.1.20:5001"}).status_code == 421
+    # all interfaces: any address and the machine's name (what `simone monitor` prints), no other name
+    wild = TestClient(create_app(runs_root=runs_root, token="tok", host="0.0.0.0"))
+    assert wild.get("/api/runs", headers={**auth, "Host": "10.1.2.3:5001"}).status_code == 200
+    assert wild.get("/api/runs", headers={**auth, "Host": f"{socket.gethostname()}:5001"}).status_code == 200
+    assert wild.get("/api/runs", headers={**auth, "Host": "evil.example:5001"}).status_code == 421
+
+
+# ----------------------------------------------------------------------------- hostile run files (item 16)
+
+DEEP = "[" * 100_000
+BIG = "1" + "0" * 400  # beyond float range; below Python's int-string limit, so it parses
+
+
+@pytest.mark.parametrize("status_text", [
+    DEEP,
+    '{"state": "failed", "error": %s}' % ("[" * 900 + "]" * 900),  # parses, then too deep to walk
+    '{"state": "running", "heartbeat": %s, "step": %s, "total_steps": %s, "eta_s": %s}' % (BIG, BIG, BIG, BIG),
+    '{"state": "running", "step": %s}' % ("9" * 5000),  # over the int-string limit: ValueError
+    '["not", "an", "object"]',
+    '{"state": %s, "step": {"a": 1}, "host": [1]}' % ("[" * 900 + "]" * 900),  # fields that are no scalar
+], ids=["deep-nesting", "deep-error-value", "400-digit-ints", "5000-digit-int", "not-an-object", "deep-state"])
+def test_one_hostile_status_json_does_not_break_the_run_list(runs_root: Path, status_text: str) -> None:
+    make_run(runs_root, "good", steps=20)
+    bad = make_run(runs_root, "bad", steps=5)
+    bad.status.write_text(status_text)
+    c = client(runs_root)
+    r = c.get("/api/runs")
+    assert r.status_code == 200
+    runs = {x["name"]: x for x in r.json()["runs"]}
+    assert runs["good"]["state"] == "running" and runs["good"]["step"] == 20
+    assert "bad" in runs
+    if status_text in (DEEP, '["not", "an", "object"]') or "9" * 5000 in status_text:
+        assert runs["bad"]["state"] == "unreadable" and "status.json" in runs["bad"]["error"]
+    if status_text.startswith('{"state": [['):
+        assert runs["bad"]["state"] == "unknown" and runs["bad"]["host"] is None
+    detail = c.get("/api/runs/bad")
+    assert detail.status_code == 200 and detail.json()["summary"]["state"] == runs["bad"]["state"]
+    assert c.get("/api/runs/good").status_code == 200
+
+
+def test_hostile_metrics_lines_are_counted_bad_not_fatal(runs_root: Path) -> None:
+    run = make_run(runs_root, "r", steps=3)
+    with open(run.metrics, "a") as f:
+        f.write(DEEP + "\n")
+        f.write('{"t": 1, "kind": "train", "step": 4, "loss": %s, "lr": %s, "x": %s}\n' % (BIG, BIG, "[" * 900 + "]" * 900))
+        f.write('{"t": 1, "kind": "event", "event": "odd", "step": 4, "deep": %s}\n' % ("[" * 900 + "]" * 900))
+    make_run(runs_root, "other")
+    c = client(runs_root)
+    r = c.get("/api/runs")
+    assert r.status_code == 200 and {x["name"] for x in r.json()["runs"]} == {"r", "other"}
+    d = c.get("/api/runs/r")
+    assert d.status_code == 200
+    summary = d.json()["summary"]
+    assert summary["bad_lines"] == 1 and summary["step"] == 4 and summary["loss"] == int(BIG)
+    assert d.json()["series"]["train/loss"][0] == [1, 2, 3]  # the 400-digit loss is not a point
+
+
+def test_two_broken_lines_that_join_into_valid_json_are_both_bad(runs_root: Path) -> None:
+    from simone.monitor.runs import parse_lines
+
+    halves = [b'{"kind": "train", "step": 1, "loss": 1.0}, {"kind": "train", "step": 2, "loss": [1',
+              b'2]}']
+    assert parse_lines(halves) == ([], 2)
+    assert parse_lines([b'{"a": 1}', b"", b'{"b": 2']) == ([{"a": 1}], 1)
+    run = make_run(runs_root, "r", steps=3)
+    with open(run.metrics, "ab") as f:
+        f.write(b"\n".join(halves) + b"\n")
+    d = client(runs_root).get("/api/runs/r").json()
+    assert d["summary"]["bad_lines"] == 2 and d["series"]["train/loss"][0] == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- token out of the address bar (item 17)
+
+
+def test_token_in_the_query_is_traded_for_a_cookie_and_a_clean_url(runs_root: Path) -> None:
+    make_run(runs_root, "r")
+    c = client(runs_root, token="s3cret-token")
+    r = c.get("/", params={"token": "s3cret-token"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/"
+    assert "s3cret-token" in r.headers["set-cookie"] and r.headers["cache-control"] == "no-store"
+    r = c.get("/api/runs/r/files/config.json?x=1&token=s3cret-token&y=a%20b", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/api/runs/r/files/config.json?x=1&y=a+b"
+    assert "s3cret-token" not in r.headers["location"]
+    for target in ("//evil.example/x", "/\\evil.example/x"):  # the redirect stays on this site
+        r = c.get(f"{target}?token=s3cret-token", follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"].startswith("/") and r.headers["location"][1] not in "/\\"
+    c.cookies.clear()
+    page = c.get("/", params={"token": "s3cret-token"})  # followed: the page, with the token gone
+    assert page.status_code == 200 and "token" not in str(page.url) and "SIM-ONE" in page.text
+    c.cookies.clear()
+    assert c.get("/", params={"token": "wrong"}, follow_redirects=False).status_code == 401

@@ -106,6 +106,20 @@ def test_run_list_stream_reports_state_changes(server) -> None:
     assert msgs[-1]["runs"][0]["state"] == "failed" and msgs[-1]["runs"][0]["error"] == "CUDA out of memory"
 
 
+def test_real_server_refuses_a_rebound_host_name(server) -> None:
+    """Over a real socket, as a DNS-rebinding page would reach it: same address, foreign name."""
+    mon, root = server
+    (root / "r" / "data" / "documents.jsonl").write_text('{"text": "THE WHOLE CORPUS"}\n')
+    port = httpx.URL(mon.url).port
+    with httpx.Client(base_url=mon.url, timeout=10) as c:
+        for url in ("/", "/api/runs", "/api/runs/r/files/data/documents.jsonl"):
+            r = c.get(url, headers={"Host": f"attacker.example:{port}"})
+            assert r.status_code == 421 and "CORPUS" not in r.text, url
+        r = c.get("/api/runs/r/files/data/documents.jsonl", headers={"Host": f"localhost:{port}"})
+        assert r.status_code == 200 and "CORPUS" in r.text
+        assert c.get("/api/runs/r/files/data/documents.jsonl").status_code == 200  # Host 127.0.0.1:port
+
+
 def test_big_metrics_file_opens_from_a_sample_then_goes_exact(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(runs_mod, "PREVIEW_BYTES", 50_000)
     run = make_run(tmp_path, "big", steps=3000)  # ~400 KB of rows

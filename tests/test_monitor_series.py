@@ -65,6 +65,24 @@ def test_tail_reads_big_files_in_bounded_chunks(tmp_path) -> None:
     assert all(ln.startswith(b'{"i"') for ln in read_tail_lines(path, 100))
 
 
+def test_an_overlong_line_is_dropped_whole_not_read_from_its_middle(tmp_path, monkeypatch) -> None:
+    from simone.monitor import runs as runs_mod
+
+    monkeypatch.setattr(runs_mod, "MAX_PENDING_BYTES", 1000)
+    path = tmp_path / "m.jsonl"
+    # one broken line, longer than the limit, whose end alone would be a valid row
+    path.write_bytes(b'{"i": 0}\n' + b"x" * 3000 + b'{"kind": "train", "step": 9, "loss": 0.1}\n{"i": 1}\n')
+    tail = FileTail(path)
+    lines = [ln for ch in tail.read_chunks(chunk_bytes=500) for ln in ch]
+    assert lines == [b'{"i": 0}', b'{"i": 1}'] and tail.dropped_lines == 1
+    with open(path, "ab") as f:  # an overlong line still being written: dropped up to its newline
+        f.write(b"y" * 1500)
+    assert list(tail.read_chunks(chunk_bytes=500)) == []
+    with open(path, "ab") as f:
+        f.write(b'{"kind": "train"}\n{"i": 2}\n')
+    assert [ln for ch in tail.read_chunks(chunk_bytes=500) for ln in ch] == [b'{"i": 2}'] and tail.dropped_lines == 2
+
+
 def test_flatten_row_maps_each_kind_to_series() -> None:
     assert flatten_row({"kind": "train", "step": 5, "loss": 2.0, "lr": 1e-3, "mfu": True}) == [
         ("train/loss", 5.0, 2.0), ("train/lr", 5.0, 1e-3)]

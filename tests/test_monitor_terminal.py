@@ -44,3 +44,20 @@ def test_status_lists_all_runs_and_reports_missing_ones(tmp_path: Path) -> None:
     assert code == 0 and "a" in out and "finished" in out and "running" in out
     code, out = render("nope", tmp_path)
     assert code == 1 and "not a run directory" in out
+
+
+def test_status_shows_numbers_written_as_text_and_an_unreadable_status(tmp_path: Path) -> None:
+    import time
+
+    from simone.rundir import append_jsonl
+
+    run = make_run(tmp_path, "odd", steps=5)
+    append_jsonl(run.metrics, {"t": time.time(), "kind": "train", "step": 6, "loss": "n/a", "tokens_per_s": "fast"})
+    broken = make_run(tmp_path, "broken", steps=5)
+    broken.status.write_text("[" * 100_000)
+    code, out = render(None, tmp_path)
+    assert code == 0 and "fast" in out and "unreadable" in out
+    code, out = render("odd", tmp_path)
+    assert code == 0 and "fast" in out and "n/a" in out
+    code, out = render("broken", tmp_path)
+    assert code == 0 and "unreadable" in out and "nested too deeply" in out

@@ -14,7 +14,7 @@ import signal
 import pytest
 
 from simone.rundir import RunDir
-from simone.train.lock import LOCK_NAME
+from simone.lock import LOCK_NAME
 from test_train_support import (
     losses_by_step,
     new_run,

@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from simone.config import Config, ModelConfig, TokenizerConfig  # noqa: E402
-from simone.generate import load_model, stream_tokens  # noqa: E402
+from simone.inference.generate import load_model, stream_tokens  # noqa: E402
 from simone.inference.serve import (  # noqa: E402
     _DONE,
     CHAT_STOP,
@@ -45,7 +45,7 @@ def make_model_dir(root: Path) -> Path:
     greedy continuations depend on the prompt) with a byte-level tokenizer."""
     from safetensors.torch import save_model
 
-    from simone.tokenizer import train_tokenizer
+    from simone.data.tokenizer import train_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
     docs = root / "documents.jsonl"

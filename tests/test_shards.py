@@ -12,7 +12,7 @@ import tokenizers
 
 from simone.config import TokenizerConfig
 from simone.data.shards import TokenShard, build_shards, token_dtype
-from simone.tokenizer import Tokenizer, train_tokenizer
+from simone.data.tokenizer import Tokenizer, train_tokenizer
 
 WORDS = "the of and light law energy proof temple king river spirit motion reason 1611 σοφία 中文 🙂".split()
 DOMAINS = ("technical", "philosophical", "biblical_classical", "historical_scientific")

@@ -9,12 +9,12 @@ import json
 
 import pytest
 
-from simone.package import model_card, training_summary
-from simone.train.checkpoint import load_checkpoint, resolve_checkpoint
+from simone.inference.package import model_card, training_summary
+from simone.checkpoint import load_checkpoint, resolve_checkpoint
 from simone.train.optim import lr_at
 from simone.train.schedule import stop_summary
 from simone.train.trainer import Trainer, train
-from simone.validate import validate
+from simone.inference.validate import validate
 from test_train_support import new_run, read_metrics
 
 
@@ -105,7 +105,7 @@ def test_the_final_console_lines_name_the_stop():
     assert stop_summary("early_stop", 0.4567).endswith("schedule 45.6% done")
     assert "99.9%" in stop_summary("signal", 0.9999)  # never rounded up to a finished-looking 100%
 
-    from simone.pipeline import _training_ended
+    from simone.workflows.pipeline import _training_ended
     from simone.train.trainer import TrainResult
 
     result = TrainResult(steps=10, epochs=0, best_val_loss=None, final_val_loss=None, best_checkpoint=None,

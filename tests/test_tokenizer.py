@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from simone.config import TokenizerConfig
-from simone.tokenizer import CHUNK_CHARS, domain_token, load_tokenizer, split_for_encoding, train_tokenizer
+from simone.data.tokenizer import CHUNK_CHARS, domain_token, load_tokenizer, split_for_encoding, train_tokenizer
 
 WORDS = (
     "the of and to in that is was he for it with as his on be at by had not are but from "

@@ -66,7 +66,7 @@ def _checkpoint_dir(tmp_path):
     """A checkpoint folder (weights, config, tokenizer) of a tiny untrained governance model."""
     from safetensors.torch import save_model
 
-    from simone.tokenizer import train_tokenizer
+    from simone.data.tokenizer import train_tokenizer
 
     docs = tmp_path / "documents.jsonl"
     with open(docs, "w", encoding="utf-8") as f:
@@ -120,7 +120,7 @@ def test_generate_refuses_an_unknown_domain(tmp_path, capsys):
 
 
 def test_stream_tokens_reports_every_token_id_behind_the_text(tmp_path):
-    from simone.generate import load_model, stream_tokens
+    from simone.inference.generate import load_model, stream_tokens
 
     ckpt, tok = _checkpoint_dir(tmp_path)
     loaded = load_model(ckpt, device="cpu")

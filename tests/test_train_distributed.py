@@ -46,7 +46,7 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path):
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-5), step
     # ...and end with the same weights
-    from simone.train.checkpoint import load_checkpoint
+    from simone.checkpoint import load_checkpoint
 
     w1, _, _ = load_checkpoint(one.checkpoints / "step_000006")
     w2, _, _ = load_checkpoint(two.checkpoints / "step_000006")

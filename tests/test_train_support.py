@@ -15,7 +15,7 @@ from pathlib import Path
 from simone.config import Config, preset, save_config
 from simone.data.shards import build_shards
 from simone.rundir import RunDir
-from simone.tokenizer import train_tokenizer
+from simone.data.tokenizer import train_tokenizer
 
 DOMAINS = {
     "scripture": "lord god heaven earth light darkness waters spirit day night land seed fruit tree".split(),

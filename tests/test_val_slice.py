@@ -123,7 +123,7 @@ def _contains(haystack: np.ndarray, needle: list[int]) -> bool:
 def _assert_slices_never_trained_on(run_dir: Path) -> list[str]:
     """Every held-out slice is in val.bin, none of it in train.bin or the tokenizer's training
     text; returns the sliced domains."""
-    from simone.tokenizer import _train_texts, load_tokenizer
+    from simone.data.tokenizer import _train_texts, load_tokenizer
 
     docs = read_jsonl(run_dir / "data" / "documents.jsonl")
     slices = [d for d in docs if d["split"] == "val" and "slice" in d]
@@ -187,7 +187,7 @@ def test_uncurated_ablation_never_trains_on_the_clean_held_out_slice(tmp_path):
     falls elsewhere: its training text is cut where the clean slice begins, not dropped."""
     import copy
 
-    from simone.ablate import prepare_shared, prepare_uncurated
+    from simone.workflows.ablate import prepare_shared, prepare_uncurated
     from simone.rundir import RunDir
 
     corpus = tmp_path / "corpus"

@@ -92,19 +92,13 @@ from simone.data.dedup import (
 )
 from simone.data.labels import check_label
 from simone.data.quality import DocTokens, assess
+from simone.data.status import FLAG, NOT_DOCUMENTS, QUARANTINE, file_status
 from simone.data.split import assign_splits, hold_out_slice, min_words_to_hold_out
 from simone.rundir import atomic_write_json
 
 __all__ = ["CorpusError", "CurateResult", "curate", "print_summary"]
 
 CURATE_VERSION = 1  # bump when the output of curation changes for the same inputs
-QUARANTINE = {
-    "empty", "binary", "not_utf8", "unreadable", "orphan_sidecar", "stub", "too_short",
-    "exact_duplicate", "near_duplicate", "outside_corpus", "not_regular_file", "too_large",
-    "timed_out", "hidden", "symlinked_dir",
-}
-NOT_DOCUMENTS = {"hidden", "symlinked_dir"}  # folder-level skips: not counted in any domain
-FLAG = {"title_mismatch", "bad_sidecar", "contamination", "low_quality:repeated_passage"}
 SLICED = "train+val-slice"  # manifest split of a document whose tail is held out for validation
 CONTAMINATION_SAMPLE = 4  # keep 1 in 4 distinct 13-grams (the same ones in every document)
 
@@ -366,14 +360,6 @@ def _float_or_none(v: Any) -> float | None:
         return None
 
 
-def _status(reasons: list[str]) -> str:
-    if any(r in QUARANTINE or (r.startswith("low_quality:") and r not in FLAG) for r in reasons):
-        return "quarantined"
-    if any(r in FLAG for r in reasons):
-        return "flagged"
-    return "kept"
-
-
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -436,7 +422,7 @@ def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool
         lap("clean_and_hash")
         clusters = _deduplicate(records, c.near_dup_threshold, c.minhash_perms, c.containment_threshold) if c.enabled else []
         for r in records:
-            r["status"] = _status(r["reasons"])
+            r["status"] = file_status(r["reasons"])
         lap("deduplicate")
         included = [r for r in records if r["status"] == "kept" or (r["status"] == "flagged" and not c.strict)]
         # flagged files train, but validate only when a domain has too few clean ones
@@ -449,7 +435,7 @@ def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool
             r["split"] = splits.get(r["path"])
         contaminated = _contamination(included, c.contamination_threshold, c.decontaminate) if c.enabled else []
         for r in records:
-            r["status"] = _status(r["reasons"])
+            r["status"] = file_status(r["reasons"])
             if c.strict and r["status"] == "flagged":
                 r["split"] = None
         slice_notes = _hold_out_slices(records, cfg, corpus)
@@ -556,7 +542,7 @@ def _deduplicate(records: list[dict[str, Any]], threshold: float, num_perm: int,
     Near: MinHash Jaccard >= `threshold` over word 5-grams, or at least `containment` of
     a document's 13-grams inside a longer document.
     """
-    live = [r for r in records if _status(r["reasons"]) != "quarantined" and "_signature" in r]
+    live = [r for r in records if file_status(r["reasons"]) != "quarantined" and "_signature" in r]
     clusters: dict[str, list[tuple[str, str, float]]] = defaultdict(list)  # kept -> [(dup, kind, sim)]
     by_hash: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in live:

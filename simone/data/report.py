@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from simone.data.quality import RULES
+from simone.data.status import FLAG, quarantines
 from simone.rundir import atomic_write_text
 
 _SHORT = {  # column-friendly rule names
@@ -117,9 +118,7 @@ def _histogram(name: str, values: list[float], low: float | None, high: float | 
 
 
 def _reason_pill(code: str) -> str:
-    from simone.data.curate import FLAG, QUARANTINE
-
-    cls = "bad" if code in QUARANTINE or (code.startswith("low_quality:") and code not in FLAG) else "warn" if code in FLAG else ""
+    cls = "bad" if quarantines(code) else "warn" if code in FLAG else ""
     return f'<span class="pill reason {cls}">{_e(code)}</span>'
 
 

@@ -47,7 +47,7 @@ from typing import TypeVar
 import numpy as np
 
 from simone.rundir import atomic_write_json, read_json, sha256_file
-from simone.tokenizer import Tokenizer, split_for_encoding
+from simone.data.tokenizer import Tokenizer, split_for_encoding
 
 SCHEMA = 1
 SPLITS = ("train", "val")

@@ -143,7 +143,7 @@ class TorchScorer:
 
 
 def load_simone_scorer(spec: str, device: str) -> Scorer:
-    from simone.generate import load_model
+    from simone.inference.generate import load_model
 
     loaded = load_model(Path(spec), device=device)
     model, tok = loaded.model, loaded.tokenizer
@@ -162,7 +162,7 @@ def load_hf_scorer(spec: str, device: str) -> Scorer:
     except ImportError:
         raise EvalError(f"{spec}: needs the transformers package (pip install transformers)") from None
     hf_logging.disable_progress_bar()  # the table is the output
-    from simone.generate import pick_device
+    from simone.inference.generate import pick_device
 
     dev = pick_device(device)
     try:

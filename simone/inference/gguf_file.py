@@ -8,8 +8,8 @@ The file holds everything llama.cpp needs, in its metadata and tensors:
                               token types (special tokens are CONTROL), merges, bos/eos/pad ids
     tensors                   llama.cpp's names (token_embd, blk.N.attn_q, ...), in --dtype
 
-The tensors come from the Hugging Face names of `simone.export` (the state-dict adapter every
-export shares), then take llama.cpp's names. Two conventions differ from Hugging Face's:
+The tensors come from the Hugging Face names of `simone.inference.export` (the state-dict
+adapter every export shares), then take llama.cpp's names. Two conventions differ from Hugging Face's:
 
 - RoPE. Our `apply_rope` (like `transformers`' `rotate_half`) rotates the pair (x[j],
   x[j + head_dim/2]); llama.cpp's "llama" architecture rotates neighbours (x[2j], x[2j+1]).
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from simone.config import Config
-from simone.export import ExportError, to_hf_state_dict
+from simone.inference.export import ExportError, to_hf_state_dict
 from simone.model.layers import swiglu_hidden_dim
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -243,7 +243,7 @@ def write_gguf(model: torch.nn.Module, cfg: Config, tokenizer_file: Path, eod_id
 def export_gguf(model_path: Path, out_path: Path, dtype: str = "f32", name: str | None = None) -> Path:
     """`simone export --format gguf`: the model at `model_path` (run dir, checkpoint dir or
     .tar.gz) as one GGUF file `out_path`, matrices in `dtype` (f32, f16, bf16 or q8_0)."""
-    from simone.generate import load_model
+    from simone.inference.generate import load_model
 
     loaded = load_model(Path(model_path), device="cpu")
     name = name or Path(model_path).resolve().name.removesuffix(".tar.gz")

@@ -1,6 +1,6 @@
 """Write a trained model as a Hugging Face folder that `transformers` opens without `simone`.
 
-    DIR/config.json              LlamaForCausalLM or GPT2LMHeadModel (`simone.export.hf_config_dict`)
+    DIR/config.json              LlamaForCausalLM or GPT2LMHeadModel (`simone.inference.export.hf_config_dict`)
     DIR/model.safetensors        the weights under Hugging Face names (float32, as trained)
     DIR/tokenizer.json           our byte-level BPE tokenizer, byte for byte
     DIR/tokenizer_config.json    PreTrainedTokenizerFast; bos = eos = pad = the end-of-document token
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from simone.config import Config
-from simone.export import ExportError, hf_config_dict, to_hf_state_dict
+from simone.inference.export import ExportError, hf_config_dict, to_hf_state_dict
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
          "generation_config.json", "README.md")
@@ -132,7 +132,7 @@ def write_hf_folder(model: torch.nn.Module, cfg: Config, tokenizer_file: Path, e
 def export_hf(model_path: Path, out_dir: Path, name: str | None = None) -> Path:
     """`simone export --format hf`: the model at `model_path` (run dir, checkpoint dir or
     .tar.gz) as a Hugging Face folder `out_dir`; `name` titles the model card."""
-    from simone.generate import load_model
+    from simone.inference.generate import load_model
 
     loaded = load_model(Path(model_path), device="cpu")
     tok = loaded.tokenizer

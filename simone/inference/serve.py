@@ -78,7 +78,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from simone.errors import SimoneError
-from simone.generate import LoadedModel, load_model
+from simone.inference.generate import LoadedModel, load_model
 from simone.model import decode
 from simone.model.sampling import sample_next_token
 

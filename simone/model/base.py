@@ -30,6 +30,9 @@ class LanguageModel(nn.Module):
     tok_embeddings: nn.Embedding
     layers: nn.ModuleList
     output: nn.Linear
+    # whether decode.py's flat one-token step computes this architecture exactly (a class
+    # flag, so decode.py need not import the model classes)
+    flat_decoding: bool = False
 
     # ------------------------------------------------------------------ construction helpers
 

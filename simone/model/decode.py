@@ -51,9 +51,7 @@ class DecodePlan:
 def supports(model: torch.nn.Module, cache: KVCache | None) -> bool:
     """Whether `decode_step` computes exactly what `model` would for one new token (on a
     CPU, where the dispatch it saves matters; a GPU wants CUDA graphs for the same)."""
-    from simone.model.transformer import Transformer
-
-    return (isinstance(model, Transformer) and not model.cfg.governance and not model.training
+    return (getattr(type(model), "flat_decoding", False) and not model.cfg.governance and not model.training
             and type(cache) is KVCache and model.output.weight.device.type == "cpu"
             # a forward set on the instance (torch.compile'd) is what the caller asked to run
             and "forward" not in vars(model)

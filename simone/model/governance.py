@@ -98,18 +98,6 @@ def set_policy_domains(cfg: ModelConfig, domains: list[str]) -> None:
         cfg.n_domains = len(domains)
 
 
-def policy_domains_for_run(cfg: ModelConfig, tokenizer_path) -> list[str] | None:
-    """For the trainer: the policy classes (the tokenizer's domains, which also sizes
-    `cfg.n_domains`), or None when the model has no policy head."""
-    if not uses_policy(cfg):
-        return None
-    from simone.tokenizer import load_tokenizer
-
-    domains = load_tokenizer(tokenizer_path).domains
-    set_policy_domains(cfg, domains)
-    return domains
-
-
 def trace_layers(cfg: ModelConfig) -> list[int]:
     """Block indices named by `model.trace_layers` ("-1" = the last; "0,-1"; "all")."""
     text = str(cfg.trace_layers).strip()

@@ -8,7 +8,7 @@ per-call overhead matters there), and so does torch.compile (it fuses them itsel
 
 RoPE uses the "half-split" convention of Hugging Face `transformers` (dimension i is paired
 with dimension i + head_dim/2, not with its neighbour), so our q/k projection weights load
-into `LlamaForCausalLM` unchanged (see `simone/export.py`).
+into `LlamaForCausalLM` unchanged (see `simone/inference/export.py`).
 """
 
 from __future__ import annotations

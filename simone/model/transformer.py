@@ -5,7 +5,7 @@
 
 Attention rotates q and k with RoPE, may use fewer key/value heads than query heads
 (grouped-query attention) and runs through `scaled_dot_product_attention`. Parameter names
-map one-to-one onto Hugging Face `LlamaForCausalLM` (`simone/export.py`).
+map one-to-one onto Hugging Face `LlamaForCausalLM` (`simone/inference/export.py`).
 
 With `cfg.governance` (simone/model/governance.py) the model also gets learned memory slots
 in every attention layer and a policy head on the hidden states of block `policy_layer`;
@@ -48,6 +48,8 @@ class TransformerBlock(nn.Module):
 
 class Transformer(LanguageModel):
     """The Llama-style model; see `LanguageModel` for counts, optimizer and `generate`."""
+
+    flat_decoding = True  # decode.py mirrors this forward (without governance parts)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -2,7 +2,7 @@
 
 Read-only over run directories (docs/ARCHITECTURE.md). Entry points:
 
-    create_app(runs_root=None, run_dir=None, token=None, stall_after_s=60) -> FastAPI
+    create_app(runs_root=None, run_dir=None, token=None, stall_after_s=60, host="127.0.0.1") -> FastAPI
     serve(runs_root=None, run_dir=None, token=None, host="127.0.0.1", port=5001)
     run_monitor(runs_root, run_dir, host, port, token)        # `simone monitor`
     start_background_monitor(...) -> BackgroundMonitor (.url)   # `simone run --monitor`

@@ -22,7 +22,9 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import json
+import socket
 import threading
 import time
 from collections import deque
@@ -31,7 +33,7 @@ from http.cookies import SimpleCookie
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, parse_qsl, quote, urlencode
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -42,6 +44,7 @@ from simone.monitor.runs import (
     clean_json,
     list_run_dirs,
     safe_file,
+    unreadable_summary,
 )
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -168,11 +171,14 @@ class Monitor:
         out = []
         for p in paths:
             w, ch = self.watches.get(p.name), self.channels.get(p.name)
-            if w is not None and ch is not None and ch.subscribers and w.exact:
-                with w.lock:  # followed live, so its summary is current (and exact)
-                    out.append(w.summary(now))
-            else:
-                out.append(self.summaries.summary(p, now, self.stall_after_s))
+            try:
+                if w is not None and ch is not None and ch.subscribers and w.exact:
+                    with w.lock:  # followed live, so its summary is current (and exact)
+                        out.append(w.summary(now))
+                else:
+                    out.append(self.summaries.summary(p, now, self.stall_after_s))
+            except Exception as e:  # one run's odd files must not take the whole list down
+                out.append(unreadable_summary(p, f"cannot summarise this run: {e!r}"[:300], now))
         return out
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -210,18 +216,82 @@ class Monitor:
                     self.channels.pop(name, None)
 
 
-# ----------------------------------------------------------------------------- token gate
+# ----------------------------------------------------------------------------- host check and token gate
 
 
 def is_loopback(host: str) -> bool:
-    import ipaddress
-
     if host in ("localhost", "localhost.localdomain"):
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _ip_literal(name: str) -> str | None:
+    """`name` as a Host header spells an IP address (IPv6 in brackets), else None."""
+    try:
+        ip = ipaddress.ip_address(name[1:-1] if name.startswith("[") and name.endswith("]") else name)
+    except ValueError:
+        return None
+    return f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
+
+
+def host_header_name(value: str) -> str:
+    """The name part of a Host header, lower-case, without the port: `[::1]:5001` -> `[::1]`."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        return value[: end + 1] if end > 0 else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class HostCheck:
+    """ASGI middleware against DNS rebinding: a page on `evil.example` whose name is made to
+    resolve to 127.0.0.1 reaches this server with `Host: evil.example`, so only requests
+    naming this server are answered: localhost, 127.0.0.1, [::1] and the bound host (with
+    any port); others get 421. Bound to all interfaces (0.0.0.0 or ::, where a token is
+    required anyway), the machine's host name and any IP address are accepted too: a DNS
+    rebinding attack needs a name, never an address."""
+
+    def __init__(self, app: Any, bound_host: str = "127.0.0.1"):
+        self.app = app
+        bound = host_header_name(bound_host) if bound_host else ""
+        self.any_ip = bound in ("", "0.0.0.0", "::", "[::]")
+        self.names = {"localhost", "127.0.0.1", "[::1]"}
+        if self.any_ip:
+            self.names.add(socket.gethostname().lower())
+        elif bound:
+            self.names.add(_ip_literal(bound) or bound)
+
+    def allowed(self, host: str | None) -> bool:
+        if not host:
+            return False
+        name = host_header_name(host)
+        if name.endswith("."):
+            name = name[:-1]  # "localhost." is the same name
+        ip = _ip_literal(name)
+        if ip is not None and (self.any_ip or ip in self.names):
+            return True
+        return name in self.names
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"host"), None)
+        if self.allowed(host):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        response = JSONResponse(
+            {"detail": f"misdirected request: this dashboard answers to {', '.join(sorted(self.names))} "
+                       "(a guard against DNS rebinding); open it by one of those names"},
+            status_code=421,
+        )
+        await response(scope, receive, send)
 
 
 def token_cookie_name(token: str) -> str:
@@ -231,7 +301,10 @@ def token_cookie_name(token: str) -> str:
 
 class TokenGate:
     """ASGI middleware: with a token set, every request needs `?token=`, the cookie that a
-    first `?token=` request sets, or `Authorization: Bearer TOKEN`; otherwise 401."""
+    first `?token=` request sets, or `Authorization: Bearer TOKEN`; otherwise 401.
+
+    A GET with a right `?token=` is answered by a 303 to the same URL without it (the
+    cookie set on the way), so the token does not stay in the address bar or history."""
 
     def __init__(self, app: Any, token: str | None):
         self.app = app
@@ -258,7 +331,13 @@ class TokenGate:
             if self.cookie in jar:
                 cookie = jar[self.cookie].value
         if self._ok(from_query):
-            set_cookie = f"{self.cookie}={self.token}; Path=/; HttpOnly; SameSite=Strict".encode()
+            # Lax, not Strict: after the redirect, a Strict cookie is withheld when the printed
+            # link was clicked on another site (a chat, a web terminal), and the page gets 401.
+            # Lax still keeps it off every cross-site fetch, image and form; nothing here writes.
+            set_cookie = f"{self.cookie}={self.token}; Path=/; HttpOnly; SameSite=Lax".encode()
+            if scope["type"] == "http" and scope.get("method") in ("GET", "HEAD"):
+                await self._redirect_without_token(scope, receive, send, set_cookie)
+                return
 
             async def send_with_cookie(message: dict) -> None:
                 if message["type"] == "http.response.start":
@@ -276,6 +355,17 @@ class TokenGate:
             status_code=401,
             headers={"WWW-Authenticate": "Bearer"},
         )
+        await response(scope, receive, send)
+
+    @staticmethod
+    async def _redirect_without_token(scope: dict, receive: Any, send: Any, set_cookie: bytes) -> None:
+        query = [(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+                 if k != "token"]
+        # one leading slash: "//evil.example" (or "/\evil.example") would be another site
+        path = "/" + quote(scope.get("path", "/")).lstrip("/")
+        location = path + ("?" + urlencode(query) if query else "")
+        response = Response(status_code=303, headers={"Location": location, "Cache-Control": "no-store"})
+        response.raw_headers.append((b"set-cookie", set_cookie))
         await response(scope, receive, send)
 
 
@@ -310,11 +400,13 @@ def create_app(
     token: str | None = None,
     stall_after_s: float = 60,
     poll_interval_s: float = 0.25,
+    host: str = "127.0.0.1",
 ) -> FastAPI:
     """The dashboard for every run under `runs_root` (default ./runs), or for one `run_dir`.
 
     `token`: if set, every request must carry it (see `TokenGate`). `stall_after_s`: a
-    running run whose heartbeat is older than this shows as "stalled"."""
+    running run whose heartbeat is older than this shows as "stalled". `host`: the address
+    the server is bound to; requests naming another host get 421 (see `HostCheck`)."""
     monitor = Monitor(runs_root, run_dir, stall_after_s, poll_interval_s)
 
     @contextlib.asynccontextmanager
@@ -451,7 +543,9 @@ def create_app(
             since = channel.seq
         return StreamingResponse(_sse(request, channel, since, start), media_type="text/event-stream", headers=sse_headers)
 
-    app.add_middleware(SecurityHeaders)
+    # the last added runs first: headers on every answer, then the host check, then the token
     if token:
-        app.add_middleware(TokenGate, token=token)  # added last: runs first
+        app.add_middleware(TokenGate, token=token)
+    app.add_middleware(HostCheck, bound_host=host)
+    app.add_middleware(SecurityHeaders)
     return app

@@ -38,35 +38,58 @@ MAX_PENDING_BYTES = 16 << 20  # a "line" longer than this without a newline is d
 LIVE_ROW_LIMIT = 5000  # more new rows than this in one refresh: clients reload instead
 PREVIEW_BYTES = 48 << 20  # metrics files above this open from a sample, then go exact
 PREVIEW_PROBES = 3000
+MAX_JSON_DEPTH = 64  # deeper values from run files are sent as null (no recursion limit hit later)
 
 
 # ----------------------------------------------------------------------------- small readers
+
+
+# What parsing a hostile file can raise: ValueError (bad JSON, bad UTF-8, an integer over
+# Python's int-string limit) and RecursionError (deeply nested arrays/objects).
+JSON_ERRORS = (ValueError, RecursionError)
 
 
 def read_json_file(path: Path) -> Any:
     """A JSON file's content, or None when missing, unreadable or mid-write."""
     try:
         return json.loads(path.read_bytes())
-    except (OSError, ValueError):
+    except (OSError, *JSON_ERRORS):
         return None
 
 
-def parse_lines(lines: list[bytes]) -> tuple[list[dict], int]:
-    """Parse JSON lines; returns (objects, number of bad lines). Fast path: one batch."""
-    lines = [ln for ln in lines if ln.strip()]
-    if not lines:
-        return [], 0
+def read_status(run_root: Path) -> dict:
+    """status.json as a dict: {} when there is none yet, and state "unreadable" (with the
+    reason as `error`) when it exists but is not a JSON object."""
+    path = run_root / "status.json"
     try:
-        rows = json.loads(b"[" + b",".join(lines) + b"]")
-        if len(rows) == len(lines) and all(isinstance(r, dict) for r in rows):
-            return rows, 0
-    except ValueError:
-        pass
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        return {"state": "unreadable", "error": f"{path}: cannot read ({e.strerror})"}
+    try:
+        status = json.loads(data)
+    except RecursionError:
+        return {"state": "unreadable", "error": f"{path}: JSON nested too deeply"}
+    except ValueError as e:
+        return {"state": "unreadable", "error": f"{path}: not valid JSON ({str(e)[:200]})"}
+    if not isinstance(status, dict):
+        return {"state": "unreadable", "error": f"{path}: not a JSON object"}
+    return status
+
+
+def parse_lines(lines: list[bytes]) -> tuple[list[dict], int]:
+    """Parse JSON lines one by one; returns (objects, number of bad lines).
+
+    Line by line on purpose: parsing a batch joined with commas would accept two broken
+    lines that happen to join into valid JSON (`{"a": 1}, {"b": [` + `2]}`)."""
     rows, bad = [], 0
     for ln in lines:
+        if not ln.strip():
+            continue
         try:
             r = json.loads(ln)
-        except ValueError:
+        except JSON_ERRORS:
             bad += 1
             continue
         if isinstance(r, dict):
@@ -105,8 +128,21 @@ def tail_rows(path: Path, max_bytes: int = 256 << 10) -> list[dict]:
 def _number(v: Any) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
-    v = float(v)
+    try:
+        v = float(v)
+    except OverflowError:  # an integer beyond float range (a 400-digit number)
+        return None
     return v if math.isfinite(v) else None
+
+
+def _scalar(v: Any) -> Any:
+    """A value from a run file as the summary shows it: text, a number or a flag; None for
+    anything else (a nested list in a status field is not something to show)."""
+    if v is None or isinstance(v, (str, bool, int)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    return None
 
 
 def _column(rows: list[dict], key: str) -> np.ndarray:
@@ -116,19 +152,22 @@ def _column(rows: list[dict], key: str) -> np.ndarray:
         arr = np.array(values, dtype=np.float64)
         if arr.ndim == 1 and not any(v is True or v is False for v in values):
             return arr
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     return np.array([_number(v) if _number(v) is not None else np.nan for v in values], dtype=np.float64)
 
 
-def clean_json(obj: Any) -> Any:
-    """Replace NaN/Infinity (valid in our JSON-lines, invalid for browsers) by None."""
+def clean_json(obj: Any, _depth: int = 0) -> Any:
+    """Replace NaN/Infinity (valid in our JSON-lines, invalid for browsers) by None, and
+    anything nested deeper than MAX_JSON_DEPTH by None (so encoding it cannot recurse)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
+    if isinstance(obj, (dict, list, tuple)) and _depth >= MAX_JSON_DEPTH:
+        return None
     if isinstance(obj, dict):
-        return {str(k): clean_json(v) for k, v in obj.items()}
+        return {str(k): clean_json(v, _depth + 1) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [clean_json(v) for v in obj]
+        return [clean_json(v, _depth + 1) for v in obj]
     return obj
 
 
@@ -167,7 +206,9 @@ def flatten_row(row: dict) -> list[tuple[str, float, float]]:
             for j, g in enumerate(gpus):
                 if not isinstance(g, dict):
                     continue
-                idx = g.get("index", j)
+                idx = g.get("index")
+                if not isinstance(idx, int) or isinstance(idx, bool):
+                    idx = j
                 for k in GPU_KEYS:
                     y = _number(g.get(k))
                     if y is not None:
@@ -239,8 +280,9 @@ def safe_file(run_root: Path, relpath: str) -> Path | None:
 
 
 def run_state(status: dict, now: float, stall_after_s: float) -> str:
-    """running | stalled | finished | failed | stopped | unknown (no status.json yet)."""
-    state = status.get("state")
+    """running | stalled | finished | failed | stopped | unknown (no status.json yet) |
+    unreadable (a status.json that is not a JSON object, see `read_status`)."""
+    state = _scalar(status.get("state"))
     if not state:
         return "unknown"
     if state == "running":
@@ -271,24 +313,31 @@ def build_summary(
     now: float,
     stall_after_s: float,
 ) -> dict[str, Any]:
-    """The essentials of one run, as the run list, the header and `simone status` show them."""
+    """The essentials of one run, as the run list, the header and `simone status` show them.
+
+    Values read from run files pass through `_scalar` and arithmetic through `_number`, so a
+    nested list or a 400-digit integer in status.json shows as nothing instead of raising."""
     state = run_state(status, now, stall_after_s)
-    step = status.get("step")
-    if last_train and isinstance(last_train.get("step"), (int, float)):
-        step = max(step or 0, last_train["step"]) if isinstance(step, (int, float)) else last_train["step"]
-    epoch = status.get("epoch")
+    step = _scalar(status.get("step"))
+    train_step = _number(last_train.get("step")) if last_train else None
+    if train_step is not None:
+        status_step = _number(step)
+        if status_step is None or train_step > status_step:
+            step = last_train["step"]  # type: ignore[index]
+    epoch = _scalar(status.get("epoch"))
     if epoch is None and last_train:
-        epoch = last_train.get("epoch")
-    total = status.get("total_steps")
-    if not isinstance(total, (int, float)) or total <= 0:
-        total = None
+        epoch = _scalar(last_train.get("epoch"))
+    total = _scalar(status.get("total_steps"))
+    total_n, step_n = _number(total), _number(step)
+    if total_n is None or total_n <= 0:
+        total = total_n = None
     progress = None
-    if total and isinstance(step, (int, float)):
-        progress = max(0.0, min(1.0, step / total))
+    if total_n and step_n is not None:
+        progress = max(0.0, min(1.0, step_n / total_n))
     sps = steps_per_second(rate_points)
     eta = None
-    if state == "running" and sps and total and isinstance(step, (int, float)):
-        eta = max(0.0, (total - step) / sps)
+    if state == "running" and sps and total_n and step_n is not None:
+        eta = max(0.0, (total_n - step_n) / sps)
     elif state == "running":
         eta = _number(status.get("eta_s"))  # the trainer's own estimate, if it wrote one
     hb = _number(status.get("heartbeat"))
@@ -299,11 +348,11 @@ def build_summary(
         "name": run_root.name,
         "path": str(run_root),
         "state": state,
-        "raw_state": status.get("state"),
-        "stage": status.get("stage"),
+        "raw_state": _scalar(status.get("state")),
+        "stage": _scalar(status.get("stage")),
         "step": step,
         "epoch": epoch,
-        "num_epochs": train_cfg.get("num_epochs"),
+        "num_epochs": _scalar(train_cfg.get("num_epochs")),
         "total_steps": total,
         "progress": progress,
         "steps_per_s": sps,
@@ -311,25 +360,31 @@ def build_summary(
         "heartbeat": hb,
         "heartbeat_age_s": (now - hb) if hb is not None else None,
         "stall_after_s": stall_after_s,
-        "error": status.get("error"),
-        "stop_reason": status.get("stop_reason"),
-        "package": status.get("package"),
-        "host": status.get("host"),
-        "pid": status.get("pid"),
-        "preset": cfg.get("preset"),
+        "error": _scalar(status.get("error")),
+        "stop_reason": _scalar(status.get("stop_reason")),
+        "package": _scalar(status.get("package")),
+        "host": _scalar(status.get("host")),
+        "pid": _scalar(status.get("pid")),
+        "preset": _scalar(cfg.get("preset")),
         "updated": _run_mtime(run_root) or None,
-        "loss": lt.get("loss"),
-        "lr": lt.get("lr"),
-        "grad_norm": lt.get("grad_norm"),
-        "tokens_per_s": lt.get("tokens_per_s"),
-        "mfu": lt.get("mfu"),
-        "tokens_seen": lt.get("tokens_seen"),
-        "val_loss": le.get("val_loss"),
-        "val_bpb": le.get("val_bpb"),
-        "val_step": le.get("step"),
+        "loss": _scalar(lt.get("loss")),
+        "lr": _scalar(lt.get("lr")),
+        "grad_norm": _scalar(lt.get("grad_norm")),
+        "tokens_per_s": _scalar(lt.get("tokens_per_s")),
+        "mfu": _scalar(lt.get("mfu")),
+        "tokens_seen": _scalar(lt.get("tokens_seen")),
+        "val_loss": _scalar(le.get("val_loss")),
+        "val_bpb": _scalar(le.get("val_bpb")),
+        "val_step": _scalar(le.get("step")),
         "best_val_loss": best_val,
         "server_time": now,
     })
+
+
+def unreadable_summary(run_root: Path, problem: str, now: float) -> dict[str, Any]:
+    """The run-list entry of a run whose files could not be summarised (the others still list)."""
+    return {"name": run_root.name, "path": str(run_root), "state": "unreadable",
+            "error": problem, "updated": _run_mtime(run_root) or None, "server_time": now}
 
 
 def _tail_facts(metrics: Path) -> dict[str, Any]:
@@ -369,10 +424,9 @@ class SummaryCache:
             cached = (key, _tail_facts(metrics))
             self._facts[run_root] = cached
         facts = cached[1]
-        status = read_json_file(run_root / "status.json")
         config = read_json_file(run_root / "config.json")
         return build_summary(
-            run_root, status if isinstance(status, dict) else {},
+            run_root, read_status(run_root),
             config if isinstance(config, dict) else None,
             facts["last_train"], facts["last_eval"], facts["rate"], facts["best_val"],
             now, stall_after_s,
@@ -464,6 +518,7 @@ class FileTail:
         self.path = path
         self.offset = 0
         self._pending = b""
+        self._skipping = False  # inside an overlong line: drop up to its newline
         self._ino: int | None = None
         self.dropped_lines = 0
 
@@ -480,7 +535,7 @@ class FileTail:
         except OSError:
             self._ino = None
         self.offset = offset
-        self._pending = b""
+        self._pending, self._skipping = b"", False
 
     def changed(self) -> bool:
         """True if the file was replaced or truncated since the last read."""
@@ -491,7 +546,7 @@ class FileTail:
         return (self._ino is not None and st.st_ino != self._ino) or st.st_size < self.offset
 
     def reset(self) -> None:
-        self.offset, self._pending, self._ino = 0, b"", None
+        self.offset, self._pending, self._skipping, self._ino = 0, b"", False, None
 
     def read_chunks(self, chunk_bytes: int = CHUNK_BYTES, until: int | None = None) -> Iterator[list[bytes]]:
         """Yield lists of new complete lines, at most about `chunk_bytes` at a time."""
@@ -509,12 +564,17 @@ class FileTail:
                 if not data:
                     break
                 self.offset += len(data)
+                if self._skipping:  # the rest of a dropped line is not a line of its own
+                    nl = data.find(b"\n")
+                    if nl < 0:
+                        continue
+                    data, self._skipping = data[nl + 1 :], False
                 data = self._pending + data
                 cut = data.rfind(b"\n")
                 if cut < 0:
                     self._pending = data
                     if len(self._pending) > MAX_PENDING_BYTES:
-                        self._pending = b""
+                        self._pending, self._skipping = b"", True
                         self.dropped_lines += 1
                     continue
                 self._pending = data[cut + 1 :]
@@ -522,7 +582,7 @@ class FileTail:
 
     @property
     def has_partial_line(self) -> bool:
-        return bool(self._pending)
+        return bool(self._pending) or self._skipping
 
 
 class _MetricsIndex:
@@ -775,10 +835,9 @@ class RunWatch:
 
     def summary(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now
-        status = read_json_file(self.root / "status.json")
         ix = self.index
         s = build_summary(
-            self.root, status if isinstance(status, dict) else {}, self._read_config(),
+            self.root, read_status(self.root), self._read_config(),
             ix.last["train"], ix.last["eval"], list(ix.rate), ix.best_val, now, self.stall_after_s,
         )
         s["rows"] = ix.rows

@@ -43,7 +43,7 @@ def dashboard_url(host: str, port: int, token: str | None) -> str:
 
 
 def _config(app_kwargs: dict, host: str, port: int, log_level: str) -> uvicorn.Config:
-    app = create_app(**app_kwargs)
+    app = create_app(**app_kwargs, host=host)  # the bound host: other Host headers get 421
     return uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False,
         timeout_graceful_shutdown=2, lifespan="on",

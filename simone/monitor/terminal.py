@@ -58,6 +58,8 @@ def fmt_duration(s: float | None) -> str:
 def fmt_rate(v: float | None) -> str:
     if v is None:
         return "–"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)  # a trainer wrote text where a number belongs: show it as it is
     if v >= 1e6:
         return f"{v / 1e6:.2f}M"
     if v >= 1e4:

@@ -10,6 +10,7 @@ Works under torchrun.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -25,14 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     from simone.errors import SimoneError
     from simone.rundir import RunDir
     from simone.train.distributed import dist_env_from_environ
+    from simone.lock import RunLock
     from simone.train.trainer import TrainingError, train
 
     run = RunDir(args.run_dir)
+    is_main = dist_env_from_environ().is_main
     try:
-        cfg = apply_overrides(load_config(run.config), args.overrides)
-        if dist_env_from_environ().is_main and args.overrides:
-            save_config(cfg, run.config)
-        result = train(cfg, run, resume=args.resume)
+        # the lock before config.json is rewritten (train() takes it again, re-entrantly)
+        with RunLock(run.root, warn=run.log_line) if is_main and run.root.is_dir() else contextlib.nullcontext():
+            cfg = apply_overrides(load_config(run.config), args.overrides)
+            if is_main and args.overrides:
+                save_config(cfg, run.config)
+            result = train(cfg, run, resume=args.resume)
     except TrainingError as e:  # a SimoneError too, but it has its own exit status
         print(f"training failed ({e.reason}): {e}", file=sys.stderr)
         return 1

@@ -46,20 +46,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from simone.config import Config
+from simone.config import Config, ModelConfig
 from simone.data.loader import BatchLoader
 from simone.data.shards import TokenShard
+from simone.data.tokenizer import load_tokenizer
 from simone.errors import SimoneError
-from simone.evaluate import evaluate_per_domain
+from simone.inference.evaluate import evaluate_per_domain
 from simone.model import build_model
-from simone.model.governance import LossTermMeter, policy_domains_for_run
+from simone.model.governance import LossTermMeter, set_policy_domains, uses_policy
 from simone.rundir import RunDir
-from simone.train.checkpoint import (
+from simone.checkpoint import (
     WEIGHTS,
     CheckpointError,
     CheckpointSaveError,
     check_free_space,
     check_state_fits,
+    check_tokenizer,
     estimate_checkpoint_bytes,
     list_checkpoints,
     load_checkpoint,
@@ -88,10 +90,10 @@ from simone.train.distributed import (
     wrap_model,
 )
 from simone.train.early_stopping import EarlyStopping
-from simone.train.faults import Faults
-from simone.train.lock import RunLock
+from simone.faults import Faults
+from simone.lock import RunLock
 from simone.train.metrics import MetricsLogger, format_seconds, mfu, peak_flops
-from simone.train.optim import optimizer_skips_on_device, set_lr
+from simone.train.optim import build_optimizer, optimizer_skips_on_device, set_lr
 from simone.train.schedule import LRSchedule, percent_done, stop_summary
 
 SAMPLE_PROMPT = "In the beginning"
@@ -242,6 +244,16 @@ def _duration(seconds: float) -> str:
 # ----------------------------------------------------------------------------- the trainer
 
 
+def policy_domains_for_run(cfg: ModelConfig, tokenizer_path) -> list[str] | None:
+    """For the trainer: the policy classes (the tokenizer's domains, which also sizes
+    `cfg.n_domains`), or None when the model has no policy head."""
+    if not uses_policy(cfg):
+        return None
+    domains = load_tokenizer(tokenizer_path).domains
+    set_policy_domains(cfg, domains)
+    return domains
+
+
 class Trainer:
     """Holds the model, optimizer, data and counters of one training run (one process)."""
 
@@ -318,7 +330,7 @@ class Trainer:
         self._sharded = self.parallel == "fsdp" and env.distributed
         self.tokenizer = None
         if env.is_main or self._sharded:  # sharded: every rank takes part in generating samples
-            from simone.tokenizer import load_tokenizer
+            from simone.data.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer(run.tokenizer)
 
@@ -356,9 +368,9 @@ class Trainer:
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         tc = self.cfg.train
-        return self.raw_model.configure_optimizer(
-            lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2),
-            device_type=self.device.type, fused=None if tc.fused_adamw else False)
+        return build_optimizer(self.raw_model, tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay,
+                               betas=(tc.beta1, tc.beta2), device_type=self.device.type,
+                               fused=None if tc.fused_adamw else False, muon_lr_scale=tc.muon_lr_scale)
 
     def _zero_interval_counters(self) -> None:
         """Device-side sums of the current logging interval (read only at logging steps)."""
@@ -751,7 +763,7 @@ class Trainer:
             path = save_checkpoint(self.run.checkpoints, self.step, model_state,
                                    self._train_state(rng_per_rank, optimizer_state), self.cfg.to_dict(), best=best,
                                    keep=self.cfg.train.keep_checkpoints, faults=self.faults,
-                                   log=self.metrics.log)
+                                   log=self.metrics.log, tokenizer=self.run.tokenizer)
             self.last_checkpoint = path.name
             if best:
                 self.best_checkpoint = path.name
@@ -778,6 +790,8 @@ class Trainer:
 
     def _restore(self, ckpt: Path) -> None:
         """Load a verified checkpoint into the model, optimizer, loader, RNGs and counters."""
+        if self.env.is_main and self.run.tokenizer.exists():
+            check_tokenizer(ckpt, self.run.tokenizer)  # never continue with another tokenizer
         model_state, state, _ = load_checkpoint(ckpt, verify=False)  # resolve_checkpoint verified it
         check_state_fits(self.raw_model, model_state, str(ckpt / WEIGHTS))
         load_full_model_state(self.raw_model, model_state)

@@ -39,14 +39,24 @@ const ui = {
 const $ = (id) => document.getElementById(id);
 
 // ----------------------------------------------------------------------------- formatting
+// Values come from files a trainer wrote: a number may arrive as text ("lr": "warmup"), so
+// every formatter shows what is not a finite number as text instead of throwing (a throw
+// would stop the rest of the header from updating).
+
+const isNum = (v) => typeof v === "number" && Number.isFinite(v);
 
 function fmtNum(v, digits = 4) {
   if (v === null || v === undefined || Number.isNaN(v)) return "–";
   if (typeof v !== "number") return String(v);
   return v.toFixed(digits);
 }
+function fmtExp(v, digits = 2) {
+  if (v === null || v === undefined) return "–";
+  return isNum(v) ? v.toExponential(digits) : String(v);
+}
 function fmtCompact(v) {
   if (v === null || v === undefined) return "–";
+  if (!isNum(v)) return String(v);
   const a = Math.abs(v);
   if (a >= 1e9) return (v / 1e9).toFixed(2) + "B";
   if (a >= 1e6) return (v / 1e6).toFixed(2) + "M";
@@ -71,6 +81,11 @@ function fmtBytes(n) {
 function fmtTime(t) {
   return t ? new Date(t * 1000).toLocaleTimeString() : "";
 }
+// Plotly renders a subset of HTML in trace names (<b>, <i>, <br>, <a href>...); names from a
+// run (run names, domain names) are escaped so they show exactly as written.
+function plotlyText(s) {
+  return String(s).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
+}
 function el(tag, cls, text) {
   const e = document.createElement(tag);
   if (cls) e.className = cls;
@@ -80,36 +95,49 @@ function el(tag, cls, text) {
 
 // ----------------------------------------------------------------------------- run list
 
+// The list is updated in place (items keyed by run name): it changes every second while a
+// run trains, and rebuilding it would swap the checkbox or item under a user's click.
 function renderRunList() {
   const list = $("run-list");
-  list.replaceChildren();
-  for (const r of ui.runs) {
-    const item = el("div", "run-item" + (r.name === ui.selected ? " selected" : ""));
-    item.dataset.run = r.name;
-    const box = el("input");
-    box.type = "checkbox";
-    box.title = "include in comparison";
-    box.checked = ui.compare.has(r.name);
-    box.addEventListener("click", (e) => {
-      e.stopPropagation();
-      if (box.checked) ui.compare.add(r.name); else ui.compare.delete(r.name);
-    });
-    item.append(box, el("div", "run-item-name", r.name));
-    const meta = el("div", "run-item-meta");
-    meta.append(el("span", "badge state-" + r.state, r.state));
-    if (r.preset) meta.append(el("span", null, r.preset));
-    if (r.step !== null && r.step !== undefined) meta.append(el("span", null, `step ${r.step}${r.total_steps ? "/" + r.total_steps : ""}`));
-    item.append(meta);
-    const bar = el("div", "mini-progress");
-    const fill = el("div");
-    fill.style.width = ((r.progress || 0) * 100).toFixed(1) + "%";
-    bar.append(fill);
-    item.append(bar);
-    item.addEventListener("click", () => selectRun(r.name));
-    list.append(item);
+  const existing = new Map(Array.from(list.children, (item) => [item.dataset.run, item]));
+  const items = ui.runs.map((r) => {
+    const item = existing.get(r.name) || newRunItem(r.name);
+    updateRunItem(item, r);
+    return item;
+  });
+  if (items.length !== list.children.length || items.some((item, i) => list.children[i] !== item)) {
+    list.replaceChildren(...items);
   }
   $("empty").hidden = ui.runs.length > 0;
   if (!ui.runs.length) $("run-view").hidden = true;
+}
+
+function newRunItem(name) {
+  const item = el("div", "run-item");
+  item.dataset.run = name;
+  const box = el("input");
+  box.type = "checkbox";
+  box.title = "include in comparison";
+  box.addEventListener("click", (e) => {
+    e.stopPropagation();
+    if (box.checked) ui.compare.add(name); else ui.compare.delete(name);
+  });
+  const bar = el("div", "mini-progress");
+  bar.append(el("div"));
+  item.append(box, el("div", "run-item-name", name), el("div", "run-item-meta"), bar);
+  item.addEventListener("click", () => selectRun(name));
+  return item;
+}
+
+function updateRunItem(item, r) {
+  item.className = "run-item" + (r.name === ui.selected ? " selected" : "");
+  item.querySelector("input").checked = ui.compare.has(r.name);
+  const meta = item.querySelector(".run-item-meta");
+  const parts = [el("span", "badge state-" + r.state, r.state)];
+  if (r.preset) parts.push(el("span", null, r.preset));
+  if (r.step !== null && r.step !== undefined) parts.push(el("span", null, `step ${r.step}${r.total_steps ? "/" + r.total_steps : ""}`));
+  meta.replaceChildren(...parts);
+  item.querySelector(".mini-progress > div").style.width = (isNum(r.progress) ? r.progress * 100 : 0).toFixed(1) + "%";
 }
 
 function onRuns(runs) {
@@ -219,7 +247,7 @@ function renderSummary(s) {
     err.hidden = true;
   }
 
-  const pct = s.progress === null || s.progress === undefined ? 0 : s.progress * 100;
+  const pct = isNum(s.progress) ? s.progress * 100 : 0;
   const bar = $("progress-bar");
   bar.style.width = pct.toFixed(2) + "%";
   bar.className = "progress-bar" + ({ finished: " done", failed: " failed", stalled: " stalled" }[s.state] || "");
@@ -229,16 +257,16 @@ function renderSummary(s) {
   $("kpi-epoch").textContent = typeof s.epoch === "number" && !Number.isInteger(s.epoch) ? s.epoch.toFixed(2) : (s.epoch ?? "–");
   $("kpi-epoch-sub").textContent = s.num_epochs ? `of ${s.num_epochs}` : "";
   $("kpi-eta").textContent = s.state === "running" ? fmtDuration(s.eta_s) : (s.state === "finished" ? "done" : "–");
-  $("kpi-eta-sub").textContent = s.steps_per_s ? `${s.steps_per_s.toFixed(2)} steps/s` : "";
+  $("kpi-eta-sub").textContent = isNum(s.steps_per_s) ? `${s.steps_per_s.toFixed(2)} steps/s` : "";
   $("kpi-loss").textContent = fmtNum(s.loss);
-  $("kpi-loss-sub").textContent = s.lr !== null && s.lr !== undefined ? `lr ${s.lr.toExponential(2)}` : "";
+  $("kpi-loss-sub").textContent = s.lr !== null && s.lr !== undefined ? `lr ${fmtExp(s.lr)}` : "";
   $("kpi-val").textContent = fmtNum(s.val_loss);
   $("kpi-val-sub").textContent = s.best_val_loss !== null && s.best_val_loss !== undefined ? `best ${fmtNum(s.best_val_loss)}` : "";
   $("kpi-bpb").textContent = fmtNum(s.val_bpb, 3);
   $("kpi-bpb-sub").textContent = s.val_step !== null && s.val_step !== undefined ? `at step ${s.val_step}` : "";
   $("kpi-tps").textContent = fmtCompact(s.tokens_per_s);
   $("kpi-tps-sub").textContent = s.tokens_seen ? `${fmtCompact(s.tokens_seen)} tokens seen` : "";
-  $("kpi-mfu").textContent = s.mfu !== null && s.mfu !== undefined ? (s.mfu * 100).toFixed(1) + "%" : "–";
+  $("kpi-mfu").textContent = isNum(s.mfu) ? (s.mfu * 100).toFixed(1) + "%" : fmtNum(s.mfu);
 }
 
 // Parts of the header that age by themselves (heartbeat) are redrawn every second.
@@ -256,7 +284,7 @@ function tickSummary() {
   if (s.partial_line) bits.push("last metrics line still being written");
   if (s.exact === false) bits.push("large run: showing a sample while indexing…");
   $("run-meta").textContent = bits.join(" · ");
-  const p = s.progress === null || s.progress === undefined ? "" : `${(s.progress * 100).toFixed(1)}% · `;
+  const p = isNum(s.progress) ? `${(s.progress * 100).toFixed(1)}% · ` : "";
   $("progress-text").textContent = `${p}step ${s.step ?? "–"}${s.total_steps ? " of " + s.total_steps : ""}` +
     (s.state === "running" && s.eta_s !== null && s.eta_s !== undefined ? ` · about ${fmtDuration(s.eta_s)} left` : "");
 }
@@ -321,7 +349,7 @@ function drawChart(id) {
   const data = traces.map((t, i) => {
     const s = ui.series[t.key];
     return {
-      x: def.time ? s.x.map((v) => v * 1000) : s.x, y: s.y, name: t.name, type: "scatter",
+      x: def.time ? s.x.map((v) => v * 1000) : s.x, y: s.y, name: plotlyText(t.name), type: "scatter",
       mode: t.markers && s.x.length < 400 ? "lines+markers" : "lines",
       line: { width: 1.6, color: COLORS[i % COLORS.length] }, marker: { size: 4 },
       hovertemplate: def.format ? `%{y:${def.format}}` : "%{y:.4g}",
@@ -514,8 +542,8 @@ async function renderCompare() {
   names.forEach((name, i) => {
     const s = data[name] || {};
     const color = COLORS[i % COLORS.length];
-    if (s["train/loss"]) traces.push({ x: s["train/loss"][0], y: s["train/loss"][1], name: `${name} train`, type: "scatter", mode: "lines", line: { color, width: 1.4 } });
-    if (s["eval/val_loss"]) traces.push({ x: s["eval/val_loss"][0], y: s["eval/val_loss"][1], name: `${name} val`, type: "scatter", mode: "lines+markers", line: { color, width: 2, dash: "dash" }, marker: { size: 5 } });
+    if (s["train/loss"]) traces.push({ x: s["train/loss"][0], y: s["train/loss"][1], name: plotlyText(`${name} train`), type: "scatter", mode: "lines", line: { color, width: 1.4 } });
+    if (s["eval/val_loss"]) traces.push({ x: s["eval/val_loss"][0], y: s["eval/val_loss"][1], name: plotlyText(`${name} val`), type: "scatter", mode: "lines+markers", line: { color, width: 2, dash: "dash" }, marker: { size: 5 } });
   });
   Plotly.react($("compare-chart"), traces, {
     height: 320, margin: { l: 52, r: 12, t: 8, b: 36 }, paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)",

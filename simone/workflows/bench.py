@@ -6,7 +6,7 @@
     simone bench prep --corpus DIR          curate + tokenizer + shards: wall time and peak RSS
 
 The peer is `transformers.LlamaForCausalLM` built from the same `ModelConfig` with a copy of
-our weights (`simone.export.to_hf_llama`): same vocabulary, width, depth, heads, SwiGLU size,
+our weights (`simone.inference.export.to_hf_llama`): same vocabulary, width, depth, heads, SwiGLU size,
 tied embeddings, sequence length, batch, optimizer (AdamW, decay on matrices only, fused
 where available), dtype and data. Both models live in this process and are timed in
 alternation, repeat after repeat, so load from other processes on the machine hits both
@@ -129,7 +129,7 @@ def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMan
 
 def model_pair(model_cfg: ModelConfig, device: torch.device, seed: int = 0):
     """(ours, hf): our Llama-style model and a `LlamaForCausalLM` with a copy of its weights."""
-    from simone.export import to_hf_llama
+    from simone.inference.export import to_hf_llama
     from simone.model import build_model
 
     if model_cfg.arch != "llama":
@@ -603,7 +603,7 @@ def bench_prep(corpus: str | Path, *, preset: str = "cpu", out_dir: str | Path |
     """
     from simone.data.curate import curate
     from simone.data.shards import build_shards
-    from simone.tokenizer import train_tokenizer
+    from simone.data.tokenizer import train_tokenizer
 
     _set_threads(threads)
     cfg = load_preset(preset)

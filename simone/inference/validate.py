@@ -17,7 +17,7 @@ import torch
 
 from simone.config import ValidateConfig, analytic_param_count
 from simone.data.shards import TokenShard
-from simone.evaluate import evaluate_per_domain
+from simone.inference.evaluate import evaluate_per_domain
 from simone.rundir import atomic_write_json, atomic_write_text, read_json, sha256_file
 
 SAMPLE_PROMPTS = ["The ", "And it came to pass", "What is "]
@@ -34,8 +34,15 @@ def _default_out_dir(model_path: Path) -> Path:
 
 
 def _find_data_dir(model_path: Path, loaded) -> Path | None:
-    """The run's data/ folder with val.bin, when the model came from a run."""
-    for cand in (model_path / "data", loaded.files["checkpoint"].parent.parent / "data"):
+    """The run's data/ folder with val.bin, when the model came from a run (a run dir or a
+    checkpoint inside its checkpoints/); never for a package, which carries no shards."""
+    if loaded.unpacked is not None:
+        return None
+    candidates = [model_path / "data"]
+    ckpt = loaded.files["checkpoint"]
+    if ckpt.parent.name == "checkpoints":
+        candidates.append(ckpt.parent.parent / "data")
+    for cand in candidates:
         if (cand / "index.json").exists() and (cand / "val.bin").exists():
             return cand
     return None
@@ -129,7 +136,7 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
 
     `bounds`: the generation-speed and peak-memory bounds (default: the model's own config's
     `validate` section, i.e. its preset's)."""
-    from simone.generate import ModelLoadError, load_model, stream_tokens
+    from simone.inference.generate import ModelLoadError, load_model, stream_tokens
 
     _reset_peak_rss()
     if torch.cuda.is_available():
@@ -152,7 +159,7 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
         return _finish(report, out_dir)
 
     # integrity: the sha256 of every artifact, checked against its manifest
-    from simone.train.checkpoint import CheckpointError, verify_checkpoint
+    from simone.checkpoint import CheckpointError, verify_checkpoint
 
     try:
         verify_checkpoint(loaded.files["checkpoint"])
@@ -221,6 +228,9 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
         report["diversity"]["validation_text"] = diversity(snippets)
 
     _check_bounds(check, report, bounds or cfg.validate, loaded.device.type, cfg.preset)
+
+
+    loaded.close()  # an extracted package's temporary folder (else removed when `loaded` goes)
     return _finish(report, out_dir)
 
 

@@ -3,7 +3,8 @@
 The package is self-contained and safe to load: `model.safetensors`, `config.json`,
 `tokenizer.json`, `training_summary.json`, a model card `README.md`, `hf/` (the same model as
 a Hugging Face folder, `simone export --format hf`; absent for a model with memory slots), and
-`MANIFEST.json` with the sha256 and size of every other file (the checkpoint manifest format). `simone generate --model NAME.tar.gz` and
+`MANIFEST.json` with the sha256 and size of every other file (the checkpoint manifest format).
+Packaging only reads the run directory; an existing package is never replaced. `simone generate --model NAME.tar.gz` and
 `simone validate --model NAME.tar.gz` read it directly.
 """
 
@@ -20,7 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simone.rundir import RunDir, atomic_write_json, read_json, sha256_file
+from simone.errors import SimoneError
+from simone.rundir import RunDir, atomic_write_json, fsync_dir, read_json, sha256_file
+
+
+class PackageError(SimoneError, RuntimeError):
+    """A package that cannot be written."""
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -162,7 +168,7 @@ def _write_hf_folder(checkpoint: Path, out_dir: Path, name: str) -> None:
     one (said on stderr)."""
     import sys
 
-    from simone.export import ExportError
+    from simone.inference.export import ExportError
     from simone.inference.hf_folder import export_hf
 
     try:
@@ -174,12 +180,13 @@ def _write_hf_folder(checkpoint: Path, out_dir: Path, name: str) -> None:
 def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best", name: str | None = None) -> Path:
     """Write `out_dir/NAME.tar.gz` from the run's best (else latest) checkpoint; return its path.
 
-    `out_dir/NAME.training_summary.json` is written beside it (the original layout kept the
-    summary beside the models; one per package, so several packages never collide), and the
-    same summary is inside the tarball, with an `hf/` folder that transformers opens. NAME
-    defaults to simone-PRESET-ARCH-RUNDIRNAME.
+    NAME says which model it is: `simone-PRESET-ARCH-RUN-stepN-WEIGHTSHA8` unless given. An
+    existing package is never replaced: a name already taken gets a `-2`, `-3`... suffix.
+    Nothing is written into the run directory (it may be read-only). `out_dir/NAME.training_summary.json`
+    is written beside the tarball (the original layout kept the summary beside the models), and
+    the same summary is inside it, with an `hf/` folder that transformers opens.
     """
-    from simone.train.checkpoint import resolve_checkpoint
+    from simone.checkpoint import resolve_checkpoint, verify_checkpoint
 
     ckpt = None
     for which in (checkpoint, "latest"):
@@ -189,13 +196,15 @@ def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best", name: str 
         except Exception:
             continue
     if ckpt is None:
-        from simone.generate import ModelLoadError
+        from simone.inference.generate import ModelLoadError
 
         raise ModelLoadError(f"{run.checkpoints}: no verified checkpoint to package")
+    ckpt_manifest = verify_checkpoint(ckpt)
     cfg = read_json(run.config, {})
-    name = name or f"simone-{cfg.get('preset', 'custom')}-{cfg.get('model', {}).get('arch', 'llama')}-{run.root.name}"
+    weights_sha = ckpt_manifest["files"]["model.safetensors"]["sha256"]
+    name = name or (f"simone-{cfg.get('preset', 'custom')}-{cfg.get('model', {}).get('arch', 'llama')}-{run.root.name}"
+                    f"-step{ckpt_manifest.get('step', 'x')}-{str(weights_sha)[:8]}")
     summary = training_summary(run, ckpt)
-    atomic_write_json(run.root / "training_summary.json", summary)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".pkg-") as tmp:
@@ -208,16 +217,50 @@ def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best", name: str 
         (stage / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         (stage / "README.md").write_text(model_card(summary))
         _write_hf_folder(ckpt, stage / "hf", name)
-        manifest = {"schema": 1, "files": {p.relative_to(stage).as_posix(): {"sha256": sha256_file(p),
-                                                                             "size": p.stat().st_size}
-                                           for p in sorted(stage.rglob("*")) if p.is_file()}}
+        # `files`: the checkpoint manifest format (plain names, what simone loads); `hf_files`:
+        # the hf/ copy, which simone never extracts (`verify_hf_folder` checks an unpacked one)
+        manifest = {"schema": 1, "step": ckpt_manifest.get("step"),
+                    "tokenizer_sha256": sha256_file(stage / "tokenizer.json"),
+                    "files": {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
+                              for p in sorted(stage.iterdir()) if p.is_file()},
+                    "hf_files": {p.relative_to(stage).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
+                                 for p in sorted((stage / "hf").rglob("*")) if p.is_file()}}
         (stage / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
         tmp_tar = Path(tmp) / f"{name}.tar.gz"
         with tarfile.open(tmp_tar, "w:gz") as tar:
             tar.add(stage, arcname=name)
         with open(tmp_tar, "rb") as f:
             os.fsync(f.fileno())
-        final = out_dir / f"{name}.tar.gz"
-        os.replace(tmp_tar, final)
-    atomic_write_json(out_dir / f"{name}.training_summary.json", summary)
+        final = _place_without_replacing(tmp_tar, out_dir, name)
+    atomic_write_json(out_dir / (final.name[: -len(".tar.gz")] + ".training_summary.json"), summary)
     return final
+
+
+def _place_without_replacing(tmp_tar: Path, out_dir: Path, name: str) -> Path:
+    """Hard-link `tmp_tar` as `out_dir/NAME.tar.gz`, or NAME-2, -3... if taken (a link never
+    replaces an existing file, so two packagers racing cannot overwrite each other)."""
+    for n in range(1, 1000):
+        final = out_dir / (f"{name}.tar.gz" if n == 1 else f"{name}-{n}.tar.gz")
+        try:
+            os.link(tmp_tar, final)
+        except FileExistsError:
+            continue
+        fsync_dir(out_dir)
+        return final
+    raise PackageError(f"{out_dir}: {name}.tar.gz and 998 numbered copies exist already; remove some")
+
+
+def verify_hf_folder(package_dir: Path) -> dict[str, Any]:
+    """Check an unpacked package's hf/ folder against its MANIFEST.json (`hf_files`); return
+    the manifest. Raises PackageError naming the first file that is missing or differs."""
+    package_dir = Path(package_dir)
+    manifest = read_json(package_dir / "MANIFEST.json", None)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("hf_files"), dict):
+        raise PackageError(f"{package_dir / 'MANIFEST.json'}: no hf_files list (a package from before hf/ folders?)")
+    for rel, entry in manifest["hf_files"].items():
+        path = package_dir / rel
+        if not rel.startswith("hf/") or ".." in Path(rel).parts or not path.is_file() or path.is_symlink():
+            raise PackageError(f"{path}: missing or not a regular file of the package's hf/ folder")
+        if not isinstance(entry, dict) or sha256_file(path) != entry.get("sha256"):
+            raise PackageError(f"{path}: sha256 does not match MANIFEST.json (hf_files[{rel!r}])")
+    return manifest

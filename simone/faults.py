@@ -14,6 +14,8 @@ variables. Nothing here has any effect unless a variable is set.
     SIMONE_FAULT_STEP_DELAY    seconds to sleep after every optimizer step (keeps a test's run
                                alive long enough to be signalled or raced)
     SIMONE_FAULT_OOM_AT_STEP   "N": step N raises torch.OutOfMemoryError, as a full GPU would
+    SIMONE_FAULT_KILL_BETWEEN_RENAMES "N": a re-save of step N kills the process (SIGKILL) after
+                               the old copy is renamed aside and before the new one is in place
     SIMONE_FAULT_SIGTERM_AT_STEP  "N": behave as if SIGTERM arrived once step N is done
                                (a deterministic stand-in for a scheduler's signal)
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -61,6 +64,7 @@ class Faults:
     sigterm_at_step: int | None = None
     oom_at_step: int | None = None
     step_delay_s: float = 0.0
+    kill_between_renames_step: int | None = None
     _fired: set[int] = field(default_factory=set)
 
     @classmethod
@@ -77,13 +81,14 @@ class Faults:
             sigterm_at_step=_int_or_none(env.get("SIMONE_FAULT_SIGTERM_AT_STEP")),
             oom_at_step=_int_or_none(env.get("SIMONE_FAULT_OOM_AT_STEP")),
             step_delay_s=float(env.get("SIMONE_FAULT_STEP_DELAY", "0") or 0),
+            kill_between_renames_step=_int_or_none(env.get("SIMONE_FAULT_KILL_BETWEEN_RENAMES")),
         )
 
     @property
     def active(self) -> bool:
         return bool(self.nan_steps or self.nan_from is not None or self.enospc_from_step is not None
                     or self.slow_save_s or self.sigterm_at_step is not None or self.oom_at_step is not None
-                    or self.step_delay_s)
+                    or self.step_delay_s or self.kill_between_renames_step is not None)
 
     def nan_at(self, step: int) -> bool:
         """True if the loss of optimizer step `step` should be replaced by NaN."""
@@ -108,6 +113,11 @@ class Faults:
         """Raise ENOSPC if a save of `step` should fail (called after part of a file is written)."""
         if self.enospc_from_step is not None and step >= self.enospc_from_step:
             raise OSError(errno.ENOSPC, "No space left on device (injected by SIMONE_FAULT_ENOSPC_ON_SAVE)")
+
+    def between_renames(self, step: int) -> None:
+        """Die like a `kill -9` in the middle of swapping a re-saved checkpoint into place."""
+        if self.kill_between_renames_step is not None and step == self.kill_between_renames_step:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def step_delay(self) -> None:
         if self.step_delay_s > 0:

@@ -7,15 +7,18 @@ A checkpoint is a directory `RUN/checkpoints/step_000500/` holding
                        torch.save but holding only tensors and plain containers, so it loads
                        with `torch.load(weights_only=True)` (no arbitrary unpickling)
     config.json        the run's resolved Config
-    MANIFEST.json      {schema, step, created, files: {name: {sha256, size}}}; written last
+    MANIFEST.json      {schema, step, created, tokenizer_sha256, files: {name: {sha256, size}}};
+                       written last; names are plain file names in this directory
 
 How a save stays atomic: every file is written into a hidden temporary directory and fsynced,
 the manifest goes in last, the directory is renamed into place and re-verified, and only then
 do the `latest`/`best` pointer files (one line naming a step directory) switch, each by an
-atomic rename. Older checkpoints are deleted only after the new one has been verified. A
-process killed at any moment therefore leaves either the old pointer to an intact checkpoint
-or the new pointer to an intact checkpoint; leftover temporary directories are removed by the
-next save.
+atomic rename. Older checkpoints are deleted only after the new one has been verified; a
+re-saved step is verified before its old copy is renamed aside as `.old-*` and the old copy is
+removed only once the new one verifies in place. A process killed at any moment therefore
+leaves either the old pointer to an intact checkpoint or the new pointer to an intact
+checkpoint (possibly as its `.old-*` copy, which loading falls back to); the next save removes
+half-written temporaries and puts such a copy back in place.
 
 Loading verifies the manifest (sizes and sha256s). A truncated or corrupted checkpoint is
 reported by name and `resolve_checkpoint` falls back to the newest older one that verifies.
@@ -30,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 import warnings
 from pathlib import Path
@@ -43,7 +47,7 @@ from safetensors.torch import save as safetensors_save
 
 from simone.errors import SimoneError
 from simone.rundir import atomic_write_text, fsync_dir, sha256_file
-from simone.train.faults import Faults
+from simone.faults import Faults
 
 if TYPE_CHECKING:
     from simone.config import Config
@@ -197,10 +201,13 @@ def save_checkpoint(
     keep: int = 3,
     faults: Faults | None = None,
     log: Callable[[str], None] | None = None,
+    tokenizer: Path | None = None,
 ) -> Path:
     """Write checkpoint `step` under `ckpt_root` atomically; switch `latest` (and `best`).
 
-    Keeps the newest `keep` checkpoints plus the best one. Raises `CheckpointSaveError` if the
+    Keeps the newest `keep` checkpoints plus the best one. `tokenizer` (the run's
+    tokenizer.json) has its sha256 recorded in the manifest as `tokenizer_sha256`, so a
+    checkpoint is never decoded with another tokenizer. Raises `CheckpointSaveError` if the
     save fails for lack of space or any other OS error; in that case nothing that existed
     before (checkpoints, pointers) has changed.
     """
@@ -211,7 +218,8 @@ def save_checkpoint(
     name = step_dir_name(step)
     final = ckpt_root / name
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}-{time.time_ns()}"
-    _remove_stale_temporaries(ckpt_root)
+    old: Path | None = None
+    _recover_leftovers(ckpt_root, log)
     try:
         weights = weights_bytes(model_state)
         state_buf = io.BytesIO()
@@ -231,21 +239,32 @@ def save_checkpoint(
         faults.slow_save()
         files[CONFIG] = _write_file(tmp / CONFIG, config)
         manifest = {"schema": MANIFEST_SCHEMA, "step": step, "created": time.time(), "files": files}
+        if tokenizer is not None and Path(tokenizer).is_file():  # (a bare test run may have none)
+            manifest["tokenizer_sha256"] = sha256_file(tokenizer)
         _write_file(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
         fsync_dir(tmp)
         faults.slow_save()
+        verify_checkpoint(tmp)  # what is on disk, before anything old is touched
 
         if final.exists():  # re-saving a step (after a resume or rollback): swap it out
+            # Until the new copy is verified in place, the old one stays on disk as .old-*;
+            # a crash between the renames leaves it for resolve_checkpoint and the next save.
             old = ckpt_root / f".old-{name}-{os.getpid()}-{time.time_ns()}"
             os.replace(final, old)
+            faults.between_renames(step)
             os.replace(tmp, final)
+            fsync_dir(ckpt_root)
+            verify_checkpoint(final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        fsync_dir(ckpt_root)
-        verify_checkpoint(final)
+            fsync_dir(ckpt_root)
+            verify_checkpoint(final)
     except (OSError, CheckpointError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not _intact(final):  # put the verified old copy back
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(old, final)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise CheckpointSaveError(
                 f"{final}: checkpoint not saved, disk full ({e.strerror}); "
@@ -260,10 +279,42 @@ def save_checkpoint(
     return final
 
 
-def _remove_stale_temporaries(ckpt_root: Path) -> None:
-    """Remove half-written saves left by killed processes (one live process per run dir)."""
-    for p in ckpt_root.iterdir():
-        if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
+def _leftover_copies(ckpt_root: Path, name: str) -> list[Path]:
+    """`.old-NAME-*` copies of step directory `name` left by an interrupted re-save, newest first."""
+    prefix = f".old-{name}-"
+    try:
+        found = [p for p in Path(ckpt_root).iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    except OSError:
+        return []
+    return sorted(found, key=lambda p: p.name.rsplit("-", 1)[-1], reverse=True)
+
+
+def _intact(path: Path) -> bool:
+    try:
+        verify_checkpoint(path)
+        return True
+    except CheckpointError:
+        return False
+
+
+def _recover_leftovers(ckpt_root: Path, log: Callable[[str], None]) -> None:
+    """Clean up after killed saves (one live process per run dir, so nothing here is in use):
+    half-written `.tmp-*` directories go; an `.old-*` copy goes back into place when its step
+    directory is missing or damaged and the copy verifies, and is removed otherwise."""
+    for p in sorted(ckpt_root.iterdir()):
+        if p.name.startswith(".tmp-") and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+    for p in sorted(ckpt_root.iterdir()):
+        m = re.match(r"^\.old-(step_\d+)-", p.name)
+        if m is None or not p.is_dir():
+            continue
+        final = ckpt_root / m.group(1)
+        if not _intact(final) and _intact(p):
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(p, final)
+            fsync_dir(ckpt_root)
+            log(f"restored {final.name} from {p.name}, left by an interrupted save")
+        else:
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -309,17 +360,50 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(files, dict) or WEIGHTS not in files:
         raise CheckpointError(f"{path / MANIFEST}: malformed (no file list with {WEIGHTS})")
     for name, entry in files.items():
+        # only plain names of regular files inside this directory: never "/dev/zero" or "../x"
+        if not _plain_name(name):
+            raise CheckpointError(f"{path / MANIFEST}: malformed (file name {name!r} is not a plain file name)")
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{path / MANIFEST}: malformed (entry for {name} is not an object)")
         f = path / name
         try:
-            size = f.stat().st_size
+            st = os.lstat(f)
         except FileNotFoundError as e:
             raise CheckpointError(f"{f}: missing") from e
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{f}: not a regular file")
+        size = st.st_size
         expected = entry.get("size", entry.get("bytes"))  # packages write "bytes"
         if size != expected:
             raise CheckpointError(f"{f}: truncated or altered ({size} bytes, manifest says {expected})")
         if sha256_file(f) != entry.get("sha256"):
             raise CheckpointError(f"{f}: corrupted (sha256 does not match the manifest)")
     return manifest
+
+
+def _plain_name(name: Any) -> bool:
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
+            and "\\" not in name and "\0" not in name)
+
+
+def check_tokenizer(ckpt: Path, tokenizer: Path) -> None:
+    """Raise CheckpointError if `ckpt`'s manifest records another tokenizer than `tokenizer`.
+
+    Checkpoints written before the manifest recorded `tokenizer_sha256` are not checked.
+    """
+    try:
+        manifest = json.loads((Path(ckpt) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # verify_checkpoint reports a missing or broken manifest
+    recorded = manifest.get("tokenizer_sha256") if isinstance(manifest, dict) else None
+    if not isinstance(recorded, str):
+        return
+    actual = sha256_file(tokenizer)
+    if actual != recorded:
+        raise CheckpointError(
+            f"{Path(ckpt) / MANIFEST}: trained with tokenizer sha256 {recorded[:16]}…, but {tokenizer} "
+            f"has sha256 {actual[:16]}… (the tokenizer was retrained or replaced; this checkpoint "
+            f"would decode wrongly)")
 
 
 def load_checkpoint(
@@ -416,11 +500,11 @@ def resolve_checkpoint(
         return explicit
     assert ckpt_root is not None
     dirs = list_checkpoints(ckpt_root)
-    if not dirs:
-        raise CheckpointError(f"{ckpt_root}: no checkpoints")
     pointed = read_pointer(ckpt_root, which)
+    if not dirs and (pointed is None or not _leftover_copies(ckpt_root, pointed)):
+        raise CheckpointError(f"{ckpt_root}: no checkpoints")
     candidates: list[Path] = []
-    if pointed is not None and (ckpt_root / pointed).is_dir():
+    if pointed is not None and ((ckpt_root / pointed).is_dir() or _leftover_copies(ckpt_root, pointed)):
         candidates.append(ckpt_root / pointed)
         start = checkpoint_step(ckpt_root / pointed)
         candidates += [p for p in reversed(dirs) if (checkpoint_step(p) or 0) < (start or 0)]
@@ -433,49 +517,10 @@ def resolve_checkpoint(
             verify_checkpoint(cand)
             return cand
         except CheckpointError as e:
+            # a re-save of this step interrupted between its renames leaves the old copy
+            for old in _leftover_copies(ckpt_root, cand.name):
+                if _intact(old):
+                    report(f"{e}; using {old.name}, the copy left by an interrupted save")
+                    return old
             report(f"{e}; skipping checkpoint {cand.name}")
     raise CheckpointError(f"{ckpt_root}: no checkpoint passes verification")
-
-
-def validate_checkpoint(path: str | Path) -> Config:
-    """Check a checkpoint (or an unpacked package holding the same files) before using it:
-    the manifest (when present), config.json against the Config schema, and every tensor's
-    name and shape against the model that config describes. Returns the Config; raises
-    CheckpointError / CheckpointMismatchError naming the file and the problem.
-
-    The model is built on the `meta` device, so this allocates no weights.
-    """
-    from simone.config import ConfigError, from_dict
-    from simone.model import build_model
-
-    path = Path(path)
-    if (path / MANIFEST).exists():
-        verify_checkpoint(path)
-    try:
-        cfg = from_dict(json.loads((path / CONFIG).read_text(encoding="utf-8")))
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path / CONFIG}: missing") from e
-    except (json.JSONDecodeError, ConfigError) as e:
-        raise CheckpointError(f"{path / CONFIG}: not a valid SIM-ONE config ({e})") from e
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path / WEIGHTS), "pt") as f:
-            meta = f.metadata() or {}
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path / WEIGHTS}: missing") from e
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path / WEIGHTS}: not a readable safetensors file ({e})") from e
-    for alias, target in json.loads(meta.get("aliases", "{}") or "{}").items():
-        if target in shapes:
-            shapes[alias] = shapes[target]
-    with torch.device("meta"):
-        model = build_model(cfg.model)
-    fake = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-    if model.output.weight is model.tok_embeddings.weight:  # tied: one stored name is enough
-        for a, b in (("output.weight", "tok_embeddings.weight"), ("tok_embeddings.weight", "output.weight")):
-            if a not in fake and b in fake:
-                fake[a] = fake[b]
-    check_state_fits(model, fake, str(path / WEIGHTS))
-    return cfg

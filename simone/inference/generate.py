@@ -8,12 +8,15 @@ Everything is loaded safely: weights through safetensors, metadata as JSON.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tarfile
 import tempfile
 import time
+import weakref
+import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -27,13 +30,33 @@ class ModelLoadError(SimoneError, RuntimeError):
 
 @dataclass
 class LoadedModel:
+    """A loaded model. From a `.tar.gz`, its files lie in a private temporary folder that is
+    removed by `close()` (or `with load_model(...) as loaded:`), when the object is garbage
+    collected, or at the latest when the interpreter exits."""
+
     model: torch.nn.Module
-    tokenizer: object  # simone.tokenizer.Tokenizer
+    tokenizer: object  # simone.data.tokenizer.Tokenizer
     config: Config
     source: Path  # what the user pointed at
     weights: Path  # the model.safetensors actually loaded
     files: dict[str, Path] = field(default_factory=dict)  # artifact name -> path
     device: torch.device = torch.device("cpu")
+    unpacked: Path | None = None  # the temporary folder a package was extracted into
+
+    def __post_init__(self) -> None:
+        self._cleanup = (weakref.finalize(self, shutil.rmtree, str(self.unpacked), True)
+                         if self.unpacked is not None else None)
+
+    def close(self) -> None:
+        """Remove the extracted package folder (the model itself stays usable)."""
+        if self._cleanup is not None:
+            self._cleanup()
+
+    def __enter__(self) -> "LoadedModel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -44,31 +67,95 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+# What a package may hold (see simone/inference/package.py); anything else in the archive is skipped.
+PACKAGE_FILES = ("model.safetensors", "config.json", "tokenizer.json", "training_summary.json",
+                 "README.md", "MANIFEST.json")
+MAX_PACKAGE_MEMBERS = 64
+MAX_PACKAGE_FILE_BYTES = 256 << 20  # each file but the weights
+MAX_PACKAGE_WEIGHTS_BYTES = 256 << 30
+HF_FOLDER = "hf"  # the package's Hugging Face copy (`simone export --format hf`): capped, not extracted
+# the weights twice (ours and the hf/ copy), and every other file
+MAX_PACKAGE_BYTES = 2 * MAX_PACKAGE_WEIGHTS_BYTES + MAX_PACKAGE_FILE_BYTES * 2 * len(PACKAGE_FILES)
+
+
+def is_package(path: Path) -> bool:
+    return Path(path).name.endswith((".tar.gz", ".tgz")) and Path(path).is_file()
+
+
 def _extract_package(path: Path) -> Path:
-    """Unpack a .tar.gz into a private temp folder, refusing links and absolute paths."""
+    """Extract a package's expected regular files into a new `simone-pkg-*` temporary folder
+    and return it (the caller removes it). Links, devices, absolute or `..` paths, nested
+    folders, duplicates, too many members or sizes over the caps (or over the free space) are
+    refused with ModelLoadError before anything of that member is written."""
     dest = Path(tempfile.mkdtemp(prefix="simone-pkg-"))
     try:
+        _extract_members(path, dest)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return dest
+
+
+def _extract_members(path: Path, dest: Path) -> None:
+    top: str | None = None
+    written: set[str] = set()
+    total = 0
+    try:
         with tarfile.open(path, "r:gz") as tar:
-            tar.extractall(dest, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as e:
+            for count, member in enumerate(tar, start=1):
+                if count > MAX_PACKAGE_MEMBERS:
+                    raise ModelLoadError(f"{path}: more than {MAX_PACKAGE_MEMBERS} members; not a SIM-ONE package")
+                parts = PurePosixPath(member.name).parts
+                in_hf = len(parts) >= 2 and parts[1] == HF_FOLDER  # NAME/hf or NAME/hf/FILE
+                if member.name.startswith("/") or ".." in parts or not parts or len(parts) > (3 if in_hf else 2):
+                    raise ModelLoadError(f"{path}: member {member.name!r} has an unsafe or unexpected path")
+                if len(parts) >= 2 or member.isdir():  # the one top folder a package may have
+                    if top is None:
+                        top = parts[0]
+                    if parts[0] != top or (member.isdir() and len(parts) != 1 and parts[1:] != (HF_FOLDER,)):
+                        raise ModelLoadError(f"{path}: member {member.name!r} is outside the package folder {top!r}")
+                if member.isdir():
+                    continue
+                if not member.isfile():
+                    raise ModelLoadError(f"{path}: member {member.name!r} is not a regular file "
+                                         f"(links and devices are refused)")
+                name = parts[-1]
+                # capped even when skipped: skipping a member still decompresses it
+                cap = MAX_PACKAGE_WEIGHTS_BYTES if name == "model.safetensors" else MAX_PACKAGE_FILE_BYTES
+                if member.size > cap:
+                    raise ModelLoadError(f"{path}: member {member.name!r} declares {member.size:,} bytes, "
+                                         f"more than the {cap:,} a package file may have")
+                total += member.size
+                if total > MAX_PACKAGE_BYTES:
+                    raise ModelLoadError(f"{path}: members declare more than {MAX_PACKAGE_BYTES:,} bytes in all")
+                if name not in PACKAGE_FILES or in_hf:
+                    continue  # not ours (or the hf/ copy): not extracted
+                if name in written:
+                    raise ModelLoadError(f"{path}: member {name!r} appears twice")
+                free = shutil.disk_usage(dest).free
+                if member.size > free:
+                    raise ModelLoadError(f"{path}: member {member.name!r} needs {member.size:,} bytes, "
+                                         f"{free:,} free under {dest.parent}")
+                source = tar.extractfile(member)
+                assert source is not None  # a regular file
+                with source, open(dest / name, "xb") as out:
+                    shutil.copyfileobj(source, out, 1 << 20)
+                written.add(name)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise ModelLoadError(f"{path}: not a readable .tar.gz package ({e})") from e
-    # a package holds one top folder
-    entries = [p for p in dest.iterdir()]
-    return entries[0] if len(entries) == 1 and entries[0].is_dir() else dest
 
 
-def locate_artifacts(path: Path) -> dict[str, Path]:
-    """Find weights, config and tokenizer for a run dir, checkpoint dir or package folder."""
+def locate_artifacts(path: Path, in_package: bool = False) -> dict[str, Path]:
+    """Find weights, config and tokenizer for a run dir, checkpoint dir or unpacked package
+    (`in_package`: everything must be inside `path`, nothing is looked for beside it)."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or directory")
-    if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
-        path = _extract_package(path)
     if path.is_file():
         raise ModelLoadError(f"{path}: expected a run dir, a checkpoint dir or a .tar.gz package")
 
-    if (path / "checkpoints").is_dir():  # a run directory
-        from simone.train.checkpoint import resolve_checkpoint
+    if not in_package and (path / "checkpoints").is_dir():  # a run directory
+        from simone.checkpoint import resolve_checkpoint
 
         ckpt = None
         for which in ("best", "latest"):
@@ -86,7 +173,8 @@ def locate_artifacts(path: Path) -> dict[str, Path]:
     else:  # a checkpoint dir or an unpacked package
         files = {"weights": path / "model.safetensors", "config": path / "config.json",
                  "tokenizer": path / "tokenizer.json", "checkpoint": path}
-        if not files["tokenizer"].exists():  # checkpoints/step_N inside a run
+        # checkpoints/step_N inside a run: the run's tokenizer (never for a package)
+        if not in_package and not files["tokenizer"].exists() and path.parent.name == "checkpoints":
             files["tokenizer"] = path.parent.parent / "tokenizer" / "tokenizer.json"
         if (path / "training_summary.json").exists():
             files["summary"] = path / "training_summary.json"
@@ -97,17 +185,35 @@ def locate_artifacts(path: Path) -> dict[str, Path]:
 
 
 def load_model(path: Path, device: str = "auto") -> LoadedModel:
-    """Load model + tokenizer + config from a run dir, checkpoint dir or .tar.gz."""
+    """Load model + tokenizer + config from a run dir, checkpoint dir or .tar.gz (extracted
+    into a temporary folder that `LoadedModel.close()` removes)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or directory")
+    unpacked = _extract_package(path) if is_package(path) else None
+    try:
+        return _load(path, unpacked, device)
+    except BaseException:
+        if unpacked is not None:
+            shutil.rmtree(unpacked, ignore_errors=True)
+        raise
+
+
+def _load(path: Path, unpacked: Path | None, device: str) -> LoadedModel:
     from safetensors import SafetensorError
     from safetensors.torch import load_model as load_safetensors
 
     from simone.model import build_model
-    from simone.tokenizer import load_tokenizer
-    from simone.train.checkpoint import validate_checkpoint
+    from simone.data.tokenizer import load_tokenizer
+    from simone.checkpoint import CheckpointError, check_tokenizer
 
-    files = locate_artifacts(Path(path))
+    files = locate_artifacts(unpacked or path, in_package=unpacked is not None)
     # from elsewhere, so check before use: manifest hashes, config schema, tensor shapes
     cfg = validate_checkpoint(files["checkpoint"])
+    try:
+        check_tokenizer(files["checkpoint"], files["tokenizer"])
+    except CheckpointError as e:
+        raise ModelLoadError(str(e)) from e
     tokenizer = load_tokenizer(files["tokenizer"])
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ModelLoadError(
@@ -123,8 +229,8 @@ def load_model(path: Path, device: str = "auto") -> LoadedModel:
                              f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
     dev = pick_device(device)
     model.to(dev).eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, source=Path(path),
-                       weights=files["weights"], files=files, device=dev)
+    return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, source=path,
+                       weights=files["weights"], files=files, device=dev, unpacked=unpacked)
 
 
 @dataclass
@@ -325,6 +431,7 @@ def generate_cli(model_path: Path, prompt: str, max_tokens: int, temperature: fl
         print("[policy: " + ", ".join(f"{d} {p:.2f}" for d, p in ranked) + "]", file=sys.stderr)
     if records is not None:
         write_trace(loaded, prompt, domain, records, trace, trace_html)
+    loaded.close()
     return 0
 
 
@@ -339,9 +446,56 @@ def write_trace(loaded: LoadedModel, prompt: str, domain: str | None, records: l
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         print(f"[trace: {jsonl_path}]", file=sys.stderr)
     if html_path is not None:
-        from simone.trace_html import write_trace_html
+        from simone.inference.trace_html import write_trace_html
 
         tok = loaded.tokenizer
         prompt_tokens = [tok.decode([i]) for i in prompt_ids(loaded, prompt, domain)]
         write_trace_html(Path(html_path), prompt_tokens, records, title=f"SIM-ONE trace: {loaded.source}")
         print(f"[trace html: {html_path}]", file=sys.stderr)
+
+
+def validate_checkpoint(path: str | Path) -> Config:
+    """Check a checkpoint (or an unpacked package holding the same files) before using it:
+    the manifest (when present), config.json against the Config schema, and every tensor's
+    name and shape against the model that config describes. Returns the Config; raises
+    CheckpointError / CheckpointMismatchError naming the file and the problem.
+
+    The model is built on the `meta` device, so this allocates no weights.
+    """
+    from safetensors import SafetensorError
+
+    from simone.checkpoint import CONFIG, MANIFEST, WEIGHTS, CheckpointError, check_state_fits, verify_checkpoint
+    from simone.config import ConfigError, from_dict
+    from simone.model import build_model
+
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        verify_checkpoint(path)
+    try:
+        cfg = from_dict(json.loads((path / CONFIG).read_text(encoding="utf-8")))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path / CONFIG}: missing") from e
+    except (json.JSONDecodeError, ConfigError) as e:
+        raise CheckpointError(f"{path / CONFIG}: not a valid SIM-ONE config ({e})") from e
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path / WEIGHTS), "pt") as f:
+            meta = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path / WEIGHTS}: missing") from e
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path / WEIGHTS}: not a readable safetensors file ({e})") from e
+    for alias, target in json.loads(meta.get("aliases", "{}") or "{}").items():
+        if target in shapes:
+            shapes[alias] = shapes[target]
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    fake = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    if model.output.weight is model.tok_embeddings.weight:  # tied: one stored name is enough
+        for a, b in (("output.weight", "tok_embeddings.weight"), ("tok_embeddings.weight", "output.weight")):
+            if a not in fake and b in fake:
+                fake[a] = fake[b]
+    check_state_fits(model, fake, str(path / WEIGHTS))
+    return cfg

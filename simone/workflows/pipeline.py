@@ -8,6 +8,7 @@ progress fields inside it.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import shutil
 import time
@@ -171,6 +172,66 @@ def training_plan(cfg: Config, train_tokens: int, estimated: bool) -> list[str]:
     ]
 
 
+def _holding_run_lock(stage):
+    """Run `stage(cfg, run_dir, ...)` holding the run directory's lock, taken before the stage
+    writes anything (re-entrant: `simone run` holds it around every stage). Under torchrun
+    only rank 0 writes, so only rank 0 locks."""
+
+    @functools.wraps(stage)
+    def locked(cfg: Config, run_dir: Path, *args, **kwargs):
+        from simone.train.distributed import dist_env_from_environ
+        from simone.lock import RunLock
+
+        if not dist_env_from_environ().is_main:
+            return stage(cfg, run_dir, *args, **kwargs)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        with RunLock(run_dir, warn=RunDir(run_dir).log_line):
+            return stage(cfg, run_dir, *args, **kwargs)
+
+    return locked
+
+
+# What `--force` moves aside: everything a training run wrote (the tokenizer and config are
+# copied too, so the old checkpoints stay usable from the folder they are moved to).
+_RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "train.log", "validation", "status.json")
+
+
+def claim_run_dir(run: RunDir, resume: str | None, force: bool) -> None:
+    """Refuse to start a new run over an earlier run's checkpoints, unless resuming it or
+    `force` is given; with `force` the earlier run's outputs go to `RUN/replaced-STAMP/`.
+    Call it holding the run lock, before anything is written."""
+    from simone.checkpoint import list_checkpoints
+
+    if resume is not None:
+        return
+    # a leftover copy of an interrupted re-save (.old-step_N-*) is a checkpoint too
+    checkpoints = list_checkpoints(run.checkpoints) + sorted(run.checkpoints.glob(".old-step_*"))
+    if not checkpoints:
+        return
+    if not force:
+        raise PipelineError(
+            f"{run.root}: holds checkpoints of an earlier run (up to {checkpoints[-1].name}); continue it "
+            f"with --resume latest, start over with --force (the earlier run is moved to "
+            f"{run.root}/replaced-*), or choose another --run-dir")
+    aside = run.root / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = run.root / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    aside.mkdir()
+    for name in ("config.json", "tokenizer"):
+        src = run.root / name
+        if src.is_dir():
+            shutil.copytree(src, aside / name, symlinks=True)
+        elif src.exists():
+            shutil.copy2(src, aside / name)
+    for name in _RUN_OUTPUTS:
+        if (run.root / name).exists():
+            (run.root / name).rename(aside / name)
+    run.checkpoints.mkdir(exist_ok=True)
+    _say(f"--force: the earlier run's checkpoints, metrics and logs were moved to {aside}")
+
+
 def corpus_path(cfg: Config) -> Path:
     """The user's corpus, or the embedded default materialised from installed packages."""
     if cfg.data.data_dir:
@@ -180,6 +241,7 @@ def corpus_path(cfg: Config) -> Path:
     return default_corpus_dir()
 
 
+@_holding_run_lock
 def stage_curate(cfg: Config, run_dir: Path):
     from simone.data.curate import curate, print_summary
 
@@ -193,8 +255,9 @@ def stage_curate(cfg: Config, run_dir: Path):
     return result
 
 
+@_holding_run_lock
 def stage_tokenizer(cfg: Config, run_dir: Path):
-    from simone.tokenizer import train_tokenizer
+    from simone.data.tokenizer import train_tokenizer
 
     run = RunDir(run_dir)
     if not run.documents.exists():
@@ -208,9 +271,10 @@ def stage_tokenizer(cfg: Config, run_dir: Path):
     return tok
 
 
+@_holding_run_lock
 def stage_shards(cfg: Config, run_dir: Path):
     from simone.data.shards import build_shards
-    from simone.tokenizer import load_tokenizer
+    from simone.data.tokenizer import load_tokenizer
 
     run = RunDir(run_dir)
     if not run.tokenizer.exists():
@@ -221,6 +285,7 @@ def stage_shards(cfg: Config, run_dir: Path):
     return build_shards(run.documents, tok, run.data, cfg.data.control_token_prob, cfg.data.split_seed)
 
 
+@_holding_run_lock
 def stage_prepare(cfg: Config, run_dir: Path):
     """Everything before training: curate → tokenizer → shards."""
     stage_curate(cfg, run_dir)
@@ -228,8 +293,12 @@ def stage_prepare(cfg: Config, run_dir: Path):
     return stage_shards(cfg, run_dir)
 
 
-def stage_train(cfg: Config, run_dir: Path, resume: str | None = None):
+@_holding_run_lock
+def stage_train(cfg: Config, run_dir: Path, resume: str | None = None, force: bool = False):
     """Train; a run directory without tokenizer and shards is prepared first.
+
+    A run directory that holds checkpoints is refused unless `resume` or `force` is given
+    (see `claim_run_dir`).
 
     Under torchrun every process calls this: the process group is joined here, rank 0 alone
     prepares the data and writes config.json while the others wait for its word, and then every
@@ -249,6 +318,7 @@ def stage_train(cfg: Config, run_dir: Path, resume: str | None = None):
     outcome: tuple[str, object]
     if env.is_main:
         try:
+            claim_run_dir(run, resume, force)
             if not prepared:
                 if resume not in (None, "latest"):
                     raise PipelineError(f"{run.root}: no tokenizer or shards to resume training on; "
@@ -307,32 +377,37 @@ def stage_eval(model: Path, eval_data: Path, run: RunDir) -> dict:
 def run_pipeline(cfg: Config, run_dir: Path, resume: str | None = None, monitor: bool = False,
                  monitor_port: int = 5001, package_dir: Path = Path("models_for_download"),
                  prepared: bool = False, package_name: str | None = None,
-                 eval_data: Path | None = None) -> PipelineResult:
+                 eval_data: Path | None = None, force: bool = False) -> PipelineResult:
     """corpus → curate → tokenizer → shards → train → validate → package, into `run_dir`.
 
+    A run directory holding an earlier run's checkpoints is refused unless `resume` (continue
+    it) or `force` (move it aside to RUN/replaced-STAMP/ and start over) is given.
     prepared=True: the run dir already holds its tokenizer and shards (`run_models` links
     them in); training starts at once. `package_name`: the package's name (default from the
-    preset, architecture and run dir name). With `eval_data`, then bits per byte of the
-    package on that text (validation/eval.json).
+    preset, architecture, run dir name, step and weights). With `eval_data`, then bits per
+    byte of the package on that text (validation/eval.json).
     """
-    from simone.train.lock import RunLock
+    from simone.lock import RunLock
 
     check_device(cfg)  # before the run dir exists: nothing is written for a machine that cannot run it
     if eval_data is not None:  # a bad folder fails now, not after training
         from simone.inference.eval_text import read_text_folder
 
         read_text_folder(Path(eval_data))
-    run = RunDir(run_dir).make()
-    with RunLock(run.root):  # a second `simone run` into a live run dir is refused
+    run = RunDir(run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    with RunLock(run.root, warn=run.log_line):  # a second `simone run` here is refused, before any write
+        claim_run_dir(run, resume, force)
+        run.make()
         return _run_locked(cfg, run, resume, monitor, monitor_port, package_dir, prepared, package_name, eval_data)
 
 
 def _run_locked(cfg: Config, run: RunDir, resume: str | None, monitor: bool, monitor_port: int,
                 package_dir: Path, prepared: bool = False, package_name: str | None = None,
                 eval_data: Path | None = None) -> PipelineResult:
-    from simone.generate import load_model, sample_text
-    from simone.package import package_run
-    from simone.validate import print_report, validate
+    from simone.inference.generate import load_model, sample_text
+    from simone.inference.package import package_run
+    from simone.inference.validate import print_report, validate
 
     t0 = time.time()
     save_config(cfg, run.config)
@@ -371,8 +446,8 @@ def _run_locked(cfg: Config, run: RunDir, resume: str | None, monitor: bool, mon
         pkg = package_run(run, package_dir, name=package_name)
         if eval_data is not None:
             stage_eval(pkg, eval_data, run)
-        loaded = load_model(pkg)
-        sample = sample_text(loaded, prompt=SAMPLE_PROMPT, max_tokens=40, seed=cfg.train.seed)
+        with load_model(pkg) as loaded:
+            sample = sample_text(loaded, prompt=SAMPLE_PROMPT, max_tokens=40, seed=cfg.train.seed)
         status = "finished" if report["ok"] else "failed"
         run.write_status(state=status, stage="done", package=str(pkg.resolve()), elapsed_s=time.time() - t0,
                          error=None if report["ok"] else "validation failed: " + ", ".join(report["failed"]))
@@ -417,7 +492,7 @@ def _link_shared(target: Path, link: Path) -> None:
 
 def run_models(cfg: Config, run_dir: Path, models: list[str], resume: str | None = None,
                package_dir: Path = Path("models_for_download"), monitor: bool = False,
-               monitor_port: int = 5001, eval_data: Path | None = None) -> PipelineResult:
+               monitor_port: int = 5001, eval_data: Path | None = None, force: bool = False) -> PipelineResult:
     """`simone run --models llama,gpt2`: the original train_all_models, on one data preparation.
 
     Curates, trains the tokenizer and builds the shards once in `run_dir`; then each model
@@ -426,13 +501,15 @@ def run_models(cfg: Config, run_dir: Path, models: list[str], resume: str | None
     `simone-PRESET-NAME-RUNDIRNAME`. Writes `run_dir/comparison.{json,md}` (val bpb,
     parameters, tokens/s per model) and prints the table.
     """
-    from simone.train.lock import RunLock
+    from simone.lock import RunLock
 
     check_device(cfg)
-    run = RunDir(run_dir).make()
+    run = RunDir(run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     results: list[PipelineResult] = []
-    with RunLock(run.root):
+    with RunLock(run.root, warn=run.log_line):  # before any write
+        run.make()
         save_config(cfg, run.config)
         run.write_status(state="running", stage="curate", preset=cfg.preset, started=time.time(), error=None,
                          models=models)
@@ -457,7 +534,7 @@ def run_models(cfg: Config, run_dir: Path, models: list[str], resume: str | None
                 _say(f"model {name}: {sub.root}")
                 result = run_pipeline(model_variant(cfg, name), sub.root, resume=resume, package_dir=package_dir,
                                       prepared=True, package_name=f"simone-{cfg.preset}-{name}-{run.root.name}",
-                                      eval_data=eval_data)
+                                      eval_data=eval_data, force=force)
                 results.append(result)
                 if result.error == "stopped":
                     run.write_status(state="stopped", stage=f"model {name}")

@@ -1,0 +1,1 @@
+"""Workflows: the stages in order (`pipeline`), experiments (`ablate`, `bench`) and machine checks (`doctor`)."""

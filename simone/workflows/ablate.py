@@ -1,0 +1,733 @@
+"""`simone ablate`: does governance help? Train every variant with several seeds on the same
+data and the same token budget, evaluate them the same way, and write one table with error bars.
+
+Variants (each seed its own run directory under OUT/runs/NAME/seed_K):
+
+    gpt2        the legacy GPT-2 baseline
+    llama       the plain Llama-style model (governance off): the reference for every difference
+    full        governance on: policy head + memory slots + trace, comprehensive loss
+    no-policy   full without the policy head (and so without its two loss terms)
+    no-memory   full without the memory slots
+    no-trace    full with tracing switched off (trace has no parameters: a control row)
+    uncurated   full, trained on the corpus read with curation off (no dedup / quality /
+                label filtering), evaluated on the curated run's clean validation set
+
+A sweep point is `BASE@TAG` (e.g. `full@mem16`) with its own `--set` overrides
+(`AblationSettings.overrides`, `simone ablate --vset full@mem16:model.n_memory_slots=16`); the
+knobs worth sweeping: `model.policy_loss_weight` and `model.coherence_weight` (the auxiliary
+losses), `model.policy_layer`, `model.n_memory_slots`, and `ablate.guidance_weight` (the policy
+guidance this variant's guided steering uses).
+
+Data. The corpus is curated once (OUT/shared); the tokenizer and the token shards are built
+once from it, with domain control tokens before `data.control_token_prob` of the training
+documents (0.5 when the config leaves it at 0, so that every variant can be steered), and
+each run directory links to them. The uncurated variant has its own curation, tokenizer and
+shards (OUT/uncurated, built once), with every clean validation document removed from its
+training split (by id and by text; a held-out slice is cut off the training text of its
+document); the clean validation documents, re-tokenized with its own tokenizer, are its
+held-out set. Bits per byte makes the two tokenizers comparable.
+
+Seeds. Seed K trains with `train.seed` + K, which draws both the initial weights and the
+order of the training windows; steering samples are drawn with their own seed per K.
+
+Budget. All variants train for the same number of optimizer steps (so the same tokens):
+`max_steps` if given, else `tokens_per_variant` / tokens per step, else what the slowest
+variant (full) fits into `budget_minutes / (variants x seeds)` minutes, measured by timing a
+few of its steps first.
+
+Measures per run: parameters; validation bits per byte on the variant's own validation split
+(`train.eval_batches` batches per domain), overall and per domain; held-out bits per byte on
+the clean held-out documents, which no variant trained on (every window, or
+`heldout_batches` per domain); steering accuracy (`simone.inference.steering`: a TF-IDF + logistic
+regression judge fitted on the training split, samples made with `--domain X`), also with
+policy guidance for models with a policy head; policy accuracy; streaming perplexity of a
+long validation text (Llama-style models); training tokens/s. Per variant, each figure is
+summarised over seeds as mean, std and a 95% t-interval; differences against the plain model
+are paired by seed, and one whose interval includes zero reads "no measurable difference".
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from simone.config import Config
+from simone.rundir import RunDir, atomic_write_json, atomic_write_text
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "gpt2": {"arch": "gpt2", "governance": False},
+    "llama": {"arch": "llama", "governance": False},
+    "full": {"arch": "llama", "governance": True, "policy": True, "memory": True, "trace": True},
+    "no-policy": {"arch": "llama", "governance": True, "policy": False, "memory": True, "trace": True},
+    "no-memory": {"arch": "llama", "governance": True, "policy": True, "memory": False, "trace": True},
+    "no-trace": {"arch": "llama", "governance": True, "policy": True, "memory": True, "trace": False},
+    "uncurated": {"arch": "llama", "governance": True, "policy": True, "memory": True, "trace": True},
+}
+DEFAULT_CONTROL_PROB = 0.5
+PLAIN = "llama"  # the reference every difference is measured against
+# besides the plain model, the uncurated variant is compared with the model it differs from only in data
+EXTRA_REFERENCES = {"uncurated": ["full"]}
+# the figures summarised over seeds: name -> (label, lower is better)
+FIGURES: dict[str, tuple[str, bool]] = {
+    "val_bpb": ("val bpb", True),
+    "heldout_bpb": ("held-out bpb", True),
+    "steering_accuracy": ("steering", False),
+    "steering_accuracy_guided": ("steering (guided)", False),
+    "policy_accuracy": ("policy acc", False),
+}
+NO_DIFFERENCE = "no measurable difference"
+
+
+def _say(msg: str) -> None:
+    print(f"[ablate] {msg}", flush=True)
+
+
+@dataclass
+class AblationSettings:
+    budget_minutes: float = 30.0
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    seeds: int = 3  # runs per variant (train.seed + 0 .. seeds-1)
+    max_steps: int | None = None  # overrides every other budget
+    tokens_per_variant: int | None = None  # training tokens per run (rounded up to whole steps)
+    samples_per_domain: int = 50  # steering samples per domain and run
+    sample_tokens: int = 128  # length of a steering sample (and of the judge's snippets)
+    guidance_weight: float = 1.0
+    stream_contexts: int = 8  # streaming text length, in contexts
+    heldout_batches: int | None = None  # per domain; None: every window of the held-out documents
+    judge_snippets_per_domain: int = 3000  # training snippets the judge is fitted on, per domain
+    seed: int = 0  # steering samples of seed K start at seed + 10_000 * K
+    # per variant, `section.key=value` overrides applied after the variant's own switches
+    # (`ablate.guidance_weight=W`: this variant's guidance weight)
+    overrides: dict[str, list[str]] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _link(target: Path, link: Path) -> None:
+    """`link` -> `target` (a relative symlink; a copy where symlinks are not allowed)."""
+    if link.is_symlink() or link.exists():
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
+    except OSError:
+        shutil.copytree(target, link)
+
+
+def prepare_shared(cfg: Config, out: Path) -> RunDir:
+    """Curate, train the tokenizer and build the shards once, in OUT/shared."""
+    from simone.data.shards import build_shards
+    from simone.workflows.pipeline import stage_curate, stage_tokenizer
+
+    shared = RunDir(out / "shared")
+    stage_curate(cfg, shared.root)
+    tok = stage_tokenizer(cfg, shared.root)
+    build_shards(shared.documents, tok, shared.data, cfg.data.control_token_prob, cfg.data.split_seed)
+    return shared
+
+
+def _read_documents(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _text_key(text: str) -> str:
+    return hashlib.sha256(" ".join(text.split()).encode("utf-8")).hexdigest()
+
+
+def prepare_uncurated(cfg: Config, shared: RunDir, run: RunDir) -> Path:
+    """Curation off into `run`, clean validation documents removed from its training split;
+    returns the folder with the clean validation set tokenized by its own tokenizer."""
+    from simone.data.shards import build_shards
+    from simone.workflows.pipeline import stage_curate, stage_tokenizer
+
+    stage_curate(cfg, run.root)
+    clean_val = [d for d in _read_documents(shared.documents) if d.get("split") == "val"]
+    whole_val = [d for d in clean_val if "slice" not in d]
+    val_ids = {d.get("id") for d in whole_val} | {d.get("path") for d in whole_val}
+    val_texts = {_text_key(d.get("text") or "") for d in whole_val}
+    # a held-out slice is the tail of a document whose head trains: cut it off that document
+    slice_heads = {d.get("path"): _words_pattern(d.get("text") or "") for d in clean_val if "slice" in d}
+    documents = _read_documents(run.documents)
+    kept, dropped = [], 0
+    for doc in documents:
+        if doc.get("split") == "train" and (doc.get("id") in val_ids or doc.get("path") in val_ids
+                                            or _text_key(doc.get("text") or "") in val_texts):
+            dropped += 1
+            continue
+        if doc.get("split") == "train" and doc.get("path") in slice_heads:
+            doc = _without_slice(doc, slice_heads[doc["path"]], documents)
+            if doc is None:
+                dropped += 1
+                continue
+        kept.append(doc)
+    atomic_write_text(run.documents, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in kept))
+    _say(f"uncurated: {len(kept)} documents, {dropped} training copies of clean validation documents removed")
+    tok = stage_tokenizer(cfg, run.root)
+    build_shards(run.documents, tok, run.data, cfg.data.control_token_prob, cfg.data.split_seed)
+    eval_dir = run.root / "clean_val"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(eval_dir / "documents.jsonl",
+                      "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in clean_val))
+    build_shards(eval_dir / "documents.jsonl", tok, eval_dir)
+    return eval_dir
+
+
+def _words_pattern(text: str, n_words: int = 24) -> re.Pattern:
+    """The first `n_words` words of `text`, matched across any whitespace (curation with and
+    without cleaning may break lines differently)."""
+    return re.compile(r"\s+".join(re.escape(w) for w in text.split()[:n_words]))
+
+
+def _without_slice(doc: dict, head: re.Pattern, documents: list[dict]) -> dict | None:
+    """`doc` (uncurated training text) cut where the clean held-out slice begins; unchanged
+    when the slice begins in another part of the same file; None (drop it) when the slice's
+    start is found nowhere, so held-out text can never be trained on."""
+    text = doc.get("text") or ""
+    m = head.search(text)
+    if m is not None:
+        return doc | {"text": text[: m.start()]} if m.start() > 0 else None
+    others = (d.get("text") or "" for d in documents if d.get("path") == doc.get("path") and d is not doc)
+    return doc if any(head.search(t) for t in others) else None
+
+
+# ----------------------------------------------------------------------------- budget
+
+
+def base_variant(name: str) -> str:
+    """`full@mem16` -> `full`: a sweep point is a variant with overrides."""
+    return name.split("@", 1)[0]
+
+
+def check_variants(settings: AblationSettings) -> None:
+    unknown = [v for v in settings.variants if base_variant(v) not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown ablation variant(s) {unknown}; choose from {', '.join(VARIANTS)} "
+                         f"(or BASE@TAG with overrides)")
+    stray = [v for v in settings.overrides if v not in settings.variants]
+    if stray:
+        raise ValueError(f"overrides for variant(s) {stray} that are not in the ablation's variants")
+    if settings.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {settings.seeds}")
+
+
+ABLATE_KEYS = {"ablate.guidance_weight": "guidance_weight"}  # per-variant settings besides the config
+
+
+def variant_settings(settings: AblationSettings, name: str) -> AblationSettings:
+    """`settings` with this variant's `ablate.*` overrides applied."""
+    changes = {}
+    for item in settings.overrides.get(name, []):
+        key, _, value = item.partition("=")
+        if key.strip() in ABLATE_KEYS:
+            changes[ABLATE_KEYS[key.strip()]] = float(value)
+    return dataclasses.replace(settings, **changes) if changes else settings
+
+
+def variant_config(base: Config, name: str, overrides: list[str] = ()) -> Config:
+    from simone.config import apply_overrides
+
+    cfg = copy.deepcopy(base)
+    for key, value in VARIANTS[base_variant(name)].items():
+        setattr(cfg.model, key, value)
+    if base_variant(name) == "uncurated":
+        cfg.curate.enabled = False
+    apply_overrides(cfg, [o for o in overrides if o.partition("=")[0].strip() not in ABLATE_KEYS])
+    cfg.preset = f"{base.preset}+{name}"
+    return cfg
+
+
+def steps_for_budget(settings: AblationSettings, tokens_per_step: int, seconds_per_step: float | None = None) -> int:
+    """The common step count: max_steps, else tokens_per_variant rounded up to whole steps,
+    else 60% of each run's share of the time budget (the rest: evaluation, checkpoints)."""
+    if settings.max_steps is not None:
+        return settings.max_steps
+    if settings.tokens_per_variant is not None:
+        return max(1, math.ceil(settings.tokens_per_variant / tokens_per_step))
+    share_s = settings.budget_minutes * 60 / max(1, len(settings.variants) * settings.seeds)
+    return max(1, int(0.6 * share_s / seconds_per_step))
+
+
+def seconds_per_step(cfg: Config, shared: RunDir, steps: int = 3) -> float:
+    """Time a few optimizer steps (forward, backward, AdamW) of `cfg`'s model on real batches."""
+    from simone.data.loader import BatchLoader
+    from simone.data.shards import TokenShard
+    from simone.inference.generate import pick_device
+    from simone.model import build_model
+
+    tc = cfg.train
+    device = pick_device(tc.device)
+    shard = TokenShard(shared.data, "train")
+    loader = BatchLoader(shard, tc.batch_size, cfg.model.max_seq_len, tc.seed, device=device)
+    model = build_model(cfg.model).to(device).train()
+    opt = model.configure_optimizer(tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), device.type)
+
+    def step() -> None:
+        for _ in range(tc.grad_accum):
+            x, y, d = loader.next_batch_with_domains()
+            kwargs = {"domain_ids": d} if getattr(model, "policy_head", None) is not None else {}
+            _, loss = model(x, y, **kwargs)
+            (loss / tc.grad_accum).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    loader.close()
+    return (time.perf_counter() - t0) / steps
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def streaming_eval(loaded, val_dir: Path, n_contexts: int) -> dict | None:
+    """Streaming vs. independent-window perplexity on the same validation text: from the
+    start of the longest validation document, n_contexts × max_seq_len tokens (fewer if the
+    split is shorter). None for models without RoPE (GPT-2)."""
+    from simone.data.shards import TokenShard
+    from simone.model.governance import streaming_nll
+
+    cfg = loaded.config.model
+    if cfg.arch != "llama":
+        return None
+    shard = TokenShard(val_dir, "val")
+    if not shard.docs:
+        return None
+    longest = max(shard.docs, key=lambda d: d[3] - d[2])
+    start = int(longest[2])
+    span = torch.from_numpy(shard.tokens[start : start + n_contexts * cfg.max_seq_len + 1].astype("int64"))
+    if span.numel() < 2:
+        return None
+    tok = loaded.tokenizer
+    n_bytes = len(tok.decode([t for t in span[1:].tolist() if t != tok.eod_id]).encode("utf-8"))
+    stream = streaming_nll(loaded.model, span, chunk=16)
+    # independent windows of max_seq_len over the same targets
+    window_nll = 0.0
+    for lo in range(0, span.numel() - 1, cfg.max_seq_len):
+        x = span[lo : lo + cfg.max_seq_len][None].to(loaded.device)
+        y = span[lo + 1 : lo + 1 + x.size(1)][None].to(loaded.device)
+        x = x[:, : y.size(1)]
+        logits, _ = loaded.model(x)
+        window_nll += float(torch.nn.functional.cross_entropy(logits[0].float(), y[0], reduction="sum"))
+    n = stream["n_tokens"]
+    bpb = lambda nll: nll / math.log(2) / n_bytes if n_bytes else float("nan")  # noqa: E731
+    return {"tokens": n, "contexts": round(n / cfg.max_seq_len, 2), "stream_ppl": stream["ppl"],
+            "stream_bpb": bpb(stream["nll_sum"]), "window_ppl": math.exp(min(window_nll / n, 50.0)),
+            "window_bpb": bpb(window_nll), "cache_bytes": stream["cache_bytes"], "max_slots": stream["max_slots"]}
+
+
+@torch.no_grad()
+def policy_accuracy(loaded, val_dir: Path, max_batches: int) -> float | None:
+    """Share of validation positions where the policy head's argmax is the true domain (every
+    position, from the first token of a window on). None without a policy head."""
+    from simone.data.loader import eval_windows
+    from simone.data.shards import TokenShard
+
+    model, cfg = loaded.model, loaded.config
+    if getattr(model, "policy_head", None) is None:
+        return None
+    shard = TokenShard(val_dir, "val")
+    classes = loaded.tokenizer.domains
+    hits = total = 0
+    for domain in shard.domains:
+        if domain not in classes:
+            continue
+        for x, _ in eval_windows(shard, domain, cfg.model.max_seq_len, max_batches, cfg.train.batch_size,
+                                 device=loaded.device):
+            _, _, policy = model(x, return_policy=True)
+            hits += int((policy.argmax(-1) == classes.index(domain)).sum())
+            total += policy.shape[0] * policy.shape[1]
+    return hits / total if total else None
+
+
+def median_train_rate(run: RunDir) -> float | None:
+    """Median training tokens/s over the logging intervals in metrics.jsonl (robust to the
+    intervals that include an evaluation or a checkpoint)."""
+    import statistics
+
+    rates = []
+    if run.metrics.exists():
+        for line in run.metrics.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row.get("kind") == "train" and row.get("tokens_per_s"):
+                rates.append(float(row["tokens_per_s"]))
+    return statistics.median(rates) if rates else None
+
+
+def evaluate_variant(name: str, run: RunDir, val_dir: Path, heldout_dir: Path, judge,
+                     settings: AblationSettings, train_result, seed: int = 0) -> dict:
+    """One trained run's figures: val bpb on its own validation split (`val_dir`), held-out
+    bpb on the clean held-out documents (`heldout_dir`), steering, policy, streaming, speed."""
+    from simone.data.shards import TokenShard
+    from simone.inference.evaluate import evaluate_per_domain
+    from simone.inference.generate import load_model
+    from simone.inference.steering import steering_accuracy
+
+    loaded = load_model(run.root)
+    cfg = loaded.config
+    row: dict[str, Any] = {"variant": name, "seed": seed, "train_seed": cfg.train.seed, "run_dir": str(run.root),
+                           "arch": cfg.model.arch,
+                           "governance": {k: getattr(cfg.model, k) for k in ("governance", "policy", "memory", "trace")},
+                           "params": loaded.model.num_params()}
+    seq_len, batch = cfg.model.max_seq_len, cfg.train.batch_size
+    ev = evaluate_per_domain(loaded.model, TokenShard(val_dir, "val"), seq_len, batch, cfg.train.eval_batches,
+                             loaded.device)
+    row["val_bpb"] = ev["val_bpb"]
+    row["val_loss"] = ev["val_loss"]
+    row["per_domain_bpb"] = {d: v["bpb"] for d, v in ev["per_domain"].items()}
+    heldout = TokenShard(heldout_dir, "val")
+    # None: every window of the held-out documents (a window count no domain exceeds)
+    heldout_batches = settings.heldout_batches or max(1, heldout.n_tokens // (seq_len * batch) + 1)
+    held = evaluate_per_domain(loaded.model, heldout, seq_len, batch, heldout_batches, loaded.device)
+    row["heldout_bpb"] = held["val_bpb"]
+    row["heldout_tokens"] = held["tokens"]
+    sample_seed = settings.seed + 10_000 * seed
+    steer = steering_accuracy(loaded, judge, samples_per_domain=settings.samples_per_domain,
+                              max_tokens=settings.sample_tokens, seed=sample_seed)
+    row["steering_accuracy"] = steer["accuracy"]
+    row["steering_per_domain"] = steer["per_domain"]
+    row["steering_samples"] = steer["samples"][: 2 * len(steer["per_domain"])]
+    row["steering_accuracy_guided"] = None
+    row["guidance_weight"] = settings.guidance_weight
+    if getattr(loaded.model, "policy_head", None) is not None and settings.guidance_weight > 0:
+        guided = steering_accuracy(loaded, judge, samples_per_domain=settings.samples_per_domain,
+                                   max_tokens=settings.sample_tokens, seed=sample_seed,
+                                   policy_guidance=settings.guidance_weight)
+        row["steering_accuracy_guided"] = guided["accuracy"]
+    row["policy_accuracy"] = policy_accuracy(loaded, heldout_dir, cfg.train.eval_batches)
+    row["streaming"] = streaming_eval(loaded, heldout_dir, settings.stream_contexts)
+    row["tokens_per_s_overall"] = getattr(train_result, "tokens_per_s", None)  # evaluation included
+    row["tokens_per_s"] = median_train_rate(run) or row["tokens_per_s_overall"]
+    row["tokens_seen"] = getattr(train_result, "tokens_seen", None)
+    row["steps"] = getattr(train_result, "steps", None)
+    row["train_seconds"] = getattr(train_result, "seconds", None)
+    return row
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The `p` quantile of Student's t distribution with `df` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(p, df))
+
+
+def summarize(values: list[float | None]) -> dict:
+    """{mean, std, ci95: [low, high], n, values} of the finite values: the sample standard
+    deviation and the 95% t-interval of the mean (std and ci95 None below two values; all
+    None without any)."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(v)]
+    n = len(xs)
+    if n == 0:
+        return {"mean": None, "std": None, "ci95": None, "n": 0, "values": []}
+    mean = sum(xs) / n
+    if n == 1:
+        return {"mean": mean, "std": None, "ci95": None, "n": 1, "values": xs}
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    half = t_quantile(0.975, n - 1) * std / math.sqrt(n)
+    return {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "n": n, "values": xs}
+
+
+def paired_difference(runs: list[dict], variant: str, reference: str, figure: str) -> dict:
+    """`figure` of `variant` minus that of `reference`, paired by seed, summarised."""
+    ref = {r["seed"]: r.get(figure) for r in runs if r["variant"] == reference}
+    diffs = [r.get(figure) - ref[r["seed"]] for r in runs
+             if r["variant"] == variant and r["seed"] in ref
+             and r.get(figure) is not None and ref[r["seed"]] is not None]
+    return summarize(diffs)
+
+
+def reading(diff: dict, lower_is_better: bool) -> str:
+    """What a difference says: NO_DIFFERENCE unless its 95% interval excludes zero."""
+    ci = diff.get("ci95")
+    if ci is None or ci[0] <= 0.0 <= ci[1]:
+        return NO_DIFFERENCE
+    better = (diff["mean"] < 0) == lower_is_better
+    return f"{'lower' if diff['mean'] < 0 else 'higher'} ({'better' if better else 'worse'})"
+
+
+def summarize_runs(runs: list[dict], variants: list[str]) -> tuple[list[dict], list[dict]]:
+    """Per variant, every figure over its seeds; and the paired differences against the plain
+    model (and the uncurated variant against full governance)."""
+    rows = []
+    for name in variants:
+        mine = sorted((r for r in runs if r["variant"] == name), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        first = mine[0]
+        row: dict[str, Any] = {"variant": name, "arch": first["arch"], "governance": first["governance"],
+                               "params": first["params"], "seeds": [r["train_seed"] for r in mine],
+                               "steps": first["steps"], "tokens_seen": first["tokens_seen"],
+                               "overrides": first.get("overrides", []), "guidance_weight": first.get("guidance_weight")}
+        for figure in FIGURES:
+            row[figure] = summarize([r.get(figure) for r in mine])
+        domains = sorted({d for r in mine for d in r["per_domain_bpb"]})
+        row["per_domain_bpb"] = {d: summarize([r["per_domain_bpb"].get(d) for r in mine])["mean"] for d in domains}
+        streams = [r["streaming"] for r in mine if r.get("streaming")]
+        row["streaming"] = ({k: summarize([s[k] for s in streams])["mean"] for k in streams[0]} if streams else None)
+        row["tokens_per_s"] = summarize([r.get("tokens_per_s") for r in mine])["mean"]
+        rows.append(row)
+    differences = []
+    names = [r["variant"] for r in rows]
+    for name in names:
+        references = ([PLAIN] if name != PLAIN else []) + EXTRA_REFERENCES.get(base_variant(name), [])
+        for reference in (r for r in references if r in names and r != name):
+            for figure, (_, lower_is_better) in FIGURES.items():
+                diff = paired_difference(runs, name, reference, figure)
+                if diff["n"]:
+                    differences.append({"variant": name, "reference": reference, "figure": figure, **diff,
+                                        "reading": reading(diff, lower_is_better)})
+    return rows, differences
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
+    """Train and evaluate every variant in `settings.variants` with `settings.seeds` seeds into
+    `out`; write `ablation.json`, `ablation.md` and `ablation.svg` there (after every round of
+    seeds, so a stopped ablation leaves what it has) and return the result dict."""
+    from simone.model import set_policy_domains
+    from simone.workflows.pipeline import stage_train
+    from simone.inference.steering import fit_on_documents, snippet_accuracy, snippet_words_for
+    from simone.data.tokenizer import load_tokenizer
+
+    check_variants(settings)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = copy.deepcopy(cfg)
+    if cfg.data.control_token_prob <= 0:
+        cfg.data.control_token_prob = DEFAULT_CONTROL_PROB
+    t0 = time.time()
+    _say(f"shared data in {out / 'shared'}")
+    shared = prepare_shared(cfg, out)
+    tok = load_tokenizer(shared.tokenizer)
+    snippet_words = snippet_words_for(settings.sample_tokens)
+    judge = fit_on_documents(shared.documents, snippet_words=snippet_words,
+                             max_snippets_per_domain=settings.judge_snippets_per_domain)
+    judge_acc = snippet_accuracy(judge, shared.documents, snippet_words=snippet_words)
+    _say(f"steering judge (TF-IDF + logistic regression, {len(judge.classes)} domains): {judge_acc:.1%} "
+         f"on validation snippets of {snippet_words} words (~{settings.sample_tokens} tokens), "
+         f"{judge.training_books_accuracy:.1%} on unseen passages of the training books")
+
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.max_seq_len
+    sec = None
+    if settings.max_steps is None and settings.tokens_per_variant is None:
+        probe = variant_config(cfg, "full")
+        set_policy_domains(probe.model, tok.domains)
+        sec = seconds_per_step(probe, shared)
+    steps = steps_for_budget(settings, tokens_per_step, sec)
+    n_runs = len(settings.variants) * settings.seeds
+    _say(f"budget: {steps} steps ({steps * tokens_per_step:,} tokens) per run, {n_runs} runs"
+         + (f"; {sec:.2f} s/step measured" if sec else ""))
+    share_s = (sec or 1.0) * steps / 0.6
+
+    uncurated: tuple[RunDir, Path] | None = None
+    runs: list[dict] = []
+    result: dict = {}
+    for k in range(settings.seeds):
+        for name in settings.variants:
+            vcfg = variant_config(cfg, name, settings.overrides.get(name, []))
+            tc = vcfg.train
+            tc.seed = cfg.train.seed + k  # initial weights and the order of the training windows
+            tc.max_steps = steps
+            # The step count is the budget; the time cap is only a guard against a stuck run (on a
+            # busy machine a run may take longer than its share, but it still gets its tokens).
+            tc.max_minutes = max(share_s / 60 * 5, 2.0) if sec else None
+            tc.eval_every = tc.checkpoint_every = steps
+            tc.sample_every = 0
+            run = RunDir(out / "runs" / name / f"seed_{k}")
+            run.root.mkdir(parents=True, exist_ok=True)
+            if base_variant(name) == "uncurated":
+                if uncurated is None:  # curated off, its own tokenizer and shards: built once
+                    unc = RunDir(out / "uncurated")
+                    unc.root.mkdir(parents=True, exist_ok=True)
+                    uncurated = (unc, prepare_uncurated(vcfg, shared, unc))
+                data_root, heldout_dir = uncurated
+            else:
+                data_root, heldout_dir = shared, shared.data
+            _link(data_root.data, run.data)
+            _link(data_root.tokenizer_dir, run.tokenizer_dir)
+            vtok = load_tokenizer(run.tokenizer)
+            vcfg.model.vocab_size = vtok.vocab_size
+            set_policy_domains(vcfg.model, vtok.domains)
+            _say(f"{name} seed {k}: training {steps} steps")
+            trained = stage_train(vcfg, run.root, force=True)  # a rerun into the same --out starts over
+            if getattr(trained, "stop_reason", None) == "signal":
+                raise KeyboardInterrupt(f"ablation stopped by a signal while training {name} seed {k}")
+            r = evaluate_variant(name, run, run.data, heldout_dir, judge, variant_settings(settings, name),
+                                 trained, seed=k)
+            r["overrides"] = settings.overrides.get(name, [])
+            runs.append(r)
+            _say(f"{name} seed {k}: val bpb {r['val_bpb']:.4f}, held-out bpb {r['heldout_bpb']:.4f}, "
+                 f"steering {r['steering_accuracy']:.0%}, {(r['tokens_per_s'] or 0):,.0f} tok/s")
+        rows, differences = summarize_runs(runs, settings.variants)
+        result = {"schema": 2, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "preset": cfg.preset, "corpus": str(cfg.data.data_dir), "budget_minutes": settings.budget_minutes,
+                  "seeds": k + 1, "seeds_planned": settings.seeds,
+                  "steps_per_variant": steps, "tokens_per_step": tokens_per_step,
+                  "tokens_per_variant": steps * tokens_per_step,
+                  "control_token_prob": cfg.data.control_token_prob, "domains": tok.domains,
+                  "judge_accuracy": judge_acc,
+                  "judge_accuracy_training_books": (judge.training_books_accuracy
+                                                    if math.isfinite(judge.training_books_accuracy) else None),
+                  "steering_judge": {"kind": "scikit-learn logistic regression (SGD) on word (1-2) and character (2-5) "
+                                             "n-gram TF-IDF, fitted on training snippets",
+                                     "snippet_words": snippet_words, "validation_snippet_accuracy": judge_acc,
+                                     "chance": 1 / max(1, len(judge.classes))},
+                  "settings": dataclasses.asdict(settings), "variants": rows, "differences": differences,
+                  "runs": runs, "seconds": round(time.time() - t0, 1)}
+        atomic_write_json(out / "ablation.json", result)
+        atomic_write_text(out / "ablation.md", ablation_markdown(result))
+        atomic_write_text(out / "ablation.svg", ablation_svg(result))
+        _say(f"seed {k}: wrote {out / 'ablation.md'}")
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _f(value: Any, fmt: str = ".4f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return format(value, fmt)
+
+
+def _stat(s: dict, fmt: str) -> str:
+    """`mean ± std [low, high]` (just the mean with one seed, – without a value)."""
+    if s.get("mean") is None:
+        return "–"
+    text = format(s["mean"], fmt)
+    if s.get("std") is not None:
+        text += f" ± {format(s['std'], fmt)} [{format(s['ci95'][0], fmt)}, {format(s['ci95'][1], fmt)}]"
+    return text
+
+
+def _figure_format(figure: str) -> str:
+    return ".4f" if figure.endswith("bpb") else ".1%"
+
+
+def ablation_markdown(result: dict) -> str:
+    rows = result["variants"]
+    domains = sorted({d for r in rows for d in r["per_domain_bpb"]})
+    n_seeds = result["seeds"]
+    lines = [
+        "# SIM-ONE governance ablation", "",
+        f"Preset `{result['preset']}`, {n_seeds} seed(s) per variant, {result['steps_per_variant']} optimizer "
+        f"steps per run ({result['tokens_per_variant']:,} training tokens), same data split; control tokens "
+        f"before {result['control_token_prob']:.0%} of training documents. Each figure is mean ± std "
+        f"[95% t-interval of the mean] over seeds. Val bpb: the variant's own validation split; held-out "
+        f"bpb: the clean held-out documents no variant trained on (lower is better). Steering: share of "
+        f"{result['settings']['samples_per_domain']} samples per domain of {result['settings']['sample_tokens']} "
+        f"tokens made with `--domain X` that the judge (logistic regression on word and character TF-IDF) "
+        f"assigns to X; the judge itself is right on {result['judge_accuracy']:.1%} of validation snippets "
+        f"of that length (books it never saw) and on {_f(result.get('judge_accuracy_training_books'), '.1%')} "
+        f"of held-back passages of its training books (chance {result['steering_judge']['chance']:.0%}). "
+        f"Guided adds `--policy-guidance "
+        f"{result['settings']['guidance_weight']}`. Policy acc: share of validation positions whose "
+        f"policy-head argmax is the true domain.", "",
+    ]
+    head = ["variant", "params"] + [label for label, _ in FIGURES.values()] + ["train tokens", "tokens/s"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        cells = ([r["variant"], f"{r['params']:,}"] + [_stat(r[f], _figure_format(f)) for f in FIGURES]
+                 + [_f(r.get("tokens_seen"), ",d"), _f(r.get("tokens_per_s"), ",.0f")])
+        lines.append("| " + " | ".join(cells) + " |")
+
+    lines += ["", f"## Differences (paired by seed; {NO_DIFFERENCE} when the 95% interval includes zero)", ""]
+    if n_seeds < 2:
+        lines += [f"With one seed there is no interval: every difference reads \"{NO_DIFFERENCE}\".", ""]
+    if result["differences"]:
+        lines += ["| variant | vs | figure | difference | reading |", "|---|---|---|---|---|"]
+        for d in result["differences"]:
+            label, _ = FIGURES[d["figure"]]
+            fmt = ".4f" if d["figure"].endswith("bpb") else ".1%"
+            value = format(d["mean"], "+" + fmt)
+            if d["ci95"] is not None:
+                value += f" [{format(d['ci95'][0], '+' + fmt)}, {format(d['ci95'][1], '+' + fmt)}]"
+            lines.append(f"| {d['variant']} | {d['reference']} | {label} | {value} | {d['reading']} |")
+    else:
+        lines.append(f"No differences: the plain model (`{PLAIN}`) is not among the variants.")
+
+    if domains:
+        lines += ["", "## Validation bits per byte per domain (mean over seeds)", "",
+                  "| variant | " + " | ".join(domains) + " |", "|---|" + "|".join("---" for _ in domains) + "|"]
+        for r in rows:
+            lines.append(f"| {r['variant']} | " + " | ".join(_f(r["per_domain_bpb"].get(d)) for d in domains) + " |")
+    streams = [(r["variant"], r["streaming"]) for r in rows if r.get("streaming")]
+    if streams:
+        lines += ["", f"## Streaming (mean over seeds): a validation text of ~{result['settings']['stream_contexts']} "
+                      "contexts read through the bounded cache (stream) vs. independent windows", "",
+                  "| variant | stream ppl | stream bpb | window bpb |", "|---|---|---|---|"]
+        for name, s in streams:
+            lines.append(f"| {name} | {_f(s.get('stream_ppl'), '.2f')} | {_f(s.get('stream_bpb'))} | "
+                         f"{_f(s.get('window_bpb'))} |")
+    lines += ["", "Variants: " + "; ".join(f"`{r['variant']}`" + (f" ({', '.join(r['overrides'])})" if r.get("overrides") else "")
+                                   for r in rows)
+              + ". See `simone/workflows/ablate.py` for their definitions.", ""]
+    return "\n".join(lines)
+
+
+def ablation_svg(result: dict) -> str:
+    """One bar chart per figure: the mean over seeds as a bar, its 95% interval as a whisker."""
+    rows = result["variants"]
+    bar_h, gap, label_w, chart_w, col_w = 16, 6, 110, 200, 380
+    chart_h = 36 + len(rows) * (bar_h + gap)
+    figures = list(FIGURES.items())
+    n_cols = 2
+    height = chart_h * math.ceil(len(figures) / n_cols) + 10
+
+    def chart(x0: int, y0: int, figure: str, title: str) -> str:
+        fmt = _figure_format(figure)
+        stats = [r[figure] for r in rows]
+        tops = [s["ci95"][1] if s.get("ci95") else s.get("mean") for s in stats]
+        finite = [v for v in tops if v is not None and math.isfinite(v)]
+        top = max(finite) if finite and max(finite) > 0 else 1.0
+        scale = chart_w / top
+        parts = [f'<text x="{x0 + label_w}" y="{y0 + 16}" font-size="13" font-weight="bold">{title}</text>']
+        for i, (r, s) in enumerate(zip(rows, stats)):
+            y = y0 + 26 + i * (bar_h + gap)
+            parts.append(f'<text x="{x0 + label_w - 6}" y="{y + 12}" font-size="12" text-anchor="end">'
+                         f'{r["variant"]}</text>')
+            if s.get("mean") is None:
+                parts.append(f'<text x="{x0 + label_w + 4}" y="{y + 12}" font-size="11">n/a</text>')
+                continue
+            w = max(0.0, s["mean"] * scale)
+            parts.append(f'<rect x="{x0 + label_w}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="#4c78a8"/>')
+            end = x0 + label_w + w
+            if s.get("ci95"):
+                lo, hi = (x0 + label_w + max(0.0, v * scale) for v in s["ci95"])
+                mid = y + bar_h / 2
+                parts.append(f'<path d="M{lo:.1f},{mid} H{hi:.1f} M{lo:.1f},{y + 3} V{y + bar_h - 3} '
+                             f'M{hi:.1f},{y + 3} V{y + bar_h - 3}" stroke="#000" fill="none"/>')
+                end = max(end, hi)
+            parts.append(f'<text x="{end + 4:.1f}" y="{y + 12}" font-size="11">{format(s["mean"], fmt)}</text>')
+        return "".join(parts)
+
+    width = n_cols * col_w
+    body = "".join(chart((i % n_cols) * col_w, (i // n_cols) * chart_h, f, f"{label} (95% interval)")
+                   for i, (f, (label, _)) in enumerate(figures))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'font-family="sans-serif">' + body + "</svg>\n")

@@ -1,0 +1,52 @@
+"""bench/bench_quality.py: the held-out documents are kept out of the training copy, and the
+smoke mode trains both recipes and scores them on the same held-out text."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import make_corpus
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_quality.py"
+
+
+@pytest.fixture(scope="module")
+def bq():
+    spec = importlib.util.spec_from_file_location("bench_quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_document_per_domain_is_held_out_of_training(bq, tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    held = bq.choose_held_out(corpus)
+    assert [p.relative_to(corpus).parts[0] for p in held] == ["history", "poetry", "scripture"]
+    assert held == bq.choose_held_out(corpus)  # deterministic
+    train_dir, eval_dir = bq.split_corpus(corpus, held, tmp_path / "work", eval_chars=500)
+    trained = {p.relative_to(train_dir) for p in train_dir.rglob("*") if p.is_file()}
+    for p in held:
+        rel = p.relative_to(corpus)
+        assert rel not in trained and rel.with_suffix(".json") not in trained
+        scored = (eval_dir / rel).read_text()
+        assert len(scored) == 500 and p.read_text().startswith(scored)
+    every = {p.relative_to(corpus) for p in corpus.rglob("*") if p.is_file()}
+    assert trained == every - {p.relative_to(corpus) for p in held} - \
+        {p.relative_to(corpus).with_suffix(".json") for p in held}
+
+
+@pytest.mark.slow
+def test_smoke_mode_scores_both_recipes_on_the_same_text(bq, tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    report = bq.main(["--minutes", "0.03", "--tiny", "--corpus", str(corpus), "--work", str(tmp_path / "w")])
+    ours, peer = report["recipes"]["ours"], report["recipes"]["peer"]
+    assert ours["eval_bytes"] == peer["eval_bytes"] > 0  # the same held-out text
+    assert 0.5 < ours["bpb"] < 8 and 0.5 < peer["bpb"] < 8
+    assert report["ratio"] == pytest.approx(ours["bpb"] / peer["bpb"])
+    assert ours["steps"] > 0 and peer["steps"] > 0 and report["cpu_model"]
+    saved = json.loads((tmp_path / "w" / "quality.json").read_text())
+    assert saved["ratio"] == report["ratio"] and saved["held_out"] == report["held_out"]
