@@ -87,7 +87,7 @@ def test_a_slow_machine_ends_at_the_floor_exactly_when_the_cap_arrives():
     # warmup-stable-decay: the peak held, then the decay over the last fifth of the run
     held = sum(1 for lr in after_warmup if lr == pytest.approx(1.0))
     decaying = len(after_warmup) - held
-    assert decaying == pytest.approx(0.2 * len(after_warmup), abs=2)
+    assert decaying == pytest.approx(0.2 * len(lrs), abs=2)
 
 
 def test_evaluation_pauses_are_left_out_of_the_throughput_but_not_out_of_the_time():
@@ -127,6 +127,64 @@ def test_a_machine_that_slows_down_switches_to_time_and_still_finishes():
     assert sched.progress(steps) == 1.0 and clock.now <= 60.0
     assert lrs[-1] == pytest.approx(0.1) and non_increasing(lrs[20:])
     assert lrs[499] == pytest.approx(lr_at(499, 1.0, 20, 1000, 0.1))  # the cosine until then
+
+
+@pytest.mark.parametrize("first_interval_s", [58.0, 110.0])
+def test_a_slow_compiled_run_logging_every_10_steps_decays_over_a_fifth_of_it(first_interval_s):
+    # a real run: 5.3 s a step, the first 10 steps 58 s (torch.compile; ~110 s on the schedule's
+    # clock, which also counts the start-up), a 9-minute cap, warmup 50, 1198 planned steps. The
+    # decay (~20 steps) is barely longer than the logging interval: it must start between logging
+    # steps, not wait for one and be squeezed into the last step (as it was: 1 step of 91).
+    sched, clock, steps, reason, lrs = simulate(total_steps=1198, warmup=50, cap_s=540.0, log_every=10,
+                                                step_s=lambda step: first_interval_s / 10 if step < 10 else 5.3)
+    assert reason == "max_minutes" and sched.mode == "time" and clock.now <= 540.0
+    assert 90 <= steps <= 100  # 91 and 100
+    decaying = [lr for lr in lrs[50:] if lr < 1.0 - 1e-9]
+    assert len(decaying) >= 0.15 * steps and len(decaying) >= 14
+    assert non_increasing(lrs[50:]) and lrs[-1] == pytest.approx(0.1)  # the last step at min lr
+    last_log = (steps - 1) // 10 * 10  # the lr logged there is that of the step before it
+    assert lrs[last_log - 1] < 1.0 - 1e-9 and lrs[last_log - 1] > lrs[-1]
+    assert sched.progress(steps) == 1.0
+    assert all(sched.progress(s) < 1.0 for s in range(steps))  # 1.0 only once at the floor
+
+
+def test_the_decay_start_is_said_once_before_it_begins():
+    clock = FakeClock()
+    sched = LRSchedule(1.0, 50, 1198, 0.1, max_seconds=540.0, decay_fraction=0.2, clock=clock)
+    news, step = {}, 0
+    while not (sched.finished(step) or sched.out_of_time()):
+        clock.now += 5.8 if step < 10 else 5.3
+        step += 1
+        if step % 10 == 0:
+            news[step] = sched.observe(step)
+    said = {s: m for s, m in news.items() if m}
+    assert "do not fit" in said.pop(50)
+    ((at, message),) = said.items()
+    start = int(message.split("decay starts at step ")[1].split(",")[0])
+    assert "decay starts" in message and at <= start < at + 10
+
+
+def test_a_machine_that_slows_after_the_plan_starts_the_decay_now_and_ends_at_the_floor():
+    # planned by time at 0.1 s a step (decay from step 480 to 600); at step 400 the machine slows to
+    # 0.2 s: seen at the next logging step (450) from that interval alone, not from the 8-interval
+    # window (400 steps here, too late), the decay starts there and ends at the floor as the cap comes
+    sched, clock, steps, reason, lrs = simulate(total_steps=1000, warmup=20, cap_s=60.0, log_every=50,
+                                                step_s=lambda step: 0.1 if step < 400 else 0.2)
+    assert reason == "max_minutes" and steps == 500 and clock.now == pytest.approx(60.0)
+    assert lrs[-1] == pytest.approx(0.1) and sched.progress(steps) == 1.0 and non_increasing(lrs[20:])
+    assert lrs[449] == sched.hold and lrs[450] < sched.hold  # held until the slowdown was seen
+
+
+def test_a_resumed_plan_drops_a_decay_that_had_not_started():
+    sched, _, steps, _, _ = simulate(total_steps=1198, warmup=50, cap_s=540.0, log_every=10,
+                                     step_s=lambda step: 5.3)
+    plan = sched.state_dict()
+    again = LRSchedule(1.0, 50, 1198, 0.1, max_seconds=540.0, clock=FakeClock())
+    again.load_state_dict(plan, steps_done=60)  # saved at step 60, before its decay
+    assert again.mode == "time" and again.decay_anchor is None and not again.finished(steps)
+    assert again.lr(90) == 1.0
+    again.load_state_dict(plan, steps_done=steps)  # saved during the decay: continued as planned
+    assert [again.lr(s) for s in range(steps)] == [sched.lr(s) for s in range(steps)]
 
 
 def test_the_plan_travels_in_a_checkpoint():

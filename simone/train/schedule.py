@@ -6,20 +6,27 @@ plain one: linear warmup, then a half cosine to `lr * min_lr_ratio` over the pla
 
 A time cap (`train.max_minutes`) that the planned steps will not fit, judged from the measured
 step throughput, turns it into warmup-stable-decay: the learning rate holds where it is, and the
-decay (the same half-cosine shape, to the same floor) starts when the steps still expected to
-fit are `decay_fraction` of the run. From then on the end of the decay is re-fitted at every
-logging step to the time left, so the run reaches its floor as the cap arrives, on a fast
-machine or a slow one, instead of being cut mid-schedule.
+decay (the same half-cosine shape, to the same floor) takes the last `decay_fraction` of the
+whole run (warmup included) as predicted from the time left: if the run will end at step E, it
+starts at step E - decay_fraction * E. The predicted end is re-fitted at every logging step;
+until the decay starts its start moves with it (a start that has already passed by then starts
+it at once, still ending at the predicted end), and the start is a step number, so the decay
+begins between logging steps, not at the next one (with log_every close to the decay's length,
+waiting for a logging step squeezed the whole decay into the last step). Once it has started,
+the re-fit only moves its end, continuing from the progress reached, so the run reaches its
+floor as the cap arrives, on a fast machine or a slow one, instead of being cut mid-schedule.
 
 The throughput counts training steps only: time inside `paused()` (evaluation, samples,
 checkpoints) is left out of it, and the session's first logging interval (compile and
-allocator warm-up) is never measured. Pauses still eat into the time left, so they enter the
-plan as an overhead ratio, and the longest one is kept in reserve before the cap (room for the
-final evaluation and checkpoint).
+allocator warm-up) is never measured. The step time is that of the last RATE_WINDOW logging
+intervals, or of the last interval alone when that is SLOWDOWN times slower (the machine slowed
+down). Pauses still eat into the time left, so they enter the plan as an overhead ratio, and the
+longest one is kept in reserve before the cap (room for the final evaluation and checkpoint).
 
-The plan changes only at logging steps, and is a function of the step in between, so every
-rank uses the same learning rate (the trainer agrees the throughput over the ranks) and a
-checkpoint (`state_dict`) carries it: an uncapped run resumes bit for bit.
+The plan changes only at logging steps, and the lr is a function of the step and the plan in
+between, so every rank uses the same learning rate (the trainer agrees the throughput over the
+ranks) and a checkpoint (`state_dict`) carries it: an uncapped run resumes bit for bit; a capped
+run resumed before its decay began holds the lr until the new session has measured its speed.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ FIT_MARGIN = 0.9
 # Step time is measured over the last this many logging intervals: recent enough to see a
 # machine slow down (another job starts) in time to re-fit the decay, long enough to smooth noise
 RATE_WINDOW = 8
+# ... unless the last interval alone is this much slower (another job started): then plan by it,
+# or a long window (8 intervals of log_every=50 is 400 steps) cuts the decay off at the cap
+SLOWDOWN = 1.25
 
 
 def cosine_factor(q: float) -> float:
@@ -80,16 +90,20 @@ class LRSchedule:
         return {"mode": self.mode, "hold": self.hold, "end_step": self.end_step,
                 "decay_anchor": list(self.decay_anchor) if self.decay_anchor is not None else None}
 
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Continue a saved plan (None: a checkpoint from before time planning: cosine)."""
+    def load_state_dict(self, state: dict[str, Any] | None, steps_done: int | None = None) -> None:
+        """Continue a saved plan (None: a checkpoint from before time planning: cosine) at
+        `steps_done` steps. A decay that had not started by then is dropped: its start and end
+        were fitted to the saved session's cap, so the lr holds until this session measured its own."""
         self.reset()
         if not state or state.get("mode") != "time":
             return  # cosine: a function of the step and this run's total_steps
         self.mode = "time"
         self.hold = float(state["hold"])
-        self.end_step = min(int(state["end_step"]), self.total_steps)
         anchor = state.get("decay_anchor")
-        self.decay_anchor = (int(anchor[0]), float(anchor[1])) if anchor is not None else None
+        if anchor is None or (steps_done is not None and int(anchor[0]) >= steps_done):
+            return  # held (end_step: the planned steps) until the next re-plan
+        self.end_step = min(int(state["end_step"]), self.total_steps)
+        self.decay_anchor = (int(anchor[0]), float(anchor[1]))
 
     # ---------------------------------------------------------------- learning rate and progress
 
@@ -110,6 +124,10 @@ class LRSchedule:
         anchor_step, anchor_q = self.decay_anchor  # type: ignore[misc]
         span = max(1, self.end_step - anchor_step)
         return min(1.0, anchor_q + (1.0 - anchor_q) * max(0, step + 1 - anchor_step) / span)
+
+    def decay_started(self, steps_done: int) -> bool:
+        """Some step already taken ran below the held lr (the plan can no longer move its start)."""
+        return self.decay_anchor is not None and self.decay_anchor[0] < steps_done
 
     def progress(self, steps_done: int) -> float:
         """How far the schedule got after `steps_done` steps: 0.0 .. 1.0 (the lr at its floor)."""
@@ -132,6 +150,8 @@ class LRSchedule:
         self._marks: deque[tuple[int, float, float]] = deque(maxlen=RATE_WINDOW)
         self._first: tuple[int, float, float] | None = None
         self._decided = False  # the first fit judgement (with FIT_MARGIN) of this session is made
+        self._interval = 1  # steps between the last two logging steps
+        self._announced = False  # the start of the decay is said
 
     def elapsed_s(self) -> float:
         return self.clock() - self._start
@@ -164,8 +184,13 @@ class LRSchedule:
             self._marks.append(self._first)
             return None
         window_step, window_train, _ = self._marks[0]
+        last_step, last_train, _ = self._marks[-1]
+        self._interval = steps_done - last_step  # steps until the next logging step, likely
         self._marks.append((steps_done, train, wall))
         step_s = max(train - window_train, 1e-9) / (steps_done - window_step)
+        last_step_s = max(train - last_train, 1e-9) / (steps_done - last_step)
+        if last_step_s > SLOWDOWN * step_s:
+            step_s = last_step_s  # the machine slowed down: the window would see it too late to re-fit
         # pauses come now and then (every eval_every steps): their share over the whole session
         first_step, first_train, first_wall = self._first
         overhead = max(1.0, (wall - first_wall) / max(train - first_train, 1e-9))
@@ -192,18 +217,21 @@ class LRSchedule:
         # floor, with a hair for float error: a step that does not quite fit is not planned
         steps_left = max(0, min(planned_left, math.floor(steps_fit + 1e-6)))
         end = steps_done + steps_left
-        if self.decay_anchor is None:
-            run_after_warmup = end - self.warmup_steps
-            if steps_left > self.decay_fraction * run_after_warmup:
-                self.end_step = max(end, self.warmup_steps)
-                return message  # stable: the decay starts later
-            start = max(steps_done, self.warmup_steps)
+        if not self.decay_started(steps_done):
+            # the decay is the last decay_fraction of the whole run (warmup included), never in the
+            # warmup, never before the steps already taken: until it starts it is re-planned freely,
+            # and a late decision starts it now (ending at the predicted end), not compressed
+            start = max(end - round(self.decay_fraction * end), self.warmup_steps, steps_done)
             self.decay_anchor = (start, 0.0)
             self.end_step = max(end, start + 1)
+            # say so once, at the logging step before it starts (it starts between logging steps)
+            if self._announced or start >= steps_done + self._interval:
+                return message
+            self._announced = True
             return (message + "; " if message else "") + (
                 f"learning-rate decay starts at step {start}, to end at step {self.end_step}")
         # re-fit the decay: continue from the progress of the last step taken, to the new end
-        anchor = max(steps_done, self.decay_anchor[0])
+        anchor = max(steps_done, self.decay_anchor[0])  # type: ignore[index]
         done = self._decay_progress(anchor - 1)
         self.decay_anchor = (anchor, done)
         # at least one more step, at the floor, unless the last one ran there already

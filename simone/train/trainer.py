@@ -816,7 +816,7 @@ class Trainer:
         self.tokens_seen = int(state["tokens_seen"])
         self.lr_scale = float(state["lr_scale"])
         self.rollbacks = int(state["rollbacks"])
-        self.schedule.load_state_dict(state.get("schedule"))
+        self.schedule.load_state_dict(state.get("schedule"), steps_done=self.step)
         counters = state["counters"]
         self.loss_sum = counters["loss_sum"].to(self.device)
         self.loss_count = counters["loss_count"].to(self.device)
