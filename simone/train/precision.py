@@ -10,6 +10,14 @@ import shutil
 import torch
 
 
+def allow_tf32(device: torch.device) -> None:
+    """On a GPU, let float32 matmuls and convolutions use TF32 tensor cores (a 10-bit mantissa
+    is plenty for training; the weights stay float32)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def cpu_has_fast_bf16() -> bool:
     """Does this CPU multiply bf16 natively (AMX tiles or AVX512-BF16)? Emulated bf16 is slow."""
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from simone.checkpoint import WEIGHTS, check_state_fits, check_tokenizer, load_checkpoint
+from simone.model import build_model
 from simone.train.distributed import load_full_model_state, load_full_optimizer_state
+from simone.train.early_stopping import EarlyStopping
 
 TRAIN_STATE_SCHEMA = 1
 
@@ -114,3 +116,17 @@ def restore_train_state(trainer: Any, ckpt: Path) -> None:
     t.last_val_loss = state.get("last_val_loss")
     t.best_checkpoint = state.get("best_checkpoint")
     t.last_checkpoint = ckpt.name
+
+
+def reset_train_state(trainer: Any) -> None:
+    """Back to step 0 (a rollback with no checkpoint yet): the seeded initial weights, the
+    loader at its start, a fresh schedule and early stopping. The caller builds a new optimizer
+    and zeroes the interval counters."""
+    t, tc = trainer, trainer.cfg.train
+    torch.manual_seed(tc.seed)
+    load_full_model_state(t.raw_model, build_model(t.cfg.model).state_dict())
+    t.loader.load_state_dict({"epoch": 0, "position": 0})
+    torch.manual_seed(tc.seed + t.env.rank)
+    t.step = t.epochs_done = t.tokens_seen = 0
+    t.schedule.reset()
+    t.early = EarlyStopping(tc.min_epochs, tc.num_epochs, tc.patience)

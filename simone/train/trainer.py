@@ -82,9 +82,9 @@ from simone.train.early_stopping import EarlyStopping
 from simone.train.metrics import MetricsLogger, mfu, peak_flops
 from simone.train.optim import build_optimizer, optimizer_skips_on_device, set_lr
 from simone.train.parallelize import parallelize
-from simone.train.precision import autocast, autocast_dtype, grad_scaler
+from simone.train.precision import allow_tf32, autocast, autocast_dtype, grad_scaler
 from simone.train.schedule import LRSchedule, percent_done, stop_summary
-from simone.train.state import restore_train_state, rng_state, train_state_dict
+from simone.train.state import reset_train_state, restore_train_state, rng_state, train_state_dict
 
 
 class TrainingError(SimoneError, RuntimeError):
@@ -156,6 +156,32 @@ def out_of_memory_error(cfg: Config, micro_batch: int, grad_accum: int, e: BaseE
         "out_of_memory")
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, model: torch.nn.Module,
+                   grad_clip: float, loss: torch.Tensor, skips_on_device: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip the gradient norm and step the optimizer unless the step is bad (a non-finite loss
+    or norm); return (norm, finite) as device tensors. Where the optimizer `skips_on_device`
+    (fused AdamW, no scaler) it is handed `found_inf`, so a bad step costs no host sync."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    max_norm = grad_clip if grad_clip and grad_clip > 0 else float("inf")
+    grad_norm = local_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    if scaler is not None:
+        # fp16: overflowing gradients are the scaler's business; only a bad loss counts
+        finite = torch.isfinite(loss)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        finite = torch.isfinite(grad_norm) & torch.isfinite(loss)
+        if skips_on_device:
+            optimizer.found_inf = (~finite).float()  # fused AdamW skips on the device
+            optimizer.step()
+            del optimizer.found_inf
+        elif bool(finite):  # non-fused optimizer: one host sync per step
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, finite
+
+
 class Trainer:
     """The loop of one training run (one process): model, optimizer, data and the counters a
     checkpoint carries. Side effects are callbacks (callbacks.py), the train state is
@@ -167,9 +193,7 @@ class Trainer:
         self.faults = Faults.from_env()
         self.device = resolve_device(tc.device, env)
         init_distributed(env, self.device)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        allow_tf32(self.device)
 
         run.checkpoints.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLogger(run, enabled=env.is_main)
@@ -392,25 +416,8 @@ class Trainer:
             epoch_ended = epoch_ended or self.loader.epoch_done
         step_loss /= self.grad_accum
 
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        max_norm = tc.grad_clip if tc.grad_clip and tc.grad_clip > 0 else float("inf")
-        grad_norm = local_tensor(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm))
-        if self.scaler is not None:
-            # fp16: overflowing gradients are the scaler's business; only a bad loss counts
-            finite = torch.isfinite(step_loss)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            finite = torch.isfinite(grad_norm) & torch.isfinite(step_loss)
-            if self._skips_on_device:
-                self.optimizer.found_inf = (~finite).float()  # fused AdamW skips on the device
-                self.optimizer.step()
-                del self.optimizer.found_inf
-            elif bool(finite):  # non-fused optimizer: one host sync per step
-                self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
+        grad_norm, finite = optimizer_step(self.optimizer, self.scaler, self.raw_model, tc.grad_clip, step_loss,
+                                           self._skips_on_device)
         bad = (~finite).long()
         self.loss_sum += torch.where(finite, step_loss, torch.zeros_like(step_loss))
         self.loss_count += finite.long()
@@ -477,26 +484,15 @@ class Trainer:
             self._restore(ckpt)
             target = ckpt.name
         else:
-            self._restore_initial()
+            reset_train_state(self)  # back to step 0: the seeded initial weights, the loader at its start
+            self.optimizer = self._new_optimizer()
+            self._zero_interval_counters()
             target = "the initial weights (no checkpoint yet)"
         self.rollbacks, self.lr_scale = rollbacks, lr_scale
         self.metrics.event("rollback", self.step,
                            f"{consecutive} consecutive non-finite steps up to step {bad_step}: rolled back to "
                            f"{target}, learning rate x{lr_scale:g} (rollback {rollbacks}/{tc.max_rollbacks})",
                            rollbacks=rollbacks, lr_scale=lr_scale, from_step=bad_step)
-
-    def _restore_initial(self) -> None:
-        """Back to step 0: the seeded initial weights, a fresh optimizer and loader."""
-        tc = self.cfg.train
-        torch.manual_seed(tc.seed)
-        load_full_model_state(self.raw_model, build_model(self.cfg.model).state_dict())
-        self.optimizer = self._new_optimizer()
-        self.loader.load_state_dict({"epoch": 0, "position": 0})
-        torch.manual_seed(tc.seed + self.env.rank)
-        self.step = self.epochs_done = self.tokens_seen = 0
-        self.schedule.reset()
-        self._zero_interval_counters()
-        self.early = EarlyStopping(tc.min_epochs, tc.num_epochs, tc.patience)
 
     def _report_bad_checkpoint(self, message: str) -> None:
         self.metrics.event("checkpoint_corrupt", self.step, message)
