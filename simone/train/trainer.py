@@ -7,6 +7,12 @@ Around the steps: logging every `log_every` steps (the only regular host sync), 
 every `eval_every` steps and at each epoch end (per-domain loss, bits per byte, perplexity),
 early stopping, a seeded generation sample, and checkpoints (`checkpoint.py`).
 
+This file is the loop; what it is made of lives beside it: side effects are callbacks
+(`callbacks.py`: status.json and the heartbeat, signals, fault injection, the console line
+and expected time, samples), the checkpointed train state and RNGs are `state.py`'s, wrapping
+the model (activation checkpointing, compile, FSDP2, DDP) is `parallelize.py`'s, and the
+autocast dtype and compiler check are `precision.py`'s.
+
 Fault tolerance (docs: issue 8):
 - Exact resume. A checkpoint holds everything the next step depends on: weights, optimizer,
   schedule position (the step and the rollback LR scale), the loader's position, the torch /
@@ -24,8 +30,9 @@ Fault tolerance (docs: issue 8):
   consecutive bad steps roll the run back to the last good checkpoint with the learning rate
   multiplied by `rollback_lr_factor`; after `max_rollbacks` rollbacks the run fails. (A
   non-fused optimizer falls back to reading the norm every step.)
-- Heartbeat. A background thread refreshes status.json (pid, step, heartbeat time) every few
-  seconds and writes `system` metric rows; `RunLock` refuses a second process.
+- Heartbeat. A background thread (callbacks.RunStatus) refreshes status.json (pid, step,
+  heartbeat time) every few seconds and writes `system` metric rows; `RunLock` refuses a
+  second process.
 """
 
 from __future__ import annotations
