@@ -78,7 +78,6 @@ from simone.train.distributed import (
     gather_to_all,
     gradient_sync,
     init_distributed,
-    load_full_model_state,
     local_tensor,
     min_over_ranks,
     resolve_device,
