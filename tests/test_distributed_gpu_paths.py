@@ -11,10 +11,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from simone.config import preset
 from simone.model import build_model
-from simone.train import trainer as trainer_module
+from simone.train import precision
 from simone.train.metrics import peak_flops
 from simone.train.optim import optimizer_skips_on_device
-from simone.train.trainer import autocast_dtype, train
+from simone.train.precision import autocast_dtype
+from simone.train.trainer import train
 from test_train_support import losses_by_step, new_run
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
@@ -38,9 +39,9 @@ def test_autocast_dtype_follows_the_device_capabilities(monkeypatch):
     assert autocast_dtype("auto", CUDA) is torch.float16  # V100/T4: fp16 (with a grad scaler)
     with pytest.raises(ValueError, match="no bf16 support"):
         autocast_dtype("bfloat16", CUDA)
-    monkeypatch.setattr(trainer_module, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
     assert autocast_dtype("auto", CPU) is torch.bfloat16  # AMX / AVX512-BF16
-    monkeypatch.setattr(trainer_module, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
     assert autocast_dtype("auto", CPU) is None  # emulated bf16 is slower than float32
     assert autocast_dtype("bfloat16", CPU) is torch.bfloat16  # asked for: honoured
     assert autocast_dtype("float32", CUDA) is None
@@ -108,7 +109,7 @@ def test_compile_is_skipped_with_a_reason_when_no_compiler_is_installed(template
 
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
-    assert "no C++ compiler" in trainer_module.compiler_missing()
+    assert "no C++ compiler" in precision.compiler_missing()
     cfg, run = new_run(template, tmp_path / "run", compile=True, max_steps=2, eval_every=100,
                        checkpoint_every=100, log_every=1)
     counters.clear()

@@ -63,6 +63,20 @@ def test_consecutive_nan_steps_roll_back_with_lower_lr(template, tmp_path, monke
     assert run.read_status()["state"] == "finished"
 
 
+def test_rollback_before_any_checkpoint_restarts_from_the_seeded_initial_weights(template, tmp_path, monkeypatch):
+    monkeypatch.setenv("SIMONE_FAULT_NAN_AT_STEP", "2-3")
+    monkeypatch.setenv("SIMONE_FAULT_NAN_ONCE", "1")
+    cfg, run = new_run(template, tmp_path / "r", max_steps=5, checkpoint_every=100, eval_every=100,
+                       log_every=1, max_bad_steps=2, rollback_lr_factor=0.5)
+    result = train(cfg, run)
+    assert result.stop_reason == "max_steps" and result.steps == 5
+    (rb,) = events(run, "rollback")
+    assert rb["from_step"] == 3 and rb["step"] == 0 and "initial weights" in rb["message"]
+    first_steps = [r["loss"] for r in read_metrics(run, "train") if r["step"] == 1]
+    # step 1 again: the same initial weights, data and dropout stream give the same loss
+    assert len(first_steps) == 2 and first_steps[0] == first_steps[1]
+
+
 def test_persistent_nan_fails_after_max_rollbacks(template, tmp_path, monkeypatch):
     monkeypatch.setenv("SIMONE_FAULT_NAN_AT_STEP", "6+")
     cfg, run = new_run(template, tmp_path / "r", max_steps=20, checkpoint_every=4, eval_every=100,

@@ -194,7 +194,7 @@ def test_activation_checkpointing_changes_memory_not_results(template, tmp_path)
 def test_activation_checkpointing_recomputes_blocks_in_backward():
     from simone.config import preset
     from simone.model import build_model
-    from simone.train.trainer import apply_activation_checkpointing
+    from simone.train.parallelize import apply_activation_checkpointing
 
     model = build_model(preset("tiny").model)
     calls = []

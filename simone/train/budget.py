@@ -136,7 +136,7 @@ def probe_tokens_per_s(cfg: Config, steps: int = 3, device: str | None = None) -
     from simone.model import build_model
     from simone.train.distributed import DistEnv, resolve_device
     from simone.train.optim import build_optimizer
-    from simone.train.trainer import autocast_dtype
+    from simone.train.precision import autocast_dtype
 
     m, t = cfg.model, cfg.train
     dev = resolve_device(device or t.device, DistEnv())

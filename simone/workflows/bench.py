@@ -114,7 +114,7 @@ def _dtypes_for(device: torch.device, dtypes: Iterable[str] | None) -> list[str]
 
 def _preset_dtype(cfg: Config, device: torch.device) -> str:
     """The dtype `simone train` would compute in for this preset on this device."""
-    from simone.train.trainer import autocast_dtype
+    from simone.train.precision import autocast_dtype
 
     dtype = autocast_dtype(cfg.train.dtype, device)
     return "float32" if dtype is None else str(dtype).removeprefix("torch.")

@@ -161,7 +161,7 @@ def check_cpu() -> Check:
 
 
 def check_compiler() -> Check:
-    from simone.train.trainer import compiler_missing
+    from simone.train.precision import compiler_missing
 
     missing = compiler_missing()
     if missing:

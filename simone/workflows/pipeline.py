@@ -94,7 +94,7 @@ def expected_training_seconds(cfg: Config, train_tokens: int, device_type: str) 
     if device_type == "cuda":
         peak = gpu_peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     else:
-        from simone.train.trainer import autocast_dtype
+        from simone.train.precision import autocast_dtype
 
         peak = cpu_peak_flops(autocast_dtype(t.dtype, torch.device("cpu")) or torch.float32)
     if not peak:
