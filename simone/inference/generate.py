@@ -281,7 +281,7 @@ def governed_tokens(loaded: LoadedModel, prompt: str, max_tokens: int, options: 
     `last_policy` (a dict) receives the policy head's domain distribution of the whole text;
     `token_ids` (a list) each generated token id (pieces of text are not tokens).
     """
-    from simone.model.governance import governed_generate
+    from simone.inference.governed import governed_generate
 
     tok, cfg = loaded.tokenizer, loaded.config.model
     if cfg.arch != "llama":

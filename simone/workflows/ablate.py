@@ -227,7 +227,7 @@ def streaming_eval(loaded, val_dir: Path, n_contexts: int) -> dict | None:
     start of the longest validation document, n_contexts × max_seq_len tokens (fewer if the
     split is shorter). None for models without RoPE (GPT-2)."""
     from simone.data.shards import TokenShard
-    from simone.model.governance import streaming_nll
+    from simone.inference.governed import streaming_nll
 
     cfg = loaded.config.model
     if cfg.arch != "llama":
