@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from simone.config import Config
+from simone.devices import pick_device
 from simone.errors import SimoneError
 
 
@@ -57,14 +58,6 @@ class LoadedModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 # What a package may hold (see simone/inference/package.py); anything else in the archive is skipped.

@@ -187,7 +187,7 @@ def seconds_per_step(cfg: Config, shared: RunDir, steps: int = 3) -> float:
     """Time a few optimizer steps (forward, backward, AdamW) of `cfg`'s model on real batches."""
     from simone.data.loader import BatchLoader
     from simone.data.shards import TokenShard
-    from simone.inference.generate import pick_device
+    from simone.devices import pick_device
     from simone.model import build_model
 
     tc = cfg.train
