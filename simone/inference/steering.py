@@ -9,12 +9,13 @@ ceiling the model's steering accuracy should be read against.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+
+from simone.data.documents import read_documents
 
 WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 
@@ -69,12 +70,7 @@ class NaiveBayesClassifier:
 
 
 def _documents(documents_jsonl: Path, split: str) -> Iterable[dict]:
-    with open(documents_jsonl, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                doc = json.loads(line)
-                if doc.get("split") == split and doc.get("text"):
-                    yield doc
+    return (doc for doc in read_documents(documents_jsonl, split) if doc.get("text"))
 
 
 def fit_on_documents(documents_jsonl: Path, split: str = "train", max_chars: int = 20_000,
