@@ -67,6 +67,13 @@ def _resume_arg(value: str | None) -> str | None:
     return RESUME_ALIASES.get(value, value) if value is not None else None
 
 
+def _add_curation_flags(p: argparse.ArgumentParser) -> None:
+    """The curation switches of `run`, `curate` and `prepare` (applied to the config by `build_config`)."""
+    p.add_argument("--strict", action="store_true", help="leave flagged files out of training")
+    p.add_argument("--decontaminate", action="store_true", help="move contaminated validation docs")
+    p.add_argument("--no-curate", action="store_true", help="skip dedup/quality/label filtering")
+
+
 def _add_config_args(p: argparse.ArgumentParser, with_data: bool = True) -> None:
     p.add_argument("--preset", default=None, help=f"named preset ({', '.join(PRESETS)}; default {DEFAULT_PRESET})")
     p.add_argument("--config", default=None, help="a saved config JSON (e.g. a run's config.json)")
@@ -357,9 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--package-dir", default="models_for_download", help="where the .tar.gz goes")
     p.add_argument("--monitor", action="store_true", help="serve the live dashboard beside training")
     p.add_argument("--port", type=int, default=5001, help="dashboard port (with --monitor)")
-    p.add_argument("--strict", action="store_true", help="leave flagged files out of training")
-    p.add_argument("--decontaminate", action="store_true", help="move contaminated validation docs")
-    p.add_argument("--no-curate", action="store_true", help="skip dedup/quality/label filtering")
+    _add_curation_flags(p)
     p.add_argument("--budget-minutes", dest="budget_minutes", type=float, default=None, metavar="M",
                    help="pick depth, width, context and batch for M minutes of training on this machine "
                         "(a short throughput probe first) and cap training at M minutes")
@@ -370,9 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("curate", cmd_curate, "clean, deduplicate, flag and report a corpus")
     _add_config_args(p)
     p.add_argument("--run-dir", dest="run_dir", default=None)
-    p.add_argument("--strict", action="store_true")
-    p.add_argument("--decontaminate", action="store_true")
-    p.add_argument("--no-curate", action="store_true")
+    _add_curation_flags(p)
 
     p = verb("tokenizer", cmd_tokenizer, "train the BPE tokenizer on a curated run dir")
     _add_config_args(p, with_data=False)
@@ -381,9 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("prepare", cmd_prepare, "curate + tokenizer + token shards (everything before training)")
     _add_config_args(p)
     p.add_argument("--run-dir", dest="run_dir", default=None)
-    p.add_argument("--strict", action="store_true")
-    p.add_argument("--decontaminate", action="store_true")
-    p.add_argument("--no-curate", action="store_true")
+    _add_curation_flags(p)
 
     p = verb("train", cmd_train, "train a run dir, preparing its data first if needed "
              "(under torchrun: data-parallel on every process)")
