@@ -24,6 +24,7 @@ from typing import Callable
 
 from simone.config import DEFAULT_PRESET, PRESETS, Config, apply_overrides, load_config, preset
 from simone.errors import SimoneError
+from simone.rundir import RunDir
 
 
 class CLIError(Exception):
@@ -97,8 +98,8 @@ def build_config(args: argparse.Namespace, run_dir: Path | None = None) -> Confi
         cfg = load_config(args.config)
         if args.preset:
             raise CLIError("give either --config or --preset, not both")
-    elif run_dir is not None and (run_dir / "config.json").exists() and not args.preset:
-        cfg = load_config(run_dir / "config.json")
+    elif run_dir is not None and RunDir(run_dir).config.exists() and not args.preset:
+        cfg = load_config(RunDir(run_dir).config)
     else:
         cfg = preset(args.preset or (LEGACY_PRESET if uses_legacy_flags(args) else DEFAULT_PRESET))
     for key, value in vars(args).items():
@@ -228,7 +229,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_package(args: argparse.Namespace) -> int:
     from simone.inference.package import package_run
-    from simone.rundir import RunDir
 
     path = package_run(RunDir(Path(args.run_dir)), Path(args.out))
     print(path)
