@@ -37,7 +37,8 @@ def random_model(preset_name: str, device: str):
     """An untrained model of the preset's shape with a small byte-level tokenizer (for speed
     only: its text is noise)."""
     from simone.config import TokenizerConfig, preset
-    from simone.inference.generate import LoadedModel, pick_device
+    from simone.devices import pick_device
+    from simone.inference.generate import LoadedModel
     from simone.model import build_model
     from simone.data.tokenizer import train_tokenizer
 

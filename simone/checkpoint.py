@@ -46,11 +46,12 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from simone.errors import SimoneError
-from simone.rundir import atomic_write_text, fsync_dir, sha256_file
+# The listing is the run directory's (torch-free, so the monitor reads checkpoints the same way).
+from simone.rundir import atomic_write_text, checkpoint_step, fsync_dir, list_checkpoints, read_pointer, sha256_file
 from simone.faults import Faults
 
 if TYPE_CHECKING:
-    from simone.config import Config
+    pass
 
 MANIFEST = "MANIFEST.json"
 WEIGHTS = "model.safetensors"
@@ -58,7 +59,6 @@ STATE = "state.pt"
 CONFIG = "config.json"
 POINTERS = ("latest", "best")
 MANIFEST_SCHEMA = 1
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 _WRITE_CHUNK = 8 << 20
 
 
@@ -76,11 +76,6 @@ class CheckpointSaveError(SimoneError, RuntimeError):
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
-
-
-def checkpoint_step(path: Path) -> int | None:
-    m = _STEP_DIR.match(Path(path).name)
-    return int(m.group(1)) if m else None
 
 
 # ----------------------------------------------------------------------------- safe state
@@ -328,23 +323,6 @@ def _prune(ckpt_root: Path, keep: int, log: Callable[[str], None]) -> None:
 
 
 # ----------------------------------------------------------------------------- load
-
-
-def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete-looking step directories under `ckpt_root`, oldest first."""
-    ckpt_root = Path(ckpt_root)
-    if not ckpt_root.is_dir():
-        return []
-    found = [(checkpoint_step(p), p) for p in ckpt_root.iterdir() if p.is_dir()]
-    return [p for s, p in sorted((s, p) for s, p in found if s is not None)]
-
-
-def read_pointer(ckpt_root: Path, which: str) -> str | None:
-    try:
-        name = (Path(ckpt_root) / which).read_text(encoding="utf-8").strip()
-    except (FileNotFoundError, UnicodeDecodeError):
-        return None
-    return name if _STEP_DIR.match(name) else None
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:

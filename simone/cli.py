@@ -24,6 +24,7 @@ from typing import Callable
 
 from simone.config import DEFAULT_PRESET, PRESETS, Config, apply_overrides, load_config, preset
 from simone.errors import SimoneError
+from simone.rundir import RunDir
 
 
 class CLIError(Exception):
@@ -67,6 +68,13 @@ def _resume_arg(value: str | None) -> str | None:
     return RESUME_ALIASES.get(value, value) if value is not None else None
 
 
+def _add_curation_flags(p: argparse.ArgumentParser) -> None:
+    """The curation switches of `run`, `curate` and `prepare` (applied to the config by `build_config`)."""
+    p.add_argument("--strict", action="store_true", help="leave flagged files out of training")
+    p.add_argument("--decontaminate", action="store_true", help="move contaminated validation docs")
+    p.add_argument("--no-curate", action="store_true", help="skip dedup/quality/label filtering")
+
+
 def _add_config_args(p: argparse.ArgumentParser, with_data: bool = True) -> None:
     p.add_argument("--preset", default=None, help=f"named preset ({', '.join(PRESETS)}; default {DEFAULT_PRESET})")
     p.add_argument("--config", default=None, help="a saved config JSON (e.g. a run's config.json)")
@@ -90,8 +98,8 @@ def build_config(args: argparse.Namespace, run_dir: Path | None = None) -> Confi
         cfg = load_config(args.config)
         if args.preset:
             raise CLIError("give either --config or --preset, not both")
-    elif run_dir is not None and (run_dir / "config.json").exists() and not args.preset:
-        cfg = load_config(run_dir / "config.json")
+    elif run_dir is not None and RunDir(run_dir).config.exists() and not args.preset:
+        cfg = load_config(RunDir(run_dir).config)
     else:
         cfg = preset(args.preset or (LEGACY_PRESET if uses_legacy_flags(args) else DEFAULT_PRESET))
     for key, value in vars(args).items():
@@ -221,7 +229,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_package(args: argparse.Namespace) -> int:
     from simone.inference.package import package_run
-    from simone.rundir import RunDir
 
     path = package_run(RunDir(Path(args.run_dir)), Path(args.out))
     print(path)
@@ -373,9 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--package-dir", default="models_for_download", help="where the .tar.gz goes")
     p.add_argument("--monitor", action="store_true", help="serve the live dashboard beside training")
     p.add_argument("--port", type=int, default=5001, help="dashboard port (with --monitor)")
-    p.add_argument("--strict", action="store_true", help="leave flagged files out of training")
-    p.add_argument("--decontaminate", action="store_true", help="move contaminated validation docs")
-    p.add_argument("--no-curate", action="store_true", help="skip dedup/quality/label filtering")
+    _add_curation_flags(p)
     p.add_argument("--budget-minutes", dest="budget_minutes", type=float, default=None, metavar="M",
                    help="pick depth, width, context and batch for M minutes of training on this machine "
                         "(a short throughput probe first) and cap training at M minutes")
@@ -386,9 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("curate", cmd_curate, "clean, deduplicate, flag and report a corpus")
     _add_config_args(p)
     p.add_argument("--run-dir", dest="run_dir", default=None)
-    p.add_argument("--strict", action="store_true")
-    p.add_argument("--decontaminate", action="store_true")
-    p.add_argument("--no-curate", action="store_true")
+    _add_curation_flags(p)
 
     p = verb("tokenizer", cmd_tokenizer, "train the BPE tokenizer on a curated run dir")
     _add_config_args(p, with_data=False)
@@ -397,9 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("prepare", cmd_prepare, "curate + tokenizer + token shards (everything before training)")
     _add_config_args(p)
     p.add_argument("--run-dir", dest="run_dir", default=None)
-    p.add_argument("--strict", action="store_true")
-    p.add_argument("--decontaminate", action="store_true")
-    p.add_argument("--no-curate", action="store_true")
+    _add_curation_flags(p)
 
     p = verb("train", cmd_train, "train a run dir, preparing its data first if needed "
              "(under torchrun: data-parallel on every process)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import tempfile
 import time
@@ -91,10 +92,43 @@ def _json_default(o: Any) -> Any:
 
 
 def read_json(path: Path, default: Any = None) -> Any:
+    """A JSON file's content, or `default` when it is missing, unreadable or mid-write.
+
+    Parsing a hostile file can raise ValueError (bad JSON or UTF-8, an integer over Python's
+    int-string limit) or RecursionError (deep nesting): both read as `default` too."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+        return json.loads(Path(path).read_bytes())
+    except (OSError, ValueError, RecursionError):
         return default
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """N of a `step_N` checkpoint directory, None for any other name."""
+    m = _STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """The `step_N` directories under `ckpt_root`, oldest first ([] when there is none)."""
+    try:
+        found = [(checkpoint_step(p), p) for p in Path(ckpt_root).iterdir() if p.is_dir()]
+    except OSError:
+        return []
+    return [p for s, p in sorted((s, p) for s, p in found if s is not None)]
+
+
+def read_pointer(ckpt_root: Path, which: str) -> str | None:
+    """The step directory a `latest`/`best` pointer file names, None when absent or malformed."""
+    try:
+        name = (Path(ckpt_root) / which).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if _STEP_DIR.match(name) else None
 
 
 @dataclass(frozen=True)

@@ -92,9 +92,9 @@ from simone.data.dedup import (
 )
 from simone.data.labels import check_label
 from simone.data.quality import DocTokens, assess
-from simone.data.status import FLAG, NOT_DOCUMENTS, QUARANTINE, file_status
+from simone.data.status import NOT_DOCUMENTS, file_status
 from simone.data.split import assign_splits, hold_out_slice, min_words_to_hold_out
-from simone.rundir import atomic_write_json
+from simone.rundir import atomic_write_json, read_json
 
 __all__ = ["CorpusError", "CurateResult", "curate", "print_summary"]
 
@@ -386,7 +386,7 @@ def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool
     paths = _paths(corpus, data_dir)
     stamp_path = data_dir / "curate.stamp.json"
     fingerprint = _fingerprint(files, cfg)
-    previous = _read_json(stamp_path)
+    previous = read_json(stamp_path)
     if previous and previous.get("fingerprint") == fingerprint and all(Path(p).is_file() for p in (paths["manifest"], paths["documents"], paths["report"])):
         try:
             result = CurateResult(**previous["result"])
@@ -773,13 +773,6 @@ def _stat_key(path: Path | None) -> tuple[int, int] | None:
         st = os.stat(path)
         return (st.st_size, st.st_mtime_ns)
     except OSError:
-        return None
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
         return None
 
 

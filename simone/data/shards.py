@@ -35,7 +35,6 @@ already records the same documents.jsonl and tokenizer.
 from __future__ import annotations
 
 import hashlib
-import json
 import queue
 import shutil
 import threading
@@ -46,8 +45,9 @@ from typing import TypeVar
 
 import numpy as np
 
-from simone.rundir import atomic_write_json, read_json, sha256_file
+from simone.data.documents import numbered_documents
 from simone.data.tokenizer import Tokenizer, split_for_encoding
+from simone.rundir import atomic_write_json, read_json, sha256_file
 
 SCHEMA = 1
 SPLITS = ("train", "val")
@@ -189,29 +189,22 @@ def _document_batches(documents_jsonl: Path) -> Iterator[tuple[list[_DocRow], li
     batch: list[_DocRow] = []
     pieces: list[str] = []
     batch_chars = 0
-    with open(documents_jsonl, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{documents_jsonl}:{lineno}: not valid JSON ({e})") from e
-            split = doc.get("split")
-            if split not in SPLITS:
-                raise ValueError(f"{documents_jsonl}:{lineno}: split must be 'train' or 'val', got {split!r}")
-            text = doc.get("text") or ""
-            if not text:
-                continue
-            doc_pieces = split_for_encoding(text)
-            domain = str(doc.get("domain") or "unknown")
-            doc_id = str(doc.get("id") or f"line{lineno}")
-            batch.append((split, domain, doc_id, len(text.encode("utf-8")), len(doc_pieces), "slice" in doc))
-            pieces.extend(doc_pieces)
-            batch_chars += len(text)
-            if batch_chars >= BATCH_CHARS:
-                yield batch, pieces
-                batch, pieces, batch_chars = [], [], 0
+    for lineno, doc in numbered_documents(documents_jsonl):
+        split = doc.get("split")
+        if split not in SPLITS:
+            raise ValueError(f"{documents_jsonl}:{lineno}: split must be 'train' or 'val', got {split!r}")
+        text = doc.get("text") or ""
+        if not text:
+            continue
+        doc_pieces = split_for_encoding(text)
+        domain = str(doc.get("domain") or "unknown")
+        doc_id = str(doc.get("id") or f"line{lineno}")
+        batch.append((split, domain, doc_id, len(text.encode("utf-8")), len(doc_pieces), "slice" in doc))
+        pieces.extend(doc_pieces)
+        batch_chars += len(text)
+        if batch_chars >= BATCH_CHARS:
+            yield batch, pieces
+            batch, pieces, batch_chars = [], [], 0
     if batch:
         yield batch, pieces
 

@@ -17,7 +17,6 @@ Training is skipped when `documents.jsonl`, the config and the domain list are u
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from simone.config import TokenizerConfig
+from simone.data.documents import read_documents
 from simone.rundir import atomic_write_json, atomic_write_text, read_json, sha256_file
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -166,27 +166,15 @@ def load_tokenizer(path: Path, eod_token: str | None = None) -> Tokenizer:
 # ----------------------------------------------------------------------------- training
 
 
-def _iter_documents(documents_jsonl: Path) -> Iterator[dict]:
-    """Documents one at a time (the corpus is never held in memory as a whole)."""
-    with open(documents_jsonl, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{documents_jsonl}:{lineno}: not valid JSON ({e})") from e
-
-
 def _train_texts(documents_jsonl: Path) -> Iterator[str]:
-    for doc in _iter_documents(documents_jsonl):
-        if doc.get("split") == "train" and doc.get("text"):
+    for doc in read_documents(documents_jsonl, "train"):
+        if doc.get("text"):
             yield from split_for_encoding(doc["text"])
 
 
 def documents_domains(documents_jsonl: Path) -> list[str]:
     """Sorted names of every domain in `documents.jsonl` (both splits)."""
-    return sorted({str(doc.get("domain") or "unknown") for doc in _iter_documents(documents_jsonl)})
+    return sorted({str(doc.get("domain") or "unknown") for doc in read_documents(documents_jsonl)})
 
 
 def train_tokenizer(

@@ -162,7 +162,7 @@ def load_hf_scorer(spec: str, device: str) -> Scorer:
     except ImportError:
         raise EvalError(f"{spec}: needs the transformers package (pip install transformers)") from None
     hf_logging.disable_progress_bar()  # the table is the output
-    from simone.inference.generate import pick_device
+    from simone.devices import pick_device
 
     dev = pick_device(device)
     try:

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from simone.config import Config
+from simone.devices import pick_device
 from simone.errors import SimoneError
 
 
@@ -57,14 +58,6 @@ class LoadedModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 # What a package may hold (see simone/inference/package.py); anything else in the archive is skipped.
@@ -281,7 +274,7 @@ def governed_tokens(loaded: LoadedModel, prompt: str, max_tokens: int, options: 
     `last_policy` (a dict) receives the policy head's domain distribution of the whole text;
     `token_ids` (a list) each generated token id (pieces of text are not tokens).
     """
-    from simone.model.governance import governed_generate
+    from simone.inference.governed import governed_generate
 
     tok, cfg = loaded.tokenizer, loaded.config.model
     if cfg.arch != "llama":

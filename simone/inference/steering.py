@@ -12,11 +12,12 @@ accuracy should be read against.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Iterable
 from pathlib import Path
+
+from simone.data.documents import read_documents
 
 WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 # A sample of N tokens holds about 3/4 N words with our BPE tokenizers on English prose.
@@ -92,12 +93,7 @@ class SteeringJudge:
 
 
 def _documents(documents_jsonl: Path, split: str) -> Iterable[dict]:
-    with open(documents_jsonl, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                doc = json.loads(line)
-                if doc.get("split") == split and doc.get("text"):
-                    yield doc
+    return (doc for doc in read_documents(documents_jsonl, split) if doc.get("text"))
 
 
 def _domain(doc: dict) -> str:

@@ -18,7 +18,7 @@ import torch
 from simone.config import ValidateConfig, analytic_param_count
 from simone.data.shards import TokenShard
 from simone.inference.evaluate import evaluate_per_domain
-from simone.rundir import atomic_write_json, atomic_write_text, read_json, sha256_file
+from simone.rundir import RunDir, atomic_write_json, atomic_write_text, read_json, sha256_file
 
 SAMPLE_PROMPTS = ["The ", "And it came to pass", "What is "]
 
@@ -51,7 +51,7 @@ def _find_data_dir(model_path: Path, loaded) -> Path | None:
 def _training_stop(model_path: Path, loaded) -> dict[str, Any]:
     """Why the training behind this model stopped and how far its learning-rate schedule got:
     from the run's status.json, or a package's training_summary.json (None when unknown)."""
-    for status in (model_path / "status.json", loaded.files["checkpoint"].parent.parent / "status.json"):
+    for status in (RunDir(model_path).status, RunDir(loaded.files["checkpoint"].parent.parent).status):
         if status.is_file():
             found = read_json(status, {}) or {}
             break

@@ -25,8 +25,10 @@ from typing import Any
 import numpy as np
 
 from simone.monitor.downsample import MinMaxSeries
+from simone.rundir import RunDir, list_checkpoints as checkpoint_dirs, read_json, read_pointer
 
-RUN_MARKERS = ("status.json", "config.json", "metrics.jsonl")
+_CONTRACT = RunDir(Path("."))  # file names come from the run-directory contract
+RUN_MARKERS = (_CONTRACT.status.name, _CONTRACT.config.name, _CONTRACT.metrics.name)  # what makes a run
 TRAIN_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu")
 EVAL_KEYS = ("val_loss", "val_bpb", "val_ppl")
 DOMAIN_KEYS = ("loss", "bpb")
@@ -49,18 +51,10 @@ MAX_JSON_DEPTH = 64  # deeper values from run files are sent as null (no recursi
 JSON_ERRORS = (ValueError, RecursionError)
 
 
-def read_json_file(path: Path) -> Any:
-    """A JSON file's content, or None when missing, unreadable or mid-write."""
-    try:
-        return json.loads(path.read_bytes())
-    except (OSError, *JSON_ERRORS):
-        return None
-
-
 def read_status(run_root: Path) -> dict:
     """status.json as a dict: {} when there is none yet, and state "unreadable" (with the
     reason as `error`) when it exists but is not a JSON object."""
-    path = run_root / "status.json"
+    path = RunDir(run_root).status
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -413,7 +407,8 @@ class SummaryCache:
 
     def summary(self, run_root: Path, now: float | None = None, stall_after_s: float = 60.0) -> dict[str, Any]:
         now = time.time() if now is None else now
-        metrics = run_root / "metrics.jsonl"
+        run = RunDir(run_root)
+        metrics = run.metrics
         try:
             st = metrics.stat()
             key = (st.st_size, st.st_mtime_ns)
@@ -424,7 +419,7 @@ class SummaryCache:
             cached = (key, _tail_facts(metrics))
             self._facts[run_root] = cached
         facts = cached[1]
-        config = read_json_file(run_root / "config.json")
+        config = read_json(run.config)
         return build_summary(
             run_root, read_status(run_root),
             config if isinstance(config, dict) else None,
@@ -446,31 +441,19 @@ def quick_summary(run_root: Path, now: float | None = None, stall_after_s: float
 
 def list_checkpoints(run_root: Path, val_by_step: dict[int, float] | None = None) -> list[dict[str, Any]]:
     """checkpoints/step_N directories, newest first: step, size, validation loss, pointers."""
-    ck = run_root / "checkpoints"
-    pointers = {}
-    for name in ("latest", "best"):
-        try:
-            pointers[name] = Path((ck / name).read_text(encoding="utf-8").strip()).name
-        except OSError:
-            pass
+    ck = RunDir(run_root).checkpoints
+    pointers = {name: read_pointer(ck, name) for name in ("latest", "best")}
     out = []
-    try:
-        entries = [e for e in os.scandir(ck) if e.name.startswith("step_") and e.is_dir()]
-    except OSError:
-        return []
-    for e in entries:
-        try:
-            step = int(e.name.split("_", 1)[1])
-        except ValueError:
-            continue
+    for path in reversed(checkpoint_dirs(ck)):
+        step = int(path.name.split("_", 1)[1])
         size = 0
         try:
-            for f in os.scandir(e.path):
+            for f in os.scandir(path):
                 if f.is_file(follow_symlinks=False):
                     size += f.stat().st_size
         except OSError:
             pass
-        manifest = read_json_file(Path(e.path) / "MANIFEST.json")
+        manifest = read_json(path / "MANIFEST.json")
         complete = isinstance(manifest, dict)
         val = None
         if complete:
@@ -480,29 +463,30 @@ def list_checkpoints(run_root: Path, val_by_step: dict[int, float] | None = None
         if val is None and val_by_step:
             val = val_by_step.get(step)
         out.append({
-            "name": e.name, "step": step, "size_bytes": size, "val_loss": val,
+            "name": path.name, "step": step, "size_bytes": size, "val_loss": val,
             "complete": complete,
-            "latest": pointers.get("latest") == e.name, "best": pointers.get("best") == e.name,
+            "latest": pointers["latest"] == path.name, "best": pointers["best"] == path.name,
         })
-    out.sort(key=lambda c: -c["step"])
     return out
 
 
 def report_links(run_root: Path, base_url: str) -> list[dict[str, str]]:
     """Links to the reports and files a user wants beside the charts (only those present)."""
+    run = RunDir(run_root)
     wanted = [
-        ("data/report.html", "Curation report"),
-        ("validation/report.md", "Validation report"),
-        ("validation/report.json", "Validation report (JSON)"),
-        ("config.json", "Resolved config"),
-        ("status.json", "status.json"),
-        ("train.log", "Full training log"),
+        (run.data / "report.html", "Curation report"),
+        (run.validation / "report.md", "Validation report"),
+        (run.validation / "report.json", "Validation report (JSON)"),
+        (run.config, "Resolved config"),
+        (run.status, "status.json"),
+        (run.log, "Full training log"),
     ]
-    return [
-        {"label": label, "href": f"{base_url}/{rel}", "path": rel}
-        for rel, label in wanted
-        if (run_root / rel).is_file()
-    ]
+    links = []
+    for path, label in wanted:
+        if path.is_file():
+            rel = path.relative_to(run.root).as_posix()
+            links.append({"label": label, "href": f"{base_url}/{rel}", "path": rel})
+    return links
 
 
 # ----------------------------------------------------------------------------- tailing
@@ -713,9 +697,10 @@ class RunWatch:
         self.max_buckets, self.max_events = max_buckets, max_events
         self.publish = publish  # used by the background exact indexing of big files
         self.lock = threading.RLock()
-        self.metrics_tail = FileTail(root / "metrics.jsonl")
-        self.log_tail = FileTail(root / "train.log")
-        self.samples_tail = FileTail(root / "samples.jsonl")
+        run = RunDir(root)
+        self.metrics_tail = FileTail(run.metrics)
+        self.log_tail = FileTail(run.log)
+        self.samples_tail = FileTail(run.samples)
         self.index = _MetricsIndex(max_buckets, max_events)
         self.log: deque[str] = deque(maxlen=log_lines)
         self.samples: deque[dict] = deque(maxlen=max_samples)
@@ -823,13 +808,13 @@ class RunWatch:
         return []
 
     def _read_config(self) -> dict | None:
-        path = self.root / "config.json"
+        path = RunDir(self.root).config
         try:
             mtime = path.stat().st_mtime
         except OSError:
             return None
         if mtime != self._config[0]:
-            cfg = read_json_file(path)
+            cfg = read_json(path)
             self._config = (mtime, cfg if isinstance(cfg, dict) else None)
         return self._config[1]
 

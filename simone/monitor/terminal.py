@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from simone.monitor.runs import is_run_dir, list_checkpoints, list_run_dirs, quick_summary
+from simone.units import format_duration
 
 STATE_STYLE = {
     "running": "bold green", "finished": "bold blue", "failed": "bold red",
@@ -39,20 +40,6 @@ def _fmt(v: Any, digits: int = 4) -> str:
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     return str(v)
-
-
-def fmt_duration(s: float | None) -> str:
-    if s is None:
-        return "–"
-    s = int(round(max(0.0, s)))
-    d, h, m = s // 86400, (s % 86400) // 3600, (s % 3600) // 60
-    if d:
-        return f"{d}d {h}h"
-    if h:
-        return f"{h}h {m:02d}m"
-    if m:
-        return f"{m}m {s % 60:02d}s"
-    return f"{s}s"
 
 
 def fmt_rate(v: float | None) -> str:
@@ -83,14 +70,14 @@ def status_lines(s: dict[str, Any]) -> list[tuple[str, str]]:
         ("progress", progress_bar(s.get("progress"))),
         ("step", step),
         ("epoch", epoch),
-        ("ETA", fmt_duration(s.get("eta_s")) if s["state"] == "running" else "–"),
+        ("ETA", format_duration(s.get("eta_s")) if s["state"] == "running" else "–"),
         ("train loss", _fmt(s.get("loss"))),
         ("val loss", _fmt(s.get("val_loss")) + (f"  (best {_fmt(s.get('best_val_loss'))})" if s.get("best_val_loss") is not None else "")),
         ("val bits/byte", _fmt(s.get("val_bpb"), 3)),
         ("tokens/s", fmt_rate(s.get("tokens_per_s"))),
         ("MFU", f"{s['mfu'] * 100:.1f}%" if isinstance(s.get("mfu"), (int, float)) else "–"),
         ("preset", _fmt(s.get("preset"))),
-        ("heartbeat", (fmt_duration(s.get("heartbeat_age_s")) + " ago") if s.get("heartbeat_age_s") is not None else "–"),
+        ("heartbeat", (format_duration(s.get("heartbeat_age_s")) + " ago") if s.get("heartbeat_age_s") is not None else "–"),
     ]
     if s.get("stop_reason"):
         rows.append(("stopped because", str(s["stop_reason"])))
@@ -143,7 +130,7 @@ def print_status(run: Path | None, runs_root: Path, console: Console | None = No
         table.add_row(
             Text(s["name"]), Text(s["state"], style=STATE_STYLE.get(s["state"], "")), step,  # Text: a run name is not markup
             f"{s['progress'] * 100:.1f}%" if s.get("progress") is not None else "–",
-            fmt_duration(s.get("eta_s")) if s["state"] == "running" else "–",
+            format_duration(s.get("eta_s")) if s["state"] == "running" else "–",
             _fmt(s.get("loss")), _fmt(s.get("val_loss")), fmt_rate(s.get("tokens_per_s")),
         )
     console.print(table)

@@ -64,6 +64,7 @@ from typing import Any
 import torch
 
 from simone.config import Config
+from simone.data.documents import read_documents, write_documents
 from simone.rundir import RunDir, atomic_write_json, atomic_write_text
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -139,11 +140,6 @@ def prepare_shared(cfg: Config, out: Path) -> RunDir:
     return shared
 
 
-def _read_documents(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _text_key(text: str) -> str:
     return hashlib.sha256(" ".join(text.split()).encode("utf-8")).hexdigest()
 
@@ -155,13 +151,13 @@ def prepare_uncurated(cfg: Config, shared: RunDir, run: RunDir) -> Path:
     from simone.workflows.pipeline import stage_curate, stage_tokenizer
 
     stage_curate(cfg, run.root)
-    clean_val = [d for d in _read_documents(shared.documents) if d.get("split") == "val"]
+    clean_val = list(read_documents(shared.documents, "val"))
     whole_val = [d for d in clean_val if "slice" not in d]
     val_ids = {d.get("id") for d in whole_val} | {d.get("path") for d in whole_val}
     val_texts = {_text_key(d.get("text") or "") for d in whole_val}
     # a held-out slice is the tail of a document whose head trains: cut it off that document
     slice_heads = {d.get("path"): _words_pattern(d.get("text") or "") for d in clean_val if "slice" in d}
-    documents = _read_documents(run.documents)
+    documents = list(read_documents(run.documents))
     kept, dropped = [], 0
     for doc in documents:
         if doc.get("split") == "train" and (doc.get("id") in val_ids or doc.get("path") in val_ids
@@ -174,14 +170,13 @@ def prepare_uncurated(cfg: Config, shared: RunDir, run: RunDir) -> Path:
                 dropped += 1
                 continue
         kept.append(doc)
-    atomic_write_text(run.documents, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in kept))
+    write_documents(run.documents, kept)
     _say(f"uncurated: {len(kept)} documents, {dropped} training copies of clean validation documents removed")
     tok = stage_tokenizer(cfg, run.root)
     build_shards(run.documents, tok, run.data, cfg.data.control_token_prob, cfg.data.split_seed)
     eval_dir = run.root / "clean_val"
     eval_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(eval_dir / "documents.jsonl",
-                      "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in clean_val))
+    write_documents(eval_dir / "documents.jsonl", clean_val)
     build_shards(eval_dir / "documents.jsonl", tok, eval_dir)
     return eval_dir
 
@@ -265,7 +260,7 @@ def seconds_per_step(cfg: Config, shared: RunDir, steps: int = 3) -> float:
     """Time a few optimizer steps (forward, backward, AdamW) of `cfg`'s model on real batches."""
     from simone.data.loader import BatchLoader
     from simone.data.shards import TokenShard
-    from simone.inference.generate import pick_device
+    from simone.devices import pick_device
     from simone.model import build_model
 
     tc = cfg.train
@@ -305,7 +300,7 @@ def streaming_eval(loaded, val_dir: Path, n_contexts: int) -> dict | None:
     start of the longest validation document, n_contexts × max_seq_len tokens (fewer if the
     split is shorter). None for models without RoPE (GPT-2)."""
     from simone.data.shards import TokenShard
-    from simone.model.governance import streaming_nll
+    from simone.inference.governed import streaming_nll
 
     cfg = loaded.config.model
     if cfg.arch != "llama":

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from simone.config import Config, ModelConfig, preset as load_preset
+from simone.devices import pick_device
 
 
 class BenchError(RuntimeError):
@@ -95,9 +96,7 @@ def _rate(work: float, t: dict[str, Any]) -> dict[str, float]:
 def bench_device(cfg: Config, device: str | None) -> torch.device:
     """`device` if given, else the preset's train.device ("auto": CUDA when present)."""
     name = device if device is not None else cfg.train.device
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    dev = pick_device(name or "auto")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BenchError(f"preset {cfg.preset}: device {name} but no CUDA GPU is visible; "
                          f"pass --device cpu to run this shape on the CPU anyway")

@@ -19,6 +19,7 @@ from pathlib import Path
 from simone.config import Config, save_config
 from simone.errors import SimoneError
 from simone.rundir import RunDir
+from simone.units import format_duration
 
 
 SAMPLE_PROMPT = "The "  # the short sample printed at the end of `simone run`
@@ -74,11 +75,13 @@ def estimated_train_tokens(cfg: Config) -> int:
 
 
 def _training_device_type(cfg: Config) -> str:
-    import torch
+    """The kind of device training will run on, for the expected time ("cpu" unless known)."""
+    from simone.devices import pick_device
 
-    if cfg.train.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    kind = cfg.train.device.split(":")[0]
+    try:
+        kind = pick_device(cfg.train.device).type
+    except RuntimeError:  # a name torch does not know: training itself says so
+        return "cpu"
     return kind if kind in ASSUMED_MFU else "cpu"
 
 
@@ -113,14 +116,6 @@ def expected_training_seconds(cfg: Config, train_tokens: int, device_type: str) 
     return seconds
 
 
-def _hms(seconds: float | None) -> str:
-    from simone.train.metrics import format_seconds
-
-    if seconds is None:
-        return "unknown"
-    return f"{seconds / 86400:.1f} days" if seconds >= 2 * 86400 else format_seconds(seconds)
-
-
 def check_device(cfg: Config, fall_back_to_cpu: bool = False) -> None:
     """Before any work: does this machine have the device the config asks for?
 
@@ -137,7 +132,7 @@ def check_device(cfg: Config, fall_back_to_cpu: bool = False) -> None:
     on_cpu.train.device, on_cpu.train.dtype = "cpu", "auto"
     on_cpu.model.vocab_size = min(on_cpu.model.vocab_size, on_cpu.tokenizer.vocab_size)
     tokens = estimated_train_tokens(on_cpu)
-    expected = f"expected time ~{_hms(expected_training_seconds(on_cpu, tokens, 'cpu'))} for ~{tokens:,} training tokens"
+    expected = f"expected time ~{format_duration(expected_training_seconds(on_cpu, tokens, 'cpu'), 'unknown')} for ~{tokens:,} training tokens"
     if not fall_back_to_cpu:
         raise DeviceError(f"preset {cfg.preset} wants CUDA (train.device={want}), none found; use --set "
                           f"train.device=cpu --set train.dtype=auto to run it on the CPU ({expected})")
@@ -168,7 +163,7 @@ def training_plan(cfg: Config, train_tokens: int, estimated: bool) -> list[str]:
         f"context {m.max_seq_len} tokens; batch {t.batch_size} x {t.grad_accum} accumulation = "
         f"{tokens_per_step:,} tokens a step; {t.num_epochs} epochs of ~{train_tokens:,} tokens ({source}){steps}",
         f"device {t.device} ({device_type}), dtype {t.dtype}; time cap {cap}; expected time "
-        f"~{_hms(expected_training_seconds(cfg, train_tokens, device_type))}",
+        f"~{format_duration(expected_training_seconds(cfg, train_tokens, device_type), 'unknown')}",
     ]
 
 
