@@ -203,3 +203,35 @@ def test_progress_is_never_rounded_up_to_finished():
     sched = LRSchedule(1.0, 0, 30_000, 0.1)
     assert sched.progress(29_999) == 0.9999 and sched.progress(30_000) == 1.0
     assert sched.progress(13 * 1500) == 0.65 and sched.progress(0) == 0.0
+
+
+def _capped_run_with_a_first_evaluation_near_the_end(expect: bool):
+    # a real `make run` on a loaded machine: 2.8 s a step (the first 10 steps 40 s: compile), a
+    # 9-minute cap, warmup 50, log every 10, an evaluation + checkpoint of 19 s every 200 steps
+    # and at the end; ~210 steps fit, so the first evaluation comes at step 200, inside the decay
+    clock = FakeClock()
+    sched = LRSchedule(1.0, 50, 1198, 0.1, max_seconds=540.0, decay_fraction=0.2, clock=clock)
+    if expect:
+        sched.expect_evaluations(200, 8.0)
+    sched, clock, steps, reason, lrs = simulate(
+        total_steps=1198, warmup=50, cap_s=540.0, log_every=10, eval_every=200, eval_s=19.0,
+        step_s=lambda step: 4.0 if step < 10 else 2.8, schedule=sched, clock=clock)
+    with sched.paused():  # the final evaluation and checkpoint
+        clock.now += 19.0
+    return sched, clock, steps, reason, lrs
+
+
+def test_evaluations_still_to_come_are_reserved_so_the_final_one_ends_before_the_cap():
+    sched, clock, steps, reason, lrs = _capped_run_with_a_first_evaluation_near_the_end(expect=True)
+    assert reason == "max_minutes" and sched.progress(steps) == 1.0 and lrs[-1] == pytest.approx(0.1)
+    assert clock.now <= 540.0  # the final evaluation included
+    decaying = [lr for lr in lrs[50:] if lr < 1.0 - 1e-9]
+    assert len(decaying) >= 0.15 * steps and non_increasing(lrs[50:])
+    assert steps >= 170  # the reserve costs a few steps, not the run
+
+
+def test_without_the_reserve_the_final_evaluation_ran_past_the_cap():
+    # what a real run did before evaluations were expected: the cap came first, the final
+    # evaluation after it (the reason the test above must hold)
+    sched, clock, steps, reason, lrs = _capped_run_with_a_first_evaluation_near_the_end(expect=False)
+    assert clock.now > 540.0

@@ -22,6 +22,10 @@ allocator warm-up) is never measured. The step time is that of the last RATE_WIN
 intervals, or of the last interval alone when that is SLOWDOWN times slower (the machine slowed
 down). Pauses still eat into the time left, so they enter the plan as an overhead ratio, and the
 longest one is kept in reserve before the cap (room for the final evaluation and checkpoint).
+Evaluations still to come (`expect_evaluations`: every `eval_every` steps, and the final one)
+are reserved too, each at the longest pause seen or, before any was seen, at an estimate in
+training steps: the first evaluation of a short capped run otherwise comes as a surprise near
+the end and cuts the decay short.
 
 The plan changes only at logging steps, and the lr is a function of the step and the plan in
 between, so every rank uses the same learning rate (the trainer agrees the throughput over the
@@ -74,8 +78,16 @@ class LRSchedule:
         self.max_seconds = max_seconds
         self.decay_fraction = decay_fraction
         self.clock = clock
+        self.eval_every: int | None = None  # see expect_evaluations
+        self.eval_steps = 0.0
         self.reset()
         self.start_session()
+
+    def expect_evaluations(self, every: int | None, steps_each: float) -> None:
+        """Evaluations (with their checkpoint) come every `every` steps and at the end; until one
+        is timed, each is assumed to take as long as `steps_each` training steps."""
+        self.eval_every = every if every and every > 0 else None
+        self.eval_steps = max(0.0, float(steps_each))
 
     # ---------------------------------------------------------------- the plan (in checkpoints)
 
@@ -194,8 +206,15 @@ class LRSchedule:
         # pauses come now and then (every eval_every steps): their share over the whole session
         first_step, first_train, first_wall = self._first
         overhead = max(1.0, (wall - first_wall) / max(train - first_train, 1e-9))
-        left_s = self.max_seconds - wall - self._longest_pause_s
-        steps_fit = agree(max(0.0, left_s) / (step_s * overhead))
+        # one evaluation with its checkpoint: as long as the longest pause, or the estimate before any
+        pause_s = max(self._longest_pause_s, self.eval_steps * step_s)
+        left_s = self.max_seconds - wall - pause_s  # the final evaluation and checkpoint
+        steps_fit = max(0.0, left_s) / (step_s * overhead)
+        if self.eval_every:  # and the periodic ones due before the end (a fixed point: a few rounds)
+            for _ in range(4):
+                due = int((steps_done + steps_fit) // self.eval_every - steps_done // self.eval_every)
+                steps_fit = max(0.0, left_s - due * pause_s) / (step_s * overhead)
+        steps_fit = agree(steps_fit)
         return self._replan(steps_done, steps_fit, step_s)
 
     def _replan(self, steps_done: int, steps_fit: float, step_s: float) -> str | None:

@@ -235,6 +235,10 @@ class Trainer:
         self.schedule = LRSchedule(tc.lr, tc.warmup_steps, self.total_steps, tc.min_lr_ratio,
                                    max_seconds=tc.max_minutes * 60 if tc.max_minutes is not None else None,
                                    decay_fraction=tc.decay_fraction, clock=clock)
+        # an evaluation reads eval_batches per domain forward only (about a third of a training
+        # micro-batch each); doubled for the checkpoint written with it and for uncompiled code
+        self.schedule.expect_evaluations(
+            tc.eval_every, 2 * tc.eval_batches * max(1, len(self.val_shard.domains)) / (3 * self.grad_accum))
 
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
         self.raw_model = build_model(cfg.model).to(self.device)
