@@ -63,7 +63,7 @@ from simone.faults import Faults
 from simone.inference.evaluate import evaluate_per_domain
 from simone.lock import RunLock
 from simone.model import build_model
-from simone.model.governance import LossTermMeter, set_policy_domains, uses_policy
+from simone.model.governance import set_policy_domains, uses_policy
 from simone.rundir import RunDir
 from simone.train.callbacks import OUT_OF_MEMORY, Callback, LogStats, default_callbacks
 from simone.train.distributed import (
@@ -85,7 +85,7 @@ from simone.train.distributed import (
     split_batch,
 )
 from simone.train.early_stopping import EarlyStopping
-from simone.train.metrics import MetricsLogger, mfu, peak_flops
+from simone.train.metrics import LossTermMeter, MetricsLogger, mfu, peak_flops
 from simone.train.optim import build_optimizer, optimizer_skips_on_device, set_lr
 from simone.train.parallelize import parallelize
 from simone.train.precision import allow_tf32, autocast, autocast_dtype, grad_scaler
