@@ -63,7 +63,7 @@ from simone.faults import Faults
 from simone.inference.evaluate import evaluate_per_domain
 from simone.lock import RunLock
 from simone.model import build_model
-from simone.model.governance import set_policy_domains, uses_policy
+from simone.model.governance import uses_policy
 from simone.rundir import RunDir
 from simone.train.callbacks import OUT_OF_MEMORY, Callback, LogStats, default_callbacks
 from simone.train.distributed import (
@@ -139,13 +139,25 @@ def train(cfg: Config, run: RunDir, resume: str | None = None,
             trainer.close()
 
 
-def policy_domains_for_run(cfg: ModelConfig, tokenizer_path) -> list[str] | None:
-    """For the trainer: the policy classes (the tokenizer's domains, which also sizes
-    `cfg.n_domains`), or None when the model has no policy head."""
+class ModelSizeError(SimoneError, ValueError):
+    """The config's model sizes do not fit the run's tokenizer (the pipeline settles them)."""
+
+
+def check_model_sizes(cfg: ModelConfig, run: RunDir, shard_vocab_size: int) -> list[str] | None:
+    """Check that the model's sizes fit the run's tokenizer (`settle_model_sizes` in
+    simone/workflows/pipeline.py sets them before training; the trainer changes nothing) and
+    return the policy classes (the tokenizer's domains), or None without a policy head."""
+    if cfg.vocab_size < shard_vocab_size:
+        raise ModelSizeError(f"{run.config}: model.vocab_size {cfg.vocab_size} is smaller than the tokenizer's "
+                             f"{shard_vocab_size} ({run.tokenizer}); settle the sizes before training "
+                             f"(simone.workflows.pipeline.settle_model_sizes)")
     if not uses_policy(cfg):
         return None
-    domains = load_tokenizer(tokenizer_path).domains
-    set_policy_domains(cfg, domains)
+    domains = load_tokenizer(run.tokenizer).domains
+    if cfg.n_domains != len(domains) or not domains:
+        raise ModelSizeError(f"{run.config}: model.n_domains {cfg.n_domains} but the tokenizer has {len(domains)} "
+                             f"<|domain:NAME|> token(s) ({run.tokenizer}); the policy head needs one class per "
+                             f"domain (simone.workflows.pipeline.settle_model_sizes)")
     return domains
 
 
@@ -205,10 +217,6 @@ class Trainer:
         self.metrics = MetricsLogger(run, enabled=env.is_main)
         self.train_shard = TokenShard(run.data, "train")
         self.val_shard = TokenShard(run.data, "val")
-        if cfg.model.vocab_size < self.train_shard.vocab_size:
-            self.metrics.log(f"model.vocab_size {cfg.model.vocab_size} < tokenizer's "
-                             f"{self.train_shard.vocab_size}: using {self.train_shard.vocab_size}")
-            cfg.model.vocab_size = self.train_shard.vocab_size
         self.seq_len = cfg.model.max_seq_len
 
         # Keep the effective batch (batch_size x grad_accum sequences per step) whatever the
@@ -221,7 +229,7 @@ class Trainer:
         self.sharded = self.parallel == "fsdp" and env.distributed
         # Governance: the policy head's classes are the tokenizer's domain control tokens, and
         # its labels (each input token's domain) come from the loader. None: no policy head.
-        self.domain_classes = policy_domains_for_run(cfg.model, run.tokenizer)
+        self.domain_classes = check_model_sizes(cfg.model, run, self.train_shard.vocab_size)
         self.loss_terms = LossTermMeter()  # the comprehensive loss's terms, logged per interval
         self.loader = BatchLoader(self.train_shard, self.micro_batch, self.seq_len, tc.seed, rank=env.rank,
                                   world_size=env.world_size, device=self.device, grad_accum=self.grad_accum,
