@@ -14,7 +14,7 @@ from simone.data.shards import build_shards
 from simone.model.governance import LOSS_TERMS
 from simone.rundir import RunDir
 from simone.data.tokenizer import train_tokenizer
-from simone.workflows.pipeline import settle_model_sizes
+from simone.train.trainer import settle_model_sizes
 
 WORDS = {
     "scripture": "lord god heaven earth light darkness waters spirit day night land seed".split(),
@@ -98,3 +98,21 @@ def test_settle_model_sizes_keeps_a_larger_vocab_only_for_a_run_that_had_its_tok
     assert cfg.model.vocab_size == tok.vocab_size + 64 and cfg.model.n_domains == len(tok.domains) == 3
     settle_model_sizes(cfg, tok)
     assert cfg.model.vocab_size == tok.vocab_size
+
+
+def test_python_m_simone_train_settles_the_sizes_of_a_run_dir_that_lacks_them(tmp_path):
+    import subprocess
+    import sys
+
+    from simone.config import load_config, save_config
+
+    cfg, run, tok = prepared_run(tmp_path / "run")
+    cfg.model.n_domains = 0  # as a run dir prepared before the sizes were settled has it
+    cfg.train.max_steps = 1
+    save_config(cfg, run.config)
+    done = subprocess.run([sys.executable, "-m", "simone.train", "--run-dir", str(run.root)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_config(run.config).model.n_domains == 0  # config.json is left as it was (no --set)
+    saved = json.loads((run.checkpoints / "step_000001" / "config.json").read_text())
+    assert saved["model"]["n_domains"] == len(tok.domains)

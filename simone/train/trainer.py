@@ -51,13 +51,13 @@ from simone.checkpoint import CheckpointSaveError, list_checkpoints
 from simone.config import Config, ModelConfig
 from simone.data.loader import BatchLoader
 from simone.data.shards import TokenShard
-from simone.data.tokenizer import load_tokenizer
+from simone.data.tokenizer import Tokenizer, load_tokenizer
 from simone.errors import SimoneError
 from simone.faults import Faults
 from simone.inference.evaluate import evaluate_per_domain
 from simone.lock import RunLock
 from simone.model import build_model
-from simone.model.governance import uses_policy
+from simone.model.governance import set_policy_domains, uses_policy
 from simone.rundir import RunDir
 from simone.train.callbacks import OUT_OF_MEMORY, Callback, LogStats, default_callbacks
 from simone.train.distributed import (
@@ -140,21 +140,36 @@ class ModelSizeError(SimoneError, ValueError):
     """The config's model sizes do not fit the run's tokenizer (the pipeline settles them)."""
 
 
+def settle_model_sizes(cfg: Config, tokenizer: Tokenizer, keep_larger_vocab: bool = False,
+                       log: Callable[[str], None] | None = None) -> None:
+    """Size the model from the run's trained tokenizer, once, before training (the pipeline
+    and `python -m simone.train` call this; the trainer only checks): an embedding row per
+    token id and a policy class per <|domain:NAME|> token. The vocabulary is the tokenizer's;
+    with `keep_larger_vocab` (a run that already had its tokenizer) a config asking for more
+    rows keeps them, so a run trained that way still resumes from its checkpoints."""
+    if keep_larger_vocab and cfg.model.vocab_size < tokenizer.vocab_size and log is not None:
+        log(f"model.vocab_size {cfg.model.vocab_size} < tokenizer's {tokenizer.vocab_size}: "
+            f"using {tokenizer.vocab_size}")
+    if not keep_larger_vocab or cfg.model.vocab_size < tokenizer.vocab_size:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    set_policy_domains(cfg.model, tokenizer.domains)
+
+
 def check_model_sizes(cfg: ModelConfig, run: RunDir, shard_vocab_size: int) -> list[str] | None:
-    """Check that the model's sizes fit the run's tokenizer (`settle_model_sizes` in
-    simone/workflows/pipeline.py sets them before training; the trainer changes nothing) and
+    """Check that the model's sizes fit the run's tokenizer (`settle_model_sizes` set them
+    before training; the trainer changes nothing) and
     return the policy classes (the tokenizer's domains), or None without a policy head."""
     if cfg.vocab_size < shard_vocab_size:
         raise ModelSizeError(f"{run.config}: model.vocab_size {cfg.vocab_size} is smaller than the tokenizer's "
                              f"{shard_vocab_size} ({run.tokenizer}); settle the sizes before training "
-                             f"(simone.workflows.pipeline.settle_model_sizes)")
+                             f"(settle_model_sizes)")
     if not uses_policy(cfg):
         return None
     domains = load_tokenizer(run.tokenizer).domains
     if cfg.n_domains != len(domains) or not domains:
         raise ModelSizeError(f"{run.config}: model.n_domains {cfg.n_domains} but the tokenizer has {len(domains)} "
                              f"<|domain:NAME|> token(s) ({run.tokenizer}); the policy head needs one class per "
-                             f"domain (simone.workflows.pipeline.settle_model_sizes)")
+                             f"domain (settle_model_sizes)")
     return domains
 
 

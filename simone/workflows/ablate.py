@@ -504,7 +504,8 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
     """Train and evaluate every variant in `settings.variants` with `settings.seeds` seeds into
     `out`; write `ablation.json`, `ablation.md` and `ablation.svg` there (after every round of
     seeds, so a stopped ablation leaves what it has) and return the result dict."""
-    from simone.workflows.pipeline import settle_model_sizes, stage_train
+    from simone.train.trainer import settle_model_sizes
+    from simone.workflows.pipeline import stage_train
     from simone.inference.steering import fit_on_documents, snippet_accuracy, snippet_words_for
     from simone.data.tokenizer import load_tokenizer
 

@@ -253,6 +253,7 @@ def stage_curate(cfg: Config, run_dir: Path):
 @_holding_run_lock
 def stage_tokenizer(cfg: Config, run_dir: Path):
     from simone.data.tokenizer import train_tokenizer
+    from simone.train.trainer import settle_model_sizes
 
     run = RunDir(run_dir)
     if not run.documents.exists():
@@ -263,22 +264,6 @@ def stage_tokenizer(cfg: Config, run_dir: Path):
     settle_model_sizes(cfg, tok)  # the model's embedding matches what the tokenizer really produced
     save_config(cfg, run.config)
     return tok
-
-
-def settle_model_sizes(cfg: Config, tokenizer, keep_larger_vocab: bool = False) -> None:
-    """Size the model from the run's trained tokenizer, once, before training (the trainer
-    only checks the sizes): an embedding row per token id and a policy class per
-    <|domain:NAME|> token. The vocabulary is the tokenizer's; with `keep_larger_vocab` (a run
-    that already had its tokenizer) a config asking for more rows keeps them, so a run
-    trained that way still resumes from its checkpoints."""
-    from simone.model import set_policy_domains
-
-    if not keep_larger_vocab or cfg.model.vocab_size < tokenizer.vocab_size:
-        if keep_larger_vocab:
-            _say(f"model.vocab_size {cfg.model.vocab_size} < tokenizer's {tokenizer.vocab_size}: "
-                 f"using {tokenizer.vocab_size}")
-        cfg.model.vocab_size = tokenizer.vocab_size
-    set_policy_domains(cfg.model, tokenizer.domains)
 
 
 @_holding_run_lock
@@ -318,7 +303,7 @@ def stage_train(cfg: Config, run_dir: Path, resume: str | None = None, force: bo
     from simone.train.distributed import (barrier, broadcast_object, dist_env_from_environ,
                                           init_distributed, resolve_device)
     from simone.data.tokenizer import load_tokenizer
-    from simone.train.trainer import train
+    from simone.train.trainer import settle_model_sizes, train
 
     check_device(cfg)  # before any work: a missing GPU is one line, not a traceback after preparing
     run = RunDir(run_dir)
@@ -338,7 +323,7 @@ def stage_train(cfg: Config, run_dir: Path, resume: str | None = None, force: bo
                 _say(f"train: {run.root} has no tokenizer and shards yet; preparing them first")
                 stage_prepare(cfg, run.root)
             # every rank trains with these sizes (the broadcast config below)
-            settle_model_sizes(cfg, load_tokenizer(run.tokenizer), keep_larger_vocab=True)
+            settle_model_sizes(cfg, load_tokenizer(run.tokenizer), keep_larger_vocab=True, log=_say)
             save_config(cfg, run.config)
             outcome = ("ok", cfg.to_dict())
         except Exception as e:  # the other ranks must hear about it, not wait forever
@@ -537,6 +522,7 @@ def run_models(cfg: Config, run_dir: Path, models: list[str], resume: str | None
                 stage_prepare(cfg, run.root)
             else:  # resuming: the shared data is there; the sizes are its tokenizer's
                 from simone.data.tokenizer import load_tokenizer
+                from simone.train.trainer import settle_model_sizes
 
                 settle_model_sizes(cfg, load_tokenizer(run.tokenizer))
             for name in models:
