@@ -14,6 +14,7 @@ from simone.data.shards import build_shards
 from simone.model.governance import LOSS_TERMS
 from simone.rundir import RunDir
 from simone.data.tokenizer import train_tokenizer
+from simone.train.trainer import settle_model_sizes
 
 WORDS = {
     "scripture": "lord god heaven earth light darkness waters spirit day night land seed".split(),
@@ -35,10 +36,10 @@ def prepared_run(root, **model):
     cfg.tokenizer.vocab_size = 300
     tok = train_tokenizer(run.documents, run.tokenizer_dir, cfg.tokenizer)
     build_shards(run.documents, tok, run.data, control_token_prob=0.5)
-    cfg.model.vocab_size = tok.vocab_size
     cfg.model.governance = True
     for k, v in model.items():
         setattr(cfg.model, k, v)
+    settle_model_sizes(cfg, tok)  # as the pipeline does: the trainer only checks the sizes
     cfg.train.max_minutes = None
     cfg.train.device = "cpu"
     cfg.train.log_every = 1
@@ -72,3 +73,46 @@ def test_each_loss_term_is_logged_and_finite(tmp_path):
     assert loaded.model.layers[0].attention.n_memory == cfg.model.n_memory_slots
     text = sample_with_domain(loaded, GovernanceOptions(domain="poetry", policy_guidance=1.0), max_tokens=8)
     assert isinstance(text, str)
+
+
+def test_the_trainer_checks_the_settled_sizes_and_changes_nothing(tmp_path):
+    from simone.train.trainer import ModelSizeError, train
+
+    cfg, run, tok = prepared_run(tmp_path / "run")
+    cfg.train.max_steps = 1
+    cfg.model.n_domains = len(tok.domains) + 1  # not what the tokenizer has
+    with pytest.raises(ModelSizeError, match="model.n_domains"):
+        train(cfg, run)
+    assert cfg.model.n_domains == len(tok.domains) + 1
+    cfg.model.n_domains = len(tok.domains)
+    cfg.model.vocab_size = tok.vocab_size - 1
+    with pytest.raises(ModelSizeError, match="model.vocab_size"):
+        train(cfg, run)
+    assert cfg.model.vocab_size == tok.vocab_size - 1
+
+
+def test_settle_model_sizes_keeps_a_larger_vocab_only_for_a_run_that_had_its_tokenizer(tmp_path):
+    cfg, run, tok = prepared_run(tmp_path / "run")
+    cfg.model.vocab_size, cfg.model.n_domains = tok.vocab_size + 64, 0
+    settle_model_sizes(cfg, tok, keep_larger_vocab=True)
+    assert cfg.model.vocab_size == tok.vocab_size + 64 and cfg.model.n_domains == len(tok.domains) == 3
+    settle_model_sizes(cfg, tok)
+    assert cfg.model.vocab_size == tok.vocab_size
+
+
+def test_python_m_simone_train_settles_the_sizes_of_a_run_dir_that_lacks_them(tmp_path):
+    import subprocess
+    import sys
+
+    from simone.config import load_config, save_config
+
+    cfg, run, tok = prepared_run(tmp_path / "run")
+    cfg.model.n_domains = 0  # as a run dir prepared before the sizes were settled has it
+    cfg.train.max_steps = 1
+    save_config(cfg, run.config)
+    done = subprocess.run([sys.executable, "-m", "simone.train", "--run-dir", str(run.root)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_config(run.config).model.n_domains == 0  # config.json is left as it was (no --set)
+    saved = json.loads((run.checkpoints / "step_000001" / "config.json").read_text())
+    assert saved["model"]["n_domains"] == len(tok.domains)

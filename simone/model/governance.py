@@ -184,37 +184,6 @@ def policy_coherence(policy_logits: torch.Tensor, labels: torch.Tensor, distance
     return (js * pair).sum() / pair.sum().clamp(min=1)
 
 
-# A logging meter, not a model part: it belongs with the training metrics
-# (simone/train/metrics.py) and stays here until that package is free to edit.
-class LossTermMeter:
-    """Sums of `model.loss_terms` over a logging interval, kept on the device.
-
-    `add(terms)` every micro-step (no sync); `read_and_reset()` at a logging step returns
-    {name: mean} with one host transfer.
-    """
-
-    def __init__(self) -> None:
-        self._sums: dict[str, torch.Tensor] = {}
-        self._count = 0
-
-    def add(self, terms: dict[str, torch.Tensor] | None) -> None:
-        if not terms:
-            return
-        for name, value in terms.items():
-            value = value.detach().float()
-            self._sums[name] = self._sums[name] + value if name in self._sums else value.clone()
-        self._count += 1
-
-    def read_and_reset(self) -> dict[str, float]:
-        if not self._sums:
-            return {}
-        names = list(self._sums)
-        values = torch.stack([self._sums[n] for n in names]).tolist()
-        out = {n: v / self._count for n, v in zip(names, values)}
-        self._sums, self._count = {}, 0
-        return out
-
-
 # ----------------------------------------------------------------------------- trace
 
 

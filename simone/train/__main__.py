@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     from simone.rundir import RunDir
     from simone.train.distributed import dist_env_from_environ
     from simone.lock import RunLock
-    from simone.train.trainer import TrainingError, train
+    from simone.data.tokenizer import load_tokenizer
+    from simone.train.trainer import TrainingError, settle_model_sizes, train
 
     run = RunDir(args.run_dir)
     is_main = dist_env_from_environ().is_main
@@ -35,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         # the lock before config.json is rewritten (train() takes it again, re-entrantly)
         with RunLock(run.root, warn=run.log_line) if is_main and run.root.is_dir() else contextlib.nullcontext():
             cfg = apply_overrides(load_config(run.config), args.overrides)
+            # each rank alike, from the same tokenizer (a run dir prepared before the sizes
+            # were settled in config.json gets them here)
+            if run.tokenizer.exists():
+                settle_model_sizes(cfg, load_tokenizer(run.tokenizer), keep_larger_vocab=True,
+                                   log=run.log_line if is_main else None)
             if is_main and args.overrides:
                 save_config(cfg, run.config)
             result = train(cfg, run, resume=args.resume)

@@ -29,7 +29,7 @@ import torch
 
 from simone.checkpoint import check_free_space, estimate_checkpoint_bytes
 from simone.faults import Faults
-from simone.train.metrics import format_seconds
+from simone.units import format_duration
 
 SAMPLE_PROMPT = "In the beginning"
 HEARTBEAT_S = 5.0
@@ -229,16 +229,6 @@ def _si(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _duration(seconds: float) -> str:
-    if seconds >= 86400:
-        return f"{seconds / 86400:.1f} days"
-    if seconds >= 3600:
-        return f"{seconds / 3600:.1f} h"
-    if seconds >= 60:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds:.0f} s"
-
-
 class ConsoleLog(Callback):
     """The progress bar and the log line of each logging step (loss, lr, tokens/s, MFU, ETA),
     and once a run the expected time of the whole schedule at the measured throughput."""
@@ -256,7 +246,7 @@ class ConsoleLog(Callback):
         loss_txt = "skipped" if stats.loss is None else f"{stats.loss:.4f}"
         line = (f"step {t.step}/{t.total_steps} | epoch {stats.epoch:.2f} | loss {loss_txt} | "
                 f"lr {stats.lr:.2e} | grad {stats.grad_norm:.3f} | {stats.tokens_per_s:,.0f} tok/s{mfu_txt} | "
-                f"eta {format_seconds(eta_s(t, stats.steps_per_s))}")
+                f"eta {format_duration(eta_s(t, stats.steps_per_s), '?')}")
         t.metrics.progress(t.step, t.total_steps, f"loss {loss_txt}")
         t.metrics.log(line, echo=not t.metrics.interactive)  # the bar shows it already
         self._report_expected_time(t, stats.tokens_per_s)
@@ -278,7 +268,7 @@ class ConsoleLog(Callback):
         epoch_tokens = t.steps_per_epoch * t.tokens_per_step
         seconds = epochs * epoch_tokens / tokens_per_s
         message = (f"expected: {_si(tokens_per_s)} tokens/s → {epochs} epoch{'s' if epochs != 1 else ''} of "
-                   f"{_si(epoch_tokens)} tokens ≈ {_duration(seconds)} on {t.env.world_size} process(es) "
+                   f"{_si(epoch_tokens)} tokens ≈ {format_duration(seconds)} on {t.env.world_size} process(es) "
                    f"({t.device.type})")
         t.metrics.event("expected_time", t.step, message, tokens_per_s=round(tokens_per_s, 1),
                         epochs=epochs, epoch_tokens=epoch_tokens, expected_s=round(seconds, 1),

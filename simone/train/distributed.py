@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from simone.devices import pick_device
 from simone.errors import SimoneError
 
 PARALLEL_MODES = ("ddp", "fsdp")
@@ -62,20 +63,11 @@ def dist_env_from_environ() -> DistEnv:
 
 
 def resolve_device(preference: str, env: DistEnv) -> torch.device:
-    """`auto` picks CUDA (this rank's GPU), then MPS, then CPU."""
-    if preference == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", env.local_rank % torch.cuda.device_count())
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(preference)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={preference!r} but CUDA is not available on this machine")
-        if device.index is None:
-            device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
-    return device
+    """The training device: `pick_device`'s meaning of the name (with "auto" and a bare
+    "cuda" this rank's GPU), refusing a CUDA device this machine does not have."""
+    if preference != "auto" and torch.device(preference).type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={preference!r} but CUDA is not available on this machine")
+    return pick_device(preference, env.local_rank)
 
 
 def init_distributed(env: DistEnv, device: torch.device, timeout_s: float | None = None) -> None:

@@ -96,13 +96,33 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> floa
     return flops_per_token * tokens_per_s / peak
 
 
-def format_seconds(s: float | None) -> str:
-    if s is None or s != s or s == float("inf"):
-        return "?"
-    s = int(s)
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+class LossTermMeter:
+    """Sums of `model.loss_terms` over a logging interval, kept on the device.
+
+    `add(terms)` every micro-step (no sync); `read_and_reset()` at a logging step returns
+    {name: mean} with one host transfer.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+
+    def add(self, terms: dict[str, torch.Tensor] | None) -> None:
+        if not terms:
+            return
+        for name, value in terms.items():
+            value = value.detach().float()
+            self._sums[name] = self._sums[name] + value if name in self._sums else value.clone()
+        self._count += 1
+
+    def read_and_reset(self) -> dict[str, float]:
+        if not self._sums:
+            return {}
+        names = list(self._sums)
+        values = torch.stack([self._sums[n] for n in names]).tolist()
+        out = {n: v / self._count for n, v in zip(names, values)}
+        self._sums, self._count = {}, 0
+        return out
 
 
 class MetricsLogger:

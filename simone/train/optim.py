@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from simone.config import TrainConfig
 from simone.errors import SimoneError
 
 OPTIMIZERS = ("adamw", "muon")
@@ -196,3 +197,10 @@ def _adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], 
     if fused is None:
         fused = fused_supported and device_type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused and fused_supported else {}))
+
+
+def new_optimizer(raw_model: nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer `tc` asks for over the (unwrapped) training model."""
+    return build_optimizer(raw_model, tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay,
+                           betas=(tc.beta1, tc.beta2), device_type=device.type,
+                           fused=None if tc.fused_adamw else False, muon_lr_scale=tc.muon_lr_scale)

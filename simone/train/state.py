@@ -16,10 +16,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from simone.checkpoint import WEIGHTS, check_state_fits, check_tokenizer, load_checkpoint
+from simone.checkpoint import (
+    WEIGHTS,
+    CheckpointError,
+    check_state_fits,
+    check_tokenizer,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from simone.model import build_model
-from simone.train.distributed import load_full_model_state, load_full_optimizer_state
+from simone.train.distributed import (
+    full_model_state,
+    full_optimizer_state,
+    gather_to_all,
+    load_full_model_state,
+    load_full_optimizer_state,
+)
 from simone.train.early_stopping import EarlyStopping
+from simone.train.optim import new_optimizer
 
 TRAIN_STATE_SCHEMA = 1
 
@@ -50,6 +66,15 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def zero_interval_counters(trainer: Any) -> None:
+    """Device-side sums of the current logging interval (read only at logging steps)."""
+    z = lambda dtype: torch.zeros((), dtype=dtype, device=trainer.device)  # noqa: E731
+    trainer.loss_sum = z(torch.float32)
+    trainer.loss_count = z(torch.int64)
+    trainer.bad_since_log = z(torch.int64)
+    trainer.consecutive_bad = z(torch.int64)
+
+
 def train_state_dict(trainer: Any, rng_per_rank: list[dict[str, Any]],
                      optimizer_state: dict[str, Any]) -> dict[str, Any]:
     """The train state a checkpoint of `trainer` holds (its `train_state` entry)."""
@@ -76,6 +101,42 @@ def train_state_dict(trainer: Any, rng_per_rank: list[dict[str, Any]],
         "last_val_loss": t.last_val_loss,
         "best_checkpoint": t.best_checkpoint,
     }
+
+
+def save_train_checkpoint(trainer: Any, best: bool = False) -> Path | None:
+    """Checkpoint `trainer`: every rank hands over its RNGs and (under FSDP) its shards, rank 0
+    writes the checkpoint and gets its path; the other ranks get None."""
+    t = trainer
+    rng_per_rank = gather_to_all(rng_state(t.device), t.env)
+    # unsharded on rank 0 whatever the layout (collectives under FSDP), so any process
+    # count can resume it
+    model_state = full_model_state(t.raw_model)
+    optimizer_state = full_optimizer_state(t.raw_model, t.optimizer)
+    if not t.env.is_main:
+        return None
+    return save_checkpoint(t.run.checkpoints, t.step, model_state,
+                           train_state_dict(t, rng_per_rank, optimizer_state), t.cfg.to_dict(),
+                           best=best, keep=t.cfg.train.keep_checkpoints, faults=t.faults,
+                           log=t.metrics.log, tokenizer=t.run.tokenizer)
+
+
+def resume_train_state(trainer: Any, resume: str) -> None:
+    """Continue from `resume` ("latest", "best" or a checkpoint directory); "latest" with no
+    checkpoint yet starts fresh."""
+    t = trainer
+    which = resume if resume in ("latest", "best") else None
+    target = t.run.root if which else Path(resume)
+    try:
+        ckpt = resolve_checkpoint(target, which or "latest", on_problem=t.report_bad_checkpoint)
+    except CheckpointError as e:
+        if which == "latest" and not list_checkpoints(t.run.checkpoints):
+            t.metrics.log(f"{t.run.checkpoints}: no checkpoint to resume from; starting fresh")
+            t.metrics.event("start", 0, "no checkpoint to resume from; starting fresh",
+                            total_steps=t.total_steps)
+            return
+        raise e
+    t.restore(ckpt)
+    t.metrics.event("resume", t.step, f"resumed from {ckpt}", path=str(ckpt), total_steps=t.total_steps)
 
 
 def restore_train_state(trainer: Any, ckpt: Path) -> None:
@@ -120,8 +181,8 @@ def restore_train_state(trainer: Any, ckpt: Path) -> None:
 
 def reset_train_state(trainer: Any) -> None:
     """Back to step 0 (a rollback with no checkpoint yet): the seeded initial weights, the
-    loader at its start, a fresh schedule and early stopping. The caller builds a new optimizer
-    and zeroes the interval counters."""
+    loader at its start, a fresh schedule and early stopping (`roll_back` builds a new optimizer
+    and zeroes the interval counters)."""
     t, tc = trainer, trainer.cfg.train
     torch.manual_seed(tc.seed)
     load_full_model_state(t.raw_model, build_model(t.cfg.model).state_dict())
@@ -130,3 +191,29 @@ def reset_train_state(trainer: Any) -> None:
     t.step = t.epochs_done = t.tokens_seen = 0
     t.schedule.reset()
     t.early = EarlyStopping(tc.min_epochs, tc.num_epochs, tc.patience)
+
+
+def roll_back(trainer: Any, consecutive: int) -> None:
+    """After `consecutive` non-finite steps: back to the last good checkpoint (or, with none
+    yet, the seeded initial weights) with the learning rate times `train.rollback_lr_factor`.
+    The trainer checks `train.max_rollbacks` first."""
+    t, tc = trainer, trainer.cfg.train
+    rollbacks, lr_scale = t.rollbacks + 1, t.lr_scale * tc.rollback_lr_factor
+    bad_step = t.step
+    try:
+        ckpt = resolve_checkpoint(t.run.root, "latest", on_problem=t.report_bad_checkpoint)
+    except CheckpointError:
+        ckpt = None
+    if ckpt is not None:
+        t.restore(ckpt)
+        target = ckpt.name
+    else:
+        reset_train_state(t)  # back to step 0: the seeded initial weights, the loader at its start
+        t.optimizer = new_optimizer(t.raw_model, tc, t.device)
+        zero_interval_counters(t)
+        target = "the initial weights (no checkpoint yet)"
+    t.rollbacks, t.lr_scale = rollbacks, lr_scale
+    t.metrics.event("rollback", t.step,
+                    f"{consecutive} consecutive non-finite steps up to step {bad_step}: rolled back to "
+                    f"{target}, learning rate x{lr_scale:g} (rollback {rollbacks}/{tc.max_rollbacks})",
+                    rollbacks=rollbacks, lr_scale=lr_scale, from_step=bad_step)

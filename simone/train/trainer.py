@@ -9,9 +9,9 @@ early stopping, a seeded generation sample, and checkpoints (`checkpoint.py`).
 
 This file is the loop; what it is made of lives beside it: side effects are callbacks
 (`callbacks.py`: status.json and the heartbeat, signals, fault injection, the console line
-and expected time, samples), the checkpointed train state and RNGs are `state.py`'s, wrapping
-the model (activation checkpointing, compile, FSDP2, DDP) is `parallelize.py`'s, and the
-autocast dtype and compiler check are `precision.py`'s.
+and expected time, samples), the checkpointed train state and RNGs (saving, resuming, rolling
+back) are `state.py`'s, wrapping the model (activation checkpointing, compile, FSDP2, DDP) is
+`parallelize.py`'s, and the autocast dtype and compiler check are `precision.py`'s.
 
 Fault tolerance (docs: issue 8):
 - Exact resume. A checkpoint holds everything the next step depends on: weights, optimizer,
@@ -47,23 +47,17 @@ from typing import Any
 
 import torch
 
-from simone.checkpoint import (
-    CheckpointError,
-    CheckpointSaveError,
-    list_checkpoints,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from simone.checkpoint import CheckpointSaveError, list_checkpoints
 from simone.config import Config, ModelConfig
 from simone.data.loader import BatchLoader
 from simone.data.shards import TokenShard
-from simone.data.tokenizer import load_tokenizer
+from simone.data.tokenizer import Tokenizer, load_tokenizer
 from simone.errors import SimoneError
 from simone.faults import Faults
 from simone.inference.evaluate import evaluate_per_domain
 from simone.lock import RunLock
 from simone.model import build_model
-from simone.model.governance import LossTermMeter, set_policy_domains, uses_policy
+from simone.model.governance import set_policy_domains, uses_policy
 from simone.rundir import RunDir
 from simone.train.callbacks import OUT_OF_MEMORY, Callback, LogStats, default_callbacks
 from simone.train.distributed import (
@@ -73,9 +67,6 @@ from simone.train.distributed import (
     barrier,
     check_parallel,
     dist_env_from_environ,
-    full_model_state,
-    full_optimizer_state,
-    gather_to_all,
     gradient_sync,
     init_distributed,
     local_tensor,
@@ -85,12 +76,18 @@ from simone.train.distributed import (
     split_batch,
 )
 from simone.train.early_stopping import EarlyStopping
-from simone.train.metrics import MetricsLogger, mfu, peak_flops
-from simone.train.optim import build_optimizer, optimizer_skips_on_device, set_lr
+from simone.train.metrics import LossTermMeter, MetricsLogger, mfu, peak_flops
+from simone.train.optim import new_optimizer, optimizer_skips_on_device, set_lr
 from simone.train.parallelize import parallelize
 from simone.train.precision import allow_tf32, autocast, autocast_dtype, grad_scaler
 from simone.train.schedule import LRSchedule, percent_done, stop_summary
-from simone.train.state import reset_train_state, restore_train_state, rng_state, train_state_dict
+from simone.train.state import (
+    restore_train_state,
+    resume_train_state,
+    roll_back,
+    save_train_checkpoint,
+    zero_interval_counters,
+)
 
 
 class TrainingError(SimoneError, RuntimeError):
@@ -139,13 +136,40 @@ def train(cfg: Config, run: RunDir, resume: str | None = None,
             trainer.close()
 
 
-def policy_domains_for_run(cfg: ModelConfig, tokenizer_path) -> list[str] | None:
-    """For the trainer: the policy classes (the tokenizer's domains, which also sizes
-    `cfg.n_domains`), or None when the model has no policy head."""
+class ModelSizeError(SimoneError, ValueError):
+    """The config's model sizes do not fit the run's tokenizer (the pipeline settles them)."""
+
+
+def settle_model_sizes(cfg: Config, tokenizer: Tokenizer, keep_larger_vocab: bool = False,
+                       log: Callable[[str], None] | None = None) -> None:
+    """Size the model from the run's trained tokenizer, once, before training (the pipeline
+    and `python -m simone.train` call this; the trainer only checks): an embedding row per
+    token id and a policy class per <|domain:NAME|> token. The vocabulary is the tokenizer's;
+    with `keep_larger_vocab` (a run that already had its tokenizer) a config asking for more
+    rows keeps them, so a run trained that way still resumes from its checkpoints."""
+    if keep_larger_vocab and cfg.model.vocab_size < tokenizer.vocab_size and log is not None:
+        log(f"model.vocab_size {cfg.model.vocab_size} < tokenizer's {tokenizer.vocab_size}: "
+            f"using {tokenizer.vocab_size}")
+    if not keep_larger_vocab or cfg.model.vocab_size < tokenizer.vocab_size:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    set_policy_domains(cfg.model, tokenizer.domains)
+
+
+def check_model_sizes(cfg: ModelConfig, run: RunDir, shard_vocab_size: int) -> list[str] | None:
+    """Check that the model's sizes fit the run's tokenizer (`settle_model_sizes` set them
+    before training; the trainer changes nothing) and
+    return the policy classes (the tokenizer's domains), or None without a policy head."""
+    if cfg.vocab_size < shard_vocab_size:
+        raise ModelSizeError(f"{run.config}: model.vocab_size {cfg.vocab_size} is smaller than the tokenizer's "
+                             f"{shard_vocab_size} ({run.tokenizer}); settle the sizes before training "
+                             f"(settle_model_sizes)")
     if not uses_policy(cfg):
         return None
-    domains = load_tokenizer(tokenizer_path).domains
-    set_policy_domains(cfg, domains)
+    domains = load_tokenizer(run.tokenizer).domains
+    if cfg.n_domains != len(domains) or not domains:
+        raise ModelSizeError(f"{run.config}: model.n_domains {cfg.n_domains} but the tokenizer has {len(domains)} "
+                             f"<|domain:NAME|> token(s) ({run.tokenizer}); the policy head needs one class per "
+                             f"domain (settle_model_sizes)")
     return domains
 
 
@@ -188,6 +212,23 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     return grad_norm, finite
 
 
+def build_model_and_optimizer(cfg: Config, parallel: str, env: DistEnv, device: torch.device,
+                              log: Callable[[str], None]) -> tuple[torch.nn.Module, torch.nn.Module,
+                                                                   torch.optim.Optimizer, torch.dtype | None,
+                                                                   torch.amp.GradScaler | None]:
+    """The seeded model (the same initial weights on every rank), it wrapped for training
+    (parallelize.py), its optimizer, the autocast dtype and the fp16 grad scaler (or None)."""
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    raw_model = build_model(cfg.model).to(device)
+    amp_dtype = autocast_dtype(tc.dtype, device)
+    scaler = grad_scaler(amp_dtype, device)
+    model = parallelize(raw_model, tc, parallel, env, device, log)
+    optimizer = new_optimizer(raw_model, tc, device)  # after parallelize: FSDP2 replaces parameters
+    torch.manual_seed(tc.seed + env.rank)  # dropout streams differ per rank
+    return raw_model, model, optimizer, amp_dtype, scaler
+
+
 class Trainer:
     """The loop of one training run (one process): model, optimizer, data and the counters a
     checkpoint carries. Side effects are callbacks (callbacks.py), the train state is
@@ -205,10 +246,6 @@ class Trainer:
         self.metrics = MetricsLogger(run, enabled=env.is_main)
         self.train_shard = TokenShard(run.data, "train")
         self.val_shard = TokenShard(run.data, "val")
-        if cfg.model.vocab_size < self.train_shard.vocab_size:
-            self.metrics.log(f"model.vocab_size {cfg.model.vocab_size} < tokenizer's "
-                             f"{self.train_shard.vocab_size}: using {self.train_shard.vocab_size}")
-            cfg.model.vocab_size = self.train_shard.vocab_size
         self.seq_len = cfg.model.max_seq_len
 
         # Keep the effective batch (batch_size x grad_accum sequences per step) whatever the
@@ -221,7 +258,7 @@ class Trainer:
         self.sharded = self.parallel == "fsdp" and env.distributed
         # Governance: the policy head's classes are the tokenizer's domain control tokens, and
         # its labels (each input token's domain) come from the loader. None: no policy head.
-        self.domain_classes = policy_domains_for_run(cfg.model, run.tokenizer)
+        self.domain_classes = check_model_sizes(cfg.model, run, self.train_shard.vocab_size)
         self.loss_terms = LossTermMeter()  # the comprehensive loss's terms, logged per interval
         self.loader = BatchLoader(self.train_shard, self.micro_batch, self.seq_len, tc.seed, rank=env.rank,
                                   world_size=env.world_size, device=self.device, grad_accum=self.grad_accum,
@@ -240,14 +277,9 @@ class Trainer:
         self.schedule.expect_evaluations(
             tc.eval_every, 2 * tc.eval_batches * max(1, len(self.val_shard.domains)) / (3 * self.grad_accum))
 
-        torch.manual_seed(tc.seed)  # the same initial weights on every rank
-        self.raw_model = build_model(cfg.model).to(self.device)
-        self.amp_dtype = autocast_dtype(tc.dtype, self.device)
-        self.scaler = grad_scaler(self.amp_dtype, self.device)
-        self.model = parallelize(self.raw_model, tc, self.parallel, env, self.device, self.metrics.log)
-        self.optimizer = self._new_optimizer()  # after parallelize: FSDP2 replaces parameters
+        self.raw_model, self.model, self.optimizer, self.amp_dtype, self.scaler = build_model_and_optimizer(
+            cfg, self.parallel, env, self.device, self.metrics.log)
         self._skips_on_device = optimizer_skips_on_device(self.optimizer) and self.scaler is None
-        torch.manual_seed(tc.seed + env.rank)  # dropout streams differ per rank
         self.early = EarlyStopping(tc.min_epochs, tc.num_epochs, tc.patience)
         self.flops_per_token = self.raw_model.flops_per_token(self.seq_len)
         self.peak_flops = peak_flops(self.device, self.amp_dtype)
@@ -255,7 +287,7 @@ class Trainer:
         # counters that a checkpoint carries (state.py)
         self.step = self.epochs_done = self.tokens_seen = self.rollbacks = 0
         self.lr_scale = 1.0
-        self._zero_interval_counters()
+        zero_interval_counters(self)
         self.last_val_loss: float | None = None
         self.best_checkpoint: str | None = None
         self.last_checkpoint: str | None = None
@@ -271,20 +303,6 @@ class Trainer:
         self._session_tokens = 0
         self._log_clock = (time.perf_counter(), 0)  # (time, tokens) at the last log
         self.callbacks: list[Callback] = default_callbacks(self)
-
-    def _new_optimizer(self) -> torch.optim.Optimizer:
-        tc = self.cfg.train
-        return build_optimizer(self.raw_model, tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay,
-                               betas=(tc.beta1, tc.beta2), device_type=self.device.type,
-                               fused=None if tc.fused_adamw else False, muon_lr_scale=tc.muon_lr_scale)
-
-    def _zero_interval_counters(self) -> None:
-        """Device-side sums of the current logging interval (read only at logging steps)."""
-        z = lambda dtype: torch.zeros((), dtype=dtype, device=self.device)  # noqa: E731
-        self.loss_sum = z(torch.float32)
-        self.loss_count = z(torch.int64)
-        self.bad_since_log = z(torch.int64)
-        self.consecutive_bad = z(torch.int64)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.amp_dtype, self.device)
@@ -305,7 +323,7 @@ class Trainer:
         stop_reason = "max_steps"
         try:
             if resume is not None:
-                self._resume(resume)
+                resume_train_state(self, resume)
             else:
                 self._start_fresh()
             self._call("on_train_start")
@@ -477,34 +495,16 @@ class Trainer:
             self._rollback(int(consecutive))
 
     def _rollback(self, consecutive: int) -> None:
-        """Go back to the last good checkpoint with a smaller learning rate, or fail."""
+        """Go back to the last good checkpoint with a smaller learning rate (state.roll_back), or fail."""
         tc = self.cfg.train
         if self.rollbacks >= tc.max_rollbacks:
             raise TrainingError(
                 f"{consecutive} consecutive steps with a non-finite loss or gradient norm at step {self.step}, "
                 f"after {self.rollbacks} rollback(s) (train.max_rollbacks={tc.max_rollbacks}); "
                 f"try a lower train.lr (now {tc.lr * self.lr_scale:.2e})", "non_finite")
-        rollbacks, lr_scale = self.rollbacks + 1, self.lr_scale * tc.rollback_lr_factor
-        bad_step = self.step
-        try:
-            ckpt = resolve_checkpoint(self.run.root, "latest", on_problem=self._report_bad_checkpoint)
-        except CheckpointError:
-            ckpt = None
-        if ckpt is not None:
-            self._restore(ckpt)
-            target = ckpt.name
-        else:
-            reset_train_state(self)  # back to step 0: the seeded initial weights, the loader at its start
-            self.optimizer = self._new_optimizer()
-            self._zero_interval_counters()
-            target = "the initial weights (no checkpoint yet)"
-        self.rollbacks, self.lr_scale = rollbacks, lr_scale
-        self.metrics.event("rollback", self.step,
-                           f"{consecutive} consecutive non-finite steps up to step {bad_step}: rolled back to "
-                           f"{target}, learning rate x{lr_scale:g} (rollback {rollbacks}/{tc.max_rollbacks})",
-                           rollbacks=rollbacks, lr_scale=lr_scale, from_step=bad_step)
+        roll_back(self, consecutive)
 
-    def _report_bad_checkpoint(self, message: str) -> None:
+    def report_bad_checkpoint(self, message: str) -> None:
         self.metrics.event("checkpoint_corrupt", self.step, message)
 
     # ------------------------------------------------------------------ evaluation
@@ -535,16 +535,8 @@ class Trainer:
     def _save(self, best: bool = False) -> None:
         if self.step == self._last_saved_step and not best:
             return
-        rng_per_rank = gather_to_all(rng_state(self.device), self.env)
-        # unsharded on rank 0 whatever the layout (collectives under FSDP), so any process
-        # count can resume it
-        model_state = full_model_state(self.raw_model)
-        optimizer_state = full_optimizer_state(self.raw_model, self.optimizer)
-        if self.env.is_main:
-            path = save_checkpoint(self.run.checkpoints, self.step, model_state,
-                                   train_state_dict(self, rng_per_rank, optimizer_state), self.cfg.to_dict(),
-                                   best=best, keep=self.cfg.train.keep_checkpoints, faults=self.faults,
-                                   log=self.metrics.log, tokenizer=self.run.tokenizer)
+        path = save_train_checkpoint(self, best)  # every rank gathers its part; rank 0 writes
+        if path is not None:
             self.last_checkpoint = path.name
             if best:
                 self.best_checkpoint = path.name
@@ -554,23 +546,8 @@ class Trainer:
         barrier(self.env)
         self._last_saved_step = self.step
 
-    def _resume(self, resume: str) -> None:
-        which = resume if resume in ("latest", "best") else None
-        target = self.run.root if which else Path(resume)
-        try:
-            ckpt = resolve_checkpoint(target, which or "latest", on_problem=self._report_bad_checkpoint)
-        except CheckpointError as e:
-            if which == "latest" and not list_checkpoints(self.run.checkpoints):
-                self.metrics.log(f"{self.run.checkpoints}: no checkpoint to resume from; starting fresh")
-                self.metrics.event("start", 0, "no checkpoint to resume from; starting fresh",
-                                   total_steps=self.total_steps)
-                return
-            raise e
-        self._restore(ckpt)
-        self.metrics.event("resume", self.step, f"resumed from {ckpt}", path=str(ckpt),
-                           total_steps=self.total_steps)
-
-    def _restore(self, ckpt: Path) -> None:
+    def restore(self, ckpt: Path) -> None:
+        """Put a verified checkpoint back (state.py); its step counts as saved and evaluated."""
         restore_train_state(self, ckpt)
         self._last_saved_step = self._last_eval_step = self.step
 

@@ -504,7 +504,7 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
     """Train and evaluate every variant in `settings.variants` with `settings.seeds` seeds into
     `out`; write `ablation.json`, `ablation.md` and `ablation.svg` there (after every round of
     seeds, so a stopped ablation leaves what it has) and return the result dict."""
-    from simone.model import set_policy_domains
+    from simone.train.trainer import settle_model_sizes
     from simone.workflows.pipeline import stage_train
     from simone.inference.steering import fit_on_documents, snippet_accuracy, snippet_words_for
     from simone.data.tokenizer import load_tokenizer
@@ -531,7 +531,7 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
     sec = None
     if settings.max_steps is None and settings.tokens_per_variant is None:
         probe = variant_config(cfg, "full")
-        set_policy_domains(probe.model, tok.domains)
+        settle_model_sizes(probe, tok)
         sec = seconds_per_step(probe, shared)
     steps = steps_for_budget(settings, tokens_per_step, sec)
     n_runs = len(settings.variants) * settings.seeds
@@ -565,9 +565,7 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
                 data_root, heldout_dir = shared, shared.data
             _link(data_root.data, run.data)
             _link(data_root.tokenizer_dir, run.tokenizer_dir)
-            vtok = load_tokenizer(run.tokenizer)
-            vcfg.model.vocab_size = vtok.vocab_size
-            set_policy_domains(vcfg.model, vtok.domains)
+            settle_model_sizes(vcfg, load_tokenizer(run.tokenizer))  # the uncurated variant has its own
             _say(f"{name} seed {k}: training {steps} steps")
             trained = stage_train(vcfg, run.root, force=True)  # a rerun into the same --out starts over
             if getattr(trained, "stop_reason", None) == "signal":

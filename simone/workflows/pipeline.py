@@ -253,6 +253,7 @@ def stage_curate(cfg: Config, run_dir: Path):
 @_holding_run_lock
 def stage_tokenizer(cfg: Config, run_dir: Path):
     from simone.data.tokenizer import train_tokenizer
+    from simone.train.trainer import settle_model_sizes
 
     run = RunDir(run_dir)
     if not run.documents.exists():
@@ -260,8 +261,7 @@ def stage_tokenizer(cfg: Config, run_dir: Path):
     _say(f"tokenizer: byte-level BPE, vocab {cfg.tokenizer.vocab_size}")
     # domain control tokens come from the domains found in documents.jsonl
     tok = train_tokenizer(run.documents, run.tokenizer_dir, cfg.tokenizer)
-    # the model's embedding must match what the tokenizer really produced
-    cfg.model.vocab_size = tok.vocab_size
+    settle_model_sizes(cfg, tok)  # the model's embedding matches what the tokenizer really produced
     save_config(cfg, run.config)
     return tok
 
@@ -297,11 +297,13 @@ def stage_train(cfg: Config, run_dir: Path, resume: str | None = None, force: bo
 
     Under torchrun every process calls this: the process group is joined here, rank 0 alone
     prepares the data and writes config.json while the others wait for its word, and then every
-    rank trains with rank 0's resolved config (the tokenizer may have changed the vocab size).
+    rank trains with rank 0's resolved config (`settle_model_sizes`: the tokenizer's vocabulary
+    and domain count).
     """
     from simone.train.distributed import (barrier, broadcast_object, dist_env_from_environ,
                                           init_distributed, resolve_device)
-    from simone.train.trainer import train
+    from simone.data.tokenizer import load_tokenizer
+    from simone.train.trainer import settle_model_sizes, train
 
     check_device(cfg)  # before any work: a missing GPU is one line, not a traceback after preparing
     run = RunDir(run_dir)
@@ -320,6 +322,8 @@ def stage_train(cfg: Config, run_dir: Path, resume: str | None = None, force: bo
                                         f"run `simone prepare --run-dir {run.root}` or train without --resume")
                 _say(f"train: {run.root} has no tokenizer and shards yet; preparing them first")
                 stage_prepare(cfg, run.root)
+            # every rank trains with these sizes (the broadcast config below)
+            settle_model_sizes(cfg, load_tokenizer(run.tokenizer), keep_larger_vocab=True, log=_say)
             save_config(cfg, run.config)
             outcome = ("ok", cfg.to_dict())
         except Exception as e:  # the other ranks must hear about it, not wait forever
@@ -516,10 +520,11 @@ def run_models(cfg: Config, run_dir: Path, models: list[str], resume: str | None
                 _say(f"dashboard: {start_background_monitor(runs_root=run.root / 'runs', port=monitor_port)}")
             if resume is None or not (run.data / "index.json").exists():
                 stage_prepare(cfg, run.root)
-            else:  # resuming: the shared data is there; the vocab is the tokenizer's
-                from simone.config import load_config
+            else:  # resuming: the shared data is there; the sizes are its tokenizer's
+                from simone.data.tokenizer import load_tokenizer
+                from simone.train.trainer import settle_model_sizes
 
-                cfg.model.vocab_size = load_config(run.config).model.vocab_size
+                settle_model_sizes(cfg, load_tokenizer(run.tokenizer))
             for name in models:
                 run.write_status(stage=f"model {name}")
                 sub = RunDir(run.root / "runs" / name)
