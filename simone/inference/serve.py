@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import queue
 import secrets
@@ -79,6 +78,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from simone.errors import SimoneError
 from simone.inference.generate import LoadedModel, load_model
+from simone.local_server import ThreadedServer, is_loopback, start_in_thread
 from simone.model import decode
 from simone.model.sampling import sample_next_token
 
@@ -806,15 +806,6 @@ def create_app(loaded: LoadedModel, api_key: str | None = None, name: str | None
 # ----------------------------------------------------------------------------- running it
 
 
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def check_bind(host: str, api_key: str | None) -> None:
     if not is_loopback(host) and not api_key:
         raise ServeError(f"serving on {host} exposes the model to the network: pass --api-key KEY "
@@ -855,17 +846,8 @@ def run_server(model_path: Path, host: str = "127.0.0.1", port: int = 8000, api_
         pass
 
 
-@dataclass
-class BackgroundServer:
-    """A server in a daemon thread (tests, benchmarks). `url` ends in /v1."""
-
-    url: str
-    server: uvicorn.Server
-    thread: threading.Thread = field(repr=False)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout)
+class BackgroundServer(ThreadedServer):
+    """A model server in a daemon thread (tests, benchmarks). `url` ends in /v1."""
 
 
 def start_background_server(loaded: LoadedModel, host: str = "127.0.0.1", port: int = 0,
@@ -876,12 +858,7 @@ def start_background_server(loaded: LoadedModel, host: str = "127.0.0.1", port: 
     sock = _listen(host, port)
     bound = sock.getsockname()[1]
     server = _server(create_app(loaded, api_key=api_key, name=name), host, bound, "warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="simone-serve")
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if not server.started:
-        server.should_exit = True
+    thread = start_in_thread(server, sock, "simone-serve")
+    if thread is None:
         raise ServeError(f"the server did not start on {host}:{bound}")
     return BackgroundServer(f"http://{host}:{bound}/v1", server, thread)

@@ -219,15 +219,6 @@ class Monitor:
 # ----------------------------------------------------------------------------- host check and token gate
 
 
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def _ip_literal(name: str) -> str | None:
     """`name` as a Host header spells an IP address (IPv6 in brackets), else None."""
     try:

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import secrets
 import socket
-import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
 
 from simone.errors import SimoneError
-from simone.monitor.app import create_app, is_loopback
+from simone.local_server import ThreadedServer, is_loopback, start_in_thread
+from simone.monitor.app import create_app
 
 
 class MonitorError(SimoneError, RuntimeError):
@@ -85,20 +83,8 @@ def run_monitor(
         pass
 
 
-@dataclass
-class BackgroundMonitor:
+class BackgroundMonitor(ThreadedServer):
     """A dashboard served from a daemon thread. `str()` is its URL."""
-
-    url: str
-    server: uvicorn.Server
-    thread: threading.Thread = field(repr=False)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout)
-
-    def __str__(self) -> str:
-        return self.url
 
 
 def start_background_monitor(
@@ -128,13 +114,8 @@ def start_background_monitor(
             continue
         bound_port = sock.getsockname()[1]
         server = uvicorn.Server(_config(kwargs, host, bound_port, "warning"))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="simone-monitor")
-        thread.start()
-        deadline = time.monotonic() + 15
-        while not server.started and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if not server.started:
-            server.should_exit = True
+        thread = start_in_thread(server, sock, "simone-monitor")
+        if thread is None:
             raise MonitorError(f"the monitor did not start on {host}:{bound_port}")
         return BackgroundMonitor(dashboard_url(host, bound_port, token), server, thread)
     raise MonitorError(f"no free port in {port}..{port + tries - 1} on {host}: {last_error}")
