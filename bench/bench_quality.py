@@ -4,16 +4,17 @@ scored in bits per byte on the same held-out documents (issue 16, part 1).
     python bench/bench_quality.py --minutes 10 [--corpus ../shared/corpus]
     python bench/bench_quality.py --minutes 0.1 --tiny --corpus DIR        (smoke: seconds)
     python bench/bench_quality.py --minutes 10 --recipes ours,peer,ours-muon,ours-budget
+    python bench/bench_quality.py --minutes 10 --recipes ours,b8 --variant b8:train.batch_size=8
 
 Held-out text: per domain (first folder of the corpus), the first `*.txt` in sorted order of
 at least 20 KB (or the largest, if none is), removed with its sidecar from the training copy
 of the corpus, so neither recipe trains on it; each is scored on its first `--eval-chars`
 characters. Both recipes train on the same curated, tokenized data (the `cpu` preset's
-curation and 4096-token BPE, built once, untimed), one after the other, for `--minutes` each.
+curation and BPE vocabulary, built once, untimed), one after the other, for `--minutes` each.
 
 Recipes:
-  ours         the `cpu` preset as `simone run` trains it (Llama-style 4 x 256, context 256,
-               bf16 where the CPU has it, compiled, the time-planned schedule), capped at M minutes
+  ours         the `cpu` preset as `simone run` trains it (its shape, batch and schedule: simone/config.py;
+               compiled, bf16 where the CPU has native bf16, the time-planned schedule), capped at M minutes
   peer         nanoGPT's configuration and training loop as published, through our GPT-2
                baseline (`model.arch=gpt2`: learned positions, LayerNorm, GELU MLP, biases):
                2 layers x 256, 4 heads, context 128, batch 32 random windows of the token stream,
@@ -22,7 +23,12 @@ Recipes:
                minutes (counted from the time of the first 20 iterations), fp32, no compile, no
                evaluation during training (nanoGPT's periodic evaluation would cost it time)
   ours-muon    ours with train.optimizer=muon
-  ours-budget  ours with the shape `--budget-minutes M` picks (simone/train/budget.py)
+  ours-budget  ours with the shape `--budget-minutes M` picks (simone/train/budget.py), as `make run` trains
+  NAME         ours with the overrides of `--variant NAME:section.key=value[,section.key=value...]`
+               (a lever tried on its own; `simone run --set` spells the same overrides)
+
+Several runs can share one --work folder (the data is prepared once) when their recipe names
+differ; give each its own --json. `peer` may be left out (then no ratio is printed).
 
 Score: total negative log-likelihood in bits / UTF-8 bytes (simone.inference.eval_text), each
 model with its own context in sliding windows. The headline is ours / peer (below 1: ours is
@@ -35,7 +41,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,18 +52,11 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from simone.config import Config, ModelConfig, preset  # noqa: E402
+from simone.config import Config, ModelConfig, apply_overrides, preset  # noqa: E402
+from simone.devices import cpu_model  # noqa: E402
 
 MIN_HELD_OUT_BYTES = 20_000
 GOAL = 0.85
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name:"))
-    except (OSError, subprocess.SubprocessError, StopIteration):
-        return "unknown"
 
 
 # ----------------------------------------------------------------------------- data
@@ -182,7 +180,7 @@ def train_ours(base: Config, prepared: Path, work: Path, eval_dir: Path, minutes
     started = time.perf_counter()
     result = stage_train(cfg, run_dir)
     seconds = time.perf_counter() - started
-    return {"recipe": name, "params": _param_count(cfg.model), "steps": result.steps,
+    return {"recipe": name, "params": _param_count(cfg.model), "vocab_size": cfg.model.vocab_size, "steps": result.steps,
             "tokens_seen": result.tokens_seen, "tokens_per_s": result.tokens_per_s, "train_seconds": seconds,
             "stop_reason": result.stop_reason, "schedule_progress": result.schedule_progress,
             "shape": _shape(cfg), **score_run(run_dir, eval_dir, name)}
@@ -253,7 +251,7 @@ def train_peer(prepared: Path, eval_dir: Path, minutes: float, tiny: bool, seed:
                   f"{time.perf_counter() - started:.0f}s", flush=True)
     seconds = time.perf_counter() - started
     tokenizer = load_tokenizer(prepared / "tokenizer" / "tokenizer.json")
-    return {"recipe": "peer", "params": model.num_params(), "steps": it, "planned_iters": max_iters,
+    return {"recipe": "peer", "params": model.num_params(), "vocab_size": vocab, "steps": it, "planned_iters": max_iters,
             "tokens_seen": it * batch * block, "tokens_per_s": it * batch * block / seconds,
             "train_seconds": seconds, "shape": (f"gpt2 {p['n_layers']}x{p['dim']} ({p['n_heads']} heads), context "
                                                 f"{block}, batch {batch}, lr {p['lr']:g} cosine, adamw, float32, no compile"),
@@ -276,19 +274,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-compile", dest="no_compile", action="store_true",
                     help="our recipes eager (compiling takes ~15 s of the budget on an idle 2-core CPU, "
                          "minutes on a loaded one)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override the base config of our recipes and of the data preparation (e.g. "
+                         "tokenizer.vocab_size=2048: then give it its own --work, the data is prepared per folder)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                    help="a named recipe: ours with these config overrides (repeatable)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
+    variants = parse_variants(args.variant)
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    unknown = set(recipes) - {"ours", "peer", "ours-muon", "ours-budget"}
-    if unknown or "peer" not in recipes:
-        raise SystemExit(f"--recipes: needs peer, and only ours, peer, ours-muon, ours-budget (got {args.recipes})")
+    unknown = set(recipes) - {"ours", "peer", "ours-muon", "ours-budget"} - set(variants)
+    if unknown or not recipes:
+        raise SystemExit(f"--recipes: only ours, peer, ours-muon, ours-budget or a --variant name "
+                         f"(got {args.recipes}; unknown: {', '.join(sorted(unknown)) or 'none'})")
     corpus = args.corpus.resolve()
     if not corpus.is_dir():
         raise SystemExit(f"{corpus}: no such corpus folder (pass --corpus DIR)")
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    base = preset("tiny" if args.tiny else "cpu")
+    base = apply_overrides(preset("tiny" if args.tiny else "cpu"), args.overrides)
     base.train.device = "cpu"
     if args.tiny:
         base.train.eval_every = 0
@@ -313,18 +318,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         elif name == "ours-muon":
             results[name] = train_ours(base, prepared, work, eval_dir, args.minutes, name,
                                        edit=lambda c: setattr(c.train, "optimizer", "muon"))
-        else:
+        elif name == "ours-budget":
             results[name] = train_ours(base, prepared, work, eval_dir, args.minutes, name,
                                        edit=lambda c: _budget_shape(c, args.minutes))
-    peer_bpb = results["peer"]["bpb"]
+        else:
+            results[name] = train_ours(base, prepared, work, eval_dir, args.minutes, name,
+                                       edit=lambda c, o=variants[name]: apply_overrides(c, o))
+            results[name]["overrides"] = variants[name]
+    peer_bpb = results["peer"]["bpb"] if "peer" in results else None
     for r in results.values():
-        r["ratio_vs_peer"] = r["bpb"] / peer_bpb
+        r["ratio_vs_peer"] = r["bpb"] / peer_bpb if peer_bpb else None
     report = {
         "schema": 1, "minutes": args.minutes, "tiny": args.tiny, "cpu_model": cpu_model(),
         "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0], "torch": torch.__version__,
         "corpus": str(corpus), "held_out": [str(p.relative_to(corpus)) for p in held_out],
-        "eval_chars": args.eval_chars, "prep_seconds": prep_s, "goal": GOAL,
+        "eval_chars": args.eval_chars, "prep_seconds": prep_s, "goal": GOAL, "overrides": args.overrides,
+        "vocab_size": results[recipes[0]].get("vocab_size"),
         "ratio": results["ours"]["ratio_vs_peer"] if "ours" in results else None,
+        "best": min(results, key=lambda n: results[n]["bpb"]),
         "recipes": results,
     }
     print_table(report)
@@ -332,6 +343,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def parse_variants(items: list[str]) -> dict[str, list[str]]:
+    """`NAME:section.key=value[,section.key=value]` items -> {NAME: [overrides]}."""
+    variants: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, rest = item.partition(":")
+        overrides = [o.strip() for o in rest.split(",") if o.strip()]
+        if not sep or not name or not overrides or any("=" not in o for o in overrides):
+            raise SystemExit(f"--variant {item!r}: expected NAME:section.key=value[,section.key=value]")
+        if name in {"ours", "peer", "ours-muon", "ours-budget"}:
+            raise SystemExit(f"--variant {item!r}: {name} is a built-in recipe; pick another name")
+        variants[name] = overrides
+    return variants
 
 
 def _budget_shape(cfg: Config, minutes: float) -> None:
@@ -348,7 +373,8 @@ def print_table(report: dict[str, Any]) -> None:
           f"(CPU: {report['cpu_model']}, {report['threads']} threads, load {report['load_average']:.1f})")
     print(f"{'recipe':<12} {'bpb':>7} {'/ peer':>7} {'params':>9} {'steps':>7} {'tokens':>10} {'tok/s':>8}  shape")
     for name, r in report["recipes"].items():
-        print(f"{name:<12} {r['bpb']:7.4f} {r['ratio_vs_peer']:6.3f}x {r['params'] / 1e6:8.2f}M {r['steps']:7d} "
+        ratio = f"{r['ratio_vs_peer']:6.3f}x" if r["ratio_vs_peer"] is not None else "      -"
+        print(f"{name:<12} {r['bpb']:7.4f} {ratio} {r['params'] / 1e6:8.2f}M {r['steps']:7d} "
               f"{r['tokens_seen'] / 1e6:9.2f}M {r['tokens_per_s']:8,.0f}  {r['shape']}")
     if report["ratio"] is not None:
         verdict = "meets" if report["ratio"] <= report["goal"] else "misses"

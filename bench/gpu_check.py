@@ -31,22 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from simone.devices import cpu_model  # noqa: E402  (one CPU name for every benchmark)
+
 STEPS = ("env", "bench_train", "run", "generate", "torchrun")
 SUMMARY_KEYS = ("schema", "mode", "machine", "steps", "headline")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def gpu_count() -> int:

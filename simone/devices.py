@@ -3,6 +3,9 @@ benchmarks and the time estimates (model-free, so any layer can use it)."""
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import torch
 
 
@@ -34,3 +37,15 @@ def _rank_gpu(local_rank: int | None) -> torch.device:
     if local_rank is None:
         return torch.device("cuda")
     return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC 7B13", "Intel(R) Xeon(R) ..."): every benchmark figure is
+    reported beside it, because CPUs here differ by 2x (with or without AMX / bf16 units)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.lower().startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"

@@ -42,11 +42,23 @@ def test_one_document_per_domain_is_held_out_of_training(bq, tmp_path):
 @pytest.mark.slow
 def test_smoke_mode_scores_both_recipes_on_the_same_text(bq, tmp_path):
     corpus = make_corpus(tmp_path / "corpus")
-    report = bq.main(["--minutes", "0.03", "--tiny", "--corpus", str(corpus), "--work", str(tmp_path / "w")])
-    ours, peer = report["recipes"]["ours"], report["recipes"]["peer"]
+    report = bq.main(["--minutes", "0.03", "--tiny", "--corpus", str(corpus), "--work", str(tmp_path / "w"),
+                      "--recipes", "ours,peer,slow", "--variant", "slow:train.lr=1e-5,train.batch_size=4"])
+    ours, peer, slow = report["recipes"]["ours"], report["recipes"]["peer"], report["recipes"]["slow"]
+    # a --variant is ours with its overrides, scored on the same text
+    assert "batch 4x1, lr 1e-05" in slow["shape"] and "batch 8x1, lr 0.003" in ours["shape"]
+    assert slow["eval_bytes"] == ours["eval_bytes"] and slow["ratio_vs_peer"] == pytest.approx(slow["bpb"] / peer["bpb"])
     assert ours["eval_bytes"] == peer["eval_bytes"] > 0  # the same held-out text
     assert 0.5 < ours["bpb"] < 8 and 0.5 < peer["bpb"] < 8
     assert report["ratio"] == pytest.approx(ours["bpb"] / peer["bpb"])
     assert ours["steps"] > 0 and peer["steps"] > 0 and report["cpu_model"]
     saved = json.loads((tmp_path / "w" / "quality.json").read_text())
     assert saved["ratio"] == report["ratio"] and saved["held_out"] == report["held_out"]
+
+
+def test_variants_parse_and_bad_ones_say_what_is_wrong(bq):
+    assert bq.parse_variants(["muon:train.optimizer=muon", "b8:train.batch_size=8, train.lr=1e-3"]) == {
+        "muon": ["train.optimizer=muon"], "b8": ["train.batch_size=8", "train.lr=1e-3"]}
+    for bad in ("nocolon", "x:", "x:train.lr", "ours:train.lr=1"):
+        with pytest.raises(SystemExit, match="--variant"):
+            bq.parse_variants([bad])

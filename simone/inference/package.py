@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from simone.devices import cpu_model
 from simone.errors import SimoneError
 from simone.rundir import RunDir, atomic_write_json, fsync_dir, read_json, sha256_file
 
@@ -58,7 +59,7 @@ def _hardware() -> dict[str, Any]:
     import psutil
     import torch
 
-    hw: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    hw: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(),
                           "ram_gb": round(psutil.virtual_memory().total / 2**30, 1)}
     if torch.cuda.is_available():
         hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

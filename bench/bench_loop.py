@@ -1,0 +1,166 @@
+"""The training loop at the speed of its step (issue 16, part 3): what `simone run` loses against
+`simone bench train`'s bare step, measured side by side in one run.
+
+    python bench/bench_loop.py [--preset cpu] [--steps 100] [--rounds 2] [--corpus DIR]
+    python bench/bench_loop.py --preset tiny --steps 30 --rounds 1                    (smoke: seconds)
+
+step   what `simone bench train` times for our model: forward, backward and the optimizer step on
+       one fixed random batch already in memory, compiled iff the preset compiles, in the preset's
+       dtype, with the preset's optimizer; nothing else.
+loop   `simone run`'s training stage (`stage_train`, the same function the CLI calls) on real
+       shards of the corpus, for `--steps` optimizer steps: the data loader, the learning-rate
+       schedule, gradient clipping and the bad-step checks, the device counters read at each
+       logging step, metrics.jsonl / train.log / status.json rows, the system-stats thread.
+       Evaluation, samples and checkpoints are pauses the trainer already leaves out of its
+       throughput; they are switched off here so that every logging interval is training.
+
+Both are timed in rounds, step then loop, `--rounds` times, so load from elsewhere on the
+machine falls on both. The step's rate is the median of its timed steps; the loop's is the
+median of its logging intervals' tokens/s (the first interval, which holds compilation and
+warm-up, is left out). The headline is loop / step; the goal is >= 0.95 (lose <= 5%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from simone.config import Config, load_config, preset  # noqa: E402
+from simone.devices import cpu_model  # noqa: E402
+
+GOAL = 0.95
+
+
+def prepare(cfg: Config, corpus: Path | None, work: Path) -> Path:
+    """Curated, tokenized shards of `corpus` (default: the embedded corpus), built once."""
+    from simone.rundir import RunDir
+    from simone.workflows.pipeline import stage_prepare
+
+    prepared = work / f"prepared-{cfg.preset}"
+    if corpus is not None:
+        cfg.data.data_dir = str(corpus.resolve())
+    if not (RunDir(prepared).data / "index.json").exists():
+        stage_prepare(cfg, prepared)
+    return prepared
+
+
+def step_rate(cfg: Config, steps: int, warmup: int = 3) -> dict[str, Any]:
+    """Tokens/s of the bare step, as `simone bench train` times ours (one fixed batch)."""
+    from simone.model import build_model
+    from simone.train.optim import build_optimizer
+    from simone.train.precision import autocast_dtype
+    from simone.workflows.bench import _rate, bench_device, time_alternating
+
+    m, t = cfg.model, cfg.train
+    dev = bench_device(cfg, None)
+    torch.manual_seed(0)
+    model = build_model(m).to(dev).train()
+    opt = build_optimizer(model, t.optimizer, t.lr, t.weight_decay, (t.beta1, t.beta2), dev.type)
+    run_model = torch.compile(model) if t.compile else model
+    amp = autocast_dtype(t.dtype, dev)
+    g = torch.Generator().manual_seed(1)
+    data = torch.randint(0, m.vocab_size, (t.batch_size, m.max_seq_len + 1), generator=g).to(dev)
+    x, y = data[:, :-1], data[:, 1:]
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=amp) if amp is not None else torch.autocast(dev.type, enabled=False):
+            _, loss = run_model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = time_alternating({"step": step}, steps, warmup, dev)["step"]
+    return {"tokens_per_s": _rate(x.numel(), times)["per_s"], "steps": steps, "first_s": times["first_s"]}
+
+
+def loop_rate(cfg: Config, prepared: Path, run_dir: Path, steps: int) -> dict[str, Any]:
+    """Tokens/s of `simone run`'s training stage: the median logging interval after the first."""
+    import copy
+
+    from simone.rundir import RunDir
+    from simone.workflows.pipeline import stage_train
+
+    cfg = copy.deepcopy(cfg)
+    t = cfg.train
+    t.max_steps, t.max_minutes = steps, None
+    t.num_epochs = t.min_epochs = max(t.num_epochs, 1000)  # the step count ends it, not the epochs
+    t.eval_every = t.checkpoint_every = t.sample_every = 0
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    for name in ("data", "tokenizer"):
+        shutil.copytree(prepared / name, run_dir / name)
+    result = stage_train(cfg, run_dir)
+    rows = [json.loads(line) for line in RunDir(run_dir).metrics.read_text().splitlines() if line.strip()]
+    rates = [r["tokens_per_s"] for r in rows if r.get("kind") == "train" and r.get("tokens_per_s")]
+    if len(rates) < 2:
+        raise SystemExit(f"bench_loop: only {len(rates)} logging interval(s) in {steps} steps; raise --steps")
+    return {"tokens_per_s": statistics.median(rates[1:]), "intervals": len(rates) - 1, "steps": result.steps,
+            "whole_run_tokens_per_s": result.tokens_per_s}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--steps", type=int, default=100, help="optimizer steps of the loop per round")
+    ap.add_argument("--step-repeats", dest="step_repeats", type=int, default=20,
+                    help="timed bare steps per round")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--corpus", type=Path, default=None, help="default: the embedded corpus")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_loop")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for both (e.g. train.compile=false)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    from simone.config import apply_overrides
+
+    cfg = apply_overrides(preset(args.preset), args.overrides)
+    cfg.train.device = "cpu" if cfg.train.device == "auto" and not torch.cuda.is_available() else cfg.train.device
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    prepared = prepare(cfg, args.corpus, work)
+    cfg.model.vocab_size = load_config(prepared / "config.json").model.vocab_size
+    cfg.model.n_domains = load_config(prepared / "config.json").model.n_domains
+
+    step_rows, loop_rows = [], []
+    for r in range(args.rounds):
+        step_rows.append(step_rate(cfg, args.step_repeats))
+        print(f"[bench_loop] round {r + 1}: step {step_rows[-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
+        loop_rows.append(loop_rate(cfg, prepared, work / "loop", args.steps))
+        print(f"[bench_loop] round {r + 1}: loop {loop_rows[-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
+    step = statistics.median(row["tokens_per_s"] for row in step_rows)
+    loop = statistics.median(row["tokens_per_s"] for row in loop_rows)
+    m, t = cfg.model, cfg.train
+    report = {
+        "schema": 1, "preset": cfg.preset, "cpu_model": cpu_model(), "device": str(cfg.train.device),
+        "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0], "torch": torch.__version__,
+        "shape": f"{m.n_layers}x{m.dim}, context {m.max_seq_len}, batch {t.batch_size}x{t.grad_accum}, "
+                 f"{t.optimizer}, dtype {t.dtype}, compile {t.compile}",
+        "step_tokens_per_s": step, "loop_tokens_per_s": loop, "ratio": loop / step, "goal": GOAL,
+        "rounds": {"step": step_rows, "loop": loop_rows},
+    }
+    verdict = "meets" if report["ratio"] >= GOAL else "misses"
+    print(f"\ntraining tokens/s, {report['shape']} (CPU: {report['cpu_model']}, {report['threads']} threads)\n"
+          f"  bare step (simone bench train's timing): {step:10,.0f}\n"
+          f"  simone run's loop:                       {loop:10,.0f}\n"
+          f"  loop / step: {report['ratio']:.3f} ({verdict} the goal >= {GOAL})")
+    out = args.json or work / "loop.json"
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+if __name__ == "__main__":
+    main()
