@@ -2,6 +2,7 @@
 
     python bench/run_ablation.py                      # probe (minutes): print the command and its expected wall time
     python bench/run_ablation.py --run                # the full run (hours on 2 CPU cores)
+    python bench/run_ablation.py --run --resume       # continue it: finished runs are reused
     python bench/run_ablation.py --run --vset full@mem16:model.n_memory_slots=16   # plus a sweep point
 
 The full run: `../shared/corpus`, the `cpu` preset, the plain model, full governance, no policy
@@ -46,6 +47,8 @@ def ablate_command(args: argparse.Namespace) -> list[str]:
         cmd += ["--set", item]
     for item in args.vset:
         cmd += ["--vset", item]
+    if args.resume:
+        cmd.append("--resume")
     return cmd
 
 
@@ -212,6 +215,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--vset", action="append", default=[], metavar="VARIANT:KEY=VALUE",
                     help="a per-variant override; BASE@TAG adds a sweep point (see simone ablate --help)")
     ap.add_argument("--run", action="store_true", help="run the full ablation (hours), not just the probe")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the runs --out already finished with the same settings (a stopped run continues)")
     ap.add_argument("--probe-bytes-per-domain", dest="probe_bytes_per_domain", type=int, default=600_000)
     ap.add_argument("--probe-steps", dest="probe_steps", type=int, default=3)
     ap.add_argument("--probe-gen-tokens", dest="probe_gen_tokens", type=int, default=64)

@@ -285,7 +285,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
                                 seeds=args.seeds, tokens_per_variant=args.tokens_per_variant,
                                 samples_per_domain=args.samples_per_domain, sample_tokens=args.sample_tokens,
                                 guidance_weight=args.guidance_weight, heldout_batches=args.heldout_batches,
-                                overrides=overrides)
+                                overrides=overrides, resume=args.resume)
     try:
         run_ablation(cfg, Path(args.out), settings)
     except ValueError as e:
@@ -480,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vset", dest="variant_overrides", action="append", default=[], metavar="VARIANT:KEY=VALUE",
                    help="override a config field for one variant; a sweep point BASE@TAG "
                         "(e.g. full@mem16:model.n_memory_slots=16) joins --variants (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the runs this --out already finished with the same config, budget, data and judge "
+                        "(continue a stopped ablation, or add seeds or variants to it)")
 
     p = verb("config", cmd_config, "print a preset or a saved config, with overrides applied")
     _add_config_args(p)

@@ -133,3 +133,21 @@ def test_a_sweep_point_is_a_variant_with_its_own_overrides():
         check_variants(AblationSettings(variants=["mamba@x"]))
     with pytest.raises(ValueError, match="not in the ablation"):
         check_variants(AblationSettings(variants=["llama"], overrides={"full": ["model.n_memory_slots=2"]}))
+
+
+def test_resume_reuses_finished_runs_and_only_those(tiny_corpus, tmp_path, capsys):
+    out = tmp_path / "ablation"
+    common = ["ablate", "--data", str(tiny_corpus), "--preset", "tiny", "--out", str(out), "--max-steps", "2",
+              "--variants", "llama", "--samples-per-domain", "2", "--sample-tokens", "8", "--heldout-batches", "2",
+              "--set", "train.eval_batches=1", "--set", "train.log_every=1"]
+    assert main(common + ["--seeds", "1"]) == 0
+    first = json.loads((out / "ablation.json").read_text())["runs"][0]
+    capsys.readouterr()
+    assert main(common + ["--seeds", "2", "--resume"]) == 0  # one more seed: seed 0 is not trained again
+    said = capsys.readouterr().out
+    assert "llama seed 0: reusing" in said and "llama seed 1: training" in said
+    result = json.loads((out / "ablation.json").read_text())
+    assert result["seeds"] == 2 and result["runs"][0] == first and result["runs"][1]["seed"] == 1
+    # a changed steering setting changes what the figures mean: nothing is reused
+    assert main(common + ["--seeds", "1", "--resume", "--samples-per-domain", "3"]) == 0
+    assert "reusing" not in capsys.readouterr().out

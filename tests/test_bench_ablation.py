@@ -30,6 +30,8 @@ def test_the_full_run_is_six_variants_three_seeds_and_a_token_budget(bench):
     assert parsed.variants.split(",") == ["llama", "full", "no-policy", "no-memory", "uncurated", "gpt2", "full@mem16"]
     assert parsed.variant_overrides == ["full@mem16:model.n_memory_slots=16"]
     assert bench.VARIANTS[-1] == "gpt2"  # parsing did not change the defaults
+    assert not parsed.resume
+    assert build_parser().parse_args(bench.ablate_command(bench.parse_args(["--resume"]))[3:]).resume
 
 
 def test_the_plan_adds_up_the_measured_rates(bench):
@@ -42,10 +44,10 @@ def test_the_plan_adds_up_the_measured_rates(bench):
               "full": {"step_s": 0.01, "eval_s_per_token": 0.0, "batch_gen_s_per_token": 0.001,
                        "guided_gen_s_per_token": 0.001}}
     plan = bench.estimate(args, data, models)
-    assert plan["steps_per_run"] == 611  # ceil(2.5M / (16 x 256)) with the cpu preset
-    assert plan["heldout_tokens_est"] == 2 * 1 * 16 * 256  # capped by --heldout-batches
+    assert plan["steps_per_run"] == 1221  # ceil(2.5M / (16 x 128)) with the cpu preset
+    assert plan["heldout_tokens_est"] == 2 * 1 * 16 * 128  # capped by --heldout-batches
     # steering: 2 domains x 10 samples x 100 tokens x 1 ms; full also one at a time with guidance
     assert plan["per_run"]["llama"]["steering_s"] == pytest.approx(2.0)
     assert plan["per_run"]["full"]["steering_s"] == pytest.approx(4.0)
     assert plan["prep_s"] == pytest.approx(2 * 3.0 * 100 + 4.0)
-    assert plan["total_s"] == pytest.approx(plan["prep_s"] + 2 * (2 * 6.11 + 2.0 + 4.0))
+    assert plan["total_s"] == pytest.approx(plan["prep_s"] + 2 * (2 * 12.21 + 2.0 + 4.0))

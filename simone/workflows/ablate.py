@@ -65,7 +65,7 @@ import torch
 
 from simone.config import Config
 from simone.data.documents import read_documents, write_documents
-from simone.rundir import RunDir, atomic_write_json, atomic_write_text
+from simone.rundir import RunDir, atomic_write_json, atomic_write_text, read_json
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "gpt2": {"arch": "gpt2", "governance": False},
@@ -109,6 +109,9 @@ class AblationSettings:
     heldout_batches: int | None = None  # per domain; None: every window of the held-out documents
     judge_snippets_per_domain: int = 3000  # training snippets the judge is fitted on, per domain
     seed: int = 0  # steering samples of seed K start at seed + 10_000 * K
+    # reuse a run this --out already finished with the same config, budget, data and judge
+    # (`--resume`): a long ablation can be stopped and continued, or given more seeds or variants
+    resume: bool = False
     # per variant, `section.key=value` overrides applied after the variant's own switches
     # (`ablate.guidance_weight=W`: this variant's guidance weight)
     overrides: dict[str, list[str]] = field(default_factory=dict)
@@ -566,6 +569,13 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
             _link(data_root.data, run.data)
             _link(data_root.tokenizer_dir, run.tokenizer_dir)
             settle_model_sizes(vcfg, load_tokenizer(run.tokenizer))  # the uncurated variant has its own
+            key = run_key(vcfg, name, k, steps, settings, run, judge_acc)
+            saved = read_json(run.root / FINISHED_RUN, None) if settings.resume else None
+            if isinstance(saved, dict) and saved.get("key") == key and isinstance(saved.get("row"), dict):
+                runs.append(saved["row"])
+                _say(f"{name} seed {k}: reusing the finished run in {run.root} (--resume)")
+                continue
+            (run.root / FINISHED_RUN).unlink(missing_ok=True)
             _say(f"{name} seed {k}: training {steps} steps")
             trained = stage_train(vcfg, run.root, force=True)  # a rerun into the same --out starts over
             if getattr(trained, "stop_reason", None) == "signal":
@@ -574,6 +584,7 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
                                  trained, seed=k)
             r["overrides"] = settings.overrides.get(name, [])
             runs.append(r)
+            atomic_write_json(run.root / FINISHED_RUN, {"key": key, "row": r})
             _say(f"{name} seed {k}: val bpb {r['val_bpb']:.4f}, held-out bpb {r['heldout_bpb']:.4f}, "
                  f"steering {r['steering_accuracy']:.0%}, {(r['tokens_per_s'] or 0):,.0f} tok/s")
         rows, differences = summarize_runs(runs, settings.variants)
@@ -597,6 +608,26 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
         atomic_write_text(out / "ablation.svg", ablation_svg(result))
         _say(f"seed {k}: wrote {out / 'ablation.md'}")
     return result
+
+
+FINISHED_RUN = "ablation_run.json"  # in a run's folder: what it was trained with, and its figures
+
+
+def run_key(cfg: Config, name: str, seed: int, steps: int, settings: AblationSettings, run: RunDir,
+            judge_accuracy: float) -> dict:
+    """Everything a finished run's figures depend on: its config (less the time cap, a guard
+    set from this invocation's speed probe), step budget, steering settings, the tokenizer it
+    trained with and the judge that scored its samples. `--resume` reuses a run only when all match."""
+    from simone.rundir import sha256_file
+
+    config = cfg.to_dict()
+    config["train"].pop("max_minutes", None)
+    steering = {k: v for k, v in dataclasses.asdict(variant_settings(settings, name)).items()
+                if k not in ("variants", "seeds", "resume", "budget_minutes", "max_steps", "tokens_per_variant")}
+    steering["overrides"] = settings.overrides.get(name, [])
+    key = {"variant": name, "seed": seed, "steps": steps, "config": config, "steering": steering,
+           "tokenizer_sha256": sha256_file(run.tokenizer), "judge_accuracy": judge_accuracy}
+    return json.loads(json.dumps(key))  # as it reads back from the saved file
 
 
 # ----------------------------------------------------------------------------- report
