@@ -35,7 +35,7 @@ def test_legacy_flags_start_from_the_original_recipe():
     assert (cfg.model.n_heads, cfg.model.max_seq_len, cfg.train.max_minutes) == (12, 1024, None)
     assert cfg.model.governance and cfg.to_dict()["train"] == h200.to_dict()["train"] | {"lr": 3e-4}
     # an explicit preset still wins; no legacy flag keeps the small default
-    assert _config(["run", "--preset", "cpu", *LEGACY]).model.max_seq_len == 256
+    assert _config(["run", "--preset", "cpu", *LEGACY]).model.max_seq_len == preset("cpu").model.max_seq_len == 128
     assert _config(["run", "--data_dir", "D"]).preset == "cpu"
 
 
