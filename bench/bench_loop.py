@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -34,8 +33,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from bench_quality import fresh_run, prepare  # noqa: E402
 
 from simone.config import Config, load_config, preset  # noqa: E402
 from simone.devices import cpu_model  # noqa: E402
@@ -43,24 +44,11 @@ from simone.devices import cpu_model  # noqa: E402
 GOAL = 0.95
 
 
-def prepare(cfg: Config, corpus: Path | None, work: Path) -> Path:
-    """Curated, tokenized shards of `corpus` (default: the embedded corpus), built once."""
-    from simone.rundir import RunDir
-    from simone.workflows.pipeline import stage_prepare
-
-    prepared = work / f"prepared-{cfg.preset}"
-    if corpus is not None:
-        cfg.data.data_dir = str(corpus.resolve())
-    if not (RunDir(prepared).data / "index.json").exists():
-        stage_prepare(cfg, prepared)
-    return prepared
-
-
 def step_rate(cfg: Config, steps: int, warmup: int = 3) -> dict[str, Any]:
     """Tokens/s of the bare step, as `simone bench train` times ours (one fixed batch)."""
     from simone.model import build_model
     from simone.train.optim import build_optimizer
-    from simone.train.precision import autocast_dtype
+    from simone.train.precision import autocast, autocast_dtype
     from simone.workflows.bench import _rate, bench_device, time_alternating
 
     m, t = cfg.model, cfg.train
@@ -75,7 +63,7 @@ def step_rate(cfg: Config, steps: int, warmup: int = 3) -> dict[str, Any]:
     x, y = data[:, :-1], data[:, 1:]
 
     def step() -> None:
-        with torch.autocast(dev.type, dtype=amp) if amp is not None else torch.autocast(dev.type, enabled=False):
+        with autocast(amp, dev):
             _, loss = run_model(x, y)
         loss.backward()
         opt.step()
@@ -90,6 +78,7 @@ def loop_rate(cfg: Config, prepared: Path, run_dir: Path, steps: int) -> dict[st
     import copy
 
     from simone.rundir import RunDir
+    from simone.train.metrics import train_rates
     from simone.workflows.pipeline import stage_train
 
     cfg = copy.deepcopy(cfg)
@@ -97,13 +86,8 @@ def loop_rate(cfg: Config, prepared: Path, run_dir: Path, steps: int) -> dict[st
     t.max_steps, t.max_minutes = steps, None
     t.num_epochs = t.min_epochs = max(t.num_epochs, 1000)  # the step count ends it, not the epochs
     t.eval_every = t.checkpoint_every = t.sample_every = 0
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    for name in ("data", "tokenizer"):
-        shutil.copytree(prepared / name, run_dir / name)
-    result = stage_train(cfg, run_dir)
-    rows = [json.loads(line) for line in RunDir(run_dir).metrics.read_text().splitlines() if line.strip()]
-    rates = [r["tokens_per_s"] for r in rows if r.get("kind") == "train" and r.get("tokens_per_s")]
+    result = stage_train(cfg, fresh_run(prepared, run_dir))
+    rates = train_rates(RunDir(run_dir).metrics)
     if len(rates) < 2:
         raise SystemExit(f"bench_loop: only {len(rates)} logging interval(s) in {steps} steps; raise --steps")
     return {"tokens_per_s": statistics.median(rates[1:]), "intervals": len(rates) - 1, "steps": result.steps,
@@ -132,8 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     prepared = prepare(cfg, args.corpus, work)
-    cfg.model.vocab_size = load_config(prepared / "config.json").model.vocab_size
-    cfg.model.n_domains = load_config(prepared / "config.json").model.n_domains
+    sizes = load_config(prepared / "config.json").model  # the tokenizer's vocabulary and domains
+    cfg.model.vocab_size, cfg.model.n_domains = sizes.vocab_size, sizes.n_domains
 
     step_rows, loop_rows = [], []
     for r in range(args.rounds):

@@ -57,6 +57,10 @@ from simone.devices import cpu_model  # noqa: E402
 
 MIN_HELD_OUT_BYTES = 20_000
 GOAL = 0.85
+# our recipes that are the cpu preset with overrides (`--variant` adds more); `ours-budget` and
+# `peer` are trained differently
+BUILT_IN_VARIANTS: dict[str, list[str]] = {"ours": [], "ours-muon": ["train.optimizer=muon"]}
+BUILT_IN = {*BUILT_IN_VARIANTS, "ours-budget", "peer"}
 
 
 # ----------------------------------------------------------------------------- data
@@ -111,13 +115,15 @@ def split_corpus(corpus: Path, held_out: list[Path], work: Path, eval_chars: int
     return train_dir, eval_dir
 
 
-def prepare(cfg: Config, train_dir: Path, work: Path) -> Path:
-    """Curate, tokenize and shard the training copy once (the pipeline skips unchanged work)."""
+def prepare(cfg: Config, train_dir: Path | None, work: Path) -> Path:
+    """Curate, tokenize and shard the training copy (None: the embedded corpus) once, into
+    WORK/prepared-PRESET (kept between runs: delete it after changing the corpus)."""
     from simone.workflows.pipeline import stage_prepare
     from simone.rundir import RunDir
 
     prepared = work / f"prepared-{cfg.preset}"
-    cfg.data.data_dir = str(train_dir.resolve())
+    if train_dir is not None:
+        cfg.data.data_dir = str(train_dir.resolve())
     if not (RunDir(prepared).data / "index.json").exists():
         stage_prepare(cfg, prepared)
     return prepared
@@ -282,9 +288,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    variants = parse_variants(args.variant)
+    variants = {**BUILT_IN_VARIANTS, **parse_variants(args.variant)}
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    unknown = set(recipes) - {"ours", "peer", "ours-muon", "ours-budget"} - set(variants)
+    unknown = set(recipes) - BUILT_IN - set(variants)
     if unknown or not recipes:
         raise SystemExit(f"--recipes: only ours, peer, ours-muon, ours-budget or a --variant name "
                          f"(got {args.recipes}; unknown: {', '.join(sorted(unknown)) or 'none'})")
@@ -313,11 +319,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[bench_quality] {name}: training {args.minutes:g} min", flush=True)
         if name == "peer":
             results[name] = train_peer(prepared, eval_dir, args.minutes, args.tiny)
-        elif name == "ours":
-            results[name] = train_ours(base, prepared, work, eval_dir, args.minutes, name)
-        elif name == "ours-muon":
-            results[name] = train_ours(base, prepared, work, eval_dir, args.minutes, name,
-                                       edit=lambda c: setattr(c.train, "optimizer", "muon"))
         elif name == "ours-budget":
             results[name] = train_ours(base, prepared, work, eval_dir, args.minutes, name,
                                        edit=lambda c: _budget_shape(c, args.minutes))
@@ -353,7 +354,7 @@ def parse_variants(items: list[str]) -> dict[str, list[str]]:
         overrides = [o.strip() for o in rest.split(",") if o.strip()]
         if not sep or not name or not overrides or any("=" not in o for o in overrides):
             raise SystemExit(f"--variant {item!r}: expected NAME:section.key=value[,section.key=value]")
-        if name in {"ours", "peer", "ours-muon", "ours-budget"}:
+        if name in BUILT_IN:
             raise SystemExit(f"--variant {item!r}: {name} is a built-in recipe; pick another name")
         variants[name] = overrides
     return variants

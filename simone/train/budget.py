@@ -109,7 +109,8 @@ def shape_for_budget(minutes: float, tokens_per_s_probe: float, probe_flops_per_
             break
         chosen = (m, tokens_per_s, tokens, params)
     m, tokens_per_s, tokens, params = chosen
-    sequences_per_step = max(1, -(-min_batch_tokens // m.max_seq_len), int(tokens // (target_steps * m.max_seq_len)))
+    sequences_per_step = max(math.ceil(min_batch_tokens / m.max_seq_len), 1,
+                             int(tokens // (target_steps * m.max_seq_len)))
     micro = min(sequences_per_step, max_micro_batch)
     accum = max(1, math.ceil(sequences_per_step / micro))
     steps = max(1, int(tokens // (micro * accum * m.max_seq_len)))

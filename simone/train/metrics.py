@@ -96,6 +96,20 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> floa
     return flops_per_token * tokens_per_s / peak
 
 
+def train_rates(metrics_path: Path) -> list[float]:
+    """The tokens/s of every logging interval in a run's metrics.jsonl (`MetricsLogger.train`
+    rows), in order; the first holds compilation and warm-up."""
+    import json
+
+    rates = []
+    if Path(metrics_path).exists():
+        for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if row.get("kind") == "train" and row.get("tokens_per_s"):
+                rates.append(float(row["tokens_per_s"]))
+    return rates
+
+
 class LossTermMeter:
     """Sums of `model.loss_terms` over a logging interval, kept on the device.
 

@@ -65,7 +65,7 @@ import torch
 
 from simone.config import Config
 from simone.data.documents import read_documents, write_documents
-from simone.rundir import RunDir, atomic_write_json, atomic_write_text, read_json
+from simone.rundir import RunDir, atomic_write_json, atomic_write_text, read_json, sha256_file
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "gpt2": {"arch": "gpt2", "governance": False},
@@ -363,12 +363,9 @@ def median_train_rate(run: RunDir) -> float | None:
     intervals that include an evaluation or a checkpoint)."""
     import statistics
 
-    rates = []
-    if run.metrics.exists():
-        for line in run.metrics.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            if row.get("kind") == "train" and row.get("tokens_per_s"):
-                rates.append(float(row["tokens_per_s"]))
+    from simone.train.metrics import train_rates
+
+    rates = train_rates(run.metrics)
     return statistics.median(rates) if rates else None
 
 
@@ -618,8 +615,6 @@ def run_key(cfg: Config, name: str, seed: int, steps: int, settings: AblationSet
     """Everything a finished run's figures depend on: its config (less the time cap, a guard
     set from this invocation's speed probe), step budget, steering settings, the tokenizer it
     trained with and the judge that scored its samples. `--resume` reuses a run only when all match."""
-    from simone.rundir import sha256_file
-
     config = cfg.to_dict()
     config["train"].pop("max_minutes", None)
     steering = {k: v for k, v in dataclasses.asdict(variant_settings(settings, name)).items()
