@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 VARIANTS = ["llama", "full", "no-policy", "no-memory", "uncurated", "gpt2"]
-POLICY_VARIANTS = {"full", "no-memory", "uncurated"}  # also steered with policy guidance (one sample at a time)
+POLICY_VARIANTS = {"full", "no-memory", "uncurated"}  # also steered by the policy-guided sampler
 
 
 def ablate_command(args: argparse.Namespace) -> list[str]:
@@ -109,7 +109,7 @@ def probe_model(args: argparse.Namespace, n_domains: int) -> dict:
     from simone.workflows.ablate import base_variant, variant_config
     from simone.config import apply_overrides, preset
     from simone.model import build_model
-    from simone.model.governance import governed_generate
+    from simone.inference.governed import guided_sample_batch
     from simone.train.trainer import autocast_dtype
 
     base = apply_overrides(preset(args.preset), list(args.overrides))
@@ -155,14 +155,13 @@ def probe_model(args: argparse.Namespace, n_domains: int) -> dict:
                                     generator=g):
                 pass
             batch_s = (time.perf_counter() - t0) / (n * batch)
-            # with policy guidance: one sample at a time through the governed path
+            # the policy-guided sampler: a domain's samples in one batch of samples x 8 candidates
             guided_s = 0.0
             if base_variant(name) in POLICY_VARIANTS:
                 t0 = time.perf_counter()
-                for _ in governed_generate(model, [0, 1], n, temperature=0.8, top_k=50, top_p=0.95, generator=g,
-                                           guidance_domain=0, guidance_weight=1.0):
-                    pass
-                guided_s = (time.perf_counter() - t0) / n
+                guided_sample_batch(model, [0, 1], batch, n, guidance_domain=0, guidance_weight=1.0,
+                                    temperature=0.8, generator=g)
+                guided_s = (time.perf_counter() - t0) / (n * batch)
         out[name] = {"step_s": step_s, "eval_s_per_token": eval_s_per_token, "batch_gen_s_per_token": batch_s,
                      "guided_gen_s_per_token": guided_s}
         print(f"[probe] {name}: {step_s:.3f} s/step, {1 / batch_s:,.0f} sampled tok/s in batches of {batch}"
@@ -186,8 +185,9 @@ def estimate(args: argparse.Namespace, data: dict, models: dict) -> dict:
     per_run = {}
     for name, m in models.items():
         train = steps * m["step_s"]
+        # the control token alone; the guided sampler twice (with the policy and with W = 0)
         gen = (data["domains"] * args.samples_per_domain * args.sample_tokens
-               * (m["batch_gen_s_per_token"] + m["guided_gen_s_per_token"]))
+               * (m["batch_gen_s_per_token"] + 2 * m["guided_gen_s_per_token"]))
         evaluation = heldout_tokens * m["eval_s_per_token"] * 1.2  # held-out + val + streaming + policy
         per_run[name] = {"train_s": train, "steering_s": gen, "eval_s": evaluation, "total_s": train + gen + evaluation}
     total = prep + args.seeds * sum(r["total_s"] for r in per_run.values())

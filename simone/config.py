@@ -40,6 +40,9 @@ class DataConfig:
     # share of training documents that start with their `<|domain:NAME|>` control token
     # (decided per document by a hash of its id, so rebuilding gives the same shards)
     control_token_prob: float = 0.0
+    # share of training windows whose first input token is replaced by the control token of
+    # their domain (data/loader.py): the token is then seen thousands of times, not once a book
+    control_window_prob: float = 0.0
 
 
 @dataclass

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from simone.workflows.ablate import (FIGURES, NO_DIFFERENCE, VARIANTS, AblationSettings, ablation_markdown, ablation_svg,
+from simone.workflows.ablate import (FIGURES, GUIDANCE_REFERENCE, NO_DIFFERENCE, VARIANTS, AblationSettings, ablation_markdown, ablation_svg,
                            check_variants, paired_difference, reading, steps_for_budget, summarize, summarize_runs,
                            variant_config, variant_settings)
 from simone.config import preset
@@ -41,7 +41,8 @@ def test_ablate_runs_every_variant_with_two_seeds(tiny_corpus, tmp_path, capsys)
     # different seeds train different models
     llama = [x["val_bpb"] for x in result["runs"] if x["variant"] == "llama"]
     assert llama[0] != llama[1]
-    assert rows["full"]["steering_accuracy_guided"]["n"] == 2
+    assert rows["full"]["steering_accuracy_guided"]["n"] == rows["full"]["steering_accuracy_guided_w0"]["n"] == 2
+    assert any(d["variant"] == "full" and d["reference"] == GUIDANCE_REFERENCE for d in result["differences"])
     assert rows["no-policy"]["steering_accuracy_guided"]["mean"] is None
     assert rows["no-trace"]["steering_accuracy_guided"]["mean"] is None and rows["no-trace"]["guidance_weight"] == 0
     assert rows["llama"]["policy_accuracy"]["mean"] is None and rows["full"]["policy_accuracy"]["n"] == 2
@@ -113,6 +114,32 @@ def test_a_difference_whose_interval_includes_zero_is_no_ranking():
     assert ablation_svg(result).count("<path") == 2 * 3  # a whisker per variant with an interval, 3 figures
 
 
+def test_guidance_is_measured_against_the_same_sampler_without_the_policy_in_the_same_runs():
+    runs = [_run("llama", k, 2.0, 0.4) for k in range(3)]
+    for k, (w0, guided) in enumerate([(0.40, 0.61), (0.50, 0.69), (0.45, 0.67)]):
+        runs.append({**_run("full", k, 2.0, 0.3), "steering_accuracy_guided": guided,
+                     "steering_accuracy_guided_w0": w0})
+    rows, diffs = summarize_runs(runs, ["llama", "full"])
+    gain = next(d for d in diffs if d["variant"] == "full" and d["reference"] == GUIDANCE_REFERENCE)
+    assert gain["values"] == pytest.approx([0.21, 0.19, 0.22]) and gain["reading"] == "higher (better)"
+    assert rows[1]["guidance_gain"]["mean"] == pytest.approx(0.2067, abs=1e-4)
+    assert not any(d["variant"] == "llama" and d["reference"] == GUIDANCE_REFERENCE for d in diffs)  # no guidance
+    result = {"preset": "tiny", "seeds": 3, "steps_per_variant": 2, "tokens_per_variant": 100,
+              "control_token_prob": 0.5, "judge_accuracy": 0.9, "steering_judge": {"chance": 0.5},
+              "settings": AblationSettings().__dict__, "variants": rows, "differences": diffs}
+    line = next(x for x in ablation_markdown(result).splitlines() if GUIDANCE_REFERENCE in x)
+    assert line.startswith("| full |") and "+20.7%" in line and "higher (better)" in line
+    # the report shows where the judge's own errors go
+    result["steering_judge"]["validation_confusion"] = {"law": {"law": 3, "sky": 1}, "sky": {"law": 2}}
+    table = ablation_markdown(result)
+    assert "| law | 4 | 75% | sky 1 |" in table and "| sky | 2 | 0% | law 2 |" in table
+    # a gain whose interval includes zero is no gain
+    mixed = [_run("llama", 0, 2.0, 0.4)] + [{**_run("full", k, 2.0, 0.3), "steering_accuracy_guided": g,
+                                            "steering_accuracy_guided_w0": 0.5} for k, g in enumerate([0.55, 0.45, 0.52])]
+    gain = next(d for d in summarize_runs(mixed, ["llama", "full"])[1] if d["reference"] == GUIDANCE_REFERENCE)
+    assert gain["reading"] == NO_DIFFERENCE
+
+
 def test_the_budget_is_the_same_number_of_tokens_for_every_variant():
     assert steps_for_budget(AblationSettings(tokens_per_variant=2_500_000), tokens_per_step=4096) == 611
     assert steps_for_budget(AblationSettings(tokens_per_variant=2_500_000, max_steps=5), 4096) == 5
@@ -148,6 +175,44 @@ def test_resume_reuses_finished_runs_and_only_those(tiny_corpus, tmp_path, capsy
     assert "llama seed 0: reusing" in said and "llama seed 1: training" in said
     result = json.loads((out / "ablation.json").read_text())
     assert result["seeds"] == 2 and result["runs"][0] == first and result["runs"][1]["seed"] == 1
-    # a changed steering setting changes what the figures mean: nothing is reused
+    # a changed steering setting changes what the figures mean: nothing is reused as it was,
+    # but the trained models are: they are evaluated again, not trained again
     assert main(common + ["--seeds", "1", "--resume", "--samples-per-domain", "3"]) == 0
-    assert "reusing" not in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "reusing" not in said and "seed 0: training" not in said
+    assert "llama seed 0: evaluating the model llama seed 0 trained" in said
+    again = json.loads((out / "ablation.json").read_text())["runs"][0]
+    assert again["val_bpb"] == first["val_bpb"]  # the same weights
+    # without --resume everything is trained again
+    assert main(common + ["--seeds", "1"]) == 0
+    assert "llama seed 0: training" in capsys.readouterr().out
+
+
+def test_a_sweep_point_that_differs_only_in_evaluation_reuses_the_trained_model(tiny_corpus, tmp_path, capsys):
+    out = tmp_path / "ablation"
+    assert main(["ablate", "--data", str(tiny_corpus), "--preset", "tiny", "--out", str(out), "--max-steps", "2",
+                 "--variants", "full", "--seeds", "1", "--samples-per-domain", "2", "--sample-tokens", "8",
+                 "--heldout-batches", "2", "--set", "train.eval_batches=1",
+                 "--vset", "full@g3:ablate.guidance_weight=3", "--vset", "full@mem2:model.n_memory_slots=2"]) == 0
+    said = capsys.readouterr().out
+    assert "full@g3 seed 0: evaluating the model full seed 0 trained" in said
+    assert "full@mem2 seed 0: training" in said  # a model override trains its own model
+    runs = {r["variant"]: r for r in json.loads((out / "ablation.json").read_text())["runs"]}
+    assert runs["full@g3"]["run_dir"] == runs["full"]["run_dir"] != runs["full@mem2"]["run_dir"]
+    assert runs["full@g3"]["val_bpb"] == runs["full"]["val_bpb"]  # the same weights
+    assert runs["full@g3"]["guidance_weight"] == 3.0 and runs["full"]["guidance_weight"] == 1.0
+    assert not (out / "runs" / "full@g3" / "seed_0" / "checkpoints").exists()  # nothing trained there
+
+
+def test_a_setting_added_later_stays_out_of_the_run_key_while_off(tmp_path):
+    from simone.rundir import RunDir
+    from simone.workflows.ablate import run_key
+
+    run = RunDir(tmp_path / "run").make()
+    run.tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    run.tokenizer.write_text("{}")
+    cfg = preset("tiny")
+    key = run_key(cfg, "llama", 0, 2, AblationSettings(), run, 0.5)
+    assert "control_window_prob" not in key["config"]["data"]  # keys written before it existed still match
+    cfg.data.control_window_prob = 0.5
+    assert run_key(cfg, "llama", 0, 2, AblationSettings(), run, 0.5)["config"]["data"]["control_window_prob"] == 0.5

@@ -46,8 +46,8 @@ def test_the_plan_adds_up_the_measured_rates(bench):
     plan = bench.estimate(args, data, models)
     assert plan["steps_per_run"] == 1221  # ceil(2.5M / (16 x 128)) with the cpu preset
     assert plan["heldout_tokens_est"] == 2 * 1 * 16 * 128  # capped by --heldout-batches
-    # steering: 2 domains x 10 samples x 100 tokens x 1 ms; full also one at a time with guidance
+    # steering: 2 domains x 10 samples x 100 tokens x 1 ms; full also the guided sampler, twice (W and W = 0)
     assert plan["per_run"]["llama"]["steering_s"] == pytest.approx(2.0)
-    assert plan["per_run"]["full"]["steering_s"] == pytest.approx(4.0)
+    assert plan["per_run"]["full"]["steering_s"] == pytest.approx(6.0)
     assert plan["prep_s"] == pytest.approx(2 * 3.0 * 100 + 4.0)
-    assert plan["total_s"] == pytest.approx(plan["prep_s"] + 2 * (2 * 12.21 + 2.0 + 4.0))
+    assert plan["total_s"] == pytest.approx(plan["prep_s"] + 2 * (2 * 12.21 + 2.0 + 6.0))

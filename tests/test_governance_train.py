@@ -116,3 +116,30 @@ def test_python_m_simone_train_settles_the_sizes_of_a_run_dir_that_lacks_them(tm
     assert load_config(run.config).model.n_domains == 0  # config.json is left as it was (no --set)
     saved = json.loads((run.checkpoints / "step_000001" / "config.json").read_text())
     assert saved["model"]["n_domains"] == len(tok.domains)
+
+
+def test_window_control_tokens_reach_the_trainers_batches(tmp_path):
+    from simone.train.distributed import DistEnv
+    from simone.train.trainer import Trainer
+
+    cfg, run, tok = prepared_run(tmp_path / "run")
+    cfg.data.control_window_prob = 1.0
+    trainer = Trainer(cfg, run, DistEnv())
+    try:
+        x, _, d = trainer.loader.next_batch_with_domains()
+        controls = {tok.domain_token_id(name) for name in tok.domains}
+        assert set(x[:, 0].tolist()) <= controls  # every window opens with a control token ...
+        for row in range(x.size(0)):  # ... of the domain its text is in
+            assert tok.domains[int(d[row, 1])] == tok.id_to_token(int(x[row, 0]))[len("<|domain:"):-2]
+    finally:
+        trainer.close()
+    # a tokenizer without control tokens cannot give them: one clear error naming it
+    from simone.train.trainer import ModelSizeError, window_control_ids
+
+    bare = RunDir(tmp_path / "bare").make()
+    bare.documents.write_text(run.documents.read_text())
+    train_tokenizer(bare.documents, bare.tokenizer_dir, cfg.tokenizer, domains=[])
+    with pytest.raises(ModelSizeError, match="no <\\|domain:NAME\\|> tokens"):
+        window_control_ids(cfg, bare)
+    cfg.data.control_window_prob = 0.0
+    assert window_control_ids(cfg, bare) is None

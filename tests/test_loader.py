@@ -163,3 +163,37 @@ def test_bits_per_byte(tmp_path):
     shard = make_shard(tmp_path / "d", 100)  # 3 bytes per token
     assert bits_per_byte(math.log(2) * 3, shard) == pytest.approx(1.0)
     assert bits_per_byte(math.log(2), shard, "all") == pytest.approx(1 / 3)
+
+
+def test_window_control_tokens_replace_the_first_input_of_chosen_windows(tmp_path):
+    from simone.data.loader import window_uniform
+
+    shard = make_shard(tmp_path / "data", 96 * T + 1, {"a": 40 * T + 3, "b": 56 * T - 2})
+    ids = {"a": 10_000, "b": 20_000}
+    plain = BatchLoader(shard, 4, T, seed=5)
+    marked = BatchLoader(shard, 4, T, seed=5, control_ids=ids, control_window_prob=0.5)
+    prefetched = BatchLoader(shard, 4, T, seed=5, control_ids=ids, control_window_prob=0.5, prefetch=True)
+    replaced = 0
+    for _ in range(plain.batches_per_epoch):
+        x, y = plain.next_batch()
+        xm, ym = marked.next_batch()
+        xp, _ = prefetched.next_batch()
+        assert torch.equal(xm, xp)  # a pure function of the window: prefetch changes nothing
+        assert torch.equal(y, ym) and torch.equal(x[:, 1:], xm[:, 1:])  # only the first input token
+        for row in range(4):
+            start = int(x[row, 0])  # the shard's token at p is p: the window's start
+            chosen = window_uniform(5, np.array([start // T]))[0] < 0.5
+            if chosen:
+                text_start = start + 1  # the control token names the domain the text starts in
+                assert int(xm[row, 0]) == (ids["a"] if text_start < 40 * T + 3 else ids["b"])
+                replaced += 1
+            else:
+                assert int(xm[row, 0]) == start
+    assert 0.3 < replaced / (4 * plain.batches_per_epoch) < 0.7  # about half the windows
+    # every window at 1.0, none without control ids
+    everything = BatchLoader(shard, 4, T, seed=5, control_ids=ids, control_window_prob=1.0)
+    assert set(everything.next_batch()[0][:, 0].tolist()) <= set(ids.values())
+    unmarked = BatchLoader(shard, 4, T, seed=5, control_ids=None, control_window_prob=1.0)
+    assert torch.equal(unmarked.next_batch()[0], BatchLoader(shard, 4, T, seed=5).next_batch()[0])
+    with pytest.raises(ValueError, match="control_window_prob"):
+        BatchLoader(shard, 4, T, seed=5, control_ids=ids, control_window_prob=1.5)

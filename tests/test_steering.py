@@ -7,7 +7,8 @@ import json
 import pytest
 
 from conftest import make_corpus
-from simone.inference.steering import SteeringJudge, fit_on_documents, snippet_accuracy, snippets, words
+from simone.inference.steering import (SteeringJudge, fit_on_documents, snippet_accuracy, snippet_confusion, snippets,
+                                       words)
 
 
 def test_words_are_lowercased_letters_only():
@@ -60,6 +61,9 @@ def test_fit_on_documents_uses_only_the_training_split(tmp_path):
     assert judge.predict("moon") == "sky"  # the val document did not teach "moon" = law
     assert snippet_accuracy(judge, path, split="val", snippet_words=5) == 0.0
     assert snippet_accuracy(judge, path, split="train", snippet_words=5) == 1.0
+    # where the errors go: the mislabelled val document's snippets are all judged "sky"
+    assert snippet_confusion(judge, path, split="val", snippet_words=5) == {"law": {"sky": 10}}
+    assert snippet_confusion(judge, path, split="train", snippet_words=5) == {"sky": {"sky": 10}, "law": {"law": 10}}
 
 
 def test_big_domains_are_capped_to_the_same_number_of_snippets(tmp_path, monkeypatch):
@@ -106,3 +110,30 @@ def test_unguided_samples_are_drawn_in_one_batch_and_cut_at_end_of_document():
     result = steering_accuracy(loaded, judge, samples_per_domain=3, max_tokens=2)
     assert len(calls) == 2 and result["n"] == 6  # one batch per domain
     assert result["per_domain"] == {"sky": 1 / 3, "law": 2 / 3} and result["accuracy"] == 0.5
+
+
+def test_the_batched_guided_sampler_draws_what_the_one_sample_sampler_draws():
+    """Greedy, every sample of the batch is the token-by-token guided generation of one sample
+    (each row of a sample continues from its winner: keys, values and policy state)."""
+    import torch
+
+    from simone.config import ModelConfig
+    from simone.inference.governed import governed_generate, guided_sample_batch
+    from simone.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=32, vocab_size=64,
+                                    governance=True, n_domains=3)).eval()
+    prompt = [0, 2]
+    for weight in (0.0, 3.0):
+        one = [s.token for s in governed_generate(model, prompt, 12, temperature=0.0, guidance_domain=1,
+                                                  guidance_weight=weight or 1e-9, guidance_top_k=4)]
+        batch = guided_sample_batch(model, prompt, 3, 12, guidance_domain=1, guidance_weight=weight,
+                                    guidance_top_k=4, temperature=0.0)
+        assert batch.shape == (3, 12) and all(row == one for row in batch.tolist()), weight
+    # the policy moves the draw: a strong weight changes what greedy decoding writes
+    plain = guided_sample_batch(model, prompt, 1, 12, 1, 0.0, 4, temperature=0.0)
+    steered = guided_sample_batch(model, prompt, 1, 12, 1, 50.0, 4, temperature=0.0)
+    assert not torch.equal(plain, steered)
+    with pytest.raises(ValueError, match="exceed the context"):
+        guided_sample_batch(model, prompt, 1, 31, 1, 1.0)

@@ -32,6 +32,16 @@ is the class of the domain whose range holds input token `x[b, t]` (class i =
 `domain_classes[i]`, default the shard's domains in order; -1 for a domain not listed). It
 advances the loader exactly like `next_batch()`.
 
+Window control tokens (governance). With `control_ids` (domain -> the id of its
+`<|domain:NAME|>` token) and `control_window_prob` p > 0, the first input token of a chosen
+window is replaced by the control token of the domain its text starts in (the domain of the
+window's second token), so the model learns what the token means from every chosen window,
+not only from the few documents whose start it happens to read (shards.py's
+`control_token_prob`: a control token per document, a few hundred in a corpus of books).
+Window `w` is chosen when `window_uniform(seed, w) < p`: a pure function of the window, so
+the batches stay exactly resumable and identical with or without prefetch. Targets are
+unchanged; the evaluation windows never get one.
+
 Resume. `state_dict()` is `{epoch, position, seed, seq_len, global_batch, ...}` in plain
 ints; a loader given it by `load_state_dict` returns exactly the batches the original
 would have returned next.
@@ -52,6 +62,16 @@ from simone.data.shards import TokenShard
 def epoch_permutation(n_windows: int, seed: int, epoch: int) -> np.ndarray:
     """The window order of `epoch`: a permutation of `range(n_windows)` from (seed, epoch)."""
     return np.random.default_rng([seed, epoch]).permutation(n_windows)
+
+
+def window_uniform(seed: int, windows: np.ndarray) -> np.ndarray:
+    """A uniform number in [0, 1) per window id, fixed by (seed, id): a splitmix64 hash."""
+    with np.errstate(over="ignore"):
+        z = windows.astype(np.uint64) + np.uint64(seed & 0xFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 def _gather(tokens: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:
@@ -76,7 +96,11 @@ class BatchLoader:
         grad_accum: int = 1,
         prefetch: bool | None = None,
         domain_classes: list[str] | None = None,
+        control_ids: dict[str, int] | None = None,
+        control_window_prob: float = 0.0,
     ):
+        if not 0.0 <= control_window_prob <= 1.0:
+            raise ValueError(f"data.control_window_prob={control_window_prob}: must be in [0, 1]")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         if batch_size < 1 or seq_len < 1 or grad_accum < 1:
@@ -110,12 +134,14 @@ class BatchLoader:
         self._prefetch = on_cuda if prefetch is None else prefetch
         self._pool = ThreadPoolExecutor(max_workers=1) if self._prefetch else None
         self._pending: tuple[tuple[int, int], Future] | None = None
-        # Domain lookup: range starts in token order and the class of each range.
+        # Domain lookup: range starts in token order, the class of each range and its control
+        # token id (-1: not a policy class / no control token).
         classes = list(shard.domains if domain_classes is None else domain_classes)
-        ranges = sorted((shard.domain_range(d), classes.index(d) if d in classes else -1)
-                        for d in shard.domains)
-        self._range_starts = np.array([r[0][0] for r in ranges], dtype=np.int64)
-        self._range_class = np.array([r[1] for r in ranges], dtype=np.int64)
+        ranges = sorted((shard.domain_range(d)[0], d) for d in shard.domains)
+        self._range_starts = np.array([start for start, _ in ranges], dtype=np.int64)
+        self._range_class = np.array([classes.index(d) if d in classes else -1 for _, d in ranges], dtype=np.int64)
+        self._range_control = np.array([(control_ids or {}).get(d, -1) for _, d in ranges], dtype=np.int64)
+        self.control_window_prob = control_window_prob if control_ids else 0.0
 
     # ------------------------------------------------------------------ order
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -134,8 +160,15 @@ class BatchLoader:
         return perm[base + self.rank : base + self.global_batch : self.world_size]
 
     def _host_batch(self, epoch: int, position: int) -> torch.Tensor:
-        starts = self.window_ids(epoch, position) * self.seq_len
+        windows = self.window_ids(epoch, position)
+        starts = windows * self.seq_len
         buf = _gather(self.shard.tokens, starts, self.seq_len + 1)
+        if self.control_window_prob > 0 and len(self._range_starts):
+            rows = np.flatnonzero(window_uniform(self.seed, windows) < self.control_window_prob)
+            which = np.searchsorted(self._range_starts, starts[rows] + 1, side="right") - 1
+            ids = np.where(which >= 0, self._range_control[which.clip(min=0)], -1)
+            rows, ids = rows[ids >= 0], ids[ids >= 0]
+            buf[torch.from_numpy(rows), 0] = torch.from_numpy(ids)
         return buf.pin_memory() if self.pin_memory else buf
 
     # ------------------------------------------------------------------ iteration

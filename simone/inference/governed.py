@@ -150,6 +150,55 @@ def governed_generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: i
 
 
 @torch.no_grad()
+def guided_sample_batch(model: nn.Module, prompt_ids: list[int], n: int, max_new_tokens: int,
+                        guidance_domain: int, guidance_weight: float, guidance_top_k: int = 8,
+                        temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`n` samples after the same prompt, each step drawn as `governed_generate` draws a guided
+    token, for all samples at once: the `guidance_top_k` (K) most likely next tokens of every
+    sample are fed as one batch of n·K rows, and each sample draws from
+    softmax((log p_lm(c) + W · log p_policy(d | text + c)) / temperature) over its K. W = 0 is
+    the same sampler without the policy (top-K sampling), the reference that isolates what the
+    policy adds. Returns the new token ids [n, max_new_tokens] (the caller cuts at eod).
+    The text must fit the context: prompt + max_new_tokens <= model.cfg.max_seq_len."""
+    if model.policy_head is None and guidance_weight > 0:
+        raise ValueError("policy guidance needs a model trained with the policy head "
+                         "(model.governance=true, model.policy=true)")
+    if len(prompt_ids) + max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(f"{len(prompt_ids)} prompt + {max_new_tokens} new tokens exceed the context "
+                         f"({model.cfg.max_seq_len})")
+    k = max(1, guidance_top_k)
+    rows = n * k
+    device = model.tok_embeddings.weight.device
+    cache = new_streaming_cache(model, rows, device=device)
+    prompt = torch.tensor([prompt_ids] * rows, dtype=torch.long, device=device)
+    logits, _, _, _ = _feed(model, cache, prompt, None)
+    logits = logits.view(n, k, -1)[:, 0]  # every row read the same prompt
+    samples = torch.arange(n, device=device)
+    out = torch.empty(n, max_new_tokens, dtype=torch.long, device=device)
+    for step in range(max_new_tokens):
+        cand_logp, cand = torch.topk(F.log_softmax(logits, dim=-1), k, dim=-1)  # [n, K]
+        c_logits, c_policy, _, _ = _feed(model, cache, cand.reshape(rows, 1), None)
+        score = cand_logp
+        if guidance_weight > 0:
+            score = score + guidance_weight * c_policy[:, guidance_domain].clamp_min(1e-12).log().view(n, k)
+        if temperature <= 0:
+            pick = score.argmax(-1)
+        else:
+            pick = torch.multinomial((score / temperature).softmax(-1), 1, generator=generator)[:, 0]
+        out[:, step] = cand[samples, pick]
+        # every row of a sample continues from its winner: its keys, values and policy state
+        slot, winner = cache.length - 1, samples * k + pick
+        for kk, vv in zip(cache.k, cache.v):
+            kk[:, slot] = kk[winner, slot].repeat_interleave(k, dim=0)
+            vv[:, slot] = vv[winner, slot].repeat_interleave(k, dim=0)
+        if cache.policy_state is not None:
+            running, count = cache.policy_state
+            cache.policy_state = (running[winner].repeat_interleave(k, dim=0), count)
+        logits = c_logits[winner]
+    return out
+
+
+@torch.no_grad()
 def streaming_nll(model: nn.Module, tokens: torch.Tensor, chunk: int = 16, keep_first: int = 0,
                   capacity: int | None = None, evict_chunk: int | None = None) -> dict:
     """Read a long token sequence [N] through a `StreamingKVCache` (N may far exceed

@@ -128,16 +128,33 @@ def fit_on_documents(documents_jsonl: Path, split: str = "train", snippet_words:
     return judge
 
 
-def snippet_accuracy(judge: SteeringJudge, documents_jsonl: Path, split: str = "val",
-                     snippet_words: int = 96, per_doc: int = 10) -> float:
-    """The judge's accuracy on up to `per_doc` snippets of `snippet_words` words per document,
-    spread evenly over it."""
+def snippet_confusion(judge: SteeringJudge, documents_jsonl: Path, split: str = "val",
+                      snippet_words: int = 96, per_doc: int = 10) -> dict[str, dict[str, int]]:
+    """{true domain: {judged domain: snippets}} over up to `per_doc` snippets of `snippet_words`
+    words per document of `split`, spread evenly over it: where the judge's errors go."""
     texts, labels = [], []
     for doc in _documents(Path(documents_jsonl), split):
         cut = snippets(doc["text"], snippet_words, n=per_doc)
         texts += cut
         labels += [_domain(doc)] * len(cut)
-    return judge.accuracy(texts, labels)
+    confusion: dict[str, dict[str, int]] = {}
+    for label, predicted in zip(labels, judge.predict_many(texts)):
+        row = confusion.setdefault(label, {})
+        row[predicted] = row.get(predicted, 0) + 1
+    return confusion
+
+
+def confusion_accuracy(confusion: dict[str, dict[str, int]]) -> float:
+    """The share of snippets judged as their own domain (NaN without snippets)."""
+    total = sum(sum(row.values()) for row in confusion.values())
+    return sum(row.get(d, 0) for d, row in confusion.items()) / total if total else float("nan")
+
+
+def snippet_accuracy(judge: SteeringJudge, documents_jsonl: Path, split: str = "val",
+                     snippet_words: int = 96, per_doc: int = 10) -> float:
+    """The judge's accuracy on up to `per_doc` snippets of `snippet_words` words per document,
+    spread evenly over it."""
+    return confusion_accuracy(snippet_confusion(judge, documents_jsonl, split, snippet_words, per_doc))
 
 
 def sample_batch(loaded, domain: str, n: int, max_tokens: int, temperature: float = 0.8,
@@ -165,27 +182,51 @@ def sample_batch(loaded, domain: str, n: int, max_tokens: int, temperature: floa
     return texts
 
 
+def guided_batch(loaded, domain: str, n: int, max_tokens: int, guidance_weight: float,
+                 guidance_top_k: int = 8, temperature: float = 0.8, seed: int = 0) -> list[str]:
+    """`n` continuations of `<|domain:NAME|>` drawn at once by the policy-guided sampler
+    (`governed.guided_sample_batch`; weight 0: its top-K sampling without the policy), each
+    cut at its first end-of-document token."""
+    import torch
+
+    from simone.inference.generate import prompt_ids
+    from simone.inference.governed import guided_sample_batch
+
+    tok = loaded.tokenizer
+    ids = prompt_ids(loaded, "", domain)
+    gen = torch.Generator(device=loaded.device).manual_seed(seed)
+    max_new = min(max_tokens, loaded.config.model.max_seq_len - len(ids))
+    rows = guided_sample_batch(loaded.model, ids, n, max_new, guidance_domain=tok.domains.index(domain),
+                               guidance_weight=guidance_weight, guidance_top_k=guidance_top_k,
+                               temperature=temperature, generator=gen)
+    texts = []
+    for row in rows.tolist():
+        if tok.eod_id in row:
+            row = row[: row.index(tok.eod_id)]
+        texts.append(tok.decode(row))
+    return texts
+
+
 def steering_accuracy(loaded, judge: SteeringJudge, domains: list[str] | None = None,
                       samples_per_domain: int = 50, max_tokens: int = 128, temperature: float = 0.8,
-                      top_k: int | None = 50, seed: int = 0, policy_guidance: float = 0.0) -> dict:
+                      top_k: int | None = 50, seed: int = 0, policy_guidance: float | None = None,
+                      guidance_top_k: int = 8) -> dict:
     """Generate `samples_per_domain` samples with `--domain X` for each domain X and return
     {"accuracy", "per_domain": {X: share}, "n", "samples": [{domain, predicted, text}]}.
 
-    Domains default to those both the tokenizer (control tokens) and the judge know. Without
-    guidance a domain's samples are drawn in one batch (`sample_batch`); `policy_guidance` > 0
-    adds policy reranking (governance models with a policy head), one sample at a time. Both
-    sample with the same temperature, top-k and top-p 0.95.
+    Domains default to those both the tokenizer (control tokens) and the judge know. A domain's
+    samples are drawn in one batch: without `policy_guidance` (None) by the model's sampler
+    (`sample_batch`: temperature, top-k, top-p 0.95, the control token alone); with a weight
+    W >= 0 by the policy-guided sampler over the `guidance_top_k` likeliest tokens
+    (`guided_batch`; W = 0 is that sampler without the policy, which isolates the policy's part).
     """
-    from simone.inference.generate import GovernanceOptions, sample_with_domain
-
     tok = loaded.tokenizer
     domains = domains or [d for d in tok.domains if d in judge.classes]
     samples = []
     for j, d in enumerate(domains):
-        if policy_guidance > 0:
-            options = GovernanceOptions(domain=d, policy_guidance=policy_guidance)
-            texts = [sample_with_domain(loaded, options, max_tokens=max_tokens, temperature=temperature,
-                                        top_k=top_k, seed=seed + i) for i in range(samples_per_domain)]
+        if policy_guidance is not None:
+            texts = guided_batch(loaded, d, samples_per_domain, max_tokens, policy_guidance, guidance_top_k,
+                                 temperature, seed=seed + j)
         else:
             texts = sample_batch(loaded, d, samples_per_domain, max_tokens, temperature, top_k, seed=seed + j)
         samples += [{"domain": d, "text": text} for text in texts]

@@ -173,6 +173,18 @@ def check_model_sizes(cfg: ModelConfig, run: RunDir, shard_vocab_size: int) -> l
     return domains
 
 
+def window_control_ids(cfg: Config, run: RunDir) -> dict[str, int] | None:
+    """Domain -> its `<|domain:NAME|>` token id, for the loader's window control tokens
+    (None when `data.control_window_prob` is 0)."""
+    if cfg.data.control_window_prob <= 0:
+        return None
+    tok = load_tokenizer(run.tokenizer)
+    if not tok.domains:
+        raise ModelSizeError(f"data.control_window_prob={cfg.data.control_window_prob} but the tokenizer "
+                             f"({run.tokenizer}) has no <|domain:NAME|> tokens")
+    return {d: tok.domain_token_id(d) for d in tok.domains}
+
+
 def out_of_memory_error(cfg: Config, micro_batch: int, grad_accum: int, e: BaseException) -> TrainingError:
     """The error for a step that ran out of GPU memory: a smaller batch that keeps the effective one."""
     tc = cfg.train
@@ -262,7 +274,9 @@ class Trainer:
         self.loss_terms = LossTermMeter()  # the comprehensive loss's terms, logged per interval
         self.loader = BatchLoader(self.train_shard, self.micro_batch, self.seq_len, tc.seed, rank=env.rank,
                                   world_size=env.world_size, device=self.device, grad_accum=self.grad_accum,
-                                  domain_classes=self.domain_classes)
+                                  domain_classes=self.domain_classes,
+                                  control_ids=window_control_ids(cfg, run),
+                                  control_window_prob=cfg.data.control_window_prob)
         self.steps_per_epoch = self.loader.batches_per_epoch // self.grad_accum
         self.total_steps = tc.num_epochs * self.steps_per_epoch
         if tc.max_steps is not None:

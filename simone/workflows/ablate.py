@@ -59,10 +59,12 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
+from simone.checkpoint import list_checkpoints
 from simone.config import Config
 from simone.data.documents import read_documents, write_documents
 from simone.rundir import RunDir, atomic_write_json, atomic_write_text, read_json, sha256_file
@@ -86,9 +88,14 @@ FIGURES: dict[str, tuple[str, bool]] = {
     "heldout_bpb": ("held-out bpb", True),
     "steering_accuracy": ("steering", False),
     "steering_accuracy_guided": ("steering (guided)", False),
+    "steering_accuracy_guided_w0": ("steering (guided sampler, W=0)", False),
     "policy_accuracy": ("policy acc", False),
 }
 NO_DIFFERENCE = "no measurable difference"
+# the reference of guided steering's difference: the same sampler without the policy (W = 0), same runs
+GUIDANCE_REFERENCE = "W=0, same runs"
+# how guided steering samples are drawn; a finished run evaluated another way is evaluated again
+GUIDED_SAMPLER = "batched top-8 rerank, W=0 reference"
 
 
 def _say(msg: str) -> None:
@@ -402,13 +409,16 @@ def evaluate_variant(name: str, run: RunDir, val_dir: Path, heldout_dir: Path, j
     row["steering_accuracy"] = steer["accuracy"]
     row["steering_per_domain"] = steer["per_domain"]
     row["steering_samples"] = steer["samples"][: 2 * len(steer["per_domain"])]
-    row["steering_accuracy_guided"] = None
+    row["steering_accuracy_guided"] = row["steering_accuracy_guided_w0"] = None
     row["guidance_weight"] = settings.guidance_weight
     if getattr(loaded.model, "policy_head", None) is not None and settings.guidance_weight > 0:
-        guided = steering_accuracy(loaded, judge, samples_per_domain=settings.samples_per_domain,
-                                   max_tokens=settings.sample_tokens, seed=sample_seed,
-                                   policy_guidance=settings.guidance_weight)
-        row["steering_accuracy_guided"] = guided["accuracy"]
+        # the guided sampler with the policy, and without it (W = 0): their difference is the policy's part
+        for figure, weight in (("steering_accuracy_guided", settings.guidance_weight),
+                               ("steering_accuracy_guided_w0", 0.0)):
+            guided = steering_accuracy(loaded, judge, samples_per_domain=settings.samples_per_domain,
+                                       max_tokens=settings.sample_tokens, seed=sample_seed, policy_guidance=weight)
+            row[figure] = guided["accuracy"]
+            row[figure.replace("accuracy", "per_domain")] = guided["per_domain"]
     row["policy_accuracy"] = policy_accuracy(loaded, heldout_dir, cfg.train.eval_batches)
     row["streaming"] = streaming_eval(loaded, heldout_dir, settings.stream_contexts)
     row["tokens_per_s_overall"] = getattr(train_result, "tokens_per_s", None)  # evaluation included
@@ -494,6 +504,14 @@ def summarize_runs(runs: list[dict], variants: list[str]) -> tuple[list[dict], l
                 if diff["n"]:
                     differences.append({"variant": name, "reference": reference, "figure": figure, **diff,
                                         "reading": reading(diff, lower_is_better)})
+        # what the policy adds to the same sampler without it, in the same runs (issue 17's aim)
+        gain = summarize([r["steering_accuracy_guided"] - r["steering_accuracy_guided_w0"] for r in runs
+                          if r["variant"] == name and r.get("steering_accuracy_guided") is not None
+                          and r.get("steering_accuracy_guided_w0") is not None])
+        if gain["n"]:
+            next(row for row in rows if row["variant"] == name)["guidance_gain"] = gain
+            differences.append({"variant": name, "reference": GUIDANCE_REFERENCE, "figure": "steering_accuracy_guided",
+                                **gain, "reading": reading(gain, lower_is_better=False)})
     return rows, differences
 
 
@@ -506,7 +524,7 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
     seeds, so a stopped ablation leaves what it has) and return the result dict."""
     from simone.train.trainer import settle_model_sizes
     from simone.workflows.pipeline import stage_train
-    from simone.inference.steering import fit_on_documents, snippet_accuracy, snippet_words_for
+    from simone.inference.steering import confusion_accuracy, fit_on_documents, snippet_confusion, snippet_words_for
     from simone.data.tokenizer import load_tokenizer
 
     check_variants(settings)
@@ -522,7 +540,8 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
     snippet_words = snippet_words_for(settings.sample_tokens)
     judge = fit_on_documents(shared.documents, snippet_words=snippet_words,
                              max_snippets_per_domain=settings.judge_snippets_per_domain)
-    judge_acc = snippet_accuracy(judge, shared.documents, snippet_words=snippet_words)
+    judge_confusion = snippet_confusion(judge, shared.documents, snippet_words=snippet_words)
+    judge_acc = confusion_accuracy(judge_confusion)
     _say(f"steering judge (TF-IDF + logistic regression, {len(judge.classes)} domains): {judge_acc:.1%} "
          f"on validation snippets of {snippet_words} words (~{settings.sample_tokens} tokens), "
          f"{judge.training_books_accuracy:.1%} on unseen passages of the training books")
@@ -541,6 +560,7 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
 
     uncurated: tuple[RunDir, Path] | None = None
     runs: list[dict] = []
+    trained_models: dict[str, tuple[RunDir, dict]] = {}  # training_key -> (its run folder, its row)
     result: dict = {}
     for k in range(settings.seeds):
         for name in settings.variants:
@@ -570,15 +590,33 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
             saved = read_json(run.root / FINISHED_RUN, None) if settings.resume else None
             if isinstance(saved, dict) and saved.get("key") == key and isinstance(saved.get("row"), dict):
                 runs.append(saved["row"])
+                trained_models.setdefault(training_key(key), (run, saved["row"]))
                 _say(f"{name} seed {k}: reusing the finished run in {run.root} (--resume)")
                 continue
+            donor = trained_models.get(training_key(key))
+            if (donor is None and isinstance(saved, dict) and isinstance(saved.get("key"), dict)
+                    and isinstance(saved.get("row"), dict) and training_key(saved["key"]) == training_key(key)
+                    and list_checkpoints(run.checkpoints)):
+                donor = (run, saved["row"])  # trained as now, evaluated another way: evaluate again
             (run.root / FINISHED_RUN).unlink(missing_ok=True)
-            _say(f"{name} seed {k}: training {steps} steps")
-            trained = stage_train(vcfg, run.root, force=True)  # a rerun into the same --out starts over
-            if getattr(trained, "stop_reason", None) == "signal":
-                raise KeyboardInterrupt(f"ablation stopped by a signal while training {name} seed {k}")
-            r = evaluate_variant(name, run, run.data, heldout_dir, judge, variant_settings(settings, name),
+            if donor is not None:
+                # a sweep point that differs only in how it is evaluated (ablate.guidance_weight):
+                # the model another variant trained with the same config, seed and budget
+                model_run, donor_row = donor
+                trained = SimpleNamespace(tokens_per_s=donor_row.get("tokens_per_s_overall"),
+                                          tokens_seen=donor_row.get("tokens_seen"), steps=donor_row.get("steps"),
+                                          seconds=donor_row.get("train_seconds"))
+                _say(f"{name} seed {k}: evaluating the model {donor_row['variant']} seed {k} trained "
+                     f"(same config, seed and budget; {model_run.root})")
+            else:
+                model_run = run
+                _say(f"{name} seed {k}: training {steps} steps")
+                trained = stage_train(vcfg, run.root, force=True)  # a rerun into the same --out starts over
+                if getattr(trained, "stop_reason", None) == "signal":
+                    raise KeyboardInterrupt(f"ablation stopped by a signal while training {name} seed {k}")
+            r = evaluate_variant(name, model_run, run.data, heldout_dir, judge, variant_settings(settings, name),
                                  trained, seed=k)
+            trained_models.setdefault(training_key(key), (model_run, r))
             r["overrides"] = settings.overrides.get(name, [])
             runs.append(r)
             atomic_write_json(run.root / FINISHED_RUN, {"key": key, "row": r})
@@ -590,13 +628,15 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
                   "seeds": k + 1, "seeds_planned": settings.seeds,
                   "steps_per_variant": steps, "tokens_per_step": tokens_per_step,
                   "tokens_per_variant": steps * tokens_per_step,
-                  "control_token_prob": cfg.data.control_token_prob, "domains": tok.domains,
+                  "control_token_prob": cfg.data.control_token_prob,
+                  "control_window_prob": cfg.data.control_window_prob, "domains": tok.domains,
                   "judge_accuracy": judge_acc,
                   "judge_accuracy_training_books": (judge.training_books_accuracy
                                                     if math.isfinite(judge.training_books_accuracy) else None),
                   "steering_judge": {"kind": "scikit-learn logistic regression (SGD) on word (1-2) and character (2-5) "
                                              "n-gram TF-IDF, fitted on training snippets",
                                      "snippet_words": snippet_words, "validation_snippet_accuracy": judge_acc,
+                                     "validation_confusion": judge_confusion,
                                      "chance": 1 / max(1, len(judge.classes))},
                   "settings": dataclasses.asdict(settings), "variants": rows, "differences": differences,
                   "runs": runs, "seconds": round(time.time() - t0, 1)}
@@ -607,6 +647,8 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
     return result
 
 
+# (section, field, off value): config fields a run key leaves out while they are off
+KEY_OPTIONAL_AT_OFF = [("data", "control_window_prob", 0.0)]
 FINISHED_RUN = "ablation_run.json"  # in a run's folder: what it was trained with, and its figures
 
 
@@ -617,12 +659,27 @@ def run_key(cfg: Config, name: str, seed: int, steps: int, settings: AblationSet
     trained with and the judge that scored its samples. `--resume` reuses a run only when all match."""
     config = cfg.to_dict()
     config["train"].pop("max_minutes", None)
+    # settings added after runs were already finished, left out at their off value so those
+    # runs' keys still match
+    for section, name, off in KEY_OPTIONAL_AT_OFF:
+        if config[section].get(name) == off:
+            config[section].pop(name, None)
     steering = {k: v for k, v in dataclasses.asdict(variant_settings(settings, name)).items()
                 if k not in ("variants", "seeds", "resume", "budget_minutes", "max_steps", "tokens_per_variant")}
     steering["overrides"] = settings.overrides.get(name, [])
+    steering["guided_sampler"] = GUIDED_SAMPLER
     key = {"variant": name, "seed": seed, "steps": steps, "config": config, "steering": steering,
            "tokenizer_sha256": sha256_file(run.tokenizer), "judge_accuracy": judge_accuracy}
     return json.loads(json.dumps(key))  # as it reads back from the saved file
+
+
+def training_key(key: dict) -> str:
+    """The part of a run key the trained weights depend on (not the variant's name or how its
+    samples are steered and judged, nor the config's preset label, which names the variant),
+    as a string to look up."""
+    config = {k: v for k, v in (key.get("config") or {}).items() if k != "preset"}
+    return json.dumps({"seed": key.get("seed"), "steps": key.get("steps"), "config": config,
+                       "tokenizer_sha256": key.get("tokenizer_sha256")}, sort_keys=True)
 
 
 # ----------------------------------------------------------------------------- report
@@ -656,7 +713,10 @@ def ablation_markdown(result: dict) -> str:
         "# SIM-ONE governance ablation", "",
         f"Preset `{result['preset']}`, {n_seeds} seed(s) per variant, {result['steps_per_variant']} optimizer "
         f"steps per run ({result['tokens_per_variant']:,} training tokens), same data split; control tokens "
-        f"before {result['control_token_prob']:.0%} of training documents. Each figure is mean ± std "
+        f"before {result['control_token_prob']:.0%} of training documents"
+        + (f" and at the start of {result['control_window_prob']:.0%} of training windows"
+           if result.get("control_window_prob") else "")
+        + ". Each figure is mean ± std "
         f"[95% t-interval of the mean] over seeds. Val bpb: the variant's own validation split; held-out "
         f"bpb: the clean held-out documents no variant trained on (lower is better). Steering: share of "
         f"{result['settings']['samples_per_domain']} samples per domain of {result['settings']['sample_tokens']} "
@@ -664,8 +724,10 @@ def ablation_markdown(result: dict) -> str:
         f"assigns to X; the judge itself is right on {result['judge_accuracy']:.1%} of validation snippets "
         f"of that length (books it never saw) and on {_f(result.get('judge_accuracy_training_books'), '.1%')} "
         f"of held-back passages of its training books (chance {result['steering_judge']['chance']:.0%}). "
-        f"Guided adds `--policy-guidance "
-        f"{result['settings']['guidance_weight']}`. Policy acc: share of validation positions whose "
+        f"Guided: the policy-guided sampler (each step, the 8 likeliest tokens reranked by "
+        f"{result['settings']['guidance_weight']} · log p_policy(domain), as `--policy-guidance` does); "
+        f"W=0: the same sampler without the policy, so guided minus W=0 is what the policy adds. "
+        f"Policy acc: share of validation positions whose "
         f"policy-head argmax is the true domain.", "",
     ]
     head = ["variant", "params"] + [label for label, _ in FIGURES.values()] + ["train tokens", "tokens/s"]
@@ -690,6 +752,14 @@ def ablation_markdown(result: dict) -> str:
     else:
         lines.append(f"No differences: the plain model (`{PLAIN}`) is not among the variants.")
 
+    confusion = result.get("steering_judge", {}).get("validation_confusion")
+    if confusion:
+        lines += ["", "## The judge on validation snippets: right per domain, and where the rest went", "",
+                  "| domain | snippets | judged right | judged as (others) |", "|---|---|---|---|"]
+        for d, row in sorted(confusion.items()):
+            n = sum(row.values())
+            others = ", ".join(f"{p} {c}" for p, c in sorted(row.items(), key=lambda x: -x[1]) if p != d)
+            lines.append(f"| {d} | {n} | {row.get(d, 0) / n:.0%} | {others or '–'} |")
     if domains:
         lines += ["", "## Validation bits per byte per domain (mean over seeds)", "",
                   "| variant | " + " | ".join(domains) + " |", "|---|" + "|".join("---" for _ in domains) + "|"]
