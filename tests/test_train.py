@@ -153,6 +153,28 @@ def test_mfu_inputs():
     assert mfu(6e6, 1000.0, None) is None
 
 
+def test_the_cpu_peak_probe_counts_the_cpu_time_it_got_not_the_time_others_took(monkeypatch):
+    """Another process on the cores doubles each burst's wall time; this process's CPU time
+    (over its threads) is what the matmuls took, so the probe reads the same peak."""
+    import types
+
+    import simone.train.metrics as metrics
+
+    clock = {"wall": 0.0, "cpu": 0.0}
+
+    def mm(a, b):  # each matmul: 0.02 s of wall time, of which this process ran half (2 threads)
+        clock["wall"] += 0.02
+        clock["cpu"] += 0.02
+        return a
+
+    fake_time = types.SimpleNamespace(perf_counter=lambda: clock["wall"], process_time=lambda: clock["cpu"])
+    monkeypatch.setattr(metrics, "time", fake_time)
+    monkeypatch.setattr(metrics.torch, "mm", mm)
+    monkeypatch.setattr(metrics.torch, "get_num_threads", lambda: 2)
+    peak = metrics.cpu_peak_flops.__wrapped__(torch.float32, n=8, bursts=4, burst_s=0.015)
+    assert peak == pytest.approx(2 * 8**3 / 0.01)  # 0.02 s of CPU time over 2 threads, not 0.02 s of wall time
+
+
 def test_early_stopping_ends_the_run_after_patience(template, tmp_path):
     """With lr 0 the validation loss never improves: the first evaluation after min_epochs
     that fails to improve (patience 1) stops the run at the end of epoch 1 of 3."""
