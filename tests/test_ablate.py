@@ -133,6 +133,10 @@ def test_guidance_is_measured_against_the_same_sampler_without_the_policy_in_the
     result["steering_judge"]["validation_confusion"] = {"law": {"law": 3, "sky": 1}, "sky": {"law": 2}}
     table = ablation_markdown(result)
     assert "| law | 4 | 75% | sky 1 |" in table and "| sky | 2 | 0% | law 2 |" in table
+    # a sweep point is compared with the plain model, its base and the plain model with its tag
+    runs += [{**r, "variant": r["variant"] + "@cw"} for r in runs]
+    pairs = {(d["variant"], d["reference"]) for d in summarize_runs(runs, ["llama", "full", "llama@cw", "full@cw"])[1]}
+    assert {("full@cw", "llama"), ("full@cw", "full"), ("full@cw", "llama@cw"), ("llama@cw", "llama")} <= pairs
     # a gain whose interval includes zero is no gain
     mixed = [_run("llama", 0, 2.0, 0.4)] + [{**_run("full", k, 2.0, 0.3), "steering_accuracy_guided": g,
                                             "steering_accuracy_guided_w0": 0.5} for k, g in enumerate([0.55, 0.45, 0.52])]

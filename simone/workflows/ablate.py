@@ -15,8 +15,13 @@ Variants (each seed its own run directory under OUT/runs/NAME/seed_K):
 A sweep point is `BASE@TAG` (e.g. `full@mem16`) with its own `--set` overrides
 (`AblationSettings.overrides`, `simone ablate --vset full@mem16:model.n_memory_slots=16`); the
 knobs worth sweeping: `model.policy_loss_weight` and `model.coherence_weight` (the auxiliary
-losses), `model.policy_layer`, `model.n_memory_slots`, and `ablate.guidance_weight` (the policy
-guidance this variant's guided steering uses).
+losses), `model.policy_layer`, `model.n_memory_slots`, `data.control_window_prob` (control
+tokens at window starts: the loader), and `ablate.guidance_weight` (the policy guidance this
+variant's guided steering uses). A sweep point that differs from a variant only in `ablate.*`
+settings evaluates the model that variant trained (same config, seed and budget) instead of
+training it again; with `--resume`, a finished run whose evaluation settings changed is
+evaluated again, not trained again. A sweep point is compared with the plain model, with its
+base (`full@cw` with `full`) and with the plain model of the same tag (`llama@cw`).
 
 Data. The corpus is curated once (OUT/shared); the tokenizer and the token shards are built
 once from it, with domain control tokens before `data.control_token_prob` of the training
@@ -39,8 +44,9 @@ Measures per run: parameters; validation bits per byte on the variant's own vali
 (`train.eval_batches` batches per domain), overall and per domain; held-out bits per byte on
 the clean held-out documents, which no variant trained on (every window, or
 `heldout_batches` per domain); steering accuracy (`simone.inference.steering`: a TF-IDF + logistic
-regression judge fitted on the training split, samples made with `--domain X`), also with
-policy guidance for models with a policy head; policy accuracy; streaming perplexity of a
+regression judge fitted on the training split, samples made with `--domain X`), and for
+models with a policy head the policy-guided sampler with weight W and with W = 0 (their paired
+difference is what the policy adds); policy accuracy; streaming perplexity of a
 long validation text (Llama-style models); training tokens/s. Per variant, each figure is
 summarised over seeds as mean, std and a 95% t-interval; differences against the plain model
 are paired by seed, and one whose interval includes zero reads "no measurable difference".
@@ -498,6 +504,10 @@ def summarize_runs(runs: list[dict], variants: list[str]) -> tuple[list[dict], l
     names = [r["variant"] for r in rows]
     for name in names:
         references = ([PLAIN] if name != PLAIN else []) + EXTRA_REFERENCES.get(base_variant(name), [])
+        if "@" in name:  # a sweep point: also against its base, and against the plain model with the same tag
+            base, tag = name.split("@", 1)
+            references += [base, f"{PLAIN}@{tag}"]
+        references = list(dict.fromkeys(references))
         for reference in (r for r in references if r in names and r != name):
             for figure, (_, lower_is_better) in FIGURES.items():
                 diff = paired_difference(runs, name, reference, figure)
