@@ -1,7 +1,7 @@
 """The governance ablation of issue 17 as one command: does governance help, does curation help?
 
     python bench/run_ablation.py                      # probe (minutes): print the command and its expected wall time
-    python bench/run_ablation.py --run                # the full run (hours on 2 CPU cores)
+    python bench/run_ablation.py --run                # the full run (~90 minutes on 2 CPU cores)
     python bench/run_ablation.py --run --resume       # continue it: finished runs are reused
     python bench/run_ablation.py --run --vset full@mem16:model.n_memory_slots=16   # plus a sweep point
 

@@ -71,6 +71,16 @@ def _sources(attn_row: torch.Tensor, positions: torch.Tensor, n_memory: int,
     return sources, float(attn_row[:n_memory].sum())
 
 
+def _guided_pick(cand_logp: torch.Tensor, domain_prob: torch.Tensor | None, weight: float, temperature: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """Which of the candidates (last dim) to take: by log p_lm(c) + weight · log p_policy(d | text + c),
+    greedy at temperature <= 0, else drawn from the softmax at `temperature`."""
+    score = cand_logp if weight <= 0 else cand_logp + weight * domain_prob.clamp_min(1e-12).log()
+    if temperature <= 0:
+        return score.argmax(-1)
+    return torch.multinomial((score / temperature).softmax(-1), 1, generator=generator)[..., 0]
+
+
 @torch.no_grad()
 def governed_generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: int,
                       temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -117,11 +127,8 @@ def governed_generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: i
             if guided:
                 cand_logp, cand = torch.topk(log_probs, rows)
                 c_logits, c_policy, c_attn, c_positions = _feed(model, cache, cand[:, None], recorder)
-                score = cand_logp + guidance_weight * c_policy[:, guidance_domain].clamp_min(1e-12).log()
-                if temperature <= 0:
-                    pick = int(score.argmax())
-                else:
-                    pick = int(torch.multinomial((score / temperature).softmax(-1), 1, generator=generator))
+                pick = int(_guided_pick(cand_logp, c_policy[:, guidance_domain], guidance_weight, temperature,
+                                        generator))
                 token = int(cand[pick])
                 slot = cache.length - 1
                 for k, v in zip(cache.k, cache.v):  # every row continues from the winner
@@ -178,13 +185,8 @@ def guided_sample_batch(model: nn.Module, prompt_ids: list[int], n: int, max_new
     for step in range(max_new_tokens):
         cand_logp, cand = torch.topk(F.log_softmax(logits, dim=-1), k, dim=-1)  # [n, K]
         c_logits, c_policy, _, _ = _feed(model, cache, cand.reshape(rows, 1), None)
-        score = cand_logp
-        if guidance_weight > 0:
-            score = score + guidance_weight * c_policy[:, guidance_domain].clamp_min(1e-12).log().view(n, k)
-        if temperature <= 0:
-            pick = score.argmax(-1)
-        else:
-            pick = torch.multinomial((score / temperature).softmax(-1), 1, generator=generator)[:, 0]
+        domain_prob = None if c_policy is None else c_policy[:, guidance_domain].view(n, k)
+        pick = _guided_pick(cand_logp, domain_prob, guidance_weight, temperature, generator)
         out[:, step] = cand[samples, pick]
         # every row of a sample continues from its winner: its keys, values and policy state
         slot, winner = cache.length - 1, samples * k + pick

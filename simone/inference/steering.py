@@ -174,12 +174,12 @@ def sample_batch(loaded, domain: str, n: int, max_tokens: int, temperature: floa
                                        generator=gen, eos_id=tok.eod_id))
     if not steps:
         return [""] * n
-    texts = []
-    for row in torch.cat(steps, dim=1).tolist():
-        if tok.eod_id in row:
-            row = row[: row.index(tok.eod_id)]
-        texts.append(tok.decode(row))
-    return texts
+    return _texts_until_eod(tok, torch.cat(steps, dim=1).tolist())
+
+
+def _texts_until_eod(tok, rows: list[list[int]]) -> list[str]:
+    """Each row of generated ids decoded up to its first end-of-document token."""
+    return [tok.decode(row[: row.index(tok.eod_id)] if tok.eod_id in row else row) for row in rows]
 
 
 def guided_batch(loaded, domain: str, n: int, max_tokens: int, guidance_weight: float,
@@ -199,12 +199,7 @@ def guided_batch(loaded, domain: str, n: int, max_tokens: int, guidance_weight: 
     rows = guided_sample_batch(loaded.model, ids, n, max_new, guidance_domain=tok.domains.index(domain),
                                guidance_weight=guidance_weight, guidance_top_k=guidance_top_k,
                                temperature=temperature, generator=gen)
-    texts = []
-    for row in rows.tolist():
-        if tok.eod_id in row:
-            row = row[: row.index(tok.eod_id)]
-        texts.append(tok.decode(row))
-    return texts
+    return _texts_until_eod(tok, rows.tolist())
 
 
 def steering_accuracy(loaded, judge: SteeringJudge, domains: list[str] | None = None,

@@ -67,8 +67,8 @@ def cpu_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, bursts: in
     load read a quarter of the idle peak and the runs it measured logged MFU over 400%.
     1024 x 1024 operands: on a 2-core AMD EPYC 512 x 512 read a third of what 1024 and the
     training step's own matmuls reach (the step's MFU read over 100%). Probe in the dtype
-    training computes in: a bf16 run on a CPU with AMX measured against a
-    float32 peak reads > 100%.
+    training computes in: a bf16 run on a CPU with AMX measured against a float32 peak reads
+    > 100%.
     """
     a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(dtype)
     b = torch.randn(n, n, generator=torch.Generator().manual_seed(1)).to(dtype)

@@ -597,15 +597,16 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
             _link(data_root.tokenizer_dir, run.tokenizer_dir)
             settle_model_sizes(vcfg, load_tokenizer(run.tokenizer))  # the uncurated variant has its own
             key = run_key(vcfg, name, k, steps, settings, run, judge_acc)
+            trains_as = training_key(key)
             saved = read_json(run.root / FINISHED_RUN, None) if settings.resume else None
             if isinstance(saved, dict) and saved.get("key") == key and isinstance(saved.get("row"), dict):
                 runs.append(saved["row"])
-                trained_models.setdefault(training_key(key), (run, saved["row"]))
+                trained_models.setdefault(trains_as, (run, saved["row"]))
                 _say(f"{name} seed {k}: reusing the finished run in {run.root} (--resume)")
                 continue
-            donor = trained_models.get(training_key(key))
+            donor = trained_models.get(trains_as)
             if (donor is None and isinstance(saved, dict) and isinstance(saved.get("key"), dict)
-                    and isinstance(saved.get("row"), dict) and training_key(saved["key"]) == training_key(key)
+                    and isinstance(saved.get("row"), dict) and training_key(saved["key"]) == trains_as
                     and list_checkpoints(run.checkpoints)):
                 donor = (run, saved["row"])  # trained as now, evaluated another way: evaluate again
             (run.root / FINISHED_RUN).unlink(missing_ok=True)
@@ -626,7 +627,7 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
                     raise KeyboardInterrupt(f"ablation stopped by a signal while training {name} seed {k}")
             r = evaluate_variant(name, model_run, run.data, heldout_dir, judge, variant_settings(settings, name),
                                  trained, seed=k)
-            trained_models.setdefault(training_key(key), (model_run, r))
+            trained_models.setdefault(trains_as, (model_run, r))
             r["overrides"] = settings.overrides.get(name, [])
             runs.append(r)
             atomic_write_json(run.root / FINISHED_RUN, {"key": key, "row": r})
