@@ -376,7 +376,15 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
     if field_name not in hints:
         names = ", ".join(f.name for f in dataclasses.fields(section))
         raise ConfigError(f"unknown config key {key!r}; {section_name} has: {names}")
-    setattr(section, field_name, _coerce(value, hints[field_name], key))
+    value = _coerce(value, hints[field_name], key)
+    if key in SHARE_FIELDS and value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ConfigError(f"{key}={value}: out of range (a share: expected 0..1)")
+    setattr(section, field_name, value)
+
+
+# fields that are shares, checked where they are set (an override, a config file) so a bad one
+# fails before curation, not at the stage that reads it
+SHARE_FIELDS = {"data.control_token_prob", "data.control_window_prob"}
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

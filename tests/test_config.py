@@ -98,3 +98,16 @@ def test_a_downloaded_config_out_of_range_is_refused_before_anything_is_built(tm
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(ConfigError, match=message):
         load_config(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("key", ["data.control_token_prob", "data.control_window_prob"])
+def test_a_share_out_of_range_is_refused_where_it_is_set(key, tmp_path):
+    with pytest.raises(ConfigError, match=rf"{key}=1.5: out of range \(a share: expected 0..1\)"):
+        apply_overrides(preset("tiny"), [f"{key}=1.5"])
+    with pytest.raises(ConfigError, match=rf"{key}=-0.1: out of range"):
+        apply_overrides(preset("tiny"), [f"{key}=-0.1"])
+    assert getattr(apply_overrides(preset("tiny"), [f"{key}=0.5"]).data, key.split(".")[1]) == 0.5
+    section, field = key.split(".")
+    (tmp_path / "c.json").write_text(json.dumps({"preset": "tiny", section: {field: 2}}))
+    with pytest.raises(ConfigError, match=rf"c.json: {key}=2.0: out of range"):
+        load_config(tmp_path / "c.json")
