@@ -167,6 +167,8 @@ class TrainConfig:
     # Muon's learning rate = this x the schedule's (AdamW's): 4 and 10 beat 1 at equal steps on the
     # tiny preset (val bpb 0.21 / 0.24 against 0.47 at lr 1e-2, AdamW 0.28; 80 steps of the tests' data)
     muon_lr_scale: float = 4.0
+    # the token embedding's (and tied output head's) learning rate = this x the schedule's
+    embed_lr_scale: float = 1.0
     activation_checkpointing: bool = False
     # under torchrun: "ddp" (a full replica per process) or "fsdp" (FSDP2: parameters, gradients
     # and optimizer state sharded over the processes, for models that do not fit one GPU)

@@ -19,6 +19,7 @@ from torch import nn
 
 from simone.config import TrainConfig
 from simone.errors import SimoneError
+from simone.model.base import adamw_param_groups
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -155,19 +156,20 @@ def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas: tuple[float, float],
-                    device_type: str, fused: bool | None = None,
-                    muon_lr_scale: float = 4.0) -> torch.optim.Optimizer | MuonWithAdamW:
+                    device_type: str, fused: bool | None = None, muon_lr_scale: float = 4.0,
+                    embed_lr_scale: float = 1.0) -> torch.optim.Optimizer | MuonWithAdamW:
     """The optimizer `train.optimizer` names, over `model`'s trainable parameters.
 
     "muon": Muon (momentum 0.95, Nesterov, 5 Newton-Schulz steps; in float32 on a CPU whose
     bf16 is emulated, `Float32Muon`) with the `match_rms_adamw`
     learning-rate adjustment, so its updates have AdamW's size and it takes the same learning
     rate and weight decay (one schedule drives both; `muon_lr_scale` multiplies Muon's); AdamW,
-    as `configure_optimizer` sets it up, for everything else.
+    as `configure_optimizer` sets it up, for everything else. `embed_lr_scale` multiplies the
+    token embedding's learning rate (and the tied output head's) in either.
     """
     if name == "adamw":
         return model.configure_optimizer(lr=lr, weight_decay=weight_decay, betas=betas,
-                                         device_type=device_type, fused=fused)
+                                         device_type=device_type, fused=fused, embed_lr_scale=embed_lr_scale)
     if name != "muon":
         raise OptimizerConfigError(f"train.optimizer={name!r}: choose one of {', '.join(OPTIMIZERS)}")
     if not hasattr(torch.optim, "Muon"):
@@ -183,8 +185,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     muon = muon_class([{"params": matrices, "lr_scale": muon_lr_scale}], lr=lr * muon_lr_scale,
                             weight_decay=weight_decay / muon_lr_scale,  # decay is lr x wd: keep AdamW's
                             momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    groups = adamw_param_groups(rest, model.tok_embeddings.weight, lr, weight_decay, embed_lr_scale)
     adamw = _adamw(groups, lr, betas, device_type, fused)
     return MuonWithAdamW(muon, adamw)
 
@@ -203,4 +204,5 @@ def new_optimizer(raw_model: nn.Module, tc: TrainConfig, device: torch.device) -
     """The optimizer `tc` asks for over the (unwrapped) training model."""
     return build_optimizer(raw_model, tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay,
                            betas=(tc.beta1, tc.beta2), device_type=device.type,
-                           fused=None if tc.fused_adamw else False, muon_lr_scale=tc.muon_lr_scale)
+                           fused=None if tc.fused_adamw else False, muon_lr_scale=tc.muon_lr_scale,
+                           embed_lr_scale=tc.embed_lr_scale)

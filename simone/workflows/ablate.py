@@ -658,8 +658,9 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
     return result
 
 
-# (section, field, off value): config fields a run key leaves out while they are off
-KEY_OPTIONAL_AT_OFF = [("data", "control_window_prob", 0.0)]
+# (section, field, off value): config fields added after runs were keyed; a run key leaves them out
+# while they are off, so the keys of runs finished before they existed still match
+KEY_OPTIONAL_AT_OFF = [("data", "control_window_prob", 0.0), ("train", "embed_lr_scale", 1.0)]
 FINISHED_RUN = "ablation_run.json"  # in a run's folder: what it was trained with, and its figures
 
 
