@@ -220,3 +220,19 @@ def test_a_setting_added_later_stays_out_of_the_run_key_while_off(tmp_path):
     assert "control_window_prob" not in key["config"]["data"]  # keys written before it existed still match
     cfg.data.control_window_prob = 0.5
     assert run_key(cfg, "llama", 0, 2, AblationSettings(), run, 0.5)["config"]["data"]["control_window_prob"] == 0.5
+
+
+def test_a_run_key_names_its_variant_and_carries_its_own_steering_overrides(tmp_path):
+    """The key of `full@g5` says `full@g5` and guidance weight 5 (a key that lost them would let
+    --resume reuse a run evaluated at another weight)."""
+    from simone.rundir import RunDir
+    from simone.workflows.ablate import run_key
+
+    run = RunDir(tmp_path / "run").make()
+    run.tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    run.tokenizer.write_text("{}")
+    settings = AblationSettings(overrides={"full@g5": ["ablate.guidance_weight=5"]})
+    key = run_key(preset("tiny"), "full@g5", 0, 2, settings, run, 0.5)
+    assert key["variant"] == "full@g5"
+    assert key["steering"]["guidance_weight"] == 5 and key["steering"]["overrides"] == ["ablate.guidance_weight=5"]
+    assert run_key(preset("tiny"), "full", 0, 2, settings, run, 0.5)["steering"]["guidance_weight"] == 1.0

@@ -673,9 +673,9 @@ def run_key(cfg: Config, name: str, seed: int, steps: int, settings: AblationSet
     config["train"].pop("max_minutes", None)
     # settings added after runs were already finished, left out at their off value so those
     # runs' keys still match
-    for section, name, off in KEY_OPTIONAL_AT_OFF:
-        if config[section].get(name) == off:
-            config[section].pop(name, None)
+    for section, key_field, off in KEY_OPTIONAL_AT_OFF:  # not `name`: that is the variant's
+        if config[section].get(key_field) == off:
+            config[section].pop(key_field, None)
     steering = {k: v for k, v in dataclasses.asdict(variant_settings(settings, name)).items()
                 if k not in ("variants", "seeds", "resume", "budget_minutes", "max_steps", "tokens_per_variant")}
     steering["overrides"] = settings.overrides.get(name, [])
