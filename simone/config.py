@@ -361,6 +361,11 @@ def _coerce(value: Any, type_hint: Any, key: str) -> Any:
     return value
 
 
+# fields that are shares, checked where they are set (an override, a config file) so a bad one
+# fails before curation, not at the stage that reads it
+SHARE_FIELDS = {"data.control_token_prob", "data.control_window_prob"}
+
+
 def set_value(cfg: Config, key: str, value: Any) -> None:
     """Set `section.field` (e.g. `train.lr`) on `cfg`, checking the key and the type."""
     parts = key.split(".")
@@ -383,10 +388,6 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
         raise ConfigError(f"{key}={value}: out of range (a share: expected 0..1)")
     setattr(section, field_name, value)
 
-
-# fields that are shares, checked where they are set (an override, a config file) so a bad one
-# fails before curation, not at the stage that reads it
-SHARE_FIELDS = {"data.control_token_prob", "data.control_window_prob"}
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train_support import losses_by_step, new_run
+from test_train_support import losses_by_step, straight_and_resumed
 
 from simone.config import preset
 from simone.model import build_model
 from simone.train import trainer as trainer_module
 from simone.train.optim import build_optimizer, set_lr
-from simone.train.trainer import train
 
 
 def tiny_model() -> torch.nn.Module:
@@ -61,16 +60,11 @@ def test_a_run_with_it_uses_it_and_resumes_bit_for_bit(template, tmp_path, monke
     built = []
     real = trainer_module.new_optimizer
     monkeypatch.setattr(trainer_module, "new_optimizer", lambda *a: built.append(real(*a)) or built[-1])
-    overrides = dict(batch_size=16, eval_every=0, checkpoint_every=4, log_every=1, num_epochs=2, max_steps=10,
-                     embed_lr_scale=3.0)
-    cfg_a, run_a = new_run(template, tmp_path / "a", **overrides)
-    train(cfg_a, run_a)
+    run_a, run_b, stopped, resumed = straight_and_resumed(
+        template, tmp_path, monkeypatch, 6, batch_size=16, eval_every=0, checkpoint_every=4, log_every=1,
+        num_epochs=2, max_steps=10, embed_lr_scale=3.0)
     scaled = [g for g in built[0].param_groups if g.get("lr_scale") == 3.0]
     assert len(scaled) == 1 and scaled[0]["lr"] == pytest.approx(3.0 * min(g["lr"] for g in built[0].param_groups))
-    cfg_b, run_b = new_run(template, tmp_path / "b", **overrides)
-    monkeypatch.setenv("SIMONE_FAULT_SIGTERM_AT_STEP", "6")
-    assert train(cfg_b, run_b).steps == 6
-    monkeypatch.delenv("SIMONE_FAULT_SIGTERM_AT_STEP")
-    assert train(cfg_b, run_b, resume="latest").steps == 10
+    assert stopped.steps == 6 and resumed.steps == 10
     a, b = losses_by_step(run_a), losses_by_step(run_b)
     assert sorted(a) == sorted(b) == list(range(1, 11)) and [a[s] for s in a] == [b[s] for s in a]

@@ -18,7 +18,7 @@ from simone.train.optim import (
     set_lr,
 )
 from simone.train.trainer import train
-from test_train_support import losses_by_step, new_run, read_metrics
+from test_train_support import losses_by_step, new_run, read_metrics, straight_and_resumed
 
 
 def tiny_model(arch: str = "llama") -> torch.nn.Module:
@@ -125,15 +125,10 @@ def test_loss_falls_with_muon(template, tmp_path):
 def test_muon_run_resumes_bit_for_bit(template, tmp_path, monkeypatch):
     """12 steps straight == 7 steps, SIGTERM, resume to 12: Muon's momentum buffers and AdamW's
     moments come back from the checkpoint exactly."""
-    overrides = dict(batch_size=16, eval_every=0, checkpoint_every=4, log_every=1, num_epochs=2, max_steps=12,
-                     optimizer="muon")
-    cfg_a, run_a = new_run(template, tmp_path / "a", **overrides)
-    train(cfg_a, run_a)
-    cfg_b, run_b = new_run(template, tmp_path / "b", **overrides)
-    monkeypatch.setenv("SIMONE_FAULT_SIGTERM_AT_STEP", "7")
-    assert train(cfg_b, run_b).steps == 7
-    monkeypatch.delenv("SIMONE_FAULT_SIGTERM_AT_STEP")
-    assert train(cfg_b, run_b, resume="latest").steps == 12
+    run_a, run_b, stopped, resumed = straight_and_resumed(
+        template, tmp_path, monkeypatch, 7, batch_size=16, eval_every=0, checkpoint_every=4, log_every=1,
+        num_epochs=2, max_steps=12, optimizer="muon")
+    assert stopped.steps == 7 and resumed.steps == 12
     a, b = losses_by_step(run_a), losses_by_step(run_b)
     assert sorted(a) == sorted(b) == list(range(1, 13))
     assert [a[s] for s in a] == [b[s] for s in a]  # bit for bit

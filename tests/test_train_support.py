@@ -80,6 +80,20 @@ def new_run(template: Path, dest: Path, **train: object) -> tuple[Config, RunDir
     return cfg, RunDir(dest)
 
 
+def straight_and_resumed(template: Path, tmp_path: Path, monkeypatch, stop_at: int, **train: object):
+    """One run twice from the same template: `a` straight to the end, `b` stopped by SIGTERM at
+    step `stop_at` and resumed from its latest checkpoint. Returns run_a, run_b and b's two results."""
+    from simone.train.trainer import train as run_training
+
+    cfg_a, run_a = new_run(template, tmp_path / "a", **train)
+    run_training(cfg_a, run_a)
+    cfg_b, run_b = new_run(template, tmp_path / "b", **train)
+    monkeypatch.setenv("SIMONE_FAULT_SIGTERM_AT_STEP", str(stop_at))
+    stopped = run_training(cfg_b, run_b)
+    monkeypatch.delenv("SIMONE_FAULT_SIGTERM_AT_STEP")
+    return run_a, run_b, stopped, run_training(cfg_b, run_b, resume="latest")
+
+
 def read_metrics(run: RunDir, kind: str | None = None) -> list[dict]:
     if not run.metrics.exists():
         return []

@@ -117,11 +117,7 @@ class LanguageModel(nn.Module):
         """
         params = [p for p in self.parameters() if p.requires_grad]
         groups = adamw_param_groups(params, self.tok_embeddings.weight, lr, weight_decay, embed_lr_scale)
-        fused_supported = "fused" in inspect.signature(torch.optim.AdamW).parameters
-        if fused is None:
-            fused = fused_supported and device_type in ("cuda", "cpu")
-        kwargs = {"fused": True} if fused and fused_supported else {}
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, **kwargs)
+        return new_adamw(groups, lr, betas, device_type, fused)
 
     # ------------------------------------------------------------------ generation
 
@@ -193,11 +189,21 @@ def adamw_param_groups(params: list[nn.Parameter], embedding: nn.Parameter, lr: 
     """AdamW's parameter groups: matrices decayed, vectors (biases, norms) not; with
     `embed_lr_scale` ≠ 1 the embedding gets a decayed group of its own whose `lr_scale` the
     schedule multiplies. Two groups otherwise, so checkpoints written before the option load."""
-    vectors = [p for p in params if p.dim() < 2]
-    if embed_lr_scale == 1.0 or not any(p is embedding for p in params):
-        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                {"params": vectors, "weight_decay": 0.0}]
-    return [{"params": [p for p in params if p.dim() >= 2 and p is not embedding], "weight_decay": weight_decay},
-            {"params": vectors, "weight_decay": 0.0},
-            {"params": [embedding], "weight_decay": weight_decay, "lr_scale": embed_lr_scale,
-             "lr": lr * embed_lr_scale}]
+    apart = embed_lr_scale != 1.0 and any(p is embedding for p in params)
+    groups = [{"params": [p for p in params if p.dim() >= 2 and not (apart and p is embedding)],
+               "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if apart:
+        groups.append({"params": [embedding], "weight_decay": weight_decay, "lr_scale": embed_lr_scale,
+                       "lr": lr * embed_lr_scale})
+    return groups
+
+
+def new_adamw(groups: list[dict], lr: float, betas: tuple[float, float], device_type: str,
+              fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over `groups`, with the fused kernel where this PyTorch has it and the device is
+    CUDA or CPU (fused=None), or as `fused` says."""
+    fused_supported = "fused" in inspect.signature(torch.optim.AdamW).parameters
+    if fused is None:
+        fused = fused_supported and device_type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused and fused_supported else {}))

@@ -19,7 +19,7 @@ from torch import nn
 
 from simone.config import TrainConfig
 from simone.errors import SimoneError
-from simone.model.base import adamw_param_groups
+from simone.model.base import adamw_param_groups, new_adamw
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -186,18 +186,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
                             weight_decay=weight_decay / muon_lr_scale,  # decay is lr x wd: keep AdamW's
                             momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
     groups = adamw_param_groups(rest, model.tok_embeddings.weight, lr, weight_decay, embed_lr_scale)
-    adamw = _adamw(groups, lr, betas, device_type, fused)
+    adamw = new_adamw(groups, lr, betas, device_type, fused)
     return MuonWithAdamW(muon, adamw)
-
-
-def _adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], device_type: str,
-           fused: bool | None) -> torch.optim.AdamW:
-    import inspect
-
-    fused_supported = "fused" in inspect.signature(torch.optim.AdamW).parameters
-    if fused is None:
-        fused = fused_supported and device_type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused and fused_supported else {}))
 
 
 def new_optimizer(raw_model: nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

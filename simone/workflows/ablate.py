@@ -671,8 +671,6 @@ def run_key(cfg: Config, name: str, seed: int, steps: int, settings: AblationSet
     trained with and the judge that scored its samples. `--resume` reuses a run only when all match."""
     config = cfg.to_dict()
     config["train"].pop("max_minutes", None)
-    # settings added after runs were already finished, left out at their off value so those
-    # runs' keys still match
     for section, key_field, off in KEY_OPTIONAL_AT_OFF:  # not `name`: that is the variant's
         if config[section].get(key_field) == off:
             config[section].pop(key_field, None)
