@@ -153,7 +153,7 @@ def score(model: torch.nn.Module, tokenizer: Any, context: int, eval_dir: Path, 
 
     model.eval()
     scorer = TorchScorer(label, "simone", lambda x: model(x)[0], tokenizer.encode, tokenizer.eod_id, context,
-                         torch.device("cpu"))
+                         torch.device("cpu"), tokenizer.vocab_size)
     s = score_model(scorer, read_text_folder(eval_dir))
     return {"bpb": s.overall.bpb, "per_domain": {d: v.bpb for d, v in sorted(s.per_domain.items())},
             "eval_tokens": s.overall.tokens, "eval_bytes": s.overall.bytes}

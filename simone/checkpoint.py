@@ -476,7 +476,8 @@ def resolve_checkpoint(
     if explicit is not None:
         verify_checkpoint(explicit)
         return explicit
-    assert ckpt_root is not None
+    if ckpt_root is None:  # _checkpoint_root gives one or the other
+        raise CheckpointError(f"{path}: neither a run directory nor a checkpoint")
     dirs = list_checkpoints(ckpt_root)
     pointed = read_pointer(ckpt_root, which)
     if not dirs and (pointed is None or not _leftover_copies(ckpt_root, pointed)):

@@ -253,27 +253,65 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "gguf":
         from simone.inference.gguf_file import export_gguf
 
-        print(export_gguf(Path(args.model), Path(args.out), dtype=args.dtype or "f32"))
+        print(export_gguf(Path(args.model), Path(args.out), dtype=args.dtype or "f32", force=args.force))
         return 0
     if args.dtype:
         raise CLIError("--dtype applies to --format gguf only (the hf folder is float32)")
     from simone.inference.hf_folder import export_hf
 
-    print(export_hf(Path(args.model), Path(args.out)))
+    print(export_hf(Path(args.model), Path(args.out), force=args.force))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    json_path = Path(args.json) if args.json else None
+    if args.suite or args.pairs:
+        return _eval_suite(args, json_path)
+    if args.lm_eval_tasks:
+        raise CLIError("--lm-eval-tasks writes the consistency suite: give --suite FILE (and/or --pairs FILE)")
+    if not args.data:
+        raise CLIError("give --data DIR (a folder of .txt to score), or --suite FILE / --pairs FILE")
     from simone.inference.eval_text import eval_cli
 
-    return eval_cli(args.model, Path(args.data), Path(args.json) if args.json else None, device=args.device)
+    return eval_cli(args.model, Path(args.data), json_path, device=args.device)
+
+
+def _eval_suite(args: argparse.Namespace, json_path: Path | None) -> int:
+    from simone.inference.consistency import (evaluate_suite, format_suite_markdown, suite_items,
+                                              write_lm_eval_tasks)
+    from simone.rundir import atomic_write_json
+
+    if json_path is not None and json_path.is_symlink():
+        raise CLIError(f"{json_path}: is a symlink; writing would replace the link, not its target")
+    from simone.inference.consistency import SuiteSettings
+
+    n = args.suite_items
+    items, where = suite_items(Path(args.suite) if args.suite else None, Path(args.data) if args.data else None,
+                               Path(args.pairs) if args.pairs else None,
+                               SuiteSettings(pairs_per_kind=n, cloze_per_domain=n, prompts_per_domain=max(1, n // 5)))
+    print(f"[simone] {where}", file=sys.stderr)
+    if args.lm_eval_tasks:
+        names = write_lm_eval_tasks(items, Path(args.lm_eval_tasks))
+        print(f"[simone] lm-evaluation-harness tasks in {args.lm_eval_tasks}: lm_eval --model hf --model_args "
+              f"pretrained=EXPORTED_HF_FOLDER --include_path {args.lm_eval_tasks} --tasks {names[-1]}",
+              file=sys.stderr)
+    result = evaluate_suite(args.model, items, device=args.device,
+                            say=lambda line: print(f"[simone] {line}", file=sys.stderr))
+    print(format_suite_markdown(result))
+    if json_path is not None:
+        atomic_write_json(json_path, result)
+        print(f"[json: {json_path}]", file=sys.stderr)
+    return 1 if any("error" in m for m in result["models"]) else 0
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     from simone.workflows.ablate import VARIANTS, AblationSettings, run_ablation
 
     cfg = build_config(args)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else list(VARIANTS)
+    if args.variants:
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    else:  # data variants alone compare data (each against `curated`); else every model variant
+        variants = [] if args.data_variants else list(VARIANTS)
     overrides: dict[str, list[str]] = {}
     for item in args.variant_overrides:  # NAME:section.key=value
         name, sep, override = item.partition(":")
@@ -285,7 +323,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
                                 seeds=args.seeds, tokens_per_variant=args.tokens_per_variant,
                                 samples_per_domain=args.samples_per_domain, sample_tokens=args.sample_tokens,
                                 guidance_weight=args.guidance_weight, heldout_batches=args.heldout_batches,
-                                overrides=overrides, resume=args.resume)
+                                overrides=overrides, resume=args.resume, data_variants=args.data_variants,
+                                suite=args.suite, suite_items=args.suite_items)
     try:
         run_ablation(cfg, Path(args.out), settings)
     except ValueError as e:
@@ -316,10 +355,13 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from simone.inference.serve import run_server
+    from simone.inference.serve import ServeLimits, run_server
 
+    limits = {k: getattr(args, k) for k in ("max_queue", "max_request_tokens", "max_body_bytes")
+              if getattr(args, k) is not None}
     run_server(Path(args.model), host=args.host, port=args.port,
-               api_key=args.api_key or os.environ.get("SIMONE_API_KEY") or None, device=args.device)
+               api_key=args.api_key or os.environ.get("SIMONE_API_KEY") or None, device=args.device,
+               limits=ServeLimits(**limits))
     return 0
 
 
@@ -452,12 +494,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: a Hugging Face folder; gguf: one .gguf file for llama.cpp")
     p.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default=None,
                    help="gguf only: the type of the weight matrices, default f32 (norms stay f32)")
-    p.add_argument("--out", required=True, metavar="DIR|FILE", help="the folder (hf) or file (gguf) to write")
+    p.add_argument("--out", required=True, metavar="DIR|FILE",
+                   help="the folder (hf) or FILE.gguf (gguf) to write; never the model itself")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing FILE.gguf, or write the hf files into a folder that is not empty")
 
     p = verb("eval", cmd_eval, "bits per byte of one or more models on a folder of text, overall and per domain")
     p.add_argument("--model", action="append", required=True, metavar="MODEL",
                    help="run dir, checkpoint dir, .tar.gz, hf:DIR or FILE.gguf (repeatable)")
-    p.add_argument("--data", required=True, metavar="DIR", help="DOMAIN/SUB/*.txt or a flat folder of *.txt")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="DOMAIN/SUB/*.txt or a flat folder of *.txt; with --suite, where a new suite's held-out "
+                        "documents come from: a run dir (its validation split), a documents.jsonl or a folder")
+    p.add_argument("--suite", default=None, metavar="FILE.jsonl",
+                   help="score the consistency suite in FILE (built there once from --data's held-out documents "
+                        "if it does not exist): bpb per domain, minimal pairs, cloze, generation health")
+    p.add_argument("--pairs", default=None, metavar="FILE.jsonl",
+                   help="your own minimal pairs (fields good, bad; optional domain, kind), scored as the suite's")
+    p.add_argument("--suite-items", dest="suite_items", type=int, default=100, metavar="N",
+                   help="when building a suite: items per domain and task (minimal pairs: per kind; prompts: N/5)")
+    p.add_argument("--lm-eval-tasks", dest="lm_eval_tasks", default=None, metavar="DIR",
+                   help="also write the suite as an lm-evaluation-harness task folder (offline, local files)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the result here")
     p.add_argument("--device", default="auto")
 
@@ -480,6 +536,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vset", dest="variant_overrides", action="append", default=[], metavar="VARIANT:KEY=VALUE",
                    help="override a config field for one variant; a sweep point BASE@TAG "
                         "(e.g. full@mem16:model.n_memory_slots=16) joins --variants (repeatable)")
+    p.add_argument("--data-variant", dest="data_variants", action="append", default=[], metavar="NAME=SPEC",
+                   help="train the config's own model on other data too, against `curated` (the base corpus): "
+                        "SPEC is raw, strict, contradict:P[:KINDS], mix:DIR:P or a corpus folder (repeatable)")
+    p.add_argument("--suite", action=argparse.BooleanOptionalAction, default=None,
+                   help="score every run on the consistency suite built from the held-out documents "
+                        "(default: with data variants)")
+    p.add_argument("--suite-items", dest="suite_items", type=int, default=100, metavar="N",
+                   help="suite items per domain and task (minimal pairs: per kind; prompts: N/5); default 100")
     p.add_argument("--resume", action="store_true",
                    help="reuse the runs this --out already finished with the same config, budget, data and judge "
                         "(continue a stopped ablation, or add seeds or variants to it)")
@@ -505,8 +569,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", dest="api_key", default=None,
-                   help="clients must send it as a Bearer token; required off loopback (default: $SIMONE_API_KEY)")
+                   help="clients must send it as a Bearer token; required off loopback (default: $SIMONE_API_KEY, "
+                        "better: a key on the command line is visible to other local users in `ps`)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--max-queue", dest="max_queue", type=int, default=None,
+                   help="requests that may wait behind the running one; more get 429 (default 16)")
+    p.add_argument("--max-request-tokens", dest="max_request_tokens", type=int, default=None,
+                   help="one request's prompts × n × (prompt + max_tokens) tokens at most (default 16384)")
+    p.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, default=None,
+                   help="largest request body; larger gets 413 (default 1048576)")
 
     p = verb("bench", cmd_bench, "benchmark: training and generation against transformers, "
                                  "or data preparation (time and peak RAM)")

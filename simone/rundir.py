@@ -18,12 +18,13 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import socket
-import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 SCHEMA = 1
 
@@ -51,23 +52,54 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _new_file_beside(path: Path) -> Path:
+    """Create a new, empty, uniquely named file in `path`'s folder and return its path.
+
+    Created with mode 0666 for the kernel to mask with the umask (and a folder's default
+    ACL), as `open()` would, not 0600 as `tempfile.mkstemp` does: the files written here (a
+    GGUF file, a report, a --json) are read by other accounts, such as the one running
+    llama.cpp or a web server. O_EXCL: never an existing file, nor through a link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"{path.parent}: cannot create a temporary file (100 names taken)")
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Write `path` whole or not at all: yields a new empty file beside it for the caller to
+    write (by name: some writers, like GGUFWriter, open the file themselves); on success it
+    is flushed to disk and renamed over `path`, on an exception it is removed.
+
+    The one way this package writes a file atomically (`atomic_write_bytes` and the GGUF
+    export go through it), so every such file gets the umask's mode. The rename replaces
+    whatever `path` is, a symlink included (the link, not its target): commands that write
+    a file the user named refuse a symlink there first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _new_file_beside(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:  # fsync through a read-only descriptor: the data is the file's
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
-            os.unlink(tmp)
-        except OSError:
+            tmp.unlink()
+        except OSError:  # gone already, or not ours to remove: the first error is the one to see
             pass
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

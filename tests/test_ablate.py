@@ -192,6 +192,77 @@ def test_resume_reuses_finished_runs_and_only_those(tiny_corpus, tmp_path, capsy
     assert "llama seed 0: training" in capsys.readouterr().out
 
 
+def test_resume_trains_again_a_run_its_time_guard_cut_short(tiny_corpus, tmp_path, capsys, monkeypatch):
+    """A run the time guard stopped (a busy machine) has not had its step budget: --resume
+    must not take its figures as the budget's."""
+    import dataclasses
+
+    import simone.workflows.pipeline as pipeline
+    from simone.workflows.ablate import FINISHED_RUN
+
+    out = tmp_path / "ablation"
+    common = ["ablate", "--data", str(tiny_corpus), "--preset", "tiny", "--out", str(out), "--max-steps", "2",
+              "--variants", "llama", "--seeds", "1", "--samples-per-domain", "2", "--sample-tokens", "8",
+              "--heldout-batches", "2", "--set", "train.eval_batches=1", "--set", "train.log_every=1"]
+    real_stage_train = pipeline.stage_train
+
+    def stopped_by_the_clock(cfg, run_dir, **kwargs):  # as the time guard ends a run after one step
+        cfg.train.max_steps = 1
+        return dataclasses.replace(real_stage_train(cfg, run_dir, **kwargs), stop_reason="max_minutes")
+
+    monkeypatch.setattr(pipeline, "stage_train", stopped_by_the_clock)
+    assert main(common) == 0
+    assert "llama seed 0: stopped after 1 of 2 steps (max_minutes); --resume trains it again" in capsys.readouterr().out
+    saved = json.loads((out / "runs" / "llama" / "seed_0" / FINISHED_RUN).read_text())
+    assert saved["steps_trained"] == 1 and saved["stop_reason"] == "max_minutes" and saved["key"]["steps"] == 2
+    monkeypatch.undo()
+
+    assert main(common + ["--resume"]) == 0
+    said = capsys.readouterr().out
+    assert "reusing" not in said and "evaluating the model" not in said
+    assert f"llama seed 0: the run in {out / 'runs' / 'llama' / 'seed_0'} stopped after 1 of 2 steps (max_minutes); " \
+           "training it again" in said
+    assert json.loads((out / "ablation.json").read_text())["runs"][0]["steps"] == 2
+    # trained to its budget now: the next --resume reuses it
+    assert main(common + ["--resume"]) == 0
+    assert "llama seed 0: reusing" in capsys.readouterr().out
+
+
+def _run_with_data(tmp_path, index: str):
+    """A run folder with just a tokenizer file and a shard index holding `index`."""
+    from simone.rundir import RunDir
+
+    run = RunDir(tmp_path / "run").make()
+    run.tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    run.tokenizer.write_text("{}")
+    run.data.mkdir(parents=True, exist_ok=True)
+    (run.data / "index.json").write_text(index)
+    return run
+
+
+def test_a_run_key_holds_the_data_and_the_simone_version(tmp_path, monkeypatch):
+    """Other shards (other curated documents) or another simone version train another model:
+    the key, and the part of it the weights depend on, differ."""
+    import simone.workflows.ablate as ablate
+    from simone.workflows.ablate import run_key, training_key
+
+    run = _run_with_data(tmp_path, '{"documents_sha256": "a"}')
+    key = run_key(preset("tiny"), "llama", 0, 2, AblationSettings(), run, 0.5)
+    assert key["simone_version"] == ablate.__version__ and key["data_sha256"] == key["heldout_sha256"]
+    (run.data / "index.json").write_text('{"documents_sha256": "b"}')
+    other_data = run_key(preset("tiny"), "llama", 0, 2, AblationSettings(), run, 0.5)
+    assert other_data["data_sha256"] != key["data_sha256"] and training_key(other_data) != training_key(key)
+    monkeypatch.setattr(ablate, "__version__", "99.0")
+    other_version = run_key(preset("tiny"), "llama", 0, 2, AblationSettings(), run, 0.5)
+    assert other_version["simone_version"] == "99.0" and training_key(other_version) != training_key(other_data)
+    # scored on other held-out shards: other figures, the same weights
+    heldout = tmp_path / "clean_val"
+    heldout.mkdir()
+    (heldout / "index.json").write_text("{}")
+    scored_elsewhere = run_key(preset("tiny"), "llama", 0, 2, AblationSettings(), run, 0.5, heldout)
+    assert scored_elsewhere != other_version and training_key(scored_elsewhere) == training_key(other_version)
+
+
 def test_a_sweep_point_that_differs_only_in_evaluation_reuses_the_trained_model(tiny_corpus, tmp_path, capsys):
     out = tmp_path / "ablation"
     assert main(["ablate", "--data", str(tiny_corpus), "--preset", "tiny", "--out", str(out), "--max-steps", "2",
@@ -209,12 +280,9 @@ def test_a_sweep_point_that_differs_only_in_evaluation_reuses_the_trained_model(
 
 
 def test_a_setting_added_later_stays_out_of_the_run_key_while_off(tmp_path):
-    from simone.rundir import RunDir
     from simone.workflows.ablate import run_key
 
-    run = RunDir(tmp_path / "run").make()
-    run.tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    run.tokenizer.write_text("{}")
+    run = _run_with_data(tmp_path, "{}")
     cfg = preset("tiny")
     key = run_key(cfg, "llama", 0, 2, AblationSettings(), run, 0.5)
     assert "control_window_prob" not in key["config"]["data"]  # keys written before it existed still match
@@ -225,12 +293,9 @@ def test_a_setting_added_later_stays_out_of_the_run_key_while_off(tmp_path):
 def test_a_run_key_names_its_variant_and_carries_its_own_steering_overrides(tmp_path):
     """The key of `full@g5` says `full@g5` and guidance weight 5 (a key that lost them would let
     --resume reuse a run evaluated at another weight)."""
-    from simone.rundir import RunDir
     from simone.workflows.ablate import run_key
 
-    run = RunDir(tmp_path / "run").make()
-    run.tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    run.tokenizer.write_text("{}")
+    run = _run_with_data(tmp_path, "{}")
     settings = AblationSettings(overrides={"full@g5": ["ablate.guidance_weight=5"]})
     key = run_key(preset("tiny"), "full@g5", 0, 2, settings, run, 0.5)
     assert key["variant"] == "full@g5"

@@ -51,3 +51,15 @@ def test_the_plan_adds_up_the_measured_rates(bench):
     assert plan["per_run"]["full"]["steering_s"] == pytest.approx(6.0)
     assert plan["prep_s"] == pytest.approx(2 * 3.0 * 100 + 4.0)
     assert plan["total_s"] == pytest.approx(plan["prep_s"] + 2 * (2 * 12.21 + 2.0 + 6.0))
+
+
+def test_the_data_experiment_is_curated_against_five_variants_with_the_suite():
+    spec = importlib.util.spec_from_file_location("run_data_ablation", SCRIPT.with_name("run_data_ablation.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cmd = module.ablate_command(module.parse_args(["--resume"]))
+    parsed = build_parser().parse_args(cmd[3:])  # `simone ablate` accepts it as written
+    assert parsed.preset == "cpu" and parsed.seeds == 3 and parsed.tokens_per_variant >= 2_500_000
+    assert parsed.samples_per_domain == 0 and parsed.variants is None and parsed.resume
+    assert [v.split("=")[1] for v in parsed.data_variants] == [
+        "raw", "contradict:0.1", "contradict:0.3", "contradict:0.6", "contradict:0.3:negation"]

@@ -41,3 +41,13 @@ def test_domain_relaxation_widens_thresholds():
     text = " ".join(words)
     assert "symbol_word_ratio" in _assess(text)[1]
     assert "symbol_word_ratio" not in _assess(text, relax=0.5)[1]
+
+
+def test_whitespace_share_is_over_the_whole_text_and_fails_above_half():
+    from simone.data.quality import WHITESPACE, passes, whitespace_share
+
+    text = prose(5, 500)
+    assert 0.1 < whitespace_share(text) < 0.3 and passes(WHITESPACE, whitespace_share(text), relax=0.0)
+    padded = text + " " * (3 * len(text)) + "end"  # one run, in one window: still most of the text
+    assert whitespace_share(padded) > 0.75 and not passes(WHITESPACE, whitespace_share(padded), relax=0.0)
+    assert passes(WHITESPACE, 0.7, relax=0.5) and whitespace_share("") == 0.0

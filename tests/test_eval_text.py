@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tarfile
 
 import pytest
@@ -52,7 +53,8 @@ def test_bits_are_the_negative_log_likelihood_of_every_token(text_dir):
     """A uniform model over V ids costs log2(V) bits for each token of each document."""
     vocab = 7
     scorer = TorchScorer("uniform", "test", lambda x: torch.zeros(*x.shape, vocab), lambda t: [1] * len(t),
-                         start_id=0, context=16, device=torch.device("cpu"), batch_size=3)
+                         start_id=0, context=16, device=torch.device("cpu"), vocab_size=vocab,
+                         batch_size=3)
     files = read_text_folder(text_dir)
     for f in files[:3]:
         assert scorer.nll_bits(scorer.document_ids(f.text)) == pytest.approx(len(f.text) * math.log2(vocab))
@@ -130,3 +132,30 @@ def test_run_with_a_missing_eval_folder_fails_before_training(tmp_path, capsys):
     assert rc == 2
     assert "no such folder" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.timeout(60)  # the FIFO must be skipped, never opened
+def test_skipped_files_are_listed_under_the_table_and_in_the_json(package, tmp_path, capsys):
+    data = tmp_path / "books"
+    data.mkdir()
+    (data / "a.txt").write_text("The lord god of heaven and earth.\n")
+    os.mkfifo(data / "pipe.txt")
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(package[1]), "--data", str(data), "--json", str(out), "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["skipped"] == ["pipe.txt: not a regular file (a FIFO); not opened"]
+    assert table.splitlines()[-1] == "skipped pipe.txt: not a regular file (a FIFO); not opened"
+    assert result["domains"] == {"books": {"files": 1, "bytes": 34}}
+    assert result["models"][0]["window"] == 64  # the tiny model's whole context: nothing shortened
+
+
+def test_a_symlinked_json_is_refused_before_scoring(tmp_path, capsys):
+    target = tmp_path / "kept.json"
+    target.write_text("{}")
+    (tmp_path / "link.json").symlink_to(target)
+    assert main(["eval", "--model", str(tmp_path / "no-such-model"), "--data", str(tmp_path),
+                 "--json", str(tmp_path / "link.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "link.json: is a symlink" in err
+    assert (tmp_path / "link.json").is_symlink() and target.read_text() == "{}"

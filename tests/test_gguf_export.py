@@ -229,7 +229,7 @@ def test_refusals_are_one_line(template, tmp_path, capsys):
     assert main(["export", "--model", str(mem), "--format", "gguf", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "model.memory=true" in err and len(err.splitlines()) == 1
-    assert not out.exists() and not list(tmp_path.glob(".m.gguf-*"))  # nothing half-written
+    assert not out.exists() and not list(tmp_path.glob(".m.gguf*"))  # nothing half-written
     assert main(["export", "--model", str(mem), "--format", "gguf", "--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
     assert main(["export", "--model", str(mem), "--format", "hf", "--dtype", "q8_0",

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from simone.config import TokenizerConfig
-from simone.data.tokenizer import CHUNK_CHARS, domain_token, load_tokenizer, split_for_encoding, train_tokenizer
+from simone.data.tokenizer import (CHUNK_CHARS, MAX_RUN_CHARS, domain_token, load_tokenizer, split_for_encoding,
+                                   train_tokenizer)
 
 WORDS = (
     "the of and to in that is was he for it with as his on be at by had not are but from "
@@ -187,3 +188,31 @@ def test_no_training_documents_is_an_error(tmp_path):
     docs_path = write_documents(tmp_path / "documents.jsonl", [{"domain": "d", "split": "val", "text": "only val"}])
     with pytest.raises(ValueError, match="documents.jsonl: no documents with split 'train'"):
         train_tokenizer(docs_path, tmp_path / "tok", CFG)
+
+
+@pytest.mark.timeout(30)
+def test_a_long_run_of_spaces_trains_fast_and_round_trips(tmp_path):
+    """3 MB of spaces inside a line was one pre-token, and BPE training time grows with the
+    square of a pre-token's length: the run is now cut into pieces of MAX_RUN_CHARS."""
+    text = make_text(random.Random(2), 3000) + " " * 3_000_000 + "end " + "x" * 10_000
+    docs = write_documents(tmp_path / "d.jsonl", [{"domain": "d", "split": "train", "text": text}])
+    tok = train_tokenizer(docs, tmp_path / "tok", CFG)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert max(len(tok.decode([i])) for i in set(ids)) <= MAX_RUN_CHARS
+    assert len(ids) < len(text) // 10  # the spaces still merge into long tokens
+
+
+def test_the_run_cut_leaves_ordinary_text_as_plain_byte_level_bpe_has_it(trained, tmp_path):
+    """Text without runs of MAX_RUN_CHARS characters is split as GPT-2's byte-level
+    pre-tokenizer alone splits it: the same merges give it the same ids."""
+    import tokenizers
+    from tokenizers import pre_tokenizers
+
+    tok, docs_path, _ = trained
+    saved = json.loads(tok.path.read_text(encoding="utf-8"))
+    assert saved["pre_tokenizer"]["type"] == "Sequence"  # the cut lives in tokenizer.json
+    saved["pre_tokenizer"] = json.loads(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True).__getstate__())
+    plain = tokenizers.Tokenizer.from_str(json.dumps(saved))
+    text = make_text(random.Random(4), 2000) + "\n" + " " * (MAX_RUN_CHARS - 1) + "-" * (MAX_RUN_CHARS - 1)
+    assert plain.encode(text, add_special_tokens=False).ids == tok.encode(text)

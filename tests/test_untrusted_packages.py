@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -220,3 +221,19 @@ def test_packaging_never_replaces_a_package_and_never_writes_the_run(trained, te
     third = package_run(other, out)
     assert third.name.startswith("simone-tiny-llama-run-step1-") and third not in (first, second)
     assert first.read_bytes() == first_bytes and len(list(out.glob("*.tar.gz"))) == 3
+
+
+def test_a_package_unpacks_readable_by_other_accounts(trained, tmp_path):
+    old = os.umask(0o077)  # a careful packer: every file it writes is 0600
+    try:
+        package = package_run(trained, tmp_path / "pkgs")
+    finally:
+        os.umask(old)
+    """Every member is stored 0644 (files) or 0755 (folders), whatever the umask it was packed
+    under: a package opened by a service account on another machine must be readable."""
+    with tarfile.open(package) as tar:
+        modes = {m.name: m.mode & 0o777 for m in tar.getmembers()}
+        kinds = {m.name: m.isdir() for m in tar.getmembers()}
+    assert any(name.endswith("model.safetensors") for name in modes)
+    wrong = {name: oct(mode) for name, mode in modes.items() if mode != (0o755 if kinds[name] else 0o644)}
+    assert not wrong

@@ -314,6 +314,10 @@ _BLANK_RUNS = re.compile(r"\n{3,}")
 def collapse_blank_lines(text: str) -> str:
     """Trailing spaces off, and any run of blank lines down to one.
 
+    A run of spaces with text after it on the same line stays (layout inside a line is the
+    text's own): a file that is mostly such a run is flagged by the quality rule
+    `whitespace_share`, and the tokenizer cuts long runs into bounded pieces.
+
     Trailing whitespace is stripped line by line, not with a regular expression: a
     pattern like `[ \t]+\n` retries from every space of a long run with no newline
     after it, which is quadratic (megabytes of spaces took hours)."""

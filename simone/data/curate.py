@@ -40,6 +40,7 @@ Reason codes and the status they give:
                curate.max_file_seconds of CPU) hidden (a dot-file or dot-folder; never read)
                symlinked_dir (a linked folder; never walked)
   flagged      title_mismatch bad_sidecar contamination low_quality:repeated_passage
+               low_quality:whitespace_share (mostly whitespace: a run of spaces inside a line)
   (kept)       encoding_fixed header_stripped boilerplate_stripped (what cleaning did)
 """
 
@@ -50,6 +51,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import sys
@@ -91,7 +93,7 @@ from simone.data.dedup import (
     unique_sorted,
 )
 from simone.data.labels import check_label
-from simone.data.quality import DocTokens, assess
+from simone.data.quality import WHITESPACE, DocTokens, assess, passes, whitespace_share
 from simone.data.status import NOT_DOCUMENTS, file_status
 from simone.data.split import assign_splits, hold_out_slice, min_words_to_hold_out
 from simone.rundir import atomic_write_json, read_json
@@ -101,6 +103,7 @@ __all__ = ["CorpusError", "CurateResult", "curate", "print_summary"]
 CURATE_VERSION = 1  # bump when the output of curation changes for the same inputs
 SLICED = "train+val-slice"  # manifest split of a document whose tail is held out for validation
 CONTAMINATION_SAMPLE = 4  # keep 1 in 4 distinct 13-grams (the same ones in every document)
+_WHITESPACE_RUN = re.compile(r"\s+")
 
 
 @dataclass
@@ -325,11 +328,17 @@ def _process_file_inner(index: int, sf: SourceFile, st: _Settings) -> dict[str, 
             problem(f"low_quality:{rule}", f"{rule} = {values[rule]} fails in {values.get(rule + '_failed_windows')} of {values['windows']} windows")
         if longest >= st.repeated_passage_words:
             problem("low_quality:repeated_passage", f"a passage of {longest} words occurs more than once ({share:.0%} of the text is repeated)")
+        blank = values["whitespace_share"] = round(whitespace_share(body), 4)
+        if not passes(WHITESPACE, blank, relax):
+            longest_run = max(map(len, _WHITESPACE_RUN.findall(body)))
+            problem(f"low_quality:{WHITESPACE.name}", f"{blank:.0%} of its {rec['chars']:,} characters are whitespace "
+                    f"(at most {WHITESPACE.high:.0%}); the longest run is {longest_run:,} characters")
         # a title guessed from the file name is no claim to check
         mismatch = check_label(meta_title, rec["author"], body, cleaned.named_titles) if meta_title else None
         if mismatch:
             problem("title_mismatch", mismatch)
-        assert st.perms is not None
+        if st.perms is None:  # set by the worker's initializer; never missing in a worker
+            raise RuntimeError("curation worker started without its MinHash permutations")
         rec["_signature"] = minhash_signature(ngram_hashes(tokens.hashes, st.shingle_words), st.perms)
         rec["_grams"] = sample_grams(grams, CONTAMINATION_SAMPLE)
     return _spool(rec, body, st)
@@ -758,7 +767,7 @@ def _code_digest() -> str:
     """Hash of the curation code itself: a changed rule must not reuse an old result."""
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for name in ("corpus", "clean", "dedup", "quality", "labels", "split", "curate", "report"):
+    for name in ("corpus", "clean", "dedup", "quality", "labels", "split", "status", "curate", "report"):
         try:
             h.update((here / f"{name}.py").read_bytes())
         except OSError:

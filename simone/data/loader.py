@@ -262,7 +262,8 @@ class BatchLoader:
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:
+        # bandit B110: a destructor must not raise (at interpreter exit the pool may be half gone)
+        except Exception:  # nosec B110
             pass
 
 

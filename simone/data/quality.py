@@ -16,6 +16,12 @@ Rules (value per window; the document's value is the median over its windows):
                      uses 0.15 for web pages; the KJV's formulaic books reach 0.31)
   stop_words         how many of 8 common English stop words appear, at least 2
   alpha_word_frac    share of whitespace words holding a letter, at least 0.8
+
+One rule looks at the whole document instead (a flag, not a quarantine: see status.py):
+  whitespace_share   share of characters that are whitespace, at most 0.5 (prose has about
+                     0.2). Windows are cut at line ends, so a megabyte run of spaces with no
+                     newline lands in one window and would pass the median; and cleaning
+                     keeps a run inside a line, where it is not trailing whitespace.
 """
 
 from __future__ import annotations
@@ -51,6 +57,16 @@ RULES = (
     Rule("stop_words", 2.0, None),
     Rule("alpha_word_frac", 0.8, None),
 )
+
+
+WHITESPACE = Rule("whitespace_share", None, 0.5)
+
+
+def whitespace_share(text: str) -> float:
+    """Share of the characters of `text` that are whitespace (0.0 for an empty text)."""
+    if not text:
+        return 0.0
+    return 1.0 - sum(map(len, text.split())) / len(text)
 
 
 @dataclass

@@ -12,7 +12,8 @@ QUARANTINE = {
     "timed_out", "hidden", "symlinked_dir",
 }
 NOT_DOCUMENTS = {"hidden", "symlinked_dir"}  # folder-level skips: not counted in any domain
-FLAG = {"title_mismatch", "bad_sidecar", "contamination", "low_quality:repeated_passage"}
+FLAG = {"title_mismatch", "bad_sidecar", "contamination", "low_quality:repeated_passage",
+        "low_quality:whitespace_share"}
 
 
 def quarantines(reason: str) -> bool:

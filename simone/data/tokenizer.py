@@ -2,7 +2,13 @@
 
 The tokenizer is Hugging Face `tokenizers` BPE over bytes (GPT-2 style): a byte-level
 pre-tokenizer without an added prefix space, no normalizer and a byte-level decoder, so
-`decode(encode(text)) == text` for every Unicode string. Special tokens come first in the
+`decode(encode(text)) == text` for every Unicode string. Before the byte-level split, runs of
+MAX_RUN_CHARS whitespace (or non-whitespace) characters are cut off as pieces of their own:
+BPE training time grows with the square of a pre-token's length, and one file ending in
+megabytes of spaces made a single multi-megabyte "word" that never finished training. The
+cut is part of the pre-tokenizer saved in tokenizer.json, so training and every later
+encoding (and a Hugging Face export) cut the same way; it only adds piece boundaries, so
+the round trip stays exact. Special tokens come first in the
 vocabulary: the end-of-document token (id 0) and one control token `<|domain:NAME|>` per
 corpus domain (ids 1..), which a later stage uses to steer generation.
 
@@ -22,7 +28,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from simone.config import TokenizerConfig
 from simone.data.documents import read_documents
@@ -30,8 +36,9 @@ from simone.rundir import atomic_write_json, atomic_write_text, read_json, sha25
 
 TOKENIZER_FILE = "tokenizer.json"
 STAMP_FILE = "stamp.json"
-DOMAIN_TOKEN_PREFIX = "<|domain:"
-DOMAIN_TOKEN_SUFFIX = "|>"
+# bandit B105: token markers, not passwords (the rule matches names ending in "token")
+DOMAIN_TOKEN_PREFIX = "<|domain:"  # nosec B105
+DOMAIN_TOKEN_SUFFIX = "|>"  # nosec B105
 
 # Long documents are cut into chunks at a newline between two non-space characters. The
 # byte-level pre-tokenizer never joins characters across such a newline, so encoding the
@@ -39,6 +46,9 @@ DOMAIN_TOKEN_SUFFIX = "|>"
 # Rust side spread one long book over all cores.
 CHUNK_CHARS = 1 << 14
 _SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+# The longest run of whitespace (or of non-whitespace) one pre-token may hold. Ordinary text
+# stays far below it (indentation, separator lines), so its encoding does not change.
+MAX_RUN_CHARS = 256
 
 
 def domain_token(name: str) -> str:
@@ -177,6 +187,16 @@ def documents_domains(documents_jsonl: Path) -> list[str]:
     return sorted({str(doc.get("domain") or "unknown") for doc in read_documents(documents_jsonl)})
 
 
+def byte_level_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """GPT-2's byte-level split, after cutting every run of MAX_RUN_CHARS whitespace or
+    non-whitespace characters into a piece of its own (see the module docstring)."""
+    bounded_runs = Regex(rf"\s{{{MAX_RUN_CHARS}}}|\S{{{MAX_RUN_CHARS}}}")
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(bounded_runs, behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+
+
 def train_tokenizer(
     documents_jsonl: Path,
     out_dir: Path,
@@ -214,7 +234,7 @@ def train_tokenizer(
         )
 
     hf = tokenizers.Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.pre_tokenizer = byte_level_pre_tokenizer()
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,

@@ -33,6 +33,8 @@ build its objects, so the rest of the package does not depend on it.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,7 +49,19 @@ if TYPE_CHECKING:
 
 
 class ExportError(SimoneError, ValueError):
-    """The model has a part the target format cannot hold (the message says which)."""
+    """The model cannot be exported as asked: it has a part the target format cannot hold, or
+    --out names a place the export must not write (the message says which)."""
+
+
+def refuse_writing_over_the_input(out: Path, model_path: Path) -> None:
+    """ExportError when `out` is the model being exported (the same path or the same file)
+    or a folder holding it: an export would replace what it reads, whatever --force says."""
+    out, model_path = Path(out), Path(model_path)
+    out_real, model_real = out.resolve(), model_path.resolve()
+    same_file = out.exists() and model_path.exists() and os.path.samefile(out, model_path)
+    if same_file or out_real == model_real or out_real in model_real.parents:
+        raise ExportError(f"{out}: is the model being exported ({model_path}) or holds it; "
+                          f"choose an --out outside it")
 
 
 def _check_llama(cfg: ModelConfig) -> None:

@@ -130,7 +130,8 @@ def _extract_members(path: Path, dest: Path) -> None:
                     raise ModelLoadError(f"{path}: member {member.name!r} needs {member.size:,} bytes, "
                                          f"{free:,} free under {dest.parent}")
                 source = tar.extractfile(member)
-                assert source is not None  # a regular file
+                if source is None:  # checked above to be a regular file; never None then
+                    raise ModelLoadError(f"{path}: member {member.name!r} cannot be read")
                 with source, open(dest / name, "xb") as out:
                     shutil.copyfileobj(source, out, 1 << 20)
                 written.add(name)
@@ -148,14 +149,14 @@ def locate_artifacts(path: Path, in_package: bool = False) -> dict[str, Path]:
         raise ModelLoadError(f"{path}: expected a run dir, a checkpoint dir or a .tar.gz package")
 
     if not in_package and (path / "checkpoints").is_dir():  # a run directory
-        from simone.checkpoint import resolve_checkpoint
+        from simone.checkpoint import CheckpointError, resolve_checkpoint
 
         ckpt = None
         for which in ("best", "latest"):
             try:
                 ckpt = resolve_checkpoint(path, which)
                 break
-            except Exception:
+            except CheckpointError:  # none of that kind (or none verifies): try the next
                 continue
         if ckpt is None:
             raise ModelLoadError(f"{path}: run directory has no usable checkpoint (checkpoints/best or latest)")

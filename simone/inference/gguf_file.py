@@ -30,8 +30,6 @@ same prompt then gives the same ids on both sides.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +37,9 @@ import numpy as np
 import torch
 
 from simone.config import Config
-from simone.inference.export import ExportError, to_hf_state_dict
+from simone.inference.export import ExportError, refuse_writing_over_the_input, to_hf_state_dict
 from simone.model.layers import swiglu_hidden_dim
+from simone.rundir import atomic_output
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for the byte-level GPT-2 split regex, which ours is
@@ -193,10 +192,7 @@ def write_gguf(model: torch.nn.Module, cfg: Config, tokenizer_file: Path, eod_id
     tokens, types, merges = gguf_vocab(json.loads(Path(tokenizer_file).read_text(encoding="utf-8")),
                                        m.vocab_size)
     arch = "gpt2" if m.arch == "gpt2" else "llama"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}-", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(out_path) as tmp:  # umask's mode; nothing half-written is ever left
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_name(name)
         writer.add_file_type(_file_types()[dtype])
@@ -233,18 +229,37 @@ def write_gguf(model: torch.nn.Module, cfg: Config, tokenizer_file: Path, eod_id
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out_path
 
 
-def export_gguf(model_path: Path, out_path: Path, dtype: str = "f32", name: str | None = None) -> Path:
+def check_gguf_out(out_path: Path, model_path: Path, force: bool = False) -> None:
+    """Refuse an `--out` that `simone export --format gguf` must not write (ExportError, one
+    line): a folder, a name not ending in .gguf, a symlink, the model being exported, or an
+    existing file without `force`."""
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise ExportError(f"{out_path}: is a folder; give a file name ending in .gguf")
+    if out_path.suffix.lower() != ".gguf":
+        raise ExportError(f"{out_path}: not a .gguf name; give a file name ending in .gguf")
+    # The file is written beside and renamed over the name: over a symlink that replaces the
+    # link and leaves the file it points to as it was, which is never what the user meant.
+    # Refused rather than followed: following it would write wherever the link leads.
+    if out_path.is_symlink():
+        raise ExportError(f"{out_path}: is a symlink; writing would replace the link, not its target: "
+                          f"give the target's own path, or remove the link")
+    refuse_writing_over_the_input(out_path, model_path)
+    if out_path.exists() and not force:
+        raise ExportError(f"{out_path}: already exists; pass --force to replace it, or choose another name")
+
+
+def export_gguf(model_path: Path, out_path: Path, dtype: str = "f32", name: str | None = None,
+                force: bool = False) -> Path:
     """`simone export --format gguf`: the model at `model_path` (run dir, checkpoint dir or
-    .tar.gz) as one GGUF file `out_path`, matrices in `dtype` (f32, f16, bf16 or q8_0)."""
+    .tar.gz) as one GGUF file `out_path`, matrices in `dtype` (f32, f16, bf16 or q8_0). An
+    existing `out_path` is replaced only with `force`; see `check_gguf_out`."""
     from simone.inference.generate import load_model
 
+    check_gguf_out(Path(out_path), Path(model_path), force)  # before the model is read: fail fast
     loaded = load_model(Path(model_path), device="cpu")
     name = name or Path(model_path).resolve().name.removesuffix(".tar.gz")
     return write_gguf(loaded.model, loaded.config, loaded.files["tokenizer"], loaded.tokenizer.eod_id,
@@ -280,6 +295,16 @@ def gguf_document_start(path: Path) -> tuple[int, int | None]:
         raise ValueError(f"no {arch or 'general.architecture'}.context_length in its metadata")
     start = value("tokenizer.ggml.bos_token_id")
     return int(context), int(start) if start is not None else value("tokenizer.ggml.eos_token_id")
+
+
+def gguf_vocab_size(path: Path) -> int:
+    """The number of tokens in a GGUF file's vocabulary (`tokenizer.ggml.tokens`)."""
+    import gguf
+
+    field = gguf.GGUFReader(path).get_field("tokenizer.ggml.tokens")
+    if field is None:
+        raise ValueError("no tokenizer.ggml.tokens in its metadata")
+    return len(field.data)  # one entry per array element
 
 
 def open_in_llama_cpp(path: Path, n_ctx: int, logits_all: bool = False, threads: int | None = None,

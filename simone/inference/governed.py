@@ -221,7 +221,8 @@ def streaming_nll(model: nn.Module, tokens: torch.Tensor, chunk: int = 16, keep_
         logits, _ = model(x, kv_cache=cache, start_pos=start)
         nll += F.cross_entropy(logits[0].float(), y[0], reduction="sum").double()
         max_slots = max(max_slots, cache.length)
-        assert cache.nbytes() == cache_bytes
+        if cache.nbytes() != cache_bytes:  # what streaming promises: memory that does not grow
+            raise RuntimeError(f"the bounded KV cache grew from {cache_bytes} to {cache.nbytes()} bytes")
     n = tokens.size(1) - 1
     total = float(nll)
     return {"nll_sum": total, "n_tokens": n, "ppl": math.exp(min(total / max(n, 1), 50.0)),

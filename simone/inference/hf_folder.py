@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from simone.config import Config
-from simone.inference.export import ExportError, hf_config_dict, to_hf_state_dict
+from simone.inference.export import ExportError, hf_config_dict, refuse_writing_over_the_input, to_hf_state_dict
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
          "generation_config.json", "README.md")
@@ -98,24 +98,38 @@ def hf_model_card(cfg: Config, name: str, domains: list[str], eod_token: str) ->
     return "\n".join(lines)
 
 
+def check_out_folder(out_dir: Path, force: bool = False) -> None:
+    """Refuse (ExportError, one line) an `out_dir` that is not a folder, or that holds anything
+    unless `force`: a user's own config.json or README.md there would be replaced."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ExportError(f"{out_dir}: exists and is not a folder; choose a folder name for --out")
+    present = sorted(p.name for p in out_dir.iterdir())
+    if present and not force:
+        shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
+        raise ExportError(f"{out_dir}: not empty ({shown}); choose a new folder, or pass --force "
+                          f"to replace the export's files there ({', '.join(FILES)})")
+    folders = [f for f in FILES if (out_dir / f).is_dir() and not (out_dir / f).is_symlink()]
+    if folders:
+        raise ExportError(f"{out_dir / folders[0]}: is a folder, where the export writes a file; move it away")
+
+
 def write_hf_folder(model: torch.nn.Module, cfg: Config, tokenizer_file: Path, eod_token: str, eod_id: int,
-                    domains: list[str], out_dir: Path, name: str) -> Path:
-    """Write the six files of a Hugging Face folder into `out_dir` (created; files of an
-    earlier export there are replaced, anything else there is refused). Returns `out_dir`."""
+                    domains: list[str], out_dir: Path, name: str, force: bool = False) -> Path:
+    """Write the six files of a Hugging Face folder into `out_dir` (created). A folder that
+    holds anything is refused unless `force`; then the six files are replaced and anything
+    else there is left as it is. Returns `out_dir`."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise ExportError(f"{out_dir}: exists and is not a folder")
-        strangers = sorted(p.name for p in out_dir.iterdir() if p.name not in FILES)
-        if strangers:
-            raise ExportError(f"{out_dir}: not empty ({', '.join(strangers[:3])}); choose a new folder")
+    check_out_folder(out_dir, force)
     weights = hf_weights(model)  # refuses what transformers cannot hold, before writing anything
     m = cfg.model
     out_dir.mkdir(parents=True, exist_ok=True)
     # write into a temporary folder beside, then move the files in: no half-written export
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-") as tmp:
+    # (beside the real folder, when --out is a link to one: a rename cannot cross file systems)
+    with tempfile.TemporaryDirectory(dir=out_dir.resolve().parent, prefix=f".{out_dir.name}-") as tmp:
         stage = Path(tmp)
         save_file(weights, str(stage / "model.safetensors"), metadata={"format": "pt"})
         shutil.copyfile(tokenizer_file, stage / "tokenizer.json")
@@ -124,19 +138,25 @@ def write_hf_folder(model: torch.nn.Module, cfg: Config, tokenizer_file: Path, e
                               ("generation_config.json", generation_config(eod_id, m.max_seq_len))):
             (stage / file).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
         (stage / "README.md").write_text(hf_model_card(cfg, name, domains, eod_token), encoding="utf-8")
+        # safetensors writes its file 0600 whatever the umask: give it the mode the umask gave
+        # the files beside it, so whoever may read the folder may read the weights
+        shutil.copymode(stage / "config.json", stage / "model.safetensors")
         for file in FILES:
             (stage / file).replace(out_dir / file)
     return out_dir
 
 
-def export_hf(model_path: Path, out_dir: Path, name: str | None = None) -> Path:
+def export_hf(model_path: Path, out_dir: Path, name: str | None = None, force: bool = False) -> Path:
     """`simone export --format hf`: the model at `model_path` (run dir, checkpoint dir or
-    .tar.gz) as a Hugging Face folder `out_dir`; `name` titles the model card."""
+    .tar.gz) as a Hugging Face folder `out_dir`; `name` titles the model card. A non-empty
+    `out_dir` is written into only with `force`, and never when it is or holds the model."""
     from simone.inference.generate import load_model
 
+    out_dir = Path(out_dir)
+    refuse_writing_over_the_input(out_dir, Path(model_path))  # before the model is read: fail fast
+    check_out_folder(out_dir, force)
     loaded = load_model(Path(model_path), device="cpu")
     tok = loaded.tokenizer
     name = name or Path(model_path).resolve().name.removesuffix(".tar.gz")
     return write_hf_folder(loaded.model, loaded.config, loaded.files["tokenizer"], tok.eod_token, tok.eod_id,
-                           tok.domains, out_dir, name)
-
+                           tok.domains, out_dir, name, force)

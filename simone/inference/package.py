@@ -178,6 +178,13 @@ def _write_hf_folder(checkpoint: Path, out_dir: Path, name: str) -> None:
         print(f"[simone] package: no hf/ folder: {e}", file=sys.stderr)
 
 
+def _readable_member(member: tarfile.TarInfo) -> tarfile.TarInfo:
+    """Store files 0644 and folders 0755 whatever the packing account's umask or a writer's
+    0600: a package is opened on other machines, often by a service account."""
+    member.mode = 0o755 if member.isdir() else 0o644
+    return member
+
+
 def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best", name: str | None = None) -> Path:
     """Write `out_dir/NAME.tar.gz` from the run's best (else latest) checkpoint; return its path.
 
@@ -187,14 +194,14 @@ def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best", name: str 
     is written beside the tarball (the original layout kept the summary beside the models), and
     the same summary is inside it, with an `hf/` folder that transformers opens.
     """
-    from simone.checkpoint import resolve_checkpoint, verify_checkpoint
+    from simone.checkpoint import CheckpointError, resolve_checkpoint, verify_checkpoint
 
     ckpt = None
     for which in (checkpoint, "latest"):
         try:
             ckpt = resolve_checkpoint(run.root, which)
             break
-        except Exception:
+        except CheckpointError:  # none of that kind (or none verifies): try the next
             continue
     if ckpt is None:
         from simone.inference.generate import ModelLoadError
@@ -229,7 +236,7 @@ def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best", name: str 
         (stage / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
         tmp_tar = Path(tmp) / f"{name}.tar.gz"
         with tarfile.open(tmp_tar, "w:gz") as tar:
-            tar.add(stage, arcname=name)
+            tar.add(stage, arcname=name, filter=_readable_member)
         with open(tmp_tar, "rb") as f:
             os.fsync(f.fileno())
         final = _place_without_replacing(tmp_tar, out_dir, name)

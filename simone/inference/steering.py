@@ -113,7 +113,8 @@ def fit_on_documents(documents_jsonl: Path, split: str = "train", snippet_words:
     per_domain: dict[str, list[str]] = {}
     for doc in _documents(Path(documents_jsonl), split):
         per_domain.setdefault(_domain(doc), []).extend(snippets(doc["text"], snippet_words))
-    rng = random.Random(seed)
+    # bandit B311: a seeded generator makes the judge reproducible; nothing here is secret
+    rng = random.Random(seed)  # nosec B311
     texts, labels, check_texts, check_labels = [], [], [], []
     for domain in sorted(per_domain):
         chosen = per_domain[domain]

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import torch
 
+# Temperatures below this sample as greedy. Dividing logits by a tiny temperature overflows
+# to inf (from about 1e-37 down for ordinary logits) and the softmax turns NaN; long before
+# that the distribution is the argmax's alone (at 1e-5 a logit ahead by 0.001 has odds of
+# e^100), so greedy is what such a temperature asks for.
+GREEDY_BELOW = 1e-5
+
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None,
                   top_p: float | None = None) -> torch.Tensor:
@@ -31,15 +37,16 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick one token per row of logits [B, V]; returns a LongTensor [B, 1].
 
-    temperature 0 (or below) means greedy (argmax); otherwise logits are divided by the
-    temperature, filtered (`filter_logits`) and sampled with `generator` (seeded → repeatable).
-    With top_k, only the k largest logits are looked at: `topk` returns them sorted, so the
-    nucleus needs no sort of the whole vocabulary and the softmax and draw run over k values
-    (0.65 → 0.14 ms a token at batch 1, 4.1 → 0.5 ms at batch 8, vocab 4096, top-k 50 with
-    top-p 0.95, one CPU thread). The distribution is `filter_logits`', except that of several
-    logits tied at the k-th value only the one `topk` picks can be drawn.
+    temperature below `GREEDY_BELOW` (0 included) means greedy (argmax); otherwise logits are
+    divided by the temperature, filtered (`filter_logits`) and sampled with `generator`
+    (seeded → repeatable). With top_k, only the k largest logits are looked at: `topk`
+    returns them sorted, so the nucleus needs no sort of the whole vocabulary and the softmax
+    and draw run over k values (0.65 → 0.14 ms a token at batch 1, 4.1 → 0.5 ms at batch 8,
+    vocab 4096, top-k 50 with top-p 0.95, one CPU thread). The distribution is
+    `filter_logits`', except that of several logits tied at the k-th value only the one
+    `topk` picks can be drawn.
     """
-    if temperature <= 0.0:
+    if not temperature >= GREEDY_BELOW:  # NaN too
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
     if top_k is not None and 0 < top_k < logits.size(-1):

@@ -22,9 +22,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import json
-import socket
 import threading
 import time
 from collections import deque
@@ -38,6 +36,7 @@ from urllib.parse import parse_qs, parse_qsl, quote, urlencode
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
+from simone.local_server import HostCheck
 from simone.monitor.runs import (
     RunWatch,
     SummaryCache,
@@ -216,73 +215,7 @@ class Monitor:
                     self.channels.pop(name, None)
 
 
-# ----------------------------------------------------------------------------- host check and token gate
-
-
-def _ip_literal(name: str) -> str | None:
-    """`name` as a Host header spells an IP address (IPv6 in brackets), else None."""
-    try:
-        ip = ipaddress.ip_address(name[1:-1] if name.startswith("[") and name.endswith("]") else name)
-    except ValueError:
-        return None
-    return f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
-
-
-def host_header_name(value: str) -> str:
-    """The name part of a Host header, lower-case, without the port: `[::1]:5001` -> `[::1]`."""
-    value = value.strip().lower()
-    if value.startswith("["):
-        end = value.find("]")
-        return value[: end + 1] if end > 0 else value
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
-
-
-class HostCheck:
-    """ASGI middleware against DNS rebinding: a page on `evil.example` whose name is made to
-    resolve to 127.0.0.1 reaches this server with `Host: evil.example`, so only requests
-    naming this server are answered: localhost, 127.0.0.1, [::1] and the bound host (with
-    any port); others get 421. Bound to all interfaces (0.0.0.0 or ::, where a token is
-    required anyway), the machine's host name and any IP address are accepted too: a DNS
-    rebinding attack needs a name, never an address."""
-
-    def __init__(self, app: Any, bound_host: str = "127.0.0.1"):
-        self.app = app
-        bound = host_header_name(bound_host) if bound_host else ""
-        self.any_ip = bound in ("", "0.0.0.0", "::", "[::]")
-        self.names = {"localhost", "127.0.0.1", "[::1]"}
-        if self.any_ip:
-            self.names.add(socket.gethostname().lower())
-        elif bound:
-            self.names.add(_ip_literal(bound) or bound)
-
-    def allowed(self, host: str | None) -> bool:
-        if not host:
-            return False
-        name = host_header_name(host)
-        if name.endswith("."):
-            name = name[:-1]  # "localhost." is the same name
-        ip = _ip_literal(name)
-        if ip is not None and (self.any_ip or ip in self.names):
-            return True
-        return name in self.names
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"host"), None)
-        if self.allowed(host):
-            await self.app(scope, receive, send)
-            return
-        if scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        response = JSONResponse(
-            {"detail": f"misdirected request: this dashboard answers to {', '.join(sorted(self.names))} "
-                       "(a guard against DNS rebinding); open it by one of those names"},
-            status_code=421,
-        )
-        await response(scope, receive, send)
+# ----------------------------------------------------------------------------- token gate and headers
 
 
 def token_cookie_name(token: str) -> str:
@@ -537,6 +470,6 @@ def create_app(
     # the last added runs first: headers on every answer, then the host check, then the token
     if token:
         app.add_middleware(TokenGate, token=token)
-    app.add_middleware(HostCheck, bound_host=host)
+    app.add_middleware(HostCheck, bound_host=host, who="this dashboard")
     app.add_middleware(SecurityHeaders)
     return app

@@ -20,7 +20,8 @@ tokens at window starts: the loader), and `ablate.guidance_weight` (the policy g
 variant's guided steering uses). A sweep point that differs from a variant only in `ablate.*`
 settings evaluates the model that variant trained (same config, seed and budget) instead of
 training it again; with `--resume`, a finished run whose evaluation settings changed is
-evaluated again, not trained again. A sweep point is compared with the plain model, with its
+evaluated again, not trained again; a run its time guard stopped before its step budget is
+trained again, not reused. A sweep point is compared with the plain model, with its
 base (`full@cw` with `full`) and with the plain model of the same tag (`llama@cw`).
 
 Data. The corpus is curated once (OUT/shared); the tokenizer and the token shards are built
@@ -70,9 +71,12 @@ from typing import Any
 
 import torch
 
+from simone import __version__
 from simone.checkpoint import list_checkpoints
 from simone.config import Config
 from simone.data.documents import read_documents, write_documents
+from simone.workflows.data_variants import BASE as DATA_BASE
+from simone.workflows.data_variants import DataVariant, HeldOut, parse_data_variant, prepare_data_variant
 from simone.rundir import RunDir, atomic_write_json, atomic_write_text, read_json, sha256_file
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -96,6 +100,13 @@ FIGURES: dict[str, tuple[str, bool]] = {
     "steering_accuracy_guided": ("steering (guided)", False),
     "steering_accuracy_guided_w0": ("steering (guided sampler, W=0)", False),
     "policy_accuracy": ("policy acc", False),
+    # the consistency suite (simone.inference.consistency), when scored
+    "pair_accuracy": ("minimal pairs", False),
+    "pair_negation": ("pairs: negation", False),
+    "pair_antonym": ("pairs: antonym", False),
+    "pair_entity": ("pairs: entity", False),
+    "cloze_accuracy": ("cloze", False),
+    "distinct_2": ("distinct-2", False),
 }
 NO_DIFFERENCE = "no measurable difference"
 # the reference of guided steering's difference: the same sampler without the policy (W = 0), same runs
@@ -122,12 +133,20 @@ class AblationSettings:
     heldout_batches: int | None = None  # per domain; None: every window of the held-out documents
     judge_snippets_per_domain: int = 3000  # training snippets the judge is fitted on, per domain
     seed: int = 0  # steering samples of seed K start at seed + 10_000 * K
-    # reuse a run this --out already finished with the same config, budget, data and judge
-    # (`--resume`): a long ablation can be stopped and continued, or given more seeds or variants
+    # reuse a run this --out already finished with the same config, budget, data, judge and
+    # simone version, and trained to its full budget (`--resume`): a long ablation can be
+    # stopped and continued, or given more seeds or variants
     resume: bool = False
     # per variant, `section.key=value` overrides applied after the variant's own switches
     # (`ablate.guidance_weight=W`: this variant's guidance weight)
     overrides: dict[str, list[str]] = field(default_factory=dict)
+    # `NAME=SPEC` data variants (`simone.workflows.data_variants`): the config's own model on
+    # other data, each compared with `curated` (the same model on the base corpus)
+    data_variants: list[str] = field(default_factory=list)
+    # score every run on the consistency suite (`simone.inference.consistency`), built once from
+    # the held-out documents; None: when there are data variants
+    suite: bool | None = None
+    suite_items: int = 100  # per domain and task (minimal pairs: per kind too; prompts: a fifth)
 
 
 # ----------------------------------------------------------------------------- data
@@ -156,10 +175,6 @@ def prepare_shared(cfg: Config, out: Path) -> RunDir:
     return shared
 
 
-def _text_key(text: str) -> str:
-    return hashlib.sha256(" ".join(text.split()).encode("utf-8")).hexdigest()
-
-
 def prepare_uncurated(cfg: Config, shared: RunDir, run: RunDir) -> Path:
     """Curation off into `run`, clean validation documents removed from its training split;
     returns the folder with the clean validation set tokenized by its own tokenizer."""
@@ -167,52 +182,20 @@ def prepare_uncurated(cfg: Config, shared: RunDir, run: RunDir) -> Path:
     from simone.workflows.pipeline import stage_curate, stage_tokenizer
 
     stage_curate(cfg, run.root)
-    clean_val = list(read_documents(shared.documents, "val"))
-    whole_val = [d for d in clean_val if "slice" not in d]
-    val_ids = {d.get("id") for d in whole_val} | {d.get("path") for d in whole_val}
-    val_texts = {_text_key(d.get("text") or "") for d in whole_val}
-    # a held-out slice is the tail of a document whose head trains: cut it off that document
-    slice_heads = {d.get("path"): _words_pattern(d.get("text") or "") for d in clean_val if "slice" in d}
+    held = HeldOut(list(read_documents(shared.documents)))
     documents = list(read_documents(run.documents))
-    kept, dropped = [], 0
-    for doc in documents:
-        if doc.get("split") == "train" and (doc.get("id") in val_ids or doc.get("path") in val_ids
-                                            or _text_key(doc.get("text") or "") in val_texts):
-            dropped += 1
-            continue
-        if doc.get("split") == "train" and doc.get("path") in slice_heads:
-            doc = _without_slice(doc, slice_heads[doc["path"]], documents)
-            if doc is None:
-                dropped += 1
-                continue
-        kept.append(doc)
+    kept = [part for doc in documents
+            if (part := doc if doc.get("split") != "train" else held.training_part(doc, documents)) is not None]
     write_documents(run.documents, kept)
-    _say(f"uncurated: {len(kept)} documents, {dropped} training copies of clean validation documents removed")
+    _say(f"uncurated: {len(kept)} documents, {len(documents) - len(kept)} training copies of clean "
+         f"validation documents removed")
     tok = stage_tokenizer(cfg, run.root)
     build_shards(run.documents, tok, run.data, cfg.data.control_token_prob, cfg.data.split_seed)
     eval_dir = run.root / "clean_val"
     eval_dir.mkdir(parents=True, exist_ok=True)
-    write_documents(eval_dir / "documents.jsonl", clean_val)
+    write_documents(eval_dir / "documents.jsonl", held.documents)
     build_shards(eval_dir / "documents.jsonl", tok, eval_dir)
     return eval_dir
-
-
-def _words_pattern(text: str, n_words: int = 24) -> re.Pattern:
-    """The first `n_words` words of `text`, matched across any whitespace (curation with and
-    without cleaning may break lines differently)."""
-    return re.compile(r"\s+".join(re.escape(w) for w in text.split()[:n_words]))
-
-
-def _without_slice(doc: dict, head: re.Pattern, documents: list[dict]) -> dict | None:
-    """`doc` (uncurated training text) cut where the clean held-out slice begins; unchanged
-    when the slice begins in another part of the same file; None (drop it) when the slice's
-    start is found nowhere, so held-out text can never be trained on."""
-    text = doc.get("text") or ""
-    m = head.search(text)
-    if m is not None:
-        return doc | {"text": text[: m.start()]} if m.start() > 0 else None
-    others = (d.get("text") or "" for d in documents if d.get("path") == doc.get("path") and d is not doc)
-    return doc if any(head.search(t) for t in others) else None
 
 
 # ----------------------------------------------------------------------------- budget
@@ -223,8 +206,16 @@ def base_variant(name: str) -> str:
     return name.split("@", 1)[0]
 
 
-def check_variants(settings: AblationSettings) -> None:
-    unknown = [v for v in settings.variants if base_variant(v) not in VARIANTS]
+def check_variants(settings: AblationSettings) -> dict[str, DataVariant]:
+    """Refuse settings that cannot run (ValueError, one line) before any work; returns the
+    data variants by name."""
+    data = {}
+    for item in settings.data_variants:
+        variant = parse_data_variant(item, reserved=set(VARIANTS))
+        if variant.name in data:
+            raise ValueError(f"--data-variant {item!r}: {variant.name!r} is named twice")
+        data[variant.name] = variant
+    unknown = [v for v in settings.variants if base_variant(v) not in VARIANTS and v != DATA_BASE and v not in data]
     if unknown:
         raise ValueError(f"unknown ablation variant(s) {unknown}; choose from {', '.join(VARIANTS)} "
                          f"(or BASE@TAG with overrides)")
@@ -233,6 +224,20 @@ def check_variants(settings: AblationSettings) -> None:
         raise ValueError(f"overrides for variant(s) {stray} that are not in the ablation's variants")
     if settings.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {settings.seeds}")
+    return data
+
+
+def run_order(settings: AblationSettings, data: dict[str, DataVariant]) -> list[str]:
+    """The variants in the order they run: the model variants asked for, then (with data
+    variants) `curated`, the reference, and each data variant."""
+    names = list(settings.variants)
+    if data:
+        names += [n for n in [DATA_BASE, *data] if n not in names]
+    return names
+
+
+def suite_on(settings: AblationSettings) -> bool:
+    return bool(settings.data_variants) if settings.suite is None else settings.suite
 
 
 ABLATE_KEYS = {"ablate.guidance_weight": "guidance_weight"}  # per-variant settings besides the config
@@ -252,7 +257,7 @@ def variant_config(base: Config, name: str, overrides: list[str] = ()) -> Config
     from simone.config import apply_overrides
 
     cfg = copy.deepcopy(base)
-    for key, value in VARIANTS[base_variant(name)].items():
+    for key, value in VARIANTS.get(base_variant(name), {}).items():  # a data variant: the config's own model
         setattr(cfg.model, key, value)
     if base_variant(name) == "uncurated":
         cfg.curate.enabled = False
@@ -261,14 +266,15 @@ def variant_config(base: Config, name: str, overrides: list[str] = ()) -> Config
     return cfg
 
 
-def steps_for_budget(settings: AblationSettings, tokens_per_step: int, seconds_per_step: float | None = None) -> int:
+def steps_for_budget(settings: AblationSettings, tokens_per_step: int, seconds_per_step: float | None = None,
+                     n_variants: int | None = None) -> int:
     """The common step count: max_steps, else tokens_per_variant rounded up to whole steps,
     else 60% of each run's share of the time budget (the rest: evaluation, checkpoints)."""
     if settings.max_steps is not None:
         return settings.max_steps
     if settings.tokens_per_variant is not None:
         return max(1, math.ceil(settings.tokens_per_variant / tokens_per_step))
-    share_s = settings.budget_minutes * 60 / max(1, len(settings.variants) * settings.seeds)
+    share_s = settings.budget_minutes * 60 / max(1, (n_variants or len(settings.variants)) * settings.seeds)
     return max(1, int(0.6 * share_s / seconds_per_step))
 
 
@@ -383,12 +389,16 @@ def median_train_rate(run: RunDir) -> float | None:
 
 
 def evaluate_variant(name: str, run: RunDir, val_dir: Path, heldout_dir: Path, judge,
-                     settings: AblationSettings, train_result, seed: int = 0) -> dict:
+                     settings: AblationSettings, train_result, seed: int = 0,
+                     suite_items: list[dict] | None = None) -> dict:
     """One trained run's figures: val bpb on its own validation split (`val_dir`), held-out
-    bpb on the clean held-out documents (`heldout_dir`), steering, policy, streaming, speed."""
+    bpb on the clean held-out documents (`heldout_dir`), steering (without a judge: none),
+    policy, streaming, speed, and the consistency suite's figures when given its items."""
     from simone.data.shards import TokenShard
     from simone.inference.evaluate import evaluate_per_domain
     from simone.inference.generate import load_model
+    from simone.inference.consistency import score_suite
+    from simone.inference.eval_text import simone_scorer
     from simone.inference.steering import steering_accuracy
 
     loaded = load_model(run.root)
@@ -410,14 +420,16 @@ def evaluate_variant(name: str, run: RunDir, val_dir: Path, heldout_dir: Path, j
     row["heldout_bpb"] = held["val_bpb"]
     row["heldout_tokens"] = held["tokens"]
     sample_seed = settings.seed + 10_000 * seed
-    steer = steering_accuracy(loaded, judge, samples_per_domain=settings.samples_per_domain,
-                              max_tokens=settings.sample_tokens, seed=sample_seed)
-    row["steering_accuracy"] = steer["accuracy"]
-    row["steering_per_domain"] = steer["per_domain"]
-    row["steering_samples"] = steer["samples"][: 2 * len(steer["per_domain"])]
-    row["steering_accuracy_guided"] = row["steering_accuracy_guided_w0"] = None
+    row["steering_accuracy"] = row["steering_accuracy_guided"] = row["steering_accuracy_guided_w0"] = None
+    row["steering_per_domain"], row["steering_samples"] = {}, []
+    if judge is not None:
+        steer = steering_accuracy(loaded, judge, samples_per_domain=settings.samples_per_domain,
+                                  max_tokens=settings.sample_tokens, seed=sample_seed)
+        row["steering_accuracy"] = steer["accuracy"]
+        row["steering_per_domain"] = steer["per_domain"]
+        row["steering_samples"] = steer["samples"][: 2 * len(steer["per_domain"])]
     row["guidance_weight"] = settings.guidance_weight
-    if getattr(loaded.model, "policy_head", None) is not None and settings.guidance_weight > 0:
+    if judge is not None and getattr(loaded.model, "policy_head", None) is not None and settings.guidance_weight > 0:
         # the guided sampler with the policy, and without it (W = 0): their difference is the policy's part
         for figure, weight in (("steering_accuracy_guided", settings.guidance_weight),
                                ("steering_accuracy_guided_w0", 0.0)):
@@ -432,6 +444,22 @@ def evaluate_variant(name: str, run: RunDir, val_dir: Path, heldout_dir: Path, j
     row["tokens_seen"] = getattr(train_result, "tokens_seen", None)
     row["steps"] = getattr(train_result, "steps", None)
     row["train_seconds"] = getattr(train_result, "seconds", None)
+    if suite_items is not None:
+        row.update(suite_figures(score_suite(simone_scorer(loaded, str(run.root)), suite_items)))
+    return row
+
+
+def suite_figures(scores: dict) -> dict:
+    """The consistency suite's figures of one run, as row fields (None where not scored), and
+    the whole score under `suite`."""
+    def value(figure: dict | None) -> float | None:
+        return figure.get("value") if isinstance(figure, dict) else None
+
+    pairs = scores.get("pairs") or {}
+    row = {"pair_accuracy": value(pairs), "cloze_accuracy": value(scores.get("cloze")),
+           "distinct_2": value((scores.get("generation") or {}).get("distinct_2")), "suite": scores}
+    for kind in ("negation", "antonym", "entity"):
+        row[f"pair_{kind}"] = value((pairs.get("per_kind") or {}).get(kind))
     return row
 
 
@@ -491,7 +519,8 @@ def summarize_runs(runs: list[dict], variants: list[str]) -> tuple[list[dict], l
         row: dict[str, Any] = {"variant": name, "arch": first["arch"], "governance": first["governance"],
                                "params": first["params"], "seeds": [r["train_seed"] for r in mine],
                                "steps": first["steps"], "tokens_seen": first["tokens_seen"],
-                               "overrides": first.get("overrides", []), "guidance_weight": first.get("guidance_weight")}
+                               "overrides": first.get("overrides", []), "guidance_weight": first.get("guidance_weight"),
+                               "data": first.get("data")}
         for figure in FIGURES:
             row[figure] = summarize([r.get(figure) for r in mine])
         domains = sorted({d for r in mine for d in r["per_domain_bpb"]})
@@ -504,6 +533,8 @@ def summarize_runs(runs: list[dict], variants: list[str]) -> tuple[list[dict], l
     names = [r["variant"] for r in rows]
     for name in names:
         references = ([PLAIN] if name != PLAIN else []) + EXTRA_REFERENCES.get(base_variant(name), [])
+        if any(r.get("data") not in (None, DATA_BASE) for r in runs if r["variant"] == name):
+            references = [DATA_BASE]  # a data variant: against the same model on the base corpus
         if "@" in name:  # a sweep point: also against its base, and against the plain model with the same tag
             base, tag = name.split("@", 1)
             references += [base, f"{PLAIN}@{tag}"]
@@ -537,7 +568,8 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
     from simone.inference.steering import confusion_accuracy, fit_on_documents, snippet_confusion, snippet_words_for
     from simone.data.tokenizer import load_tokenizer
 
-    check_variants(settings)
+    data_variants = check_variants(settings)
+    order = run_order(settings, data_variants)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = copy.deepcopy(cfg)
@@ -548,13 +580,27 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
     shared = prepare_shared(cfg, out)
     tok = load_tokenizer(shared.tokenizer)
     snippet_words = snippet_words_for(settings.sample_tokens)
-    judge = fit_on_documents(shared.documents, snippet_words=snippet_words,
-                             max_snippets_per_domain=settings.judge_snippets_per_domain)
-    judge_confusion = snippet_confusion(judge, shared.documents, snippet_words=snippet_words)
-    judge_acc = confusion_accuracy(judge_confusion)
-    _say(f"steering judge (TF-IDF + logistic regression, {len(judge.classes)} domains): {judge_acc:.1%} "
-         f"on validation snippets of {snippet_words} words (~{settings.sample_tokens} tokens), "
-         f"{judge.training_books_accuracy:.1%} on unseen passages of the training books")
+    judge = judge_confusion = judge_acc = None
+    if settings.samples_per_domain > 0:  # 0: no steering, so no judge
+        judge = fit_on_documents(shared.documents, snippet_words=snippet_words,
+                                 max_snippets_per_domain=settings.judge_snippets_per_domain)
+        judge_confusion = snippet_confusion(judge, shared.documents, snippet_words=snippet_words)
+        judge_acc = confusion_accuracy(judge_confusion)
+        _say(f"steering judge (TF-IDF + logistic regression, {len(judge.classes)} domains): {judge_acc:.1%} "
+             f"on validation snippets of {snippet_words} words (~{settings.sample_tokens} tokens), "
+             f"{judge.training_books_accuracy:.1%} on unseen passages of the training books")
+    suite_items = suite_file = None
+    if suite_on(settings):
+        from simone.inference.consistency import SuiteSettings, heldout_documents, load_or_build_suite, suite_counts
+
+        suite_file = shared.root / "consistency_suite.jsonl"  # built once: every run, now and later, sees it
+        suite_items = load_or_build_suite(suite_file, lambda: heldout_documents(shared.documents),
+                                          SuiteSettings(seed=settings.seed, pairs_per_kind=settings.suite_items,
+                                                        cloze_per_domain=settings.suite_items,
+                                                        prompts_per_domain=max(1, settings.suite_items // 5)))
+        # the suite's bpb items are left out: every run is already read on the same held-out text
+        suite_items = [item for item in suite_items if item["task"] != "bpb"]
+        _say(f"consistency suite: {suite_file} ({', '.join(f'{n} {t}' for t, n in sorted((t, c['items']) for t, c in suite_counts(suite_items).items()))})")
 
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.max_seq_len
     sec = None
@@ -562,18 +608,19 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
         probe = variant_config(cfg, "full")
         settle_model_sizes(probe, tok)
         sec = seconds_per_step(probe, shared)
-    steps = steps_for_budget(settings, tokens_per_step, sec)
-    n_runs = len(settings.variants) * settings.seeds
+    steps = steps_for_budget(settings, tokens_per_step, sec, n_variants=len(order))
+    n_runs = len(order) * settings.seeds
     _say(f"budget: {steps} steps ({steps * tokens_per_step:,} tokens) per run, {n_runs} runs"
          + (f"; {sec:.2f} s/step measured" if sec else ""))
     share_s = (sec or 1.0) * steps / 0.6
 
     uncurated: tuple[RunDir, Path] | None = None
+    prepared: dict[str, RunDir] = {}  # data variant -> its prepared data (built once)
     runs: list[dict] = []
     trained_models: dict[str, tuple[RunDir, dict]] = {}  # training_key -> (its run folder, its row)
     result: dict = {}
     for k in range(settings.seeds):
-        for name in settings.variants:
+        for name in order:
             vcfg = variant_config(cfg, name, settings.overrides.get(name, []))
             tc = vcfg.train
             tc.seed = cfg.train.seed + k  # initial weights and the order of the training windows
@@ -591,22 +638,33 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
                     unc.root.mkdir(parents=True, exist_ok=True)
                     uncurated = (unc, prepare_uncurated(vcfg, shared, unc))
                 data_root, heldout_dir = uncurated
+            elif name in data_variants:
+                if name not in prepared:
+                    _say(f"{name}: preparing {data_variants[name].spec} (tokenizer shared)")
+                    prepared[name] = prepare_data_variant(cfg, shared, data_variants[name], tok,
+                                                          out / "data_variants" / name)
+                data_root, heldout_dir = prepared[name], shared.data
             else:
                 data_root, heldout_dir = shared, shared.data
             _link(data_root.data, run.data)
-            _link(data_root.tokenizer_dir, run.tokenizer_dir)
+            # a data variant's shards are its own, its tokenizer the base corpus's
+            _link((shared if name in data_variants else data_root).tokenizer_dir, run.tokenizer_dir)
             settle_model_sizes(vcfg, load_tokenizer(run.tokenizer))  # the uncurated variant has its own
-            key = run_key(vcfg, name, k, steps, settings, run, judge_acc)
+            key = run_key(vcfg, name, k, steps, settings, run, judge_acc, heldout_dir, suite_file)
             trains_as = training_key(key)
-            saved = read_json(run.root / FINISHED_RUN, None) if settings.resume else None
-            if isinstance(saved, dict) and saved.get("key") == key and isinstance(saved.get("row"), dict):
+            saved = read_finished_run(run) if settings.resume else None
+            if (saved is not None and training_key(saved["key"]) == trains_as
+                    and cut_short(saved.get("steps_trained"), saved.get("stop_reason"), steps)):
+                _say(f"{name} seed {k}: the run in {run.root} stopped after {saved.get('steps_trained')} of "
+                     f"{steps} steps ({saved.get('stop_reason')}); training it again")
+                saved = None
+            if saved is not None and saved["key"] == key:
                 runs.append(saved["row"])
                 trained_models.setdefault(trains_as, (run, saved["row"]))
                 _say(f"{name} seed {k}: reusing the finished run in {run.root} (--resume)")
                 continue
             donor = trained_models.get(trains_as)
-            if (donor is None and isinstance(saved, dict) and isinstance(saved.get("key"), dict)
-                    and isinstance(saved.get("row"), dict) and training_key(saved["key"]) == trains_as
+            if (donor is None and saved is not None and training_key(saved["key"]) == trains_as
                     and list_checkpoints(run.checkpoints)):
                 donor = (run, saved["row"])  # trained as now, evaluated another way: evaluate again
             (run.root / FINISHED_RUN).unlink(missing_ok=True)
@@ -616,7 +674,8 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
                 model_run, donor_row = donor
                 trained = SimpleNamespace(tokens_per_s=donor_row.get("tokens_per_s_overall"),
                                           tokens_seen=donor_row.get("tokens_seen"), steps=donor_row.get("steps"),
-                                          seconds=donor_row.get("train_seconds"))
+                                          seconds=donor_row.get("train_seconds"),
+                                          stop_reason=donor_row.get("stop_reason"))
                 _say(f"{name} seed {k}: evaluating the model {donor_row['variant']} seed {k} trained "
                      f"(same config, seed and budget; {model_run.root})")
             else:
@@ -625,15 +684,24 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
                 trained = stage_train(vcfg, run.root, force=True)  # a rerun into the same --out starts over
                 if getattr(trained, "stop_reason", None) == "signal":
                     raise KeyboardInterrupt(f"ablation stopped by a signal while training {name} seed {k}")
+                if trained.steps < steps:
+                    again = "; --resume trains it again" if cut_short(trained.steps, trained.stop_reason, steps) else ""
+                    _say(f"{name} seed {k}: stopped after {trained.steps} of {steps} steps ({trained.stop_reason}){again}")
             r = evaluate_variant(name, model_run, run.data, heldout_dir, judge, variant_settings(settings, name),
-                                 trained, seed=k)
+                                 trained, seed=k, suite_items=suite_items)
+            if name == DATA_BASE or name in data_variants:
+                r["data"] = data_variants[name].spec if name in data_variants else DATA_BASE
+            r["stop_reason"] = trained.stop_reason
             trained_models.setdefault(trains_as, (model_run, r))
             r["overrides"] = settings.overrides.get(name, [])
             runs.append(r)
-            atomic_write_json(run.root / FINISHED_RUN, {"key": key, "row": r})
+            atomic_write_json(run.root / FINISHED_RUN, {"key": key, "row": r, "steps_trained": trained.steps,
+                                                        "stop_reason": trained.stop_reason})
             _say(f"{name} seed {k}: val bpb {r['val_bpb']:.4f}, held-out bpb {r['heldout_bpb']:.4f}, "
-                 f"steering {r['steering_accuracy']:.0%}, {(r['tokens_per_s'] or 0):,.0f} tok/s")
-        rows, differences = summarize_runs(runs, settings.variants)
+                 + (f"steering {r['steering_accuracy']:.0%}, " if r.get("steering_accuracy") is not None else "")
+                 + (f"pairs {r['pair_accuracy']:.1%}, " if r.get("pair_accuracy") is not None else "")
+                 + f"{(r['tokens_per_s'] or 0):,.0f} tok/s")
+        rows, differences = summarize_runs(runs, order)
         result = {"schema": 2, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "preset": cfg.preset, "corpus": str(cfg.data.data_dir), "budget_minutes": settings.budget_minutes,
                   "seeds": k + 1, "seeds_planned": settings.seeds,
@@ -642,13 +710,15 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
                   "control_token_prob": cfg.data.control_token_prob,
                   "control_window_prob": cfg.data.control_window_prob, "domains": tok.domains,
                   "judge_accuracy": judge_acc,
-                  "judge_accuracy_training_books": (judge.training_books_accuracy
-                                                    if math.isfinite(judge.training_books_accuracy) else None),
-                  "steering_judge": {"kind": "scikit-learn logistic regression (SGD) on word (1-2) and character (2-5) "
-                                             "n-gram TF-IDF, fitted on training snippets",
-                                     "snippet_words": snippet_words, "validation_snippet_accuracy": judge_acc,
-                                     "validation_confusion": judge_confusion,
-                                     "chance": 1 / max(1, len(judge.classes))},
+                  "judge_accuracy_training_books": (judge.training_books_accuracy if judge is not None
+                                                    and math.isfinite(judge.training_books_accuracy) else None),
+                  "steering_judge": None if judge is None else {
+                      "kind": "scikit-learn logistic regression (SGD) on word (1-2) and character (2-5) "
+                              "n-gram TF-IDF, fitted on training snippets",
+                      "snippet_words": snippet_words, "validation_snippet_accuracy": judge_acc,
+                      "validation_confusion": judge_confusion, "chance": 1 / max(1, len(judge.classes))},
+                  "data_variants": {name: read_json(prepared[name].root / "variant.json", {}) for name in prepared},
+                  "suite": None if suite_items is None else {"file": str(suite_file), "counts": suite_counts(suite_items)},
                   "settings": dataclasses.asdict(settings), "variants": rows, "differences": differences,
                   "runs": runs, "seconds": round(time.time() - t0, 1)}
         atomic_write_json(out / "ablation.json", result)
@@ -661,25 +731,53 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
 # (section, field, off value): config fields added after runs were keyed; a run key leaves them out
 # while they are off, so the keys of runs finished before they existed still match
 KEY_OPTIONAL_AT_OFF = [("data", "control_window_prob", 0.0), ("train", "embed_lr_scale", 1.0)]
-FINISHED_RUN = "ablation_run.json"  # in a run's folder: what it was trained with, and its figures
+# in a run's folder: {key, row, steps_trained, stop_reason}: what it was trained with, how far
+# it got, and its figures
+FINISHED_RUN = "ablation_run.json"
+# how a run may end before its step budget and still be what its config trains every time
+# (its data ran out, or early stopping): reused. Its time guard, which a busy machine trips, is not.
+PLANNED_ENDS = ("num_epochs", "early_stop")
+
+
+def read_finished_run(run: RunDir) -> dict | None:
+    """The run's FINISHED_RUN record, or None where there is none (or it is not one)."""
+    saved = read_json(run.root / FINISHED_RUN, None)
+    if isinstance(saved, dict) and isinstance(saved.get("key"), dict) and isinstance(saved.get("row"), dict):
+        return saved
+    return None
+
+
+def cut_short(steps_trained: int | None, stop_reason: str | None, steps: int) -> bool:
+    """Whether a run that trained `steps_trained` of its `steps` stopped early for a reason
+    another try need not share: `--resume` trains it again. Unknown counts as cut short."""
+    return (steps_trained if isinstance(steps_trained, int) else -1) < steps and stop_reason not in PLANNED_ENDS
 
 
 def run_key(cfg: Config, name: str, seed: int, steps: int, settings: AblationSettings, run: RunDir,
-            judge_accuracy: float) -> dict:
+            judge_accuracy: float | None, heldout_dir: Path | None = None, suite_file: Path | None = None) -> dict:
     """Everything a finished run's figures depend on: its config (less the time cap, a guard
-    set from this invocation's speed probe), step budget, steering settings, the tokenizer it
-    trained with and the judge that scored its samples. `--resume` reuses a run only when all match."""
+    set from this invocation's speed probe), step budget, steering settings, the tokenizer and
+    token shards it trained on (the shard index records the curated documents' hash), the
+    held-out shards it was scored on (`heldout_dir`, default its own), the judge that scored
+    its samples, and the simone version. `--resume` reuses a run only when all match."""
+    from simone.data.shards import INDEX_FILE
+
     config = cfg.to_dict()
     config["train"].pop("max_minutes", None)
     for section, key_field, off in KEY_OPTIONAL_AT_OFF:  # not `name`: that is the variant's
         if config[section].get(key_field) == off:
             config[section].pop(key_field, None)
     steering = {k: v for k, v in dataclasses.asdict(variant_settings(settings, name)).items()
-                if k not in ("variants", "seeds", "resume", "budget_minutes", "max_steps", "tokens_per_variant")}
+                if k not in ("variants", "seeds", "resume", "budget_minutes", "max_steps", "tokens_per_variant",
+                             "data_variants", "suite", "suite_items")}
     steering["overrides"] = settings.overrides.get(name, [])
     steering["guided_sampler"] = GUIDED_SAMPLER
     key = {"variant": name, "seed": seed, "steps": steps, "config": config, "steering": steering,
-           "tokenizer_sha256": sha256_file(run.tokenizer), "judge_accuracy": judge_accuracy}
+           "tokenizer_sha256": sha256_file(run.tokenizer), "data_sha256": sha256_file(run.data / INDEX_FILE),
+           "heldout_sha256": sha256_file(Path(heldout_dir or run.data) / INDEX_FILE),
+           "judge_accuracy": judge_accuracy, "simone_version": __version__}
+    if suite_file is not None:  # an evaluation setting: a new suite re-evaluates, never retrains
+        key["suite_sha256"] = sha256_file(suite_file)
     return json.loads(json.dumps(key))  # as it reads back from the saved file
 
 
@@ -689,7 +787,8 @@ def training_key(key: dict) -> str:
     as a string to look up."""
     config = {k: v for k, v in (key.get("config") or {}).items() if k != "preset"}
     return json.dumps({"seed": key.get("seed"), "steps": key.get("steps"), "config": config,
-                       "tokenizer_sha256": key.get("tokenizer_sha256")}, sort_keys=True)
+                       "tokenizer_sha256": key.get("tokenizer_sha256"), "data_sha256": key.get("data_sha256"),
+                       "simone_version": key.get("simone_version")}, sort_keys=True)
 
 
 # ----------------------------------------------------------------------------- report
@@ -715,20 +814,16 @@ def _figure_format(figure: str) -> str:
     return ".4f" if figure.endswith("bpb") else ".1%"
 
 
-def ablation_markdown(result: dict) -> str:
-    rows = result["variants"]
-    domains = sorted({d for r in rows for d in r["per_domain_bpb"]})
-    n_seeds = result["seeds"]
-    lines = [
-        "# SIM-ONE governance ablation", "",
-        f"Preset `{result['preset']}`, {n_seeds} seed(s) per variant, {result['steps_per_variant']} optimizer "
-        f"steps per run ({result['tokens_per_variant']:,} training tokens), same data split; control tokens "
-        f"before {result['control_token_prob']:.0%} of training documents"
-        + (f" and at the start of {result['control_window_prob']:.0%} of training windows"
-           if result.get("control_window_prob") else "")
-        + ". Each figure is mean ± std "
-        f"[95% t-interval of the mean] over seeds. Val bpb: the variant's own validation split; held-out "
-        f"bpb: the clean held-out documents no variant trained on (lower is better). Steering: share of "
+def shown_figures(rows: list[dict]) -> list[str]:
+    """The figures some variant has a value of (steering is left out of a run without it, the
+    suite's figures out of one without the suite)."""
+    return [f for f in FIGURES if any(r[f].get("n") for r in rows)]
+
+
+def _steering_text(result: dict) -> str:
+    if not result.get("steering_judge"):
+        return "No steering was measured (`--samples-per-domain 0`)."
+    return (f"Steering: share of "
         f"{result['settings']['samples_per_domain']} samples per domain of {result['settings']['sample_tokens']} "
         f"tokens made with `--domain X` that the judge (logistic regression on word and character TF-IDF) "
         f"assigns to X; the judge itself is right on {result['judge_accuracy']:.1%} of validation snippets "
@@ -738,12 +833,67 @@ def ablation_markdown(result: dict) -> str:
         f"{result['settings']['guidance_weight']} · log p_policy(domain), as `--policy-guidance` does); "
         f"W=0: the same sampler without the policy, so guided minus W=0 is what the policy adds. "
         f"Policy acc: share of validation positions whose "
-        f"policy-head argmax is the true domain.", "",
+        f"policy-head argmax is the true domain.")
+
+
+def _suite_text(result: dict) -> str:
+    suite = result.get("suite")
+    if not suite:
+        return ""
+    counts = suite["counts"]
+    n = lambda task: counts.get(task, {}).get("items", 0)  # noqa: E731
+    return (f" Consistency suite (`{Path(suite['file']).name}`, built once from the held-out documents): "
+            f"minimal pairs ({n('pair')} held-out sentences against their contradicted twins): share where "
+            f"the model gives the original the higher probability, overall and per kind of change (chance 50%); "
+            f"cloze ({n('cloze')} passages): share whose last word greedy decoding gives exactly; "
+            f"distinct-2 of {n('gen')} greedy continuations of held-out prompts.")
+
+
+def _data_variants_text(result: dict) -> list[str]:
+    variants = result.get("data_variants") or {}
+    if not variants:
+        return []
+    lines = ["", "## Data variants (the same model, tokenizer and token budget; the same held-out text)", "",
+             "| variant | data | training documents | training bytes | what was done |", "|---|---|---|---|---|"]
+    for name, v in variants.items():
+        done = ""
+        if v.get("contradictions"):
+            c = v["contradictions"]
+            done = (f"{c['changes']:,} changes in {c['documents_changed']} of {c['training_documents']} training "
+                    f"documents ({', '.join(f'{k} {n:,}' for k, n in c['changes_per_kind'].items())}); "
+                    f"bytes {c['bytes_change']:+.2%}; listed in `data_variants/{name}/contradictions.jsonl`")
+        elif "tokens_replaced" in v:
+            done = f"{v['tokens_replaced']:,} of {v['training_tokens']:,} training tokens replaced by {v.get('corpus')}"
+        elif "flagged_documents_left_out" in v:
+            done = f"{v['flagged_documents_left_out']} flagged documents left out"
+        elif "held_out_copies_left_out" in v:
+            done = f"{v['held_out_copies_left_out']} documents left out as held-out text"
+        lines.append(f"| {name} | `{v.get('spec')}` | {_f(v.get('training_documents'), ',d')} | "
+                     f"{_f(v.get('training_bytes'), ',d')} | {done} |")
+    return lines
+
+
+def ablation_markdown(result: dict) -> str:
+    rows = result["variants"]
+    domains = sorted({d for r in rows for d in r["per_domain_bpb"]})
+    n_seeds = result["seeds"]
+    figures = shown_figures(rows)
+    lines = [
+        "# SIM-ONE ablation", "",
+        f"Preset `{result['preset']}`, {n_seeds} seed(s) per variant, {result['steps_per_variant']} optimizer "
+        f"steps per run ({result['tokens_per_variant']:,} training tokens), same data split; control tokens "
+        f"before {result['control_token_prob']:.0%} of training documents"
+        + (f" and at the start of {result['control_window_prob']:.0%} of training windows"
+           if result.get("control_window_prob") else "")
+        + ". Each figure is mean ± std "
+        f"[95% t-interval of the mean] over seeds. Val bpb: the variant's own validation split; held-out "
+        f"bpb: the clean held-out documents no variant trained on (lower is better). "
+        + _steering_text(result) + _suite_text(result), "",
     ]
-    head = ["variant", "params"] + [label for label, _ in FIGURES.values()] + ["train tokens", "tokens/s"]
+    head = ["variant", "params"] + [FIGURES[f][0] for f in figures] + ["train tokens", "tokens/s"]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        cells = ([r["variant"], f"{r['params']:,}"] + [_stat(r[f], _figure_format(f)) for f in FIGURES]
+        cells = ([r["variant"], f"{r['params']:,}"] + [_stat(r[f], _figure_format(f)) for f in figures]
                  + [_f(r.get("tokens_seen"), ",d"), _f(r.get("tokens_per_s"), ",.0f")])
         lines.append("| " + " | ".join(cells) + " |")
 
@@ -760,9 +910,10 @@ def ablation_markdown(result: dict) -> str:
                 value += f" [{format(d['ci95'][0], '+' + fmt)}, {format(d['ci95'][1], '+' + fmt)}]"
             lines.append(f"| {d['variant']} | {d['reference']} | {label} | {value} | {d['reading']} |")
     else:
-        lines.append(f"No differences: the plain model (`{PLAIN}`) is not among the variants.")
+        lines.append(f"No differences: neither the plain model (`{PLAIN}`) nor `{DATA_BASE}` is among the variants.")
+    lines += _data_variants_text(result)
 
-    confusion = result.get("steering_judge", {}).get("validation_confusion")
+    confusion = (result.get("steering_judge") or {}).get("validation_confusion")
     if confusion:
         lines += ["", "## The judge on validation snippets: right per domain, and where the rest went", "",
                   "| domain | snippets | judged right | judged as (others) |", "|---|---|---|---|"]
@@ -794,7 +945,7 @@ def ablation_svg(result: dict) -> str:
     rows = result["variants"]
     bar_h, gap, label_w, chart_w, col_w = 16, 6, 110, 200, 380
     chart_h = 36 + len(rows) * (bar_h + gap)
-    figures = list(FIGURES.items())
+    figures = [(f, FIGURES[f]) for f in shown_figures(rows)]
     n_cols = 2
     height = chart_h * math.ceil(len(figures) / n_cols) + 10
 
@@ -828,5 +979,70 @@ def ablation_svg(result: dict) -> str:
     width = n_cols * col_w
     body = "".join(chart((i % n_cols) * col_w, (i // n_cols) * chart_h, f, f"{label} (95% interval)")
                    for i, (f, (label, _)) in enumerate(figures))
+    doses = dose_response(rows)
+    if doses:
+        panels = [f for f in ("pair_accuracy", "cloze_accuracy") if any(p["stats"][f].get("mean") is not None
+                                                                          for p in doses)]
+        for i, figure in enumerate(panels):
+            body += dose_response_panel(doses, figure, (i % n_cols) * col_w, height + (i // n_cols) * 240)
+        height += 240 * math.ceil(len(panels) / n_cols)
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
             f'font-family="sans-serif">' + body + "</svg>\n")
+
+
+def dose_response(rows: list[dict]) -> list[dict]:
+    """The points of a dose-response chart: `curated` at P = 0 and each `contradict:P[:KINDS]`
+    variant at P, with its kinds and figures; empty without a contradiction variant."""
+    from simone.data.contradict import KINDS, parse_contradict_spec
+
+    points = []
+    for r in rows:
+        data = r.get("data") or ""
+        if data.startswith("contradict"):
+            spec = parse_contradict_spec(data)
+            points.append({"variant": r["variant"], "share": spec.share,
+                           "kinds": "all" if spec.kinds == KINDS else "+".join(spec.kinds), "stats": r})
+        elif data == DATA_BASE:
+            points.append({"variant": r["variant"], "share": 0.0, "kinds": "all", "stats": r})
+    return points if any(p["share"] > 0 for p in points) else []
+
+
+def dose_response_panel(points: list[dict], figure: str, x0: int, y0: int) -> str:
+    """One panel: `figure` (mean and 95% interval over seeds) against the share P of training
+    documents contradicted; variants that contradict only some kinds are drawn hollow."""
+    left, top, w, h = x0 + 50, y0 + 30, 290, 160
+    stats = [p["stats"][figure] for p in points]
+    values = [v for s in stats for v in ([s["mean"]] + (s["ci95"] or [])) if v is not None]
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    pad = (hi - lo) * 0.1 or 0.01
+    lo, hi = lo - pad, hi + pad
+
+    def x(share: float) -> float:
+        return left + share * w
+
+    def y(value: float) -> float:
+        return top + h - (value - lo) / (hi - lo) * h
+
+    fmt = _figure_format(figure)
+    parts = [f'<text x="{left}" y="{y0 + 16}" font-size="13" font-weight="bold">{FIGURES[figure][0]} against P '
+             f'(share of training documents contradicted)</text>',
+             f'<path d="M{left},{top} V{top + h} H{left + w}" stroke="#000" fill="none"/>',
+             f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{format(hi, fmt)}</text>',
+             f'<text x="{left - 4}" y="{top + h}" font-size="10" text-anchor="end">{format(lo, fmt)}</text>']
+    for share in (0.0, 0.25, 0.5, 0.75, 1.0):
+        parts.append(f'<text x="{x(share):.1f}" y="{top + h + 14}" font-size="10" text-anchor="middle">{share:g}</text>')
+    line = sorted((p["share"], p["stats"][figure]["mean"]) for p in points
+                  if p["kinds"] == "all" and p["stats"][figure].get("mean") is not None)
+    if len(line) > 1:
+        parts.append('<path d="M' + " L".join(f"{x(a):.1f},{y(b):.1f}" for a, b in line)
+                     + '" stroke="#4c78a8" fill="none"/>')
+    for p, s in zip(points, stats):
+        if s.get("mean") is None:
+            continue
+        px, py = x(p["share"]), y(s["mean"])
+        if s.get("ci95"):
+            parts.append(f'<path d="M{px:.1f},{y(s["ci95"][0]):.1f} V{y(s["ci95"][1]):.1f}" stroke="#000"/>')
+        fill = "#4c78a8" if p["kinds"] == "all" else "#fff"
+        parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="4" fill="{fill}" stroke="#4c78a8"/>')
+        parts.append(f'<text x="{px + 6:.1f}" y="{py - 6:.1f}" font-size="10">{p["variant"]}</text>')
+    return "".join(parts)
