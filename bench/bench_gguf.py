@@ -124,7 +124,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     if args.model:
-        from simone.inference.generate import load_model
+        from simone.inference.load import load_model
 
         loaded = load_model(Path(args.model), device="cpu")
     else:

@@ -23,6 +23,7 @@ import torch
 
 from simone.config import preset
 from simone.model import build_model
+from simone.train.optim import build_optimizer
 
 
 def variants(base) -> dict:
@@ -73,7 +74,7 @@ def main() -> None:
     for name, mcfg in chosen.items():
         torch.manual_seed(0)
         model = build_model(mcfg).to(device).train()
-        opt = model.configure_optimizer(1e-4, 0.1, (0.9, 0.95), device.type)
+        opt = build_optimizer(model, "adamw", 1e-4, 0.1, (0.9, 0.95), device.type)
         kwargs = {"domain_ids": d} if model.policy_head is not None else {}
 
         def step(model=model, opt=opt, kwargs=kwargs):

@@ -160,7 +160,7 @@ def score(model: torch.nn.Module, tokenizer: Any, context: int, eval_dir: Path, 
 
 
 def score_run(run_dir: Path, eval_dir: Path, label: str) -> dict[str, Any]:
-    from simone.inference.generate import load_model
+    from simone.inference.load import load_model
 
     loaded = load_model(run_dir, device="cpu")
     return score(loaded.model, loaded.tokenizer, loaded.config.model.max_seq_len, eval_dir, label)
@@ -214,7 +214,8 @@ def train_peer(prepared: Path, eval_dir: Path, minutes: float, tiny: bool, seed:
     from simone.data.shards import TokenShard
     from simone.model import build_model
     from simone.data.tokenizer import load_tokenizer
-    from simone.train.optim import lr_at
+    from simone.train.optim import build_optimizer
+    from simone.train.schedule import lr_at
 
     p = PEER_TINY if tiny else PEER
     vocab = load_config(prepared / "config.json").model.vocab_size
@@ -222,7 +223,7 @@ def train_peer(prepared: Path, eval_dir: Path, minutes: float, tiny: bool, seed:
                        max_seq_len=p["context"], dropout=0.0)
     torch.manual_seed(seed)
     model = build_model(mcfg).train()
-    optimizer = model.configure_optimizer(lr=p["lr"], weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
+    optimizer = build_optimizer(model, "adamw", lr=p["lr"], weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
     data = torch.from_numpy(TokenShard(prepared / "data", "train").tokens.astype("int64"))
     block, batch = p["context"], p["batch"]
     gen = torch.Generator().manual_seed(seed)

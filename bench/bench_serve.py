@@ -38,7 +38,7 @@ def random_model(preset_name: str, device: str):
     only: its text is noise)."""
     from simone.config import TokenizerConfig, preset
     from simone.devices import pick_device
-    from simone.inference.generate import LoadedModel
+    from simone.inference.load import LoadedModel
     from simone.model import build_model
     from simone.data.tokenizer import train_tokenizer
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args(argv)
 
-    from simone.inference.generate import load_model
+    from simone.inference.load import load_model
     from simone.inference.serve import model_name, start_background_server
 
     if args.threads:

@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from simone.devices import cpu_model
-    from simone.inference.generate import load_model
+    from simone.inference.load import load_model
 
     loaded = load_model(Path(args.model), device="cpu") if args.model else random_model(args.preset, "cpu")
     limits = {"max_queue": args.max_queue, "max_body_bytes": args.max_body_bytes}

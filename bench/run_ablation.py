@@ -110,7 +110,8 @@ def probe_model(args: argparse.Namespace, n_domains: int) -> dict:
     from simone.config import apply_overrides, preset
     from simone.model import build_model
     from simone.inference.governed import guided_sample_batch
-    from simone.train.trainer import autocast_dtype
+    from simone.train.budget import probe_step_seconds
+    from simone.train.precision import autocast_dtype
 
     base = apply_overrides(preset(args.preset), list(args.overrides))
     base.model.n_domains = n_domains
@@ -124,23 +125,8 @@ def probe_model(args: argparse.Namespace, n_domains: int) -> dict:
     out = {}
     for name in args.variants:
         cfg = variant_config(base, name, [o for o in args.vset_by_variant.get(name, []) if not o.startswith("ablate.")])
-        model = build_model(cfg.model).train()
-        opt = model.configure_optimizer(tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), "cpu")
-        kwargs = {"domain_ids": d} if getattr(model, "policy_head", None) is not None else {}
-
-        def step() -> None:
-            for _ in range(tc.grad_accum):
-                with autocast():
-                    _, loss = model(x, y, **kwargs)
-                (loss / tc.grad_accum).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        step()
-        t0 = time.perf_counter()
-        for _ in range(args.probe_steps):
-            step()
-        step_s = (time.perf_counter() - t0) / args.probe_steps
+        model = build_model(cfg.model)
+        step_s = probe_step_seconds(model, cfg, torch.device("cpu"), lambda: (x, y, d), args.probe_steps)
 
         model.eval()
         with torch.no_grad():

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
@@ -51,7 +51,7 @@ from simone.rundir import atomic_write_text, checkpoint_step, fsync_dir, list_ch
 from simone.faults import Faults
 
 if TYPE_CHECKING:
-    pass
+    from simone.config import Config
 
 MANIFEST = "MANIFEST.json"
 WEIGHTS = "model.safetensors"
@@ -325,9 +325,20 @@ def _prune(ckpt_root: Path, keep: int, log: Callable[[str], None]) -> None:
 # ----------------------------------------------------------------------------- load
 
 
-def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Check every file against MANIFEST.json; return the manifest or raise CheckpointError."""
+def verify_checkpoint(path: Path, model_for: Callable[[Config], torch.nn.Module] | None = None) -> dict[str, Any]:
+    """Check every file against MANIFEST.json; return the manifest or raise CheckpointError.
+    With `model_for` (Config → the model it describes, e.g. on the meta device) also config.json
+    against the schema and every tensor's name and shape against that model
+    (CheckpointMismatchError); a folder without a manifest then passes on those alone ({})."""
     path = Path(path)
+    manifest = _verify_manifest(path) if model_for is None or (path / MANIFEST).exists() else {}
+    if model_for is not None:
+        model = model_for(read_config(path))
+        check_state_fits(model, _stored_tensors(path, model), str(path / WEIGHTS))
+    return manifest
+
+
+def _verify_manifest(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError as e:
@@ -357,6 +368,39 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         if sha256_file(f) != entry.get("sha256"):
             raise CheckpointError(f"{f}: corrupted (sha256 does not match the manifest)")
     return manifest
+
+
+def read_config(path: Path) -> Config:
+    """A checkpoint's config.json as a Config; CheckpointError if missing or invalid."""
+    from simone.config import ConfigError, from_dict
+
+    path = Path(path)
+    try:
+        return from_dict(json.loads((path / CONFIG).read_text(encoding="utf-8")))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path / CONFIG}: missing") from e
+    except (json.JSONDecodeError, ConfigError) as e:
+        raise CheckpointError(f"{path / CONFIG}: not a valid SIM-ONE config ({e})") from e
+
+
+def _stored_tensors(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """model.safetensors' tensors as empty meta tensors of their shapes (from the header), also
+    under their aliases and under every name of a tensor that `model` ties."""
+    try:
+        with safe_open(str(path / WEIGHTS), "pt") as f:
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}") or "{}")
+            stored = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path / WEIGHTS}: missing") from e
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path / WEIGHTS}: not a readable safetensors file ({e})") from e
+    stored.update({alias: stored[target] for alias, target in aliases.items() if target in stored})
+    names: dict[int, list[str]] = {}  # tied: one stored name is enough
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), []).append(name)
+    for tied in names.values():
+        stored.update({n: stored[m] for m in tied if m in stored for n in tied if n not in stored})
+    return stored
 
 
 def _plain_name(name: Any) -> bool:
@@ -393,8 +437,6 @@ def load_checkpoint(
     the training state with `torch.load(weights_only=True)`, and checks that config.json is a
     valid Config. Raises CheckpointError naming the file and the problem.
     """
-    from simone.config import ConfigError, from_dict
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -407,14 +449,8 @@ def load_checkpoint(
             train_state = torch.load(path / STATE, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
             raise CheckpointError(f"{path / STATE}: cannot be loaded safely ({e})") from e
-    try:
-        config_dict = json.loads((path / CONFIG).read_text(encoding="utf-8"))
-        from_dict(config_dict)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path / CONFIG}: missing") from e
-    except (json.JSONDecodeError, ConfigError) as e:
-        raise CheckpointError(f"{path / CONFIG}: not a valid SIM-ONE config ({e})") from e
-    return model_state, train_state, config_dict
+    read_config(path)  # a valid Config, or CheckpointError
+    return model_state, train_state, json.loads((path / CONFIG).read_text(encoding="utf-8"))
 
 
 def check_state_fits(model: torch.nn.Module, model_state: dict[str, torch.Tensor], source: str) -> None:
@@ -456,16 +492,25 @@ def _checkpoint_root(path: Path) -> tuple[Path | None, Path | None]:
 
 def resolve_checkpoint(
     run_dir_or_ckpt: str | Path,
-    which: str = "latest",
+    which: str | tuple[str, ...] = "latest",
     on_problem: Callable[[str], None] | None = None,
 ) -> Path:
     """The verified checkpoint directory to use.
 
     `run_dir_or_ckpt` is a run directory, its `checkpoints/` folder, or one checkpoint
-    directory (returned as is once verified). `which` is "latest" or "best". If the pointed-to
-    checkpoint fails verification, the problem is reported through `on_problem` (default: a
-    warning) and the newest older checkpoint that verifies is used instead.
+    directory (returned as is once verified). `which` is "latest" or "best", or several tried
+    in order (("best", "latest"): the best, else the latest). If the pointed-to checkpoint
+    fails verification, the problem is reported through `on_problem` (default: a warning) and
+    the newest older checkpoint that verifies is used instead.
     """
+    if not isinstance(which, str):
+        report = on_problem or (lambda msg: warnings.warn(msg, stacklevel=4))  # our caller's line
+        for kind in which[:-1]:
+            try:
+                return resolve_checkpoint(run_dir_or_ckpt, kind, report)
+            except CheckpointError:  # none of that kind (or none verifies): try the next
+                continue
+        return resolve_checkpoint(run_dir_or_ckpt, which[-1], report)
     if which not in POINTERS:
         raise ValueError(f"which must be one of {POINTERS}, not {which!r}")
     report = on_problem or (lambda msg: warnings.warn(msg, stacklevel=3))

@@ -301,3 +301,38 @@ def test_a_run_key_names_its_variant_and_carries_its_own_steering_overrides(tmp_
     assert key["variant"] == "full@g5"
     assert key["steering"]["guidance_weight"] == 5 and key["steering"]["overrides"] == ["ablate.guidance_weight=5"]
     assert run_key(preset("tiny"), "full", 0, 2, settings, run, 0.5)["steering"]["guidance_weight"] == 1.0
+
+
+def test_the_step_probe_times_the_configured_optimizer_under_the_training_autocast(template, monkeypatch):
+    """The time budget's step probe steps Muon when `train.optimizer=muon`, in the training dtype
+    (it timed AdamW in float32 whatever the config said)."""
+    import torch
+
+    from simone.config import load_config
+    from simone.model.transformer import Transformer
+    from simone.rundir import RunDir
+    from simone.train import optim
+    from simone.workflows.ablate import seconds_per_step
+
+    cfg = load_config(template / "config.json")
+    cfg.train.optimizer, cfg.train.dtype, cfg.train.device, cfg.train.grad_accum = "muon", "bfloat16", "cpu", 2
+    muon_steps, autocast_on = [], []
+    muon_step, forward = optim.MuonWithAdamW.step, Transformer.forward
+    monkeypatch.setattr(optim.MuonWithAdamW, "step", lambda self: muon_steps.append(1) or muon_step(self))
+    monkeypatch.setattr(Transformer, "forward",
+                        lambda self, *a, **k: autocast_on.append(torch.is_autocast_enabled("cpu")) or forward(self, *a, **k))
+    assert seconds_per_step(cfg, RunDir(template), steps=2) > 0
+    assert len(muon_steps) == 3  # the warm-up step and the two timed ones
+    assert autocast_on == [True] * 2 * 3  # every micro-batch (two a step) under bf16 autocast
+
+
+def test_seeds_to_resolve_a_difference_follow_from_its_spread():
+    from simone.workflows.ablate import seeds_to_resolve, t_quantile
+
+    diff = summarize([0.01, -0.002, 0.013])  # 3 seeds: its interval includes zero
+    assert diff["ci95"][0] < 0 < diff["ci95"][1]
+    n = seeds_to_resolve(diff)
+    half = lambda k: t_quantile(0.975, k - 1) * diff["std"] / math.sqrt(k)  # noqa: E731
+    assert half(n) < abs(diff["mean"]) <= half(n - 1)  # the first count that would exclude zero
+    assert seeds_to_resolve(summarize([0.0, 0.0])) is None  # no spread, no mean: nothing to resolve
+    assert seeds_to_resolve(summarize([1e-9, -1e-3, 1e-3]), most=50) is None  # beyond the cap

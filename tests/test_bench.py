@@ -12,6 +12,7 @@ import torch
 from simone.workflows import bench
 from simone.cli import main
 from simone.config import ModelConfig
+from simone.train.optim import build_optimizer
 
 TINY = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, vocab_size=128)
 
@@ -36,7 +37,7 @@ def test_peer_has_our_config_and_weights():
 
 def test_peer_optimizer_matches_ours():
     ours, hf = bench.model_pair(TINY, torch.device("cpu"))
-    opt_ours = ours.configure_optimizer(1e-3, 0.1, (0.9, 0.95), "cpu")
+    opt_ours = build_optimizer(ours, "adamw", 1e-3, 0.1, (0.9, 0.95), "cpu")
     opt_hf = bench.hf_optimizer(hf, 1e-3, 0.1, (0.9, 0.95), "cpu")
     decay = lambda opt: sorted(  # noqa: E731 - (weight decay, parameter count) per group
         (g["weight_decay"], sum(p.numel() for p in g["params"])) for g in opt.param_groups)

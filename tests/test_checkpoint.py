@@ -174,7 +174,7 @@ def test_invalid_config_in_checkpoint_is_rejected(tmp_path, model):
 
 
 def test_validate_checkpoint_checks_manifest_schema_and_shapes(tmp_path, model):
-    from simone.inference.generate import validate_checkpoint
+    from simone.inference.load import validate_checkpoint
 
     cfg, m = model
     path = _save(tmp_path / "c", 1, m, cfg)

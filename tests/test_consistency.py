@@ -199,7 +199,7 @@ def test_a_tiny_simone_model_generates_greedily_and_is_scored(template, tmp_path
     from simone.data.documents import read_documents
     from simone.data.tokenizer import load_tokenizer
     from simone.inference.eval_text import load_simone_scorer
-    from simone.inference.generate import load_model
+    from simone.inference.load import load_model
     from simone.rundir import RunDir
     from test_hf_export import _save_model_run
 

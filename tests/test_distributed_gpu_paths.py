@@ -13,7 +13,7 @@ from simone.config import preset
 from simone.model import build_model
 from simone.train import precision
 from simone.train.metrics import peak_flops
-from simone.train.optim import optimizer_skips_on_device
+from simone.train.optim import build_optimizer, optimizer_skips_on_device
 from simone.train.precision import autocast_dtype
 from simone.train.trainer import train
 from test_train_support import losses_by_step, new_run
@@ -51,8 +51,8 @@ def test_autocast_dtype_follows_the_device_capabilities(monkeypatch):
 
 def test_fused_adamw_is_used_on_cpu_and_skips_bad_steps_on_the_device():
     model = tiny_model()
-    fused = model.configure_optimizer(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
-    plain = model.configure_optimizer(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu", fused=False)
+    fused = build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
+    plain = build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu", fused=False)
     assert fused.defaults["fused"] and optimizer_skips_on_device(fused)
     assert not plain.defaults.get("fused") and not optimizer_skips_on_device(plain)
     # a found_inf step leaves the weights alone, without a host sync

@@ -10,7 +10,7 @@ import pytest
 from simone.checkpoint import CheckpointMismatchError, list_checkpoints, load_checkpoint, read_pointer
 from simone.faults import Faults
 from simone.lock import LOCK_NAME, RunLock, RunLockedError
-from simone.train.optim import lr_at
+from simone.train.schedule import lr_at
 from simone.train.trainer import TrainingError, train
 from test_train_support import new_run, read_metrics
 

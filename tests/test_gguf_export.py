@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from simone.cli import main
-from simone.inference.generate import load_model
+from simone.inference.load import load_model
 from simone.model.layers import apply_rope, rope_tables
 from test_hf_export import _save_model_run, tokenizer_strings
 

@@ -48,7 +48,8 @@ def prepared_run(root, **model):
 
 
 def test_each_loss_term_is_logged_and_finite(tmp_path):
-    from simone.inference.generate import GovernanceOptions, load_model, sample_with_domain
+    from simone.inference.generate import GovernanceOptions, sample_with_domain
+    from simone.inference.load import load_model
     from simone.train.trainer import train
 
     cfg, run, tok = prepared_run(tmp_path / "run", policy_loss_weight=0.5, coherence_weight=0.1)

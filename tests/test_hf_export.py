@@ -17,7 +17,7 @@ import torch
 
 from simone.cli import main
 from simone.config import save_config
-from simone.inference.generate import load_model
+from simone.inference.load import load_model
 from simone.model import build_model
 from simone.inference.package import package_run
 from simone.rundir import RunDir

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from simone.train.optim import lr_at
+from simone.train.schedule import lr_at
 
 
 def test_warmup_is_linear_and_reaches_the_peak():

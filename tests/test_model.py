@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from simone.config import ModelConfig
 from simone.model import GPT2, Transformer, build_model, filter_logits, sample_next_token
 from simone.model.layers import apply_rope, rope_tables
+from simone.train.optim import build_optimizer
 
 VOCAB = 61
 
@@ -160,7 +161,7 @@ def test_tied_embeddings_are_one_tensor(arch):
     assert untied.output.weight is not untied.tok_embeddings.weight
     assert untied.num_params() - model.num_params() == VOCAB * 32
     # One optimizer step through the loss moves the shared matrix once, seen from both ends.
-    opt = model.configure_optimizer(1e-2, 0.0, (0.9, 0.95), "cpu")
+    opt = build_optimizer(model, "adamw", 1e-2, 0.0, (0.9, 0.95), "cpu")
     before = model.tok_embeddings.weight.detach().clone()
     idx = torch.randint(0, VOCAB, (2, 8))
     model(idx, idx)[1].backward()
@@ -175,7 +176,7 @@ def test_tiny_model_overfits_a_fixed_batch(arch):
     g = torch.Generator().manual_seed(11)
     data = torch.randint(0, VOCAB, (4, 17), generator=g)
     x, y = data[:, :-1], data[:, 1:]
-    opt = model.configure_optimizer(3e-3, 0.0, (0.9, 0.95), "cpu")
+    opt = build_optimizer(model, "adamw", 3e-3, 0.0, (0.9, 0.95), "cpu")
     first = None
     for _ in range(100):
         _, loss = model(x, y)
@@ -248,13 +249,13 @@ def test_init_scales_residual_projections():
 
 def test_optimizer_decays_only_matrices():
     model = tiny_model("gpt2")
-    opt = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), "cpu", fused=False)
+    opt = build_optimizer(model, "adamw", 1e-3, 0.1, (0.9, 0.95), "cpu", fused=False)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert not opt.defaults.get("fused")
-    assert model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), "cpu", fused=True).defaults["fused"]
+    assert build_optimizer(model, "adamw", 1e-3, 0.1, (0.9, 0.95), "cpu", fused=True).defaults["fused"]
 
 
 def test_top_k_top_p_and_temperature():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from simone.cli import main
-from simone.inference.generate import load_model
+from simone.inference.load import load_model
 from simone.train.trainer import train
 from test_faults import hold_lock
 from test_train_support import new_run, subprocess_env

@@ -19,7 +19,8 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from simone.config import Config, ModelConfig, TokenizerConfig  # noqa: E402
-from simone.inference.generate import load_model, stream_tokens  # noqa: E402
+from simone.inference.generate import stream_tokens  # noqa: E402
+from simone.inference.load import load_model  # noqa: E402
 from simone.inference.serve import (  # noqa: E402
     _DONE,
     CHAT_STOP,

@@ -17,7 +17,7 @@ from hypothesis import strategies as st  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
-from simone.inference.generate import load_model  # noqa: E402
+from simone.inference.load import load_model  # noqa: E402
 from simone.inference.serve import ServeLimits, create_app, start_background_server  # noqa: E402
 from test_serve import make_model_dir  # noqa: E402
 

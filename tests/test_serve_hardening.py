@@ -20,7 +20,7 @@ httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from simone.inference import serve  # noqa: E402
-from simone.inference.generate import load_model  # noqa: E402
+from simone.inference.load import load_model  # noqa: E402
 from simone.inference.serve import (  # noqa: E402
     ServeError,
     ServeLimits,

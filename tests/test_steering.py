@@ -137,3 +137,15 @@ def test_the_batched_guided_sampler_draws_what_the_one_sample_sampler_draws():
     assert not torch.equal(plain, steered)
     with pytest.raises(ValueError, match="exceed the context"):
         guided_sample_batch(model, prompt, 1, 31, 1, 1.0)
+
+
+def test_a_tiny_temperature_picks_the_guided_best_instead_of_failing():
+    import torch
+
+    from simone.inference.decoding import _guided_pick
+
+    cand_logp = torch.tensor([[-1.0, -0.5, -2.0]])
+    domain_prob = torch.tensor([[0.1, 0.01, 0.9]])
+    best = int((cand_logp + 2.0 * domain_prob.log()).argmax())
+    for t in (0.0, 1e-300, float("nan")):  # 1e-300 divided the scores into inf: NaN probabilities
+        assert int(_guided_pick(cand_logp, domain_prob, 2.0, t, None)[0]) == best

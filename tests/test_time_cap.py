@@ -11,7 +11,7 @@ import pytest
 
 from simone.inference.package import model_card, training_summary
 from simone.checkpoint import load_checkpoint, resolve_checkpoint
-from simone.train.optim import lr_at
+from simone.train.schedule import lr_at
 from simone.train.schedule import stop_summary
 from simone.train.trainer import Trainer, train
 from simone.inference.validate import validate

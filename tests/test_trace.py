@@ -120,7 +120,8 @@ def test_generate_refuses_an_unknown_domain(tmp_path, capsys):
 
 
 def test_stream_tokens_reports_every_token_id_behind_the_text(tmp_path):
-    from simone.inference.generate import load_model, stream_tokens
+    from simone.inference.generate import stream_tokens
+    from simone.inference.load import load_model
 
     ckpt, tok = _checkpoint_dir(tmp_path)
     loaded = load_model(ckpt, device="cpu")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from simone.inference.generate import ModelLoadError, load_model, sample_text
+from simone.inference.generate import sample_text
+from simone.inference.load import ModelLoadError, load_model
 from simone.inference.package import package_run
 from simone.rundir import RunDir
 from simone.train.trainer import train

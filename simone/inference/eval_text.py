@@ -283,7 +283,7 @@ def simone_scorer(loaded: Any, label: str) -> TorchScorer:
 
 
 def load_simone_scorer(spec: str, device: str) -> Scorer:
-    from simone.inference.generate import load_model
+    from simone.inference.load import load_model
 
     return simone_scorer(load_model(Path(spec), device=device), spec)
 

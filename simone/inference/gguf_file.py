@@ -257,7 +257,7 @@ def export_gguf(model_path: Path, out_path: Path, dtype: str = "f32", name: str 
     """`simone export --format gguf`: the model at `model_path` (run dir, checkpoint dir or
     .tar.gz) as one GGUF file `out_path`, matrices in `dtype` (f32, f16, bf16 or q8_0). An
     existing `out_path` is replaced only with `force`; see `check_gguf_out`."""
-    from simone.inference.generate import load_model
+    from simone.inference.load import load_model
 
     check_gguf_out(Path(out_path), Path(model_path), force)  # before the model is read: fail fast
     loaded = load_model(Path(model_path), device="cpu")

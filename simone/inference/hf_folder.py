@@ -150,7 +150,7 @@ def export_hf(model_path: Path, out_dir: Path, name: str | None = None, force: b
     """`simone export --format hf`: the model at `model_path` (run dir, checkpoint dir or
     .tar.gz) as a Hugging Face folder `out_dir`; `name` titles the model card. A non-empty
     `out_dir` is written into only with `force`, and never when it is or holds the model."""
-    from simone.inference.generate import load_model
+    from simone.inference.load import load_model
 
     out_dir = Path(out_dir)
     refuse_writing_over_the_input(out_dir, Path(model_path))  # before the model is read: fail fast

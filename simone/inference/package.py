@@ -196,17 +196,12 @@ def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best", name: str 
     """
     from simone.checkpoint import CheckpointError, resolve_checkpoint, verify_checkpoint
 
-    ckpt = None
-    for which in (checkpoint, "latest"):
-        try:
-            ckpt = resolve_checkpoint(run.root, which)
-            break
-        except CheckpointError:  # none of that kind (or none verifies): try the next
-            continue
-    if ckpt is None:
-        from simone.inference.generate import ModelLoadError
+    try:
+        ckpt = resolve_checkpoint(run.root, (checkpoint, "latest"))
+    except CheckpointError:
+        from simone.inference.load import ModelLoadError
 
-        raise ModelLoadError(f"{run.checkpoints}: no verified checkpoint to package")
+        raise ModelLoadError(f"{run.checkpoints}: no verified checkpoint to package") from None
     ckpt_manifest = verify_checkpoint(ckpt)
     cfg = read_json(run.config, {})
     weights_sha = ckpt_manifest["files"]["model.safetensors"]["sha256"]

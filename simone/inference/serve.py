@@ -97,10 +97,9 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from simone.errors import SimoneError
-from simone.inference.generate import LoadedModel, load_model
+from simone.inference.decoding import Step, StopText, sample_tokens
+from simone.inference.load import LoadedModel, load_model
 from simone.local_server import HostCheck, ThreadedServer, is_loopback, start_in_thread
-from simone.model import decode
-from simone.model.sampling import sample_next_token
 
 MAX_N = 16  # choices per prompt
 MAX_STOP = 4  # stop strings per request (as OpenAI)
@@ -186,103 +185,6 @@ def token_bytes(tokenizer: Any, token_id: int) -> bytes:
     return tokenizer.decode([token_id]).encode("utf-8")
 
 
-# ----------------------------------------------------------------------------- decoding
-
-
-@dataclass
-class TokenStep:
-    """One sampled token: its id, log-probability, the most likely alternatives
-    [(id, logprob)], and where its text starts in the completion."""
-
-    token: int
-    logprob: float = 0.0
-    top: list[tuple[int, float]] = field(default_factory=list)
-    offset: int = 0
-
-
-@torch.inference_mode()
-def sample_tokens(model: torch.nn.Module, ids: list[int], max_tokens: int, temperature: float,
-                  top_k: int | None, top_p: float | None, generator: torch.Generator | None,
-                  n_top: int | None = None) -> Iterator[TokenStep]:
-    """Continue one token sequence (which, with max_tokens, fits the context): the same
-    prefill, decoding step and sampler as `LanguageModel.generate`, so the same tokens, and
-    with n_top (None: none) each token's log-probability and the n_top most likely ones."""
-    device = model.tok_embeddings.weight.device
-    cache = model.new_kv_cache(1, len(ids) + max_tokens, device)
-    plan = decode.plan_for(model) if decode.supports(model, cache) else None
-    new = torch.tensor([ids], dtype=torch.long, device=device)
-    pos = 0  # positions already in the cache
-    for _ in range(max_tokens):
-        if plan is not None and pos > 0:  # exactly one new token
-            logits = decode.decode_step(model, plan, new, cache, pos)
-        else:
-            logits = model(new, kv_cache=cache, start_pos=pos, last_logits_only=True)[0][:, -1]
-        pos += new.size(1)
-        new = sample_next_token(logits, temperature, top_k, top_p, generator)
-        step = TokenStep(int(new[0, 0]))
-        if n_top is not None:
-            logprobs = torch.log_softmax(logits[0].float(), dim=-1)
-            step.logprob = float(logprobs[step.token])
-            if n_top > 0:
-                values, top_ids = logprobs.topk(n_top)
-                step.top = list(zip(top_ids.tolist(), values.tolist()))
-        yield step
-
-
-class StopText:
-    """The text of a growing completion, released only as far as it is final: never the
-    start of a possible stop string, never half a character, and with `strip` (chat)
-    without leading or trailing whitespace. `stop_at` is where a stop string was found."""
-
-    def __init__(self, tokenizer: Any, stop: list[str], strip: bool = False):
-        self.tokenizer, self.stop, self.strip = tokenizer, stop, strip
-        self.ids: list[int] = []
-        self.text = ""  # the decoded completion
-        self.complete = 0  # length of the text up to the last whole character
-        self.released = 0  # raw text before this index has been handed out
-        self.stop_at: int | None = None
-
-    def add(self, token: int) -> tuple[int, str]:
-        """Append a token; return where its text starts and the newly released text."""
-        offset = self.complete
-        self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids)
-        if self.text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
-            return offset, ""
-        self.complete = len(self.text)
-        found = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
-        if found:
-            self.stop_at = min(found)
-            return offset, self._release(self.stop_at)
-        return offset, self._release(len(self.text) - self._held_for_stop())
-
-    def finish(self) -> str:
-        """The rest of the text (up to a stop string, if one was found)."""
-        return self._release(len(self.text) if self.stop_at is None else self.stop_at)
-
-    def _held_for_stop(self) -> int:
-        """Length of the longest end of the text that a stop string begins with."""
-        held = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(self.text)), held, -1):
-                if self.text.endswith(s[:k]):
-                    held = k
-                    break
-        return held
-
-    def _release(self, end: int) -> str:
-        start = 0
-        if self.strip:  # trailing whitespace waits for more text; at the end it is dropped
-            kept = self.text[:end]
-            end = len(kept.rstrip())
-            start = len(kept) - len(kept.lstrip())
-        begin = max(self.released, start)
-        if end <= begin:
-            return ""
-        self.released = end
-        return self.text[begin:end]
-
-
 # ----------------------------------------------------------------------------- jobs and the worker
 
 
@@ -303,7 +205,7 @@ class Piece:
 
     index: int
     text: str
-    steps: list[TokenStep]
+    steps: list[Step]
 
 
 @dataclass
@@ -342,10 +244,10 @@ def generate_choice(loaded: LoadedModel, index: int, ids: list[int], s: Sampling
     Stops early, without a Finished event, once `cancelled` is set."""
     tok = loaded.tokenizer
     text = StopText(tok, s.stop, s.strip)
-    pending: list[TokenStep] = []  # steps whose text has not been released yet
+    pending: list[Step] = []  # steps whose text has not been released yet
     reason, n_tokens = "length", 0
     for step in sample_tokens(loaded.model, ids, s.max_tokens, s.temperature, s.top_k, s.top_p,
-                              generator, s.n_top_logprobs):
+                              generator, n_top=s.n_top_logprobs):
         if cancelled.is_set():
             return
         n_tokens += 1
@@ -751,7 +653,7 @@ class Outcome:
     """A whole request's result: each choice's text, tokens and finish reason."""
 
     texts: dict[int, str]
-    steps: dict[int, list[TokenStep]]
+    steps: dict[int, list[Step]]
     reasons: dict[int, str]
     completion_tokens: int
 
@@ -903,7 +805,7 @@ def create_app(loaded: LoadedModel, api_key: str | None = None, name: str | None
     def token_text(t: int) -> str:
         return tok.decode([t])
 
-    def completion_logprobs(steps: list[TokenStep]) -> dict[str, Any]:
+    def completion_logprobs(steps: list[Step]) -> dict[str, Any]:
         return {"tokens": [token_text(s.token) for s in steps],
                 "token_logprobs": [s.logprob for s in steps],
                 # keyed by text, as OpenAI's: tokens with the same text (e.g. U+FFFD) share a
@@ -912,7 +814,7 @@ def create_app(loaded: LoadedModel, api_key: str | None = None, name: str | None
                                  for s in steps],
                 "text_offset": [s.offset for s in steps]}
 
-    def chat_logprobs(steps: list[TokenStep]) -> dict[str, Any]:
+    def chat_logprobs(steps: list[Step]) -> dict[str, Any]:
         def entry(t: int, lp: float) -> dict[str, Any]:
             return {"token": token_text(t), "logprob": lp, "bytes": list(token_bytes(tok, t))}
 

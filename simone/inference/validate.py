@@ -136,7 +136,8 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
 
     `bounds`: the generation-speed and peak-memory bounds (default: the model's own config's
     `validate` section, i.e. its preset's)."""
-    from simone.inference.generate import ModelLoadError, load_model, stream_tokens
+    from simone.inference.generate import stream_tokens
+    from simone.inference.load import ModelLoadError, load_model
 
     _reset_peak_rss()
     if torch.cuda.is_available():

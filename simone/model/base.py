@@ -1,5 +1,5 @@
 """What both architectures share: the output head and loss, weight init, parameter and FLOP
-counts, the optimizer, the KV cache and token-by-token generation.
+counts, the parameter kinds the optimizers read, the KV cache and token-by-token generation.
 
 A subclass builds `tok_embeddings`, `layers` (each with `.attention`), `norm` and `output`,
 and implements `forward(idx, targets=None, kv_cache=None, start_pos=0) -> (logits, loss)`
@@ -8,7 +8,6 @@ and implements `forward(idx, targets=None, kv_cache=None, start_pos=0) -> (logit
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Iterator
 
@@ -101,23 +100,22 @@ class LanguageModel(nn.Module):
         n = self.num_params(exclude_embeddings=True)
         return 6.0 * n + 12.0 * self.cfg.n_layers * self.cfg.dim * seq_len
 
-    # ------------------------------------------------------------------ optimizer
+    # ------------------------------------------------------------------ parameter kinds
 
-    def configure_optimizer(self, lr: float, weight_decay: float, betas: tuple[float, float],
-                            device_type: str, fused: bool | None = None,
-                            embed_lr_scale: float = 1.0) -> torch.optim.AdamW:
-        """AdamW with weight decay only on parameters with ≥2 dimensions (matrices,
-        embeddings); biases and norm weights are not decayed.
+    def param_kinds(self) -> list[tuple[str, nn.Parameter]]:
+        """Each trainable parameter with its kind, in `parameters()` order (the order an
+        optimizer's state dict numbers them by); the optimizers (simone/train/optim.py) group by it.
 
-        fused=None: use the fused kernel on CUDA and on CPU (PyTorch ≥ 2.4 has a fused CPU
-        AdamW: 3.3 ms against 17.5 ms for the for-each one, one step of the `cpu` preset's
-        4.3M parameters on one thread); False switches it off.
-        embed_lr_scale ≠ 1: the token embedding (the output head too, when tied) gets its own
-        group at that multiple of the learning rate (`set_lr` keeps the ratio).
+        "embedding"     the token embedding (the output head too, when tied)
+        "block_matrix"  a weight of a linear layer inside the blocks (what Muon orthogonalises)
+        "matrix"        any other parameter of ≥2 dimensions: an untied output head, position
+                        embeddings, memory slots, the policy head's projection
+        "vector"        biases and norm weights (never weight-decayed)
         """
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = adamw_param_groups(params, self.tok_embeddings.weight, lr, weight_decay, embed_lr_scale)
-        return new_adamw(groups, lr, betas, device_type, fused)
+        in_blocks = {id(m.weight) for m in self.layers.modules() if isinstance(m, nn.Linear)}
+        return [("vector" if p.dim() < 2 else "embedding" if p is self.tok_embeddings.weight
+                 else "block_matrix" if id(p) in in_blocks else "matrix", p)
+                for p in self.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ generation
 
@@ -140,7 +138,7 @@ class LanguageModel(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True,
-                 eos_id: int | None = None) -> Iterator[torch.Tensor]:
+                 eos_id: int | None = None, decoder: CachedDecoder | None = None) -> Iterator[torch.Tensor]:
         """Continue the token sequences idx [B, T]; yields each new token [B, 1] as it is made.
 
         temperature 0 is greedy; `generator` makes sampling repeatable. use_cache=False
@@ -149,61 +147,52 @@ class LanguageModel(nn.Module):
         no longer fits in max_seq_len positions, generation falls back to recomputing the last
         max_seq_len tokens each step — the same tokens use_cache=False gives, only slower.
         With eos_id, a row that has produced eos_id keeps producing it, and generation stops
-        when every row has. Call model.eval() first (dropout).
+        when every row has. Call model.eval() first (dropout). `decoder` runs the model and
+        picks each token (default: a `CachedDecoder`; simone/inference/decoding.py has others).
         """
-        max_len = self.cfg.max_seq_len
-        idx = idx[:, -max_len:]
-        batch = idx.size(0)
-        cache = None
-        if use_cache:
-            cache = self.new_kv_cache(batch, min(max_len, idx.size(1) + max_new_tokens), idx.device)
-        n_cached = 0  # positions of idx already in the cache
-        # One token at a time through the flat decoding step where it applies (decode.py).
-        plan = decode.plan_for(self) if decode.supports(self, cache) else None
-        finished = torch.zeros(batch, 1, dtype=torch.bool, device=idx.device)
+        decoder = decoder or CachedDecoder(self, idx, max_new_tokens, use_cache)
+        finished = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
+        token = idx  # what the decoder reads next: first the prompt
         for _ in range(max_new_tokens):
-            if cache is not None and idx.size(1) <= cache.max_len:
-                if plan is not None and n_cached > 0:  # exactly one new token
-                    logits = decode.decode_step(self, plan, idx[:, n_cached:], cache, n_cached)
-                else:
-                    logits = self(idx[:, n_cached:], kv_cache=cache, start_pos=n_cached,
-                                  last_logits_only=True)[0][:, -1]
-                n_cached = idx.size(1)
-            else:
-                cache = None  # full (or never made): recompute the last max_len tokens
-                logits = self(idx[:, -max_len:], last_logits_only=True)[0][:, -1]
-            token = sample_next_token(logits, temperature, top_k, top_p, generator)
+            token = decoder.pick(decoder.feed(token), temperature, top_k, top_p, generator)
             if eos_id is not None:
                 token = token.masked_fill(finished, eos_id)
                 finished |= token == eos_id
-            idx = torch.cat((idx, token), dim=1)
-            if cache is None:
-                idx = idx[:, -max_len:]
             yield token
             if eos_id is not None and bool(finished.all()):
                 return
 
 
-def adamw_param_groups(params: list[nn.Parameter], embedding: nn.Parameter, lr: float, weight_decay: float,
-                       embed_lr_scale: float = 1.0) -> list[dict]:
-    """AdamW's parameter groups: matrices decayed, vectors (biases, norms) not; with
-    `embed_lr_scale` ≠ 1 the embedding gets a decayed group of its own whose `lr_scale` the
-    schedule multiplies. Two groups otherwise, so checkpoints written before the option load."""
-    apart = embed_lr_scale != 1.0 and any(p is embedding for p in params)
-    groups = [{"params": [p for p in params if p.dim() >= 2 and not (apart and p is embedding)],
-               "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    if apart:
-        groups.append({"params": [embedding], "weight_decay": weight_decay, "lr_scale": embed_lr_scale,
-                       "lr": lr * embed_lr_scale})
-    return groups
+class CachedDecoder:
+    """What `generate` runs: `feed(new)` appends the tokens new [B, n] to the text and returns
+    the logits [B, V] of the token after it (kept as `logits`); `pick(logits, temperature,
+    top_k, top_p, generator)` chooses that token [B, 1]. This one feeds a KV cache (a single new
+    token through the flat `decode.decode_step` where it applies) and, once the text outgrows it
+    (or without one), recomputes the last max_seq_len tokens each step."""
 
+    pick = staticmethod(sample_next_token)
 
-def new_adamw(groups: list[dict], lr: float, betas: tuple[float, float], device_type: str,
-              fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW over `groups`, with the fused kernel where this PyTorch has it and the device is
-    CUDA or CPU (fused=None), or as `fused` says."""
-    fused_supported = "fused" in inspect.signature(torch.optim.AdamW).parameters
-    if fused is None:
-        fused = fused_supported and device_type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused and fused_supported else {}))
+    def __init__(self, model: LanguageModel, idx: torch.Tensor, max_new_tokens: int, use_cache: bool = True):
+        self.model, self.max_len = model, model.cfg.max_seq_len
+        size = min(self.max_len, min(idx.size(1), self.max_len) + max_new_tokens)
+        self.cache = model.new_kv_cache(idx.size(0), size, idx.device) if use_cache else None
+        self.plan = decode.plan_for(model) if decode.supports(model, self.cache) else None
+        self.idx: torch.Tensor | None = None  # the text so far (its last max_len tokens when recomputed)
+        self.n_cached = 0  # positions of idx already in the cache
+        self.logits: torch.Tensor | None = None
+
+    def feed(self, new: torch.Tensor) -> torch.Tensor:
+        idx = new[:, -self.max_len:] if self.idx is None else torch.cat((self.idx, new), dim=1)
+        if self.cache is not None and idx.size(1) <= self.cache.max_len:
+            if self.plan is not None and self.n_cached > 0:  # exactly one new token
+                logits = decode.decode_step(self.model, self.plan, idx[:, self.n_cached:], self.cache, self.n_cached)
+            else:
+                logits = self.model(idx[:, self.n_cached:], kv_cache=self.cache, start_pos=self.n_cached,
+                                    last_logits_only=True)[0][:, -1]
+            self.n_cached = idx.size(1)
+        else:
+            self.cache = None  # full (or never made): recompute the last max_len tokens
+            idx = idx[:, -self.max_len:]
+            logits = self.model(idx, last_logits_only=True)[0][:, -1]
+        self.idx, self.logits = idx, logits
+        return logits

@@ -52,7 +52,7 @@ class GPT2Block(nn.Module):
 
 
 class GPT2(LanguageModel):
-    """The GPT-2-style baseline; see `LanguageModel` for counts, optimizer and `generate`."""
+    """The GPT-2-style baseline; see `LanguageModel` for counts, parameter kinds and `generate`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

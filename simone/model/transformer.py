@@ -47,7 +47,7 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(LanguageModel):
-    """The Llama-style model; see `LanguageModel` for counts, optimizer and `generate`."""
+    """The Llama-style model; see `LanguageModel` for counts, parameter kinds and `generate`."""
 
     flat_decoding = True  # decode.py mirrors this forward (without governance parts)
 

@@ -19,20 +19,27 @@ depth, width, context and batch so that the tokens the run will see stay at abou
   quality per minute): steps of ~2k tokens beat steps of 4k and 6k tokens at the same minutes
   (more updates while the loss falls fast), for 2 x 128 and for 4 x 256 alike.
 
-`probe_tokens_per_s(cfg)` measures the probe: eager (no compile), on random tokens, in the
-training dtype. The FLOP/s of small matmuls is lower than of large ones, so shapes far from the
-probe's are estimated less well; probing the preset's own model keeps the guess near the shapes
-that get picked.
+`probe_tokens_per_s(cfg)` measures the probe on random tokens. The FLOP/s of small matmuls is
+lower than of large ones, so shapes far from the probe's are estimated less well; probing the
+preset's own model keeps the guess near the shapes that get picked.
+
+`probe_step_seconds` is the one step-timing probe: this budget, `simone ablate`'s step budget and
+bench/run_ablation.py all time optimizer steps through it, so each times what training runs (the
+configured optimizer, accumulation and autocast dtype), eager (no compile).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from simone.config import Config, ModelConfig, analytic_param_count
+
+if TYPE_CHECKING:  # torch is imported where a probe runs: the shape rule needs none
+    import torch
 
 ASPECT_RATIO = 64  # width per layer, as nanochat
 HEAD_DIM = 64
@@ -132,36 +139,33 @@ def apply_budget(cfg: Config, minutes: float, shape: BudgetShape, max_epochs: fl
     return cfg
 
 
-def probe_tokens_per_s(cfg: Config, steps: int = 3, device: str | None = None) -> tuple[float, float]:
-    """(tokens/s, FLOPs per token) of a few optimizer steps of `cfg`'s model on random tokens,
-    after one warm-up step: eager, in the training dtype, on the training device."""
+def probe_step_seconds(model: torch.nn.Module, cfg: Config, device: torch.device,
+                       next_batch: Callable[[], tuple], steps: int = 3) -> float:
+    """Seconds per optimizer step of `model` (on `device`) trained as `cfg.train` says:
+    `grad_accum` micro-batches of `next_batch()` -> (x, y, domain_ids or None) under the training
+    autocast, then a step of the configured optimizer. Eager; after one warm-up step."""
     import torch
 
-    from simone.model import build_model
-    from simone.train.distributed import DistEnv, resolve_device
-    from simone.train.optim import build_optimizer
-    from simone.train.precision import autocast_dtype
+    from simone.train.optim import new_optimizer
+    from simone.train.precision import autocast, autocast_dtype
 
-    m, t = cfg.model, cfg.train
-    dev = resolve_device(device or t.device, DistEnv())
-    probe_model = ModelConfig(**vars(m))
-    probe_model.vocab_size = min(m.vocab_size, cfg.tokenizer.vocab_size)
-    probe_model.governance = False
-    torch.manual_seed(0)
-    model = build_model(probe_model).to(dev).train()
-    opt = build_optimizer(model, t.optimizer, t.lr, t.weight_decay, (t.beta1, t.beta2), dev.type)
-    amp = autocast_dtype(t.dtype, dev)
-    x = torch.randint(0, probe_model.vocab_size, (t.batch_size, m.max_seq_len), device=dev)
+    tc = cfg.train
+    model.train()
+    opt = new_optimizer(model, tc, device)
+    amp = autocast_dtype(tc.dtype, device)
+    with_domains = getattr(model, "policy_head", None) is not None  # the policy head trains on them
 
     def step() -> None:
-        with torch.autocast(dev.type, dtype=amp) if amp is not None else contextlib.nullcontext():
-            _, loss = model(x, x)
-        loss.backward()
+        for _ in range(tc.grad_accum):
+            x, y, domains = next_batch()
+            with autocast(amp, device):
+                _, loss = model(x, y, **({"domain_ids": domains} if with_domains else {}))
+            (loss / tc.grad_accum).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     def sync() -> None:
-        if dev.type == "cuda":
+        if device.type == "cuda":
             torch.cuda.synchronize()
 
     step()
@@ -170,5 +174,24 @@ def probe_tokens_per_s(cfg: Config, steps: int = 3, device: str | None = None) -
     for _ in range(steps):
         step()
     sync()
-    seconds = time.perf_counter() - t0
-    return steps * x.numel() / seconds, float(model.flops_per_token(m.max_seq_len))
+    return (time.perf_counter() - t0) / steps
+
+
+def probe_tokens_per_s(cfg: Config, steps: int = 3, device: str | None = None) -> tuple[float, float]:
+    """(tokens/s, FLOPs per token) of a few optimizer steps (`probe_step_seconds`) of `cfg`'s
+    model, governance off, on random tokens, on the training device."""
+    import torch
+
+    from simone.model import build_model
+    from simone.train.distributed import DistEnv, resolve_device
+
+    m, t = cfg.model, cfg.train
+    dev = resolve_device(device or t.device, DistEnv())
+    probe_model = ModelConfig(**vars(m))
+    probe_model.vocab_size = min(m.vocab_size, cfg.tokenizer.vocab_size)
+    probe_model.governance = False
+    torch.manual_seed(0)
+    model = build_model(probe_model).to(dev)
+    x = torch.randint(0, probe_model.vocab_size, (t.batch_size, m.max_seq_len), device=dev)
+    seconds = probe_step_seconds(model, cfg, dev, lambda: (x, x, None), steps)
+    return t.grad_accum * x.numel() / seconds, float(model.flops_per_token(m.max_seq_len))

@@ -5,15 +5,17 @@ loop calls at fixed points, so the loop itself stays short.
     on_step_start   before each optimizer step
     on_step_end     right after a step is counted, on the training clock
     on_log          at each logging step, with the interval's numbers (`LogStats`)
-    on_eval         after each evaluation
-    on_pause        after the step's evaluation point, before its checkpoint, off the clock
+    on_pause        then, off the clock: evaluation (`Evaluation` comes first), samples
+    on_eval         after each evaluation that measured a validation loss
+    on_save_point   last in a step, off the clock: checkpoints (`Checkpointing`)
     on_checkpoint   after rank 0 saved a checkpoint
+    on_stop         the loop stopped by its rule or a signal: the last evaluation and checkpoint
     on_train_end    with the final status.json fields (finished | stopped | failed)
     close           always, last (threads, signal handlers)
 
-Each hook gets the `Trainer` (simone/train/trainer.py) and may read its fields; the only ones
-a callback sets are `signal_received` (a stop request) and `inject_nan` (fault injection).
-The callbacks here run in the order `default_callbacks` lists them.
+Each hook gets the `Trainer` (simone/train/trainer.py) and may read its fields and `state`
+(`state.TrainState`); callbacks set only `signal_received`, `inject_nan` and the state's records
+of evaluations and checkpoints. They run in the order `default_callbacks` lists them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from typing import Any
 import torch
 
 from simone.checkpoint import check_free_space, estimate_checkpoint_bytes
+from simone.data.tokenizer import load_tokenizer
 from simone.faults import Faults
+from simone.train.distributed import barrier
+from simone.train.state import save_train_checkpoint
 from simone.units import format_duration
 
 SAMPLE_PROMPT = "In the beginning"
@@ -57,48 +62,51 @@ class Callback:
     def on_step_start(self, trainer: Any) -> None: ...
     def on_step_end(self, trainer: Any) -> None: ...
     def on_log(self, trainer: Any, stats: LogStats) -> None: ...
-    def on_eval(self, trainer: Any, results: dict[str, Any], improved: bool) -> None: ...
     def on_pause(self, trainer: Any, epoch_ended: bool) -> None: ...
+    def on_eval(self, trainer: Any, results: dict[str, Any], improved: bool) -> None: ...
+    def on_save_point(self, trainer: Any, epoch_ended: bool) -> None: ...
     def on_checkpoint(self, trainer: Any, path: Path, best: bool) -> None: ...
+    def on_stop(self, trainer: Any, reason: str) -> None: ...
     def on_train_end(self, trainer: Any, status: dict[str, Any]) -> None: ...
     def close(self, trainer: Any) -> None: ...
 
 
 def default_callbacks(trainer: Any) -> list[Callback]:
-    """The callbacks every run has, in the order they run."""
-    return [DiskSpaceCheck(), RunStatus(), StopOnSignal(), FaultInjection(trainer.faults),
-            ConsoleLog(), Samples(trainer)]
+    """The callbacks every run has, in order: rows before status and console, evaluation first."""
+    return [MetricsRows(), RunStatus(), StopOnSignal(), FaultInjection(trainer.faults), Evaluation(),
+            ConsoleLog(), Samples(trainer), Checkpointing()]
 
 
 def eta_s(trainer: Any, steps_per_s: float) -> float | None:
     """Seconds to the end of the schedule at `steps_per_s`, or None before a rate is known."""
     if steps_per_s <= 0:
         return None
-    return max(0, trainer.schedule.end_step - trainer.step) / steps_per_s
+    return max(0, trainer.state.schedule.end_step - trainer.step) / steps_per_s
 
 
-# ----------------------------------------------------------------------------- checkpoint disk
+# ----------------------------------------------------------------------------- metrics rows and status.json
 
 
-class DiskSpaceCheck(Callback):
-    """Warn early if the disk cannot hold the checkpoints this run will keep."""
+class MetricsRows(Callback):
+    """The loop's rows of metrics.jsonl: a train row at each logging step (with the comprehensive
+    loss's terms over the interval), an eval row after each evaluation (and the early stop it called)."""
 
-    def on_train_start(self, trainer: Any) -> None:
-        t = trainer
-        if not t.env.is_main:
-            return
-        n_params = sum(p.numel() for p in t.raw_model.parameters())
-        weights = 4 * n_params if t.sharded else estimate_checkpoint_bytes(t.raw_model.state_dict())
-        per_ckpt = weights + 2 * 4 * n_params  # + AdamW moments
-        needed = per_ckpt * (t.cfg.train.keep_checkpoints + 2)  # kept + best + one being written
-        enough, free = check_free_space(t.run.checkpoints, needed)
-        if not enough:
-            t.metrics.event("disk_warning", t.step,
-                            f"{t.run.checkpoints}: this run needs about {needed / 1e9:.2f} GB for checkpoints "
-                            f"({per_ckpt / 1e6:.0f} MB each) but only {free / 1e9:.2f} GB are free")
+    def on_log(self, trainer: Any, stats: LogStats) -> None:
+        trainer.metrics.train(step=stats.step, epoch=round(stats.epoch, 4), loss=stats.loss, lr=stats.lr,
+                              grad_norm=stats.grad_norm, tokens_per_s=round(stats.tokens_per_s, 1),
+                              mfu=None if stats.mfu is None else round(stats.mfu, 5),
+                              tokens_seen=trainer.state.tokens_seen, **trainer.loss_terms.read_and_reset())
+
+    def on_eval(self, trainer: Any, results: dict[str, Any], improved: bool) -> None:
+        s, metrics = trainer.state, trainer.metrics
+        per_domain = {d: {k: v[k] for k in ("loss", "bpb", "ppl")} for d, v in results["per_domain"].items()}
+        metrics.eval(step=s.step, epoch=round(s.epoch, 4), val_loss=results["val_loss"], val_bpb=results["val_bpb"],
+                     val_ppl=results["val_ppl"], per_domain=per_domain)
+        if s.early.stopped:
+            metrics.event("early_stop", s.step, f"validation loss has not improved for {s.early.bad_evals} "
+                          f"evaluations (best {s.early.best_loss:.4f} at step {s.early.best_step})")
 
 
-# ----------------------------------------------------------------------------- status.json
 
 
 class RunStatus(Callback):
@@ -119,14 +127,14 @@ class RunStatus(Callback):
     def on_train_start(self, trainer: Any) -> None:
         t = trainer
         self.write(t, state="running", error=None, step=t.step, total_steps=t.total_steps,
-                   started=t.session_start, stop_reason=None, schedule_progress=t.schedule.progress(t.step))
+                   started=t.session_start, stop_reason=None, schedule_progress=t.state.schedule.progress(t.step))
         if t.env.is_main:
             self._start_heartbeat(t)
 
     def on_log(self, trainer: Any, stats: LogStats) -> None:
         t = trainer
         self.write(t, step=t.step, epoch=round(stats.epoch, 4), total_steps=t.total_steps,
-                   eta_s=eta_s(t, stats.steps_per_s), schedule_progress=t.schedule.progress(t.step))
+                   eta_s=eta_s(t, stats.steps_per_s), schedule_progress=t.state.schedule.progress(t.step))
 
     def on_train_end(self, trainer: Any, status: dict[str, Any]) -> None:
         self.write(trainer, **status)
@@ -285,8 +293,6 @@ class Samples(Callback):
     def __init__(self, trainer: Any):
         self.tokenizer = None
         if trainer.env.is_main or trainer.sharded:
-            from simone.data.tokenizer import load_tokenizer
-
             self.tokenizer = load_tokenizer(trainer.run.tokenizer)
 
     def on_pause(self, trainer: Any, epoch_ended: bool) -> None:
@@ -302,11 +308,90 @@ class Samples(Callback):
         ids = tok.encode(SAMPLE_PROMPT) or [tok.eod_id]
         idx = torch.tensor([ids], dtype=torch.long, device=t.device)
         gen = torch.Generator(device=t.device).manual_seed(t.cfg.train.seed)
-        t.raw_model.eval()
+        model = t.state.model
+        model.eval()
         try:
             with t.autocast():
-                new = [int(x) for x in t.raw_model.generate(
+                new = [int(x) for x in model.generate(
                     idx, t.cfg.train.sample_tokens, temperature=0.8, top_k=50, generator=gen)]
         finally:
-            t.raw_model.train()
-        t.metrics.sample(t.step, round(t.epoch, 4), SAMPLE_PROMPT, tok.decode(new))
+            model.train()
+        t.metrics.sample(t.step, round(t.state.epoch, 4), SAMPLE_PROMPT, tok.decode(new))
+
+
+# ----------------------------------------------------------------------------- evaluation and checkpoints
+
+
+class Evaluation(Callback):
+    """Validation loss per domain (`Trainer._evaluate`, every rank) every `train.eval_every` steps,
+    at each epoch end and at the end of a finished run, with early stopping: each result updates
+    the state's `EarlyStopping` (the loop's stop rule reads it) and goes to `on_eval`."""
+
+    def on_pause(self, trainer: Any, epoch_ended: bool) -> None:
+        every = trainer.cfg.train.eval_every
+        if epoch_ended or (every and trainer.step % every == 0):
+            self.evaluate(trainer)
+
+    def on_stop(self, trainer: Any, reason: str) -> None:
+        if reason != "signal" and trainer.state.last_eval_step != trainer.step:
+            self.evaluate(trainer)
+
+    def evaluate(self, trainer: Any) -> None:
+        s = trainer.state
+        results = trainer._evaluate()
+        s.last_eval_step = s.step
+        if results["val_loss"] is None:
+            return
+        s.last_val_loss = results["val_loss"]
+        improved = s.early.update(results["val_loss"], s.step, s.epochs_done)
+        trainer.hook("on_eval", results, improved)
+
+
+class Checkpointing(Callback):
+    """Checkpoints (all ranks take part, rank 0 writes) every `train.checkpoint_every` steps, at each
+    epoch end, after a new best evaluation (also `best`) and when the loop stops by its rule or a
+    signal, never twice a step; at the start, a warning if the disk cannot hold what the run keeps."""
+
+    def __init__(self) -> None:
+        self.best = False  # this step's evaluation was a new best
+
+    def on_train_start(self, trainer: Any) -> None:
+        t = trainer
+        if not t.env.is_main:
+            return
+        n_params = sum(p.numel() for p in t.state.model.parameters())
+        weights = 4 * n_params if t.sharded else estimate_checkpoint_bytes(t.state.model.state_dict())
+        per_ckpt = weights + 2 * 4 * n_params  # + AdamW moments
+        needed = per_ckpt * (t.cfg.train.keep_checkpoints + 2)  # kept + best + one being written
+        enough, free = check_free_space(t.run.checkpoints, needed)
+        if not enough:
+            t.metrics.event("disk_warning", t.step,
+                            f"{t.run.checkpoints}: this run needs about {needed / 1e9:.2f} GB for checkpoints "
+                            f"({per_ckpt / 1e6:.0f} MB each) but only {free / 1e9:.2f} GB are free")
+
+    def on_eval(self, trainer: Any, results: dict[str, Any], improved: bool) -> None:
+        self.best = improved
+
+    def on_save_point(self, trainer: Any, epoch_ended: bool) -> None:
+        every = trainer.cfg.train.checkpoint_every
+        if self.best or epoch_ended or (every and trainer.step % every == 0):
+            self.save(trainer)
+
+    def on_stop(self, trainer: Any, reason: str) -> None:
+        self.save(trainer)
+
+    def save(self, trainer: Any) -> None:
+        s, best = trainer.state, self.best
+        self.best = False
+        if s.step == s.last_saved_step and not best:
+            return
+        path = save_train_checkpoint(s, trainer, best)
+        if path is not None:
+            s.last_checkpoint = path.name
+            if best:
+                s.best_checkpoint = path.name
+            trainer.metrics.event("checkpoint", s.step, f"saved {path.name}" + (" (best)" if best else ""),
+                                  path=str(path), best=best)
+            trainer.hook("on_checkpoint", path, best)
+        barrier(trainer.env)
+        s.last_saved_step = s.step

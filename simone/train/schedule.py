@@ -2,7 +2,7 @@
 
 Without a time cap, or when the planned steps fit comfortably inside it, the schedule is the
 plain one: linear warmup, then a half cosine to `lr * min_lr_ratio` over the planned steps
-(`optim.lr_at`), a pure function of the step.
+(`lr_at`), a pure function of the step.
 
 A time cap (`train.max_minutes`) that the planned steps will not fit, judged from the measured
 step throughput, turns it into warmup-stable-decay: the learning rate holds where it is, and the
@@ -43,7 +43,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from simone.config import ConfigError
-from simone.train.optim import lr_at
 
 # The planned steps "fit" the cap when they need at most this share of the time left (judged
 # once per session, at the first measurement; later a plan is changed only when it no longer fits)
@@ -59,6 +58,20 @@ SLOWDOWN = 1.25
 def cosine_factor(q: float) -> float:
     """1 at q=0, 0 at q=1: the half-cosine shape of every decay here."""
     return 0.5 * (1.0 + math.cos(math.pi * min(max(q, 0.0), 1.0)))
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Learning rate for the optimizer step with 0-based index `step`.
+
+    Warmup rises linearly from base_lr/(warmup+1) to base_lr over `warmup_steps` steps; then a
+    half cosine falls to `base_lr * min_lr_ratio` at `total_steps`, and stays there after.
+    """
+    min_lr = base_lr * min_lr_ratio
+    if step < warmup_steps:
+        return base_lr * (step + 1) / (warmup_steps + 1)
+    if step >= total_steps or total_steps <= warmup_steps:
+        return min_lr
+    return min_lr + cosine_factor((step - warmup_steps) / (total_steps - warmup_steps)) * (base_lr - min_lr)
 
 
 class LRSchedule:

@@ -1,15 +1,17 @@
-"""What a checkpoint carries besides the weights, and putting it back: the train-state dict
-(step, schedule, optimizer, loader position, early stopping, the loss counters of the current
-logging interval) and the torch / numpy / python RNG states of every rank.
+"""The train state: one typed `TrainState` holding everything of a run that changes as it trains
+(model and optimizer, the loader's position, the schedule's plan, early stopping, the counters),
+and the functions that start, checkpoint, resume and roll it back.
 
-Exact resume depends on this file: everything the next step reads must be saved here and
-restored by `restore_train_state`, or the resumed run's losses drift from the uninterrupted one.
-The functions take the `Trainer` (simone/train/trainer.py) whose fields they read and set.
+Exact resume depends on this file: everything the next step reads is saved by `save_train_checkpoint`
+(with every rank's torch / numpy / python RNG states) and restored by `restore_train_state`, or the
+resumed run's losses drift from the uninterrupted one. The functions change the `TrainState` they are
+given and only read the run's fixed surroundings (`RunContext`); `callbacks.Checkpointing` says when.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from simone.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from simone.data.loader import BatchLoader
 from simone.model import build_model
 from simone.train.distributed import (
     full_model_state,
@@ -36,8 +39,51 @@ from simone.train.distributed import (
 )
 from simone.train.early_stopping import EarlyStopping
 from simone.train.optim import new_optimizer
+from simone.train.schedule import LRSchedule
 
 TRAIN_STATE_SCHEMA = 1
+# the TrainState fields a checkpoint holds as they are (its parts go as their state_dicts)
+SAVED_FIELDS = ("step", "epochs_done", "tokens_seen", "lr_scale", "rollbacks", "last_val_loss", "best_checkpoint")
+COUNTERS = ("loss_sum", "loss_count", "bad_since_log", "consecutive_bad")
+RunContext = Any  # the Trainer, read only: cfg, run, env, device, faults, metrics, total_steps, ...
+
+
+def zero_counters(device: torch.device) -> list[torch.Tensor]:
+    return [torch.zeros((), dtype=torch.float32 if name == "loss_sum" else torch.int64, device=device)
+            for name in COUNTERS]
+
+
+@dataclass
+class TrainState:
+    """What a run has done and where it is. A checkpoint holds the parts (as their state_dicts),
+    the interval counters and SAVED_FIELDS; the rest is this session's."""
+
+    model: torch.nn.Module  # unwrapped: the wrapped one (DDP, FSDP2, compile) shares its parameters
+    optimizer: torch.optim.Optimizer  # replaced by a rollback to the initial weights
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    loader: BatchLoader  # its position in the shuffled windows
+    schedule: LRSchedule  # the plan of a time-capped run
+    early: EarlyStopping  # the best validation loss and the patience used up
+    # device-side sums of the current logging interval, read at logging steps only (no per-step sync)
+    loss_sum: torch.Tensor
+    loss_count: torch.Tensor
+    bad_since_log: torch.Tensor  # non-finite steps since the last log
+    consecutive_bad: torch.Tensor  # non-finite steps in a row: a rollback at train.max_bad_steps
+    step: int = 0  # optimizer steps done
+    epochs_done: int = 0
+    tokens_seen: int = 0
+    lr_scale: float = 1.0  # each rollback multiplies it by train.rollback_lr_factor
+    rollbacks: int = 0
+    last_val_loss: float | None = None
+    best_checkpoint: str | None = None
+    last_checkpoint: str | None = None  # restored as the name of the checkpoint itself
+    last_eval_step: int = -1  # the steps last evaluated and saved: a restored step counts as both
+    last_saved_step: int = -1
+
+    @property
+    def epoch(self) -> float:
+        """Epochs done, with the fraction of the current one."""
+        return self.epochs_done + (0.0 if self.loader.epoch_done else self.loader.epoch_progress)
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -66,154 +112,127 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def zero_interval_counters(trainer: Any) -> None:
-    """Device-side sums of the current logging interval (read only at logging steps)."""
-    z = lambda dtype: torch.zeros((), dtype=dtype, device=trainer.device)  # noqa: E731
-    trainer.loss_sum = z(torch.float32)
-    trainer.loss_count = z(torch.int64)
-    trainer.bad_since_log = z(torch.int64)
-    trainer.consecutive_bad = z(torch.int64)
-
-
-def train_state_dict(trainer: Any, rng_per_rank: list[dict[str, Any]],
-                     optimizer_state: dict[str, Any]) -> dict[str, Any]:
-    """The train state a checkpoint of `trainer` holds (its `train_state` entry)."""
-    t = trainer
-    return {
-        "schema": TRAIN_STATE_SCHEMA,
-        "step": t.step,
-        "epochs_done": t.epochs_done,
-        "tokens_seen": t.tokens_seen,
-        "lr_scale": t.lr_scale,
-        "rollbacks": t.rollbacks,
-        "total_steps": t.total_steps,
-        "schedule": t.schedule.state_dict(),  # the plan of a time-capped run
-        "steps_per_epoch": t.steps_per_epoch,
-        "world_size": t.env.world_size,
-        "grad_accum": t.grad_accum,
-        "optimizer": optimizer_state,
-        "scaler": t.scaler.state_dict() if t.scaler is not None else None,
-        "loader": t.loader.state_dict(),
-        "early_stopping": t.early.state_dict(),
-        "rng": rng_per_rank,  # one entry per rank: each has its own dropout stream
-        "counters": {"loss_sum": t.loss_sum, "loss_count": t.loss_count,
-                     "bad_since_log": t.bad_since_log, "consecutive_bad": t.consecutive_bad},
-        "last_val_loss": t.last_val_loss,
-        "best_checkpoint": t.best_checkpoint,
-    }
-
-
-def save_train_checkpoint(trainer: Any, best: bool = False) -> Path | None:
-    """Checkpoint `trainer`: every rank hands over its RNGs and (under FSDP) its shards, rank 0
+def save_train_checkpoint(state: TrainState, ctx: RunContext, best: bool = False) -> Path | None:
+    """Checkpoint `state`: every rank hands over its RNGs and (under FSDP) its shards, rank 0
     writes the checkpoint and gets its path; the other ranks get None."""
-    t = trainer
-    rng_per_rank = gather_to_all(rng_state(t.device), t.env)
-    # unsharded on rank 0 whatever the layout (collectives under FSDP), so any process
-    # count can resume it
-    model_state = full_model_state(t.raw_model)
-    optimizer_state = full_optimizer_state(t.raw_model, t.optimizer)
-    if not t.env.is_main:
+    s = state
+    rng_per_rank = gather_to_all(rng_state(ctx.device), ctx.env)
+    # unsharded on rank 0 whatever the layout (collectives under FSDP), so any process count can resume it
+    model_state, optimizer_state = full_model_state(s.model), full_optimizer_state(s.model, s.optimizer)
+    if not ctx.env.is_main:
         return None
-    return save_checkpoint(t.run.checkpoints, t.step, model_state,
-                           train_state_dict(t, rng_per_rank, optimizer_state), t.cfg.to_dict(),
-                           best=best, keep=t.cfg.train.keep_checkpoints, faults=t.faults,
-                           log=t.metrics.log, tokenizer=t.run.tokenizer)
+    train_state = {
+        "schema": TRAIN_STATE_SCHEMA,
+        **{name: getattr(s, name) for name in SAVED_FIELDS},
+        # the layout it was saved with, for the record: any layout resumes it
+        "total_steps": ctx.total_steps,
+        "steps_per_epoch": ctx.steps_per_epoch,
+        "world_size": ctx.env.world_size,
+        "grad_accum": ctx.grad_accum,
+        "schedule": s.schedule.state_dict(),
+        "optimizer": optimizer_state,
+        "scaler": s.scaler.state_dict() if s.scaler is not None else None,
+        "loader": s.loader.state_dict(),
+        "early_stopping": s.early.state_dict(),
+        "rng": rng_per_rank,  # one entry per rank: each has its own dropout stream
+        "counters": {name: getattr(s, name) for name in COUNTERS},
+    }
+    return save_checkpoint(ctx.run.checkpoints, s.step, model_state, train_state, ctx.cfg.to_dict(), best=best,
+                           keep=ctx.cfg.train.keep_checkpoints, faults=ctx.faults, log=ctx.metrics.log,
+                           tokenizer=ctx.run.tokenizer)
 
 
-def resume_train_state(trainer: Any, resume: str) -> None:
-    """Continue from `resume` ("latest", "best" or a checkpoint directory); "latest" with no
-    checkpoint yet starts fresh."""
-    t = trainer
+def start_or_resume(state: TrainState, ctx: RunContext, resume: str | None) -> None:
+    """Start fresh (`resume` None) or continue from `resume` ("latest", "best" or a checkpoint
+    directory); "latest" with no checkpoint yet starts fresh."""
+    if resume is None:
+        if list_checkpoints(ctx.run.checkpoints):
+            ctx.metrics.log(f"{ctx.run.checkpoints}: starting fresh; existing checkpoints will be replaced "
+                            f"(pass --resume latest to continue them)")
+        n_params = state.model.num_params()
+        ctx.metrics.event("start", state.step, f"training {n_params / 1e6:.2f}M parameters for up to "
+                          f"{ctx.total_steps} steps on {ctx.device}", total_steps=ctx.total_steps,
+                          steps_per_epoch=ctx.steps_per_epoch, tokens_per_step=ctx.tokens_per_step,
+                          params=n_params, device=str(ctx.device), world_size=ctx.env.world_size)
+        return
     which = resume if resume in ("latest", "best") else None
-    target = t.run.root if which else Path(resume)
+    target = ctx.run.root if which else Path(resume)
     try:
-        ckpt = resolve_checkpoint(target, which or "latest", on_problem=t.report_bad_checkpoint)
+        ckpt = resolve_checkpoint(target, which or "latest",
+                                  on_problem=lambda m: ctx.metrics.event("checkpoint_corrupt", state.step, m))
     except CheckpointError as e:
-        if which == "latest" and not list_checkpoints(t.run.checkpoints):
-            t.metrics.log(f"{t.run.checkpoints}: no checkpoint to resume from; starting fresh")
-            t.metrics.event("start", 0, "no checkpoint to resume from; starting fresh",
-                            total_steps=t.total_steps)
+        if which == "latest" and not list_checkpoints(ctx.run.checkpoints):
+            ctx.metrics.log(f"{ctx.run.checkpoints}: no checkpoint to resume from; starting fresh")
+            ctx.metrics.event("start", 0, "no checkpoint to resume from; starting fresh",
+                              total_steps=ctx.total_steps)
             return
         raise e
-    t.restore(ckpt)
-    t.metrics.event("resume", t.step, f"resumed from {ckpt}", path=str(ckpt), total_steps=t.total_steps)
+    restore_train_state(state, ctx, ckpt)
+    ctx.metrics.event("resume", state.step, f"resumed from {ckpt}", path=str(ckpt), total_steps=ctx.total_steps)
 
 
-def restore_train_state(trainer: Any, ckpt: Path) -> None:
-    """Load a verified checkpoint into `trainer`'s model, optimizer, loader, RNGs and counters."""
-    t = trainer
-    if t.env.is_main and t.run.tokenizer.exists():
-        check_tokenizer(ckpt, t.run.tokenizer)  # never continue with another tokenizer
-    model_state, state, _ = load_checkpoint(ckpt, verify=False)  # resolve_checkpoint verified it
-    check_state_fits(t.raw_model, model_state, str(ckpt / WEIGHTS))
-    load_full_model_state(t.raw_model, model_state)
-    load_full_optimizer_state(t.raw_model, t.optimizer, state["optimizer"])
-    if t.scaler is not None and state.get("scaler"):
-        t.scaler.load_state_dict(state["scaler"])
-    t.loader.load_state_dict(state["loader"])
-    t.early.load_state_dict(state["early_stopping"])
-    saved_world = len(state["rng"])
-    if saved_world == t.env.world_size:
-        set_rng_state(state["rng"][t.env.rank], t.device)
+def restore_train_state(state: TrainState, ctx: RunContext, ckpt: Path) -> None:
+    """Load a verified checkpoint into `state`: weights, optimizer, loader, RNGs and counters."""
+    s, env = state, ctx.env
+    if env.is_main and ctx.run.tokenizer.exists():
+        check_tokenizer(ckpt, ctx.run.tokenizer)  # never continue with another tokenizer
+    model_state, saved, _ = load_checkpoint(ckpt, verify=False)  # resolve_checkpoint verified it
+    check_state_fits(s.model, model_state, str(ckpt / WEIGHTS))
+    load_full_model_state(s.model, model_state)
+    load_full_optimizer_state(s.model, s.optimizer, saved["optimizer"])
+    if s.scaler is not None and saved.get("scaler"):
+        s.scaler.load_state_dict(saved["scaler"])
+    s.loader.load_state_dict(saved["loader"])
+    s.early.load_state_dict(saved["early_stopping"])
+    saved_world = len(saved["rng"])
+    if saved_world == env.world_size:
+        set_rng_state(saved["rng"][env.rank], ctx.device)
     else:
         # Another process count: weights, optimizer, schedule and data position carry over
         # (the loader converts its position between global batch sizes), but the dropout
         # streams cannot: fresh, still seeded ones. With dropout the losses then match the
         # uninterrupted run only approximately (float summation order differs too).
-        torch.manual_seed(t.cfg.train.seed + t.env.rank + state["step"])
-        t.metrics.log(f"{ckpt}: saved by {saved_world} process(es), resumed on {t.env.world_size}: "
-                      f"same weights, optimizer, schedule and data position; new dropout streams")
-    t.step = int(state["step"])
-    t.epochs_done = int(state["epochs_done"])
-    t.tokens_seen = int(state["tokens_seen"])
-    t.lr_scale = float(state["lr_scale"])
-    t.rollbacks = int(state["rollbacks"])
-    t.schedule.load_state_dict(state.get("schedule"), steps_done=t.step)
-    counters = state["counters"]
-    t.loss_sum = counters["loss_sum"].to(t.device)
-    t.loss_count = counters["loss_count"].to(t.device)
-    t.bad_since_log = counters["bad_since_log"].to(t.device)
-    t.consecutive_bad = counters["consecutive_bad"].to(t.device)
-    t.last_val_loss = state.get("last_val_loss")
-    t.best_checkpoint = state.get("best_checkpoint")
-    t.last_checkpoint = ckpt.name
+        torch.manual_seed(ctx.cfg.train.seed + env.rank + saved["step"])
+        ctx.metrics.log(f"{ckpt}: saved by {saved_world} process(es), resumed on {env.world_size}: "
+                        f"same weights, optimizer, schedule and data position; new dropout streams")
+    for name in SAVED_FIELDS:
+        setattr(s, name, saved.get(name))  # the last two came later: None in older checkpoints
+    s.schedule.load_state_dict(saved.get("schedule"), steps_done=s.step)
+    for name in COUNTERS:
+        setattr(s, name, saved["counters"][name].to(ctx.device))
+    s.last_checkpoint = ckpt.name
+    s.last_saved_step = s.last_eval_step = s.step
 
 
-def reset_train_state(trainer: Any) -> None:
-    """Back to step 0 (a rollback with no checkpoint yet): the seeded initial weights, the
-    loader at its start, a fresh schedule and early stopping (`roll_back` builds a new optimizer
-    and zeroes the interval counters)."""
-    t, tc = trainer, trainer.cfg.train
-    torch.manual_seed(tc.seed)
-    load_full_model_state(t.raw_model, build_model(t.cfg.model).state_dict())
-    t.loader.load_state_dict({"epoch": 0, "position": 0})
-    torch.manual_seed(tc.seed + t.env.rank)
-    t.step = t.epochs_done = t.tokens_seen = 0
-    t.schedule.reset()
-    t.early = EarlyStopping(tc.min_epochs, tc.num_epochs, tc.patience)
-
-
-def roll_back(trainer: Any, consecutive: int) -> None:
+def roll_back(state: TrainState, ctx: RunContext, consecutive: int) -> None:
     """After `consecutive` non-finite steps: back to the last good checkpoint (or, with none
-    yet, the seeded initial weights) with the learning rate times `train.rollback_lr_factor`.
+    yet, step 0: the seeded initial weights, the loader at its start, a new optimizer, a fresh
+    schedule and early stopping) with the learning rate times `train.rollback_lr_factor`.
     The trainer checks `train.max_rollbacks` first."""
-    t, tc = trainer, trainer.cfg.train
-    rollbacks, lr_scale = t.rollbacks + 1, t.lr_scale * tc.rollback_lr_factor
-    bad_step = t.step
+    s, tc = state, ctx.cfg.train
+    rollbacks, lr_scale = s.rollbacks + 1, s.lr_scale * tc.rollback_lr_factor
+    bad_step = s.step
     try:
-        ckpt = resolve_checkpoint(t.run.root, "latest", on_problem=t.report_bad_checkpoint)
+        ckpt = resolve_checkpoint(ctx.run.root, "latest",
+                                  on_problem=lambda m: ctx.metrics.event("checkpoint_corrupt", s.step, m))
     except CheckpointError:
         ckpt = None
     if ckpt is not None:
-        t.restore(ckpt)
+        restore_train_state(s, ctx, ckpt)
         target = ckpt.name
     else:
-        reset_train_state(t)  # back to step 0: the seeded initial weights, the loader at its start
-        t.optimizer = new_optimizer(t.raw_model, tc, t.device)
-        zero_interval_counters(t)
+        torch.manual_seed(tc.seed)
+        load_full_model_state(s.model, build_model(ctx.cfg.model).state_dict())
+        s.loader.load_state_dict({"epoch": 0, "position": 0})
+        torch.manual_seed(tc.seed + ctx.env.rank)
+        s.step = s.epochs_done = s.tokens_seen = 0
+        s.schedule.reset()
+        s.early = EarlyStopping(tc.min_epochs, tc.num_epochs, tc.patience)
+        s.optimizer = new_optimizer(s.model, tc, ctx.device)
+        s.loss_sum, s.loss_count, s.bad_since_log, s.consecutive_bad = zero_counters(ctx.device)
         target = "the initial weights (no checkpoint yet)"
-    t.rollbacks, t.lr_scale = rollbacks, lr_scale
-    t.metrics.event("rollback", t.step,
-                    f"{consecutive} consecutive non-finite steps up to step {bad_step}: rolled back to "
-                    f"{target}, learning rate x{lr_scale:g} (rollback {rollbacks}/{tc.max_rollbacks})",
-                    rollbacks=rollbacks, lr_scale=lr_scale, from_step=bad_step)
+    s.rollbacks, s.lr_scale = rollbacks, lr_scale
+    ctx.metrics.event("rollback", s.step,
+                      f"{consecutive} consecutive non-finite steps up to step {bad_step}: rolled back to "
+                      f"{target}, learning rate x{lr_scale:g} (rollback {rollbacks}/{tc.max_rollbacks})",
+                      rollbacks=rollbacks, lr_scale=lr_scale, from_step=bad_step)

@@ -2,37 +2,31 @@
 
 One optimizer step is: set the scheduled learning rate, run `grad_accum` micro-batches forward
 (under bf16 autocast where the device has it; fp16 with a grad scaler as the CUDA fallback)
-and backward, clip the gradient norm, step AdamW, and add the loss to on-device counters.
-Around the steps: logging every `log_every` steps (the only regular host sync), evaluation
-every `eval_every` steps and at each epoch end (per-domain loss, bits per byte, perplexity),
-early stopping, a seeded generation sample, and checkpoints (`checkpoint.py`).
+and backward, clip the gradient norm, step the optimizer, and add the loss to on-device
+counters. Around the steps: logging every `log_every` steps (the only regular host sync), then,
+off the training clock, evaluation every `eval_every` steps and at each epoch end (per-domain
+loss, bits per byte, perplexity) with early stopping, a seeded generation sample, checkpoints.
 
-This file is the loop; what it is made of lives beside it: side effects are callbacks
-(`callbacks.py`: status.json and the heartbeat, signals, fault injection, the console line
-and expected time, samples), the checkpointed train state and RNGs (saving, resuming, rolling
-back) are `state.py`'s, wrapping the model (activation checkpointing, compile, FSDP2, DDP) is
-`parallelize.py`'s, and the autocast dtype and compiler check are `precision.py`'s.
+This file is the loop; what it is made of lives beside it. What changes as the run trains is
+one `TrainState` (state.py: the model, optimizer, loader, schedule, early stopping, counters),
+which state.py's functions start, checkpoint, resume and roll back. Side effects are callbacks
+(callbacks.py: metrics rows, status.json and the heartbeat, signals, fault injection,
+evaluation with early stopping, the console line, samples, checkpoints). Wrapping the model is
+parallelize.py's, the autocast dtype and compiler check precision.py's.
 
 Fault tolerance (docs: issue 8):
-- Exact resume. A checkpoint holds everything the next step depends on: weights, optimizer,
-  schedule position (the step and the rollback LR scale), the loader's position, the torch /
-  numpy / python RNG states, early stopping and the loss counters of the current logging
-  interval. Resuming reproduces the uninterrupted run's losses bit for bit on a CPU (same
-  thread count).
+- Exact resume (state.py): a checkpoint holds everything the next step depends on, and resuming
+  reproduces the uninterrupted run's losses bit for bit on a CPU (same thread count).
 - Signals. SIGTERM / SIGINT set a flag; the loop finishes the current step, saves a
   checkpoint, marks status.json `stopped` and returns with stop_reason "signal".
-- Non-finite steps, without a per-step host sync. The total gradient norm computed for
-  clipping is a device tensor; a step is bad when it (or the loss) is not finite. With a fused
-  AdamW (CPU and CUDA) the bad step is skipped on the device: the optimizer is handed
-  `found_inf` (the mechanism GradScaler uses), and its kernel leaves parameters, moments and
-  step count untouched. Bad-step counters live on the device too and are read at logging
-  steps: each bad step is reported there as a `nan_skip` event, and `max_bad_steps`
-  consecutive bad steps roll the run back to the last good checkpoint with the learning rate
-  multiplied by `rollback_lr_factor`; after `max_rollbacks` rollbacks the run fails. (A
-  non-fused optimizer falls back to reading the norm every step.)
-- Heartbeat. A background thread (callbacks.RunStatus) refreshes status.json (pid, step,
-  heartbeat time) every few seconds and writes `system` metric rows; `RunLock` refuses a
-  second process.
+- Non-finite steps, without a per-step host sync: a step is bad when the loss or the total
+  gradient norm (a device tensor, computed for clipping) is not finite. A fused AdamW (CPU and
+  CUDA) skips it on the device: handed `found_inf` (as GradScaler does), its kernel leaves
+  parameters, moments and step count untouched (a non-fused optimizer reads the norm every
+  step). Counters on the device, read at logging steps, report each bad step as a `nan_skip`
+  event; `max_bad_steps` in a row roll the run back to the last good checkpoint with the
+  learning rate times `rollback_lr_factor`; after `max_rollbacks` rollbacks the run fails.
+- A heartbeat refreshes status.json every few seconds (callbacks.RunStatus); `RunLock` refuses a second.
 """
 
 from __future__ import annotations
@@ -42,12 +36,11 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from simone.checkpoint import CheckpointSaveError, list_checkpoints
+from simone.checkpoint import CheckpointSaveError
 from simone.config import Config, ModelConfig
 from simone.data.loader import BatchLoader
 from simone.data.shards import TokenShard
@@ -81,13 +74,7 @@ from simone.train.optim import new_optimizer, optimizer_skips_on_device, set_lr
 from simone.train.parallelize import parallelize
 from simone.train.precision import allow_tf32, autocast, autocast_dtype, grad_scaler
 from simone.train.schedule import LRSchedule, percent_done, stop_summary
-from simone.train.state import (
-    restore_train_state,
-    resume_train_state,
-    roll_back,
-    save_train_checkpoint,
-    zero_interval_counters,
-)
+from simone.train.state import TrainState, roll_back, start_or_resume, zero_counters
 
 
 class TrainingError(SimoneError, RuntimeError):
@@ -242,9 +229,8 @@ def build_model_and_optimizer(cfg: Config, parallel: str, env: DistEnv, device: 
 
 
 class Trainer:
-    """The loop of one training run (one process): model, optimizer, data and the counters a
-    checkpoint carries. Side effects are callbacks (callbacks.py), the train state is
-    state.py's, wrapping the model is parallelize.py's and the dtype precision.py's."""
+    """The loop of one training run (one process). What changes as it trains is `self.state`
+    (state.TrainState); its side effects are callbacks, called through `hook`."""
 
     def __init__(self, cfg: Config, run: RunDir, env: DistEnv, clock: Callable[[], float] = time.monotonic):
         self.cfg, self.run, self.env = cfg, run, env
@@ -256,7 +242,7 @@ class Trainer:
 
         run.checkpoints.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLogger(run, enabled=env.is_main)
-        self.train_shard = TokenShard(run.data, "train")
+        train_shard = TokenShard(run.data, "train")
         self.val_shard = TokenShard(run.data, "val")
         self.seq_len = cfg.model.max_seq_len
 
@@ -264,108 +250,89 @@ class Trainer:
         # process count: the accumulation is divided over the processes, and what it cannot
         # absorb comes out of the micro-batch (distributed.split_batch; an error if neither can).
         self.micro_batch, self.grad_accum = split_batch(tc.batch_size, tc.grad_accum, env.world_size)
-        self.parallel = check_parallel(tc.parallel)
-        if self.parallel == "fsdp" and not env.distributed:
+        parallel = check_parallel(tc.parallel)
+        if parallel == "fsdp" and not env.distributed:
             self.metrics.log("train.parallel=fsdp needs several processes (torchrun); one process trains unsharded")
-        self.sharded = self.parallel == "fsdp" and env.distributed
+        self.sharded = parallel == "fsdp" and env.distributed
         # Governance: the policy head's classes are the tokenizer's domain control tokens, and
         # its labels (each input token's domain) come from the loader. None: no policy head.
-        self.domain_classes = check_model_sizes(cfg.model, run, self.train_shard.vocab_size)
+        self.domain_classes = check_model_sizes(cfg.model, run, train_shard.vocab_size)
         self.loss_terms = LossTermMeter()  # the comprehensive loss's terms, logged per interval
-        self.loader = BatchLoader(self.train_shard, self.micro_batch, self.seq_len, tc.seed, rank=env.rank,
-                                  world_size=env.world_size, device=self.device, grad_accum=self.grad_accum,
-                                  domain_classes=self.domain_classes,
-                                  control_ids=window_control_ids(cfg, run),
-                                  control_window_prob=cfg.data.control_window_prob)
-        self.steps_per_epoch = self.loader.batches_per_epoch // self.grad_accum
+        loader = BatchLoader(train_shard, self.micro_batch, self.seq_len, tc.seed, rank=env.rank,
+                             world_size=env.world_size, device=self.device, grad_accum=self.grad_accum,
+                             domain_classes=self.domain_classes, control_ids=window_control_ids(cfg, run),
+                             control_window_prob=cfg.data.control_window_prob)
+        self.steps_per_epoch = loader.batches_per_epoch // self.grad_accum
         self.total_steps = tc.num_epochs * self.steps_per_epoch
         if tc.max_steps is not None:
             self.total_steps = min(self.total_steps, tc.max_steps)
         self.tokens_per_step = self.micro_batch * self.seq_len * self.grad_accum * env.world_size
         # cosine over the planned steps; under a time cap they do not fit, planned by time (schedule.py)
-        self.schedule = LRSchedule(tc.lr, tc.warmup_steps, self.total_steps, tc.min_lr_ratio,
-                                   max_seconds=tc.max_minutes * 60 if tc.max_minutes is not None else None,
-                                   decay_fraction=tc.decay_fraction, clock=clock)
+        schedule = LRSchedule(tc.lr, tc.warmup_steps, self.total_steps, tc.min_lr_ratio,
+                              max_seconds=tc.max_minutes * 60 if tc.max_minutes is not None else None,
+                              decay_fraction=tc.decay_fraction, clock=clock)
         # an evaluation reads eval_batches per domain forward only (about a third of a training
         # micro-batch each); doubled for the checkpoint written with it and for uncompiled code
-        self.schedule.expect_evaluations(
+        schedule.expect_evaluations(
             tc.eval_every, 2 * tc.eval_batches * max(1, len(self.val_shard.domains)) / (3 * self.grad_accum))
 
-        self.raw_model, self.model, self.optimizer, self.amp_dtype, self.scaler = build_model_and_optimizer(
-            cfg, self.parallel, env, self.device, self.metrics.log)
-        self._skips_on_device = optimizer_skips_on_device(self.optimizer) and self.scaler is None
-        self.early = EarlyStopping(tc.min_epochs, tc.num_epochs, tc.patience)
-        self.flops_per_token = self.raw_model.flops_per_token(self.seq_len)
+        raw_model, self.model, optimizer, self.amp_dtype, scaler = build_model_and_optimizer(
+            cfg, parallel, env, self.device, self.metrics.log)
+        self._skips_on_device = optimizer_skips_on_device(optimizer) and scaler is None
+        self.flops_per_token = raw_model.flops_per_token(self.seq_len)
         self.peak_flops = peak_flops(self.device, self.amp_dtype)
-
-        # counters that a checkpoint carries (state.py)
-        self.step = self.epochs_done = self.tokens_seen = self.rollbacks = 0
-        self.lr_scale = 1.0
-        zero_interval_counters(self)
-        self.last_val_loss: float | None = None
-        self.best_checkpoint: str | None = None
-        self.last_checkpoint: str | None = None
+        self.state = TrainState(raw_model, optimizer, scaler, loader, schedule,
+                                EarlyStopping(tc.min_epochs, tc.num_epochs, tc.patience), *zero_counters(self.device))
 
         # this process only
         self.signal_received: int | None = None  # set by StopOnSignal / FaultInjection
         self.inject_nan = False  # set by FaultInjection before a step
         self._last_lr = tc.lr
         self._last_grad_norm = torch.zeros((), device=self.device)
-        self._last_saved_step = self._last_eval_step = -1
         self.session_start = time.time()  # wall time for status.json; the cap is the schedule's clock
-        self.schedule.start_session()
+        schedule.start_session()
         self._session_tokens = 0
         self._log_clock = (time.perf_counter(), 0)  # (time, tokens) at the last log
         self.callbacks: list[Callback] = default_callbacks(self)
 
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def loader(self) -> BatchLoader:
+        return self.state.loader
+
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.amp_dtype, self.device)
 
-    @property
-    def epoch(self) -> float:
-        """Epochs done, with the fraction of the current one."""
-        return self.epochs_done + (0.0 if self.loader.epoch_done else self.loader.epoch_progress)
-
-    def _call(self, hook: str, *args: Any) -> None:
+    def hook(self, name: str, *args: Any) -> None:
         for callback in self.callbacks:
-            getattr(callback, hook)(self, *args)
+            getattr(callback, name)(self, *args)
 
     # ------------------------------------------------------------------ the run
 
     def fit(self, resume: str | None) -> TrainResult:
-        tc = self.cfg.train
-        stop_reason = "max_steps"
+        s = self.state
         try:
-            if resume is not None:
-                resume_train_state(self, resume)
-            else:
-                self._start_fresh()
-            self._call("on_train_start")
-            while True:
-                reason = self._stop_reason()
-                if reason is not None:
-                    stop_reason = reason
-                    break
+            start_or_resume(s, self, resume)
+            self.hook("on_train_start")
+            while (stop_reason := self._stop_reason()) is None:
                 try:
-                    self._call("on_step_start")
+                    self.hook("on_step_start")
                     epoch_ended = self._train_step()
                 except OUT_OF_MEMORY as e:
                     raise out_of_memory_error(self.cfg, self.micro_batch, self.grad_accum, e) from e
-                self.step += 1
-                self._call("on_step_end")
+                s.step += 1
+                self.hook("on_step_end")
                 if epoch_ended:
-                    self.epochs_done += 1
-                    self.metrics.event("epoch_end", self.step, f"epoch {self.epochs_done} done",
-                                       epoch=self.epochs_done)
+                    s.epochs_done += 1
+                    self.metrics.event("epoch_end", s.step, f"epoch {s.epochs_done} done", epoch=s.epochs_done)
                 if self._logging_step():
                     self._log_and_check()
-                improved = False
-                with self.schedule.paused():  # not training: left out of the measured throughput
-                    if (tc.eval_every and self.step % tc.eval_every == 0) or epoch_ended:
-                        improved = self._evaluate()
-                    self._call("on_pause", epoch_ended)
-                    if improved or epoch_ended or (tc.checkpoint_every and self.step % tc.checkpoint_every == 0):
-                        self._save(best=improved)
+                with s.schedule.paused():  # not training: left out of the measured throughput
+                    self.hook("on_pause", epoch_ended)  # evaluation first, then samples
+                    self.hook("on_save_point", epoch_ended)  # checkpoints
             self._finish(stop_reason)
             barrier(self.env)  # leave together: a rank tearing down early can hang the others
         except TrainingError as e:
@@ -375,54 +342,44 @@ class Trainer:
             self._fail(str(e), "checkpoint_save")
             raise TrainingError(str(e), "checkpoint_save") from e
         except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint, the last one stands
-            self.metrics.event("stopped", self.step, "interrupted (second Ctrl-C) without a checkpoint")
-            self._call("on_train_end", {"state": "stopped", "step": self.step, "eta_s": None})
+            self.metrics.event("stopped", s.step, "interrupted (second Ctrl-C) without a checkpoint")
+            self.hook("on_train_end", {"state": "stopped", "step": s.step, "eta_s": None})
             raise
         except Exception as e:
             self._fail(f"{type(e).__name__}: {e}", "error")
             raise
         finally:
-            self._call("close")
+            self.hook("close")
 
         seconds = time.time() - self.session_start
         tokens_per_s = self._session_tokens / seconds if seconds > 0 else 0.0
         return TrainResult(
-            steps=self.step, epochs=self.epochs_done,
-            best_val_loss=None if math.isinf(self.early.best_loss) else self.early.best_loss,
-            final_val_loss=self.last_val_loss, best_checkpoint=self.best_checkpoint,
-            last_checkpoint=self.last_checkpoint, tokens_seen=self.tokens_seen,
+            steps=s.step, epochs=s.epochs_done,
+            best_val_loss=None if math.isinf(s.early.best_loss) else s.early.best_loss,
+            final_val_loss=s.last_val_loss, best_checkpoint=s.best_checkpoint,
+            last_checkpoint=s.last_checkpoint, tokens_seen=s.tokens_seen,
             tokens_per_s=tokens_per_s, mfu=mfu(self.flops_per_token, tokens_per_s / max(1, self.env.world_size),
                                                self.peak_flops),
-            seconds=seconds, stop_reason=stop_reason, schedule_progress=self.schedule.progress(self.step))
-
-    def _start_fresh(self) -> None:
-        if list_checkpoints(self.run.checkpoints):
-            self.metrics.log(f"{self.run.checkpoints}: starting fresh; existing checkpoints will be replaced "
-                             f"(pass --resume latest to continue them)")
-        n_params = self.raw_model.num_params()
-        self.metrics.event("start", self.step, f"training {n_params / 1e6:.2f}M parameters for up to "
-                           f"{self.total_steps} steps on {self.device}", total_steps=self.total_steps,
-                           steps_per_epoch=self.steps_per_epoch, tokens_per_step=self.tokens_per_step,
-                           params=n_params, device=str(self.device), world_size=self.env.world_size)
+            seconds=seconds, stop_reason=stop_reason, schedule_progress=s.schedule.progress(s.step))
 
     def _stop_reason(self) -> str | None:
         """Why to stop before the next step (agreed by all ranks), or None."""
-        tc = self.cfg.train
+        s, tc = self.state, self.cfg.train
         # Signals and the clock differ between ranks, so ranks must agree on them: a collective,
         # which (with NCCL) is a host sync, so under torchrun only on logging steps.
         agree_now = not self.env.distributed or self._logging_step()
         if agree_now and any_rank(self.signal_received is not None, self.env, self.device):
             return "signal"
-        reason = self.early.should_stop(self.epochs_done)
+        reason = s.early.should_stop(s.epochs_done)  # early stopping: Evaluation updates it
         if reason is not None:
             return reason
-        if tc.max_steps is not None and self.step >= tc.max_steps:
+        if tc.max_steps is not None and s.step >= tc.max_steps:
             return "max_steps"
-        if self.step >= self.total_steps:
+        if s.step >= self.total_steps:
             return "num_epochs"
-        if self.schedule.finished(self.step):  # planned by time: its decay ended as the cap came
+        if s.schedule.finished(s.step):  # planned by time: its decay ended as the cap came
             return "max_minutes"
-        if agree_now and any_rank(self.schedule.out_of_time(), self.env, self.device):
+        if agree_now and any_rank(s.schedule.out_of_time(), self.env, self.device):
             return "max_minutes"
         return None
 
@@ -433,167 +390,106 @@ class Trainer:
 
     def _train_step(self) -> bool:
         """Run one optimizer step (grad_accum micro-batches); return True if an epoch ended."""
-        tc = self.cfg.train
-        lr = self.schedule.lr(self.step) * self.lr_scale
-        set_lr(self.optimizer, lr)
+        s = self.state
+        lr = s.schedule.lr(s.step) * s.lr_scale
+        set_lr(s.optimizer, lr)
         epoch_ended = False
         step_loss = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             governance = {}
             if self.domain_classes is not None:
-                x, y, governance["domain_ids"] = self.loader.next_batch_with_domains()
+                x, y, governance["domain_ids"] = s.loader.next_batch_with_domains()
             else:
-                x, y = self.loader.next_batch()
+                x, y = s.loader.next_batch()
             last = micro == self.grad_accum - 1
-            with gradient_sync(self.model, self.raw_model, last, self.env):
+            with gradient_sync(self.model, s.model, last, self.env):
                 with self.autocast():
                     _, loss = self.model(x, y, **governance)
                 if self.cfg.model.governance:
-                    self.loss_terms.add(self.raw_model.loss_terms)
+                    self.loss_terms.add(s.model.loss_terms)
                 if self.inject_nan:
                     loss = loss * float("nan")
                 step_loss += loss.detach().float()
                 scaled = loss / self.grad_accum
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            epoch_ended = epoch_ended or self.loader.epoch_done
+                (s.scaler.scale(scaled) if s.scaler is not None else scaled).backward()
+            epoch_ended = epoch_ended or s.loader.epoch_done
         step_loss /= self.grad_accum
 
-        grad_norm, finite = optimizer_step(self.optimizer, self.scaler, self.raw_model, tc.grad_clip, step_loss,
+        grad_norm, finite = optimizer_step(s.optimizer, s.scaler, s.model, self.cfg.train.grad_clip, step_loss,
                                            self._skips_on_device)
         bad = (~finite).long()
-        self.loss_sum += torch.where(finite, step_loss, torch.zeros_like(step_loss))
-        self.loss_count += finite.long()
-        self.bad_since_log += bad
-        self.consecutive_bad = (self.consecutive_bad + bad) * bad
+        s.loss_sum += torch.where(finite, step_loss, torch.zeros_like(step_loss))
+        s.loss_count += finite.long()
+        s.bad_since_log += bad
+        s.consecutive_bad = (s.consecutive_bad + bad) * bad
         self._last_grad_norm = grad_norm.detach()
-        self.tokens_seen += self.tokens_per_step
+        s.tokens_seen += self.tokens_per_step
         self._session_tokens += self.tokens_per_step
         self._last_lr = lr
         return epoch_ended
 
-    # ------------------------------------------------------------------ logging and bad steps
-
     def _log_and_check(self) -> None:
-        """A logging step: read the device counters (one sync), write a train row, handle bad steps."""
-        loss_sum = all_reduce_mean(self.loss_sum, self.env)
-        values = torch.stack([loss_sum, self.loss_count.float(), self.bad_since_log.float(),
-                              self.consecutive_bad.float(), self._last_grad_norm.float()]).tolist()
+        """A logging step: read the device counters (one sync), report the interval (on_log), handle bad steps."""
+        s = self.state
+        loss_sum = all_reduce_mean(s.loss_sum, self.env)
+        values = torch.stack([loss_sum, s.loss_count.float(), s.bad_since_log.float(), s.consecutive_bad.float(),
+                              self._last_grad_norm.float()]).tolist()
         loss_sum_v, count, bad, consecutive, grad_norm = values
+        bad, consecutive = int(bad), int(consecutive)
         now = time.perf_counter()
         t0, tok0 = self._log_clock
         dt = max(now - t0, 1e-9)
         tokens_per_s = (self._session_tokens - tok0) / dt
         steps_per_s = (self._session_tokens - tok0) / self.tokens_per_step / dt
         self._log_clock = (now, self._session_tokens)
-        news = self.schedule.observe(self.step, agree=lambda x: min_over_ranks(x, self.env, self.device))
+        news = s.schedule.observe(s.step, agree=lambda x: min_over_ranks(x, self.env, self.device))
         if news:
-            self.metrics.event("schedule", self.step, news, mode=self.schedule.mode,
-                               end_step=self.schedule.end_step)
+            self.metrics.event("schedule", s.step, news, mode=s.schedule.mode, end_step=s.schedule.end_step)
         loss = loss_sum_v / count if count else None  # None (JSON null): every step skipped
         step_mfu = mfu(self.flops_per_token, tokens_per_s / self.env.world_size, self.peak_flops)
-        epoch = self.epoch
-        self.metrics.train(step=self.step, epoch=round(epoch, 4), loss=loss, lr=self._last_lr,
-                           grad_norm=grad_norm, tokens_per_s=round(tokens_per_s, 1),
-                           mfu=None if step_mfu is None else round(step_mfu, 5), tokens_seen=self.tokens_seen,
-                           **self.loss_terms.read_and_reset())
-        self._call("on_log", LogStats(self.step, epoch, loss, self._last_lr, grad_norm, tokens_per_s,
-                                      steps_per_s, step_mfu))
-        self.loss_sum.zero_()
-        self.loss_count.zero_()
-        self.bad_since_log.zero_()
+        stats = LogStats(s.step, s.epoch, loss, self._last_lr, grad_norm, tokens_per_s, steps_per_s, step_mfu)
+        self.hook("on_log", stats)
+        for counter in (s.loss_sum, s.loss_count, s.bad_since_log):  # bad steps in a row go on counting
+            counter.zero_()
         if bad:
-            self.metrics.event("nan_skip", self.step, f"{int(bad)} step(s) with a non-finite loss or gradient "
-                               f"norm skipped since the last log", skipped=int(bad),
-                               consecutive=int(consecutive))
-        if consecutive >= self.cfg.train.max_bad_steps:
-            self._rollback(int(consecutive))
-
-    def _rollback(self, consecutive: int) -> None:
-        """Go back to the last good checkpoint with a smaller learning rate (state.roll_back), or fail."""
+            self.metrics.event("nan_skip", s.step, f"{bad} step(s) with a non-finite loss or gradient norm skipped "
+                               f"since the last log", skipped=bad, consecutive=consecutive)
         tc = self.cfg.train
-        if self.rollbacks >= tc.max_rollbacks:
-            raise TrainingError(
-                f"{consecutive} consecutive steps with a non-finite loss or gradient norm at step {self.step}, "
-                f"after {self.rollbacks} rollback(s) (train.max_rollbacks={tc.max_rollbacks}); "
-                f"try a lower train.lr (now {tc.lr * self.lr_scale:.2e})", "non_finite")
-        roll_back(self, consecutive)
+        if consecutive >= tc.max_bad_steps:  # back to the last good checkpoint with a smaller lr, or fail
+            if s.rollbacks >= tc.max_rollbacks:
+                raise TrainingError(
+                    f"{consecutive} consecutive steps with a non-finite loss or gradient norm at step {s.step}, "
+                    f"after {s.rollbacks} rollback(s) (train.max_rollbacks={tc.max_rollbacks}); "
+                    f"try a lower train.lr (now {tc.lr * s.lr_scale:.2e})", "non_finite")
+            roll_back(s, self, consecutive)
 
-    def report_bad_checkpoint(self, message: str) -> None:
-        self.metrics.event("checkpoint_corrupt", self.step, message)
-
-    # ------------------------------------------------------------------ evaluation
-
-    def _evaluate(self) -> bool:
-        """Per-domain validation loss / bpb / perplexity; returns True if it is a new best."""
+    def _evaluate(self) -> dict[str, Any]:
+        """Per-domain validation loss / bpb / perplexity of the model now (callbacks.Evaluation says when)."""
         tc = self.cfg.train
-        ev = evaluate_per_domain(self.raw_model, self.val_shard, self.seq_len, tc.batch_size,
-                                 tc.eval_batches, device=self.device, autocast=self.autocast)
-        self._last_eval_step = self.step
-        if ev["val_loss"] is None:
-            return False
-        val_loss = ev["val_loss"]
-        per_domain = {d: {k: v[k] for k in ("loss", "bpb", "ppl")} for d, v in ev["per_domain"].items()}
-        self.metrics.eval(step=self.step, epoch=round(self.epoch, 4), val_loss=val_loss, val_bpb=ev["val_bpb"],
-                          val_ppl=ev["val_ppl"], per_domain=per_domain)
-        self.last_val_loss = val_loss
-        improved = self.early.update(val_loss, self.step, self.epochs_done)
-        if self.early.stopped:
-            self.metrics.event("early_stop", self.step, f"validation loss has not improved for "
-                               f"{self.early.bad_evals} evaluations (best {self.early.best_loss:.4f} at step "
-                               f"{self.early.best_step})")
-        self._call("on_eval", ev, improved)
-        return improved
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def _save(self, best: bool = False) -> None:
-        if self.step == self._last_saved_step and not best:
-            return
-        path = save_train_checkpoint(self, best)  # every rank gathers its part; rank 0 writes
-        if path is not None:
-            self.last_checkpoint = path.name
-            if best:
-                self.best_checkpoint = path.name
-            self.metrics.event("checkpoint", self.step, f"saved {path.name}" + (" (best)" if best else ""),
-                               path=str(path), best=best)
-            self._call("on_checkpoint", path, best)
-        barrier(self.env)
-        self._last_saved_step = self.step
-
-    def restore(self, ckpt: Path) -> None:
-        """Put a verified checkpoint back (state.py); its step counts as saved and evaluated."""
-        restore_train_state(self, ckpt)
-        self._last_saved_step = self._last_eval_step = self.step
-
-    # ------------------------------------------------------------------ end of run
+        return evaluate_per_domain(self.state.model, self.val_shard, self.seq_len, tc.batch_size,
+                                   tc.eval_batches, device=self.device, autocast=self.autocast)
 
     def _finish(self, reason: str) -> None:
-        progress = self.schedule.progress(self.step)
+        s = self.state
+        self.hook("on_stop", reason)  # the last evaluation (unless signalled) and checkpoint
+        progress = s.schedule.progress(s.step)
+        end = {"stop_reason": reason, "schedule_progress": progress}
         if reason == "signal":
-            self._save()
             sig = self.signal_received
-            self.metrics.event("stopped", self.step, f"stopped by signal {sig} at step {self.step}, "
-                               f"learning-rate schedule {percent_done(progress)} done; resume with --resume latest",
-                               signal=sig, stop_reason=reason, schedule_progress=progress)
-            self._call("on_train_end", {"state": "stopped", "step": self.step, "eta_s": None, "signal": sig,
-                                        "stop_reason": reason, "schedule_progress": progress})
-            return
-        improved = False
-        if self._last_eval_step != self.step:
-            improved = self._evaluate()
-        self._save(best=improved)
-        self.metrics.event("finished", self.step,
-                           f"training stopped: {stop_summary(reason, progress)}, at step {self.step}",
-                           stop_reason=reason, schedule_progress=progress)
-        self._call("on_train_end", {"state": "finished", "step": self.step, "eta_s": 0, "stop_reason": reason,
-                                    "schedule_progress": progress})
+            self.metrics.event("stopped", s.step, f"stopped by signal {sig} at step {s.step}, learning-rate schedule "
+                               f"{percent_done(progress)} done; resume with --resume latest", signal=sig, **end)
+            self.hook("on_train_end", {"state": "stopped", "step": s.step, "eta_s": None, "signal": sig, **end})
+        else:
+            self.metrics.event("finished", s.step, f"training stopped: {stop_summary(reason, progress)}, "
+                               f"at step {s.step}", **end)
+            self.hook("on_train_end", {"state": "finished", "step": s.step, "eta_s": 0, **end})
 
     def _fail(self, message: str, reason: str) -> None:
         self.metrics.event("failed", self.step, message, reason=reason)
-        self._call("on_train_end", {"state": "failed", "step": self.step, "error": message, "eta_s": None})
+        self.hook("on_train_end", {"state": "failed", "step": self.step, "error": message, "eta_s": None})
 
     def close(self) -> None:
-        self._call("close")
+        self.hook("close")
         self.metrics.close()
-        self.loader.close()
+        self.state.loader.close()
         shutdown_distributed(self.env)

@@ -279,38 +279,21 @@ def steps_for_budget(settings: AblationSettings, tokens_per_step: int, seconds_p
 
 
 def seconds_per_step(cfg: Config, shared: RunDir, steps: int = 3) -> float:
-    """Time a few optimizer steps (forward, backward, AdamW) of `cfg`'s model on real batches."""
+    """Time a few optimizer steps of `cfg`'s model as training runs them (`probe_step_seconds`)
+    on real batches."""
     from simone.data.loader import BatchLoader
     from simone.data.shards import TokenShard
     from simone.devices import pick_device
     from simone.model import build_model
+    from simone.train.budget import probe_step_seconds
 
-    tc = cfg.train
-    device = pick_device(tc.device)
-    shard = TokenShard(shared.data, "train")
-    loader = BatchLoader(shard, tc.batch_size, cfg.model.max_seq_len, tc.seed, device=device)
-    model = build_model(cfg.model).to(device).train()
-    opt = model.configure_optimizer(tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), device.type)
-
-    def step() -> None:
-        for _ in range(tc.grad_accum):
-            x, y, d = loader.next_batch_with_domains()
-            kwargs = {"domain_ids": d} if getattr(model, "policy_head", None) is not None else {}
-            _, loss = model(x, y, **kwargs)
-            (loss / tc.grad_accum).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    device = pick_device(cfg.train.device)
+    loader = BatchLoader(TokenShard(shared.data, "train"), cfg.train.batch_size, cfg.model.max_seq_len,
+                         cfg.train.seed, device=device)
+    seconds = probe_step_seconds(build_model(cfg.model).to(device), cfg, device, loader.next_batch_with_domains,
+                                 steps)
     loader.close()
-    return (time.perf_counter() - t0) / steps
+    return seconds
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -396,7 +379,7 @@ def evaluate_variant(name: str, run: RunDir, val_dir: Path, heldout_dir: Path, j
     policy, streaming, speed, and the consistency suite's figures when given its items."""
     from simone.data.shards import TokenShard
     from simone.inference.evaluate import evaluate_per_domain
-    from simone.inference.generate import load_model
+    from simone.inference.load import load_model
     from simone.inference.consistency import score_suite
     from simone.inference.eval_text import simone_scorer
     from simone.inference.steering import steering_accuracy
@@ -498,6 +481,20 @@ def paired_difference(runs: list[dict], variant: str, reference: str, figure: st
     return summarize(diffs)
 
 
+def seeds_to_resolve(diff: dict, most: int = 1000) -> int | None:
+    """How many seeds would make this difference's 95% interval exclude zero if its mean and
+    spread held (the smallest n with t(0.975, n-1) · std / √n < |mean|); None without a
+    spread, with no mean difference, or beyond `most`. What "measurable at a larger budget"
+    means, from the measured variance."""
+    mean, std = diff.get("mean"), diff.get("std")
+    if mean is None or not std or mean == 0:
+        return None
+    for n in range(2, most + 1):
+        if t_quantile(0.975, n - 1) * std / math.sqrt(n) < abs(mean):
+            return n
+    return None
+
+
 def reading(diff: dict, lower_is_better: bool) -> str:
     """What a difference says: NO_DIFFERENCE unless its 95% interval excludes zero."""
     ci = diff.get("ci95")
@@ -544,7 +541,8 @@ def summarize_runs(runs: list[dict], variants: list[str]) -> tuple[list[dict], l
                 diff = paired_difference(runs, name, reference, figure)
                 if diff["n"]:
                     differences.append({"variant": name, "reference": reference, "figure": figure, **diff,
-                                        "reading": reading(diff, lower_is_better)})
+                                        "reading": reading(diff, lower_is_better),
+                                        "seeds_to_resolve": seeds_to_resolve(diff)})
         # what the policy adds to the same sampler without it, in the same runs (issue 17's aim)
         gain = summarize([r["steering_accuracy_guided"] - r["steering_accuracy_guided_w0"] for r in runs
                           if r["variant"] == name and r.get("steering_accuracy_guided") is not None
@@ -908,7 +906,9 @@ def ablation_markdown(result: dict) -> str:
             value = format(d["mean"], "+" + fmt)
             if d["ci95"] is not None:
                 value += f" [{format(d['ci95'][0], '+' + fmt)}, {format(d['ci95'][1], '+' + fmt)}]"
-            lines.append(f"| {d['variant']} | {d['reference']} | {label} | {value} | {d['reading']} |")
+            resolve = (f" (~{d['seeds_to_resolve']} seeds would resolve it)"
+                       if d["reading"] == NO_DIFFERENCE and d.get("seeds_to_resolve") else "")
+            lines.append(f"| {d['variant']} | {d['reference']} | {label} | {value} | {d['reading']}{resolve} |")
     else:
         lines.append(f"No differences: neither the plain model (`{PLAIN}`) nor `{DATA_BASE}` is among the variants.")
     lines += _data_variants_text(result)

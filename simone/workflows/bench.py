@@ -144,7 +144,7 @@ def model_pair(model_cfg: ModelConfig, device: torch.device, seed: int = 0):
 
 def hf_optimizer(hf: torch.nn.Module, lr: float, weight_decay: float,
                  betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
-    """The peer's AdamW set up as ours is (`LanguageModel.configure_optimizer`): decay on
+    """The peer's AdamW set up as ours is (`simone.train.optim.build_optimizer`): decay on
     parameters with ≥2 dimensions only, fused kernel on CPU and CUDA."""
     params = [p for p in hf.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -204,6 +204,7 @@ def bench_train(preset: str = "cpu", *, repeats: int = 5, warmup: int = 2,
     `model_cfg` replaces the preset's model shape (tests use a tiny one).
     """
     from simone.train.metrics import mfu, peak_flops
+    from simone.train.optim import build_optimizer
 
     _set_threads(threads)
     cfg = load_preset(preset)
@@ -222,7 +223,7 @@ def bench_train(preset: str = "cpu", *, repeats: int = 5, warmup: int = 2,
     ours.train()
     hf.train()
     tc = cfg.train
-    opt_ours = ours.configure_optimizer(tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), dev.type)
+    opt_ours = build_optimizer(ours, "adamw", tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), dev.type)
     opt_hf = hf_optimizer(hf, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), dev.type)
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, mcfg.vocab_size, (batch, seq + 1), generator=g).to(dev)

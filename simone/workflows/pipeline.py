@@ -404,7 +404,8 @@ def run_pipeline(cfg: Config, run_dir: Path, resume: str | None = None, monitor:
 def _run_locked(cfg: Config, run: RunDir, resume: str | None, monitor: bool, monitor_port: int,
                 package_dir: Path, prepared: bool = False, package_name: str | None = None,
                 eval_data: Path | None = None) -> PipelineResult:
-    from simone.inference.generate import load_model, sample_text
+    from simone.inference.generate import sample_text
+    from simone.inference.load import load_model
     from simone.inference.package import package_run
     from simone.inference.validate import print_report, validate
 
