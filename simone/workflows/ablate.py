@@ -981,8 +981,8 @@ def ablation_svg(result: dict) -> str:
                    for i, (f, (label, _)) in enumerate(figures))
     doses = dose_response(rows)
     if doses:
-        panels = [f for f in ("pair_accuracy", "cloze_accuracy") if any(p["stats"][f].get("mean") is not None
-                                                                          for p in doses)]
+        panels = [f for f in ("pair_accuracy", "pair_negation", "pair_antonym", "pair_entity")
+                  if any(p["stats"][f].get("mean") is not None for p in doses)]
         for i, figure in enumerate(panels):
             body += dose_response_panel(doses, figure, (i % n_cols) * col_w, height + (i // n_cols) * 240)
         height += 240 * math.ceil(len(panels) / n_cols)
@@ -1024,8 +1024,9 @@ def dose_response_panel(points: list[dict], figure: str, x0: int, y0: int) -> st
         return top + h - (value - lo) / (hi - lo) * h
 
     fmt = _figure_format(figure)
-    parts = [f'<text x="{left}" y="{y0 + 16}" font-size="13" font-weight="bold">{FIGURES[figure][0]} against P '
-             f'(share of training documents contradicted)</text>',
+    parts = [f'<text x="{left}" y="{y0 + 16}" font-size="13" font-weight="bold">{FIGURES[figure][0]} against P</text>',
+             f'<text x="{left + w}" y="{top + h + 28}" font-size="10" text-anchor="end">P: share of training '
+             f'documents contradicted</text>',
              f'<path d="M{left},{top} V{top + h} H{left + w}" stroke="#000" fill="none"/>',
              f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{format(hi, fmt)}</text>',
              f'<text x="{left - 4}" y="{top + h}" font-size="10" text-anchor="end">{format(lo, fmt)}</text>']
