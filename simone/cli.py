@@ -277,18 +277,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_suite(args: argparse.Namespace, json_path: Path | None) -> int:
-    from simone.inference.consistency import (evaluate_suite, format_suite_markdown, suite_items,
+    from simone.inference.consistency import (SuiteSettings, evaluate_suite, format_suite_markdown, suite_items,
                                               write_lm_eval_tasks)
+    from simone.inference.eval_text import refuse_symlinked_json
     from simone.rundir import atomic_write_json
 
-    if json_path is not None and json_path.is_symlink():
-        raise CLIError(f"{json_path}: is a symlink; writing would replace the link, not its target")
-    from simone.inference.consistency import SuiteSettings
-
-    n = args.suite_items
+    refuse_symlinked_json(json_path)
     items, where = suite_items(Path(args.suite) if args.suite else None, Path(args.data) if args.data else None,
-                               Path(args.pairs) if args.pairs else None,
-                               SuiteSettings(pairs_per_kind=n, cloze_per_domain=n, prompts_per_domain=max(1, n // 5)))
+                               Path(args.pairs) if args.pairs else None, SuiteSettings.sized(args.suite_items))
     print(f"[simone] {where}", file=sys.stderr)
     if args.lm_eval_tasks:
         names = write_lm_eval_tasks(items, Path(args.lm_eval_tasks))

@@ -84,6 +84,12 @@ class SuiteSettings:
     prompt_words: int = 24
     gen_tokens: int = 64  # tokens of each continuation for generation health
 
+    @classmethod
+    def sized(cls, items: int, seed: int = 0) -> "SuiteSettings":
+        """`items` per domain and task (minimal pairs: per kind too; prompts: a fifth), the
+        one knob `--suite-items` turns."""
+        return cls(seed=seed, pairs_per_kind=items, cloze_per_domain=items, prompts_per_domain=max(1, items // 5))
+
 
 # ----------------------------------------------------------------------------- held-out documents
 
@@ -291,21 +297,25 @@ def write_suite(path: Path, items: list[dict]) -> None:
 _REQUIRED = {"bpb": ("text",), "pair": ("good", "bad"), "cloze": ("context", "target"), "gen": ("prompt", "max_tokens")}
 
 
+def _json_lines(path: Path, what: str) -> list[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSONL file, read by the project's one
+    JSONL reader; a file that cannot be read, or a line that is not JSON, raises SuiteError
+    naming the file (and the line)."""
+    from simone.data.documents import numbered_documents
+
+    try:
+        return list(numbered_documents(Path(path)))
+    except (OSError, UnicodeDecodeError) as e:
+        raise SuiteError(f"{path}: cannot read {what} ({e})") from None
+    except ValueError as e:  # numbered_documents: "PATH:LINE: not valid JSON (...)"
+        raise SuiteError(str(e)) from None
+
+
 def read_suite(path: Path) -> list[dict]:
     """The items of a suite file; a line that is not a suite item of this schema raises SuiteError
     naming the file and line."""
     items = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SuiteError(f"{path}: cannot read the suite ({e})") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SuiteError(f"{path}:{lineno}: not valid JSON ({e})") from None
+    for lineno, item in _json_lines(path, "the suite"):
         if not isinstance(item, dict) or item.get("schema") != SUITE_SCHEMA:
             raise SuiteError(f"{path}:{lineno}: not a suite item of schema {SUITE_SCHEMA} "
                              f"(rebuild the suite with this version)")
@@ -333,17 +343,7 @@ def read_user_pairs(path: Path) -> list[dict]:
     `good` and `bad` (or `sentence_good` and `sentence_bad`), and optionally `domain` and `kind`.
     A line that is not such an object raises SuiteError naming the file and line."""
     items = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SuiteError(f"{path}: cannot read the pairs ({e})") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SuiteError(f"{path}:{lineno}: not valid JSON ({e})") from None
+    for lineno, obj in _json_lines(path, "the pairs"):
         if not isinstance(obj, dict):
             raise SuiteError(f"{path}:{lineno}: expected an object with \"good\" and \"bad\"")
         good, bad = obj.get("good", obj.get("sentence_good")), obj.get("bad", obj.get("sentence_bad"))
@@ -399,11 +399,6 @@ def continuations(scorer: Any, texts: list[str], n_tokens: int) -> list[str]:
         prompt, full = scorer.decoder(ids), scorer.decoder(ids + new)
         out.append(full[len(prompt):] if full.startswith(prompt) else scorer.decoder(new))
     return out
-
-
-def continuation(scorer: Any, text: str, n_tokens: int) -> str:
-    """`continuations` of one text."""
-    return continuations(scorer, [text], n_tokens)[0]
 
 
 def first_word(text: str) -> str:

@@ -236,17 +236,15 @@ class TorchScorer:
             width = len(sequences[rows[-1]]) - 1  # the longest of these (shortest first)
             x = torch.zeros(len(rows), width, dtype=torch.long)
             y = torch.zeros(len(rows), width, dtype=torch.long)
-            mask = torch.zeros(len(rows), width, dtype=torch.bool)
             for r, i in enumerate(rows):
                 ids = torch.tensor(sequences[i], dtype=torch.long)
                 n = len(ids) - 1
-                x[r, :n], y[r, :n], mask[r, :n] = ids[:-1], ids[1:], True
-            logp = self.logits_fn(x.to(self.device)).float().log_softmax(-1)
-            picked = logp.gather(-1, y.to(self.device)[..., None])[..., 0].double()
-            summed = (picked * mask.to(self.device)).sum(-1).tolist()
+                x[r, :n], y[r, :n] = ids[:-1], ids[1:]
+            logits = self.logits_fn(x.to(self.device))
             for r, i in enumerate(rows):
-                bits[i] = -summed[r] / math.log(2)
-            del logp, picked
+                n = len(sequences[i]) - 1
+                bits[i] = -float(summed_log_prob(logits[r, :n], y[r, :n].to(self.device))) / math.log(2)
+            del logits  # before the next pass makes its own
         return bits
 
     @torch.no_grad()
@@ -514,15 +512,19 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def eval_cli(model_specs: list[str], data_dir: Path, json_path: Path | None = None,
-             device: str = "auto") -> int:
-    """`simone eval`: print the table; with `json_path`, also write the result there."""
-    # The file is written beside and renamed over the name: over a symlink that replaces the
-    # link, not the file it points to. Refused (before any scoring) rather than followed,
-    # which would write wherever the link leads.
+def refuse_symlinked_json(json_path: Path | None) -> None:
+    """EvalError when `--json` names a symlink. The file is written beside and renamed over the
+    name: over a symlink that replaces the link, not the file it points to. Refused rather
+    than followed, which would write wherever the link leads."""
     if json_path is not None and Path(json_path).is_symlink():
         raise EvalError(f"{json_path}: is a symlink; writing would replace the link, not its target: "
                         f"give the target's own path for --json, or remove the link")
+
+
+def eval_cli(model_specs: list[str], data_dir: Path, json_path: Path | None = None,
+             device: str = "auto") -> int:
+    """`simone eval`: print the table; with `json_path`, also write the result there."""
+    refuse_symlinked_json(json_path)  # before any scoring
     result = evaluate_models(model_specs, data_dir, device)
     print(format_table(result))
     if json_path is not None:

@@ -593,9 +593,7 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
 
         suite_file = shared.root / "consistency_suite.jsonl"  # built once: every run, now and later, sees it
         suite_items = load_or_build_suite(suite_file, lambda: heldout_documents(shared.documents),
-                                          SuiteSettings(seed=settings.seed, pairs_per_kind=settings.suite_items,
-                                                        cloze_per_domain=settings.suite_items,
-                                                        prompts_per_domain=max(1, settings.suite_items // 5)))
+                                          SuiteSettings.sized(settings.suite_items, settings.seed))
         # the suite's bpb items are left out: every run is already read on the same held-out text
         suite_items = [item for item in suite_items if item["task"] != "bpb"]
         _say(f"consistency suite: {suite_file} ({', '.join(f'{n} {t}' for t, n in sorted((t, c['items']) for t, c in suite_counts(suite_items).items()))})")

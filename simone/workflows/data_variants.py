@@ -215,7 +215,8 @@ def mix_documents(train: list[dict], other: list[dict], share: float, seed: int,
 
 def prepare_data_variant(cfg: Config, shared: RunDir, variant: DataVariant, tok: Tokenizer, out: Path) -> RunDir:
     """Write the variant's documents.jsonl, shards (the shared tokenizer) and variant.json into
-    `out` (built once: a folder that holds them for the same spec is reused); returns its RunDir."""
+    `out`; returns its RunDir. A rerun writes the documents again (curation and the shards are
+    reused when their inputs come out the same)."""
     from simone.data.shards import build_shards
 
     run = RunDir(out)
