@@ -20,6 +20,8 @@ from pathlib import Path
 import psutil
 
 from simone.config import preset
+from rich.console import Console
+
 from simone.data.curate import curate, print_summary
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
@@ -70,7 +72,7 @@ def main() -> None:
         with PeakRSS() as rss:
             result = curate(Path(args.corpus), out / "data", cfg, progress=False)
         wall = time.perf_counter() - t0
-        print_summary(result)
+        print_summary(result, Console())
         numbers = {
             "corpus": args.corpus, "files": result.files, "mb": round(result.bytes_in / 1e6, 1),
             "wall_s": round(wall, 2), "mb_per_s": round(result.bytes_in / 1e6 / wall, 2),

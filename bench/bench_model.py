@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from simone.workflows.bench import bench_generate, bench_train
+from rich.console import Console
+
+from simone.workflows.bench import bench_generate, bench_train, tables
 from simone.config import preset
 
 
@@ -55,7 +57,7 @@ def main() -> None:
         if value is not None:
             setattr(model_cfg, field, value)
     common = dict(preset=args.preset, repeats=args.repeats, threads=args.threads or None,
-                  device=args.device, dtypes=args.dtype, model_cfg=model_cfg)
+                  device=args.device, dtypes=args.dtype, model_cfg=model_cfg, say=print)
     results = {}
     if not args.skip_train:
         results["train"] = bench_train(warmup=args.warmup, batch=args.batch,
@@ -65,6 +67,8 @@ def main() -> None:
                                              batches=args.gen_batch or (1, 8),
                                              prompt_len=args.prompt, new_tokens=args.new_tokens,
                                              compile=not args.no_compile, **common)
+    for result in results.values():
+        Console(width=150).print(*tables(result))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)

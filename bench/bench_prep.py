@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from simone.workflows.bench import bench_prep
+from rich.console import Console
+
+from simone.workflows.bench import bench_prep, tables
 
 
 def main() -> None:
@@ -27,8 +29,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args()
-    bench_prep(args.corpus, preset=args.preset, out_dir=args.out, threads=args.threads,
-               vocab_size=args.vocab_size, json_path=args.json)
+    result = bench_prep(args.corpus, preset=args.preset, out_dir=args.out, threads=args.threads,
+                        vocab_size=args.vocab_size, json_path=args.json)
+    Console(width=150).print(*tables(result))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import stat
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -45,13 +45,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from simone.config import Config, ConfigError, from_dict
 from simone.errors import SimoneError
 # The listing is the run directory's (torch-free, so the monitor reads checkpoints the same way).
 from simone.rundir import atomic_write_text, checkpoint_step, fsync_dir, list_checkpoints, read_pointer, sha256_file
 from simone.faults import Faults
-
-if TYPE_CHECKING:
-    from simone.config import Config
 
 MANIFEST = "MANIFEST.json"
 WEIGHTS = "model.safetensors"
@@ -372,8 +370,6 @@ def _verify_manifest(path: Path) -> dict[str, Any]:
 
 def read_config(path: Path) -> Config:
     """A checkpoint's config.json as a Config; CheckpointError if missing or invalid."""
-    from simone.config import ConfigError, from_dict
-
     path = Path(path)
     try:
         return from_dict(json.loads((path / CONFIG).read_text(encoding="utf-8")))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,9 @@ from typing import Callable
 from simone.config import DEFAULT_PRESET, PRESETS, Config, apply_overrides, load_config, preset
 from simone.errors import SimoneError
 from simone.rundir import RunDir
+
+# Each cmd_* function imports what it runs (the library, rich) on purpose: `simone --help`
+# (or a typo) answers at once, without loading torch and the rest.
 
 
 class CLIError(Exception):
@@ -135,6 +139,21 @@ def _implied_legacy_preset(args: argparse.Namespace, cfg: Config) -> bool:
     return not args.preset and not args.config and uses_legacy_flags(args) and cfg.preset == LEGACY_PRESET
 
 
+def _say(line: str) -> None:
+    """A library's progress line, as the console shows it."""
+    print(f"[simone] {line}", flush=True)
+
+
+def _show(report: object) -> None:
+    """A library's report as it is: text printed plain, a rich table or group through rich."""
+    if isinstance(report, str):
+        print(report, flush=True)
+    else:
+        from rich.console import Console
+
+        Console().print(report)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from simone.workflows.pipeline import MODEL_CHOICES, check_device, run_models, run_pipeline
 
@@ -147,7 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               flush=True)
     # a CUDA preset chosen by the legacy flags runs on whatever device there is; one named
     # with --preset on a machine without CUDA is an error before any work
-    check_device(cfg, fall_back_to_cpu=legacy)
+    check_device(cfg, fall_back_to_cpu=legacy, say=_say)
     if args.budget_minutes is not None and not resume:  # a resumed run keeps its saved shape
         _apply_budget_minutes(cfg, args.budget_minutes)
     eval_data = Path(args.eval_data) if args.eval_data else None
@@ -158,10 +177,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise CLIError(f"--models: unknown model(s) {', '.join(unknown) or '(none)'}; "
                            f"choose from {', '.join(MODEL_CHOICES)}")
         result = run_models(cfg, run_dir, models, resume=resume, package_dir=Path(args.package_dir),
-                            monitor=args.monitor, monitor_port=args.port, eval_data=eval_data, force=args.force)
+                            monitor=args.monitor, monitor_port=args.port, eval_data=eval_data, force=args.force,
+                            say=_say, show=_show)
     else:
         result = run_pipeline(cfg, run_dir, resume=resume, monitor=args.monitor, monitor_port=args.port,
-                              package_dir=Path(args.package_dir), eval_data=eval_data, force=args.force)
+                              package_dir=Path(args.package_dir), eval_data=eval_data, force=args.force,
+                              say=_say, show=_show)
     return 0 if result.ok else 1
 
 
@@ -186,7 +207,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
     cfg = build_config(args, run_dir)
-    stage_curate(cfg, run_dir)
+    stage_curate(cfg, run_dir, say=_say, show=_show)
     return 0
 
 
@@ -194,7 +215,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     from simone.workflows.pipeline import stage_tokenizer
 
     run_dir = Path(args.run_dir)
-    stage_tokenizer(build_config(args, run_dir), run_dir)
+    stage_tokenizer(build_config(args, run_dir), run_dir, say=_say)
     return 0
 
 
@@ -202,7 +223,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from simone.workflows.pipeline import stage_prepare
 
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
-    stage_prepare(build_config(args, run_dir), run_dir)
+    stage_prepare(build_config(args, run_dir), run_dir, say=_say, show=_show)
     return 0
 
 
@@ -214,39 +235,51 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.parallel is not None:
         cfg.train.parallel = args.parallel
     check_device(cfg)  # before the run lock creates the run dir
-    result = stage_train(cfg, run_dir, resume=_resume_arg(args.resume), force=args.force)
+    result = stage_train(cfg, run_dir, resume=_resume_arg(args.resume), force=args.force, say=_say, show=_show)
     return 0 if result is not None else 1
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from simone.inference.validate import print_report, validate
+    from simone.inference.validate import format_report, validate
 
     report = validate(Path(args.model), out_dir=Path(args.out) if args.out else None,
                       data_dir=Path(args.data_dir) if args.data_dir else None)
-    print_report(report)
+    for part in format_report(report):
+        _show(part)
     return 0 if report["ok"] else 1
 
 
 def cmd_package(args: argparse.Namespace) -> int:
     from simone.inference.package import package_run
 
-    path = package_run(RunDir(Path(args.run_dir)), Path(args.out))
+    path = package_run(RunDir(Path(args.run_dir)), Path(args.out),
+                       say=lambda line: print(f"[simone] {line}", file=sys.stderr))
     print(path)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from simone.inference.generate import generate_cli
+    from simone.inference.generate import Generation
 
-    return generate_cli(
+    generation = Generation(
         model_path=Path(args.model), prompt=args.prompt, max_tokens=args.max_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        stream=not args.no_stream, device=args.device, domain=args.domain,
+        device=args.device, domain=args.domain,
         policy_guidance=args.policy_guidance, guidance_top_k=args.guidance_top_k,
         trace=Path(args.trace) if args.trace else None,
         trace_html=Path(args.trace_html) if args.trace_html else None,
         stream_past_context=args.stream_past_context,
     )
+    if args.no_stream:
+        print(args.prompt + "".join(generation))
+    else:  # token by token
+        print(args.prompt, end="", flush=True)
+        for piece in generation:
+            print(piece, end="", flush=True)
+        print()
+    for line in generation.summary():
+        print(line, file=sys.stderr)
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -271,9 +304,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError("--lm-eval-tasks writes the consistency suite: give --suite FILE (and/or --pairs FILE)")
     if not args.data:
         raise CLIError("give --data DIR (a folder of .txt to score), or --suite FILE / --pairs FILE")
-    from simone.inference.eval_text import eval_cli
+    from simone.inference.eval_text import evaluate_and_save, format_table
 
-    return eval_cli(args.model, Path(args.data), json_path, device=args.device)
+    print(format_table(evaluate_and_save(args.model, Path(args.data), json_path, device=args.device)))
+    if json_path is not None:
+        print(f"[json: {json_path}]", file=sys.stderr)
+    return 0
 
 
 def _eval_suite(args: argparse.Namespace, json_path: Path | None) -> int:
@@ -322,7 +358,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
                                 overrides=overrides, resume=args.resume, data_variants=args.data_variants,
                                 suite=args.suite, suite_items=args.suite_items)
     try:
-        run_ablation(cfg, Path(args.out), settings)
+        run_ablation(cfg, Path(args.out), settings, say=lambda line: print(f"[ablate] {line}", flush=True), show=_show)
     except ValueError as e:
         raise CLIError(str(e)) from e
     return 0
@@ -335,10 +371,12 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from simone.workflows.doctor import print_report, run_checks
 
     checks = run_checks(Path(args.data) if args.data else None, Path(args.run_dir) if args.run_dir else None)
-    return print_report(checks)
+    return print_report(checks, Console())
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
@@ -346,7 +384,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
     run_monitor(runs_root=Path(args.runs) if args.runs else None,
                 run_dir=Path(args.run_dir) if args.run_dir else None,
-                host=args.host, port=args.port, token=args.token)
+                host=args.host, port=args.port, token=args.token, say=lambda line: print(line, flush=True))
     return 0
 
 
@@ -357,17 +395,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
               if getattr(args, k) is not None}
     run_server(Path(args.model), host=args.host, port=args.port,
                api_key=args.api_key or os.environ.get("SIMONE_API_KEY") or None, device=args.device,
-               limits=ServeLimits(**limits))
+               limits=ServeLimits(**limits), say=lambda line: print(line, flush=True))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from simone.monitor.terminal import print_status
+    from rich.console import Console
 
-    return print_status(Path(args.run) if args.run else None, runs_root=Path(args.runs)) or 0
+    from simone.monitor.terminal import status_report
+
+    code, lines = status_report(Path(args.run) if args.run else None, runs_root=Path(args.runs))
+    Console(highlight=False).print(*lines, sep="\n")
+    return code
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from simone.workflows import bench
 
     common = dict(preset=args.preset or DEFAULT_PRESET, threads=args.threads, json_path=args.json)
@@ -377,16 +421,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.kind == "prep":
             if not args.corpus:
                 raise CLIError("simone bench prep: give --corpus DIR (e.g. ../shared/corpus)")
-            bench.bench_prep(Path(args.corpus), **common)
-            return 0
-        options = dict(repeats=args.repeats, device=args.device, dtypes=args.dtype or None,
-                       compile=not args.no_compile, **common)
-        if args.kind == "train":
-            bench.bench_train(**options)
+            result = bench.bench_prep(Path(args.corpus), **common)
         else:
-            bench.bench_generate(**options)
+            run = bench.bench_train if args.kind == "train" else bench.bench_generate
+            result = run(repeats=args.repeats, device=args.device, dtypes=args.dtype or None,
+                         compile=not args.no_compile, say=lambda line: print(line, flush=True), **common)
     except bench.BenchError as e:
         raise CLIError(str(e)) from e
+    console = Console(width=max(150, shutil.get_terminal_size().columns))  # the tables are wide
+    for table in bench.tables(result):
+        console.print(table)
     return 0
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, get_type_hints
 
 from simone.errors import SimoneError
+from simone.rundir import atomic_write_text
 
 
 class ConfigError(SimoneError, ValueError):
@@ -474,6 +475,4 @@ def load_config(path: str | Path) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from simone.rundir import atomic_write_text
-
     atomic_write_text(Path(path), cfg.to_json() + "\n")

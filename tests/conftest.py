@@ -54,7 +54,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def template(tmp_path_factory) -> Path:
     """A prepared tiny run directory (tokenizer + shards); tests copy it with `new_run`."""
-    from test_train_support import prepared_template
+    from train_support import prepared_template
 
     return prepared_template(tmp_path_factory.mktemp("train_template"))
 

@@ -30,7 +30,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.test_curate_helpers import book, meta, write_doc
+from tests.curate_helpers import book, meta, write_doc
 
 SECRET = "hostile-corpus-secret-5b1e9d"  # in every file outside the corpus; must never be read
 KEPT = "kept"  # expected "reason" for a file that must be kept with no problem

@@ -8,9 +8,11 @@ import math
 
 import pytest
 
-from simone.workflows.ablate import (FIGURES, GUIDANCE_REFERENCE, NO_DIFFERENCE, VARIANTS, AblationSettings, ablation_markdown, ablation_svg,
-                           check_variants, paired_difference, reading, steps_for_budget, summarize, summarize_runs,
-                           variant_config, variant_settings)
+from simone.workflows.ablate import (VARIANTS, AblationSettings, check_variants, steps_for_budget, variant_config,
+                                    variant_settings)
+from simone.workflows.ablation_report import ablation_markdown, ablation_svg
+from simone.workflows.ablation_stats import (FIGURES, GUIDANCE_REFERENCE, NO_DIFFERENCE, paired_difference, reading,
+                                           summarize, summarize_runs)
 from simone.config import preset
 from simone.cli import main
 
@@ -327,7 +329,7 @@ def test_the_step_probe_times_the_configured_optimizer_under_the_training_autoca
 
 
 def test_seeds_to_resolve_a_difference_follow_from_its_spread():
-    from simone.workflows.ablate import seeds_to_resolve, t_quantile
+    from simone.workflows.ablation_stats import seeds_to_resolve, t_quantile
 
     diff = summarize([0.01, -0.002, 0.013])  # 3 seeds: its interval includes zero
     assert diff["ci95"][0] < 0 < diff["ci95"][1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from simone.train.callbacks import Callback, LogStats, default_callbacks
 from simone.train.distributed import dist_env_from_environ
 from simone.train.trainer import Trainer
-from test_train_support import losses_by_step, new_run
+from train_support import losses_by_step, new_run
 
 
 class Recorder(Callback):

@@ -80,7 +80,7 @@ def test_sidecar_errors_and_header_parsing(tmp_path):
 def test_file_names_that_are_not_utf8_are_read_and_reported(tmp_path):
     from simone.config import preset
     from simone.data.curate import curate
-    from tests.test_curate_helpers import book, read_jsonl
+    from tests.curate_helpers import book, read_jsonl
 
     d = tmp_path / "corpus" / "dom" / "sub"
     d.mkdir(parents=True)

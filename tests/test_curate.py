@@ -13,7 +13,7 @@ import pytest
 
 from simone.config import preset
 from simone.data.curate import CorpusError, curate, print_summary
-from tests.test_curate_helpers import book, meta, prose, read_jsonl, write_doc
+from tests.curate_helpers import book, meta, prose, read_jsonl, write_doc
 
 GOOD = [  # (rel path, title, author, seed)
     ("poetry/lyric/morning-songs.txt", "Morning Songs", "Ada Winter", 1),

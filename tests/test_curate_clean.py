@@ -8,7 +8,7 @@ import pytest
 
 from simone.data.clean import DecodeProblem, clean_text, decode_bytes, is_stub
 from simone.data.labels import check_label
-from tests.test_curate_helpers import book
+from tests.curate_helpers import book
 
 BOOK = book("The Salt Road", "Wren Ashby", 11, 1200).strip().replace("\n\n\n", "\n\n")
 LICENSE = ("Project Gutenberg-tm is synonymous with the free distribution of electronic works.\n"

@@ -16,7 +16,7 @@ import pytest
 from simone.config import preset
 from simone.data.curate import curate, print_summary
 from tests.hostile_corpus import KEPT, SECRET, build_hostile_corpus, remove_tree, snapshot
-from tests.test_curate_helpers import book, meta, read_jsonl, write_doc
+from tests.curate_helpers import book, meta, read_jsonl, write_doc
 
 TIME_BOUND_S = 60.0  # generous: the stage takes a few seconds here
 # far below the default: a regression to a quadratic regex fails fast (timed_out), not hangs
@@ -250,15 +250,19 @@ def test_a_folder_that_cannot_be_listed_gets_a_line(tmp_path, monkeypatch):
 def test_status_prints_run_names_that_look_like_markup(tmp_path):
     from rich.console import Console
 
-    from simone.monitor.terminal import print_status
+    from simone.monitor.terminal import status_report
     from tests.test_monitor_api import make_run
 
     make_run(tmp_path, "[@click=x]notes", "finished")  # (a name cannot hold the "[/" that crashes)
     make_run(tmp_path, "[bold]x", "running")
     console = Console(record=True, width=120, color_system=None)
-    assert print_status(None, tmp_path, console=console) == 0
+    code, lines = status_report(None, tmp_path)
+    console.print(*lines, sep="\n")
+    assert code == 0
     out = console.export_text()
     assert "[@click=x]notes" in out and "[bold]x" in out
     console = Console(record=True, width=120, color_system=None)
-    assert print_status("nope[/]", tmp_path, console=console) == 1
+    code, lines = status_report("nope[/]", tmp_path)
+    console.print(*lines, sep="\n")
+    assert code == 1
     assert "nope[/]" in console.export_text()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from simone.data.dedup import WordHasher
 from simone.data.quality import DocTokens, assess
-from tests.test_curate_helpers import prose
+from tests.curate_helpers import prose
 
 
 def _assess(text: str, relax: float = 0.0, window: int = 2000):

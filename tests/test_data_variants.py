@@ -11,7 +11,8 @@ import pytest
 
 from simone.cli import main
 from simone.data.documents import read_documents
-from simone.workflows.ablate import AblationSettings, check_variants, dose_response
+from simone.workflows.ablate import AblationSettings, check_variants
+from simone.workflows.ablation_report import dose_response
 from simone.workflows.data_variants import DataVariantError, mix_documents
 
 NAMES = {"scripture": ["Moses", "Aaron", "Joshua", "Samuel"], "history": ["Lincoln", "Madison", "Hamilton", "Jefferson"],

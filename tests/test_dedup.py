@@ -18,7 +18,7 @@ from simone.data.dedup import (
     word_hashes,
 )
 from simone.data.split import assign_splits
-from tests.test_curate_helpers import prose
+from tests.curate_helpers import prose
 
 
 def _sig(text: str, perms, hasher=None):

@@ -21,7 +21,7 @@ from simone.model import build_model
 from simone.rundir import RunDir
 from simone.train.distributed import DistributedConfigError, split_batch
 from simone.train.metrics import gpu_peak_flops, mfu
-from test_train_support import (
+from train_support import (
     losses_by_step,
     new_run,
     prepared_template,

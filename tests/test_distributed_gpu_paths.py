@@ -16,7 +16,7 @@ from simone.train.metrics import peak_flops
 from simone.train.optim import build_optimizer, optimizer_skips_on_device
 from simone.train.precision import autocast_dtype
 from simone.train.trainer import train
-from test_train_support import losses_by_step, new_run
+from train_support import losses_by_step, new_run
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 STEPS = dict(max_steps=4, eval_every=100, checkpoint_every=100, log_every=1)

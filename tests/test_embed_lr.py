@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train_support import losses_by_step, straight_and_resumed
+from train_support import losses_by_step, straight_and_resumed
 
 from simone.config import preset
 from simone.model import build_model

@@ -15,7 +15,7 @@ from simone.cli import main
 from simone.inference.hf_folder import export_hf
 from simone.train.trainer import train
 from test_data_variants import make_sentence_corpus
-from test_train_support import new_run
+from train_support import new_run
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from simone.faults import Faults
 from simone.lock import LOCK_NAME, RunLock, RunLockedError
 from simone.train.schedule import lr_at
 from simone.train.trainer import TrainingError, train
-from test_train_support import new_run, read_metrics
+from train_support import new_run, read_metrics
 
 
 def events(run, name):

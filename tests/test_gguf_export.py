@@ -251,7 +251,7 @@ def _sharp_run(template, dest, arch: str):
     from simone.config import save_config
     from simone.model import build_model
     from simone.checkpoint import save_checkpoint
-    from test_train_support import new_run
+    from train_support import new_run
 
     cfg, run = new_run(template, dest)
     cfg.model.arch = arch

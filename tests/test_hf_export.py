@@ -22,7 +22,7 @@ from simone.model import build_model
 from simone.inference.package import package_run
 from simone.rundir import RunDir
 from simone.checkpoint import save_checkpoint
-from test_train_support import new_run
+from train_support import new_run
 
 pytest.importorskip("transformers")
 

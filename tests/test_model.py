@@ -275,6 +275,16 @@ def test_top_k_top_p_and_temperature():
     assert len(set(hot.flatten().tolist())) == 5  # a high temperature flattens the distribution
 
 
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_a_top_p_that_rounds_to_zero_in_float32_keeps_the_most_likely_token(top_k):
+    # found by the serve fuzz: top_p=1e-46 became 0 in float32, dropped every token and sampled NaN
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    assert torch.isfinite(filter_logits(logits, top_p=1e-46)).tolist() == [[True, False, False, False, False]]
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next_token(logits.expand(50, -1), 1.0, top_k=top_k, top_p=1e-46, generator=g)
+    assert set(draws.flatten().tolist()) == {0}
+
+
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
 def test_fused_output_loss_matches_the_plain_path(autocast):
     from simone.model.loss import LinearCrossEntropy, linear_cross_entropy

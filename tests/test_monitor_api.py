@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from simone.monitor import MonitorError, create_app
+from simone.monitor import MonitorError, create_dashboard_app
 from simone.monitor.server import check_bind, dashboard_url
 from simone.rundir import RunDir, append_jsonl, atomic_write_json
 
@@ -48,7 +48,7 @@ def runs_root(tmp_path: Path) -> Path:
 
 def client(root: Path, **kw) -> TestClient:
     # the dashboard answers only to its own names (DNS-rebinding guard), not to "testserver"
-    return TestClient(create_app(runs_root=root, **kw), base_url="http://127.0.0.1:5001")
+    return TestClient(create_dashboard_app(runs_root=root, **kw), base_url="http://127.0.0.1:5001")
 
 
 def test_states_of_live_finished_failed_and_stalled_runs(runs_root: Path) -> None:
@@ -248,7 +248,7 @@ def test_dashboard_never_writes_into_the_run(runs_root: Path) -> None:
 def test_single_run_mode_and_compare(runs_root: Path) -> None:
     make_run(runs_root, "a", steps=10)
     make_run(runs_root, "b", steps=20)
-    single = TestClient(create_app(run_dir=runs_root / "a"), base_url="http://localhost:5001")
+    single = TestClient(create_dashboard_app(run_dir=runs_root / "a"), base_url="http://localhost:5001")
     names = [r["name"] for r in single.get("/api/runs").json()["runs"]]
     assert names == ["a"]
     assert single.get("/api/runs/b").status_code == 404  # a sibling is not served
@@ -262,11 +262,11 @@ def test_run_monitor_generates_a_token_off_loopback(monkeypatch, capsys) -> None
 
     calls = []
     monkeypatch.setattr(serve_mod, "serve", lambda **kw: calls.append(kw))
-    serve_mod.run_monitor(Path("runs"), None, host="0.0.0.0", port=5002, token=None)
+    serve_mod.run_monitor(Path("runs"), None, host="0.0.0.0", port=5002, token=None, say=print)
     token = calls[0]["token"]
     assert token and len(token) >= 16 and calls[0]["host"] == "0.0.0.0"
     assert f":5002/?token={token}" in capsys.readouterr().out
-    serve_mod.run_monitor(Path("runs"), None, host="127.0.0.1", port=5001, token=None)
+    serve_mod.run_monitor(Path("runs"), None, host="127.0.0.1", port=5001, token=None, say=print)
     assert calls[1]["token"] is None and "http://127.0.0.1:5001/\n" in capsys.readouterr().out
 
 
@@ -297,17 +297,17 @@ def test_requests_naming_another_host_get_421(runs_root: Path) -> None:
 def test_host_check_comes_before_the_token_and_allows_the_bound_host(runs_root: Path) -> None:
     make_run(runs_root, "r")
     auth = {"Authorization": "Bearer tok"}
-    lan = TestClient(create_app(runs_root=runs_root, token="tok", host="192.168.1.20"))
+    lan = TestClient(create_dashboard_app(runs_root=runs_root, token="tok", host="192.168.1.20"))
     assert lan.get("/api/runs", headers={**auth, "Host": "192.168.1.20:5001"}).status_code == 200
     assert lan.get("/api/runs", headers={**auth, "Host": "localhost:5001"}).status_code == 200
     assert lan.get("/api/runs", headers={**auth, "Host": "evil.example:5001"}).status_code == 421
     assert lan.get("/", params={"token": "tok"}, headers={"Host": "evil.example"}, follow_redirects=False).status_code == 421
     assert lan.get("/api/runs", headers={"Host": "192.168.1.20"}).status_code == 401  # right host, no token
-    named = TestClient(create_app(runs_root=runs_root, token="tok", host="gpu-box.lan"))
+    named = TestClient(create_dashboard_app(runs_root=runs_root, token="tok", host="gpu-box.lan"))
     assert named.get("/api/runs", headers={**auth, "Host": "gpu-box.lan:5001"}).status_code == 200
     assert named.get("/api/runs", headers={**auth, "Host": "192.168.1.20:5001"}).status_code == 421
     # all interfaces: any address and the machine's name (what `simone monitor` prints), no other name
-    wild = TestClient(create_app(runs_root=runs_root, token="tok", host="0.0.0.0"))
+    wild = TestClient(create_dashboard_app(runs_root=runs_root, token="tok", host="0.0.0.0"))
     assert wild.get("/api/runs", headers={**auth, "Host": "10.1.2.3:5001"}).status_code == 200
     assert wild.get("/api/runs", headers={**auth, "Host": f"{socket.gethostname()}:5001"}).status_code == 200
     assert wild.get("/api/runs", headers={**auth, "Host": "evil.example:5001"}).status_code == 421
@@ -364,7 +364,7 @@ def test_hostile_metrics_lines_are_counted_bad_not_fatal(runs_root: Path) -> Non
 
 
 def test_two_broken_lines_that_join_into_valid_json_are_both_bad(runs_root: Path) -> None:
-    from simone.monitor.runs import parse_lines
+    from simone.monitor.metrics_tail import parse_lines
 
     halves = [b'{"kind": "train", "step": 1, "loss": 1.0}, {"kind": "train", "step": 2, "loss": [1',
               b'2]}']

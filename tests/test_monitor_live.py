@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from simone.monitor import runs as runs_mod
 from simone.monitor import start_background_monitor
-from simone.monitor.runs import RunWatch
+from simone.monitor import watch as runs_mod
+from simone.monitor.watch import RunWatch
 from simone.rundir import append_jsonl
 from tests.test_monitor_api import make_run
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from simone.monitor.downsample import MinMaxSeries
-from simone.monitor.runs import FileTail, flatten_row, read_tail_lines
+from simone.monitor.metrics_tail import FileTail, flatten_row, read_tail_lines
 
 
 def test_series_stays_bounded_and_keeps_extremes() -> None:
@@ -66,7 +66,7 @@ def test_tail_reads_big_files_in_bounded_chunks(tmp_path) -> None:
 
 
 def test_an_overlong_line_is_dropped_whole_not_read_from_its_middle(tmp_path, monkeypatch) -> None:
-    from simone.monitor import runs as runs_mod
+    from simone.monitor import metrics_tail as runs_mod
 
     monkeypatch.setattr(runs_mod, "MAX_PENDING_BYTES", 1000)
     path = tmp_path / "m.jsonl"
@@ -104,7 +104,7 @@ def test_tiny_series_return_every_point(n: int) -> None:
 
 
 def test_bulk_column_path_matches_row_by_row_path() -> None:
-    from simone.monitor.runs import _MetricsIndex
+    from simone.monitor.metrics_tail import MetricsIndex as _MetricsIndex
 
     rng = np.random.default_rng(2)
     rows = []

@@ -6,13 +6,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from simone.monitor.terminal import print_status
+from simone.monitor.terminal import status_report
 from tests.test_monitor_api import make_run
 
 
 def render(run, root: Path) -> tuple[int, str]:
     console = Console(record=True, width=120, color_system=None)
-    code = print_status(run, root, console=console)
+    code, lines = status_report(run, root)
+    console.print(*lines, sep="\n")
     return code, console.export_text()
 
 

@@ -18,7 +18,7 @@ from simone.train.optim import (
     set_lr,
 )
 from simone.train.trainer import train
-from test_train_support import losses_by_step, new_run, read_metrics, straight_and_resumed
+from train_support import losses_by_step, new_run, read_metrics, straight_and_resumed
 
 
 def tiny_model(arch: str = "llama") -> torch.nn.Module:

@@ -22,7 +22,7 @@ from simone.data.curate import curate
 from simone.data.shards import build_shards
 from simone.data.status import file_status
 from simone.data.tokenizer import CHUNK_CHARS, MAX_RUN_CHARS, train_tokenizer
-from tests.test_curate_helpers import book, meta, prose, read_jsonl, write_doc
+from tests.curate_helpers import book, meta, prose, read_jsonl, write_doc
 from tests.test_tokenizer import make_text, write_documents
 
 PROPERTY = settings(max_examples=40, deadline=None, database=None,

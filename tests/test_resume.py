@@ -15,7 +15,7 @@ import pytest
 
 from simone.rundir import RunDir
 from simone.lock import LOCK_NAME
-from test_train_support import (
+from train_support import (
     losses_by_step,
     new_run,
     prepared_template,

@@ -15,7 +15,7 @@ from simone.cli import main
 from simone.inference.load import load_model
 from simone.train.trainer import train
 from test_faults import hold_lock
-from test_train_support import new_run, subprocess_env
+from train_support import new_run, subprocess_env
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, str]]:

@@ -21,20 +21,10 @@ httpx = pytest.importorskip("httpx")
 from simone.config import Config, ModelConfig, TokenizerConfig  # noqa: E402
 from simone.inference.generate import stream_tokens  # noqa: E402
 from simone.inference.load import load_model  # noqa: E402
-from simone.inference.serve import (  # noqa: E402
-    _DONE,
-    CHAT_STOP,
-    Job,
-    ModelWorker,
-    Piece,
-    Sampling,
-    ServeError,
-    StopText,
-    check_bind,
-    render_chat,
-    start_background_server,
-    token_bytes,
-)
+from simone.inference.decoding import StopText  # noqa: E402
+from simone.inference.model_worker import _DONE, Job, ModelWorker, Piece, Sampling  # noqa: E402
+from simone.inference.openai_api import CHAT_STOP, render_chat, token_bytes  # noqa: E402
+from simone.inference.serve import ServeError, check_bind, start_background_server  # noqa: E402
 from simone.model import build_model  # noqa: E402
 
 CONTEXT = 64

@@ -18,7 +18,7 @@ from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
 from simone.inference.load import load_model  # noqa: E402
-from simone.inference.serve import ServeLimits, create_app, start_background_server  # noqa: E402
+from simone.inference.serve import ServeLimits, create_api_app, start_background_server  # noqa: E402
 from test_serve import make_model_dir  # noqa: E402
 
 MODEL = "tiny-model"
@@ -135,7 +135,7 @@ requests = (st.tuples(st.just("/v1/completions"), body_with("prompt", prompts))
 
 @pytest.fixture(scope="module")
 def app_client(loaded):
-    with TestClient(create_app(loaded, limits=LIMITS), base_url="http://127.0.0.1") as client:
+    with TestClient(create_api_app(loaded, limits=LIMITS), base_url="http://127.0.0.1") as client:
         yield client
 
 

@@ -19,14 +19,14 @@ httpx = pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from simone.inference import serve  # noqa: E402
+from simone.inference import model_worker, serve  # noqa: E402
 from simone.inference.load import load_model  # noqa: E402
+from simone.inference.openai_api import longest_token_chars  # noqa: E402
 from simone.inference.serve import (  # noqa: E402
     ServeError,
     ServeLimits,
     check_bind,
-    create_app,
-    longest_token_chars,
+    create_api_app,
     start_background_server,
 )
 from simone.model.sampling import GREEDY_BELOW, sample_next_token  # noqa: E402
@@ -48,7 +48,7 @@ def loaded(model_dir):
 
 def app_client(loaded, **kwargs) -> TestClient:
     """An in-process client that names the server as a browser on this machine would."""
-    return TestClient(create_app(loaded, **kwargs), base_url="http://127.0.0.1:8000")
+    return TestClient(create_api_app(loaded, **kwargs), base_url="http://127.0.0.1:8000")
 
 
 def assert_openai_error(r, status: int, code: str | None = None, param: str | None = None) -> dict:
@@ -67,7 +67,7 @@ def assert_openai_error(r, status: int, code: str | None = None, param: str | No
 def tokens_sampled(monkeypatch):
     """Slow the model down to TOKEN_DELAY_S a token and count the tokens it samples."""
     count = [0]
-    real = serve.sample_tokens
+    real = model_worker.sample_tokens
 
     def slow_sample_tokens(*args, **kwargs):
         for step in real(*args, **kwargs):
@@ -75,7 +75,7 @@ def tokens_sampled(monkeypatch):
             time.sleep(TOKEN_DELAY_S)
             yield step
 
-    monkeypatch.setattr(serve, "sample_tokens", slow_sample_tokens)
+    monkeypatch.setattr(model_worker, "sample_tokens", slow_sample_tokens)
     return count
 
 
@@ -116,7 +116,7 @@ def test_a_host_header_naming_another_server_gets_421_before_anything_runs(loade
         for host in ["localhost:8000", "127.0.0.1:8000", "[::1]:8000", "LocalHost"]:
             assert c.get("/v1/models", headers={"Host": host}).status_code == 200, host
     # the host check comes before the key, and a server bound to all interfaces takes any address
-    with TestClient(create_app(loaded, api_key="k", host="0.0.0.0")) as c:
+    with TestClient(create_api_app(loaded, api_key="k", host="0.0.0.0")) as c:
         auth = {"Authorization": "Bearer k"}
         assert c.get("/v1/models", headers={**auth, "Host": "10.1.2.3:8000"}).status_code == 200
         assert_openai_error(c.get("/v1/models", headers={"Host": "evil.example"}), 421)
@@ -313,9 +313,9 @@ def test_a_server_fault_reaches_the_log_but_never_the_client(loaded, monkeypatch
         raise RuntimeError(secret)
         yield  # a generator, as run_job is
 
-    monkeypatch.setattr(serve, "run_job", broken_job)
+    monkeypatch.setattr(model_worker, "run_job", broken_job)
     body = {"model": MODEL, "prompt": "sun", "max_tokens": 3}
-    with TestClient(create_app(loaded), base_url="http://127.0.0.1", raise_server_exceptions=False) as c:
+    with TestClient(create_api_app(loaded), base_url="http://127.0.0.1", raise_server_exceptions=False) as c:
         r = c.post("/v1/completions", json=body)
         err = assert_openai_error(r, 500)
         assert err["type"] == "server_error" and "alice" not in r.text and "RuntimeError" not in r.text
@@ -326,7 +326,7 @@ def test_a_server_fault_reaches_the_log_but_never_the_client(loaded, monkeypatch
         assert events[-1]["error"]["type"] == "server_error" and r.text.endswith("data: [DONE]\n\n")
     assert secret in caplog.text and "Traceback" in caplog.text  # the server's log has it all
     # the non-streaming fault is raised on to the ASGI server, which logs it with its traceback
-    with TestClient(create_app(loaded), base_url="http://127.0.0.1") as c, pytest.raises(RuntimeError, match="alice"):
+    with TestClient(create_api_app(loaded), base_url="http://127.0.0.1") as c, pytest.raises(RuntimeError, match="alice"):
         c.post("/v1/completions", json=body)
 
 
@@ -338,7 +338,7 @@ def test_a_key_that_could_never_match_is_refused_at_start(loaded, model_dir, cap
     with pytest.raises(ServeError, match=r"\(--api-key or SIMONE_API_KEY\): use printable ASCII"):
         check_bind("127.0.0.1", key)
     with pytest.raises(ServeError, match="--api-key"):
-        create_app(loaded, api_key=key)
+        create_api_app(loaded, api_key=key)
     from simone.cli import main
 
     assert main(["serve", "--model", str(model_dir), "--api-key", key]) == 2

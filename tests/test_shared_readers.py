@@ -12,7 +12,7 @@ import torch
 from simone.cli import build_config, build_parser
 from simone.data.documents import numbered_documents, read_documents, write_documents
 from simone.devices import pick_device
-from simone.monitor.runs import list_checkpoints as monitor_checkpoints
+from simone.monitor.runs import checkpoint_rows as monitor_checkpoints
 from simone.rundir import list_checkpoints, read_json, read_pointer
 from simone.units import format_duration
 

@@ -15,7 +15,7 @@ from simone.train.schedule import lr_at
 from simone.train.schedule import stop_summary
 from simone.train.trainer import Trainer, train
 from simone.inference.validate import validate
-from test_train_support import new_run, read_metrics
+from train_support import new_run, read_metrics
 
 
 class FakeClock:

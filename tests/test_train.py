@@ -13,7 +13,7 @@ from simone.data.shards import TokenShard
 from simone.checkpoint import load_checkpoint, read_pointer, resolve_checkpoint
 from simone.train.metrics import cpu_peak_flops, gpu_peak_flops, mfu
 from simone.train.trainer import TrainResult, train
-from test_train_support import losses_by_step, new_run, read_metrics
+from train_support import losses_by_step, new_run, read_metrics
 
 
 @pytest.fixture(scope="module")

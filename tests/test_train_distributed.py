@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from test_train_support import losses_by_step, new_run, prepared_template, read_metrics, run_training, subprocess_env
+from train_support import losses_by_step, new_run, prepared_template, read_metrics, run_training, subprocess_env
 
 
 SETTINGS = dict(max_steps=6, batch_size=8, grad_accum=2, eval_every=3, checkpoint_every=3)

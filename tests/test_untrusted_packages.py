@@ -22,7 +22,7 @@ from simone.inference.package import package_run
 from simone.rundir import RunDir
 from simone.train.trainer import train
 from simone.inference.validate import validate
-from test_train_support import new_run, subprocess_env
+from train_support import new_run, subprocess_env
 
 
 @pytest.fixture(scope="module")

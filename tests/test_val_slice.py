@@ -17,7 +17,7 @@ from simone.cli import main
 from simone.config import preset
 from simone.data.curate import curate
 from simone.data.split import hold_out_slice
-from tests.test_curate_helpers import book, meta, prose, read_jsonl, write_doc
+from tests.curate_helpers import book, meta, prose, read_jsonl, write_doc
 
 
 def _cfg():

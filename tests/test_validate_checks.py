@@ -13,7 +13,7 @@ from simone.config import ValidateConfig, analytic_param_count, preset
 from simone.model import build_model
 from simone.train.trainer import train
 from simone.inference.validate import distinct_n, diversity, longest_repeated_ngram, validate
-from test_train_support import new_run
+from train_support import new_run
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from simone.cli import main
 from simone.data.tokenizer import MAX_RUN_CHARS, load_tokenizer
 from tests.conftest import make_corpus
-from tests.test_curate_helpers import prose
+from tests.curate_helpers import prose
 
 SPACES = 3_000_000
 

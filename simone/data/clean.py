@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import codecs
 import re
+import sys
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,8 +95,6 @@ def _import_ftfy():
         return ftfy
     except UnicodeDecodeError:
         pass
-    import sys
-
     from future_typing import codec as ft_codec  # the culprit; present when we got here
 
     for _ in range(16):  # it may be registered more than once; stop once no name is hijacked

@@ -32,6 +32,7 @@ original text, kind, before, after) so a person can read what was done.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections import Counter, defaultdict
@@ -41,6 +42,7 @@ from pathlib import Path
 
 from simone.data.split import split_key
 from simone.errors import SimoneError
+from simone.rundir import atomic_write_json, atomic_write_text
 
 KINDS = ("negation", "antonym", "entity")
 FLIP_SHARE = 0.5  # share of a chosen document's sentences with a site that get one change (see above)
@@ -395,10 +397,6 @@ class ContradictedCorpus:
     def write(self, folder: Path) -> None:
         """`contradictions.jsonl` (one change a line, to read what was done) and
         `contradictions.json` (the summary) in `folder`."""
-        import json
-
-        from simone.rundir import atomic_write_json, atomic_write_text
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "contradictions.jsonl",

@@ -66,6 +66,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console, Group
+from rich.markup import escape
+from rich.table import Table
+from tqdm import tqdm
 
 from simone.config import Config
 from simone.data.clean import DecodeProblem, clean_text, decode_bytes, is_stub
@@ -94,11 +98,12 @@ from simone.data.dedup import (
 )
 from simone.data.labels import check_label
 from simone.data.quality import WHITESPACE, DocTokens, assess, passes, whitespace_share
+from simone.data.report import write_report
 from simone.data.status import NOT_DOCUMENTS, file_status
 from simone.data.split import assign_splits, hold_out_slice, min_words_to_hold_out
 from simone.rundir import atomic_write_json, read_json
 
-__all__ = ["CorpusError", "CurateResult", "curate", "print_summary"]
+__all__ = ["CorpusError", "CurateResult", "curate", "print_summary", "summary"]
 
 CURATE_VERSION = 1  # bump when the output of curation changes for the same inputs
 SLICED = "train+val-slice"  # manifest split of a document whose tail is held out for validation
@@ -455,8 +460,6 @@ def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool
         _write_manifest(paths["manifest"], records)
         _write_documents(paths["documents"], records)
         lap("write")
-        from simone.data.report import write_report
-
         write_report(paths["report"], result, records)
         lap("report")
     finally:
@@ -482,8 +485,6 @@ def _run_workers(files: list[SourceFile], st: _Settings, workers: int, progress:
     n = max(1, min(n, len(jobs)))
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=sum(sf.size for sf in files), unit="B", unit_scale=True, desc="curate", file=sys.stderr, leave=False)
     records: list[dict[str, Any]] = []
 
@@ -788,23 +789,19 @@ def _stat_key(path: Path | None) -> tuple[int, int] | None:
 # ----------------------------------------------------------------------------- terminal
 
 
-def print_summary(result: CurateResult, console=None) -> None:
-    """A rich table of what curation did, for the end of the stage.
+def summary(result: CurateResult) -> Group:
+    """What curation did, for the end of the stage: the counts, a rich table by domain, the
+    warnings and where the manifest and report are (rendered by the caller's console).
 
     Every name from the corpus (domains, file names, paths) is escaped: a file called
     `notes[/].md` is Rich markup, and would otherwise crash the summary on every rerun."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    console = console or Console(stderr=False)
     head = "reused previous curation" if result.reused else f"curated in {result.seconds:.1f}s"
     sc = result.status_counts
-    console.print(
+    parts: list = [
         f"[bold]curate[/bold]: {result.files} files, {result.bytes_in / 1e6:.1f} MB, {result.words_in:,} words — "
         f"[green]{sc.get('kept', 0)} kept[/green], [yellow]{sc.get('flagged', 0)} flagged[/yellow], "
         f"[red]{sc.get('quarantined', 0)} quarantined[/red] ({head})"
-    )
+    ]
     table = Table(title="documents and words by domain (words after cleaning; dropped = files left out; "
                         "val slices = held-out tails of training documents)")
     for col in ("domain", "train", "train words", "val", "val slices", "val words", "dropped"):
@@ -814,11 +811,16 @@ def print_summary(result: CurateResult, console=None) -> None:
                       str(d["val"].get("slices", 0)), f"{d['val']['words']:,}", str(d["dropped"]["docs"]))
     table.add_row("[bold]total", str(result.documents_train), f"{result.words_train:,}", str(result.documents_val),
                   str(result.val_slices), f"{result.words_val:,}", "")
-    console.print(table)
-    for warning in result.warnings:
-        console.print(f"[yellow]warning[/yellow]: {escape(warning)}")
+    parts.append(table)
+    parts += [f"[yellow]warning[/yellow]: {escape(warning)}" for warning in result.warnings]
     if result.ignored:
-        console.print(f"not inputs (ignored): {escape(', '.join(result.ignored[:5]))}{' …' if len(result.ignored) > 5 else ''}")
+        parts.append(f"not inputs (ignored): {escape(', '.join(result.ignored[:5]))}{' …' if len(result.ignored) > 5 else ''}")
     if result.reason_counts:
-        console.print("reasons: " + escape(", ".join(f"{k} {v}" for k, v in result.reason_counts.items())))
-    console.print(f"manifest: {escape(result.manifest)}\nreport:   {escape(result.report)}")
+        parts.append("reasons: " + escape(", ".join(f"{k} {v}" for k, v in result.reason_counts.items())))
+    parts.append(f"manifest: {escape(result.manifest)}\nreport:   {escape(result.report)}")
+    return Group(*parts)
+
+
+def print_summary(result: CurateResult, console: Console) -> None:
+    """The `summary` on `console` (the caller's: scripts and tests)."""
+    console.print(summary(result))

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# datasketch is imported where it is used, on purpose: it brings scipy (about 0.4 s to import).
+
 _TOKEN = re.compile(r"[^\W_]+")
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd constant for polynomial n-gram hashing
 

@@ -46,8 +46,11 @@ from typing import Any
 
 from simone.data.contradict import (KINDS, apply_sites, find_sites, name_map_for, name_pool,
                                     sentence_spans)
+from simone.data.documents import numbered_documents, read_documents
 from simone.data.split import split_key
 from simone.errors import SimoneError
+from simone.inference.eval_text import load_scorer, read_text_folder
+from simone.rundir import RunDir, atomic_write_text
 
 SUITE_SCHEMA = 1
 TASKS = ("bpb", "pair", "cloze", "gen")
@@ -98,8 +101,6 @@ def heldout_documents(source: Path) -> list[dict]:
     """The held-out documents under `source`, as {id, domain, text}: a run directory or a
     `documents.jsonl` (its validation split: whole documents and held-out tails, which the run
     never trained on), or a folder of `.txt` files (every file, its domain the first folder)."""
-    from simone.data.documents import read_documents
-    from simone.rundir import RunDir
 
     source = Path(source)
     documents = source if source.is_file() else RunDir(source).documents
@@ -112,8 +113,6 @@ def heldout_documents(source: Path) -> list[dict]:
         if not docs:
             raise SuiteError(f"{documents}: no validation documents to build the suite from")
         return docs
-    from simone.inference.eval_text import read_text_folder
-
     return [{"id": str(f.path.relative_to(source)), "domain": f.domain, "text": f.text}
             for f in read_text_folder(source)]
 
@@ -288,8 +287,6 @@ def build_suite(documents: Iterable[dict], settings: SuiteSettings | None = None
 
 def write_suite(path: Path, items: list[dict]) -> None:
     """The items, one JSON object a line (written atomically)."""
-    from simone.rundir import atomic_write_text
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(path), "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items))
 
@@ -301,8 +298,6 @@ def _json_lines(path: Path, what: str) -> list[tuple[int, Any]]:
     """(line number, value) of each non-blank line of a JSONL file, read by the project's one
     JSONL reader; a file that cannot be read, or a line that is not JSON, raises SuiteError
     naming the file (and the line)."""
-    from simone.data.documents import numbered_documents
-
     try:
         return list(numbered_documents(Path(path)))
     except (OSError, UnicodeDecodeError) as e:
@@ -542,10 +537,7 @@ def evaluate_suite(model_specs: list[str], items: list[dict], device: str = "aut
     """Score each model on the suite's `items`: {schema, counts, models: [score_suite's dict, or
     {model, error} for a model that cannot be loaded or scored: one line, never a traceback]}.
     Every model is loaded before any is scored, so a bad path shows at once."""
-    if load is None:
-        from simone.inference.eval_text import load_scorer
-
-        load = load_scorer
+    load = load or load_scorer
     scorers: list[tuple[str, Any]] = []
     for spec in model_specs:
         try:
@@ -726,8 +718,6 @@ def write_lm_eval_tasks(items: list[dict], folder: Path, prefix: str = "simone")
         tasks.append((f"{prefix}_bpb", "bpb", bpb,
                       {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
                        "num_fewshot": 0}, ["bits_per_byte"]))
-    from simone.rundir import atomic_write_text
-
     names = []
     for name, stem, rows, fields, metrics in tasks:
         data = folder / f"{stem}.jsonl"

@@ -30,7 +30,6 @@ window each model was read with is in the JSON (`window`).
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -39,7 +38,12 @@ import torch
 
 from simone.config import CurateConfig
 from simone.data.corpus import SIDECAR_SUFFIX, CorpusError, UnsafeFile, discover_files, read_regular_file
+from simone.devices import pick_device
 from simone.errors import SimoneError
+from simone.inference.gguf_file import (gguf_document_start, gguf_vocab_size, llama_cpp_available, llama_cpp_logits,
+                                        open_in_llama_cpp)
+from simone.inference.load import load_model
+from simone.rundir import atomic_write_json
 
 SCHEMA = 1
 # Windows longer than this are not read at once: a Hugging Face model may declare a context of
@@ -281,8 +285,6 @@ def simone_scorer(loaded: Any, label: str) -> TorchScorer:
 
 
 def load_simone_scorer(spec: str, device: str) -> Scorer:
-    from simone.inference.load import load_model
-
     return simone_scorer(load_model(Path(spec), device=device), spec)
 
 
@@ -291,13 +293,12 @@ def load_hf_scorer(spec: str, device: str) -> Scorer:
     folder = Path(spec.removeprefix("hf:"))
     if not (folder / "config.json").is_file():
         raise EvalError(f"{folder}: not a Hugging Face model folder (no config.json)")
-    try:
+    try:  # deferred: transformers is optional and slow to import
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
     except ImportError:
         raise EvalError(f"{spec}: needs the transformers package (pip install transformers)") from None
     hf_logging.disable_progress_bar()  # the table is the output
-    from simone.devices import pick_device
 
     dev = pick_device(device)
     # A folder's own Python code (auto_map in its config) is refused, never run and never asked
@@ -351,8 +352,6 @@ class LlamaCppScorer:
         return ([self.start_id] if self.start_id is not None else []) + ids
 
     def nll_bits(self, ids: list[int]) -> float:
-        from simone.inference.gguf_file import llama_cpp_logits
-
         total = 0.0
         for start, end, n_scored in sliding_windows(len(ids), self.context):
             logits = torch.from_numpy(llama_cpp_logits(self.llm, ids[start : end - 1]))
@@ -366,8 +365,6 @@ class LlamaCppScorer:
         return self.llm.detokenize(ids).decode("utf-8", errors="replace")
 
     def greedy(self, ids: list[int], n_tokens: int) -> list[int]:
-        from simone.inference.gguf_file import llama_cpp_logits
-
         out = list(ids)
         for _ in range(n_tokens):
             out.append(int(llama_cpp_logits(self.llm, out[-self.context:])[-1].argmax()))
@@ -380,13 +377,6 @@ def load_gguf_scorer(spec: str, device: str) -> Scorer:
     path = Path(spec.removeprefix("gguf:"))
     if not path.is_file():
         raise EvalError(f"{path}: no such GGUF file")
-    from simone.inference.gguf_file import (
-        gguf_document_start,
-        gguf_vocab_size,
-        llama_cpp_available,
-        open_in_llama_cpp,
-    )
-
     if not llama_cpp_available():
         raise EvalError(f"{path}: scoring a GGUF file needs llama-cpp-python "
                         f"(pip install llama-cpp-python)")
@@ -521,16 +511,12 @@ def refuse_symlinked_json(json_path: Path | None) -> None:
                         f"give the target's own path for --json, or remove the link")
 
 
-def eval_cli(model_specs: list[str], data_dir: Path, json_path: Path | None = None,
-             device: str = "auto") -> int:
-    """`simone eval`: print the table; with `json_path`, also write the result there."""
+def evaluate_and_save(model_specs: list[str], data_dir: Path, json_path: Path | None = None,
+                      device: str = "auto") -> dict[str, Any]:
+    """`simone eval`: `evaluate_models`; with `json_path`, also write the result there."""
     refuse_symlinked_json(json_path)  # before any scoring
     result = evaluate_models(model_specs, data_dir, device)
-    print(format_table(result))
     if json_path is not None:
-        from simone.rundir import atomic_write_json
-
         atomic_write_json(Path(json_path), result)
-        print(f"[json: {json_path}]", file=sys.stderr)
-    return 0
+    return result
 

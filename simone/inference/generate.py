@@ -8,8 +8,8 @@ made (whole characters only) and traces. The decoding itself is the decode engin
 from __future__ import annotations
 
 import json
-import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import torch
 
 from simone.inference.decoding import Guidance, StopText, sample_tokens
 from simone.inference.load import LoadedModel, ModelLoadError, load_model
+from simone.inference.trace_html import write_trace_html
 
 
 @dataclass
@@ -126,45 +127,46 @@ def sample_text(loaded: LoadedModel, prompt: str, max_tokens: int = 100, **kw) -
     return prompt + "".join(stream_tokens(loaded, prompt, max_tokens=max_tokens, **kw))
 
 
-def generate_cli(model_path: Path, prompt: str, max_tokens: int, temperature: float, top_k: int | None,
-                 top_p: float | None, seed: int, stream: bool = True, device: str = "auto",
-                 domain: str | None = None, policy_guidance: float = 0.0, guidance_top_k: int = 8,
-                 trace: Path | None = None, trace_html: Path | None = None,
-                 stream_past_context: bool = False) -> int:
-    loaded = load_model(model_path, device=device)
-    options = GovernanceOptions(domain=domain, policy_guidance=policy_guidance, guidance_top_k=guidance_top_k,
-                                trace=trace is not None or trace_html is not None, stream=stream_past_context)
-    records: list[dict] | None = [] if options.trace else None
-    policy: dict[str, float] = {}
-    t0 = time.perf_counter()
-    token_ids: list[int] = []
-    out = sys.stdout
-    if stream:
-        out.write(prompt)
-        out.flush()
-    pieces = []
-    for piece in stream_tokens(loaded, prompt, max_tokens=max_tokens, temperature=temperature,
-                               top_k=top_k if top_k and top_k > 0 else None,
-                               top_p=top_p if top_p and top_p < 1 else None, seed=seed,
-                               governance=options, trace_records=records, last_policy=policy,
-                               token_ids=token_ids):
-        pieces.append(piece)
-        if stream:
-            out.write(piece)
-            out.flush()
-    if not stream:
-        out.write(prompt + "".join(pieces))
-    out.write("\n")
-    dt = time.perf_counter() - t0
-    n = len(token_ids)
-    print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s]", file=sys.stderr)
-    if policy:  # the policy head's reading of the whole text
-        ranked = sorted(policy.items(), key=lambda kv: -kv[1])
-        print("[policy: " + ", ".join(f"{d} {p:.2f}" for d, p in ranked) + "]", file=sys.stderr)
-    if records is not None:
-        write_trace(loaded, prompt, domain, records, trace, trace_html)
-    loaded.close()
-    return 0
+class Generation:
+    """One `simone generate`: iterate it for the text after the prompt, piece by piece as it
+    is made; when the text ends the traces are written and the model is closed, and
+    `summary()` gives the closing lines (speed, the policy head's reading, where the traces are)."""
+
+    def __init__(self, model_path: Path, prompt: str, max_tokens: int, temperature: float, top_k: int | None,
+                 top_p: float | None, seed: int, device: str = "auto", domain: str | None = None,
+                 policy_guidance: float = 0.0, guidance_top_k: int = 8, trace: Path | None = None,
+                 trace_html: Path | None = None, stream_past_context: bool = False):
+        self.loaded = load_model(model_path, device=device)
+        self.prompt, self.domain, self.trace, self.trace_html = prompt, domain, trace, trace_html
+        self.options = GovernanceOptions(domain=domain, policy_guidance=policy_guidance, guidance_top_k=guidance_top_k,
+                                         trace=trace is not None or trace_html is not None, stream=stream_past_context)
+        self.sampling = dict(max_tokens=max_tokens, temperature=temperature, seed=seed,
+                             top_k=top_k if top_k and top_k > 0 else None, top_p=top_p if top_p and top_p < 1 else None)
+        self.records: list[dict] | None = [] if self.options.trace else None
+        self.policy: dict[str, float] = {}
+        self.token_ids: list[int] = []
+        self.seconds = 0.0
+
+    def __iter__(self) -> Iterator[str]:
+        t0 = time.perf_counter()
+        yield from stream_tokens(self.loaded, self.prompt, governance=self.options, trace_records=self.records,
+                                 last_policy=self.policy, token_ids=self.token_ids, **self.sampling)
+        self.seconds = time.perf_counter() - t0
+        if self.records is not None:
+            write_trace(self.loaded, self.prompt, self.domain, self.records, self.trace, self.trace_html)
+        self.loaded.close()
+
+    def summary(self) -> list[str]:
+        n, dt = len(self.token_ids), self.seconds
+        lines = [f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s]"]
+        if self.policy:  # the policy head's reading of the whole text
+            ranked = sorted(self.policy.items(), key=lambda kv: -kv[1])
+            lines.append("[policy: " + ", ".join(f"{d} {p:.2f}" for d, p in ranked) + "]")
+        if self.trace is not None:
+            lines.append(f"[trace: {self.trace}]")
+        if self.trace_html is not None:
+            lines.append(f"[trace html: {self.trace_html}]")
+        return lines
 
 
 def write_trace(loaded: LoadedModel, prompt: str, domain: str | None, records: list[dict],
@@ -176,11 +178,7 @@ def write_trace(loaded: LoadedModel, prompt: str, domain: str | None, records: l
         with open(jsonl_path, "w", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        print(f"[trace: {jsonl_path}]", file=sys.stderr)
     if html_path is not None:
-        from simone.inference.trace_html import write_trace_html
-
         tok = loaded.tokenizer
         prompt_tokens = [tok.decode([i]) for i in prompt_ids(loaded, prompt, domain)]
         write_trace_html(Path(html_path), prompt_tokens, records, title=f"SIM-ONE trace: {loaded.source}")
-        print(f"[trace html: {html_path}]", file=sys.stderr)

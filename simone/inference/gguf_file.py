@@ -38,8 +38,12 @@ import torch
 
 from simone.config import Config
 from simone.inference.export import ExportError, refuse_writing_over_the_input, to_hf_state_dict
+from simone.inference.load import load_model
 from simone.model.layers import swiglu_hidden_dim
 from simone.rundir import atomic_output
+
+# `gguf` (slow to import) and `llama_cpp` (optional) are imported inside the functions that
+# use them, on purpose: importing this module costs neither.
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for the byte-level GPT-2 split regex, which ours is
@@ -257,8 +261,6 @@ def export_gguf(model_path: Path, out_path: Path, dtype: str = "f32", name: str 
     """`simone export --format gguf`: the model at `model_path` (run dir, checkpoint dir or
     .tar.gz) as one GGUF file `out_path`, matrices in `dtype` (f32, f16, bf16 or q8_0). An
     existing `out_path` is replaced only with `force`; see `check_gguf_out`."""
-    from simone.inference.load import load_model
-
     check_gguf_out(Path(out_path), Path(model_path), force)  # before the model is read: fail fast
     loaded = load_model(Path(model_path), device="cpu")
     name = name or Path(model_path).resolve().name.removesuffix(".tar.gz")

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from simone.config import Config
 from simone.inference.export import ExportError, hf_config_dict, refuse_writing_over_the_input, to_hf_state_dict
+from simone.inference.load import load_model
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
          "generation_config.json", "README.md")
@@ -120,8 +122,6 @@ def write_hf_folder(model: torch.nn.Module, cfg: Config, tokenizer_file: Path, e
     """Write the six files of a Hugging Face folder into `out_dir` (created). A folder that
     holds anything is refused unless `force`; then the six files are replaced and anything
     else there is left as it is. Returns `out_dir`."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     check_out_folder(out_dir, force)
     weights = hf_weights(model)  # refuses what transformers cannot hold, before writing anything
@@ -150,8 +150,6 @@ def export_hf(model_path: Path, out_dir: Path, name: str | None = None, force: b
     """`simone export --format hf`: the model at `model_path` (run dir, checkpoint dir or
     .tar.gz) as a Hugging Face folder `out_dir`; `name` titles the model card. A non-empty
     `out_dir` is written into only with `force`, and never when it is or holds the model."""
-    from simone.inference.load import load_model
-
     out_dir = Path(out_dir)
     refuse_writing_over_the_input(out_dir, Path(model_path))  # before the model is read: fail fast
     check_out_folder(out_dir, force)

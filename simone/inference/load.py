@@ -16,10 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model as load_safetensors
 
+from simone.checkpoint import CheckpointError, check_tokenizer, read_config, resolve_checkpoint, verify_checkpoint
 from simone.config import Config
+from simone.data.tokenizer import load_tokenizer
 from simone.devices import pick_device
 from simone.errors import SimoneError
+from simone.model import build_model
 
 
 class ModelLoadError(SimoneError, RuntimeError):
@@ -146,8 +151,6 @@ def locate_artifacts(path: Path, in_package: bool = False) -> dict[str, Path]:
         raise ModelLoadError(f"{path}: expected a run dir, a checkpoint dir or a .tar.gz package")
 
     if not in_package and (path / "checkpoints").is_dir():  # a run directory
-        from simone.checkpoint import CheckpointError, resolve_checkpoint
-
         try:
             ckpt = resolve_checkpoint(path, ("best", "latest"))
         except CheckpointError:
@@ -186,13 +189,6 @@ def load_model(path: Path, device: str = "auto") -> LoadedModel:
 
 
 def _load(path: Path, unpacked: Path | None, device: str) -> LoadedModel:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model as load_safetensors
-
-    from simone.model import build_model
-    from simone.data.tokenizer import load_tokenizer
-    from simone.checkpoint import CheckpointError, check_tokenizer
-
     files = locate_artifacts(unpacked or path, in_package=unpacked is not None)
     # from elsewhere, so check before use: manifest hashes, config schema, tensor shapes
     cfg = validate_checkpoint(files["checkpoint"])
@@ -222,9 +218,6 @@ def _load(path: Path, unpacked: Path | None, device: str) -> LoadedModel:
 def validate_checkpoint(path: str | Path) -> Config:
     """A checkpoint (or unpacked package) from elsewhere, checked before use (`verify_checkpoint`
     against the model its config describes, built on the `meta` device); returns its Config."""
-    from simone.checkpoint import read_config, verify_checkpoint
-    from simone.model import build_model
-
     def on_meta(cfg: Config) -> torch.nn.Module:
         with torch.device("meta"):
             return build_model(cfg.model)

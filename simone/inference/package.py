@@ -10,6 +10,7 @@ Packaging only reads the run directory; an existing package is never replaced. `
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import math
 import os
@@ -21,9 +22,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+import torch
+
+from simone.checkpoint import CheckpointError, resolve_checkpoint, verify_checkpoint
 from simone.devices import cpu_model
 from simone.errors import SimoneError
+from simone.inference.export import ExportError
+from simone.inference.hf_folder import export_hf
+from simone.inference.load import ModelLoadError
 from simone.rundir import RunDir, atomic_write_json, fsync_dir, read_json, sha256_file
+from simone.progress import Say, quiet
 
 
 class PackageError(SimoneError, RuntimeError):
@@ -44,8 +53,6 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
     out = {"python": platform.python_version()}
     for name in ("torch", "tokenizers", "safetensors", "numpy", "simone-mvlm"):
         try:
@@ -56,9 +63,6 @@ def _versions() -> dict[str, str]:
 
 
 def _hardware() -> dict[str, Any]:
-    import psutil
-    import torch
-
     hw: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(),
                           "ram_gb": round(psutil.virtual_memory().total / 2**30, 1)}
     if torch.cuda.is_available():
@@ -164,18 +168,13 @@ def model_card(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_hf_folder(checkpoint: Path, out_dir: Path, name: str) -> None:
+def _write_hf_folder(checkpoint: Path, out_dir: Path, name: str, say: Say) -> None:
     """The package's `hf/` folder; a model that transformers cannot hold is packaged without
-    one (said on stderr)."""
-    import sys
-
-    from simone.inference.export import ExportError
-    from simone.inference.hf_folder import export_hf
-
+    one (said to `say`)."""
     try:
         export_hf(checkpoint, out_dir, name=name)
     except ExportError as e:
-        print(f"[simone] package: no hf/ folder: {e}", file=sys.stderr)
+        say(f"package: no hf/ folder: {e}")
 
 
 def _readable_member(member: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -185,22 +184,20 @@ def _readable_member(member: tarfile.TarInfo) -> tarfile.TarInfo:
     return member
 
 
-def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best", name: str | None = None) -> Path:
+def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best", name: str | None = None,
+                say: Say = quiet) -> Path:
     """Write `out_dir/NAME.tar.gz` from the run's best (else latest) checkpoint; return its path.
 
     NAME says which model it is: `simone-PRESET-ARCH-RUN-stepN-WEIGHTSHA8` unless given. An
     existing package is never replaced: a name already taken gets a `-2`, `-3`... suffix.
     Nothing is written into the run directory (it may be read-only). `out_dir/NAME.training_summary.json`
     is written beside the tarball (the original layout kept the summary beside the models), and
-    the same summary is inside it, with an `hf/` folder that transformers opens.
+    the same summary is inside it, with an `hf/` folder that transformers opens (a model it
+    cannot hold goes without one, and `say` hears why).
     """
-    from simone.checkpoint import CheckpointError, resolve_checkpoint, verify_checkpoint
-
     try:
         ckpt = resolve_checkpoint(run.root, (checkpoint, "latest"))
     except CheckpointError:
-        from simone.inference.load import ModelLoadError
-
         raise ModelLoadError(f"{run.checkpoints}: no verified checkpoint to package") from None
     ckpt_manifest = verify_checkpoint(ckpt)
     cfg = read_json(run.config, {})
@@ -219,7 +216,7 @@ def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best", name: str 
         shutil.copy2(run.tokenizer, stage / "tokenizer.json")
         (stage / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         (stage / "README.md").write_text(model_card(summary))
-        _write_hf_folder(ckpt, stage / "hf", name)
+        _write_hf_folder(ckpt, stage / "hf", name, say)
         # `files`: the checkpoint manifest format (plain names, what simone loads); `hf_files`:
         # the hf/ copy, which simone never extracts (`verify_hf_folder` checks an unpacked one)
         manifest = {"schema": 1, "step": ckpt_manifest.get("step"),

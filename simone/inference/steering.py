@@ -17,7 +17,11 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+
 from simone.data.documents import read_documents
+from simone.inference.generate import prompt_ids
+from simone.inference.governed import guided_sample_batch
 
 WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 # A sample of N tokens holds about 3/4 N words with our BPE tokenizers on English prose.
@@ -57,6 +61,7 @@ class SteeringJudge:
         self.training_books_accuracy = float("nan")  # set by fit_on_documents
 
     def fit(self, texts: list[str], labels: list[str]) -> SteeringJudge:
+        # deferred: scikit-learn is slow to import and only the ablation's judge needs it
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import SGDClassifier
         from sklearn.pipeline import FeatureUnion, make_pipeline
@@ -162,10 +167,6 @@ def sample_batch(loaded, domain: str, n: int, max_tokens: int, temperature: floa
                  top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0) -> list[str]:
     """`n` continuations of `<|domain:NAME|>` at once: one batch through the model's cached
     `generate` (each row cut at its first end-of-document token)."""
-    import torch
-
-    from simone.inference.generate import prompt_ids
-
     tok = loaded.tokenizer
     ids = prompt_ids(loaded, "", domain)
     idx = torch.tensor([ids] * n, dtype=torch.long, device=loaded.device)
@@ -188,11 +189,6 @@ def guided_batch(loaded, domain: str, n: int, max_tokens: int, guidance_weight: 
     """`n` continuations of `<|domain:NAME|>` drawn at once by the policy-guided sampler
     (`governed.guided_sample_batch`; weight 0: its top-K sampling without the policy), each
     cut at its first end-of-document token."""
-    import torch
-
-    from simone.inference.generate import prompt_ids
-    from simone.inference.governed import guided_sample_batch
-
     tok = loaded.tokenizer
     ids = prompt_ids(loaded, "", domain)
     gen = torch.Generator(device=loaded.device).manual_seed(seed)

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import math
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.table import Table
 
+from simone.checkpoint import CheckpointError, verify_checkpoint
 from simone.config import ValidateConfig, analytic_param_count
 from simone.data.shards import TokenShard
 from simone.inference.evaluate import evaluate_per_domain
+from simone.inference.generate import stream_tokens
+from simone.inference.load import ModelLoadError, load_model
 from simone.rundir import RunDir, atomic_write_json, atomic_write_text, read_json, sha256_file
 
 SAMPLE_PROMPTS = ["The ", "And it came to pass", "What is "]
@@ -82,8 +87,6 @@ def _peak_rss_mb() -> float:
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    import sys
-
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
@@ -136,9 +139,6 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
 
     `bounds`: the generation-speed and peak-memory bounds (default: the model's own config's
     `validate` section, i.e. its preset's)."""
-    from simone.inference.generate import stream_tokens
-    from simone.inference.load import ModelLoadError, load_model
-
     _reset_peak_rss()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -160,8 +160,6 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
         return _finish(report, out_dir)
 
     # integrity: the sha256 of every artifact, checked against its manifest
-    from simone.checkpoint import CheckpointError, verify_checkpoint
-
     try:
         verify_checkpoint(loaded.files["checkpoint"])
         problems = []
@@ -308,16 +306,13 @@ def report_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_report(r: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
+def format_report(r: dict[str, Any]) -> list[Table | str]:
+    """The report for the console: a rich table of the checks, then (plain text) where
+    report.md is."""
     t = Table(title=f"validation: {'PASS' if r['ok'] else 'FAIL'}", show_lines=False)
     t.add_column("check")
     t.add_column("result")
     t.add_column("detail", overflow="fold")
     for c in r["checks"]:
         t.add_row(c["name"], "[green]pass[/]" if c["ok"] else "[red]FAIL[/]", c["detail"])
-    Console(stderr=False).print(t)
-    if r.get("report_dir"):
-        print(f"report: {Path(r['report_dir']) / 'report.md'}")
+    return [t] + ([f"report: {Path(r['report_dir']) / 'report.md'}"] if r.get("report_dir") else [])

@@ -25,11 +25,17 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None,
     if top_p is not None and 0.0 < top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits.float(), dim=-1)
-        # A token is dropped when the tokens before it already reach top_p.
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, nucleus_drop(probs, top_p))
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def nucleus_drop(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Which of the descending `sorted_probs` top-p drops: those whose predecessors already reach
+    top_p. The first is always kept (a top_p that rounds to 0 in float32 would drop it)."""
+    drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+    drop[..., 0] = False
+    return drop
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -53,8 +59,7 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
         top_logits, top_ids = torch.topk(logits, top_k, dim=-1)  # [B, k], descending
         probs = torch.softmax(top_logits, dim=-1)
         if top_p is not None and 0.0 < top_p < 1.0:
-            # As in filter_logits: drop a token when the ones before it already reach top_p.
-            probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+            probs = probs.masked_fill(nucleus_drop(probs, top_p), 0.0)
         choice = torch.multinomial(probs, num_samples=1, generator=generator)
         return top_ids.gather(-1, choice)
     probs = torch.softmax(filter_logits(logits, None, top_p), dim=-1)

@@ -37,14 +37,9 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from simone.local_server import HostCheck
-from simone.monitor.runs import (
-    RunWatch,
-    SummaryCache,
-    clean_json,
-    list_run_dirs,
-    safe_file,
-    unreadable_summary,
-)
+from simone.monitor.metrics_tail import clean_json
+from simone.monitor.runs import SummaryCache, list_run_dirs, safe_file, unreadable_summary
+from simone.monitor.watch import RunWatch
 
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css", "favicon.svg": "image/svg+xml"}
@@ -142,10 +137,7 @@ class Monitor:
         """The run directory called `name`, only if it is one of the listed runs."""
         if not name or "/" in name or "\\" in name or name in (".", ".."):
             return None
-        for p in self.run_paths():
-            if p.name == name:
-                return p
-        return None
+        return next((p for p in self.run_paths() if p.name == name), None)
 
     def watch(self, name: str) -> tuple[RunWatch, Channel] | None:
         with self._lock:
@@ -318,7 +310,7 @@ class SecurityHeaders:
 # ----------------------------------------------------------------------------- the app
 
 
-def create_app(
+def create_dashboard_app(
     runs_root: Path | None = None,
     run_dir: Path | None = None,
     token: str | None = None,

@@ -2,20 +2,21 @@
 training in a background thread (`simone run --monitor`).
 
 Binding rules: loopback (127.0.0.1, ::1, localhost) by default; any other address only
-with a token, and `run_monitor` generates one (and prints the URL with it) if none is given.
+with a token, and `run_monitor` generates one (and says the URL with it) if none is given.
 """
 
 from __future__ import annotations
 
 import secrets
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
 
 from simone.errors import SimoneError
 from simone.local_server import ThreadedServer, is_loopback, start_in_thread
-from simone.monitor.app import create_app
+from simone.monitor.app import create_dashboard_app
 
 
 class MonitorError(SimoneError, RuntimeError):
@@ -42,7 +43,7 @@ def dashboard_url(host: str, port: int, token: str | None) -> str:
 
 
 def _config(app_kwargs: dict, host: str, port: int, log_level: str) -> uvicorn.Config:
-    app = create_app(**app_kwargs, host=host)  # the bound host: other Host headers get 421
+    app = create_dashboard_app(**app_kwargs, host=host)  # the bound host: other Host headers get 421
     return uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False,
         timeout_graceful_shutdown=2, lifespan="on",
@@ -70,14 +71,16 @@ def run_monitor(
     host: str = "127.0.0.1",
     port: int = 5001,
     token: str | None = None,
+    *,
+    say: Callable[[str], None],
 ) -> None:
-    """`simone monitor`: apply the token rules, print the URL, serve until Ctrl-C."""
+    """`simone monitor`: apply the token rules, `say` the URL, serve until Ctrl-C."""
     if not is_loopback(host) and not token:
         token = secrets.token_urlsafe(18)
-        print(f"simone monitor: {host} is not loopback, so access needs a token (generated).")
+        say(f"simone monitor: {host} is not loopback, so access needs a token (generated).")
     what = f"run {run_dir}" if run_dir else f"runs under {Path(runs_root or 'runs').resolve()}"
-    print(f"simone monitor: serving {what}")
-    print(f"simone monitor: open {dashboard_url(host, port, token)}", flush=True)
+    say(f"simone monitor: serving {what}")
+    say(f"simone monitor: open {dashboard_url(host, port, token)}")
     try:
         serve(runs_root=runs_root, run_dir=run_dir, token=token, host=host, port=port)
     except KeyboardInterrupt:

@@ -1,7 +1,7 @@
 """`simone status [RUN]`: the dashboard's essentials in a terminal (for SSH without a browser).
 
 Reads only status.json, config.json and the tail of metrics.jsonl, so it is instant on a
-run of any size.
+run of any size. Builds what to show; the CLI prints it.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from rich import box
-from rich.console import Console
+from rich.console import RenderableType
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from simone.monitor.runs import is_run_dir, list_checkpoints, list_run_dirs, quick_summary
+from simone.monitor.runs import checkpoint_rows, is_run_dir, list_run_dirs, quick_summary
 from simone.units import format_duration
 
 STATE_STYLE = {
@@ -27,11 +27,7 @@ STATE_STYLE = {
 
 def resolve_run(run: Path | str, runs_root: Path) -> Path | None:
     """A run given as a path, or as a name under `runs_root`."""
-    candidates = [Path(run), Path(runs_root) / str(run)]
-    for c in candidates:
-        if is_run_dir(c):
-            return c
-    return None
+    return next((c for c in (Path(run), Path(runs_root) / str(run)) if is_run_dir(c)), None)
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -88,19 +84,18 @@ def status_lines(s: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def print_status(run: Path | None, runs_root: Path, console: Console | None = None,
-                 stall_after_s: float = 60.0) -> int:
-    """Print one run's essentials (RUN given) or a table of all runs under `runs_root`.
+def status_report(run: Path | None, runs_root: Path, stall_after_s: float = 60.0) -> tuple[int, list[RenderableType]]:
+    """One run's essentials (RUN given) or a table of all runs under `runs_root`.
 
-    Returns a process exit code: 0, or 1 if the run was not found."""
-    console = console or Console(highlight=False)
+    Returns a process exit code (0, or 1 if the run was not found) and what to print, in
+    order (strings are rich markup)."""
     now = time.time()
     if run is not None:
         path = resolve_run(run, runs_root)
         if path is None:
-            console.print(f"simone status: {escape(str(run))}: not a run directory (no status.json, config.json or "
-                          f"metrics.jsonl), and no run of that name under {escape(str(runs_root))}", style="red")
-            return 1
+            return 1, [Text.from_markup(f"simone status: {escape(str(run))}: not a run directory (no status.json, "
+                                        f"config.json or metrics.jsonl), and no run of that name under "
+                                        f"{escape(str(runs_root))}", style="red")]
         s = quick_summary(path, now, stall_after_s)
         table = Table(show_header=False, box=None, pad_edge=False)
         table.add_column(style="dim", no_wrap=True)
@@ -108,18 +103,15 @@ def print_status(run: Path | None, runs_root: Path, console: Console | None = No
         for label, value in status_lines(s):
             style = STATE_STYLE.get(s["state"], "") if label == "state" else ("red" if label == "error" else "")
             table.add_row(label, Text(value, style=style))
-        ck = list_checkpoints(path)
+        ck = checkpoint_rows(path)
         if ck:
             best = next((c for c in ck if c["best"]), None)
             table.add_row("checkpoints", f"{len(ck)} (latest step {ck[0]['step']}"
                           + (f", best step {best['step']}" if best else "") + ")")
-        console.print(Text(f"{s['name']}  ", style="bold") + Text(str(path), style="dim"))
-        console.print(table)
-        return 0
+        return 0, [Text(f"{s['name']}  ", style="bold") + Text(str(path), style="dim"), table]
     paths = list_run_dirs(Path(runs_root))
     if not paths:
-        console.print(f"no runs under {escape(str(runs_root))}")
-        return 0
+        return 0, [f"no runs under {escape(str(runs_root))}"]
     table = Table(title=f"runs under {escape(str(runs_root))}", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("run", min_width=12, overflow="fold")
     for col in ("state", "step", "progress", "ETA", "loss", "val loss", "tok/s"):
@@ -133,5 +125,4 @@ def print_status(run: Path | None, runs_root: Path, console: Console | None = No
             format_duration(s.get("eta_s")) if s["state"] == "running" else "–",
             _fmt(s.get("loss")), _fmt(s.get("val_loss")), fmt_rate(s.get("tokens_per_s")),
         )
-    console.print(table)
-    return 0
+    return 0, [table]

@@ -38,7 +38,9 @@ from typing import TYPE_CHECKING
 
 from simone.config import Config, ModelConfig, analytic_param_count
 
-if TYPE_CHECKING:  # torch is imported where a probe runs: the shape rule needs none
+# torch, and the modules that import it (model, optim, precision, distributed), are imported
+# where a probe runs, on purpose: the shape rule needs none of them.
+if TYPE_CHECKING:
     import torch
 
 ASPECT_RATIO = 64  # width per layer, as nanochat

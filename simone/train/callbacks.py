@@ -34,6 +34,7 @@ from simone.data.tokenizer import load_tokenizer
 from simone.faults import Faults
 from simone.train.distributed import barrier
 from simone.train.state import save_train_checkpoint
+from simone.train.system_stats import SystemSampler
 from simone.units import format_duration
 
 SAMPLE_PROMPT = "In the beginning"
@@ -149,8 +150,6 @@ class RunStatus(Callback):
         t = trainer
         sampler: Any = None
         try:
-            from simone.train.system_stats import SystemSampler
-
             sampler = SystemSampler(t.run.root, gpus=t.device.type == "cuda")
         except Exception as e:  # noqa: BLE001 - system rows are optional; training is not
             t.run.log_line(f"system stats disabled ({type(e).__name__}: {e})")

@@ -24,13 +24,19 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from simone.devices import pick_device
 from simone.errors import SimoneError
+from simone.model.governance import uses_policy
+
+# torch.distributed.fsdp and torch.distributed.checkpoint are imported where they are used, on
+# purpose: each takes about half a second to import, and only sharded runs need them.
 
 PARALLEL_MODES = ("ddp", "fsdp")
 
@@ -77,8 +83,6 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: float | None
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    from datetime import timedelta
-
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                             timeout=None if timeout_s is None else timedelta(seconds=timeout_s))
 
@@ -191,8 +195,6 @@ def wrap_model(model: torch.nn.Module, env: DistEnv, device: torch.device, mode:
             fully_shard(block)
         fully_shard(model)
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                find_unused_parameters=has_unreached_parameters(getattr(model, "cfg", None)))
 
@@ -201,8 +203,6 @@ def has_unreached_parameters(cfg: Any) -> bool:
     """True when some parameters get no gradient from the training loss: a policy head whose
     loss weights are both 0 (it then only reads along). DDP must be told, or it waits for
     their gradients forever; finding them costs a graph walk per step, so only then."""
-    from simone.model.governance import uses_policy
-
     return bool(cfg is not None and uses_policy(cfg)
                 and cfg.policy_loss_weight == 0 and cfg.coherence_weight == 0)
 

@@ -13,6 +13,7 @@ once per process with a short matmul probe in the training dtype.
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import threading
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from simone.rundir import RunDir, append_jsonl
 
@@ -109,8 +111,6 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> floa
 def train_rates(metrics_path: Path) -> list[float]:
     """The tokens/s of every logging interval in a run's metrics.jsonl (`MetricsLogger.train`
     rows), in order; the first holds compilation and warm-up."""
-    import json
-
     rates = []
     if Path(metrics_path).exists():
         for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
@@ -160,7 +160,7 @@ class MetricsLogger:
         self._lock = threading.Lock()  # the heartbeat thread writes system rows
         self._tb = None
         if enabled and tensorboard:
-            try:
+            try:  # deferred: TensorBoard is optional and slow to import
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(log_dir=str(run.root / "tensorboard"))
@@ -238,8 +238,6 @@ class MetricsLogger:
         if not self._show_bar:
             return
         if self._bar is None:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
         if total != self._bar.total:
             self._bar.total = total

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from simone.config import TrainConfig
 from simone.train.distributed import DistEnv, wrap_model
@@ -17,8 +18,6 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each transformer block's activations in the backward pass instead of storing
     them (less memory, ~1/3 more compute). Applied from outside, like compile and DDP: the
     block's `forward` is wrapped in place, so parameter names (and checkpoints) are unchanged."""
-    from torch.utils.checkpoint import checkpoint
-
     for block in model.layers:
         def forward(*args: Any, _forward: Any = block.forward, **kwargs: Any) -> Any:
             if torch.is_grad_enabled():

@@ -25,7 +25,7 @@ GB = 1024**3
 def _nvml() -> Any | None:
     """The initialised `pynvml` module, or None when NVML is unavailable."""
     try:
-        import pynvml
+        import pynvml  # deferred: optional; only machines with NVIDIA GPUs have NVML
     except Exception:
         return None
     try:

@@ -48,21 +48,19 @@ the clean held-out documents, which no variant trained on (every window, or
 regression judge fitted on the training split, samples made with `--domain X`), and for
 models with a policy head the policy-guided sampler with weight W and with W = 0 (their paired
 difference is what the policy adds); policy accuracy; streaming perplexity of a
-long validation text (Llama-style models); training tokens/s. Per variant, each figure is
-summarised over seeds as mean, std and a 95% t-interval; differences against the plain model
-are paired by seed, and one whose interval includes zero reads "no measurable difference".
+long validation text (Llama-style models); training tokens/s. Their statistics over seeds:
+`simone.workflows.ablation_stats`; the report (ablation.md, ablation.svg): `ablation_report`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import re
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,11 +71,18 @@ import torch
 
 from simone import __version__
 from simone.checkpoint import list_checkpoints
-from simone.config import Config
+from simone.config import Config, apply_overrides
 from simone.data.documents import read_documents, write_documents
+from simone.data.loader import BatchLoader, eval_windows
+from simone.data.shards import INDEX_FILE, TokenShard, build_shards
+from simone.train.metrics import train_rates
+from simone.workflows.ablation_report import ablation_markdown, ablation_svg
+from simone.workflows.ablation_stats import summarize_runs
 from simone.workflows.data_variants import BASE as DATA_BASE
 from simone.workflows.data_variants import DataVariant, HeldOut, parse_data_variant, prepare_data_variant
+from simone.workflows.pipeline import stage_curate, stage_tokenizer
 from simone.rundir import RunDir, atomic_write_json, atomic_write_text, read_json, sha256_file
+from simone.progress import Say, Show, quiet
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "gpt2": {"arch": "gpt2", "governance": False},
@@ -89,34 +94,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "uncurated": {"arch": "llama", "governance": True, "policy": True, "memory": True, "trace": True},
 }
 DEFAULT_CONTROL_PROB = 0.5
-PLAIN = "llama"  # the reference every difference is measured against
-# besides the plain model, the uncurated variant is compared with the model it differs from only in data
-EXTRA_REFERENCES = {"uncurated": ["full"]}
-# the figures summarised over seeds: name -> (label, lower is better)
-FIGURES: dict[str, tuple[str, bool]] = {
-    "val_bpb": ("val bpb", True),
-    "heldout_bpb": ("held-out bpb", True),
-    "steering_accuracy": ("steering", False),
-    "steering_accuracy_guided": ("steering (guided)", False),
-    "steering_accuracy_guided_w0": ("steering (guided sampler, W=0)", False),
-    "policy_accuracy": ("policy acc", False),
-    # the consistency suite (simone.inference.consistency), when scored
-    "pair_accuracy": ("minimal pairs", False),
-    "pair_negation": ("pairs: negation", False),
-    "pair_antonym": ("pairs: antonym", False),
-    "pair_entity": ("pairs: entity", False),
-    "cloze_accuracy": ("cloze", False),
-    "distinct_2": ("distinct-2", False),
-}
-NO_DIFFERENCE = "no measurable difference"
-# the reference of guided steering's difference: the same sampler without the policy (W = 0), same runs
-GUIDANCE_REFERENCE = "W=0, same runs"
 # how guided steering samples are drawn; a finished run evaluated another way is evaluated again
 GUIDED_SAMPLER = "batched top-8 rerank, W=0 reference"
-
-
-def _say(msg: str) -> None:
-    print(f"[ablate] {msg}", flush=True)
 
 
 @dataclass
@@ -163,33 +142,27 @@ def _link(target: Path, link: Path) -> None:
         shutil.copytree(target, link)
 
 
-def prepare_shared(cfg: Config, out: Path) -> RunDir:
+def prepare_shared(cfg: Config, out: Path, say: Say = quiet, show: Show = quiet) -> RunDir:
     """Curate, train the tokenizer and build the shards once, in OUT/shared."""
-    from simone.data.shards import build_shards
-    from simone.workflows.pipeline import stage_curate, stage_tokenizer
-
     shared = RunDir(out / "shared")
-    stage_curate(cfg, shared.root)
-    tok = stage_tokenizer(cfg, shared.root)
+    stage_curate(cfg, shared.root, say, show)
+    tok = stage_tokenizer(cfg, shared.root, say)
     build_shards(shared.documents, tok, shared.data, cfg.data.control_token_prob, cfg.data.split_seed)
     return shared
 
 
-def prepare_uncurated(cfg: Config, shared: RunDir, run: RunDir) -> Path:
+def prepare_uncurated(cfg: Config, shared: RunDir, run: RunDir, say: Say = quiet, show: Show = quiet) -> Path:
     """Curation off into `run`, clean validation documents removed from its training split;
     returns the folder with the clean validation set tokenized by its own tokenizer."""
-    from simone.data.shards import build_shards
-    from simone.workflows.pipeline import stage_curate, stage_tokenizer
-
-    stage_curate(cfg, run.root)
+    stage_curate(cfg, run.root, say, show)
     held = HeldOut(list(read_documents(shared.documents)))
     documents = list(read_documents(run.documents))
     kept = [part for doc in documents
             if (part := doc if doc.get("split") != "train" else held.training_part(doc, documents)) is not None]
     write_documents(run.documents, kept)
-    _say(f"uncurated: {len(kept)} documents, {len(documents) - len(kept)} training copies of clean "
-         f"validation documents removed")
-    tok = stage_tokenizer(cfg, run.root)
+    say(f"uncurated: {len(kept)} documents, {len(documents) - len(kept)} training copies of clean "
+        f"validation documents removed")
+    tok = stage_tokenizer(cfg, run.root, say)
     build_shards(run.documents, tok, run.data, cfg.data.control_token_prob, cfg.data.split_seed)
     eval_dir = run.root / "clean_val"
     eval_dir.mkdir(parents=True, exist_ok=True)
@@ -254,8 +227,6 @@ def variant_settings(settings: AblationSettings, name: str) -> AblationSettings:
 
 
 def variant_config(base: Config, name: str, overrides: list[str] = ()) -> Config:
-    from simone.config import apply_overrides
-
     cfg = copy.deepcopy(base)
     for key, value in VARIANTS.get(base_variant(name), {}).items():  # a data variant: the config's own model
         setattr(cfg.model, key, value)
@@ -281,8 +252,6 @@ def steps_for_budget(settings: AblationSettings, tokens_per_step: int, seconds_p
 def seconds_per_step(cfg: Config, shared: RunDir, steps: int = 3) -> float:
     """Time a few optimizer steps of `cfg`'s model as training runs them (`probe_step_seconds`)
     on real batches."""
-    from simone.data.loader import BatchLoader
-    from simone.data.shards import TokenShard
     from simone.devices import pick_device
     from simone.model import build_model
     from simone.train.budget import probe_step_seconds
@@ -304,7 +273,6 @@ def streaming_eval(loaded, val_dir: Path, n_contexts: int) -> dict | None:
     """Streaming vs. independent-window perplexity on the same validation text: from the
     start of the longest validation document, n_contexts × max_seq_len tokens (fewer if the
     split is shorter). None for models without RoPE (GPT-2)."""
-    from simone.data.shards import TokenShard
     from simone.inference.governed import streaming_nll
 
     cfg = loaded.config.model
@@ -340,9 +308,6 @@ def streaming_eval(loaded, val_dir: Path, n_contexts: int) -> dict | None:
 def policy_accuracy(loaded, val_dir: Path, max_batches: int) -> float | None:
     """Share of validation positions where the policy head's argmax is the true domain (every
     position, from the first token of a window on). None without a policy head."""
-    from simone.data.loader import eval_windows
-    from simone.data.shards import TokenShard
-
     model, cfg = loaded.model, loaded.config
     if getattr(model, "policy_head", None) is None:
         return None
@@ -363,10 +328,6 @@ def policy_accuracy(loaded, val_dir: Path, max_batches: int) -> float | None:
 def median_train_rate(run: RunDir) -> float | None:
     """Median training tokens/s over the logging intervals in metrics.jsonl (robust to the
     intervals that include an evaluation or a checkpoint)."""
-    import statistics
-
-    from simone.train.metrics import train_rates
-
     rates = train_rates(run.metrics)
     return statistics.median(rates) if rates else None
 
@@ -377,7 +338,6 @@ def evaluate_variant(name: str, run: RunDir, val_dir: Path, heldout_dir: Path, j
     """One trained run's figures: val bpb on its own validation split (`val_dir`), held-out
     bpb on the clean held-out documents (`heldout_dir`), steering (without a judge: none),
     policy, streaming, speed, and the consistency suite's figures when given its items."""
-    from simone.data.shards import TokenShard
     from simone.inference.evaluate import evaluate_per_domain
     from simone.inference.load import load_model
     from simone.inference.consistency import score_suite
@@ -445,122 +405,14 @@ def suite_figures(scores: dict) -> dict:
         row[f"pair_{kind}"] = value((pairs.get("per_kind") or {}).get(kind))
     return row
 
-
-# ----------------------------------------------------------------------------- statistics
-
-
-def t_quantile(p: float, df: int) -> float:
-    """The `p` quantile of Student's t distribution with `df` degrees of freedom."""
-    from scipy.stats import t
-
-    return float(t.ppf(p, df))
-
-
-def summarize(values: list[float | None]) -> dict:
-    """{mean, std, ci95: [low, high], n, values} of the finite values: the sample standard
-    deviation and the 95% t-interval of the mean (std and ci95 None below two values; all
-    None without any)."""
-    xs = [float(v) for v in values if v is not None and math.isfinite(v)]
-    n = len(xs)
-    if n == 0:
-        return {"mean": None, "std": None, "ci95": None, "n": 0, "values": []}
-    mean = sum(xs) / n
-    if n == 1:
-        return {"mean": mean, "std": None, "ci95": None, "n": 1, "values": xs}
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    half = t_quantile(0.975, n - 1) * std / math.sqrt(n)
-    return {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "n": n, "values": xs}
-
-
-def paired_difference(runs: list[dict], variant: str, reference: str, figure: str) -> dict:
-    """`figure` of `variant` minus that of `reference`, paired by seed, summarised."""
-    ref = {r["seed"]: r.get(figure) for r in runs if r["variant"] == reference}
-    diffs = [r.get(figure) - ref[r["seed"]] for r in runs
-             if r["variant"] == variant and r["seed"] in ref
-             and r.get(figure) is not None and ref[r["seed"]] is not None]
-    return summarize(diffs)
-
-
-def seeds_to_resolve(diff: dict, most: int = 1000) -> int | None:
-    """How many seeds would make this difference's 95% interval exclude zero if its mean and
-    spread held (the smallest n with t(0.975, n-1) · std / √n < |mean|); None without a
-    spread, with no mean difference, or beyond `most`. What "measurable at a larger budget"
-    means, from the measured variance."""
-    mean, std = diff.get("mean"), diff.get("std")
-    if mean is None or not std or mean == 0:
-        return None
-    for n in range(2, most + 1):
-        if t_quantile(0.975, n - 1) * std / math.sqrt(n) < abs(mean):
-            return n
-    return None
-
-
-def reading(diff: dict, lower_is_better: bool) -> str:
-    """What a difference says: NO_DIFFERENCE unless its 95% interval excludes zero."""
-    ci = diff.get("ci95")
-    if ci is None or ci[0] <= 0.0 <= ci[1]:
-        return NO_DIFFERENCE
-    better = (diff["mean"] < 0) == lower_is_better
-    return f"{'lower' if diff['mean'] < 0 else 'higher'} ({'better' if better else 'worse'})"
-
-
-def summarize_runs(runs: list[dict], variants: list[str]) -> tuple[list[dict], list[dict]]:
-    """Per variant, every figure over its seeds; and the paired differences against the plain
-    model (and the uncurated variant against full governance)."""
-    rows = []
-    for name in variants:
-        mine = sorted((r for r in runs if r["variant"] == name), key=lambda r: r["seed"])
-        if not mine:
-            continue
-        first = mine[0]
-        row: dict[str, Any] = {"variant": name, "arch": first["arch"], "governance": first["governance"],
-                               "params": first["params"], "seeds": [r["train_seed"] for r in mine],
-                               "steps": first["steps"], "tokens_seen": first["tokens_seen"],
-                               "overrides": first.get("overrides", []), "guidance_weight": first.get("guidance_weight"),
-                               "data": first.get("data")}
-        for figure in FIGURES:
-            row[figure] = summarize([r.get(figure) for r in mine])
-        domains = sorted({d for r in mine for d in r["per_domain_bpb"]})
-        row["per_domain_bpb"] = {d: summarize([r["per_domain_bpb"].get(d) for r in mine])["mean"] for d in domains}
-        streams = [r["streaming"] for r in mine if r.get("streaming")]
-        row["streaming"] = ({k: summarize([s[k] for s in streams])["mean"] for k in streams[0]} if streams else None)
-        row["tokens_per_s"] = summarize([r.get("tokens_per_s") for r in mine])["mean"]
-        rows.append(row)
-    differences = []
-    names = [r["variant"] for r in rows]
-    for name in names:
-        references = ([PLAIN] if name != PLAIN else []) + EXTRA_REFERENCES.get(base_variant(name), [])
-        if any(r.get("data") not in (None, DATA_BASE) for r in runs if r["variant"] == name):
-            references = [DATA_BASE]  # a data variant: against the same model on the base corpus
-        if "@" in name:  # a sweep point: also against its base, and against the plain model with the same tag
-            base, tag = name.split("@", 1)
-            references += [base, f"{PLAIN}@{tag}"]
-        references = list(dict.fromkeys(references))
-        for reference in (r for r in references if r in names and r != name):
-            for figure, (_, lower_is_better) in FIGURES.items():
-                diff = paired_difference(runs, name, reference, figure)
-                if diff["n"]:
-                    differences.append({"variant": name, "reference": reference, "figure": figure, **diff,
-                                        "reading": reading(diff, lower_is_better),
-                                        "seeds_to_resolve": seeds_to_resolve(diff)})
-        # what the policy adds to the same sampler without it, in the same runs (issue 17's aim)
-        gain = summarize([r["steering_accuracy_guided"] - r["steering_accuracy_guided_w0"] for r in runs
-                          if r["variant"] == name and r.get("steering_accuracy_guided") is not None
-                          and r.get("steering_accuracy_guided_w0") is not None])
-        if gain["n"]:
-            next(row for row in rows if row["variant"] == name)["guidance_gain"] = gain
-            differences.append({"variant": name, "reference": GUIDANCE_REFERENCE, "figure": "steering_accuracy_guided",
-                                **gain, "reading": reading(gain, lower_is_better=False)})
-    return rows, differences
-
-
 # ----------------------------------------------------------------------------- the run
 
 
-def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
+def run_ablation(cfg: Config, out: Path, settings: AblationSettings, say: Say = quiet, show: Show = quiet) -> dict:
     """Train and evaluate every variant in `settings.variants` with `settings.seeds` seeds into
     `out`; write `ablation.json`, `ablation.md` and `ablation.svg` there (after every round of
-    seeds, so a stopped ablation leaves what it has) and return the result dict."""
+    seeds, so a stopped ablation leaves what it has) and return the result dict. Progress
+    lines go to `say`."""
     from simone.train.trainer import settle_model_sizes
     from simone.workflows.pipeline import stage_train
     from simone.inference.steering import confusion_accuracy, fit_on_documents, snippet_confusion, snippet_words_for
@@ -574,8 +426,8 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
     if cfg.data.control_token_prob <= 0:
         cfg.data.control_token_prob = DEFAULT_CONTROL_PROB
     t0 = time.time()
-    _say(f"shared data in {out / 'shared'}")
-    shared = prepare_shared(cfg, out)
+    say(f"shared data in {out / 'shared'}")
+    shared = prepare_shared(cfg, out, say, show)
     tok = load_tokenizer(shared.tokenizer)
     snippet_words = snippet_words_for(settings.sample_tokens)
     judge = judge_confusion = judge_acc = None
@@ -584,9 +436,9 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
                                  max_snippets_per_domain=settings.judge_snippets_per_domain)
         judge_confusion = snippet_confusion(judge, shared.documents, snippet_words=snippet_words)
         judge_acc = confusion_accuracy(judge_confusion)
-        _say(f"steering judge (TF-IDF + logistic regression, {len(judge.classes)} domains): {judge_acc:.1%} "
-             f"on validation snippets of {snippet_words} words (~{settings.sample_tokens} tokens), "
-             f"{judge.training_books_accuracy:.1%} on unseen passages of the training books")
+        say(f"steering judge (TF-IDF + logistic regression, {len(judge.classes)} domains): {judge_acc:.1%} "
+            f"on validation snippets of {snippet_words} words (~{settings.sample_tokens} tokens), "
+            f"{judge.training_books_accuracy:.1%} on unseen passages of the training books")
     suite_items = suite_file = None
     if suite_on(settings):
         from simone.inference.consistency import SuiteSettings, heldout_documents, load_or_build_suite, suite_counts
@@ -596,7 +448,7 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
                                           SuiteSettings.sized(settings.suite_items, settings.seed))
         # the suite's bpb items are left out: every run is already read on the same held-out text
         suite_items = [item for item in suite_items if item["task"] != "bpb"]
-        _say(f"consistency suite: {suite_file} ({', '.join(f'{n} {t}' for t, n in sorted((t, c['items']) for t, c in suite_counts(suite_items).items()))})")
+        say(f"consistency suite: {suite_file} ({', '.join(f'{n} {t}' for t, n in sorted((t, c['items']) for t, c in suite_counts(suite_items).items()))})")
 
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.max_seq_len
     sec = None
@@ -606,8 +458,8 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
         sec = seconds_per_step(probe, shared)
     steps = steps_for_budget(settings, tokens_per_step, sec, n_variants=len(order))
     n_runs = len(order) * settings.seeds
-    _say(f"budget: {steps} steps ({steps * tokens_per_step:,} tokens) per run, {n_runs} runs"
-         + (f"; {sec:.2f} s/step measured" if sec else ""))
+    say(f"budget: {steps} steps ({steps * tokens_per_step:,} tokens) per run, {n_runs} runs"
+        + (f"; {sec:.2f} s/step measured" if sec else ""))
     share_s = (sec or 1.0) * steps / 0.6
 
     uncurated: tuple[RunDir, Path] | None = None
@@ -632,13 +484,13 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
                 if uncurated is None:  # curated off, its own tokenizer and shards: built once
                     unc = RunDir(out / "uncurated")
                     unc.root.mkdir(parents=True, exist_ok=True)
-                    uncurated = (unc, prepare_uncurated(vcfg, shared, unc))
+                    uncurated = (unc, prepare_uncurated(vcfg, shared, unc, say, show))
                 data_root, heldout_dir = uncurated
             elif name in data_variants:
                 if name not in prepared:
-                    _say(f"{name}: preparing {data_variants[name].spec} (tokenizer shared)")
+                    say(f"{name}: preparing {data_variants[name].spec} (tokenizer shared)")
                     prepared[name] = prepare_data_variant(cfg, shared, data_variants[name], tok,
-                                                          out / "data_variants" / name)
+                                                          out / "data_variants" / name, say, show)
                 data_root, heldout_dir = prepared[name], shared.data
             else:
                 data_root, heldout_dir = shared, shared.data
@@ -651,13 +503,13 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
             saved = read_finished_run(run) if settings.resume else None
             if (saved is not None and training_key(saved["key"]) == trains_as
                     and cut_short(saved.get("steps_trained"), saved.get("stop_reason"), steps)):
-                _say(f"{name} seed {k}: the run in {run.root} stopped after {saved.get('steps_trained')} of "
-                     f"{steps} steps ({saved.get('stop_reason')}); training it again")
+                say(f"{name} seed {k}: the run in {run.root} stopped after {saved.get('steps_trained')} of "
+                    f"{steps} steps ({saved.get('stop_reason')}); training it again")
                 saved = None
             if saved is not None and saved["key"] == key:
                 runs.append(saved["row"])
                 trained_models.setdefault(trains_as, (run, saved["row"]))
-                _say(f"{name} seed {k}: reusing the finished run in {run.root} (--resume)")
+                say(f"{name} seed {k}: reusing the finished run in {run.root} (--resume)")
                 continue
             donor = trained_models.get(trains_as)
             if (donor is None and saved is not None and training_key(saved["key"]) == trains_as
@@ -672,17 +524,17 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
                                           tokens_seen=donor_row.get("tokens_seen"), steps=donor_row.get("steps"),
                                           seconds=donor_row.get("train_seconds"),
                                           stop_reason=donor_row.get("stop_reason"))
-                _say(f"{name} seed {k}: evaluating the model {donor_row['variant']} seed {k} trained "
-                     f"(same config, seed and budget; {model_run.root})")
+                say(f"{name} seed {k}: evaluating the model {donor_row['variant']} seed {k} trained "
+                    f"(same config, seed and budget; {model_run.root})")
             else:
                 model_run = run
-                _say(f"{name} seed {k}: training {steps} steps")
-                trained = stage_train(vcfg, run.root, force=True)  # a rerun into the same --out starts over
+                say(f"{name} seed {k}: training {steps} steps")
+                trained = stage_train(vcfg, run.root, force=True, say=say, show=show)  # a rerun into the same --out starts over
                 if getattr(trained, "stop_reason", None) == "signal":
                     raise KeyboardInterrupt(f"ablation stopped by a signal while training {name} seed {k}")
                 if trained.steps < steps:
                     again = "; --resume trains it again" if cut_short(trained.steps, trained.stop_reason, steps) else ""
-                    _say(f"{name} seed {k}: stopped after {trained.steps} of {steps} steps ({trained.stop_reason}){again}")
+                    say(f"{name} seed {k}: stopped after {trained.steps} of {steps} steps ({trained.stop_reason}){again}")
             r = evaluate_variant(name, model_run, run.data, heldout_dir, judge, variant_settings(settings, name),
                                  trained, seed=k, suite_items=suite_items)
             if name == DATA_BASE or name in data_variants:
@@ -693,10 +545,10 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
             runs.append(r)
             atomic_write_json(run.root / FINISHED_RUN, {"key": key, "row": r, "steps_trained": trained.steps,
                                                         "stop_reason": trained.stop_reason})
-            _say(f"{name} seed {k}: val bpb {r['val_bpb']:.4f}, held-out bpb {r['heldout_bpb']:.4f}, "
-                 + (f"steering {r['steering_accuracy']:.0%}, " if r.get("steering_accuracy") is not None else "")
-                 + (f"pairs {r['pair_accuracy']:.1%}, " if r.get("pair_accuracy") is not None else "")
-                 + f"{(r['tokens_per_s'] or 0):,.0f} tok/s")
+            say(f"{name} seed {k}: val bpb {r['val_bpb']:.4f}, held-out bpb {r['heldout_bpb']:.4f}, "
+                + (f"steering {r['steering_accuracy']:.0%}, " if r.get("steering_accuracy") is not None else "")
+                + (f"pairs {r['pair_accuracy']:.1%}, " if r.get("pair_accuracy") is not None else "")
+                + f"{(r['tokens_per_s'] or 0):,.0f} tok/s")
         rows, differences = summarize_runs(runs, order)
         result = {"schema": 2, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "preset": cfg.preset, "corpus": str(cfg.data.data_dir), "budget_minutes": settings.budget_minutes,
@@ -720,7 +572,7 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings) -> dict:
         atomic_write_json(out / "ablation.json", result)
         atomic_write_text(out / "ablation.md", ablation_markdown(result))
         atomic_write_text(out / "ablation.svg", ablation_svg(result))
-        _say(f"seed {k}: wrote {out / 'ablation.md'}")
+        say(f"seed {k}: wrote {out / 'ablation.md'}")
     return result
 
 
@@ -756,8 +608,6 @@ def run_key(cfg: Config, name: str, seed: int, steps: int, settings: AblationSet
     token shards it trained on (the shard index records the curated documents' hash), the
     held-out shards it was scored on (`heldout_dir`, default its own), the judge that scored
     its samples, and the simone version. `--resume` reuses a run only when all match."""
-    from simone.data.shards import INDEX_FILE
-
     config = cfg.to_dict()
     config["train"].pop("max_minutes", None)
     for section, key_field, off in KEY_OPTIONAL_AT_OFF:  # not `name`: that is the variant's
@@ -785,263 +635,3 @@ def training_key(key: dict) -> str:
     return json.dumps({"seed": key.get("seed"), "steps": key.get("steps"), "config": config,
                        "tokenizer_sha256": key.get("tokenizer_sha256"), "data_sha256": key.get("data_sha256"),
                        "simone_version": key.get("simone_version")}, sort_keys=True)
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def _f(value: Any, fmt: str = ".4f") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return format(value, fmt)
-
-
-def _stat(s: dict, fmt: str) -> str:
-    """`mean ± std [low, high]` (just the mean with one seed, – without a value)."""
-    if s.get("mean") is None:
-        return "–"
-    text = format(s["mean"], fmt)
-    if s.get("std") is not None:
-        text += f" ± {format(s['std'], fmt)} [{format(s['ci95'][0], fmt)}, {format(s['ci95'][1], fmt)}]"
-    return text
-
-
-def _figure_format(figure: str) -> str:
-    return ".4f" if figure.endswith("bpb") else ".1%"
-
-
-def shown_figures(rows: list[dict]) -> list[str]:
-    """The figures some variant has a value of (steering is left out of a run without it, the
-    suite's figures out of one without the suite)."""
-    return [f for f in FIGURES if any(r[f].get("n") for r in rows)]
-
-
-def _steering_text(result: dict) -> str:
-    if not result.get("steering_judge"):
-        return "No steering was measured (`--samples-per-domain 0`)."
-    return (f"Steering: share of "
-        f"{result['settings']['samples_per_domain']} samples per domain of {result['settings']['sample_tokens']} "
-        f"tokens made with `--domain X` that the judge (logistic regression on word and character TF-IDF) "
-        f"assigns to X; the judge itself is right on {result['judge_accuracy']:.1%} of validation snippets "
-        f"of that length (books it never saw) and on {_f(result.get('judge_accuracy_training_books'), '.1%')} "
-        f"of held-back passages of its training books (chance {result['steering_judge']['chance']:.0%}). "
-        f"Guided: the policy-guided sampler (each step, the 8 likeliest tokens reranked by "
-        f"{result['settings']['guidance_weight']} · log p_policy(domain), as `--policy-guidance` does); "
-        f"W=0: the same sampler without the policy, so guided minus W=0 is what the policy adds. "
-        f"Policy acc: share of validation positions whose "
-        f"policy-head argmax is the true domain.")
-
-
-def _suite_text(result: dict) -> str:
-    suite = result.get("suite")
-    if not suite:
-        return ""
-    counts = suite["counts"]
-    n = lambda task: counts.get(task, {}).get("items", 0)  # noqa: E731
-    return (f" Consistency suite (`{Path(suite['file']).name}`, built once from the held-out documents): "
-            f"minimal pairs ({n('pair')} held-out sentences against their contradicted twins): share where "
-            f"the model gives the original the higher probability, overall and per kind of change (chance 50%); "
-            f"cloze ({n('cloze')} passages): share whose last word greedy decoding gives exactly; "
-            f"distinct-2 of {n('gen')} greedy continuations of held-out prompts.")
-
-
-def _data_variants_text(result: dict) -> list[str]:
-    variants = result.get("data_variants") or {}
-    if not variants:
-        return []
-    lines = ["", "## Data variants (the same model, tokenizer and token budget; the same held-out text)", "",
-             "| variant | data | training documents | training bytes | what was done |", "|---|---|---|---|---|"]
-    for name, v in variants.items():
-        done = ""
-        if v.get("contradictions"):
-            c = v["contradictions"]
-            done = (f"{c['changes']:,} changes in {c['documents_changed']} of {c['training_documents']} training "
-                    f"documents ({', '.join(f'{k} {n:,}' for k, n in c['changes_per_kind'].items())}); "
-                    f"bytes {c['bytes_change']:+.2%}; listed in `data_variants/{name}/contradictions.jsonl`")
-        elif "tokens_replaced" in v:
-            done = f"{v['tokens_replaced']:,} of {v['training_tokens']:,} training tokens replaced by {v.get('corpus')}"
-        elif "flagged_documents_left_out" in v:
-            done = f"{v['flagged_documents_left_out']} flagged documents left out"
-        elif "held_out_copies_left_out" in v:
-            done = f"{v['held_out_copies_left_out']} documents left out as held-out text"
-        lines.append(f"| {name} | `{v.get('spec')}` | {_f(v.get('training_documents'), ',d')} | "
-                     f"{_f(v.get('training_bytes'), ',d')} | {done} |")
-    return lines
-
-
-def ablation_markdown(result: dict) -> str:
-    rows = result["variants"]
-    domains = sorted({d for r in rows for d in r["per_domain_bpb"]})
-    n_seeds = result["seeds"]
-    figures = shown_figures(rows)
-    lines = [
-        "# SIM-ONE ablation", "",
-        f"Preset `{result['preset']}`, {n_seeds} seed(s) per variant, {result['steps_per_variant']} optimizer "
-        f"steps per run ({result['tokens_per_variant']:,} training tokens), same data split; control tokens "
-        f"before {result['control_token_prob']:.0%} of training documents"
-        + (f" and at the start of {result['control_window_prob']:.0%} of training windows"
-           if result.get("control_window_prob") else "")
-        + ". Each figure is mean ± std "
-        f"[95% t-interval of the mean] over seeds. Val bpb: the variant's own validation split; held-out "
-        f"bpb: the clean held-out documents no variant trained on (lower is better). "
-        + _steering_text(result) + _suite_text(result), "",
-    ]
-    head = ["variant", "params"] + [FIGURES[f][0] for f in figures] + ["train tokens", "tokens/s"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in rows:
-        cells = ([r["variant"], f"{r['params']:,}"] + [_stat(r[f], _figure_format(f)) for f in figures]
-                 + [_f(r.get("tokens_seen"), ",d"), _f(r.get("tokens_per_s"), ",.0f")])
-        lines.append("| " + " | ".join(cells) + " |")
-
-    lines += ["", f"## Differences (paired by seed; {NO_DIFFERENCE} when the 95% interval includes zero)", ""]
-    if n_seeds < 2:
-        lines += [f"With one seed there is no interval: every difference reads \"{NO_DIFFERENCE}\".", ""]
-    if result["differences"]:
-        lines += ["| variant | vs | figure | difference | reading |", "|---|---|---|---|---|"]
-        for d in result["differences"]:
-            label, _ = FIGURES[d["figure"]]
-            fmt = ".4f" if d["figure"].endswith("bpb") else ".1%"
-            value = format(d["mean"], "+" + fmt)
-            if d["ci95"] is not None:
-                value += f" [{format(d['ci95'][0], '+' + fmt)}, {format(d['ci95'][1], '+' + fmt)}]"
-            resolve = (f" (~{d['seeds_to_resolve']} seeds would resolve it)"
-                       if d["reading"] == NO_DIFFERENCE and d.get("seeds_to_resolve") else "")
-            lines.append(f"| {d['variant']} | {d['reference']} | {label} | {value} | {d['reading']}{resolve} |")
-    else:
-        lines.append(f"No differences: neither the plain model (`{PLAIN}`) nor `{DATA_BASE}` is among the variants.")
-    lines += _data_variants_text(result)
-
-    confusion = (result.get("steering_judge") or {}).get("validation_confusion")
-    if confusion:
-        lines += ["", "## The judge on validation snippets: right per domain, and where the rest went", "",
-                  "| domain | snippets | judged right | judged as (others) |", "|---|---|---|---|"]
-        for d, row in sorted(confusion.items()):
-            n = sum(row.values())
-            others = ", ".join(f"{p} {c}" for p, c in sorted(row.items(), key=lambda x: -x[1]) if p != d)
-            lines.append(f"| {d} | {n} | {row.get(d, 0) / n:.0%} | {others or '–'} |")
-    if domains:
-        lines += ["", "## Validation bits per byte per domain (mean over seeds)", "",
-                  "| variant | " + " | ".join(domains) + " |", "|---|" + "|".join("---" for _ in domains) + "|"]
-        for r in rows:
-            lines.append(f"| {r['variant']} | " + " | ".join(_f(r["per_domain_bpb"].get(d)) for d in domains) + " |")
-    streams = [(r["variant"], r["streaming"]) for r in rows if r.get("streaming")]
-    if streams:
-        lines += ["", f"## Streaming (mean over seeds): a validation text of ~{result['settings']['stream_contexts']} "
-                      "contexts read through the bounded cache (stream) vs. independent windows", "",
-                  "| variant | stream ppl | stream bpb | window bpb |", "|---|---|---|---|"]
-        for name, s in streams:
-            lines.append(f"| {name} | {_f(s.get('stream_ppl'), '.2f')} | {_f(s.get('stream_bpb'))} | "
-                         f"{_f(s.get('window_bpb'))} |")
-    lines += ["", "Variants: " + "; ".join(f"`{r['variant']}`" + (f" ({', '.join(r['overrides'])})" if r.get("overrides") else "")
-                                   for r in rows)
-              + ". See `simone/workflows/ablate.py` for their definitions.", ""]
-    return "\n".join(lines)
-
-
-def ablation_svg(result: dict) -> str:
-    """One bar chart per figure: the mean over seeds as a bar, its 95% interval as a whisker."""
-    rows = result["variants"]
-    bar_h, gap, label_w, chart_w, col_w = 16, 6, 110, 200, 380
-    chart_h = 36 + len(rows) * (bar_h + gap)
-    figures = [(f, FIGURES[f]) for f in shown_figures(rows)]
-    n_cols = 2
-    height = chart_h * math.ceil(len(figures) / n_cols) + 10
-
-    def chart(x0: int, y0: int, figure: str, title: str) -> str:
-        fmt = _figure_format(figure)
-        stats = [r[figure] for r in rows]
-        tops = [s["ci95"][1] if s.get("ci95") else s.get("mean") for s in stats]
-        finite = [v for v in tops if v is not None and math.isfinite(v)]
-        top = max(finite) if finite and max(finite) > 0 else 1.0
-        scale = chart_w / top
-        parts = [f'<text x="{x0 + label_w}" y="{y0 + 16}" font-size="13" font-weight="bold">{title}</text>']
-        for i, (r, s) in enumerate(zip(rows, stats)):
-            y = y0 + 26 + i * (bar_h + gap)
-            parts.append(f'<text x="{x0 + label_w - 6}" y="{y + 12}" font-size="12" text-anchor="end">'
-                         f'{r["variant"]}</text>')
-            if s.get("mean") is None:
-                parts.append(f'<text x="{x0 + label_w + 4}" y="{y + 12}" font-size="11">n/a</text>')
-                continue
-            w = max(0.0, s["mean"] * scale)
-            parts.append(f'<rect x="{x0 + label_w}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="#4c78a8"/>')
-            end = x0 + label_w + w
-            if s.get("ci95"):
-                lo, hi = (x0 + label_w + max(0.0, v * scale) for v in s["ci95"])
-                mid = y + bar_h / 2
-                parts.append(f'<path d="M{lo:.1f},{mid} H{hi:.1f} M{lo:.1f},{y + 3} V{y + bar_h - 3} '
-                             f'M{hi:.1f},{y + 3} V{y + bar_h - 3}" stroke="#000" fill="none"/>')
-                end = max(end, hi)
-            parts.append(f'<text x="{end + 4:.1f}" y="{y + 12}" font-size="11">{format(s["mean"], fmt)}</text>')
-        return "".join(parts)
-
-    width = n_cols * col_w
-    body = "".join(chart((i % n_cols) * col_w, (i // n_cols) * chart_h, f, f"{label} (95% interval)")
-                   for i, (f, (label, _)) in enumerate(figures))
-    doses = dose_response(rows)
-    if doses:
-        panels = [f for f in ("pair_accuracy", "pair_negation", "pair_antonym", "pair_entity")
-                  if any(p["stats"][f].get("mean") is not None for p in doses)]
-        for i, figure in enumerate(panels):
-            body += dose_response_panel(doses, figure, (i % n_cols) * col_w, height + (i // n_cols) * 240)
-        height += 240 * math.ceil(len(panels) / n_cols)
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'font-family="sans-serif">' + body + "</svg>\n")
-
-
-def dose_response(rows: list[dict]) -> list[dict]:
-    """The points of a dose-response chart: `curated` at P = 0 and each `contradict:P[:KINDS]`
-    variant at P, with its kinds and figures; empty without a contradiction variant."""
-    from simone.data.contradict import KINDS, parse_contradict_spec
-
-    points = []
-    for r in rows:
-        data = r.get("data") or ""
-        if data.startswith("contradict"):
-            spec = parse_contradict_spec(data)
-            points.append({"variant": r["variant"], "share": spec.share,
-                           "kinds": "all" if spec.kinds == KINDS else "+".join(spec.kinds), "stats": r})
-        elif data == DATA_BASE:
-            points.append({"variant": r["variant"], "share": 0.0, "kinds": "all", "stats": r})
-    return points if any(p["share"] > 0 for p in points) else []
-
-
-def dose_response_panel(points: list[dict], figure: str, x0: int, y0: int) -> str:
-    """One panel: `figure` (mean and 95% interval over seeds) against the share P of training
-    documents contradicted; variants that contradict only some kinds are drawn hollow."""
-    left, top, w, h = x0 + 50, y0 + 30, 290, 160
-    stats = [p["stats"][figure] for p in points]
-    values = [v for s in stats for v in ([s["mean"]] + (s["ci95"] or [])) if v is not None]
-    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-    pad = (hi - lo) * 0.1 or 0.01
-    lo, hi = lo - pad, hi + pad
-
-    def x(share: float) -> float:
-        return left + share * w
-
-    def y(value: float) -> float:
-        return top + h - (value - lo) / (hi - lo) * h
-
-    fmt = _figure_format(figure)
-    parts = [f'<text x="{left}" y="{y0 + 16}" font-size="13" font-weight="bold">{FIGURES[figure][0]} against P</text>',
-             f'<text x="{left + w}" y="{top + h + 28}" font-size="10" text-anchor="end">P: share of training '
-             f'documents contradicted</text>',
-             f'<path d="M{left},{top} V{top + h} H{left + w}" stroke="#000" fill="none"/>',
-             f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{format(hi, fmt)}</text>',
-             f'<text x="{left - 4}" y="{top + h}" font-size="10" text-anchor="end">{format(lo, fmt)}</text>']
-    for share in (0.0, 0.25, 0.5, 0.75, 1.0):
-        parts.append(f'<text x="{x(share):.1f}" y="{top + h + 14}" font-size="10" text-anchor="middle">{share:g}</text>')
-    line = sorted((p["share"], p["stats"][figure]["mean"]) for p in points
-                  if p["kinds"] == "all" and p["stats"][figure].get("mean") is not None)
-    if len(line) > 1:
-        parts.append('<path d="M' + " L".join(f"{x(a):.1f},{y(b):.1f}" for a, b in line)
-                     + '" stroke="#4c78a8" fill="none"/>')
-    for p, s in zip(points, stats):
-        if s.get("mean") is None:
-            continue
-        px, py = x(p["share"]), y(s["mean"])
-        if s.get("ci95"):
-            parts.append(f'<path d="M{px:.1f},{y(s["ci95"][0]):.1f} V{y(s["ci95"][1]):.1f}" stroke="#000"/>')
-        fill = "#4c78a8" if p["kinds"] == "all" else "#fff"
-        parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="4" fill="{fill}" stroke="#4c78a8"/>')
-        parts.append(f'<text x="{px + 6:.1f}" y="{py - 6:.1f}" font-size="10">{p["variant"]}</text>')
-    return "".join(parts)

@@ -22,6 +22,7 @@ own FLOP count (`flops_per_token`: 6·N plus the attention term).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import shutil
@@ -33,17 +34,32 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
+from rich.table import Table
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from simone.config import Config, ModelConfig, preset as load_preset
+from simone.data.curate import curate
+from simone.data.shards import build_shards
+from simone.data.tokenizer import train_tokenizer
 from simone.devices import pick_device
+from simone.inference import gguf_file
+from simone.inference.export import to_hf_llama
+from simone.model import build_model
+from simone.rundir import atomic_write_json
+from simone.train.metrics import cpu_peak_flops, mfu, peak_flops
+from simone.train.optim import build_optimizer
+from simone.train.precision import autocast_dtype
+from simone.progress import Say
+from simone.progress import quiet as say_nothing
 
 
 class BenchError(RuntimeError):
     """A benchmark that cannot run as asked (reported as one line by the CLI)."""
 
 
-# The goals of issue 7 (printed beside the measured numbers).
+# The goals of issue 7 (shown beside the measured numbers).
 GOALS = {"train": 1.2, "generate": 1.5, "prep_seconds": 60.0, "prep_peak_rss_mb": 2048.0}
 
 
@@ -113,8 +129,6 @@ def _dtypes_for(device: torch.device, dtypes: Iterable[str] | None) -> list[str]
 
 def _preset_dtype(cfg: Config, device: torch.device) -> str:
     """The dtype `simone train` would compute in for this preset on this device."""
-    from simone.train.precision import autocast_dtype
-
     dtype = autocast_dtype(cfg.train.dtype, device)
     return "float32" if dtype is None else str(dtype).removeprefix("torch.")
 
@@ -128,9 +142,6 @@ def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMan
 
 def model_pair(model_cfg: ModelConfig, device: torch.device, seed: int = 0):
     """(ours, hf): our Llama-style model and a `LlamaForCausalLM` with a copy of its weights."""
-    from simone.inference.export import to_hf_llama
-    from simone.model import build_model
-
     if model_cfg.arch != "llama":
         raise ValueError(f"model.arch={model_cfg.arch!r}: the benchmark peer is "
                          f"LlamaForCausalLM, so only the Llama-style model compares")
@@ -165,23 +176,23 @@ def _header(cfg: Config, m: ModelConfig, device: torch.device, n_params: int,
             f"{extra}")
 
 
-def _print_table(title: str, columns: list[str], rows: list[list[str]], caption: str = "") -> None:
-    """A rich table on the terminal (plain text when output is not a terminal)."""
-    from rich.console import Console
-    from rich.table import Table
-
+def _table(title: str, columns: list[str], rows: list[list[str]], caption: str = "") -> Table:
+    """A rich table: the first column left-aligned, the numbers right."""
     table = Table(title=title, caption=caption or None, caption_justify="left")
     for i, col in enumerate(columns):
         table.add_column(col, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*row)
-    Console(width=max(150, shutil.get_terminal_size().columns)).print(table)
+    return table
+
+
+def tables(result: dict[str, Any]) -> list[Table]:
+    """The tables of a benchmark's result, for the console (the caller prints them)."""
+    return {"train": _train_tables, "generate": _generate_tables, "prep": _prep_tables}[result["kind"]](result)
 
 
 def _write_json(result: dict[str, Any], json_path: str | Path | None) -> None:
     if json_path:
-        from simone.rundir import atomic_write_json
-
         atomic_write_json(Path(json_path), result)
 
 
@@ -192,7 +203,8 @@ def bench_train(preset: str = "cpu", *, repeats: int = 5, warmup: int = 2,
                 threads: int | None = None, device: str | None = None,
                 batch: int | None = None, dtypes: Iterable[str] | None = None,
                 compile: bool | None = None, model_cfg: ModelConfig | None = None,
-                json_path: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
+                json_path: str | Path | None = None, quiet: bool = False,
+                say: Say = say_nothing) -> dict[str, Any]:
     """Training tokens/s (forward, backward, AdamW step on a fixed random batch) of our
     model against `LlamaForCausalLM` with the same config and weights.
 
@@ -201,11 +213,9 @@ def bench_train(preset: str = "cpu", *, repeats: int = 5, warmup: int = 2,
     seconds, not counted in the medians), ours compiled vs HF eager and ours compiled vs HF
     compiled. The top-level "ratio" is the headline row: the preset's dtype, ours the way
     `simone train` runs it (compiled iff the preset compiles) against HF eager.
-    `model_cfg` replaces the preset's model shape (tests use a tiny one).
+    `model_cfg` replaces the preset's model shape (tests use a tiny one). `say` hears the
+    model's shape before the timing starts (unless `quiet`); `tables(result)` shows the result.
     """
-    from simone.train.metrics import mfu, peak_flops
-    from simone.train.optim import build_optimizer
-
     _set_threads(threads)
     cfg = load_preset(preset)
     mcfg = model_cfg or cfg.model
@@ -254,7 +264,7 @@ def bench_train(preset: str = "cpu", *, repeats: int = 5, warmup: int = 2,
     tokens = batch * seq
     n_params = ours.num_params()
     if not quiet:
-        print(_header(cfg, mcfg, dev, n_params, f"  batch {batch}"), flush=True)
+        say(_header(cfg, mcfg, dev, n_params, f"  batch {batch}"))
     rates: dict[str, dict[str, dict[str, float]]] = {}
     compile_s: dict[str, dict[str, float]] = {}
     for dtype in dtype_list:
@@ -265,8 +275,6 @@ def bench_train(preset: str = "cpu", *, repeats: int = 5, warmup: int = 2,
     if dev.type == "cpu":
         # Probe the CPU peak again now and keep the larger: a probe that another process
         # disturbed reads low, and MFU over 100% would follow.
-        from simone.train.metrics import cpu_peak_flops
-
         for dtype in dtype_list:
             peaks[dtype] = max(peaks[dtype], cpu_peak_flops.__wrapped__(getattr(torch, dtype)))
     peak = peaks[headline_dtype]
@@ -302,8 +310,6 @@ def bench_train(preset: str = "cpu", *, repeats: int = 5, warmup: int = 2,
         "flops_per_token": flops, "peak_flops": peak, "peak_flops_by_dtype": peaks,
         "repeats": repeats, "warmup": warmup, "rows": rows, "compile_s": compile_s,
     }
-    if not quiet:
-        _print_train_table(result)
     _write_json(result, json_path)
     return result
 
@@ -322,7 +328,7 @@ def _fmt_mfu(v: float | None) -> str:
     return "-" if v is None else f"{v:.1%}"
 
 
-def _print_train_table(result: dict[str, Any]) -> None:
+def _train_tables(result: dict[str, Any]) -> list[Table]:
     rows = [[r["dtype"], r["ours"], r["peer"], f"{r['ours_tokens_per_s']:,.0f}",
              f"{r['peer_tokens_per_s']:,.0f}", f"{r['ratio']:.2f}x", f"{r['ratio_cpu_time']:.2f}x",
              _fmt_mfu(r["ours_mfu"]), _fmt_mfu(r["peer_mfu"])] for r in result["rows"]]
@@ -330,7 +336,7 @@ def _print_train_table(result: dict[str, Any]) -> None:
                          for d, v in result["peak_flops_by_dtype"].items())
     compile_txt = "; ".join(f"{d}: " + ", ".join(f"{k} {v:.0f} s" for k, v in c.items())
                             for d, c in result["compile_s"].items() if c)
-    _print_table(
+    return [_table(
         f"train tokens/s (median of {result['repeats']}), ours / transformers.LlamaForCausalLM",
         ["dtype", "ours", "peer", "ours tok/s", "peer tok/s", "ratio", "ratio (CPU time)",
          "ours MFU", "peer MFU"], rows,
@@ -338,7 +344,7 @@ def _print_train_table(result: dict[str, Any]) -> None:
         f"MFU = flops_per_token·tok/s / peak ({peak_txt}"
         f"{'; CPU: matmul probe' if result['device'] == 'cpu' else ''}); "
         f"load average {result['load_average']:.1f}."
-        + (f"\nfirst call incl. compile: {compile_txt}" if compile_txt else ""))
+        + (f"\nfirst call incl. compile: {compile_txt}" if compile_txt else ""))]
 
 
 # ----------------------------------------------------------------------------- generate
@@ -350,7 +356,7 @@ def bench_generate(preset: str = "cpu", *, repeats: int = 5, warmup: int = 1,
                    prompt_len: int = 16, new_tokens: int = 128, sampling: bool = True,
                    compile: bool = False,
                    model_cfg: ModelConfig | None = None, json_path: str | Path | None = None,
-                   quiet: bool = False) -> dict[str, Any]:
+                   quiet: bool = False, say: Say = say_nothing) -> dict[str, Any]:
     """New tokens/s of greedy decoding with a KV cache: our `generate` against
     `LlamaForCausalLM.generate(do_sample=False)` (its default dynamic cache) on the same
     weights, for each batch size and dtype. Both run under `torch.no_grad` in eval mode.
@@ -368,7 +374,8 @@ def bench_generate(preset: str = "cpu", *, repeats: int = 5, warmup: int = 1,
 
     When llama-cpp-python is installed, "llama_cpp" also holds a second peer: the same weights
     written as an f32 GGUF file and run by llama.cpp, greedy at batch 1 against ours in float32
-    (`_llama_cpp_peer`); it is [] otherwise.
+    (`_llama_cpp_peer`); it is [] otherwise. `say` hears the model's shape first (unless
+    `quiet`); `tables(result)` shows the result.
     """
     _set_threads(threads)
     cfg = load_preset(preset)
@@ -383,13 +390,10 @@ def bench_generate(preset: str = "cpu", *, repeats: int = 5, warmup: int = 1,
     hf.eval()
     n_new = max(1, min(new_tokens, mcfg.max_seq_len - prompt_len))
     if not quiet:
-        print(_header(cfg, mcfg, dev, ours.num_params(), f"  prompt {prompt_len}  new {n_new}"),
-              flush=True)
+        say(_header(cfg, mcfg, dev, ours.num_params(), f"  prompt {prompt_len}  new {n_new}"))
 
     runners = {"eager": ours}
     if compile:
-        import copy
-
         # One graph for every cache length and batch size (dynamic shapes), compiled on the
         # first call of each row's warm-up.
         runners["compiled"] = copy.deepcopy(ours)
@@ -451,42 +455,46 @@ def bench_generate(preset: str = "cpu", *, repeats: int = 5, warmup: int = 1,
                    "prompt_len": prompt_len, "new_tokens": n_new, "params": ours.num_params()},
         "repeats": repeats, "warmup": warmup, "rows": rows, "llama_cpp": llama_cpp_rows,
     }
-    if not quiet:
-        _print_table(
-            f"generate tokens/s (KV cache, median of {repeats}), ours / LlamaForCausalLM.generate",
-            ["dtype", "batch", "decoding", "ours", "ours tok/s", "peer tok/s", "ratio",
-             "ratio (CPU time)",
-             "ours ms/step", "peer ms/step", "same tokens"],
-            [[r["dtype"], str(r["batch"]), r["mode"], r["ours"], f"{r['ours_tokens_per_s']:,.0f}",
-              f"{r['peer_tokens_per_s']:,.0f}", f"{r['ratio']:.2f}x", f"{r['ratio_cpu_time']:.2f}x",
-              f"{r['ours_ms_per_step']:.2f}", f"{r['peer_ms_per_step']:.2f}", str(r["same_tokens"])]
-             for r in rows],
-            f"headline ({result['headline']}): {result['ratio']:.2f}x, goal ≥ {result['goal']}x; "
-            f"load average {result['load_average']:.1f}."
-            + ("" if not sampled else " sample: temperature 0.8, top-k 50, top-p 0.95 on both sides.")
-            + ("" if not compiled else f" compiled: torch.compile(dynamic=True) of our forward "
-               f"(first call incl. compile {max(r['first_s'] for r in rows if r['ours'] == 'compiled'):.0f} s)"
-               f" vs HF eager: {min(compiled):.2f}x."))
-        if llama_cpp_rows:
-            _print_table(
-                f"generate tokens/s (median of {repeats}), ours / llama.cpp on the same weights (GGUF)",
-                ["gguf", "batch", "decoding", "ours tok/s", "llama.cpp tok/s", "ratio", "ours ms/step",
-                 "llama.cpp ms/step", "same tokens"],
-                [[r["gguf"], "1", "greedy", f"{r['ours_tokens_per_s']:,.0f}", f"{r['peer_tokens_per_s']:,.0f}",
-                  f"{r['ratio']:.2f}x", f"{r['ours_ms_per_step']:.2f}", f"{r['peer_ms_per_step']:.2f}",
-                  str(r["same_tokens"])] for r in llama_cpp_rows],
-                f"ours: float32 on {dev}; llama.cpp: llama-cpp-python {llama_cpp_rows[0]['llama_cpp_python']}"
-                + (" (every layer offloaded, if its build has a GPU backend)" if dev.type == "cuda" else " on the CPU")
-                + ", running the model as written by `simone export --format gguf`.")
     _write_json(result, json_path)
     return result
+
+
+def _generate_tables(result: dict[str, Any]) -> list[Table]:
+    rows, llama_cpp_rows, repeats = result["rows"], result["llama_cpp"], result["repeats"]
+    compiled = [r for r in rows if r["ours"] == "compiled"]
+    out = [_table(
+        f"generate tokens/s (KV cache, median of {repeats}), ours / LlamaForCausalLM.generate",
+        ["dtype", "batch", "decoding", "ours", "ours tok/s", "peer tok/s", "ratio",
+         "ratio (CPU time)",
+         "ours ms/step", "peer ms/step", "same tokens"],
+        [[r["dtype"], str(r["batch"]), r["mode"], r["ours"], f"{r['ours_tokens_per_s']:,.0f}",
+          f"{r['peer_tokens_per_s']:,.0f}", f"{r['ratio']:.2f}x", f"{r['ratio_cpu_time']:.2f}x",
+          f"{r['ours_ms_per_step']:.2f}", f"{r['peer_ms_per_step']:.2f}", str(r["same_tokens"])]
+         for r in rows],
+        f"headline ({result['headline']}): {result['ratio']:.2f}x, goal ≥ {result['goal']}x; "
+        f"load average {result['load_average']:.1f}."
+        + ("" if result["ratio_sampled"] is None else " sample: temperature 0.8, top-k 50, top-p 0.95 on both sides.")
+        + ("" if not compiled else f" compiled: torch.compile(dynamic=True) of our forward "
+           f"(first call incl. compile {max(r['first_s'] for r in compiled):.0f} s)"
+           f" vs HF eager: {result['ratio_compiled']:.2f}x."))]
+    if llama_cpp_rows:
+        out.append(_table(
+            f"generate tokens/s (median of {repeats}), ours / llama.cpp on the same weights (GGUF)",
+            ["gguf", "batch", "decoding", "ours tok/s", "llama.cpp tok/s", "ratio", "ours ms/step",
+             "llama.cpp ms/step", "same tokens"],
+            [[r["gguf"], "1", "greedy", f"{r['ours_tokens_per_s']:,.0f}", f"{r['peer_tokens_per_s']:,.0f}",
+              f"{r['ratio']:.2f}x", f"{r['ours_ms_per_step']:.2f}", f"{r['peer_ms_per_step']:.2f}",
+              str(r["same_tokens"])] for r in llama_cpp_rows],
+            f"ours: float32 on {result['device']}; llama.cpp: llama-cpp-python {llama_cpp_rows[0]['llama_cpp_python']}"
+            + (" (every layer offloaded, if its build has a GPU backend)" if result["device"].startswith("cuda")
+               else " on the CPU")
+            + ", running the model as written by `simone export --format gguf`."))
+    return out
 
 
 def _bytes_only_tokenizer(path: Path) -> Path:
     """A byte-level BPE `tokenizer.json` of <|endoftext|>, the 256 bytes and one merge: the
     random benchmark model has no trained tokenizer, and llama.cpp wants a vocabulary (with merges)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}}
     vocab["Ġt"] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t")]))
@@ -501,11 +509,9 @@ def _llama_cpp_peer(ours: torch.nn.Module, mcfg: ModelConfig, prompt_len: int, n
                     warmup: int, dev: torch.device) -> list[dict[str, Any]]:
     """Greedy decoding at batch 1, ours (float32) against llama.cpp running the same weights
     as an f32 GGUF file; [] when llama-cpp-python is not installed."""
-    from simone.inference import gguf_file
-
     if not gguf_file.llama_cpp_available() or mcfg.vocab_size < 258:
         return []
-    import llama_cpp
+    import llama_cpp  # deferred: optional (llama-cpp-python), checked for just above
 
     g = torch.Generator().manual_seed(2)
     prompt = torch.randint(0, mcfg.vocab_size, (1, prompt_len), generator=g)
@@ -543,8 +549,6 @@ class ResourceMeter:
     every 20 ms, so a spike shorter than that can be missed."""
 
     def __init__(self, name: str, interval_s: float = 0.02):
-        import psutil
-
         self.name = name
         self.interval_s = interval_s
         self.proc = psutil.Process()
@@ -552,8 +556,6 @@ class ResourceMeter:
         self.peak = 0
 
     def _tree_rss(self) -> int:
-        import psutil
-
         total = self.proc.memory_info().rss
         for child in self.proc.children(recursive=True):
             try:
@@ -594,17 +596,14 @@ class ResourceMeter:
 
 def bench_prep(corpus: str | Path, *, preset: str = "cpu", out_dir: str | Path | None = None,
                threads: int | None = None, vocab_size: int | None = None,
-               json_path: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
+               json_path: str | Path | None = None) -> dict[str, Any]:
     """Time `simone prepare` on `corpus`: curate → tokenizer training → shards, each stage
     measured (wall, CPU seconds, cores used, peak RSS of the process tree).
 
     Writes into `out_dir` (a fresh temporary folder, removed afterwards, when None).
-    Returns {"kind": "prep", "seconds", "peak_rss_mb", "stages": [...], ...}.
+    Returns {"kind": "prep", "seconds", "peak_rss_mb", "stages": [...], ...}; `tables(result)`
+    shows it.
     """
-    from simone.data.curate import curate
-    from simone.data.shards import build_shards
-    from simone.data.tokenizer import train_tokenizer
-
     _set_threads(threads)
     cfg = load_preset(preset)
     if vocab_size:
@@ -647,19 +646,21 @@ def bench_prep(corpus: str | Path, *, preset: str = "cpu", out_dir: str | Path |
         "goal": {"seconds": GOALS["prep_seconds"], "peak_rss_mb": GOALS["prep_peak_rss_mb"]},
         "vocab_size": tok.vocab_size, "stages": stages, "splits": splits,
     }
-    if not quiet:
-        rows = [[s["stage"], f"{s['seconds']:.1f}", f"{s['cpu_s']:.1f}", f"{s['cores_used']:.2f}",
-                 f"{s['peak_rss_mb']:,.0f}"] for s in stages]
-        rows.append(["total", f"{result['seconds']:.1f}", f"{result['cpu_s']:.1f}",
-                     f"{result['cores_used']:.2f}", f"{result['peak_rss_mb']:,.0f}"])
-        tokens = ", ".join(f"{s} {v['n_tokens']:,} tokens / {v['n_docs']} docs"
-                           for s, v in splits.items())
-        _print_table(
-            f"prepare {corpus} (curate + tokenizer + shards), preset {cfg.preset}",
-            ["stage", "seconds", "CPU s", "cores used", "peak RSS MB"], rows,
-            f"goal ≤ {GOALS['prep_seconds']:.0f} s and ≤ {GOALS['prep_peak_rss_mb']:,.0f} MB on "
-            f"{os.cpu_count()} cores (load average {result['load_average']:.1f}); "
-            f"vocab {tok.vocab_size}; {tokens}")
     _write_json(result, json_path)
     return result
 
+
+def _prep_tables(result: dict[str, Any]) -> list[Table]:
+    stages, splits = result["stages"], result["splits"]
+    rows = [[s["stage"], f"{s['seconds']:.1f}", f"{s['cpu_s']:.1f}", f"{s['cores_used']:.2f}",
+             f"{s['peak_rss_mb']:,.0f}"] for s in stages]
+    rows.append(["total", f"{result['seconds']:.1f}", f"{result['cpu_s']:.1f}",
+                 f"{result['cores_used']:.2f}", f"{result['peak_rss_mb']:,.0f}"])
+    tokens = ", ".join(f"{s} {v['n_tokens']:,} tokens / {v['n_docs']} docs"
+                       for s, v in splits.items())
+    return [_table(
+        f"prepare {result['corpus']} (curate + tokenizer + shards), preset {result['preset']}",
+        ["stage", "seconds", "CPU s", "cores used", "peak RSS MB"], rows,
+        f"goal ≤ {GOALS['prep_seconds']:.0f} s and ≤ {GOALS['prep_peak_rss_mb']:,.0f} MB on "
+        f"{result['cores']} cores (load average {result['load_average']:.1f}); "
+        f"vocab {result['vocab_size']}; {tokens}")]

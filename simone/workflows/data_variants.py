@@ -29,9 +29,12 @@ from typing import Any
 from simone.config import Config
 from simone.data.contradict import ContradictSpecError, contradict_documents, parse_contradict_spec
 from simone.data.documents import read_documents, write_documents
+from simone.data.shards import build_shards
 from simone.data.split import split_key
 from simone.data.tokenizer import Tokenizer
 from simone.rundir import RunDir, atomic_write_json
+from simone.workflows.pipeline import stage_curate
+from simone.progress import Say, Show, quiet
 
 BASE = "curated"  # the base corpus as curated: the reference every data variant is compared with
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -142,17 +145,16 @@ class HeldOut:
         return kept, len(documents) - len(kept)
 
 
-def _curate_other(cfg: Config, corpus: Path | None, folder: Path, curation: bool) -> list[dict]:
+def _curate_other(cfg: Config, corpus: Path | None, folder: Path, curation: bool,
+                  say: Say, show: Show) -> list[dict]:
     """Curate `corpus` (None: the base corpus) into `folder` and return its documents."""
-    from simone.workflows.pipeline import stage_curate
-
     other = copy.deepcopy(cfg)
     other.curate.enabled = curation
     if corpus is not None:  # another corpus: every document of it is candidate training text
         other.data.data_dir = str(corpus)
         other.data.validation_dir = None
     run = RunDir(folder)
-    stage_curate(other, run.root)
+    stage_curate(other, run.root, say, show)
     return list(read_documents(run.documents))
 
 
@@ -213,12 +215,12 @@ def mix_documents(train: list[dict], other: list[dict], share: float, seed: int,
     return kept + taken_in, info
 
 
-def prepare_data_variant(cfg: Config, shared: RunDir, variant: DataVariant, tok: Tokenizer, out: Path) -> RunDir:
+def prepare_data_variant(cfg: Config, shared: RunDir, variant: DataVariant, tok: Tokenizer, out: Path,
+                         say: Say = quiet,
+                         show: Show = quiet) -> RunDir:
     """Write the variant's documents.jsonl, shards (the shared tokenizer) and variant.json into
     `out`; returns its RunDir. A rerun writes the documents again (curation and the shards are
-    reused when their inputs come out the same)."""
-    from simone.data.shards import build_shards
-
+    reused when their inputs come out the same); a curation's lines go to `say` and `show`."""
     run = RunDir(out)
     run.data.mkdir(parents=True, exist_ok=True)
     base = list(read_documents(shared.documents))
@@ -230,13 +232,13 @@ def prepare_data_variant(cfg: Config, shared: RunDir, variant: DataVariant, tok:
         train = [d for d in base_train if d.get("status") != "flagged"]
         info["flagged_documents_left_out"] = len(base_train) - len(train)
     elif variant.kind == "raw":
-        train, dropped = held.training_documents(_curate_other(cfg, None, out / "curation", curation=False))
+        train, dropped = held.training_documents(_curate_other(cfg, None, out / "curation", False, say, show))
         info["held_out_copies_left_out"] = dropped
     elif variant.kind == "folder":
-        train, dropped = held.training_documents(_curate_other(cfg, variant.folder, out / "curation", curation=True))
+        train, dropped = held.training_documents(_curate_other(cfg, variant.folder, out / "curation", True, say, show))
         info.update(corpus=str(variant.folder), held_out_copies_left_out=dropped)
     elif variant.kind == "mix":
-        other, dropped = held.training_documents(_curate_other(cfg, variant.folder, out / "curation", curation=True))
+        other, dropped = held.training_documents(_curate_other(cfg, variant.folder, out / "curation", True, say, show))
         train, mixed = mix_documents(list(base_train), other, variant.share, seed, tok)
         info.update(corpus=str(variant.folder), share=variant.share, held_out_copies_left_out=dropped, **mixed)
     elif variant.kind == "contradict":

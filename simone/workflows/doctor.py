@@ -2,11 +2,16 @@
 
 Each check is a small function returning a `Check`; `run_checks` runs them all (a check
 that crashes becomes a `fail` row instead of stopping the others) and `print_report`
-prints the table and turns it into an exit code. Nothing here writes anything.
+renders the table on the caller's console and turns it into an exit code. Nothing here
+writes anything.
+
+torch, psutil and what needs torch (`simone.train.precision`) are imported inside the checks,
+on purpose: doctor must run, and say what to install, on a machine that lacks them.
 """
 
 from __future__ import annotations
 
+import codecs
 import importlib.metadata
 import importlib.util
 import os
@@ -16,6 +21,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from simone.data import default_corpus
+from simone.data.corpus import CorpusError, discover_files
 
 MIN_PYTHON = (3, 10)
 TESTED_TORCH = "2.13.0"
@@ -207,8 +219,6 @@ def check_corpus(corpus: Path | None) -> Check:
     """The user's corpus (exists, has readable .txt files), or the default corpus's packages."""
     if corpus is None:
         return _check_default_corpus()
-    from simone.data.corpus import CorpusError, discover_files
-
     corpus = Path(corpus)
     try:
         files = discover_files(corpus)
@@ -240,8 +250,6 @@ def check_corpus(corpus: Path | None) -> Check:
 
 def _starts_as_utf8(path: Path, n_bytes: int = 65536) -> bool:
     """Whether the first `n_bytes` decode as UTF-8 (a character cut at the end is fine)."""
-    import codecs
-
     try:
         with open(path, "rb") as f:
             head = f.read(n_bytes)
@@ -252,8 +260,6 @@ def _starts_as_utf8(path: Path, n_bytes: int = 65536) -> bool:
 
 
 def _check_default_corpus() -> Check:
-    from simone.data import default_corpus
-
     found, missing = [], []
     for source in default_corpus.SOURCES:
         try:
@@ -319,25 +325,22 @@ def exit_code(checks: list[Check]) -> int:
     return 0 if all(c.level != "fail" for c in checks) else 1
 
 
-def print_report(checks: list[Check], console=None) -> int:
-    """Print the checks as a table, then what to fix; return the exit code (1 on any fail)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
+def print_report(checks: list[Check], console: Console) -> int:
+    """The checks as a table on `console` (the caller's), then what to fix; return the exit
+    code (1 on any fail)."""
     marks = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]"}
     table = Table(title="simone doctor", show_lines=False)
     table.add_column("check", style="bold")
     table.add_column("status")
     table.add_column("detail", overflow="fold")
     for c in checks:
-        table.add_row(_escape(c.name), marks.get(c.level, c.level), _escape(c.detail))
+        table.add_row(escape(c.name), marks.get(c.level, c.level), escape(c.detail))
     console.print(table)
     to_fix = [c for c in checks if c.level != "ok" and c.fix]
     if to_fix:
         console.print("[bold]What to do:[/]")
         for c in to_fix:
-            console.print(f"  {marks[c.level]} {_escape(c.name)}: {_escape(c.fix)}")
+            console.print(f"  {marks[c.level]} {escape(c.name)}: {escape(c.fix)}")
     code = exit_code(checks)
     failed = sum(c.level == "fail" for c in checks)
     warned = sum(c.level == "warn" for c in checks)
@@ -346,9 +349,3 @@ def print_report(checks: list[Check], console=None) -> int:
     else:
         console.print(f"[green]ready[/] ({warned} warning(s))")
     return code
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)

@@ -2,7 +2,9 @@
 
 Each `stage_*` function can also run alone (the CLI's one-stage verbs call them). The
 pipeline owns `status.json`'s `state`/`stage` transitions; the trainer owns the training
-progress fields inside it.
+progress fields inside it. Nothing here prints: progress lines go to `say` and reports (the
+curation summary, the validation table, the eval and comparison tables) to `show`, both
+silent unless the caller passes a printer.
 """
 
 from __future__ import annotations
@@ -16,13 +18,34 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from simone.config import Config, save_config
+import torch
+
+from simone.checkpoint import list_checkpoints
+from simone.config import Config, analytic_param_count, from_dict, save_config
+from simone.data.curate import curate, summary
+from simone.data.default_corpus import default_corpus_dir
+from simone.data.shards import build_shards
+from simone.data.tokenizer import load_tokenizer, train_tokenizer
+from simone.devices import pick_device
 from simone.errors import SimoneError
-from simone.rundir import RunDir
+from simone.inference.eval_text import evaluate_models, format_table, read_text_folder
+from simone.inference.generate import sample_text
+from simone.inference.load import load_model
+from simone.inference.package import package_run
+from simone.inference.validate import format_report, validate
+from simone.lock import RunLock
+from simone.rundir import RunDir, atomic_write_json, atomic_write_text, read_json
+from simone.train.distributed import (barrier, broadcast_object, dist_env_from_environ, init_distributed,
+                                      resolve_device)
+from simone.train.metrics import cpu_peak_flops, gpu_peak_flops
+from simone.train.precision import autocast_dtype
+from simone.train.schedule import stop_summary
+from simone.train.trainer import settle_model_sizes, train
 from simone.units import format_duration
+from simone.progress import Say, Show, quiet
 
 
-SAMPLE_PROMPT = "The "  # the short sample printed at the end of `simone run`
+SAMPLE_PROMPT = "The "  # the short sample said at the end of `simone run`
 PREPARE_TIMEOUT_S = 3600.0  # under torchrun: how long the other ranks wait for rank 0 to prepare
 
 
@@ -38,10 +61,6 @@ class PipelineResult:
     error: str | None = None
     sample: str | None = None
     training: object | None = None  # the trainer's TrainResult
-
-
-def _say(msg: str) -> None:
-    print(f"[simone] {msg}", flush=True)
 
 
 # ----------------------------------------------------------------------------- the device and the plan
@@ -76,8 +95,6 @@ def estimated_train_tokens(cfg: Config) -> int:
 
 def _training_device_type(cfg: Config) -> str:
     """The kind of device training will run on, for the expected time ("cpu" unless known)."""
-    from simone.devices import pick_device
-
     try:
         kind = pick_device(cfg.train.device).type
     except RuntimeError:  # a name torch does not know: training itself says so
@@ -88,17 +105,10 @@ def _training_device_type(cfg: Config) -> str:
 def expected_training_seconds(cfg: Config, train_tokens: int, device_type: str) -> float | None:
     """Roughly how long training `cfg` on `train_tokens` takes on `device_type` (time cap
     included); None where the device's peak is unknown."""
-    import torch
-
-    from simone.config import analytic_param_count
-    from simone.train.metrics import cpu_peak_flops, gpu_peak_flops
-
     m, t = cfg.model, cfg.train
     if device_type == "cuda":
         peak = gpu_peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     else:
-        from simone.train.precision import autocast_dtype
-
         peak = cpu_peak_flops(autocast_dtype(t.dtype, torch.device("cpu")) or torch.float32)
     if not peak:
         return None
@@ -116,15 +126,13 @@ def expected_training_seconds(cfg: Config, train_tokens: int, device_type: str) 
     return seconds
 
 
-def check_device(cfg: Config, fall_back_to_cpu: bool = False) -> None:
+def check_device(cfg: Config, fall_back_to_cpu: bool = False, say: Say = quiet) -> None:
     """Before any work: does this machine have the device the config asks for?
 
     A config that wants CUDA on a machine without it raises DeviceError (one line, with the
     override that runs it on the CPU and how long that would take), or, with
     `fall_back_to_cpu`, switches `cfg` to the CPU and says so with the expected time.
     """
-    import torch
-
     want = cfg.train.device
     if not want.startswith("cuda") or torch.cuda.is_available():
         return
@@ -137,14 +145,12 @@ def check_device(cfg: Config, fall_back_to_cpu: bool = False) -> None:
         raise DeviceError(f"preset {cfg.preset} wants CUDA (train.device={want}), none found; use --set "
                           f"train.device=cpu --set train.dtype=auto to run it on the CPU ({expected})")
     cfg.train.device, cfg.train.dtype = "cpu", "auto"
-    _say(f"warning: preset {cfg.preset} wants CUDA, none found: training on the CPU "
+    say(f"warning: preset {cfg.preset} wants CUDA, none found: training on the CPU "
          f"(train.device=cpu, train.dtype=auto; {expected})")
 
 
 def training_plan(cfg: Config, train_tokens: int, estimated: bool) -> list[str]:
-    """What will be trained, printed before training: model, context, batch, time cap, expected time."""
-    from simone.config import analytic_param_count
-
+    """What will be trained, said before training: model, context, batch, time cap, expected time."""
     if estimated:  # the model's vocabulary will be what the tokenizer makes (at most its target)
         cfg = copy.deepcopy(cfg)
         cfg.model.vocab_size = min(cfg.model.vocab_size, cfg.tokenizer.vocab_size)
@@ -174,9 +180,6 @@ def _holding_run_lock(stage):
 
     @functools.wraps(stage)
     def locked(cfg: Config, run_dir: Path, *args, **kwargs):
-        from simone.train.distributed import dist_env_from_environ
-        from simone.lock import RunLock
-
         if not dist_env_from_environ().is_main:
             return stage(cfg, run_dir, *args, **kwargs)
         Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -191,12 +194,10 @@ def _holding_run_lock(stage):
 _RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "train.log", "validation", "status.json")
 
 
-def claim_run_dir(run: RunDir, resume: str | None, force: bool) -> None:
+def claim_run_dir(run: RunDir, resume: str | None, force: bool, say: Say = quiet) -> None:
     """Refuse to start a new run over an earlier run's checkpoints, unless resuming it or
     `force` is given; with `force` the earlier run's outputs go to `RUN/replaced-STAMP/`.
     Call it holding the run lock, before anything is written."""
-    from simone.checkpoint import list_checkpoints
-
     if resume is not None:
         return
     # a leftover copy of an interrupted re-save (.old-step_N-*) is a checkpoint too
@@ -224,41 +225,33 @@ def claim_run_dir(run: RunDir, resume: str | None, force: bool) -> None:
         if (run.root / name).exists():
             (run.root / name).rename(aside / name)
     run.checkpoints.mkdir(exist_ok=True)
-    _say(f"--force: the earlier run's checkpoints, metrics and logs were moved to {aside}")
+    say(f"--force: the earlier run's checkpoints, metrics and logs were moved to {aside}")
 
 
 def corpus_path(cfg: Config) -> Path:
     """The user's corpus, or the embedded default materialised from installed packages."""
-    if cfg.data.data_dir:
-        return Path(cfg.data.data_dir)
-    from simone.data.default_corpus import default_corpus_dir
-
-    return default_corpus_dir()
+    return Path(cfg.data.data_dir) if cfg.data.data_dir else default_corpus_dir()
 
 
 @_holding_run_lock
-def stage_curate(cfg: Config, run_dir: Path):
-    from simone.data.curate import curate, print_summary
-
+def stage_curate(cfg: Config, run_dir: Path, say: Say = quiet,
+                 show: Show = quiet):
     run = RunDir(run_dir).make()
     if not run.config.exists():
         save_config(cfg, run.config)
     corpus = corpus_path(cfg)
-    _say(f"curate: {corpus}")
+    say(f"curate: {corpus}")
     result = curate(corpus, run.data, cfg)
-    print_summary(result)
+    show(summary(result))
     return result
 
 
 @_holding_run_lock
-def stage_tokenizer(cfg: Config, run_dir: Path):
-    from simone.data.tokenizer import train_tokenizer
-    from simone.train.trainer import settle_model_sizes
-
+def stage_tokenizer(cfg: Config, run_dir: Path, say: Say = quiet):
     run = RunDir(run_dir)
     if not run.documents.exists():
         raise PipelineError(f"{run.documents}: missing; run `simone curate --run-dir {run.root}` first")
-    _say(f"tokenizer: byte-level BPE, vocab {cfg.tokenizer.vocab_size}")
+    say(f"tokenizer: byte-level BPE, vocab {cfg.tokenizer.vocab_size}")
     # domain control tokens come from the domains found in documents.jsonl
     tok = train_tokenizer(run.documents, run.tokenizer_dir, cfg.tokenizer)
     settle_model_sizes(cfg, tok)  # the model's embedding matches what the tokenizer really produced
@@ -267,44 +260,41 @@ def stage_tokenizer(cfg: Config, run_dir: Path):
 
 
 @_holding_run_lock
-def stage_shards(cfg: Config, run_dir: Path):
-    from simone.data.shards import build_shards
-    from simone.data.tokenizer import load_tokenizer
-
+def stage_shards(cfg: Config, run_dir: Path, say: Say = quiet):
     run = RunDir(run_dir)
     if not run.tokenizer.exists():
         raise PipelineError(f"{run.tokenizer}: missing; run `simone tokenizer --run-dir {run.root}` first")
     tok = load_tokenizer(run.tokenizer)
-    _say("shards: tokenizing into memmap shards")
+    say("shards: tokenizing into memmap shards")
     # with control_token_prob > 0, training documents may start with their <|domain:NAME|> token
     return build_shards(run.documents, tok, run.data, cfg.data.control_token_prob, cfg.data.split_seed)
 
 
 @_holding_run_lock
-def stage_prepare(cfg: Config, run_dir: Path):
+def stage_prepare(cfg: Config, run_dir: Path, say: Say = quiet,
+                  show: Show = quiet):
     """Everything before training: curate → tokenizer → shards."""
-    stage_curate(cfg, run_dir)
-    stage_tokenizer(cfg, run_dir)
-    return stage_shards(cfg, run_dir)
+    stage_curate(cfg, run_dir, say, show)
+    stage_tokenizer(cfg, run_dir, say)
+    return stage_shards(cfg, run_dir, say)
 
 
 @_holding_run_lock
-def stage_train(cfg: Config, run_dir: Path, resume: str | None = None, force: bool = False):
-    """Train; a run directory without tokenizer and shards is prepared first.
+def stage_train(cfg: Config, run_dir: Path, resume: str | None = None, force: bool = False, *,
+                as_prepared: bool = False, save: bool = True, say: Say = quiet,
+                show: Show = quiet):
+    """Train (`simone train`); a run directory without tokenizer and shards is prepared first.
 
     A run directory that holds checkpoints is refused unless `resume` or `force` is given
-    (see `claim_run_dir`).
+    (see `claim_run_dir`). `python -m simone.train` passes `as_prepared`: the run directory
+    must be prepared already and is trained as it is (not claimed), and config.json is
+    rewritten with the settled sizes only when `save` (its --set overrides were given).
 
     Under torchrun every process calls this: the process group is joined here, rank 0 alone
     prepares the data and writes config.json while the others wait for its word, and then every
     rank trains with rank 0's resolved config (`settle_model_sizes`: the tokenizer's vocabulary
     and domain count).
     """
-    from simone.train.distributed import (barrier, broadcast_object, dist_env_from_environ,
-                                          init_distributed, resolve_device)
-    from simone.data.tokenizer import load_tokenizer
-    from simone.train.trainer import settle_model_sizes, train
-
     check_device(cfg)  # before any work: a missing GPU is one line, not a traceback after preparing
     run = RunDir(run_dir)
     env = dist_env_from_environ()
@@ -315,16 +305,19 @@ def stage_train(cfg: Config, run_dir: Path, resume: str | None = None, force: bo
     outcome: tuple[str, object]
     if env.is_main:
         try:
-            claim_run_dir(run, resume, force)
+            if not as_prepared:
+                claim_run_dir(run, resume, force, say)
             if not prepared:
-                if resume not in (None, "latest"):
-                    raise PipelineError(f"{run.root}: no tokenizer or shards to resume training on; "
-                                        f"run `simone prepare --run-dir {run.root}` or train without --resume")
-                _say(f"train: {run.root} has no tokenizer and shards yet; preparing them first")
-                stage_prepare(cfg, run.root)
+                if as_prepared or resume not in (None, "latest"):
+                    raise PipelineError(f"{run.root}: no tokenizer or shards to train on; run "
+                                        f"`simone prepare --run-dir {run.root}`"
+                                        + ("" if as_prepared else " or train without --resume"))
+                say(f"train: {run.root} has no tokenizer and shards yet; preparing them first")
+                stage_prepare(cfg, run.root, say, show)
             # every rank trains with these sizes (the broadcast config below)
-            settle_model_sizes(cfg, load_tokenizer(run.tokenizer), keep_larger_vocab=True, log=_say)
-            save_config(cfg, run.config)
+            settle_model_sizes(cfg, load_tokenizer(run.tokenizer), keep_larger_vocab=True, log=say)
+            if save:
+                save_config(cfg, run.config)
             outcome = ("ok", cfg.to_dict())
         except Exception as e:  # the other ranks must hear about it, not wait forever
             outcome = ("error", f"{type(e).__name__}: {e}")
@@ -336,8 +329,6 @@ def stage_train(cfg: Config, run_dir: Path, resume: str | None = None, force: bo
     if outcome[0] == "error":
         raise PipelineError(f"rank 0 could not prepare {run.root}: {outcome[1]}")
     if not env.is_main:
-        from simone.config import from_dict
-
         cfg = from_dict(outcome[1])
     barrier(env)
     return train(cfg, run, resume=resume)
@@ -345,8 +336,6 @@ def stage_train(cfg: Config, run_dir: Path, resume: str | None = None, force: bo
 
 def _training_ended(result) -> str:
     """The console's word on how training ended: named, with how far the schedule got."""
-    from simone.train.schedule import stop_summary
-
     reason = getattr(result, "stop_reason", None)
     if reason is None:
         return "training: no result"
@@ -354,21 +343,17 @@ def _training_ended(result) -> str:
 
 
 def _train_tokens(run: RunDir) -> int:
-    from simone.rundir import read_json
-
     index = read_json(run.data / "index.json", {}) or {}
     return int(index.get("splits", {}).get("train", {}).get("n_tokens") or 0)
 
 
-def stage_eval(model: Path, eval_data: Path, run: RunDir) -> dict:
-    """Bits per byte of `model` on the text folder `eval_data`, printed and written to
+def stage_eval(model: Path, eval_data: Path, run: RunDir, say: Say = quiet,
+               show: Show = quiet) -> dict:
+    """Bits per byte of `model` on the text folder `eval_data`, shown as a table and written to
     RUN/validation/eval.json."""
-    from simone.inference.eval_text import evaluate_models, format_table
-    from simone.rundir import atomic_write_json
-
-    _say(f"eval: {model.name} on {eval_data}")
+    say(f"eval: {model.name} on {eval_data}")
     result = evaluate_models([str(model)], Path(eval_data))
-    print(format_table(result), flush=True)
+    show(format_table(result))
     atomic_write_json(run.validation / "eval.json", result)
     return result
 
@@ -376,7 +361,8 @@ def stage_eval(model: Path, eval_data: Path, run: RunDir) -> dict:
 def run_pipeline(cfg: Config, run_dir: Path, resume: str | None = None, monitor: bool = False,
                  monitor_port: int = 5001, package_dir: Path = Path("models_for_download"),
                  prepared: bool = False, package_name: str | None = None,
-                 eval_data: Path | None = None, force: bool = False) -> PipelineResult:
+                 eval_data: Path | None = None, force: bool = False, say: Say = quiet,
+                 show: Show = quiet) -> PipelineResult:
     """corpus → curate → tokenizer → shards → train → validate → package, into `run_dir`.
 
     A run directory holding an earlier run's checkpoints is refused unless `resume` (continue
@@ -386,74 +372,64 @@ def run_pipeline(cfg: Config, run_dir: Path, resume: str | None = None, monitor:
     preset, architecture, run dir name, step and weights). With `eval_data`, then bits per
     byte of the package on that text (validation/eval.json).
     """
-    from simone.lock import RunLock
-
     check_device(cfg)  # before the run dir exists: nothing is written for a machine that cannot run it
     if eval_data is not None:  # a bad folder fails now, not after training
-        from simone.inference.eval_text import read_text_folder
-
         read_text_folder(Path(eval_data))
     run = RunDir(run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     with RunLock(run.root, warn=run.log_line):  # a second `simone run` here is refused, before any write
-        claim_run_dir(run, resume, force)
+        claim_run_dir(run, resume, force, say)
         run.make()
-        return _run_locked(cfg, run, resume, monitor, monitor_port, package_dir, prepared, package_name, eval_data)
+        return _run_locked(cfg, run, resume, monitor, monitor_port, package_dir, prepared, package_name, eval_data,
+                           say, show)
 
 
 def _run_locked(cfg: Config, run: RunDir, resume: str | None, monitor: bool, monitor_port: int,
-                package_dir: Path, prepared: bool = False, package_name: str | None = None,
-                eval_data: Path | None = None) -> PipelineResult:
-    from simone.inference.generate import sample_text
-    from simone.inference.load import load_model
-    from simone.inference.package import package_run
-    from simone.inference.validate import print_report, validate
-
+                package_dir: Path, prepared: bool, package_name: str | None, eval_data: Path | None,
+                say: Say, show: Show) -> PipelineResult:
     t0 = time.time()
     save_config(cfg, run.config)
     run.write_status(state="running", stage="curate", preset=cfg.preset, started=t0, error=None)
     stage = "curate"
     try:
         if monitor:
-            from simone.monitor import start_background_monitor
-
-            url = start_background_monitor(run_dir=run.root, port=monitor_port)
-            _say(f"dashboard: {url}")
+            say(f"dashboard: {_start_monitor(run_dir=run.root, port=monitor_port)}")
         if not prepared and (resume is None or not (run.data / "index.json").exists()):
             for line in training_plan(cfg, estimated_train_tokens(cfg), estimated=True):
-                _say(line)
-            stage_curate(cfg, run.root)
+                say(line)
+            stage_curate(cfg, run.root, say, show)
             stage = "tokenizer"
             run.write_status(stage=stage)
-            stage_tokenizer(cfg, run.root)
+            stage_tokenizer(cfg, run.root, say)
             stage = "shards"
             run.write_status(stage=stage)
-            stage_shards(cfg, run.root)
+            stage_shards(cfg, run.root, say)
         for line in training_plan(cfg, _train_tokens(run), estimated=False):
-            _say(line)
+            say(line)
         stage = "train"
         run.write_status(stage=stage)
-        result = stage_train(cfg, run.root, resume=resume)
+        result = stage_train(cfg, run.root, resume=resume, say=say, show=show)
         if getattr(result, "stop_reason", None) == "signal":
-            _say("stopped by signal; resume with --resume latest")
+            say("stopped by signal; resume with --resume latest")
             return PipelineResult(ok=False, run_dir=run.root, error="stopped")
         stage = "validate"
         run.write_status(state="running", stage=stage)
         report = validate(run.root, out_dir=run.validation)
-        print_report(report)
+        for part in format_report(report):
+            show(part)
         stage = "package"
         run.write_status(stage=stage)
-        pkg = package_run(run, package_dir, name=package_name)
+        pkg = package_run(run, package_dir, name=package_name, say=say)
         if eval_data is not None:
-            stage_eval(pkg, eval_data, run)
+            stage_eval(pkg, eval_data, run, say, show)
         with load_model(pkg) as loaded:
             sample = sample_text(loaded, prompt=SAMPLE_PROMPT, max_tokens=40, seed=cfg.train.seed)
         status = "finished" if report["ok"] else "failed"
         run.write_status(state=status, stage="done", package=str(pkg.resolve()), elapsed_s=time.time() - t0,
                          error=None if report["ok"] else "validation failed: " + ", ".join(report["failed"]))
-        _say(f"package: {pkg.resolve()}")
-        _say(f"sample: {sample}")
-        _say(f"done in {time.time() - t0:.0f}s ({status}); {_training_ended(result)}")
+        say(f"package: {pkg.resolve()}")
+        say(f"sample: {sample}")
+        say(f"done in {time.time() - t0:.0f}s ({status}); {_training_ended(result)}")
         return PipelineResult(ok=report["ok"], run_dir=run.root, package=pkg, sample=sample, training=result)
     except KeyboardInterrupt:
         run.write_status(state="stopped", stage=stage)
@@ -463,6 +439,13 @@ def _run_locked(cfg: Config, run: RunDir, resume: str | None, monitor: bool, mon
         run.log_line(f"FAILED in {stage}: {traceback.format_exc()}")
         raise
 
+
+def _start_monitor(**where) -> str:
+    """Serve the dashboard beside training (`--monitor`); return its URL."""
+    # deferred: the dashboard's web stack (fastapi, uvicorn, plotly) loads only with --monitor
+    from simone.monitor import start_background_monitor
+
+    return start_background_monitor(**where)
 
 
 # ----------------------------------------------------------------------------- several models
@@ -492,17 +475,16 @@ def _link_shared(target: Path, link: Path) -> None:
 
 def run_models(cfg: Config, run_dir: Path, models: list[str], resume: str | None = None,
                package_dir: Path = Path("models_for_download"), monitor: bool = False,
-               monitor_port: int = 5001, eval_data: Path | None = None, force: bool = False) -> PipelineResult:
+               monitor_port: int = 5001, eval_data: Path | None = None, force: bool = False,
+               say: Say = quiet, show: Show = quiet) -> PipelineResult:
     """`simone run --models llama,gpt2`: the original train_all_models, on one data preparation.
 
     Curates, trains the tokenizer and builds the shards once in `run_dir`; then each model
     trains in its own run dir `run_dir/runs/NAME` (its data/ and tokenizer/ link to the
     shared ones) with the same training settings, and is validated and packaged as
     `simone-PRESET-NAME-RUNDIRNAME`. Writes `run_dir/comparison.{json,md}` (val bpb,
-    parameters, tokens/s per model) and prints the table.
+    parameters, tokens/s per model) and shows the table.
     """
-    from simone.lock import RunLock
-
     check_device(cfg)
     run = RunDir(run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
@@ -515,16 +497,11 @@ def run_models(cfg: Config, run_dir: Path, models: list[str], resume: str | None
                          models=models)
         try:
             if monitor:  # one dashboard over every model's run dir
-                from simone.monitor import start_background_monitor
-
                 (run.root / "runs").mkdir(exist_ok=True)
-                _say(f"dashboard: {start_background_monitor(runs_root=run.root / 'runs', port=monitor_port)}")
+                say(f"dashboard: {_start_monitor(runs_root=run.root / 'runs', port=monitor_port)}")
             if resume is None or not (run.data / "index.json").exists():
-                stage_prepare(cfg, run.root)
+                stage_prepare(cfg, run.root, say, show)
             else:  # resuming: the shared data is there; the sizes are its tokenizer's
-                from simone.data.tokenizer import load_tokenizer
-                from simone.train.trainer import settle_model_sizes
-
                 settle_model_sizes(cfg, load_tokenizer(run.tokenizer))
             for name in models:
                 run.write_status(stage=f"model {name}")
@@ -532,10 +509,10 @@ def run_models(cfg: Config, run_dir: Path, models: list[str], resume: str | None
                 sub.root.mkdir(parents=True, exist_ok=True)
                 _link_shared(run.data, sub.data)
                 _link_shared(run.tokenizer_dir, sub.tokenizer_dir)
-                _say(f"model {name}: {sub.root}")
+                say(f"model {name}: {sub.root}")
                 result = run_pipeline(model_variant(cfg, name), sub.root, resume=resume, package_dir=package_dir,
                                       prepared=True, package_name=f"simone-{cfg.preset}-{name}-{run.root.name}",
-                                      eval_data=eval_data, force=force)
+                                      eval_data=eval_data, force=force, say=say, show=show)
                 results.append(result)
                 if result.error == "stopped":
                     run.write_status(state="stopped", stage=f"model {name}")
@@ -550,22 +527,18 @@ def run_models(cfg: Config, run_dir: Path, models: list[str], resume: str | None
         comparison = {"schema": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                       "preset": cfg.preset, "corpus": cfg.data.data_dir or "embedded default corpus",
                       "train_tokens": _train_tokens(run), "models": rows}
-        from simone.rundir import atomic_write_json, atomic_write_text
-
         atomic_write_json(run.root / "comparison.json", comparison)
         atomic_write_text(run.root / "comparison.md", comparison_markdown(comparison))
-        print(comparison_markdown(comparison), flush=True)
+        show(comparison_markdown(comparison))
         ok = all(r.ok for r in results)
         run.write_status(state="finished" if ok else "failed", stage="done",
                          error=None if ok else "a model failed validation")
-        _say(f"comparison: {run.root / 'comparison.md'}")
+        say(f"comparison: {run.root / 'comparison.md'}")
         return PipelineResult(ok=ok, run_dir=run.root, package=results[-1].package if results else None)
 
 
 def comparison_row(name: str, sub: RunDir, result: PipelineResult) -> dict:
     """One model's line of the comparison: from its validation report and training summary."""
-    from simone.rundir import read_json
-
     report = read_json(sub.validation / "report.json", {}) or {}
     training = (read_json(sub.root / "training_summary.json", {}) or {}).get("training", {})
     return {"model": name, "run_dir": str(sub.root), "package": str(result.package) if result.package else None,
