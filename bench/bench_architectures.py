@@ -8,7 +8,7 @@
 2. Trains both architectures at the same time, each pinned to its own core (`taskset`,
    one torch thread) with `--max-minutes MINUTES`, into OUT/llama and OUT/gpt2; both run
    dirs link the prepared data/ and tokenizer/, so both see exactly the same tokens.
-3. Validates both (`simone.inference.validate`: the same validation windows for both) and prints the
+3. Validates both (`simone.inference.validation_report`: the same validation windows for both) and prints the
    table: validation bits-per-byte overall and per domain, training tokens/s, parameters,
    optimizer steps, tokens seen. Writes OUT/architectures.json.
 
@@ -89,7 +89,7 @@ def read_metrics(run_dir: Path) -> dict:
 def validate_run(run_dir: Path) -> dict:
     import torch
 
-    from simone.inference.validate import validate
+    from simone.inference.validation_report import validate
 
     torch.set_num_threads(1)
     report = validate(run_dir, out_dir=run_dir / "validation")

@@ -30,7 +30,7 @@ Recipes:
 Several runs can share one --work folder (the data is prepared once) when their recipe names
 differ; give each its own --json. `peer` may be left out (then no ratio is printed).
 
-Score: total negative log-likelihood in bits / UTF-8 bytes (simone.inference.eval_text), each
+Score: total negative log-likelihood in bits / UTF-8 bytes (simone.inference.text_bpb), each
 model with its own context in sliding windows. The headline is ours / peer (below 1: ours is
 better); the goal is <= 0.85 at 10 minutes on a 2-core CPU. Results go to WORK/quality.json.
 """
@@ -148,8 +148,8 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def score(model: torch.nn.Module, tokenizer: Any, context: int, eval_dir: Path, label: str) -> dict[str, Any]:
-    """Bits per byte of an in-memory model on the held-out folder (eval_text's scorer)."""
-    from simone.inference.eval_text import TorchScorer, read_text_folder, score_model
+    """Bits per byte of an in-memory model on the held-out folder (text_bpb's scorer)."""
+    from simone.inference.text_bpb import TorchScorer, read_text_folder, score_model
 
     model.eval()
     scorer = TorchScorer(label, "simone", lambda x: model(x)[0], tokenizer.encode, tokenizer.eod_id, context,

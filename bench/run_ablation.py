@@ -83,7 +83,7 @@ def probe_data(args: argparse.Namespace, work: Path) -> dict:
     from simone.workflows.ablate import prepare_shared
     from simone.config import apply_overrides, preset
     from simone.data.shards import TokenShard
-    from simone.inference.steering import fit_on_documents, snippet_accuracy, snippet_words_for
+    from simone.inference.steering_judge import fit_on_documents, snippet_accuracy, snippet_words_for
 
     sample = work / "corpus"
     sampled, total = sample_corpus(args.corpus, sample, args.probe_bytes_per_domain)
@@ -109,7 +109,7 @@ def probe_model(args: argparse.Namespace, n_domains: int) -> dict:
     from simone.workflows.ablate import base_variant, variant_config
     from simone.config import apply_overrides, preset
     from simone.model import build_model
-    from simone.inference.governed import guided_sample_batch
+    from simone.inference.streaming import guided_sample_batch
     from simone.train.budget import probe_step_seconds
     from simone.train.precision import autocast_dtype
 

@@ -240,7 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from simone.inference.validate import format_report, validate
+    from simone.inference.validation_report import format_report, validate
 
     report = validate(Path(args.model), out_dir=Path(args.out) if args.out else None,
                       data_dir=Path(args.data_dir) if args.data_dir else None)
@@ -304,7 +304,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError("--lm-eval-tasks writes the consistency suite: give --suite FILE (and/or --pairs FILE)")
     if not args.data:
         raise CLIError("give --data DIR (a folder of .txt to score), or --suite FILE / --pairs FILE")
-    from simone.inference.eval_text import evaluate_and_save, format_table
+    from simone.inference.text_bpb import evaluate_and_save, format_table
 
     print(format_table(evaluate_and_save(args.model, Path(args.data), json_path, device=args.device)))
     if json_path is not None:
@@ -315,7 +315,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _eval_suite(args: argparse.Namespace, json_path: Path | None) -> int:
     from simone.inference.consistency import (SuiteSettings, evaluate_suite, format_suite_markdown, suite_items,
                                               write_lm_eval_tasks)
-    from simone.inference.eval_text import refuse_symlinked_json
+    from simone.inference.text_bpb import refuse_symlinked_json
     from simone.rundir import atomic_write_json
 
     refuse_symlinked_json(json_path)

@@ -17,7 +17,7 @@ from simone.inference.consistency import (SuiteError, SuiteSettings, build_suite
                                           format_suite_markdown, generation_health, heldout_documents,
                                           load_or_build_suite, read_suite, read_user_pairs, score_suite,
                                           write_lm_eval_tasks, write_suite)
-from simone.inference.eval_text import EvalError
+from simone.inference.text_bpb import EvalError
 from test_contradict import NAMES, consistent_documents
 
 SMALL = SuiteSettings(pairs_per_kind=8, cloze_per_domain=6, prompts_per_domain=3, bpb_chars_per_domain=3000,
@@ -198,7 +198,7 @@ def test_a_model_that_cannot_generate_or_load_gets_one_line(items):
 def test_a_tiny_simone_model_generates_greedily_and_is_scored(template, tmp_path):
     from simone.data.documents import read_documents
     from simone.data.tokenizer import load_tokenizer
-    from simone.inference.eval_text import load_simone_scorer
+    from simone.inference.text_bpb import load_simone_scorer
     from simone.inference.load import load_model
     from simone.rundir import RunDir
     from test_hf_export import _save_model_run

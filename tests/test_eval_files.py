@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from simone.inference.eval_text import format_table, read_text_folder
+from simone.inference.text_bpb import format_table, read_text_folder
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from simone.cli import main
-from simone.inference.eval_text import TorchScorer, scoring_window, summed_log_prob
+from simone.inference.text_bpb import TorchScorer, scoring_window, summed_log_prob
 
 VOCAB = 20_000
 WINDOW = 64
@@ -48,7 +48,7 @@ def scorer(budget: int, batch_size: int = 8) -> TorchScorer:
 
 def unchunked_nll_bits(ids: list[int], context: int) -> float:
     """The reference: each window's full log-softmax at once, one window at a time."""
-    from simone.inference.eval_text import sliding_windows
+    from simone.inference.text_bpb import sliding_windows
 
     total = 0.0
     for start, end, n_scored in sliding_windows(len(ids), context):
@@ -87,7 +87,7 @@ def test_a_window_too_big_for_the_budget_is_shortened_to_fit():
 
 
 def test_the_log_softmax_in_chunks_equals_one_over_all_positions(monkeypatch):
-    monkeypatch.setattr("simone.inference.eval_text.LOSS_CHUNK_BYTES", 4 * VOCAB * 7)  # 7 positions a chunk
+    monkeypatch.setattr("simone.inference.text_bpb.LOSS_CHUNK_BYTES", 4 * VOCAB * 7)  # 7 positions a chunk
     logits = bigram_logits(torch.arange(50).unsqueeze(0))[0]
     targets = torch.randint(0, VOCAB, (50,), generator=torch.Generator().manual_seed(0))
     whole = logits.log_softmax(-1)[torch.arange(50), targets].double().sum()

@@ -94,7 +94,7 @@ def test_lm_eval_harness_gives_the_same_pair_accuracy_offline(scored):
 
 
 def test_batched_scoring_and_decoding_give_what_one_at_a_time_gives(scored):
-    from simone.inference.eval_text import load_scorer
+    from simone.inference.text_bpb import load_scorer
 
     root, _ = scored
     scorer = load_scorer(str(root / "run"), "cpu")

@@ -13,7 +13,7 @@ import torch
 
 from conftest import make_corpus
 from simone.cli import main
-from simone.inference.eval_text import TorchScorer, evaluate_models, read_text_folder, sliding_windows
+from simone.inference.text_bpb import TorchScorer, evaluate_models, read_text_folder, sliding_windows
 from simone.inference.package import package_run
 from simone.rundir import RunDir
 from test_hf_export import _save_model_run

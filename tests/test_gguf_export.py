@@ -277,7 +277,7 @@ def test_llama_cpp_runs_the_file_as_ours(template, tmp_path, arch):
     our token ids, our logits and greedy tokens from the f32 file, and our bits per byte in
     `simone eval`."""
     pytest.importorskip("llama_cpp")
-    from simone.inference.eval_text import evaluate_models
+    from simone.inference.text_bpb import evaluate_models
     from simone.inference.gguf_file import llama_cpp_greedy, llama_cpp_logits, open_in_llama_cpp
 
     run = _sharp_run(template, tmp_path / "run", arch)

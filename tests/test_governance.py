@@ -15,8 +15,8 @@ from simone.data.loader import BatchLoader
 from simone.data.shards import TokenShard, build_shards, takes_control_token
 from simone.model import build_model
 from simone.model.attention import StreamingKVCache
-from simone.inference.governed import governed_generate, streaming_nll
-from simone.model.governance import LOSS_TERMS, policy_coherence
+from simone.inference.streaming import governed_generate, streaming_nll
+from simone.model.governance_heads import LOSS_TERMS, policy_coherence
 from simone.train.metrics import LossTermMeter
 from simone.model.layers import apply_rope, rope_tables
 from simone.data.tokenizer import domain_token, train_tokenizer

@@ -11,7 +11,7 @@ import pytest
 
 from simone.config import preset
 from simone.data.shards import build_shards
-from simone.model.governance import LOSS_TERMS
+from simone.model.governance_heads import LOSS_TERMS
 from simone.rundir import RunDir
 from simone.data.tokenizer import train_tokenizer
 from simone.train.trainer import settle_model_sizes

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import make_corpus
-from simone.inference.steering import (SteeringJudge, fit_on_documents, snippet_accuracy, snippet_confusion, snippets,
+from simone.inference.steering_judge import (SteeringJudge, fit_on_documents, snippet_accuracy, snippet_confusion, snippets,
                                        words)
 
 
@@ -88,7 +88,7 @@ def test_unguided_samples_are_drawn_in_one_batch_and_cut_at_end_of_document():
 
     import torch
 
-    from simone.inference.steering import sample_batch, steering_accuracy
+    from simone.inference.steering_judge import sample_batch, steering_accuracy
 
     calls = []
 
@@ -118,7 +118,7 @@ def test_the_batched_guided_sampler_draws_what_the_one_sample_sampler_draws():
     import torch
 
     from simone.config import ModelConfig
-    from simone.inference.governed import governed_generate, guided_sample_batch
+    from simone.inference.streaming import governed_generate, guided_sample_batch
     from simone.model import build_model
 
     torch.manual_seed(0)

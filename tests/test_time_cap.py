@@ -14,7 +14,7 @@ from simone.checkpoint import load_checkpoint, resolve_checkpoint
 from simone.train.schedule import lr_at
 from simone.train.schedule import stop_summary
 from simone.train.trainer import Trainer, train
-from simone.inference.validate import validate
+from simone.inference.validation_report import validate
 from train_support import new_run, read_metrics
 
 

@@ -9,7 +9,7 @@ import torch
 
 from simone.config import Config, ModelConfig, TokenizerConfig
 from simone.model import build_model
-from simone.inference.governed import governed_generate
+from simone.inference.streaming import governed_generate
 
 N_COPY, VOCAB, SEP = 10, 24, 1
 

@@ -21,7 +21,7 @@ from simone.inference.load import ModelLoadError, load_model
 from simone.inference.package import package_run
 from simone.rundir import RunDir
 from simone.train.trainer import train
-from simone.inference.validate import validate
+from simone.inference.validation_report import validate
 from train_support import new_run, subprocess_env
 
 

@@ -12,7 +12,7 @@ import pytest
 from simone.config import ValidateConfig, analytic_param_count, preset
 from simone.model import build_model
 from simone.train.trainer import train
-from simone.inference.validate import distinct_n, diversity, longest_repeated_ngram, validate
+from simone.inference.validation_report import distinct_n, diversity, longest_repeated_ngram, validate
 from train_support import new_run
 
 
@@ -76,7 +76,7 @@ def test_a_tightened_memory_bound_fails_naming_the_figure_and_the_bound(trained,
 
 
 def test_a_model_that_differs_from_its_config_fails_the_count(trained, tmp_path, monkeypatch):
-    import simone.inference.validate as v
+    import simone.inference.validation_report as v
 
     monkeypatch.setattr(v, "analytic_param_count", lambda m: analytic_param_count(m) + 64)
     report = validate(trained.root, out_dir=tmp_path / "v")

@@ -1,6 +1,6 @@
 """The offline consistency suite (`simone eval --suite`): tasks built once from held-out
 documents, written as JSONL so that every model sees the same items, and scored on any model
-that `simone eval` reads (a run, a package, `hf:DIR`, a GGUF file: an `eval_text.Scorer`).
+that `simone eval` reads (a run, a package, `hf:DIR`, a GGUF file: a `text_bpb.Scorer`).
 
 Tasks (the `task` field of an item; every item also has `schema`, `id`, `domain`, `doc`):
 
@@ -28,7 +28,7 @@ Tasks (the `task` field of an item; every item also has `schema`, `id`, `domain`
 Building is deterministic given the documents and the seed (every choice is a hash of the seed
 and the text's place, as `simone.data.split` chooses). Held-out documents only: a run's
 validation split (whole documents and held-out tails), which no model of the run trained on.
-Cloze and gen need greedy decoding (`greedy` and `decoder` on the scorer, see eval_text); a
+Cloze and gen need greedy decoding (`greedy` and `decoder` on the scorer, see text_bpb); a
 scorer without them gets those tasks reported as "not scored: <reason>".
 """
 
@@ -49,7 +49,7 @@ from simone.data.contradict import (KINDS, apply_sites, find_sites, name_map_for
 from simone.data.documents import numbered_documents, read_documents
 from simone.data.split import split_key
 from simone.errors import SimoneError
-from simone.inference.eval_text import load_scorer, read_text_folder
+from simone.inference.text_bpb import load_scorer, read_text_folder
 from simone.rundir import RunDir, atomic_write_text
 
 SUITE_SCHEMA = 1

@@ -19,7 +19,7 @@ from torch import nn
 
 from simone.model.attention import StreamingKVCache
 from simone.model.base import CachedDecoder
-from simone.model.governance import AttentionRecorder, trace_layers, uses_trace
+from simone.model.governance_heads import AttentionRecorder, trace_layers, uses_trace
 from simone.model.sampling import GREEDY_BELOW, sample_next_token
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from simone.config import ModelConfig
 from simone.model.attention import KVCache, StreamingKVCache
 from simone.model.base import LanguageModel
-from simone.model.governance import check_governance_config, set_policy_domains
+from simone.model.governance_heads import check_governance_config, set_policy_domains
 from simone.model.gpt2 import GPT2
 from simone.model.sampling import filter_logits, sample_next_token
 from simone.model.transformer import Transformer
@@ -18,7 +18,7 @@ def build_model(cfg: ModelConfig) -> LanguageModel:
     """The model `cfg.arch` names ("llama" or "gpt2"), freshly initialised on the CPU in float32.
 
     model.governance=true (Llama-style only) adds the governance parts its switches name;
-    see simone/model/governance.py."""
+    see simone/model/governance_heads.py."""
     check_governance_config(cfg)
     if cfg.arch == "llama":
         return Transformer(cfg)

@@ -7,7 +7,7 @@ Attention rotates q and k with RoPE, may use fewer key/value heads than query he
 (grouped-query attention) and runs through `scaled_dot_product_attention`. Parameter names
 map one-to-one onto Hugging Face `LlamaForCausalLM` (`simone/inference/export.py`).
 
-With `cfg.governance` (simone/model/governance.py) the model also gets learned memory slots
+With `cfg.governance` (simone/model/governance_heads.py) the model also gets learned memory slots
 in every attention layer and a policy head on the hidden states of block `policy_layer`;
 its training loss becomes the comprehensive (multi-objective) loss. With governance off
 none of these exist: the parameters, logits and loss are the plain model's.
@@ -22,7 +22,7 @@ from torch import nn
 from simone.config import ModelConfig
 from simone.model.attention import CausalSelfAttention, KVCache
 from simone.model.base import LanguageModel
-from simone.model.governance import (PolicyHead, check_governance_config, governance_loss,
+from simone.model.governance_heads import (PolicyHead, check_governance_config, governance_loss,
                                      uses_memory, uses_policy)
 from simone.model.layers import Linear, RMSNorm, SwiGLU, rope_tables, swiglu_hidden_dim
 

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from simone.devices import pick_device
 from simone.errors import SimoneError
-from simone.model.governance import uses_policy
+from simone.model.governance_heads import uses_policy
 
 # torch.distributed.fsdp and torch.distributed.checkpoint are imported where they are used, on
 # purpose: each takes about half a second to import, and only sharded runs need them.

@@ -47,10 +47,10 @@ from simone.data.shards import TokenShard
 from simone.data.tokenizer import Tokenizer, load_tokenizer
 from simone.errors import SimoneError
 from simone.faults import Faults
-from simone.inference.evaluate import evaluate_per_domain
+from simone.inference.shard_loss import evaluate_per_domain
 from simone.lock import RunLock
 from simone.model import build_model
-from simone.model.governance import set_policy_domains, uses_policy
+from simone.model.governance_heads import set_policy_domains, uses_policy
 from simone.rundir import RunDir
 from simone.train.callbacks import OUT_OF_MEMORY, Callback, LogStats, default_callbacks
 from simone.train.distributed import (

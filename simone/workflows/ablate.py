@@ -44,7 +44,7 @@ few of its steps first.
 Measures per run: parameters; validation bits per byte on the variant's own validation split
 (`train.eval_batches` batches per domain), overall and per domain; held-out bits per byte on
 the clean held-out documents, which no variant trained on (every window, or
-`heldout_batches` per domain); steering accuracy (`simone.inference.steering`: a TF-IDF + logistic
+`heldout_batches` per domain); steering accuracy (`simone.inference.steering_judge`: a TF-IDF + logistic
 regression judge fitted on the training split, samples made with `--domain X`), and for
 models with a policy head the policy-guided sampler with weight W and with W = 0 (their paired
 difference is what the policy adds); policy accuracy; streaming perplexity of a
@@ -273,7 +273,7 @@ def streaming_eval(loaded, val_dir: Path, n_contexts: int) -> dict | None:
     """Streaming vs. independent-window perplexity on the same validation text: from the
     start of the longest validation document, n_contexts × max_seq_len tokens (fewer if the
     split is shorter). None for models without RoPE (GPT-2)."""
-    from simone.inference.governed import streaming_nll
+    from simone.inference.streaming import streaming_nll
 
     cfg = loaded.config.model
     if cfg.arch != "llama":
@@ -338,11 +338,11 @@ def evaluate_variant(name: str, run: RunDir, val_dir: Path, heldout_dir: Path, j
     """One trained run's figures: val bpb on its own validation split (`val_dir`), held-out
     bpb on the clean held-out documents (`heldout_dir`), steering (without a judge: none),
     policy, streaming, speed, and the consistency suite's figures when given its items."""
-    from simone.inference.evaluate import evaluate_per_domain
+    from simone.inference.shard_loss import evaluate_per_domain
     from simone.inference.load import load_model
     from simone.inference.consistency import score_suite
-    from simone.inference.eval_text import simone_scorer
-    from simone.inference.steering import steering_accuracy
+    from simone.inference.text_bpb import simone_scorer
+    from simone.inference.steering_judge import steering_accuracy
 
     loaded = load_model(run.root)
     cfg = loaded.config
@@ -415,7 +415,7 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings, say: Say = 
     lines go to `say`."""
     from simone.train.trainer import settle_model_sizes
     from simone.workflows.pipeline import stage_train
-    from simone.inference.steering import confusion_accuracy, fit_on_documents, snippet_confusion, snippet_words_for
+    from simone.inference.steering_judge import confusion_accuracy, fit_on_documents, snippet_confusion, snippet_words_for
     from simone.data.tokenizer import load_tokenizer
 
     data_variants = check_variants(settings)

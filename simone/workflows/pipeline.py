@@ -28,11 +28,11 @@ from simone.data.shards import build_shards
 from simone.data.tokenizer import load_tokenizer, train_tokenizer
 from simone.devices import pick_device
 from simone.errors import SimoneError
-from simone.inference.eval_text import evaluate_models, format_table, read_text_folder
+from simone.inference.text_bpb import evaluate_models, format_table, read_text_folder
 from simone.inference.generate import sample_text
 from simone.inference.load import load_model
 from simone.inference.package import package_run
-from simone.inference.validate import format_report, validate
+from simone.inference.validation_report import format_report, validate
 from simone.lock import RunLock
 from simone.rundir import RunDir, atomic_write_json, atomic_write_text, read_json
 from simone.train.distributed import (barrier, broadcast_object, dist_env_from_environ, init_distributed,

@@ -1,6 +1,6 @@
 """Governance: the policy head, the multi-objective loss and attention tracing for the
 Llama-style model. Governed (steered, traced, streaming) generation and streaming evaluation
-that drive these parts live in simone/inference/governed.py.
+that drive these parts live in simone/inference/streaming.py.
 
 Each part has a definition, a switch in `ModelConfig` (`governance` on/off, then `policy`,
 `memory`, `trace`) and a measurable effect:

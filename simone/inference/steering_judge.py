@@ -21,7 +21,7 @@ import torch
 
 from simone.data.documents import read_documents
 from simone.inference.generate import prompt_ids
-from simone.inference.governed import guided_sample_batch
+from simone.inference.streaming import guided_sample_batch
 
 WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 # A sample of N tokens holds about 3/4 N words with our BPE tokenizers on English prose.
@@ -187,7 +187,7 @@ def _texts_until_eod(tok, rows: list[list[int]]) -> list[str]:
 def guided_batch(loaded, domain: str, n: int, max_tokens: int, guidance_weight: float,
                  guidance_top_k: int = 8, temperature: float = 0.8, seed: int = 0) -> list[str]:
     """`n` continuations of `<|domain:NAME|>` drawn at once by the policy-guided sampler
-    (`governed.guided_sample_batch`; weight 0: its top-K sampling without the policy), each
+    (`streaming.guided_sample_batch`; weight 0: its top-K sampling without the policy), each
     cut at its first end-of-document token."""
     tok = loaded.tokenizer
     ids = prompt_ids(loaded, "", domain)

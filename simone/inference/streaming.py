@@ -4,7 +4,7 @@
 text read the same way.
 
 The parts they use (policy head, memory slots, `AttentionRecorder`) live in
-simone/model/governance.py; this module only drives a built model.
+simone/model/governance_heads.py; this module only drives a built model.
 """
 
 from __future__ import annotations

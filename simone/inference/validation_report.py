@@ -20,7 +20,7 @@ from rich.table import Table
 from simone.checkpoint import CheckpointError, verify_checkpoint
 from simone.config import ValidateConfig, analytic_param_count
 from simone.data.shards import TokenShard
-from simone.inference.evaluate import evaluate_per_domain
+from simone.inference.shard_loss import evaluate_per_domain
 from simone.inference.generate import stream_tokens
 from simone.inference.load import ModelLoadError, load_model
 from simone.rundir import RunDir, atomic_write_json, atomic_write_text, read_json, sha256_file
