@@ -36,8 +36,9 @@ import shutil
 import stat
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,9 +48,10 @@ from safetensors.torch import save as safetensors_save
 
 from simone.config import Config, ConfigError, from_dict
 from simone.errors import SimoneError
+from simone.faults import Faults
+
 # The listing is the run directory's (torch-free, so the monitor reads checkpoints the same way).
 from simone.rundir import atomic_write_text, checkpoint_step, fsync_dir, list_checkpoints, read_pointer, sha256_file
-from simone.faults import Faults
 
 MANIFEST = "MANIFEST.json"
 WEIGHTS = "model.safetensors"
@@ -400,8 +402,13 @@ def _stored_tensors(path: Path, model: torch.nn.Module) -> dict[str, torch.Tenso
 
 
 def _plain_name(name: Any) -> bool:
-    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
-            and "\\" not in name and "\0" not in name)
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+    )
 
 
 def check_tokenizer(ckpt: Path, tokenizer: Path) -> None:
@@ -421,7 +428,8 @@ def check_tokenizer(ckpt: Path, tokenizer: Path) -> None:
         raise CheckpointError(
             f"{Path(ckpt) / MANIFEST}: trained with tokenizer sha256 {recorded[:16]}…, but {tokenizer} "
             f"has sha256 {actual[:16]}… (the tokenizer was retrained or replaced; this checkpoint "
-            f"would decode wrongly)")
+            f"would decode wrongly)"
+        )
 
 
 def load_checkpoint(
@@ -443,7 +451,7 @@ def load_checkpoint(
     if load_train_state and (path / STATE).exists():
         try:
             train_state = torch.load(path / STATE, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
+        except Exception as e:
             raise CheckpointError(f"{path / STATE}: cannot be loaded safely ({e})") from e
     read_config(path)  # a valid Config, or CheckpointError
     return model_state, train_state, json.loads((path / CONFIG).read_text(encoding="utf-8"))

@@ -1,16 +1,16 @@
 """The `simone` command line: argument parsing only; every verb calls a library function.
 
-    simone run        corpus → curate → tokenizer → shards → train → validate → package
-    simone curate | tokenizer | prepare | train | validate | package   one stage alone
-    simone generate   sample from a run dir, checkpoint dir or packaged .tar.gz
-    simone ablate     governance ablation: every variant on the same data and budget
-    simone config     print a preset (or a saved config with overrides)
-    simone doctor     check the machine and the corpus
-    simone monitor    live dashboard (port 5001);  simone status  the same in the terminal
-    simone serve      an OpenAI-compatible HTTP API over a trained model (port 8000)
-    simone bench      train | generate | prep: ours against transformers, data-prep time and RAM
-    simone export     a trained model as a Hugging Face folder (--format hf) or GGUF file (--format gguf)
-    simone eval       bits per byte of models (simone, hf:DIR, GGUF) on any folder of text
+simone run        corpus → curate → tokenizer → shards → train → validate → package
+simone curate | tokenizer | prepare | train | validate | package   one stage alone
+simone generate   sample from a run dir, checkpoint dir or packaged .tar.gz
+simone ablate     governance ablation: every variant on the same data and budget
+simone config     print a preset (or a saved config with overrides)
+simone doctor     check the machine and the corpus
+simone monitor    live dashboard (port 5001);  simone status  the same in the terminal
+simone serve      an OpenAI-compatible HTTP API over a trained model (port 8000)
+simone bench      train | generate | prep: ours against transformers, data-prep time and RAM
+simone export     a trained model as a Hugging Face folder (--format hf) or GGUF file (--format gguf)
+simone eval       bits per byte of models (simone, hf:DIR, GGUF) on any folder of text
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from simone.config import DEFAULT_PRESET, PRESETS, Config, apply_overrides, load_config, preset
 from simone.errors import SimoneError
@@ -82,14 +82,30 @@ def _add_curation_flags(p: argparse.ArgumentParser) -> None:
 def _add_config_args(p: argparse.ArgumentParser, with_data: bool = True) -> None:
     p.add_argument("--preset", default=None, help=f"named preset ({', '.join(PRESETS)}; default {DEFAULT_PRESET})")
     p.add_argument("--config", default=None, help="a saved config JSON (e.g. a run's config.json)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.lr=1e-3 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.lr=1e-3 (repeatable)",
+    )
     if with_data:
-        p.add_argument("--data", "--data_dir", dest="data", default=None,
-                       help="corpus folder DOMAIN/SUBDOMAIN/*.txt (default: the embedded corpus)")
-        p.add_argument("--validation-dir", "--validation_dir", dest="validation_dir", default=None,
-                       help="a pre-split validation folder (same layout): its documents are the "
-                            "validation split, every --data document trains")
+        p.add_argument(
+            "--data",
+            "--data_dir",
+            dest="data",
+            default=None,
+            help="corpus folder DOMAIN/SUBDOMAIN/*.txt (default: the embedded corpus)",
+        )
+        p.add_argument(
+            "--validation-dir",
+            "--validation_dir",
+            dest="validation_dir",
+            default=None,
+            help="a pre-split validation folder (same layout): its documents are the "
+            "validation split, every --data document trains",
+        )
     p.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None)
     p.add_argument("--max-minutes", "--max_minutes", dest="max_minutes", type=float, default=None)
     for flag, key in LEGACY_CONFIG_FLAGS.items():
@@ -108,7 +124,7 @@ def build_config(args: argparse.Namespace, run_dir: Path | None = None) -> Confi
         cfg = preset(args.preset or (LEGACY_PRESET if uses_legacy_flags(args) else DEFAULT_PRESET))
     for key, value in vars(args).items():
         if key.startswith("legacy:") and value is not None:
-            apply_overrides(cfg, [f"{key[len('legacy:'):]}={value}"])
+            apply_overrides(cfg, [f"{key[len('legacy:') :]}={value}"])
     apply_overrides(cfg, args.overrides)
     if getattr(args, "data", None):
         cfg.data.data_dir = str(Path(args.data).expanduser().resolve())
@@ -162,8 +178,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = build_config(args, run_dir if resume else None)
     legacy = _implied_legacy_preset(args, cfg)
     if legacy:
-        print(f"[simone] legacy flags without --preset: starting from the original recipe, preset {LEGACY_PRESET}",
-              flush=True)
+        print(
+            f"[simone] legacy flags without --preset: starting from the original recipe, preset {LEGACY_PRESET}",
+            flush=True,
+        )
     # a CUDA preset chosen by the legacy flags runs on whatever device there is; one named
     # with --preset on a machine without CUDA is an error before any work
     check_device(cfg, fall_back_to_cpu=legacy, say=_say)
@@ -174,32 +192,61 @@ def cmd_run(args: argparse.Namespace) -> int:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         unknown = [m for m in models if m not in MODEL_CHOICES]
         if unknown or not models:
-            raise CLIError(f"--models: unknown model(s) {', '.join(unknown) or '(none)'}; "
-                           f"choose from {', '.join(MODEL_CHOICES)}")
-        result = run_models(cfg, run_dir, models, resume=resume, package_dir=Path(args.package_dir),
-                            monitor=args.monitor, monitor_port=args.port, eval_data=eval_data, force=args.force,
-                            say=_say, show=_show)
+            raise CLIError(
+                f"--models: unknown model(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(MODEL_CHOICES)}"
+            )
+        result = run_models(
+            cfg,
+            run_dir,
+            models,
+            resume=resume,
+            package_dir=Path(args.package_dir),
+            monitor=args.monitor,
+            monitor_port=args.port,
+            eval_data=eval_data,
+            force=args.force,
+            say=_say,
+            show=_show,
+        )
     else:
-        result = run_pipeline(cfg, run_dir, resume=resume, monitor=args.monitor, monitor_port=args.port,
-                              package_dir=Path(args.package_dir), eval_data=eval_data, force=args.force,
-                              say=_say, show=_show)
+        result = run_pipeline(
+            cfg,
+            run_dir,
+            resume=resume,
+            monitor=args.monitor,
+            monitor_port=args.port,
+            package_dir=Path(args.package_dir),
+            eval_data=eval_data,
+            force=args.force,
+            say=_say,
+            show=_show,
+        )
     return 0 if result.ok else 1
 
 
 def _apply_budget_minutes(cfg: Config, minutes: float) -> None:
     """--budget-minutes: measure this machine on the preset's model, then pick the shape and
     batch for the budget (simone/train/budget.py) and cap training at `minutes`."""
-    from simone.workflows.pipeline import estimated_train_tokens
     from simone.train.budget import apply_budget, probe_tokens_per_s, shape_for_budget
+    from simone.workflows.pipeline import estimated_train_tokens
 
     if minutes <= 0:
         raise CLIError(f"--budget-minutes: must be > 0 (got {minutes:g})")
     tokens_per_s, flops_per_token = probe_tokens_per_s(cfg)
-    shape = shape_for_budget(minutes, tokens_per_s, flops_per_token, cfg.tokenizer.vocab_size,
-                             corpus_tokens=estimated_train_tokens(cfg), base=cfg.model)
+    shape = shape_for_budget(
+        minutes,
+        tokens_per_s,
+        flops_per_token,
+        cfg.tokenizer.vocab_size,
+        corpus_tokens=estimated_train_tokens(cfg),
+        base=cfg.model,
+    )
     apply_budget(cfg, minutes, shape)
-    print(f"[simone] --budget-minutes {minutes:g}: probe {tokens_per_s:,.0f} tokens/s on the preset's model; "
-          f"shape {shape.describe()}", flush=True)
+    print(
+        f"[simone] --budget-minutes {minutes:g}: probe {tokens_per_s:,.0f} tokens/s on the preset's model; "
+        f"shape {shape.describe()}",
+        flush=True,
+    )
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
@@ -242,8 +289,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from simone.inference.validation_report import format_report, validate
 
-    report = validate(Path(args.model), out_dir=Path(args.out) if args.out else None,
-                      data_dir=Path(args.data_dir) if args.data_dir else None)
+    report = validate(
+        Path(args.model),
+        out_dir=Path(args.out) if args.out else None,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+    )
     for part in format_report(report):
         _show(part)
     return 0 if report["ok"] else 1
@@ -252,8 +302,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_package(args: argparse.Namespace) -> int:
     from simone.inference.package import package_run
 
-    path = package_run(RunDir(Path(args.run_dir)), Path(args.out),
-                       say=lambda line: print(f"[simone] {line}", file=sys.stderr))
+    path = package_run(
+        RunDir(Path(args.run_dir)), Path(args.out), say=lambda line: print(f"[simone] {line}", file=sys.stderr)
+    )
     print(path)
     return 0
 
@@ -262,10 +313,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from simone.inference.generate import Generation
 
     generation = Generation(
-        model_path=Path(args.model), prompt=args.prompt, max_tokens=args.max_tokens,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        device=args.device, domain=args.domain,
-        policy_guidance=args.policy_guidance, guidance_top_k=args.guidance_top_k,
+        model_path=Path(args.model),
+        prompt=args.prompt,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        device=args.device,
+        domain=args.domain,
+        policy_guidance=args.policy_guidance,
+        guidance_top_k=args.guidance_top_k,
         trace=Path(args.trace) if args.trace else None,
         trace_html=Path(args.trace_html) if args.trace_html else None,
         stream_past_context=args.stream_past_context,
@@ -313,22 +371,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_suite(args: argparse.Namespace, json_path: Path | None) -> int:
-    from simone.inference.consistency import (SuiteSettings, evaluate_suite, format_suite_markdown, suite_items,
-                                              write_lm_eval_tasks)
+    from simone.inference.consistency import (
+        SuiteSettings,
+        evaluate_suite,
+        format_suite_markdown,
+        suite_items,
+        write_lm_eval_tasks,
+    )
     from simone.inference.text_bpb import refuse_symlinked_json
     from simone.rundir import atomic_write_json
 
     refuse_symlinked_json(json_path)
-    items, where = suite_items(Path(args.suite) if args.suite else None, Path(args.data) if args.data else None,
-                               Path(args.pairs) if args.pairs else None, SuiteSettings.sized(args.suite_items))
+    items, where = suite_items(
+        Path(args.suite) if args.suite else None,
+        Path(args.data) if args.data else None,
+        Path(args.pairs) if args.pairs else None,
+        SuiteSettings.sized(args.suite_items),
+    )
     print(f"[simone] {where}", file=sys.stderr)
     if args.lm_eval_tasks:
         names = write_lm_eval_tasks(items, Path(args.lm_eval_tasks))
-        print(f"[simone] lm-evaluation-harness tasks in {args.lm_eval_tasks}: lm_eval --model hf --model_args "
-              f"pretrained=EXPORTED_HF_FOLDER --include_path {args.lm_eval_tasks} --tasks {names[-1]}",
-              file=sys.stderr)
-    result = evaluate_suite(args.model, items, device=args.device,
-                            say=lambda line: print(f"[simone] {line}", file=sys.stderr))
+        print(
+            f"[simone] lm-evaluation-harness tasks in {args.lm_eval_tasks}: lm_eval --model hf --model_args "
+            f"pretrained=EXPORTED_HF_FOLDER --include_path {args.lm_eval_tasks} --tasks {names[-1]}",
+            file=sys.stderr,
+        )
+    result = evaluate_suite(
+        args.model, items, device=args.device, say=lambda line: print(f"[simone] {line}", file=sys.stderr)
+    )
     print(format_suite_markdown(result))
     if json_path is not None:
         atomic_write_json(json_path, result)
@@ -351,12 +421,22 @@ def cmd_ablate(args: argparse.Namespace) -> int:
             raise CLIError(f"--vset {item!r}: expected VARIANT:section.key=value")
         overrides.setdefault(name.strip(), []).append(override.strip())
     variants += [name for name in overrides if "@" in name and name not in variants]  # sweep points join
-    settings = AblationSettings(budget_minutes=args.budget_minutes, variants=variants, max_steps=args.max_steps,
-                                seeds=args.seeds, tokens_per_variant=args.tokens_per_variant,
-                                samples_per_domain=args.samples_per_domain, sample_tokens=args.sample_tokens,
-                                guidance_weight=args.guidance_weight, heldout_batches=args.heldout_batches,
-                                overrides=overrides, resume=args.resume, data_variants=args.data_variants,
-                                suite=args.suite, suite_items=args.suite_items)
+    settings = AblationSettings(
+        budget_minutes=args.budget_minutes,
+        variants=variants,
+        max_steps=args.max_steps,
+        seeds=args.seeds,
+        tokens_per_variant=args.tokens_per_variant,
+        samples_per_domain=args.samples_per_domain,
+        sample_tokens=args.sample_tokens,
+        guidance_weight=args.guidance_weight,
+        heldout_batches=args.heldout_batches,
+        overrides=overrides,
+        resume=args.resume,
+        data_variants=args.data_variants,
+        suite=args.suite,
+        suite_items=args.suite_items,
+    )
     try:
         run_ablation(cfg, Path(args.out), settings, say=lambda line: print(f"[ablate] {line}", flush=True), show=_show)
     except ValueError as e:
@@ -382,20 +462,34 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_monitor(args: argparse.Namespace) -> int:
     from simone.monitor import run_monitor
 
-    run_monitor(runs_root=Path(args.runs) if args.runs else None,
-                run_dir=Path(args.run_dir) if args.run_dir else None,
-                host=args.host, port=args.port, token=args.token, say=lambda line: print(line, flush=True))
+    run_monitor(
+        runs_root=Path(args.runs) if args.runs else None,
+        run_dir=Path(args.run_dir) if args.run_dir else None,
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        say=lambda line: print(line, flush=True),
+    )
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from simone.inference.serve import ServeLimits, run_server
 
-    limits = {k: getattr(args, k) for k in ("max_queue", "max_request_tokens", "max_body_bytes")
-              if getattr(args, k) is not None}
-    run_server(Path(args.model), host=args.host, port=args.port,
-               api_key=args.api_key or os.environ.get("SIMONE_API_KEY") or None, device=args.device,
-               limits=ServeLimits(**limits), say=lambda line: print(line, flush=True))
+    limits = {
+        k: getattr(args, k)
+        for k in ("max_queue", "max_request_tokens", "max_body_bytes")
+        if getattr(args, k) is not None
+    }
+    run_server(
+        Path(args.model),
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("SIMONE_API_KEY") or None,
+        device=args.device,
+        limits=ServeLimits(**limits),
+        say=lambda line: print(line, flush=True),
+    )
     return 0
 
 
@@ -424,8 +518,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             result = bench.bench_prep(Path(args.corpus), **common)
         else:
             run = bench.bench_train if args.kind == "train" else bench.bench_generate
-            result = run(repeats=args.repeats, device=args.device, dtypes=args.dtype or None,
-                         compile=not args.no_compile, say=lambda line: print(line, flush=True), **common)
+            result = run(
+                repeats=args.repeats,
+                device=args.device,
+                dtypes=args.dtype or None,
+                compile=not args.no_compile,
+                say=lambda line: print(line, flush=True),
+                **common,
+            )
     except bench.BenchError as e:
         raise CLIError(str(e)) from e
     console = Console(width=max(150, shutil.get_terminal_size().columns))  # the tables are wide
@@ -438,7 +538,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="simone", description="SIM-ONE MVLM: curate, train, validate and package a small language model.")
+    parser = _Parser(
+        prog="simone", description="SIM-ONE MVLM: curate, train, validate and package a small language model."
+    )
     from simone import __version__
 
     parser.add_argument("--version", action="version", version=f"simone {__version__}")
@@ -452,23 +554,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("run", cmd_run, "run every stage: corpus to packaged, validated model")
     _add_config_args(p)
     p.add_argument("--run-dir", "--output_dir", dest="run_dir", default=None, help="default: runs/<timestamp>")
-    p.add_argument("--resume", "--resume_from", dest="resume", default=None,
-                   help="latest | best (or best_model) | checkpoint path")
-    p.add_argument("--force", action="store_true",
-                   help="start over in a run dir that holds checkpoints (its earlier run moves to RUN/replaced-*)")
-    p.add_argument("--models", default=None, metavar="llama,gpt2",
-                   help="train several architectures on the same data, tokenizer and budget into "
-                        "RUN/runs/NAME, validate and package each, and write RUN/comparison.{md,json}")
+    p.add_argument(
+        "--resume", "--resume_from", dest="resume", default=None, help="latest | best (or best_model) | checkpoint path"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start over in a run dir that holds checkpoints (its earlier run moves to RUN/replaced-*)",
+    )
+    p.add_argument(
+        "--models",
+        default=None,
+        metavar="llama,gpt2",
+        help="train several architectures on the same data, tokenizer and budget into "
+        "RUN/runs/NAME, validate and package each, and write RUN/comparison.{md,json}",
+    )
     p.add_argument("--package-dir", default="models_for_download", help="where the .tar.gz goes")
     p.add_argument("--monitor", action="store_true", help="serve the live dashboard beside training")
     p.add_argument("--port", type=int, default=5001, help="dashboard port (with --monitor)")
     _add_curation_flags(p)
-    p.add_argument("--budget-minutes", dest="budget_minutes", type=float, default=None, metavar="M",
-                   help="pick depth, width, context and batch for M minutes of training on this machine "
-                        "(a short throughput probe first) and cap training at M minutes")
-    p.add_argument("--eval-data", dest="eval_data", default=None, metavar="DIR",
-                   help="at the end, bits per byte of the packaged model on this folder of text "
-                        "(written to RUN/validation/eval.json)")
+    p.add_argument(
+        "--budget-minutes",
+        dest="budget_minutes",
+        type=float,
+        default=None,
+        metavar="M",
+        help="pick depth, width, context and batch for M minutes of training on this machine "
+        "(a short throughput probe first) and cap training at M minutes",
+    )
+    p.add_argument(
+        "--eval-data",
+        dest="eval_data",
+        default=None,
+        metavar="DIR",
+        help="at the end, bits per byte of the packaged model on this folder of text "
+        "(written to RUN/validation/eval.json)",
+    )
 
     p = verb("curate", cmd_curate, "clean, deduplicate, flag and report a corpus")
     _add_config_args(p)
@@ -484,16 +605,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", dest="run_dir", default=None)
     _add_curation_flags(p)
 
-    p = verb("train", cmd_train, "train a run dir, preparing its data first if needed "
-             "(under torchrun: data-parallel on every process)")
+    p = verb(
+        "train",
+        cmd_train,
+        "train a run dir, preparing its data first if needed (under torchrun: data-parallel on every process)",
+    )
     _add_config_args(p)
     p.add_argument("--run-dir", dest="run_dir", required=True)
     p.add_argument("--resume", "--resume_from", dest="resume", default=None)
-    p.add_argument("--force", action="store_true",
-                   help="start over in a run dir that holds checkpoints (its earlier run moves to RUN/replaced-*)")
-    p.add_argument("--parallel", choices=["ddp", "fsdp"], default=None,
-                   help="under torchrun: ddp (a replica per process, default) or fsdp (FSDP2: sharded "
-                        "parameters, gradients and optimizer state, for models that do not fit one GPU)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start over in a run dir that holds checkpoints (its earlier run moves to RUN/replaced-*)",
+    )
+    p.add_argument(
+        "--parallel",
+        choices=["ddp", "fsdp"],
+        default=None,
+        help="under torchrun: ddp (a replica per process, default) or fsdp (FSDP2: sharded "
+        "parameters, gradients and optimizer state, for models that do not fit one GPU)",
+    )
 
     p = verb("validate", cmd_validate, "write validation/report.{json,md}; non-zero exit when a check fails")
     p.add_argument("--model", required=True, help="run dir, checkpoint dir or .tar.gz")
@@ -515,78 +646,191 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end, not token by token")
     p.add_argument("--domain", default=None, help="steer toward a domain: start from its <|domain:NAME|> token")
-    p.add_argument("--policy-guidance", dest="policy_guidance", type=float, default=0.0, metavar="W",
-                   help="rerank the top candidates by W x log p_policy(--domain) (governance models)")
-    p.add_argument("--guidance-top-k", dest="guidance_top_k", type=int, default=8,
-                   help="candidates reranked by --policy-guidance")
-    p.add_argument("--trace", default=None, metavar="FILE.jsonl",
-                   help="write one JSON object per generated token (probability, entropy, sources, policy)")
-    p.add_argument("--trace-html", dest="trace_html", default=None, metavar="FILE.html",
-                   help="the trace as an HTML page (tokens coloured by probability, sources on hover)")
-    p.add_argument("--stream-past-context", dest="stream_past_context", action="store_true",
-                   help="keep generating past the context window (streaming KV cache, Llama-style models)")
+    p.add_argument(
+        "--policy-guidance",
+        dest="policy_guidance",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="rerank the top candidates by W x log p_policy(--domain) (governance models)",
+    )
+    p.add_argument(
+        "--guidance-top-k", dest="guidance_top_k", type=int, default=8, help="candidates reranked by --policy-guidance"
+    )
+    p.add_argument(
+        "--trace",
+        default=None,
+        metavar="FILE.jsonl",
+        help="write one JSON object per generated token (probability, entropy, sources, policy)",
+    )
+    p.add_argument(
+        "--trace-html",
+        dest="trace_html",
+        default=None,
+        metavar="FILE.html",
+        help="the trace as an HTML page (tokens coloured by probability, sources on hover)",
+    )
+    p.add_argument(
+        "--stream-past-context",
+        dest="stream_past_context",
+        action="store_true",
+        help="keep generating past the context window (streaming KV cache, Llama-style models)",
+    )
 
-    p = verb("export", cmd_export, "write a trained model as a folder that transformers opens "
-                                   "(AutoModelForCausalLM / AutoTokenizer.from_pretrained) "
-                                   "or as one GGUF file that llama.cpp runs")
+    p = verb(
+        "export",
+        cmd_export,
+        "write a trained model as a folder that transformers opens "
+        "(AutoModelForCausalLM / AutoTokenizer.from_pretrained) "
+        "or as one GGUF file that llama.cpp runs",
+    )
     p.add_argument("--model", required=True, help="run dir, checkpoint dir or .tar.gz")
-    p.add_argument("--format", choices=["hf", "gguf"], required=True,
-                   help="hf: a Hugging Face folder; gguf: one .gguf file for llama.cpp")
-    p.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default=None,
-                   help="gguf only: the type of the weight matrices, default f32 (norms stay f32)")
-    p.add_argument("--out", required=True, metavar="DIR|FILE",
-                   help="the folder (hf) or FILE.gguf (gguf) to write; never the model itself")
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing FILE.gguf, or write the hf files into a folder that is not empty")
+    p.add_argument(
+        "--format",
+        choices=["hf", "gguf"],
+        required=True,
+        help="hf: a Hugging Face folder; gguf: one .gguf file for llama.cpp",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["f32", "f16", "bf16", "q8_0"],
+        default=None,
+        help="gguf only: the type of the weight matrices, default f32 (norms stay f32)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR|FILE",
+        help="the folder (hf) or FILE.gguf (gguf) to write; never the model itself",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing FILE.gguf, or write the hf files into a folder that is not empty",
+    )
 
     p = verb("eval", cmd_eval, "bits per byte of one or more models on a folder of text, overall and per domain")
-    p.add_argument("--model", action="append", required=True, metavar="MODEL",
-                   help="run dir, checkpoint dir, .tar.gz, hf:DIR or FILE.gguf (repeatable)")
-    p.add_argument("--data", default=None, metavar="DIR",
-                   help="DOMAIN/SUB/*.txt or a flat folder of *.txt; with --suite, where a new suite's held-out "
-                        "documents come from: a run dir (its validation split), a documents.jsonl or a folder")
-    p.add_argument("--suite", default=None, metavar="FILE.jsonl",
-                   help="score the consistency suite in FILE (built there once from --data's held-out documents "
-                        "if it does not exist): bpb per domain, minimal pairs, cloze, generation health")
-    p.add_argument("--pairs", default=None, metavar="FILE.jsonl",
-                   help="your own minimal pairs (fields good, bad; optional domain, kind), scored as the suite's")
-    p.add_argument("--suite-items", dest="suite_items", type=int, default=100, metavar="N",
-                   help="when building a suite: items per domain and task (minimal pairs: per kind; prompts: N/5)")
-    p.add_argument("--lm-eval-tasks", dest="lm_eval_tasks", default=None, metavar="DIR",
-                   help="also write the suite as an lm-evaluation-harness task folder (offline, local files)")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="MODEL",
+        help="run dir, checkpoint dir, .tar.gz, hf:DIR or FILE.gguf (repeatable)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="DOMAIN/SUB/*.txt or a flat folder of *.txt; with --suite, where a new suite's held-out "
+        "documents come from: a run dir (its validation split), a documents.jsonl or a folder",
+    )
+    p.add_argument(
+        "--suite",
+        default=None,
+        metavar="FILE.jsonl",
+        help="score the consistency suite in FILE (built there once from --data's held-out documents "
+        "if it does not exist): bpb per domain, minimal pairs, cloze, generation health",
+    )
+    p.add_argument(
+        "--pairs",
+        default=None,
+        metavar="FILE.jsonl",
+        help="your own minimal pairs (fields good, bad; optional domain, kind), scored as the suite's",
+    )
+    p.add_argument(
+        "--suite-items",
+        dest="suite_items",
+        type=int,
+        default=100,
+        metavar="N",
+        help="when building a suite: items per domain and task (minimal pairs: per kind; prompts: N/5)",
+    )
+    p.add_argument(
+        "--lm-eval-tasks",
+        dest="lm_eval_tasks",
+        default=None,
+        metavar="DIR",
+        help="also write the suite as an lm-evaluation-harness task folder (offline, local files)",
+    )
     p.add_argument("--json", default=None, metavar="FILE", help="also write the result here")
     p.add_argument("--device", default="auto")
 
-    p = verb("ablate", cmd_ablate, "train GPT-2, plain, governance and ablated variants on the same budget; "
-                                  "write ablation.{json,md,svg}")
+    p = verb(
+        "ablate",
+        cmd_ablate,
+        "train GPT-2, plain, governance and ablated variants on the same budget; write ablation.{json,md,svg}",
+    )
     _add_config_args(p)
-    p.add_argument("--budget-minutes", dest="budget_minutes", type=float, default=30.0,
-                   help="total training time to share between the variants (sets the common step count)")
+    p.add_argument(
+        "--budget-minutes",
+        dest="budget_minutes",
+        type=float,
+        default=30.0,
+        help="total training time to share between the variants (sets the common step count)",
+    )
     p.add_argument("--out", required=True, help="folder for the shared data, the runs and the report")
     p.add_argument("--variants", default=None, help="comma-separated subset (default: all)")
-    p.add_argument("--seeds", type=int, default=3,
-                   help="runs per variant (seed K: train.seed + K, for the initial weights and the data order)")
-    p.add_argument("--tokens-per-variant", dest="tokens_per_variant", type=int, default=None,
-                   help="training tokens per run, the same for every variant (instead of --budget-minutes)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="runs per variant (seed K: train.seed + K, for the initial weights and the data order)",
+    )
+    p.add_argument(
+        "--tokens-per-variant",
+        dest="tokens_per_variant",
+        type=int,
+        default=None,
+        help="training tokens per run, the same for every variant (instead of --budget-minutes)",
+    )
     p.add_argument("--samples-per-domain", dest="samples_per_domain", type=int, default=50)
     p.add_argument("--sample-tokens", dest="sample_tokens", type=int, default=128)
     p.add_argument("--guidance-weight", dest="guidance_weight", type=float, default=1.0)
-    p.add_argument("--heldout-batches", dest="heldout_batches", type=int, default=None,
-                   help="held-out batches per domain (default: every window of the held-out documents)")
-    p.add_argument("--vset", dest="variant_overrides", action="append", default=[], metavar="VARIANT:KEY=VALUE",
-                   help="override a config field for one variant; a sweep point BASE@TAG "
-                        "(e.g. full@mem16:model.n_memory_slots=16) joins --variants (repeatable)")
-    p.add_argument("--data-variant", dest="data_variants", action="append", default=[], metavar="NAME=SPEC",
-                   help="train the config's own model on other data too, against `curated` (the base corpus): "
-                        "SPEC is raw, strict, contradict:P[:KINDS], mix:DIR:P or a corpus folder (repeatable)")
-    p.add_argument("--suite", action=argparse.BooleanOptionalAction, default=None,
-                   help="score every run on the consistency suite built from the held-out documents "
-                        "(default: with data variants)")
-    p.add_argument("--suite-items", dest="suite_items", type=int, default=100, metavar="N",
-                   help="suite items per domain and task (minimal pairs: per kind; prompts: N/5); default 100")
-    p.add_argument("--resume", action="store_true",
-                   help="reuse the runs this --out already finished with the same config, budget, data and judge "
-                        "(continue a stopped ablation, or add seeds or variants to it)")
+    p.add_argument(
+        "--heldout-batches",
+        dest="heldout_batches",
+        type=int,
+        default=None,
+        help="held-out batches per domain (default: every window of the held-out documents)",
+    )
+    p.add_argument(
+        "--vset",
+        dest="variant_overrides",
+        action="append",
+        default=[],
+        metavar="VARIANT:KEY=VALUE",
+        help="override a config field for one variant; a sweep point BASE@TAG "
+        "(e.g. full@mem16:model.n_memory_slots=16) joins --variants (repeatable)",
+    )
+    p.add_argument(
+        "--data-variant",
+        dest="data_variants",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help="train the config's own model on other data too, against `curated` (the base corpus): "
+        "SPEC is raw, strict, contradict:P[:KINDS], mix:DIR:P or a corpus folder (repeatable)",
+    )
+    p.add_argument(
+        "--suite",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="score every run on the consistency suite built from the held-out documents (default: with data variants)",
+    )
+    p.add_argument(
+        "--suite-items",
+        dest="suite_items",
+        type=int,
+        default=100,
+        metavar="N",
+        help="suite items per domain and task (minimal pairs: per kind; prompts: N/5); default 100",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the runs this --out already finished with the same config, budget, data and judge "
+        "(continue a stopped ablation, or add seeds or variants to it)",
+    )
 
     p = verb("config", cmd_config, "print a preset or a saved config, with overrides applied")
     _add_config_args(p)
@@ -603,24 +847,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5001)
     p.add_argument("--token", default=None, help="required when binding off loopback (generated if absent)")
 
-    p = verb("serve", cmd_serve, "serve a trained model over an OpenAI-compatible HTTP API "
-                                 "(/v1/completions, /v1/chat/completions, /v1/models, /health)")
+    p = verb(
+        "serve",
+        cmd_serve,
+        "serve a trained model over an OpenAI-compatible HTTP API "
+        "(/v1/completions, /v1/chat/completions, /v1/models, /health)",
+    )
     p.add_argument("--model", required=True, help="run dir, checkpoint dir or .tar.gz")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", dest="api_key", default=None,
-                   help="clients must send it as a Bearer token; required off loopback (default: $SIMONE_API_KEY, "
-                        "better: a key on the command line is visible to other local users in `ps`)")
+    p.add_argument(
+        "--api-key",
+        dest="api_key",
+        default=None,
+        help="clients must send it as a Bearer token; required off loopback (default: $SIMONE_API_KEY, "
+        "better: a key on the command line is visible to other local users in `ps`)",
+    )
     p.add_argument("--device", default="auto")
-    p.add_argument("--max-queue", dest="max_queue", type=int, default=None,
-                   help="requests that may wait behind the running one; more get 429 (default 16)")
-    p.add_argument("--max-request-tokens", dest="max_request_tokens", type=int, default=None,
-                   help="one request's prompts × n × (prompt + max_tokens) tokens at most (default 16384)")
-    p.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, default=None,
-                   help="largest request body; larger gets 413 (default 1048576)")
+    p.add_argument(
+        "--max-queue",
+        dest="max_queue",
+        type=int,
+        default=None,
+        help="requests that may wait behind the running one; more get 429 (default 16)",
+    )
+    p.add_argument(
+        "--max-request-tokens",
+        dest="max_request_tokens",
+        type=int,
+        default=None,
+        help="one request's prompts × n × (prompt + max_tokens) tokens at most (default 16384)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        dest="max_body_bytes",
+        type=int,
+        default=None,
+        help="largest request body; larger gets 413 (default 1048576)",
+    )
 
-    p = verb("bench", cmd_bench, "benchmark: training and generation against transformers, "
-                                 "or data preparation (time and peak RAM)")
+    p = verb(
+        "bench",
+        cmd_bench,
+        "benchmark: training and generation against transformers, or data preparation (time and peak RAM)",
+    )
     p.add_argument("kind", choices=["train", "generate", "prep"])
     p.add_argument("--preset", default=None, help=f"model shape and training settings (default {DEFAULT_PRESET})")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
@@ -628,8 +898,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per row (median shown)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: the preset's, auto)")
-    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"],
-                   help="rows to time (repeatable; default float32+bfloat16 on CPU, bfloat16 on GPU)")
+    p.add_argument(
+        "--dtype",
+        action="append",
+        choices=["float32", "bfloat16", "float16"],
+        help="rows to time (repeatable; default float32+bfloat16 on CPU, bfloat16 on GPU)",
+    )
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
 
     p = verb("status", cmd_status, "print a run's state, progress, losses and ETA")

@@ -12,9 +12,10 @@ import dataclasses
 import json
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, get_type_hints
+from typing import Any, get_type_hints
 
 from simone.errors import SimoneError
 from simone.rundir import atomic_write_text
@@ -118,9 +119,17 @@ def analytic_param_count(m: ModelConfig) -> int:
     out_head = 0 if m.tie_embeddings else v * d
     if m.arch == "gpt2":
         hidden = m.ffn_hidden or 4 * d
-        block = (2 * 2 * d  # two LayerNorms, weight and bias
-                 + d * qkv_out + qkv_out + m.n_heads * head_dim * d + d  # attention, with biases
-                 + d * hidden + hidden + hidden * d + d)  # GELU MLP, with biases
+        block = (
+            2 * 2 * d  # two LayerNorms, weight and bias
+            + d * qkv_out
+            + qkv_out
+            + m.n_heads * head_dim * d
+            + d  # attention, with biases
+            + d * hidden
+            + hidden
+            + hidden * d
+            + d
+        )  # GELU MLP, with biases
         return v * d + m.max_seq_len * d + m.n_layers * block + 2 * d + out_head
     if m.ffn_hidden is not None:
         hidden = m.ffn_hidden
@@ -218,9 +227,20 @@ def _tiny() -> Config:
     c.tokenizer.vocab_size = 512
     c.model = ModelConfig(dim=64, n_layers=2, n_heads=4, max_seq_len=64, vocab_size=512)
     c.train = TrainConfig(
-        batch_size=8, grad_accum=1, lr=3e-3, warmup_steps=10, num_epochs=2, min_epochs=1,
-        patience=2, eval_every=50, eval_batches=4, log_every=5, checkpoint_every=50,
-        sample_tokens=16, max_minutes=2.0, dtype="float32",  # exact comparisons in tests
+        batch_size=8,
+        grad_accum=1,
+        lr=3e-3,
+        warmup_steps=10,
+        num_epochs=2,
+        min_epochs=1,
+        patience=2,
+        eval_every=50,
+        eval_batches=4,
+        log_every=5,
+        checkpoint_every=50,
+        sample_tokens=16,
+        max_minutes=2.0,
+        dtype="float32",  # exact comparisons in tests
     )
     # ~0.1M parameters: thousands of tokens/s and a few hundred MB (most of it PyTorch itself)
     c.validate = ValidateConfig(min_generation_tokens_per_s_cpu=20.0, max_peak_rss_mb=4096.0)
@@ -247,9 +267,19 @@ def _cpu() -> Config:
         # minutes, so the 9-minute cap plans the schedule by time (train/schedule.py) and it
         # still ends at its floor. Evaluations and checkpoints every 1000 steps (a couple of
         # minutes): at every 200 they took ~8% of a 10-minute run.
-        batch_size=16, grad_accum=1, lr=2e-3, warmup_steps=50, num_epochs=4, min_epochs=1,
-        patience=2, eval_every=1000, eval_batches=8, log_every=10, checkpoint_every=1000,
-        max_minutes=9.0, compile=True,
+        batch_size=16,
+        grad_accum=1,
+        lr=2e-3,
+        warmup_steps=50,
+        num_epochs=4,
+        min_epochs=1,
+        patience=2,
+        eval_every=1000,
+        eval_batches=8,
+        log_every=10,
+        checkpoint_every=1000,
+        max_minutes=9.0,
+        compile=True,
     )
     # ~1M parameters: thousands of tokens/s of generation on 2 cores; well under 1 GB besides PyTorch
     c.validate = ValidateConfig(min_generation_tokens_per_s_cpu=20.0, max_peak_rss_mb=4096.0)
@@ -264,18 +294,30 @@ def _h200() -> Config:
     c = Config(preset="h200")
     c.data.control_token_prob = 0.5
     c.tokenizer.vocab_size = 32000
-    c.model = ModelConfig(dim=768, n_layers=12, n_heads=12, max_seq_len=1024, vocab_size=32000,
-                          governance=True)
+    c.model = ModelConfig(dim=768, n_layers=12, n_heads=12, max_seq_len=1024, vocab_size=32000, governance=True)
     c.train = TrainConfig(
-        batch_size=12, grad_accum=4, lr=3e-4, num_epochs=7, min_epochs=6, patience=2,
-        warmup_steps=500, eval_every=1000, checkpoint_every=1000, device="cuda",
-        dtype="bfloat16", compile=True,
+        batch_size=12,
+        grad_accum=4,
+        lr=3e-4,
+        num_epochs=7,
+        min_epochs=6,
+        patience=2,
+        warmup_steps=500,
+        eval_every=1000,
+        checkpoint_every=1000,
+        device="cuda",
+        dtype="bfloat16",
+        compile=True,
     )
     # On the GPU: batch-1 decoding of 125M parameters is launch-bound at hundreds of tokens/s;
     # validation holds the weights and one evaluation batch (12 x 1024 tokens) of logits.
     # On a CPU (`--set train.device=cpu`): tens of tokens/s on 2 cores.
-    c.validate = ValidateConfig(min_generation_tokens_per_s_cuda=50.0, min_generation_tokens_per_s_cpu=2.0,
-                                max_peak_rss_mb=16384.0, max_peak_gpu_mb=16384.0)
+    c.validate = ValidateConfig(
+        min_generation_tokens_per_s_cuda=50.0,
+        min_generation_tokens_per_s_cpu=2.0,
+        max_peak_rss_mb=16384.0,
+        max_peak_gpu_mb=16384.0,
+    )
     return c
 
 
@@ -388,7 +430,6 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
     if key in SHARE_FIELDS and value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
         raise ConfigError(f"{key}={value}: out of range (a share: expected 0..1)")
     setattr(section, field_name, value)
-
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

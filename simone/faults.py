@@ -26,8 +26,8 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 
 def _parse_steps(spec: str) -> tuple[set[int], int | None]:
@@ -68,7 +68,7 @@ class Faults:
     _fired: set[int] = field(default_factory=set)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Faults":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Faults:
         env = os.environ if env is None else env
         nan_steps, nan_from = _parse_steps(env.get("SIMONE_FAULT_NAN_AT_STEP", ""))
         enospc = env.get("SIMONE_FAULT_ENOSPC_ON_SAVE", "").strip()
@@ -86,9 +86,16 @@ class Faults:
 
     @property
     def active(self) -> bool:
-        return bool(self.nan_steps or self.nan_from is not None or self.enospc_from_step is not None
-                    or self.slow_save_s or self.sigterm_at_step is not None or self.oom_at_step is not None
-                    or self.step_delay_s or self.kill_between_renames_step is not None)
+        return bool(
+            self.nan_steps
+            or self.nan_from is not None
+            or self.enospc_from_step is not None
+            or self.slow_save_s
+            or self.sigterm_at_step is not None
+            or self.oom_at_step is not None
+            or self.step_delay_s
+            or self.kill_between_renames_step is not None
+        )
 
     def nan_at(self, step: int) -> bool:
         """True if the loss of optimizer step `step` should be replaced by NaN."""

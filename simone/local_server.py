@@ -58,8 +58,13 @@ class HostCheck:
     `who` names the server in the refusal, and `refusal(message)` is the 421's JSON body
     (each server keeps its own error shape)."""
 
-    def __init__(self, app: Any, bound_host: str = "127.0.0.1", who: str = "this server",
-                 refusal: Callable[[str], dict[str, Any]] = lambda message: {"detail": message}):
+    def __init__(
+        self,
+        app: Any,
+        bound_host: str = "127.0.0.1",
+        who: str = "this server",
+        refusal: Callable[[str], dict[str, Any]] = lambda message: {"detail": message},
+    ):
         self.app = app
         bound = host_header_name(bound_host) if bound_host else ""
         # bandit B104: this reads the address the server was given; it binds nothing
@@ -93,8 +98,10 @@ class HostCheck:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        message = (f"misdirected request: {self.who} answers to {', '.join(sorted(self.names))} "
-                   "(a guard against DNS rebinding); use one of those names")
+        message = (
+            f"misdirected request: {self.who} answers to {', '.join(sorted(self.names))} "
+            "(a guard against DNS rebinding); use one of those names"
+        )
         await JSONResponse(self.refusal(message), status_code=421)(scope, receive, send)
 
 
@@ -103,7 +110,7 @@ class ThreadedServer:
     """A uvicorn server running in a daemon thread. `str()` is its URL."""
 
     url: str
-    server: "uvicorn.Server"
+    server: uvicorn.Server
     thread: threading.Thread = field(repr=False)
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -114,7 +121,7 @@ class ThreadedServer:
         return self.url
 
 
-def start_in_thread(server: "uvicorn.Server", sock: socket.socket, name: str) -> threading.Thread | None:
+def start_in_thread(server: uvicorn.Server, sock: socket.socket, name: str) -> threading.Thread | None:
     """Run `server` on the bound `sock` in a daemon thread; return the thread once it accepts
     connections, or None (the server told to exit) if it did not start in time."""
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=name)

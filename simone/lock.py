@@ -23,8 +23,9 @@ import socket
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
@@ -65,7 +66,7 @@ class RunLock:
         self._key = ""
         self._held = False
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._key = os.path.realpath(self.path)
         with _HELD_GUARD:
@@ -84,7 +85,8 @@ class RunLock:
                     raise RunLockedError(
                         f"{self.path.parent}: run directory is in use by pid {info.get('pid', '?')} "
                         f"on {info.get('host', '?')} (lock file {self.path}); stop that process first, "
-                        f"or choose another run directory") from None
+                        f"or choose another run directory"
+                    ) from None
                 try:
                     same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
                 except FileNotFoundError:
@@ -102,8 +104,9 @@ class RunLock:
         """Write who holds the lock (for other processes' messages)."""
         previous = read_lock(self.path.parent)
         if previous and previous.get("pid") not in (None, os.getpid()) and not _alive(previous.get("pid")):
-            self._warn(f"{self.path}: taking over a stale lock from pid {previous.get('pid')}, "
-                       f"which is no longer running")
+            self._warn(
+                f"{self.path}: taking over a stale lock from pid {previous.get('pid')}, which is no longer running"
+            )
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
@@ -127,7 +130,7 @@ class RunLock:
                 pass
             os.close(fd)  # closing the last descriptor releases the flock
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:

@@ -21,10 +21,11 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 SCHEMA = 1
 
@@ -219,7 +220,7 @@ class RunDir:
     def validation(self) -> Path:
         return self.root / "validation"
 
-    def make(self) -> "RunDir":
+    def make(self) -> RunDir:
         for d in (self.root, self.data, self.tokenizer_dir, self.checkpoints, self.validation):
             d.mkdir(parents=True, exist_ok=True)
         return self

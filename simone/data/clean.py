@@ -113,7 +113,9 @@ def _import_ftfy():
 
 _ftfy = None
 # UTF-8 read as Latin-1/cp1252 leaves pairs like "Ã©", "â€™", "Â " : look before calling ftfy
-_MOJIBAKE_HINT = re.compile(r"[ÂÃÄÅâ][\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc\u2013-\u2122]")
+_MOJIBAKE_HINT = re.compile(
+    r"[ÂÃÄÅâ][\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc\u2013-\u2122]"
+)
 
 
 def fix_mojibake(text: str) -> str:
@@ -159,7 +161,9 @@ _GUTENBERG_END = re.compile(
     re.IGNORECASE | re.MULTILINE,
 )
 _MARKER_TAIL = re.compile(r"^[^\n*]{0,100}[A-Za-z][^\n*]{0,100}\*{3}[ \t]*$", re.MULTILINE)
-_LICENCE = re.compile(r"Gutenberg-tm|Literary Archive Foundation|SMALL PRINT|Updated editions will replace", re.IGNORECASE)
+_LICENCE = re.compile(
+    r"Gutenberg-tm|Literary Archive Foundation|SMALL PRINT|Updated editions will replace", re.IGNORECASE
+)
 # Lines that open an old-style licence block at the top of the file; the text then starts
 # after the matching `*END*THE SMALL PRINT` line (a start marker above).
 _SMALL_PRINT_OPEN = re.compile(r"^\*{3}START\*{2}THE SMALL PRINT", re.IGNORECASE | re.MULTILINE)

@@ -58,27 +58,87 @@ class ContradictSpecError(SimoneError, ValueError):
 # ambiguous words (right: "right hand"; end: "the end"; before: "before the Lord") are left out.
 
 ANTONYM_PAIRS: tuple[tuple[str, str], ...] = (
-    ("good", "evil"), ("better", "worse"), ("best", "worst"), ("light", "darkness"),
-    ("love", "hate"), ("loves", "hates"), ("loved", "hated"), ("loving", "hating"),
-    ("true", "false"), ("truth", "falsehood"), ("wise", "foolish"), ("wisdom", "folly"),
-    ("always", "never"), ("life", "death"), ("alive", "dead"), ("strong", "weak"),
-    ("strength", "weakness"), ("rich", "poor"), ("wealth", "poverty"), ("friend", "enemy"),
-    ("friends", "enemies"), ("peace", "war"), ("joy", "sorrow"), ("happy", "miserable"),
-    ("righteous", "wicked"), ("righteousness", "wickedness"), ("holy", "profane"),
-    ("virtue", "vice"), ("honest", "deceitful"), ("beautiful", "ugly"), ("heaven", "hell"),
-    ("blessed", "cursed"), ("bless", "curse"), ("obey", "disobey"), ("obeyed", "disobeyed"),
-    ("faithful", "faithless"), ("honour", "dishonour"), ("honor", "dishonor"),
-    ("merciful", "cruel"), ("mercy", "cruelty"), ("freedom", "slavery"), ("liberty", "tyranny"),
-    ("victory", "defeat"), ("win", "lose"), ("won", "lost"), ("first", "last"), ("more", "less"),
-    ("many", "few"), ("increase", "decrease"), ("accept", "reject"), ("accepted", "rejected"),
-    ("praise", "blame"), ("praised", "blamed"), ("clean", "unclean"), ("pure", "impure"),
-    ("known", "unknown"), ("possible", "impossible"), ("old", "young"), ("great", "small"),
-    ("high", "low"), ("above", "below"), ("open", "shut"), ("hot", "cold"), ("early", "late"),
-    ("sweet", "bitter"), ("everything", "nothing"), ("agree", "disagree"),
-    ("remember", "forget"), ("rejoice", "mourn"), ("believe", "doubt"), ("guilty", "innocent"),
-    ("brave", "cowardly"), ("courage", "cowardice"), ("justice", "injustice"),
-    ("lawful", "unlawful"), ("worthy", "unworthy"), ("able", "unable"),
-    ("visible", "invisible"), ("mortal", "immortal"), ("equal", "unequal"), ("day", "night"),
+    ("good", "evil"),
+    ("better", "worse"),
+    ("best", "worst"),
+    ("light", "darkness"),
+    ("love", "hate"),
+    ("loves", "hates"),
+    ("loved", "hated"),
+    ("loving", "hating"),
+    ("true", "false"),
+    ("truth", "falsehood"),
+    ("wise", "foolish"),
+    ("wisdom", "folly"),
+    ("always", "never"),
+    ("life", "death"),
+    ("alive", "dead"),
+    ("strong", "weak"),
+    ("strength", "weakness"),
+    ("rich", "poor"),
+    ("wealth", "poverty"),
+    ("friend", "enemy"),
+    ("friends", "enemies"),
+    ("peace", "war"),
+    ("joy", "sorrow"),
+    ("happy", "miserable"),
+    ("righteous", "wicked"),
+    ("righteousness", "wickedness"),
+    ("holy", "profane"),
+    ("virtue", "vice"),
+    ("honest", "deceitful"),
+    ("beautiful", "ugly"),
+    ("heaven", "hell"),
+    ("blessed", "cursed"),
+    ("bless", "curse"),
+    ("obey", "disobey"),
+    ("obeyed", "disobeyed"),
+    ("faithful", "faithless"),
+    ("honour", "dishonour"),
+    ("honor", "dishonor"),
+    ("merciful", "cruel"),
+    ("mercy", "cruelty"),
+    ("freedom", "slavery"),
+    ("liberty", "tyranny"),
+    ("victory", "defeat"),
+    ("win", "lose"),
+    ("won", "lost"),
+    ("first", "last"),
+    ("more", "less"),
+    ("many", "few"),
+    ("increase", "decrease"),
+    ("accept", "reject"),
+    ("accepted", "rejected"),
+    ("praise", "blame"),
+    ("praised", "blamed"),
+    ("clean", "unclean"),
+    ("pure", "impure"),
+    ("known", "unknown"),
+    ("possible", "impossible"),
+    ("old", "young"),
+    ("great", "small"),
+    ("high", "low"),
+    ("above", "below"),
+    ("open", "shut"),
+    ("hot", "cold"),
+    ("early", "late"),
+    ("sweet", "bitter"),
+    ("everything", "nothing"),
+    ("agree", "disagree"),
+    ("remember", "forget"),
+    ("rejoice", "mourn"),
+    ("believe", "doubt"),
+    ("guilty", "innocent"),
+    ("brave", "cowardly"),
+    ("courage", "cowardice"),
+    ("justice", "injustice"),
+    ("lawful", "unlawful"),
+    ("worthy", "unworthy"),
+    ("able", "unable"),
+    ("visible", "invisible"),
+    ("mortal", "immortal"),
+    ("equal", "unequal"),
+    ("day", "night"),
     ("together", "apart"),
 )
 ANTONYMS: dict[str, str] = {a: b for a, b in ANTONYM_PAIRS} | {b: a for a, b in ANTONYM_PAIRS}
@@ -93,32 +153,76 @@ NEGATORS = ("not", "never", "no", "none", "nothing", "nor", "neither")  # alread
 # is not a statement flipped, so such sites are skipped
 SUBJECT_PRONOUNS = ("i", "he", "she", "it", "we", "they", "you", "thou", "ye", "there")
 # a modal after a determiner is a noun ("the will of God", "with all his might", "a can")
-DETERMINERS = ("the", "a", "an", "his", "her", "my", "thy", "thine", "our", "your", "their",
-               "its", "free", "own", "good", "whose")
-CONTRACTIONS = {"isn't": "is", "aren't": "are", "wasn't": "was", "weren't": "were", "don't": "do",
-                "doesn't": "does", "didn't": "did", "hasn't": "has", "haven't": "have",
-                "hadn't": "had", "won't": "will", "shan't": "shall", "can't": "can",
-                "couldn't": "could", "shouldn't": "should", "wouldn't": "would", "mustn't": "must"}
+DETERMINERS = (
+    "the",
+    "a",
+    "an",
+    "his",
+    "her",
+    "my",
+    "thy",
+    "thine",
+    "our",
+    "your",
+    "their",
+    "its",
+    "free",
+    "own",
+    "good",
+    "whose",
+)
+CONTRACTIONS = {
+    "isn't": "is",
+    "aren't": "are",
+    "wasn't": "was",
+    "weren't": "were",
+    "don't": "do",
+    "doesn't": "does",
+    "didn't": "did",
+    "hasn't": "has",
+    "haven't": "have",
+    "hadn't": "had",
+    "won't": "will",
+    "shan't": "shall",
+    "can't": "can",
+    "couldn't": "could",
+    "shouldn't": "should",
+    "wouldn't": "would",
+    "mustn't": "must",
+}
 # capitalised mid-sentence but not the name of someone or somewhere in particular, or (God, Lord)
 # so frequent in some domains that they would take most of the entity changes
-NAME_STOPLIST = frozenset("""
+NAME_STOPLIST = frozenset(
+    """
     God Lord Sir Madam Mister Mrs Miss Lady King Queen Prince Princess Duke Saint Captain General
     President Chapter Book Section Article Part Volume Psalm Verse Note English Thou Thee Thy Thine
     Nay Yea Yes Amen Selah Ghost Spirit
     January February March April May June July August September October November December
     Monday Tuesday Wednesday Thursday Friday Saturday Sunday
-""".split())
+""".split()
+)
 
 _WORD_CHARS = r"[\w'’-]"  # a site is a whole word: not part of "well-known" or "truth's"
-_ANTONYM_RE = re.compile(rf"(?<!{_WORD_CHARS})(" + "|".join(sorted(ANTONYMS, key=len, reverse=True))
-                         + rf")(?!{_WORD_CHARS})", re.IGNORECASE)
-_NEGATE_RE = re.compile(rf"(?<!{_WORD_CHARS})(" + "|".join(COPULAS + MODALS) + rf")(?!{_WORD_CHARS})"
-                        r"(?=(\s+)([\w'’]+))", re.IGNORECASE)
-_UNNEGATE_RE = re.compile(rf"(?<!{_WORD_CHARS})(" + "|".join(COPULAS + MODALS + UNNEGATE_ONLY) + r")(\s+not)"
-                          rf"(?!{_WORD_CHARS})(?!\s+only\b)", re.IGNORECASE)  # "not only .. but" is no negation
+_ANTONYM_RE = re.compile(
+    rf"(?<!{_WORD_CHARS})(" + "|".join(sorted(ANTONYMS, key=len, reverse=True)) + rf")(?!{_WORD_CHARS})", re.IGNORECASE
+)
+_NEGATE_RE = re.compile(
+    rf"(?<!{_WORD_CHARS})(" + "|".join(COPULAS + MODALS) + rf")(?!{_WORD_CHARS})"
+    r"(?=(\s+)([\w'’]+))",
+    re.IGNORECASE,
+)
+_UNNEGATE_RE = re.compile(
+    rf"(?<!{_WORD_CHARS})(" + "|".join(COPULAS + MODALS + UNNEGATE_ONLY) + r")(\s+not)"
+    rf"(?!{_WORD_CHARS})(?!\s+only\b)",
+    re.IGNORECASE,
+)  # "not only .. but" is no negation
 _CANNOT_RE = re.compile(rf"(?<!{_WORD_CHARS})(can)(not)(?!{_WORD_CHARS})", re.IGNORECASE)
-_CONTRACTION_RE = re.compile(rf"(?<!{_WORD_CHARS})(" + "|".join(re.escape(c).replace("'", "['’]") for c in CONTRACTIONS)
-                             + rf")(?!{_WORD_CHARS})", re.IGNORECASE)
+_CONTRACTION_RE = re.compile(
+    rf"(?<!{_WORD_CHARS})("
+    + "|".join(re.escape(c).replace("'", "['’]") for c in CONTRACTIONS)
+    + rf")(?!{_WORD_CHARS})",
+    re.IGNORECASE,
+)
 _CAPITALISED = re.compile(rf"(?<!{_WORD_CHARS})[A-Z][a-z]{{2,}}(?!{_WORD_CHARS})")
 _LOWERCASE_WORD = re.compile(rf"(?<!{_WORD_CHARS})[a-z]{{3,}}(?!{_WORD_CHARS})")
 # a sentence ends at . ! or ? (closing quotes and brackets stay with it) before a space, or at a blank line
@@ -172,7 +276,7 @@ def _previous_word(text: str, pos: int) -> tuple[int, str] | None:
 def _mid_sentence(text: str, pos: int) -> bool:
     """Whether the character before `pos` on its line, spaces aside, is a lowercase letter, comma
     or semicolon (verse capitalises each line, so a line start is no more a name than a sentence start)."""
-    before = text[max(0, pos - 40):pos].rstrip(" \t")
+    before = text[max(0, pos - 40) : pos].rstrip(" \t")
     return bool(before) and (before[-1].islower() or before[-1] in ",;")
 
 
@@ -195,8 +299,9 @@ def _negation_sites(text: str) -> list[Site]:
         sites.append(Site(m.start(), m.end(), "negation", m.group(0), m.group(1)))
     for m in _CONTRACTION_RE.finditer(text):
         word = m.group(1)
-        sites.append(Site(m.start(), m.end(), "negation", word,
-                          same_case(CONTRACTIONS[word.lower().replace("’", "'")], word)))
+        sites.append(
+            Site(m.start(), m.end(), "negation", word, same_case(CONTRACTIONS[word.lower().replace("’", "'")], word))
+        )
     return sites
 
 
@@ -212,14 +317,17 @@ def _antonym_sites(text: str) -> list[Site]:
             # "a good man" -> "an evil man": the article comes with the word it agrees with
             start = previous[0]
             article = previous[1]
-            after = same_case(_article_for(after), article) + text[start + len(article):m.start()] + after
-        sites.append(Site(start, m.end(), "antonym", text[start:m.end()], after))
+            after = same_case(_article_for(after), article) + text[start + len(article) : m.start()] + after
+        sites.append(Site(start, m.end(), "antonym", text[start : m.end()], after))
     return sites
 
 
 def _entity_sites(text: str, name_map: dict[str, str]) -> list[Site]:
-    return [Site(m.start(), m.end(), "entity", m.group(0), name_map[m.group(0)])
-            for m in _CAPITALISED.finditer(text) if m.group(0) in name_map]
+    return [
+        Site(m.start(), m.end(), "entity", m.group(0), name_map[m.group(0)])
+        for m in _CAPITALISED.finditer(text)
+        if m.group(0) in name_map
+    ]
 
 
 def find_sites(text: str, kinds: Iterable[str] = KINDS, name_map: dict[str, str] | None = None) -> list[Site]:
@@ -252,7 +360,7 @@ def apply_sites(text: str, sites: Iterable[Site]) -> str:
     """`text` with each (non-overlapping) site's `before` replaced by its `after`."""
     parts, pos = [], 0
     for s in sorted(sites, key=lambda s: s.start):
-        parts += [text[pos:s.start], s.after]
+        parts += [text[pos : s.start], s.after]
         pos = s.end
     return "".join(parts) + text[pos:]
 
@@ -300,8 +408,9 @@ def name_pool(texts: Iterable[str], min_docs: int = 2, min_count: int = 2) -> li
         seen.update(names)
         docs_with.update(names.keys())
         lowercase.update(_LOWERCASE_WORD.findall(text))
-    return sorted(n for n, k in docs_with.items()
-                  if k >= min_docs and seen[n] >= min_count and lowercase[n.lower()] < seen[n])
+    return sorted(
+        n for n, k in docs_with.items() if k >= min_docs and seen[n] >= min_count and lowercase[n.lower()] < seen[n]
+    )
 
 
 def name_map_for(text: str, pool: list[str], rng: random.Random) -> dict[str, str]:
@@ -336,8 +445,9 @@ def choose_sites(text: str, sites: list[Site], rng: random.Random, flip_share: f
     return chosen
 
 
-def contradict_text(text: str, rng: random.Random, kinds: Iterable[str] = KINDS, pool: list[str] = (),
-                    flip_share: float = FLIP_SHARE) -> tuple[str, list[dict]]:
+def contradict_text(
+    text: str, rng: random.Random, kinds: Iterable[str] = KINDS, pool: list[str] = (), flip_share: float = FLIP_SHARE
+) -> tuple[str, list[dict]]:
     """`text` with contradictions of `kinds` injected (`choose_sites`), and the list of changes
     `{offset, kind, before, after}` (offsets into `text`, in order). `pool`: the names of the
     text's domain, for entity swaps. Pure: the same text, rng state, kinds and pool give the
@@ -367,21 +477,27 @@ def parse_contradict_spec(spec: str) -> ContradictSpec:
     with one line saying what is wrong."""
     head, _, rest = spec.partition(":")
     if head != "contradict" or not rest:
-        raise ContradictSpecError(f"data variant {spec!r}: expected contradict:P[:KINDS], "
-                                  f"e.g. contradict:0.5 or contradict:0.5:negation+antonym")
+        raise ContradictSpecError(
+            f"data variant {spec!r}: expected contradict:P[:KINDS], "
+            f"e.g. contradict:0.5 or contradict:0.5:negation+antonym"
+        )
     share_text, has_kinds, kinds_text = rest.partition(":")
     try:
         share = float(share_text)
     except ValueError:
         share = float("nan")
     if not 0 < share <= 1:  # also false for nan
-        raise ContradictSpecError(f"data variant {spec!r}: P must be a number in (0, 1] (the share of "
-                                  f"training documents to contradict), got {share_text!r}")
+        raise ContradictSpecError(
+            f"data variant {spec!r}: P must be a number in (0, 1] (the share of "
+            f"training documents to contradict), got {share_text!r}"
+        )
     kinds = [k.strip() for k in re.split(r"[,+]", kinds_text)] if has_kinds else list(KINDS)
     bad = [k for k in kinds if k not in KINDS]
     if bad:
-        raise ContradictSpecError(f"data variant {spec!r}: unknown kind(s) {', '.join(repr(k) for k in bad)}; "
-                                  f"choose from {', '.join(KINDS)}, separated by , or +")
+        raise ContradictSpecError(
+            f"data variant {spec!r}: unknown kind(s) {', '.join(repr(k) for k in bad)}; "
+            f"choose from {', '.join(KINDS)}, separated by , or +"
+        )
     return ContradictSpec(share, tuple(k for k in KINDS if k in kinds))
 
 
@@ -399,8 +515,9 @@ class ContradictedCorpus:
         `contradictions.json` (the summary) in `folder`."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / "contradictions.jsonl",
-                          "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in self.changes))
+        atomic_write_text(
+            folder / "contradictions.jsonl", "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in self.changes)
+        )
         atomic_write_json(folder / "contradictions.json", self.summary)
 
 
@@ -420,12 +537,13 @@ def chosen_documents(documents: list[dict], share: float, seed: int) -> set[str]
     chosen: set[str] = set()
     for ids in by_domain.values():
         ordered = sorted(ids, key=lambda i: (split_key(f"contradict:{i}", seed), i))
-        chosen.update(ordered[:max(1, round(share * len(ordered)))])
+        chosen.update(ordered[: max(1, round(share * len(ordered)))])
     return chosen
 
 
-def contradict_documents(documents: list[dict], spec: ContradictSpec, seed: int,
-                         flip_share: float = FLIP_SHARE) -> ContradictedCorpus:
+def contradict_documents(
+    documents: list[dict], spec: ContradictSpec, seed: int, flip_share: float = FLIP_SHARE
+) -> ContradictedCorpus:
     """The documents of a `documents.jsonl` (every split) with contradictions injected into a
     seeded share `spec.share` of the training documents of each domain; validation and
     held-out documents (any split but "train") come back untouched. Entity swaps draw on the
@@ -439,7 +557,7 @@ def contradict_documents(documents: list[dict], spec: ContradictSpec, seed: int,
                 texts[str(doc.get("domain"))].append(doc.get("text") or "")
         pools = {domain: name_pool(t, min_docs=min(2, len(t))) for domain, t in texts.items()}
     out, changes = [], []
-    per_kind = Counter({k: 0 for k in spec.kinds})
+    per_kind = Counter(dict.fromkeys(spec.kinds, 0))
     bytes_before = bytes_after = n_changed = n_train = 0
     for doc in documents:
         text = doc.get("text") or ""
@@ -461,10 +579,20 @@ def contradict_documents(documents: list[dict], spec: ContradictSpec, seed: int,
         if doc.get("split") == "train":
             bytes_after += len(text.encode("utf-8"))
         out.append(doc)
-    summary = {"spec": spec.text, "share": spec.share, "kinds": list(spec.kinds), "seed": seed,
-               "flip_share": flip_share, "training_documents": n_train, "documents_chosen": len(chosen),
-               "documents_changed": n_changed, "changes": sum(per_kind.values()), "changes_per_kind": dict(per_kind),
-               "names_per_domain": {d: len(p) for d, p in sorted(pools.items())},
-               "training_bytes_before": bytes_before, "training_bytes_after": bytes_after,
-               "bytes_change": (bytes_after - bytes_before) / bytes_before if bytes_before else 0.0}
+    summary = {
+        "spec": spec.text,
+        "share": spec.share,
+        "kinds": list(spec.kinds),
+        "seed": seed,
+        "flip_share": flip_share,
+        "training_documents": n_train,
+        "documents_chosen": len(chosen),
+        "documents_changed": n_changed,
+        "changes": sum(per_kind.values()),
+        "changes_per_kind": dict(per_kind),
+        "names_per_domain": {d: len(p) for d, p in sorted(pools.items())},
+        "training_bytes_before": bytes_before,
+        "training_bytes_after": bytes_after,
+        "bytes_change": (bytes_after - bytes_before) / bytes_before if bytes_before else 0.0,
+    }
     return ContradictedCorpus(out, changes, summary)

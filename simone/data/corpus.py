@@ -100,7 +100,13 @@ def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
     checked links) and without blocking (a FIFO swapped in cannot hang us), then
     `fstat` must say "regular file", and at most `max_bytes + 1` bytes are ever read.
     """
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags = (
+        os.O_RDONLY
+        | os.O_NONBLOCK
+        | getattr(os, "O_NOFOLLOW", 0)
+        | getattr(os, "O_NOCTTY", 0)
+        | getattr(os, "O_CLOEXEC", 0)
+    )
     try:
         fd = os.open(path, flags)
     except OSError as e:
@@ -133,8 +139,13 @@ def too_large_note(size: int, max_bytes: int) -> str:
 
 
 def _file_type(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -184,8 +195,15 @@ def discover_files(path: str | Path) -> list[SourceFile]:
         except OSError as e:
             if not rel_dir:
                 raise CorpusError(f"{root}: cannot read the folder ({e.strerror or e})") from e
-            others.append(_skip(here, rel_dir, "unreadable", "unreadable",
-                                f"folder cannot be listed ({e.strerror or e}); nothing inside it was read"))
+            others.append(
+                _skip(
+                    here,
+                    rel_dir,
+                    "unreadable",
+                    "unreadable",
+                    f"folder cannot be listed ({e.strerror or e}); nothing inside it was read",
+                )
+            )
             continue
         subdirs = []
         for entry in entries:
@@ -206,8 +224,15 @@ def discover_files(path: str | Path) -> list[SourceFile]:
                     others.append(_skip(full, rel, "ignored", None, None))
                 continue
             if linked_dir:
-                others.append(_skip(full, rel, "skipped", "symlinked_dir",
-                                    "symlinked folder: not followed (it could loop or lead outside the corpus); nothing inside it was read"))
+                others.append(
+                    _skip(
+                        full,
+                        rel,
+                        "skipped",
+                        "symlinked_dir",
+                        "symlinked folder: not followed (it could loop or lead outside the corpus); nothing inside it was read",
+                    )
+                )
                 continue
             if real_dir:
                 subdirs.append(rel)
@@ -222,7 +247,9 @@ def discover_files(path: str | Path) -> list[SourceFile]:
                 others.append(_skip(full, rel, "ignored", None, None))
         stack.extend(reversed(subdirs))
     if not texts:
-        raise CorpusError(f"{root}: no .txt files found (expected DOMAIN/SUBDOMAIN/*.txt, a flat folder of .txt, or one .txt file)")
+        raise CorpusError(
+            f"{root}: no .txt files found (expected DOMAIN/SUBDOMAIN/*.txt, a flat folder of .txt, or one .txt file)"
+        )
 
     out = list(texts.values())
     for real_rel, sf in texts.items():
@@ -271,7 +298,11 @@ def _inspect(full: Path, rel: str, real_root: str | None) -> tuple[Path, tuple[s
     if os.path.islink(full):
         resolved = os.path.realpath(full)
         if real_root is not None and not _inside(resolved, real_root):
-            return full, ("skipped", "outside_corpus", f"links outside the corpus (to {_printable(resolved)}); not read")
+            return full, (
+                "skipped",
+                "outside_corpus",
+                f"links outside the corpus (to {_printable(resolved)}); not read",
+            )
         target = Path(resolved)
     if not stat.S_ISREG(st.st_mode):
         return full, ("unreadable", "not_regular_file", f"not a regular file ({_file_type(st.st_mode)}); not opened")
@@ -280,7 +311,9 @@ def _inspect(full: Path, rel: str, real_root: str | None) -> tuple[Path, tuple[s
     return target, None
 
 
-def _source(full: Path, real_rel: str, domain: str, subdomain: str, from_folder: bool, real_root: str | None = None) -> SourceFile:
+def _source(
+    full: Path, real_rel: str, domain: str, subdomain: str, from_folder: bool, real_root: str | None = None
+) -> SourceFile:
     rel = _printable(real_rel)
     target, problem = _inspect(full, rel, real_root)
     if problem is not None:
@@ -288,8 +321,15 @@ def _source(full: Path, real_rel: str, domain: str, subdomain: str, from_folder:
         sf.folder_domain = from_folder
         return sf
     st = os.stat(target)
-    return SourceFile(path=target, rel=rel, domain=domain, subdomain=subdomain, folder_domain=from_folder,
-                      size=st.st_size, mtime_ns=st.st_mtime_ns)
+    return SourceFile(
+        path=target,
+        rel=rel,
+        domain=domain,
+        subdomain=subdomain,
+        folder_domain=from_folder,
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+    )
 
 
 def _problem_entry(full: Path, rel: str, kind: str, reason: str, detail: str) -> SourceFile:
@@ -303,11 +343,21 @@ def _problem_entry(full: Path, rel: str, kind: str, reason: str, detail: str) ->
     return sf
 
 
-def _skip(full: Path, rel: str, kind: str, reason: str | None, detail: str | None, printable: bool = False) -> SourceFile:
+def _skip(
+    full: Path, rel: str, kind: str, reason: str | None, detail: str | None, printable: bool = False
+) -> SourceFile:
     rel = rel if printable else _printable(rel)
     domain, subdomain, from_folder = _domain_of(rel)
-    return SourceFile(path=full, rel=rel, domain=domain, subdomain=subdomain, kind=kind, reason=reason,
-                      problem=f"{rel}: {detail}" if detail else None, folder_domain=from_folder)
+    return SourceFile(
+        path=full,
+        rel=rel,
+        domain=domain,
+        subdomain=subdomain,
+        kind=kind,
+        reason=reason,
+        problem=f"{rel}: {detail}" if detail else None,
+        folder_domain=from_folder,
+    )
 
 
 def _unique_rels(files: list[SourceFile]) -> None:
@@ -381,7 +431,7 @@ def split_header(text: str, max_lines: int = 40) -> tuple[dict[str, Any] | None,
     offset = 0
     for i, line in enumerate(head):
         if _HEADER_RULE.match(line):
-            if not meta or i == len(head) - 1 and len(head) > max_lines:
+            if not meta or (i == len(head) - 1 and len(head) > max_lines):
                 return None, text
             return meta, text[offset + len(line) + 1 :]
         m = _HEADER_LINE.match(line)

@@ -57,10 +57,10 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,8 +86,8 @@ from simone.data.corpus import (
 )
 from simone.data.dedup import (
     DupCandidate,
-    contained_pairs,
     WordHasher,
+    contained_pairs,
     minhash_permutations,
     minhash_signature,
     near_duplicates,
@@ -99,8 +99,8 @@ from simone.data.dedup import (
 from simone.data.labels import check_label
 from simone.data.quality import WHITESPACE, DocTokens, assess, passes, whitespace_share
 from simone.data.report import write_report
-from simone.data.status import NOT_DOCUMENTS, file_status
 from simone.data.split import assign_splits, hold_out_slice, min_words_to_hold_out
+from simone.data.status import NOT_DOCUMENTS, file_status
 from simone.rundir import atomic_write_json, read_json
 
 __all__ = ["CorpusError", "CurateResult", "curate", "print_summary", "summary"]
@@ -185,8 +185,13 @@ def _process_file(args: tuple[int, SourceFile, _Settings]) -> dict[str, Any]:
         with _cpu_time_limit(st.max_file_seconds):
             return _process_file_inner(index, sf, st)
     except _FileTimeout:
-        return _failed_record(index, sf, "timed_out", f"{sf.rel}: processing used more than {st.max_file_seconds:g} s of CPU (curate.max_file_seconds); given up")
-    except Exception as e:  # noqa: BLE001 - any failure is this one file's problem
+        return _failed_record(
+            index,
+            sf,
+            "timed_out",
+            f"{sf.rel}: processing used more than {st.max_file_seconds:g} s of CPU (curate.max_file_seconds); given up",
+        )
+    except Exception as e:
         return _failed_record(index, sf, "unreadable", f"{sf.rel}: could not be processed ({type(e).__name__}: {e})")
     finally:
         marker.unlink(missing_ok=True)
@@ -194,9 +199,20 @@ def _process_file(args: tuple[int, SourceFile, _Settings]) -> dict[str, Any]:
 
 def _failed_record(index: int, sf: SourceFile, code: str, note: str) -> dict[str, Any]:
     return {
-        "path": sf.rel, "domain": sf.domain, "subdomain": sf.subdomain, "status": "quarantined",
-        "reasons": [code], "sha256": None, "bytes": sf.size, "chars": 0, "words": 0,
-        "dup_of": None, "title": None, "author": None, "quality": {}, "_index": index,
+        "path": sf.rel,
+        "domain": sf.domain,
+        "subdomain": sf.subdomain,
+        "status": "quarantined",
+        "reasons": [code],
+        "sha256": None,
+        "bytes": sf.size,
+        "chars": 0,
+        "words": 0,
+        "dup_of": None,
+        "title": None,
+        "author": None,
+        "quality": {},
+        "_index": index,
         "notes": {code: note},
     }
 
@@ -223,7 +239,12 @@ def _cpu_time_limit(seconds: float):
     pathological text cannot spin forever). CPU time, not wall time, so a loaded machine
     does not time files out; a no-op off the main thread, where signals cannot be set."""
     global _armed
-    if not seconds or seconds <= 0 or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+    if (
+        not seconds
+        or seconds <= 0
+        or threading.current_thread() is not threading.main_thread()
+        or not hasattr(signal, "setitimer")
+    ):
         yield
         return
     previous = signal.signal(signal.SIGVTALRM, _on_cpu_alarm)
@@ -242,9 +263,21 @@ def _process_file_inner(index: int, sf: SourceFile, st: _Settings) -> dict[str, 
     if _hasher is None:
         _hasher = WordHasher()
     rec: dict[str, Any] = {
-        "path": sf.rel, "domain": sf.domain, "subdomain": sf.subdomain, "status": "kept",
-        "reasons": [], "sha256": None, "bytes": sf.size, "chars": 0, "words": 0, "dup_of": None,
-        "title": None, "author": None, "quality": {}, "notes": {}, "_index": index,
+        "path": sf.rel,
+        "domain": sf.domain,
+        "subdomain": sf.subdomain,
+        "status": "kept",
+        "reasons": [],
+        "sha256": None,
+        "bytes": sf.size,
+        "chars": 0,
+        "words": 0,
+        "dup_of": None,
+        "title": None,
+        "author": None,
+        "quality": {},
+        "notes": {},
+        "_index": index,
     }
 
     def problem(code: str, note: str) -> dict[str, Any]:
@@ -330,14 +363,23 @@ def _process_file_inner(index: int, sf: SourceFile, st: _Settings) -> dict[str, 
         values["repeated_share"] = round(share, 4)
         rec["quality"] = values
         for rule in failed:
-            problem(f"low_quality:{rule}", f"{rule} = {values[rule]} fails in {values.get(rule + '_failed_windows')} of {values['windows']} windows")
+            problem(
+                f"low_quality:{rule}",
+                f"{rule} = {values[rule]} fails in {values.get(rule + '_failed_windows')} of {values['windows']} windows",
+            )
         if longest >= st.repeated_passage_words:
-            problem("low_quality:repeated_passage", f"a passage of {longest} words occurs more than once ({share:.0%} of the text is repeated)")
+            problem(
+                "low_quality:repeated_passage",
+                f"a passage of {longest} words occurs more than once ({share:.0%} of the text is repeated)",
+            )
         blank = values["whitespace_share"] = round(whitespace_share(body), 4)
         if not passes(WHITESPACE, blank, relax):
             longest_run = max(map(len, _WHITESPACE_RUN.findall(body)))
-            problem(f"low_quality:{WHITESPACE.name}", f"{blank:.0%} of its {rec['chars']:,} characters are whitespace "
-                    f"(at most {WHITESPACE.high:.0%}); the longest run is {longest_run:,} characters")
+            problem(
+                f"low_quality:{WHITESPACE.name}",
+                f"{blank:.0%} of its {rec['chars']:,} characters are whitespace "
+                f"(at most {WHITESPACE.high:.0%}); the longest run is {longest_run:,} characters",
+            )
         # a title guessed from the file name is no claim to check
         mismatch = check_label(meta_title, rec["author"], body, cleaned.named_titles) if meta_title else None
         if mismatch:
@@ -401,7 +443,11 @@ def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool
     stamp_path = data_dir / "curate.stamp.json"
     fingerprint = _fingerprint(files, cfg)
     previous = read_json(stamp_path)
-    if previous and previous.get("fingerprint") == fingerprint and all(Path(p).is_file() for p in (paths["manifest"], paths["documents"], paths["report"])):
+    if (
+        previous
+        and previous.get("fingerprint") == fingerprint
+        and all(Path(p).is_file() for p in (paths["manifest"], paths["documents"], paths["report"]))
+    ):
         try:
             result = CurateResult(**previous["result"])
             result.reused = True
@@ -414,11 +460,17 @@ def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool
     shutil.rmtree(spool, ignore_errors=True)
     spool.mkdir(parents=True)
     settings = _Settings(
-        enabled=c.enabled, min_words=c.min_words, window_words=c.quality_window_words,
-        shingle_words=c.shingle_words, contamination_ngram=c.contamination_ngram,
-        repeated_passage_words=c.repeated_passage_words, domain_relax=dict(c.domain_relax),
-        perms=minhash_permutations(c.minhash_perms) if c.enabled else None, spool=str(spool),
-        max_file_bytes=c.max_file_bytes, max_file_seconds=c.max_file_seconds,
+        enabled=c.enabled,
+        min_words=c.min_words,
+        window_words=c.quality_window_words,
+        shingle_words=c.shingle_words,
+        contamination_ngram=c.contamination_ngram,
+        repeated_passage_words=c.repeated_passage_words,
+        domain_relax=dict(c.domain_relax),
+        perms=minhash_permutations(c.minhash_perms) if c.enabled else None,
+        spool=str(spool),
+        max_file_bytes=c.max_file_bytes,
+        max_file_seconds=c.max_file_seconds,
     )
     stamp_path.unlink(missing_ok=True)  # a run that dies half way must not look reusable
     timings: dict[str, float] = {}
@@ -434,15 +486,22 @@ def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool
         records = _run_workers(files, settings, c.workers, progress)
         records.sort(key=lambda r: r["path"])
         lap("clean_and_hash")
-        clusters = _deduplicate(records, c.near_dup_threshold, c.minhash_perms, c.containment_threshold) if c.enabled else []
+        clusters = (
+            _deduplicate(records, c.near_dup_threshold, c.minhash_perms, c.containment_threshold) if c.enabled else []
+        )
         for r in records:
             r["status"] = file_status(r["reasons"])
         lap("deduplicate")
         included = [r for r in records if r["status"] == "kept" or (r["status"] == "flagged" and not c.strict)]
         # flagged files train, but validate only when a domain has too few clean ones
         flagged = {r["path"] for r in included if r["status"] == "flagged"}
-        splits = assign_splits([(r["path"], r["domain"]) for r in included], cfg.data.val_fraction, cfg.data.split_seed,
-                               cfg.data.min_val_docs_per_domain, avoid_val=flagged)
+        splits = assign_splits(
+            [(r["path"], r["domain"]) for r in included],
+            cfg.data.val_fraction,
+            cfg.data.split_seed,
+            cfg.data.min_val_docs_per_domain,
+            avoid_val=flagged,
+        )
         if cfg.data.validation_dir:  # the user split it: their validation folder is validation, the rest trains
             splits = {r["path"]: "val" if r["path"].startswith(VALIDATION_DIR_PREFIX) else "train" for r in included}
         for r in records:
@@ -485,7 +544,9 @@ def _run_workers(files: list[SourceFile], st: _Settings, workers: int, progress:
     n = max(1, min(n, len(jobs)))
     bar = None
     if progress:
-        bar = tqdm(total=sum(sf.size for sf in files), unit="B", unit_scale=True, desc="curate", file=sys.stderr, leave=False)
+        bar = tqdm(
+            total=sum(sf.size for sf in files), unit="B", unit_scale=True, desc="curate", file=sys.stderr, leave=False
+        )
     records: list[dict[str, Any]] = []
 
     def take(rec: dict[str, Any]) -> None:
@@ -511,8 +572,15 @@ def _run_workers(files: list[SourceFile], st: _Settings, workers: int, progress:
                 for job in in_hand:
                     _started_marker(st, job[0]).unlink(missing_ok=True)
                     if _pool_pass([job], 1, ctx, take):
-                        take(_failed_record(job[0], job[1], "unreadable", f"{job[1].rel}: the worker process reading it died "
-                                            "(killed, e.g. out of memory); the other files were processed"))
+                        take(
+                            _failed_record(
+                                job[0],
+                                job[1],
+                                "unreadable",
+                                f"{job[1].rel}: the worker process reading it died "
+                                "(killed, e.g. out of memory); the other files were processed",
+                            )
+                        )
     finally:
         if bar is not None:
             bar.close()
@@ -546,7 +614,9 @@ def _rank(r: dict[str, Any]) -> tuple:
     return ("title_mismatch" in r["reasons"], -(r.get("quality_score") or 0.0), -r["words"], r["path"])
 
 
-def _deduplicate(records: list[dict[str, Any]], threshold: float, num_perm: int, containment: float) -> list[dict[str, Any]]:
+def _deduplicate(
+    records: list[dict[str, Any]], threshold: float, num_perm: int, containment: float
+) -> list[dict[str, Any]]:
     """Mark exact and near duplicates (quarantined, with `dup_of`); return the clusters.
 
     Near: MinHash Jaccard >= `threshold` over word 5-grams, or at least `containment` of
@@ -616,8 +686,16 @@ def _contamination(included: list[dict[str, Any]], threshold: float, move: bool)
                 r["split"] = "train"
                 note += " (moved to train by --decontaminate)"
             r["notes"]["contamination"] = note
-            out.append({"path": r["path"], "domain": r["domain"], "overlap": round(shared, 4), "moved": move,
-                        "source": source, "source_overlap": round(source_share, 4)})
+            out.append(
+                {
+                    "path": r["path"],
+                    "domain": r["domain"],
+                    "overlap": round(shared, 4),
+                    "moved": move,
+                    "source": source,
+                    "source_overlap": round(source_share, 4),
+                }
+            )
     return out
 
 
@@ -652,35 +730,61 @@ def _hold_out_slices(records: list[dict[str, Any]], cfg: Config, corpus: Path) -
     for domain, docs in sorted(by_domain.items()):
         if any(r["split"] == "val" for r in docs):
             continue
-        candidates = sorted((r for r in docs if "_spool" in r), key=lambda r: (r["status"] != "kept", -r["words"], r["path"]))
+        candidates = sorted(
+            (r for r in docs if "_spool" in r), key=lambda r: (r["status"] != "kept", -r["words"], r["path"])
+        )
         for r in candidates:
             text = Path(r["_spool"]).read_text(encoding="utf-8")
             cut = hold_out_slice(text, fraction, min_words)
             if cut is not None:
                 r["split"] = SLICED
-                r["holdout"] = {"start_char": cut.start, "end_char": len(text), "words": cut.words,
-                                "train_words": cut.train_words}
+                r["holdout"] = {
+                    "start_char": cut.start,
+                    "end_char": len(text),
+                    "words": cut.words,
+                    "train_words": cut.train_words,
+                }
                 if len(docs) > 1:
                     why = " (--decontaminate moved them to training)" if cfg.curate.decontaminate else ""
-                    notes.append(f"domain {domain!r} has no validation documents{why}: "
-                                 f"validates on a held-out slice of {r['path']}")
+                    notes.append(
+                        f"domain {domain!r} has no validation documents{why}: "
+                        f"validates on a held-out slice of {r['path']}"
+                    )
                 break
         else:
             need = min_words_to_hold_out(min_words)
             words = sum(r["words"] for r in docs)
-            have = f"{words:,} words of text in domain {domain!r}" if len(docs) == 1 else \
-                f"{words:,} words of text in domain {domain!r} but no validation document, and its longest document has {max(r['words'] for r in docs):,}"
-            raise CorpusError(f"{corpus}: corpus has {have}; need at least {need:,} to hold out validation "
-                              f"({min_words} words, data.min_val_words, to validate on and as many to train on): "
-                              f"add text or lower data.min_val_words")
+            have = (
+                f"{words:,} words of text in domain {domain!r}"
+                if len(docs) == 1
+                else f"{words:,} words of text in domain {domain!r} but no validation document, and its longest document has {max(r['words'] for r in docs):,}"
+            )
+            raise CorpusError(
+                f"{corpus}: corpus has {have}; need at least {need:,} to hold out validation "
+                f"({min_words} words, data.min_val_words, to validate on and as many to train on): "
+                f"add text or lower data.min_val_words"
+            )
     return notes
 
 
-def _result(corpus: Path, data_dir: Path, paths: dict[str, Path], records: list[dict[str, Any]], clusters, contaminated, cfg: Config) -> CurateResult:
+def _result(
+    corpus: Path,
+    data_dir: Path,
+    paths: dict[str, Path],
+    records: list[dict[str, Any]],
+    clusters,
+    contaminated,
+    cfg: Config,
+) -> CurateResult:
     res = CurateResult(
-        corpus=str(corpus), data_dir=str(data_dir), manifest=str(paths["manifest"]),
-        documents=str(paths["documents"]), report=str(paths["report"]),
-        files=len(records), enabled=cfg.curate.enabled, strict=cfg.curate.strict,
+        corpus=str(corpus),
+        data_dir=str(data_dir),
+        manifest=str(paths["manifest"]),
+        documents=str(paths["documents"]),
+        report=str(paths["report"]),
+        files=len(records),
+        enabled=cfg.curate.enabled,
+        strict=cfg.curate.strict,
     )
     res.bytes_in = sum(r["bytes"] or 0 for r in records)
     res.words_in = sum(r.get("raw_words", r["words"]) for r in records)  # as read, before cleaning
@@ -693,9 +797,18 @@ def _result(corpus: Path, data_dir: Path, paths: dict[str, Path], records: list[
     for r in records:
         if r.get("_not_a_document"):
             continue
-        for table, key in ((domains, r["domain"]), (subs, f"{r['domain']}/{r['subdomain']}" if r["subdomain"] else r["domain"])):
-            entry = table.setdefault(key, {"train": {"docs": 0, "words": 0}, "val": {"docs": 0, "words": 0, "slices": 0},
-                                           "dropped": {"docs": 0, "words": 0}})
+        for table, key in (
+            (domains, r["domain"]),
+            (subs, f"{r['domain']}/{r['subdomain']}" if r["subdomain"] else r["domain"]),
+        ):
+            entry = table.setdefault(
+                key,
+                {
+                    "train": {"docs": 0, "words": 0},
+                    "val": {"docs": 0, "words": 0, "slices": 0},
+                    "dropped": {"docs": 0, "words": 0},
+                },
+            )
             if r["split"] == SLICED:
                 held = r["holdout"]["words"]
                 entry["train"]["docs"] += 1
@@ -718,7 +831,25 @@ def _result(corpus: Path, data_dir: Path, paths: dict[str, Path], records: list[
     return res
 
 
-_MANIFEST_KEYS = ("path", "domain", "subdomain", "status", "reasons", "sha256", "bytes", "chars", "words", "dup_of", "title", "author", "quality_score", "quality", "split", "holdout", "notes")
+_MANIFEST_KEYS = (
+    "path",
+    "domain",
+    "subdomain",
+    "status",
+    "reasons",
+    "sha256",
+    "bytes",
+    "chars",
+    "words",
+    "dup_of",
+    "title",
+    "author",
+    "quality_score",
+    "quality",
+    "split",
+    "holdout",
+    "notes",
+)
 
 
 def manifest_line(r: dict[str, Any]) -> dict[str, Any]:
@@ -743,9 +874,16 @@ def _write_documents(path: Path, records: list[dict[str, Any]]) -> None:
                 continue
             text = Path(r["_spool"]).read_text(encoding="utf-8")
             line = {
-                "id": r["path"], "path": r["path"], "domain": r["domain"], "subdomain": r["subdomain"],
-                "title": r["title"], "author": r["author"], "split": r["split"], "status": r["status"],
-                "quality_score": r.get("quality_score"), "text": text,
+                "id": r["path"],
+                "path": r["path"],
+                "domain": r["domain"],
+                "subdomain": r["subdomain"],
+                "title": r["title"],
+                "author": r["author"],
+                "split": r["split"],
+                "status": r["status"],
+                "quality_score": r.get("quality_score"),
+                "text": text,
             }
             if r["split"] != SLICED:
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
@@ -758,8 +896,13 @@ def _write_documents(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def _fingerprint(files: list[SourceFile], cfg: Config) -> str:
-    inputs = [(sf.rel, sf.kind, sf.reason, sf.sidecar_problem, sf.size, sf.mtime_ns, _stat_key(sf.sidecar)) for sf in files]
-    settings = {"curate": dataclasses.asdict(cfg.curate), "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "data_dir"}}
+    inputs = [
+        (sf.rel, sf.kind, sf.reason, sf.sidecar_problem, sf.size, sf.mtime_ns, _stat_key(sf.sidecar)) for sf in files
+    ]
+    settings = {
+        "curate": dataclasses.asdict(cfg.curate),
+        "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "data_dir"},
+    }
     blob = json.dumps([CURATE_VERSION, _code_digest(), inputs, settings], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
@@ -802,19 +945,37 @@ def summary(result: CurateResult) -> Group:
         f"[green]{sc.get('kept', 0)} kept[/green], [yellow]{sc.get('flagged', 0)} flagged[/yellow], "
         f"[red]{sc.get('quarantined', 0)} quarantined[/red] ({head})"
     ]
-    table = Table(title="documents and words by domain (words after cleaning; dropped = files left out; "
-                        "val slices = held-out tails of training documents)")
+    table = Table(
+        title="documents and words by domain (words after cleaning; dropped = files left out; "
+        "val slices = held-out tails of training documents)"
+    )
     for col in ("domain", "train", "train words", "val", "val slices", "val words", "dropped"):
         table.add_column(col, justify="left" if col == "domain" else "right", no_wrap=True)
     for domain, d in result.domains.items():
-        table.add_row(escape(domain), str(d["train"]["docs"]), f"{d['train']['words']:,}", str(d["val"]["docs"]),
-                      str(d["val"].get("slices", 0)), f"{d['val']['words']:,}", str(d["dropped"]["docs"]))
-    table.add_row("[bold]total", str(result.documents_train), f"{result.words_train:,}", str(result.documents_val),
-                  str(result.val_slices), f"{result.words_val:,}", "")
+        table.add_row(
+            escape(domain),
+            str(d["train"]["docs"]),
+            f"{d['train']['words']:,}",
+            str(d["val"]["docs"]),
+            str(d["val"].get("slices", 0)),
+            f"{d['val']['words']:,}",
+            str(d["dropped"]["docs"]),
+        )
+    table.add_row(
+        "[bold]total",
+        str(result.documents_train),
+        f"{result.words_train:,}",
+        str(result.documents_val),
+        str(result.val_slices),
+        f"{result.words_val:,}",
+        "",
+    )
     parts.append(table)
     parts += [f"[yellow]warning[/yellow]: {escape(warning)}" for warning in result.warnings]
     if result.ignored:
-        parts.append(f"not inputs (ignored): {escape(', '.join(result.ignored[:5]))}{' …' if len(result.ignored) > 5 else ''}")
+        parts.append(
+            f"not inputs (ignored): {escape(', '.join(result.ignored[:5]))}{' …' if len(result.ignored) > 5 else ''}"
+        )
     if result.reason_counts:
         parts.append("reasons: " + escape(", ".join(f"{k} {v}" for k, v in result.reason_counts.items())))
     parts.append(f"manifest: {escape(result.manifest)}\nreport:   {escape(result.report)}")

@@ -192,7 +192,9 @@ def sample_grams(grams: np.ndarray, modulus: int) -> np.ndarray:
     return unique_sorted(grams[grams % np.uint64(modulus) == 0])
 
 
-def contained_pairs(grams: list[np.ndarray], min_share: float, min_grams: int = 10, max_docs: int = 32) -> list[tuple[int, int, float]]:
+def contained_pairs(
+    grams: list[np.ndarray], min_share: float, min_grams: int = 10, max_docs: int = 32
+) -> list[tuple[int, int, float]]:
     """(i, j, share) for documents i whose n-gram set lies at least `min_share` inside
     document j (j != i), from each document's sorted distinct (sampled) n-gram hashes.
 

@@ -33,9 +33,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 # One error type for "the corpus cannot be used", whoever raises it; the CLI reports it.
 from simone.data.corpus import CorpusError

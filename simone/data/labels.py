@@ -28,7 +28,9 @@ def _words(s: str) -> list[str]:
 
 
 # titles made of these words (plus the author's name) name a collection, not one work
-_GENERIC = frozenset("tales stories essays poems poetry writings works selected collected complete letters sermons".split())
+_GENERIC = frozenset(
+    "tales stories essays poems poetry writings works selected collected complete letters sermons".split()
+)
 
 
 def _stem(w: str) -> str:
@@ -40,7 +42,7 @@ def content_words(s: str) -> set[str]:
 
 
 def is_generic(title: str, author: str | None = None) -> bool:
-    """"Washington Irving Tales", "Essays": a collection; any work inside it may be named."""
+    """ "Washington Irving Tales", "Essays": a collection; any work inside it may be named."""
     words = content_words(title) - content_words(author or "")
     return all(w in _GENERIC or w + "s" in _GENERIC for w in words)
 

@@ -240,9 +240,7 @@ class BatchLoader:
         global batches (after a change of batch_size x world_size)."""
         for key in ("seed", "seq_len", "n_windows"):
             if key in state and state[key] != getattr(self, key):
-                raise ValueError(
-                    f"loader state has {key}={state[key]}, this loader has {getattr(self, key)}"
-                )
+                raise ValueError(f"loader state has {key}={state[key]}, this loader has {getattr(self, key)}")
         windows_done = int(state["position"]) * int(state.get("global_batch", self.global_batch))
         if windows_done % self.global_batch:
             raise ValueError(
@@ -270,9 +268,7 @@ class BatchLoader:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def eval_window_starts(
-    shard: TokenShard, domain: str | None, seq_len: int, n_windows: int
-) -> tuple[np.ndarray, int]:
+def eval_window_starts(shard: TokenShard, domain: str | None, seq_len: int, n_windows: int) -> tuple[np.ndarray, int]:
     """Start positions of `n_windows` windows spread evenly over a domain's range (or the
     whole split for `domain=None`), and the window length (seq_len, or shorter when the
     range is too small for one full window)."""

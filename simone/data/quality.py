@@ -77,7 +77,7 @@ class DocTokens:
     lengths: np.ndarray  # characters per token
 
     @classmethod
-    def of(cls, text: str, hasher: WordHasher) -> "DocTokens":
+    def of(cls, text: str, hasher: WordHasher) -> DocTokens:
         tokens = tokenize(text)
         return cls(word_hashes(tokens, hasher), np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens)))
 
@@ -117,11 +117,7 @@ def _token_values(hashes: np.ndarray, lengths: np.ndarray, stop_ids: np.ndarray)
         for k in range(5):
             covered[k : k + len(dup)] |= dup
         dup5 = float(lengths[covered].sum() / chars)
-    return {
-        "top_2gram_frac": top2,
-        "dup_5gram_frac": dup5,
-        "stop_words": float(np.isin(stop_ids, hashes).sum()),
-    }
+    return {"top_2gram_frac": top2, "dup_5gram_frac": dup5, "stop_words": float(np.isin(stop_ids, hashes).sum())}
 
 
 def text_windows(text: str, n_windows: int) -> list[str]:
@@ -149,7 +145,9 @@ def passes(rule: Rule, value: float, relax: float) -> bool:
     return True
 
 
-def assess(text: str, tokens: DocTokens, window_words: int, hasher: WordHasher, relax: float = 0.0) -> tuple[dict[str, float], list[str]]:
+def assess(
+    text: str, tokens: DocTokens, window_words: int, hasher: WordHasher, relax: float = 0.0
+) -> tuple[dict[str, float], list[str]]:
     """(per-rule median values plus failing-window counts, rules the document fails).
 
     The text is cut into windows of about `window_words` tokens; a document fails a rule
@@ -161,7 +159,9 @@ def assess(text: str, tokens: DocTokens, window_words: int, hasher: WordHasher, 
     texts = text_windows(text, n_windows)
     per_window = []
     for k in range(n_windows):
-        values = _token_values(tokens.hashes[bounds[k] : bounds[k + 1]], tokens.lengths[bounds[k] : bounds[k + 1]], stop_ids)
+        values = _token_values(
+            tokens.hashes[bounds[k] : bounds[k + 1]], tokens.lengths[bounds[k] : bounds[k + 1]], stop_ids
+        )
         if k < len(texts):
             values.update(_text_values(texts[k]))
         per_window.append(values)

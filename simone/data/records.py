@@ -36,8 +36,21 @@ import zstandard
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 RECORD_MAX_BYTES = 64 * 1024 * 1024  # a longer JSON line (or Parquet text) is a `too_large` record
 # the manifest reason codes a record can get (all keep it out of training)
-RECORD_REASONS = frozenset({"bad_json", "no_text_field", "text_not_string", "bad_domain", "not_utf8", "too_large",
-                            "bad_compression", "bad_row_group", "bad_parquet", "unreadable", "not_regular_file"})
+RECORD_REASONS = frozenset(
+    {
+        "bad_json",
+        "no_text_field",
+        "text_not_string",
+        "bad_domain",
+        "not_utf8",
+        "too_large",
+        "bad_compression",
+        "bad_row_group",
+        "bad_parquet",
+        "unreadable",
+        "not_regular_file",
+    }
+)
 _CHUNK = 1 << 20  # bytes of (decompressed) JSON Lines handled at a time
 _ZSTD_PIECE = 1 << 10  # compressed bytes fed at a time: zstd expands at most ~32,000x, so <= 32 MiB out
 _PARQUET_BATCH = 64  # rows converted to Python at a time
@@ -66,8 +79,12 @@ def record_id(rel: str, number: int) -> str:
     return f"{rel}#{number}"
 
 
-def iter_records(path: str | Path, text_field: str = "text", domain_field: str | None = None,
-                 max_record_bytes: int = RECORD_MAX_BYTES) -> Iterator[Record]:
+def iter_records(
+    path: str | Path,
+    text_field: str = "text",
+    domain_field: str | None = None,
+    max_record_bytes: int = RECORD_MAX_BYTES,
+) -> Iterator[Record]:
     """Every record of the record file at `path`, in file order (see the module docstring).
 
     A record's text is its `text_field`; its domain, when `domain_field` is named, that
@@ -77,7 +94,13 @@ def iter_records(path: str | Path, text_field: str = "text", domain_field: str |
     suffix = _suffix(path)
     if suffix is None:
         raise ValueError(f"{path}: not a record file ({', '.join(RECORD_SUFFIXES)})")
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags = (
+        os.O_RDONLY
+        | os.O_NONBLOCK
+        | getattr(os, "O_NOFOLLOW", 0)
+        | getattr(os, "O_NOCTTY", 0)
+        | getattr(os, "O_CLOEXEC", 0)
+    )
     try:
         f = os.fdopen(os.open(path, flags), "rb")
     except OSError as e:
@@ -100,20 +123,27 @@ def _suffix(path: str | Path) -> str | None:
 # ----------------------------------------------------------------------------- JSON Lines
 
 
-def _jsonl_records(f: BinaryIO, suffix: str, text_field: str, domain_field: str | None, max_bytes: int) -> Iterator[Record]:
+def _jsonl_records(
+    f: BinaryIO, suffix: str, text_field: str, domain_field: str | None, max_bytes: int
+) -> Iterator[Record]:
     number = 0  # the last line read whole
     try:
         for number, line in enumerate(_lines(_decompressed(f, suffix), max_bytes), 1):
             if line is None:
-                yield _bad(number, "too_large", f"line over the limit of {max_bytes / 2**20:.1f} MiB a record; not read")
+                yield _bad(
+                    number, "too_large", f"line over the limit of {max_bytes / 2**20:.1f} MiB a record; not read"
+                )
                 continue
             if number == 1:
                 line = line.removeprefix(codecs.BOM_UTF8)
             if line.strip():
                 yield _json_record(number, line, text_field, domain_field, max_bytes)
     except _BROKEN_STREAM as e:
-        yield _bad(number + 1, "bad_compression", f"the {suffix[6:]} stream breaks in line {number + 1} ({_one_line(e)}); "
-                                                  "the rest of the file is lost")
+        yield _bad(
+            number + 1,
+            "bad_compression",
+            f"the {suffix[6:]} stream breaks in line {number + 1} ({_one_line(e)}); the rest of the file is lost",
+        )
     except OSError as e:
         yield _bad(number + 1, "unreadable", f"cannot read from line {number + 1} on ({e.strerror or e})")
 
@@ -201,8 +231,12 @@ def _parquet_records(f: BinaryIO, text_field: str, domain_field: str | None, max
                     yield _record(number, row, text_field, domain_field, max_bytes)
                     number += 1
         except broken as e:
-            yield _bad(number, "bad_row_group", f"row group {group + 1} cannot be read from row {number} on "
-                                                f"({_one_line(e)}); rows {number}-{first + size - 1} lost")
+            yield _bad(
+                number,
+                "bad_row_group",
+                f"row group {group + 1} cannot be read from row {number} on "
+                f"({_one_line(e)}); rows {number}-{first + size - 1} lost",
+            )
         first += size
 
 

@@ -20,9 +20,14 @@ from simone.data.status import FLAG, quarantines
 from simone.rundir import atomic_write_text
 
 _SHORT = {  # column-friendly rule names
-    "mean_word_length": "wordlen", "symbol_word_ratio": "symbols", "para_end_punct": "punct",
-    "dup_line_frac": "duplines", "top_2gram_frac": "top2gram", "dup_5gram_frac": "dup5gram",
-    "stop_words": "stopwords", "alpha_word_frac": "alpha",
+    "mean_word_length": "wordlen",
+    "symbol_word_ratio": "symbols",
+    "para_end_punct": "punct",
+    "dup_line_frac": "duplines",
+    "top_2gram_frac": "top2gram",
+    "dup_5gram_frac": "dup5gram",
+    "stop_words": "stopwords",
+    "alpha_word_frac": "alpha",
 }
 STATUS_COLORS = {"kept": "#2e7d32", "flagged": "#f9a825", "quarantined": "#c62828"}
 SPLIT_COLORS = {"train": "#1565c0", "val": "#8e24aa", "dropped": "#9e9e9e"}
@@ -58,7 +63,9 @@ def _pct(a: float, b: float) -> str:
     return f"{100.0 * a / b:.1f}%" if b else "–"
 
 
-def _hbar_chart(rows: list[tuple[str, dict[str, float]]], colors: dict[str, str], width: int = 900, label_w: int = 260) -> str:
+def _hbar_chart(
+    rows: list[tuple[str, dict[str, float]]], colors: dict[str, str], width: int = 900, label_w: int = 260
+) -> str:
     """Horizontal stacked bars, one row per label."""
     if not rows:
         return ""
@@ -74,7 +81,9 @@ def _hbar_chart(rows: list[tuple[str, dict[str, float]]], colors: dict[str, str]
         for key, val in values.items():
             w = val * scale
             if w > 0:
-                parts.append(f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{colors.get(key, "#999")}"><title>{_e(label)} {key}: {val:,.0f}</title></rect>')
+                parts.append(
+                    f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{colors.get(key, "#999")}"><title>{_e(label)} {key}: {val:,.0f}</title></rect>'
+                )
             x += w
         parts.append(f'<text x="{x + 4:.1f}" y="{y + 13}" fill="#555">{sum(values.values()):,.0f}</text>')
     parts.append("</svg>")
@@ -82,10 +91,16 @@ def _hbar_chart(rows: list[tuple[str, dict[str, float]]], colors: dict[str, str]
 
 
 def _legend(colors: dict[str, str]) -> str:
-    return '<div class="legend">' + "".join(f'<span><i class="sw" style="background:{c}"></i>{_e(k)}</span>' for k, c in colors.items()) + "</div>"
+    return (
+        '<div class="legend">'
+        + "".join(f'<span><i class="sw" style="background:{c}"></i>{_e(k)}</span>' for k, c in colors.items())
+        + "</div>"
+    )
 
 
-def _histogram(name: str, values: list[float], low: float | None, high: float | None, width: int = 300, height: int = 140) -> str:
+def _histogram(
+    name: str, values: list[float], low: float | None, high: float | None, width: int = 300, height: int = 140
+) -> str:
     if not values:
         return ""
     lo, hi = min(values), max(values)
@@ -107,12 +122,18 @@ def _histogram(name: str, values: list[float], low: float | None, high: float | 
         x0 = lo + (hi - lo) * i / bins
         x1 = lo + (hi - lo) * (i + 1) / bins
         ok = (low is None or x1 >= low) and (high is None or x0 <= high)
-        parts.append(f'<rect x="{pad_l + i * bw:.1f}" y="{height - pad_b - bh:.1f}" width="{bw - 1:.1f}" height="{bh:.1f}" fill="{"#1565c0" if ok else "#c62828"}"><title>{x0:.3g}–{x1:.3g}: {c} documents</title></rect>')
+        parts.append(
+            f'<rect x="{pad_l + i * bw:.1f}" y="{height - pad_b - bh:.1f}" width="{bw - 1:.1f}" height="{bh:.1f}" fill="{"#1565c0" if ok else "#c62828"}"><title>{x0:.3g}–{x1:.3g}: {c} documents</title></rect>'
+        )
     for t in (low, high):
         if t is not None:
             x = pad_l + (t - lo) / (hi - lo) * (width - pad_l - 6)
-            parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="4" y2="{height - pad_b}" stroke="#c62828" stroke-dasharray="4 2"/>')
-    parts.append(f'<text x="{pad_l}" y="{height - 4}">{lo:.3g}</text><text x="{width - 6}" y="{height - 4}" text-anchor="end">{hi:.3g}</text>')
+            parts.append(
+                f'<line x1="{x:.1f}" x2="{x:.1f}" y1="4" y2="{height - pad_b}" stroke="#c62828" stroke-dasharray="4 2"/>'
+            )
+    parts.append(
+        f'<text x="{pad_l}" y="{height - 4}">{lo:.3g}</text><text x="{width - 6}" y="{height - 4}" text-anchor="end">{hi:.3g}</text>'
+    )
     parts.append(f'<text x="2" y="12">{cmax}</text></svg>')
     return f'<div class="hist"><h4>{_e(name)}</h4>{"".join(parts)}</div>'
 
@@ -135,14 +156,18 @@ def write_report(path: Path, result, records: list[dict[str, Any]]) -> None:
         f"{'curation on' if r.enabled else 'curation OFF (uncurated ablation: read and decode only)'}"
         f"{' · strict (flagged files dropped)' if r.strict else ''}</div>",
     ]
-    out.append("<nav class=note><a href='#totals'>totals</a> · <a href='#domains'>domains</a> · <a href='#labels'>label mismatches</a> · "
-               "<a href='#problems'>flagged &amp; quarantined</a> · <a href='#duplicates'>duplicates</a> · <a href='#overlap'>overlap</a> · "
-               "<a href='#quality'>quality rules</a> · <a href='#files'>all files</a></nav>")
+    out.append(
+        "<nav class=note><a href='#totals'>totals</a> · <a href='#domains'>domains</a> · <a href='#labels'>label mismatches</a> · "
+        "<a href='#problems'>flagged &amp; quarantined</a> · <a href='#duplicates'>duplicates</a> · <a href='#overlap'>overlap</a> · "
+        "<a href='#quality'>quality rules</a> · <a href='#files'>all files</a></nav>"
+    )
     mism = [x for x in records if "title_mismatch" in x["reasons"]]
     if mism:
-        out.append(f'<div class=banner><b>{len(mism)} file(s) do not appear to hold the work their metadata names</b> '
-                   f'(title_mismatch). They are {"dropped (strict)" if r.strict else "kept for training but"} listed below; '
-                   "a mislabelled file puts the wrong text into its domain's training and evaluation.</div>")
+        out.append(
+            f"<div class=banner><b>{len(mism)} file(s) do not appear to hold the work their metadata names</b> "
+            f"(title_mismatch). They are {'dropped (strict)' if r.strict else 'kept for training but'} listed below; "
+            "a mislabelled file puts the wrong text into its domain's training and evaluation.</div>"
+        )
 
     for warning in r.warnings:
         out.append(f"<div class=banner><b>warning</b>: {_e(warning)}</div>")
@@ -157,44 +182,72 @@ def write_report(path: Path, result, records: list[dict[str, Any]]) -> None:
         ("flagged", f"{sc.get('flagged', 0)}", "kept unless --strict"),
         ("quarantined", f"{sc.get('quarantined', 0)}", "left out, never deleted"),
         ("train", f"{r.documents_train} docs", f"{r.words_train:,} words"),
-        ("validation", f"{r.documents_val} docs" + (f" + {r.val_slices} slices" if r.val_slices else ""),
-         f"{r.words_val:,} words"),
+        (
+            "validation",
+            f"{r.documents_val} docs" + (f" + {r.val_slices} slices" if r.val_slices else ""),
+            f"{r.words_val:,} words",
+        ),
     ):
         out.append(f"<div class=card><span>{_e(label)}</span><b>{_e(value)}</b><span>{_e(sub)}</span></div>")
     out.append("</div>")
     if r.ignored:
-        out.append(f"<p class=note>Not inputs (only .txt and .json are read): {_e(', '.join(r.ignored[:20]))}"
-                   f"{' …' if len(r.ignored) > 20 else ''}</p>")
+        out.append(
+            f"<p class=note>Not inputs (only .txt and .json are read): {_e(', '.join(r.ignored[:20]))}"
+            f"{' …' if len(r.ignored) > 20 else ''}</p>"
+        )
     out.append(_hbar_chart([("files by status", {k: float(sc.get(k, 0)) for k in STATUS_COLORS})], STATUS_COLORS))
     out.append(_legend(STATUS_COLORS))
     if r.reason_counts:
         out.append("<h3>Reasons</h3>")
-        out.append(_hbar_chart([(k, {"files": float(v)}) for k, v in sorted(r.reason_counts.items(), key=lambda kv: -kv[1])], {"files": "#546e7a"}))
+        out.append(
+            _hbar_chart(
+                [(k, {"files": float(v)}) for k, v in sorted(r.reason_counts.items(), key=lambda kv: -kv[1])],
+                {"files": "#546e7a"},
+            )
+        )
 
     # domains
-    out.append("<h2 id=domains>Words per domain and subdomain</h2><p class=note>Words after cleaning (whitespace-separated). "
-               "Token counts are not known yet at this stage: the tokenizer is trained on the curated documents; "
-               "roughly 1.3 tokens per word for English BPE.</p>")
+    out.append(
+        "<h2 id=domains>Words per domain and subdomain</h2><p class=note>Words after cleaning (whitespace-separated). "
+        "Token counts are not known yet at this stage: the tokenizer is trained on the curated documents; "
+        "roughly 1.3 tokens per word for English BPE.</p>"
+    )
     out.append(_legend(SPLIT_COLORS))
-    out.append(_hbar_chart([(d, {k: float(v[k]["words"]) for k in ("train", "val", "dropped")}) for d, v in r.domains.items()], SPLIT_COLORS))
+    out.append(
+        _hbar_chart(
+            [(d, {k: float(v[k]["words"]) for k in ("train", "val", "dropped")}) for d, v in r.domains.items()],
+            SPLIT_COLORS,
+        )
+    )
     if r.val_slices:
-        out.append("<p class=note><b>val slices</b>: a domain with no document to spare for validation (a single book) "
-                   "validates on a held-out slice, the tail of its longest document cut at a paragraph break "
-                   "(<code>data.val_fraction</code> of its words, at least <code>data.min_val_words</code>); "
-                   "only the text before the cut is trained on. Its file shows split <code>train+val-slice</code> below.</p>")
+        out.append(
+            "<p class=note><b>val slices</b>: a domain with no document to spare for validation (a single book) "
+            "validates on a held-out slice, the tail of its longest document cut at a paragraph break "
+            "(<code>data.val_fraction</code> of its words, at least <code>data.min_val_words</code>); "
+            "only the text before the cut is trained on. Its file shows split <code>train+val-slice</code> below.</p>"
+        )
     out.append(_domain_table("domain", r.domains))
     out.append("<details><summary>per subdomain</summary>")
-    out.append(_hbar_chart([(d, {k: float(v[k]["words"]) for k in ("train", "val", "dropped")}) for d, v in r.subdomains.items()], SPLIT_COLORS))
+    out.append(
+        _hbar_chart(
+            [(d, {k: float(v[k]["words"]) for k in ("train", "val", "dropped")}) for d, v in r.subdomains.items()],
+            SPLIT_COLORS,
+        )
+    )
     out.append(_domain_table("subdomain", r.subdomains) + "</details>")
 
     # label mismatches first: they poison per-domain evaluation
     if mism:
         out.append(f"<h2 id=labels>Files whose text does not match their metadata ({len(mism)})</h2>")
-        out.append("<table><tr><th>file</th><th>metadata title / author</th><th>what the text shows</th><th>status</th><th>split</th></tr>")
+        out.append(
+            "<table><tr><th>file</th><th>metadata title / author</th><th>what the text shows</th><th>status</th><th>split</th></tr>"
+        )
         for x in mism:
-            out.append(f"<tr><td class=path>{_e(x['path'])}</td><td>{_e(x.get('title'))}<br><span class=note>{_e(x.get('author'))}</span></td>"
-                       f"<td class=note>{_e(x['notes'].get('title_mismatch'))}</td><td><span class='pill {x['status']}'>{x['status']}</span></td>"
-                       f"<td>{_e(x.get('split') or '–')}</td></tr>")
+            out.append(
+                f"<tr><td class=path>{_e(x['path'])}</td><td>{_e(x.get('title'))}<br><span class=note>{_e(x.get('author'))}</span></td>"
+                f"<td class=note>{_e(x['notes'].get('title_mismatch'))}</td><td><span class='pill {x['status']}'>{x['status']}</span></td>"
+                f"<td>{_e(x.get('split') or '–')}</td></tr>"
+            )
         out.append("</table>")
 
     # problems
@@ -209,7 +262,9 @@ def write_report(path: Path, result, records: list[dict[str, Any]]) -> None:
     if r.duplicate_clusters:
         out.append("<table><tr><th>kept copy</th><th>dropped copies</th></tr>")
         for c in r.duplicate_clusters:
-            copies = "<br>".join(f"{_e(x['path'])} <span class=note>({x['kind']}, {x['similarity']:.0%})</span>" for x in c["copies"])
+            copies = "<br>".join(
+                f"{_e(x['path'])} <span class=note>({x['kind']}, {x['similarity']:.0%})</span>" for x in c["copies"]
+            )
             # kinds: exact (same cleaned text), near (MinHash Jaccard), contained (13-grams inside the kept copy)
             out.append(f"<tr><td class=path>{_e(c['kept'])}</td><td class=path>{copies}</td></tr>")
         out.append("</table>")
@@ -217,24 +272,32 @@ def write_report(path: Path, result, records: list[dict[str, Any]]) -> None:
         out.append("<p class=note>none</p>")
 
     # contamination
-    out.append(f"<h2 id=overlap>Validation/training overlap ({len(r.contaminated)})</h2><p class=note>Validation documents "
-               "whose 13-word spans also occur in training documents (above the threshold). "
-               "<code>--decontaminate</code> moves them to training.</p>")
+    out.append(
+        f"<h2 id=overlap>Validation/training overlap ({len(r.contaminated)})</h2><p class=note>Validation documents "
+        "whose 13-word spans also occur in training documents (above the threshold). "
+        "<code>--decontaminate</code> moves them to training.</p>"
+    )
     if not r.contaminated:
         out.append("<p class=note>none above the threshold</p>")
     if r.contaminated:
-        out.append("<table><tr><th>validation document</th><th>domain</th><th class=n>13-grams shared</th><th>most shared with (training)</th><th>moved</th></tr>")
+        out.append(
+            "<table><tr><th>validation document</th><th>domain</th><th class=n>13-grams shared</th><th>most shared with (training)</th><th>moved</th></tr>"
+        )
         for c in r.contaminated:
-            out.append(f"<tr><td class=path>{_e(c['path'])}</td><td>{_e(c['domain'])}</td><td class=n>{c['overlap']:.1%}</td>"
-                       f"<td class=path>{_e(c.get('source'))} <span class=note>({c.get('source_overlap', 0):.0%})</span></td><td>{'yes' if c['moved'] else 'no'}</td></tr>")
+            out.append(
+                f"<tr><td class=path>{_e(c['path'])}</td><td>{_e(c['domain'])}</td><td class=n>{c['overlap']:.1%}</td>"
+                f"<td class=path>{_e(c.get('source'))} <span class=note>({c.get('source_overlap', 0):.0%})</span></td><td>{'yes' if c['moved'] else 'no'}</td></tr>"
+            )
         out.append("</table>")
 
     # quality histograms
     assessed = [x for x in records if x.get("quality")]
     if assessed:
-        out.append("<h2 id=quality>Quality rules</h2><p class=note>Per document: the median over windows of a few thousand words; "
-                   "dashed lines are the thresholds before per-domain relaxation; red bins fall outside them. "
-                   "A document fails a rule when more than half of its windows fail it.</p><div class=grid>")
+        out.append(
+            "<h2 id=quality>Quality rules</h2><p class=note>Per document: the median over windows of a few thousand words; "
+            "dashed lines are the thresholds before per-domain relaxation; red bins fall outside them. "
+            "A document fails a rule when more than half of its windows fail it.</p><div class=grid>"
+        )
         for rule in RULES:
             vals = [float(x["quality"][rule.name]) for x in assessed if rule.name in x["quality"]]
             out.append(_histogram(rule.name, vals, rule.low, rule.high))
@@ -253,12 +316,16 @@ def write_report(path: Path, result, records: list[dict[str, Any]]) -> None:
 
 
 def _domain_table(kind: str, table: dict[str, dict[str, dict[str, int]]]) -> str:
-    rows = [f"<table><tr><th>{kind}</th><th class=n>train docs</th><th class=n>train words</th><th class=n>val docs</th>"
-            "<th class=n>val slices</th><th class=n>val words</th><th class=n>dropped docs</th><th class=n>dropped words</th></tr>"]
+    rows = [
+        f"<table><tr><th>{kind}</th><th class=n>train docs</th><th class=n>train words</th><th class=n>val docs</th>"
+        "<th class=n>val slices</th><th class=n>val words</th><th class=n>dropped docs</th><th class=n>dropped words</th></tr>"
+    ]
     for name, v in table.items():
-        rows.append(f"<tr><td>{_e(name)}</td><td class=n>{v['train']['docs']}</td><td class=n>{v['train']['words']:,}</td>"
-                    f"<td class=n>{v['val']['docs']}</td><td class=n>{v['val'].get('slices', 0)}</td><td class=n>{v['val']['words']:,}</td>"
-                    f"<td class=n>{v['dropped']['docs']}</td><td class=n>{v['dropped']['words']:,}</td></tr>")
+        rows.append(
+            f"<tr><td>{_e(name)}</td><td class=n>{v['train']['docs']}</td><td class=n>{v['train']['words']:,}</td>"
+            f"<td class=n>{v['val']['docs']}</td><td class=n>{v['val'].get('slices', 0)}</td><td class=n>{v['val']['words']:,}</td>"
+            f"<td class=n>{v['dropped']['docs']}</td><td class=n>{v['dropped']['words']:,}</td></tr>"
+        )
     rows.append("</table>")
     return "".join(rows)
 
@@ -266,18 +333,32 @@ def _domain_table(kind: str, table: dict[str, dict[str, dict[str, int]]]) -> str
 def _file_table(records: list[dict[str, Any]], notes: bool) -> str:
     if not records:
         return "<p class=note>none</p>"
-    rows = ["<table><tr><th>file</th><th>status</th><th>reasons</th><th>title / author</th><th class=n>words</th><th>split</th><th>dup_of</th>"
-            + ("<th>details</th>" if notes else "<th>quality rules (median over windows)</th>") + "</tr>"]
+    rows = [
+        "<table><tr><th>file</th><th>status</th><th>reasons</th><th>title / author</th><th class=n>words</th><th>split</th><th>dup_of</th>"
+        + ("<th>details</th>" if notes else "<th>quality rules (median over windows)</th>")
+        + "</tr>"
+    ]
     for x in records:
-        reasons = "".join(_reason_pill(c) for c in x["reasons"] if notes or c not in ("header_stripped", "boilerplate_stripped"))
+        reasons = "".join(
+            _reason_pill(c) for c in x["reasons"] if notes or c not in ("header_stripped", "boilerplate_stripped")
+        )
         who = f"{_e(x.get('title'))}<br><span class=note>{_e(x.get('author'))}</span>" if x.get("title") else ""
         q = x.get("quality") or {}
-        detail = "<td class=note>" + " · ".join(f"{_SHORT[r.name]} {q[r.name]:.3g}" for r in RULES if r.name in q) + "</td>"
+        detail = (
+            "<td class=note>" + " · ".join(f"{_SHORT[r.name]} {q[r.name]:.3g}" for r in RULES if r.name in q) + "</td>"
+        )
         if notes:
-            detail = "<td class=note>" + "<br>".join(f"<b>{_e(k)}</b>: {_e(v)}" for k, v in x.get("notes", {}).items()
-                                                      if k not in ("header_stripped",)) + "</td>"
-        rows.append(f"<tr><td class=path>{_e(x['path'])}</td><td><span class='pill {x['status']}'>{x['status']}</span></td><td>{reasons}</td>"
-                    f"<td>{who}</td><td class=n>{x['words']:,}</td><td>{_e(x.get('split') or '–')}</td><td class=dup>{_e(x.get('dup_of') or '')}</td>{detail}</tr>")
+            detail = (
+                "<td class=note>"
+                + "<br>".join(
+                    f"<b>{_e(k)}</b>: {_e(v)}" for k, v in x.get("notes", {}).items() if k not in ("header_stripped",)
+                )
+                + "</td>"
+            )
+        rows.append(
+            f"<tr><td class=path>{_e(x['path'])}</td><td><span class='pill {x['status']}'>{x['status']}</span></td><td>{reasons}</td>"
+            f"<td>{who}</td><td class=n>{x['words']:,}</td><td>{_e(x.get('split') or '–')}</td><td class=dup>{_e(x.get('dup_of') or '')}</td>{detail}</tr>"
+        )
     rows.append("</table>")
     return "".join(rows)
 

@@ -74,8 +74,9 @@ class _DomainPart:
     slices: list[str] = field(default_factory=list)  # ids of parts of a document cut in two
 
 
-def _control_prefix(tokenizer: Tokenizer, split: str, domain: str, doc_id: str,
-                    control: tuple[float, int], dtype: np.dtype) -> np.ndarray:
+def _control_prefix(
+    tokenizer: Tokenizer, split: str, domain: str, doc_id: str, control: tuple[float, int], dtype: np.dtype
+) -> np.ndarray:
     """[control token id] for a training document chosen by `takes_control_token`, else []."""
     if split != "train" or not takes_control_token(doc_id, *control) or domain not in tokenizer.domains:
         return np.zeros(0, dtype=dtype)
@@ -87,12 +88,13 @@ def takes_control_token(doc_id: str, prob: float, seed: int) -> bool:
     (seed, id) mapped to [0, 1) is below `prob` (the same answer on every machine)."""
     if prob <= 0:
         return False
-    digest = hashlib.blake2b(f"control:{seed}:{doc_id}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"control:{seed}:{doc_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < prob
 
 
-def _is_current(index: dict | None, data_dir: Path, documents_sha: str, tokenizer: Tokenizer,
-                control: tuple[float, int] = (0.0, 0)) -> bool:
+def _is_current(
+    index: dict | None, data_dir: Path, documents_sha: str, tokenizer: Tokenizer, control: tuple[float, int] = (0.0, 0)
+) -> bool:
     if not index or index.get("schema") != SCHEMA:
         return False
     if (index.get("control_token_prob", 0.0), index.get("control_seed", 0)) != control:
@@ -110,8 +112,9 @@ def _is_current(index: dict | None, data_dir: Path, documents_sha: str, tokenize
     return True
 
 
-def build_shards(documents_jsonl: Path, tokenizer: Tokenizer, data_dir: Path,
-                 control_token_prob: float = 0.0, control_seed: int = 0) -> dict:
+def build_shards(
+    documents_jsonl: Path, tokenizer: Tokenizer, data_dir: Path, control_token_prob: float = 0.0, control_seed: int = 0
+) -> dict:
     """Tokenize `documents_jsonl` into `data_dir/{train,val}.bin` and `data_dir/index.json`.
 
     Returns the index (see the module docstring). Skips the work and returns the existing
@@ -245,8 +248,7 @@ def _in_background(items: Iterator[T], depth: int = 2) -> Iterator[T]:
                 worker.join(0.01)
 
 
-def _concatenate_split(split: str, parts: dict[tuple[str, str], _DomainPart], data_dir: Path,
-                       dtype: np.dtype) -> dict:
+def _concatenate_split(split: str, parts: dict[tuple[str, str], _DomainPart], data_dir: Path, dtype: np.dtype) -> dict:
     """Join one split's domain temp files in sorted domain order into `data_dir/SPLIT.bin`."""
     file_name = f"{split}.bin"
     out_tmp = data_dir / f".{file_name}.tmp"
@@ -278,8 +280,16 @@ def _concatenate_split(split: str, parts: dict[tuple[str, str], _DomainPart], da
             n_bytes += part.n_bytes
         out.flush()
     out_tmp.replace(data_dir / file_name)
-    return {"file": file_name, "n_tokens": offset, "n_bytes": n_bytes, "n_docs": len(docs),
-            "docs": docs, "domains": domains, "control_docs": control_docs, "slices": slices}
+    return {
+        "file": file_name,
+        "n_tokens": offset,
+        "n_bytes": n_bytes,
+        "n_docs": len(docs),
+        "docs": docs,
+        "domains": domains,
+        "control_docs": control_docs,
+        "slices": slices,
+    }
 
 
 class TokenShard:

@@ -17,11 +17,16 @@ from dataclasses import dataclass
 
 
 def split_key(doc_id: str, seed: int) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{doc_id}".encode("utf-8"), digest_size=8).digest(), "big")
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest(), "big")
 
 
-def assign_splits(docs: list[tuple[str, str]], val_fraction: float, seed: int, min_val_docs: int = 1,
-                  avoid_val: set[str] | frozenset[str] = frozenset()) -> dict[str, str]:
+def assign_splits(
+    docs: list[tuple[str, str]],
+    val_fraction: float,
+    seed: int,
+    min_val_docs: int = 1,
+    avoid_val: set[str] | frozenset[str] = frozenset(),
+) -> dict[str, str]:
     """{doc id: "train" | "val"} for (doc id, domain) pairs.
 
     Per domain: about `val_fraction` of its documents (at least `min_val_docs`) go to
@@ -88,6 +93,6 @@ def hold_out_slice(text: str, fraction: float, min_val_words: int) -> HeldOutSli
     earliest = max(min_val_words, n - 2 * want)
     for sep in _BOUNDARIES:
         for k in range(latest, earliest - 1, -1):
-            if sep in text[starts[k - 1]:starts[k]]:  # the whitespace before word k holds `sep`
+            if sep in text[starts[k - 1] : starts[k]]:  # the whitespace before word k holds `sep`
                 return HeldOutSlice(start=starts[k], words=n - k, train_words=k)
     return HeldOutSlice(start=starts[latest], words=want, train_words=latest)

@@ -7,13 +7,30 @@ only a flag), `flagged` when any reason is a flag, else `kept`.
 from __future__ import annotations
 
 QUARANTINE = {
-    "empty", "binary", "not_utf8", "unreadable", "orphan_sidecar", "stub", "too_short",
-    "exact_duplicate", "near_duplicate", "outside_corpus", "not_regular_file", "too_large",
-    "timed_out", "hidden", "symlinked_dir",
+    "empty",
+    "binary",
+    "not_utf8",
+    "unreadable",
+    "orphan_sidecar",
+    "stub",
+    "too_short",
+    "exact_duplicate",
+    "near_duplicate",
+    "outside_corpus",
+    "not_regular_file",
+    "too_large",
+    "timed_out",
+    "hidden",
+    "symlinked_dir",
 }
 NOT_DOCUMENTS = {"hidden", "symlinked_dir"}  # folder-level skips: not counted in any domain
-FLAG = {"title_mismatch", "bad_sidecar", "contamination", "low_quality:repeated_passage",
-        "low_quality:whitespace_share"}
+FLAG = {
+    "title_mismatch",
+    "bad_sidecar",
+    "contamination",
+    "low_quality:repeated_passage",
+    "low_quality:whitespace_share",
+}
 
 
 def quarantines(reason: str) -> bool:
@@ -22,7 +39,7 @@ def quarantines(reason: str) -> bool:
 
 
 def file_status(reasons: list[str]) -> str:
-    """"quarantined", "flagged" or "kept" for a file with these reason codes."""
+    """ "quarantined", "flagged" or "kept" for a file with these reason codes."""
     if any(quarantines(r) for r in reasons):
         return "quarantined"
     if any(r in FLAG for r in reasons):

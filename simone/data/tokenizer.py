@@ -146,8 +146,9 @@ class Tokenizer:
         return target
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(vocab_size={self.vocab_size}, eod_id={self.eod_id}, "
-                f"domains={self.domains}, path={self.path})")
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, eod_id={self.eod_id}, domains={self.domains}, path={self.path})"
+        )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -191,17 +192,16 @@ def byte_level_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     """GPT-2's byte-level split, after cutting every run of MAX_RUN_CHARS whitespace or
     non-whitespace characters into a piece of its own (see the module docstring)."""
     bounded_runs = Regex(rf"\s{{{MAX_RUN_CHARS}}}|\S{{{MAX_RUN_CHARS}}}")
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(bounded_runs, behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(bounded_runs, behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
 
 
 def train_tokenizer(
-    documents_jsonl: Path,
-    out_dir: Path,
-    cfg: TokenizerConfig,
-    domains: list[str] | None = None,
+    documents_jsonl: Path, out_dir: Path, cfg: TokenizerConfig, domains: list[str] | None = None
 ) -> Tokenizer:
     """Train byte-level BPE on the `train` documents of `documents_jsonl`; write
     `out_dir/tokenizer.json` and `out_dir/stamp.json`; return the loaded tokenizer.
@@ -252,9 +252,7 @@ def train_tokenizer(
 
     hf.train_from_iterator(train_texts(), trainer=trainer)
     if n_train[0] == 0:
-        raise ValueError(
-            f"{documents_jsonl}: no documents with split 'train' and text to train the tokenizer on"
-        )
+        raise ValueError(f"{documents_jsonl}: no documents with split 'train' and text to train the tokenizer on")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(hf, cfg.eod_token)

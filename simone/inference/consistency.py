@@ -44,8 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simone.data.contradict import (KINDS, apply_sites, find_sites, name_map_for, name_pool,
-                                    sentence_spans)
+from simone.data.contradict import KINDS, apply_sites, find_sites, name_map_for, name_pool, sentence_spans
 from simone.data.documents import numbered_documents, read_documents
 from simone.data.split import split_key
 from simone.errors import SimoneError
@@ -56,13 +55,15 @@ SUITE_SCHEMA = 1
 TASKS = ("bpb", "pair", "cloze", "gen")
 CLOZE_TOKENS = 12  # greedy tokens for a cloze answer: enough for a long word and what follows it
 # words a cloze target may not be: the last word of a sentence should be one a reader infers
-FUNCTION_WORDS = frozenset("""
+FUNCTION_WORDS = frozenset(
+    """
     the and that with for not but his her him them they you your yours thee thou thy thine
     was were are is be been being have has had will shall would should could might must may
     this these those there then than from into unto upon which who whom whose what when where
     all any one some our ours its it their theirs she he we me my mine also out off over too
     very much more most such only own same other so yet nor now here how why did does done
-""".split())
+""".split()
+)
 _SENTENCE_ENDS = re.compile(r"[.!?][\"'”’)\]]*$")
 _LAST_WORD = re.compile(r"(?<= )([A-Za-z][a-z]{2,})[.!?]+[\"'”’)\]]*$")  # not "YORK." (a speaker)
 _WORDS = re.compile(r"[\w'’]+")
@@ -88,7 +89,7 @@ class SuiteSettings:
     gen_tokens: int = 64  # tokens of each continuation for generation health
 
     @classmethod
-    def sized(cls, items: int, seed: int = 0) -> "SuiteSettings":
+    def sized(cls, items: int, seed: int = 0) -> SuiteSettings:
         """`items` per domain and task (minimal pairs: per kind too; prompts: a fifth), the
         one knob `--suite-items` turns."""
         return cls(seed=seed, pairs_per_kind=items, cloze_per_domain=items, prompts_per_domain=max(1, items // 5))
@@ -106,15 +107,18 @@ def heldout_documents(source: Path) -> list[dict]:
     documents = source if source.is_file() else RunDir(source).documents
     if documents.is_file():
         try:
-            docs = [{"id": str(d.get("id") or d.get("path")), "domain": str(d.get("domain")), "text": d.get("text") or ""}
-                    for d in read_documents(documents, "val")]
+            docs = [
+                {"id": str(d.get("id") or d.get("path")), "domain": str(d.get("domain")), "text": d.get("text") or ""}
+                for d in read_documents(documents, "val")
+            ]
         except ValueError as e:
             raise SuiteError(str(e)) from None
         if not docs:
             raise SuiteError(f"{documents}: no validation documents to build the suite from")
         return docs
-    return [{"id": str(f.path.relative_to(source)), "domain": f.domain, "text": f.text}
-            for f in read_text_folder(source)]
+    return [
+        {"id": str(f.path.relative_to(source)), "domain": f.domain, "text": f.text} for f in read_text_folder(source)
+    ]
 
 
 # ----------------------------------------------------------------------------- building
@@ -168,8 +172,18 @@ def build_pairs(by_domain: dict[str, list[dict]], settings: SuiteSettings) -> li
                 site = rng.choice(sites)
                 if _length_sign(site):
                     quota[_length_sign(site)] -= 1
-                chosen.append({"task": "pair", "domain": domain, "kind": kind, "doc": sentences[s], "good": s,
-                               "bad": apply_sites(s, [site]), "change": site.change(), "_sign": _length_sign(site)})
+                chosen.append(
+                    {
+                        "task": "pair",
+                        "domain": domain,
+                        "kind": kind,
+                        "doc": sentences[s],
+                        "good": s,
+                        "bad": apply_sites(s, [site]),
+                        "change": site.change(),
+                        "_sign": _length_sign(site),
+                    }
+                )
             # where one side ran short, drop the other side's last ones: the two stay equal
             surplus = {sign: quota[-sign] - quota[sign] for sign in (-1, 1)}
             for item in reversed(list(chosen)):
@@ -201,7 +215,7 @@ def cloze_item(sentences: list[str], i: int, words: tuple[int, int]) -> tuple[st
         n += len(sentences[first].split())
     if not words[0] <= n <= words[1]:
         return None
-    passage = " ".join(sentences[first:i + 1])
+    passage = " ".join(sentences[first : i + 1])
     target = m.group(1)
     context = passage[: len(passage) - len(sentences[i]) + m.start(1)].rstrip()
     if target.lower() not in {w.lower() for w in _WORDS.findall(context)}:
@@ -220,8 +234,16 @@ def build_cloze(by_domain: dict[str, list[dict]], settings: SuiteSettings) -> li
                 break
             found = cloze_item(split[doc_id], i, settings.cloze_words)
             if found is not None:
-                items.append({"task": "cloze", "id": f"cloze/{domain}/{n}", "domain": domain, "doc": doc_id,
-                              "context": found[0], "target": found[1]})
+                items.append(
+                    {
+                        "task": "cloze",
+                        "id": f"cloze/{domain}/{n}",
+                        "domain": domain,
+                        "doc": doc_id,
+                        "context": found[0],
+                        "target": found[1],
+                    }
+                )
                 n += 1
     return items
 
@@ -232,16 +254,23 @@ def build_prompts(by_domain: dict[str, list[dict]], settings: SuiteSettings) -> 
     items = []
     for domain, docs in sorted(by_domain.items()):
         split = {d["id"]: _sentences(d["text"]) for d in docs}
-        places = [(doc_id, i) for doc_id, sents in split.items() for i in range(len(sents))
-                  if sents[i][:1].isupper()]
+        places = [(doc_id, i) for doc_id, sents in split.items() for i in range(len(sents)) if sents[i][:1].isupper()]
         n = 0
         for doc_id, i in _ranked(places, f"gen:{domain}", settings.seed):
             if n >= settings.prompts_per_domain:
                 break
-            words = " ".join(split[doc_id][i:i + settings.prompt_words]).split()[: settings.prompt_words]
+            words = " ".join(split[doc_id][i : i + settings.prompt_words]).split()[: settings.prompt_words]
             if len(words) == settings.prompt_words:
-                items.append({"task": "gen", "id": f"gen/{domain}/{n}", "domain": domain, "doc": doc_id,
-                              "prompt": " ".join(words), "max_tokens": settings.gen_tokens})
+                items.append(
+                    {
+                        "task": "gen",
+                        "id": f"gen/{domain}/{n}",
+                        "domain": domain,
+                        "doc": doc_id,
+                        "prompt": " ".join(words),
+                        "max_tokens": settings.gen_tokens,
+                    }
+                )
                 n += 1
     return items
 
@@ -277,8 +306,12 @@ def build_suite(documents: Iterable[dict], settings: SuiteSettings | None = None
         by_domain[str(d["domain"])].append(d)
     for docs in by_domain.values():
         docs.sort(key=lambda d: d["id"])
-    items = (build_bpb(by_domain, settings) + build_pairs(by_domain, settings)
-             + build_cloze(by_domain, settings) + build_prompts(by_domain, settings))
+    items = (
+        build_bpb(by_domain, settings)
+        + build_pairs(by_domain, settings)
+        + build_cloze(by_domain, settings)
+        + build_prompts(by_domain, settings)
+    )
     return [{"schema": SUITE_SCHEMA, **item} for item in items]
 
 
@@ -312,20 +345,24 @@ def read_suite(path: Path) -> list[dict]:
     items = []
     for lineno, item in _json_lines(path, "the suite"):
         if not isinstance(item, dict) or item.get("schema") != SUITE_SCHEMA:
-            raise SuiteError(f"{path}:{lineno}: not a suite item of schema {SUITE_SCHEMA} "
-                             f"(rebuild the suite with this version)")
+            raise SuiteError(
+                f"{path}:{lineno}: not a suite item of schema {SUITE_SCHEMA} (rebuild the suite with this version)"
+            )
         missing = [f for f in _REQUIRED.get(item.get("task"), ("task",)) + ("domain",) if f not in item]
         if item.get("task") not in TASKS or missing:
-            raise SuiteError(f"{path}:{lineno}: task {item.get('task')!r} "
-                             + (f"lacks {', '.join(missing)}" if item.get("task") in TASKS else f"is not one of {', '.join(TASKS)}"))
+            raise SuiteError(
+                f"{path}:{lineno}: task {item.get('task')!r} "
+                + (f"lacks {', '.join(missing)}" if item.get("task") in TASKS else f"is not one of {', '.join(TASKS)}")
+            )
         items.append(item)
     if not items:
         raise SuiteError(f"{path}: no items")
     return items
 
 
-def load_or_build_suite(path: Path, documents: Callable[[], Iterable[dict]],
-                        settings: SuiteSettings | None = None) -> list[dict]:
+def load_or_build_suite(
+    path: Path, documents: Callable[[], Iterable[dict]], settings: SuiteSettings | None = None
+) -> list[dict]:
     """The suite in `path`, built from `documents()` and written there first if it is not there
     yet: written once, so that every model, now and later, sees the same items."""
     if not Path(path).exists():
@@ -340,18 +377,28 @@ def read_user_pairs(path: Path) -> list[dict]:
     items = []
     for lineno, obj in _json_lines(path, "the pairs"):
         if not isinstance(obj, dict):
-            raise SuiteError(f"{path}:{lineno}: expected an object with \"good\" and \"bad\"")
+            raise SuiteError(f'{path}:{lineno}: expected an object with "good" and "bad"')
         good, bad = obj.get("good", obj.get("sentence_good")), obj.get("bad", obj.get("sentence_bad"))
         for name, value in (("good", good), ("bad", bad)):
             if not isinstance(value, str) or not value.strip():
-                raise SuiteError(f"{path}:{lineno}: \"{name}\" must be a non-empty string")
+                raise SuiteError(f'{path}:{lineno}: "{name}" must be a non-empty string')
         if good == bad:
-            raise SuiteError(f"{path}:{lineno}: \"good\" and \"bad\" are the same sentence")
+            raise SuiteError(f'{path}:{lineno}: "good" and "bad" are the same sentence')
         for name in ("domain", "kind"):
             if obj.get(name) is not None and not isinstance(obj[name], str):
-                raise SuiteError(f"{path}:{lineno}: \"{name}\" must be a string")
-        items.append({"schema": SUITE_SCHEMA, "task": "pair", "source": "user", "id": f"user/{len(items)}",
-                      "domain": obj.get("domain") or "-", "kind": obj.get("kind") or "-", "good": good, "bad": bad})
+                raise SuiteError(f'{path}:{lineno}: "{name}" must be a string')
+        items.append(
+            {
+                "schema": SUITE_SCHEMA,
+                "task": "pair",
+                "source": "user",
+                "id": f"user/{len(items)}",
+                "domain": obj.get("domain") or "-",
+                "kind": obj.get("kind") or "-",
+                "good": good,
+                "bad": bad,
+            }
+        )
     if not items:
         raise SuiteError(f"{path}: no pairs")
     return items
@@ -392,7 +439,7 @@ def continuations(scorer: Any, texts: list[str], n_tokens: int) -> list[str]:
         if start_id is not None and start_id in new:
             new = new[: new.index(start_id)]
         prompt, full = scorer.decoder(ids), scorer.decoder(ids + new)
-        out.append(full[len(prompt):] if full.startswith(prompt) else scorer.decoder(new))
+        out.append(full[len(prompt) :] if full.startswith(prompt) else scorer.decoder(new))
     return out
 
 
@@ -422,13 +469,15 @@ def generation_health(texts: list[str]) -> dict:
         bigrams += len(pairs)
         seen: set[tuple[str, ...]] = set()
         for i in range(len(w) - 3):
-            gram = tuple(w[i:i + 4])
+            gram = tuple(w[i : i + 4])
             repeated += gram in seen
             seen.add(gram)
             fourgrams += 1
-    return {"distinct_2": _figure(distinct / bigrams if bigrams else None, len(texts)),
-            "repeated_4gram_share": _figure(repeated / fourgrams if fourgrams else None, len(texts)),
-            "words": words}
+    return {
+        "distinct_2": _figure(distinct / bigrams if bigrams else None, len(texts)),
+        "repeated_4gram_share": _figure(repeated / fourgrams if fourgrams else None, len(texts)),
+        "words": words,
+    }
 
 
 def _figure(value: float | None, items: int, **extra: Any) -> dict:
@@ -451,9 +500,12 @@ def _pair_figures(results: list[tuple[dict, float]]) -> dict:
     for item, score in results:
         per_kind[item.get("kind") or "-"].append(score)
         per_domain[item.get("domain") or "-"].append(score)
-    return {**_accuracy([s for _, s in results]), "ties": sum(s == 0.5 for _, s in results),
-            "per_kind": {k: _accuracy(v) for k, v in sorted(per_kind.items())},
-            "per_domain": {d: _accuracy(v) for d, v in sorted(per_domain.items())}}
+    return {
+        **_accuracy([s for _, s in results]),
+        "ties": sum(s == 0.5 for _, s in results),
+        "per_kind": {k: _accuracy(v) for k, v in sorted(per_kind.items())},
+        "per_domain": {d: _accuracy(v) for d, v in sorted(per_domain.items())},
+    }
 
 
 def score_suite(scorer: Any, items: list[dict], say: Callable[[str], None] | None = None) -> dict:
@@ -476,10 +528,15 @@ def score_suite(scorer: Any, items: list[dict], say: Callable[[str], None] | Non
         n_bytes[item["domain"]] += len(item["text"].encode("utf-8"))
         n_items[item["domain"]] += 1
     total_bytes = sum(n_bytes.values())
-    out["bpb"] = _figure(sum(bits.values()) / total_bytes if total_bytes else None, sum(n_items.values()),
-                         bytes=total_bytes,
-                         per_domain={d: _figure(bits[d] / n_bytes[d] if n_bytes[d] else None, n_items[d],
-                                                bytes=n_bytes[d]) for d in sorted(n_items)})
+    out["bpb"] = _figure(
+        sum(bits.values()) / total_bytes if total_bytes else None,
+        sum(n_items.values()),
+        bytes=total_bytes,
+        per_domain={
+            d: _figure(bits[d] / n_bytes[d] if n_bytes[d] else None, n_items[d], bytes=n_bytes[d])
+            for d in sorted(n_items)
+        },
+    )
     say(f"{scorer.label}: bpb on {total_bytes:,} held-out bytes")
 
     for task, key in (("pair", "pairs"), ("user_pair", "user_pairs")):
@@ -503,17 +560,21 @@ def score_suite(scorer: Any, items: list[dict], say: Callable[[str], None] | Non
     answers = continuations(scorer, [item["context"] for item in by_task["cloze"]], CLOZE_TOKENS)
     for item, answer in zip(by_task["cloze"], answers):
         per_domain[item["domain"]].append(float(first_word(answer) == item["target"]))
-    out["cloze"] = {**_accuracy([s for v in per_domain.values() for s in v]),
-                    "per_domain": {d: _accuracy(v) for d, v in sorted(per_domain.items())}}
+    out["cloze"] = {
+        **_accuracy([s for v in per_domain.values() for s in v]),
+        "per_domain": {d: _accuracy(v) for d, v in sorted(per_domain.items())},
+    }
     gen = by_task["gen"]
     texts = [""] * len(gen)
     for n_tokens in sorted({int(item["max_tokens"]) for item in gen}):  # one batch per length asked
         same = [k for k, item in enumerate(gen) if int(item["max_tokens"]) == n_tokens]
         for k, text in zip(same, continuations(scorer, [gen[k]["prompt"] for k in same], n_tokens)):
             texts[k] = text
-    out["generation"] = {**generation_health(texts), "items": len(texts),
-                         "samples": [{"prompt": i["prompt"], "continuation": t}
-                                     for i, t in zip(by_task["gen"][:3], texts)]}
+    out["generation"] = {
+        **generation_health(texts),
+        "items": len(texts),
+        "samples": [{"prompt": i["prompt"], "continuation": t} for i, t in zip(by_task["gen"][:3], texts)],
+    }
     say(f"{scorer.label}: {len(by_task['cloze'])} cloze passages, {len(texts)} continuations")
     return out
 
@@ -531,9 +592,13 @@ def suite_counts(items: list[dict]) -> dict:
     return json.loads(json.dumps(counts))
 
 
-def evaluate_suite(model_specs: list[str], items: list[dict], device: str = "auto",
-                   load: Callable[[str, str], Any] | None = None,
-                   say: Callable[[str], None] | None = None) -> dict:
+def evaluate_suite(
+    model_specs: list[str],
+    items: list[dict],
+    device: str = "auto",
+    load: Callable[[str, str], Any] | None = None,
+    say: Callable[[str], None] | None = None,
+) -> dict:
     """Score each model on the suite's `items`: {schema, counts, models: [score_suite's dict, or
     {model, error} for a model that cannot be loaded or scored: one line, never a traceback]}.
     Every model is loaded before any is scored, so a bad path shows at once."""
@@ -556,8 +621,9 @@ def evaluate_suite(model_specs: list[str], items: list[dict], device: str = "aut
     return {"schema": SUITE_SCHEMA, "counts": suite_counts(items), "models": models}
 
 
-def suite_items(suite: Path | None, source: Path | None = None, pairs: Path | None = None,
-                settings: SuiteSettings | None = None) -> tuple[list[dict], str]:
+def suite_items(
+    suite: Path | None, source: Path | None = None, pairs: Path | None = None, settings: SuiteSettings | None = None
+) -> tuple[list[dict], str]:
     """The items `simone eval --suite/--pairs` scores, and a line saying where they came from:
     the suite file `suite` (built first from `source`'s held-out documents when it does not
     exist yet), plus the user's `pairs`. SuiteError (one line) when there is nothing to score."""
@@ -569,8 +635,10 @@ def suite_items(suite: Path | None, source: Path | None = None, pairs: Path | No
             items = read_suite(suite)
             said.append(f"suite {suite} ({len(items)} items)")
         elif source is None:
-            raise SuiteError(f"{suite}: no such suite file; give --data RUN_DIR|documents.jsonl|DIR to build it "
-                             f"from held-out documents")
+            raise SuiteError(
+                f"{suite}: no such suite file; give --data RUN_DIR|documents.jsonl|DIR to build it "
+                f"from held-out documents"
+            )
         else:
             items = load_or_build_suite(suite, lambda: heldout_documents(source), settings)
             said.append(f"suite {suite} built from the held-out documents of {source} ({len(items)} items)")
@@ -625,10 +693,14 @@ def format_suite_markdown(result: dict) -> str:
     """One markdown table, a row per figure and a column per model, each cell `value (items)`;
     then one line per model or task that was not scored."""
     scored = [m for m in result["models"] if "error" not in m]
-    lines = ["# Consistency suite", "",
-             "Each cell: value (items). Minimal pairs: share where the original sentence is more "
-             "likely than its contradicted twin (ties count one half; chance 50%). Cloze: greedy "
-             "first word equals the passage's last word.", ""]
+    lines = [
+        "# Consistency suite",
+        "",
+        "Each cell: value (items). Minimal pairs: share where the original sentence is more "
+        "likely than its contradicted twin (ties count one half; chance 50%). Cloze: greedy "
+        "first word equals the passage's last word.",
+        "",
+    ]
     if scored:
         labels: list[str] = []
         cells: dict[str, dict[str, str]] = defaultdict(dict)
@@ -637,10 +709,10 @@ def format_suite_markdown(result: dict) -> str:
                 if label not in labels:
                     labels.append(label)
                 cells[label][m["model"]] = _cell(fig, percent)
-        lines += ["| figure | " + " | ".join(f"`{m['model']}`" for m in scored) + " |",
-                  "|---|" + "---|" * len(scored)]
-        lines += [f"| {label} | " + " | ".join(cells[label].get(m["model"], "–") for m in scored) + " |"
-                  for label in labels]
+        lines += ["| figure | " + " | ".join(f"`{m['model']}`" for m in scored) + " |", "|---|" + "---|" * len(scored)]
+        lines += [
+            f"| {label} | " + " | ".join(cells[label].get(m["model"], "–") for m in scored) + " |" for label in labels
+        ]
     notes = [f"- `{m['model']}`: not scored: {m['error']}" for m in result["models"] if "error" in m]
     for m in scored:
         for task in ("cloze", "generation"):
@@ -658,8 +730,14 @@ def _yaml_value(value: Any) -> str:
 
 
 def _task_yaml(name: str, data_file: Path, fields: dict[str, Any], metrics: list[str]) -> str:
-    lines = [f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:",
-             f"    test: {_yaml_value(str(data_file))}", "test_split: test"]
+    lines = [
+        f"task: {name}",
+        "dataset_path: json",
+        "dataset_kwargs:",
+        "  data_files:",
+        f"    test: {_yaml_value(str(data_file))}",
+        "test_split: test",
+    ]
     lines += [f"{k}: {_yaml_value(v)}" for k, v in fields.items()]
     lines += ["metric_list:"]
     for metric in metrics:  # acc is averaged over items; bits_per_byte keeps the harness's own (bits over bytes)
@@ -694,12 +772,20 @@ def write_lm_eval_tasks(items: list[dict], folder: Path, prefix: str = "simone")
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     tasks: list[tuple[str, str, list[dict], dict[str, Any], list[str]]] = []
-    pair_fields = {"output_type": "multiple_choice", "doc_to_text": "", "doc_to_target": 0,
-                   "doc_to_choice": "{{[good, bad]}}", "target_delimiter": "", "num_fewshot": 0}
+    pair_fields = {
+        "output_type": "multiple_choice",
+        "doc_to_text": "",
+        "doc_to_target": 0,
+        "doc_to_choice": "{{[good, bad]}}",
+        "target_delimiter": "",
+        "num_fewshot": 0,
+    }
     corpus_pairs = [i for i in items if i["task"] == "pair" and i.get("source") != "user"]
     user_pairs = [i for i in items if i["task"] == "pair" and i.get("source") == "user"]
-    pair_rows = lambda rows: [{"good": i["good"], "bad": i["bad"], "domain": i["domain"], "kind": i["kind"]}  # noqa: E731
-                              for i in rows]
+    pair_rows = lambda rows: [
+        {"good": i["good"], "bad": i["bad"], "domain": i["domain"], "kind": i["kind"]}  # noqa: E731
+        for i in rows
+    ]
     if corpus_pairs:
         tasks.append((f"{prefix}_pairs", "pairs", pair_rows(corpus_pairs), pair_fields, ["acc"]))
         for kind in sorted({i["kind"] for i in corpus_pairs}):
@@ -707,17 +793,41 @@ def write_lm_eval_tasks(items: list[dict], folder: Path, prefix: str = "simone")
             tasks.append((f"{prefix}_pairs_{kind}", f"pairs_{kind}", pair_rows(rows), pair_fields, ["acc"]))
     if user_pairs:
         tasks.append((f"{prefix}_user_pairs", "user_pairs", pair_rows(user_pairs), pair_fields, ["acc"]))
-    cloze = [{"context": i["context"], "target": i["target"], "domain": i["domain"]}
-             for i in items if i["task"] == "cloze"]
+    cloze = [
+        {"context": i["context"], "target": i["target"], "domain": i["domain"]} for i in items if i["task"] == "cloze"
+    ]
     if cloze:
-        tasks.append((f"{prefix}_cloze", "cloze", cloze,
-                      {"output_type": "loglikelihood", "doc_to_text": "{{context}}", "doc_to_target": "{{target}}",
-                       "target_delimiter": " ", "num_fewshot": 0}, ["acc"]))
+        tasks.append(
+            (
+                f"{prefix}_cloze",
+                "cloze",
+                cloze,
+                {
+                    "output_type": "loglikelihood",
+                    "doc_to_text": "{{context}}",
+                    "doc_to_target": "{{target}}",
+                    "target_delimiter": " ",
+                    "num_fewshot": 0,
+                },
+                ["acc"],
+            )
+        )
     bpb = [{"text": i["text"], "domain": i["domain"]} for i in items if i["task"] == "bpb"]
     if bpb:
-        tasks.append((f"{prefix}_bpb", "bpb", bpb,
-                      {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
-                       "num_fewshot": 0}, ["bits_per_byte"]))
+        tasks.append(
+            (
+                f"{prefix}_bpb",
+                "bpb",
+                bpb,
+                {
+                    "output_type": "loglikelihood_rolling",
+                    "doc_to_text": "",
+                    "doc_to_target": "{{text}}",
+                    "num_fewshot": 0,
+                },
+                ["bits_per_byte"],
+            )
+        )
     names = []
     for name, stem, rows, fields, metrics in tasks:
         data = folder / f"{stem}.jsonl"
@@ -725,6 +835,8 @@ def write_lm_eval_tasks(items: list[dict], folder: Path, prefix: str = "simone")
         atomic_write_text(folder / f"{name}.yaml", _task_yaml(name, data, fields, metrics))
         names.append(name)
     group = f"{prefix}_suite"
-    atomic_write_text(folder / f"{group}.yaml",
-                      f"group: {group}\ntask:\n" + "".join(f"  - {n}\n" for n in names) + "metadata:\n  version: 1.0\n")
+    atomic_write_text(
+        folder / f"{group}.yaml",
+        f"group: {group}\ntask:\n" + "".join(f"  - {n}\n" for n in names) + "metadata:\n  version: 1.0\n",
+    )
     return names + [group]

@@ -50,11 +50,22 @@ class Guidance:
 
 
 @torch.inference_mode()
-def sample_tokens(model: nn.Module, prompt_ids: list[int], max_tokens: int, temperature: float = 1.0,
-                  top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-                  eos_id: int | None = None, n_top: int | None = None, streaming: bool = False,
-                  guidance: Guidance | None = None, trace: bool = False, trace_top: int = 5,
-                  keep_first: int = 0) -> Iterator[Step]:
+def sample_tokens(
+    model: nn.Module,
+    prompt_ids: list[int],
+    max_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    eos_id: int | None = None,
+    n_top: int | None = None,
+    streaming: bool = False,
+    guidance: Guidance | None = None,
+    trace: bool = False,
+    trace_top: int = 5,
+    keep_first: int = 0,
+) -> Iterator[Step]:
     """Continue `prompt_ids` by up to `max_tokens` tokens, one `Step` at a time (the last one
     `eos_id`, if it comes). Sampling: temperature (below `GREEDY_BELOW` greedy), top-k, top-p,
     `generator`. n_top (None: none): each token's log-probability and the n_top likeliest.
@@ -67,10 +78,10 @@ def sample_tokens(model: nn.Module, prompt_ids: list[int], max_tokens: int, temp
         raise ValueError("decoding needs at least one prompt token (e.g. the eod token)")
     streaming = streaming or guidance is not None or trace
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=model.tok_embeddings.weight.device)
-    decoder = (StreamingDecoder(model, 1, guidance, trace, keep_first) if streaming
-               else CachedDecoder(model, idx, max_tokens))
-    for token in model.generate(idx, max_tokens, temperature, top_k, top_p, generator, eos_id=eos_id,
-                                decoder=decoder):
+    decoder = (
+        StreamingDecoder(model, 1, guidance, trace, keep_first) if streaming else CachedDecoder(model, idx, max_tokens)
+    )
+    for token in model.generate(idx, max_tokens, temperature, top_k, top_p, generator, eos_id=eos_id, decoder=decoder):
         step = Step(int(token[0, 0]))
         if n_top is not None:
             logprobs = torch.log_softmax(decoder.logits[0].float(), dim=-1)
@@ -83,24 +94,42 @@ def sample_tokens(model: nn.Module, prompt_ids: list[int], max_tokens: int, temp
         yield step
 
 
-def new_streaming_cache(model: nn.Module, batch_size: int, capacity: int | None = None,
-                        keep_first: int = 0, evict_chunk: int | None = None,
-                        device: torch.device | None = None) -> StreamingKVCache:
+def new_streaming_cache(
+    model: nn.Module,
+    batch_size: int,
+    capacity: int | None = None,
+    keep_first: int = 0,
+    evict_chunk: int | None = None,
+    device: torch.device | None = None,
+) -> StreamingKVCache:
     """A `StreamingKVCache` shaped for `model` (capacity defaults to max_seq_len)."""
     cfg = model.cfg
     if cfg.arch != "llama":
-        raise ValueError("streaming needs RoPE (model.arch=llama); the GPT-2 baseline has "
-                         "absolute positions")
+        raise ValueError("streaming needs RoPE (model.arch=llama); the GPT-2 baseline has absolute positions")
     attn = model.layers[0].attention
     param = model.tok_embeddings.weight
     capacity = min(capacity or cfg.max_seq_len, cfg.max_seq_len)
-    return StreamingKVCache(len(model.layers), batch_size, attn.n_kv_heads, attn.head_dim, capacity,
-                            keep_first=keep_first, evict_chunk=evict_chunk, rope_theta=cfg.rope_theta,
-                            device=device or param.device, dtype=param.dtype)
+    return StreamingKVCache(
+        len(model.layers),
+        batch_size,
+        attn.n_kv_heads,
+        attn.head_dim,
+        capacity,
+        keep_first=keep_first,
+        evict_chunk=evict_chunk,
+        rope_theta=cfg.rope_theta,
+        device=device or param.device,
+        dtype=param.dtype,
+    )
 
 
-def _guided_pick(cand_logp: torch.Tensor, domain_prob: torch.Tensor | None, weight: float, temperature: float,
-                 generator: torch.Generator | None) -> torch.Tensor:
+def _guided_pick(
+    cand_logp: torch.Tensor,
+    domain_prob: torch.Tensor | None,
+    weight: float,
+    temperature: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """Which of the candidates (last dim) to take: by log p_lm(c) + weight · log p_policy(d | text + c),
     greedy below `GREEDY_BELOW` (as `sample_next_token`: a tinier one would overflow the
     softmax), else drawn from the softmax at `temperature`."""
@@ -119,11 +148,13 @@ class StreamingDecoder:
     sample draws one (`_guided_pick`) and its rows continue from it (keys, values, policy
     state). `trace` records each query's attention (blocks `model.trace_layers`)."""
 
-    def __init__(self, model: nn.Module, n: int = 1, guidance: Guidance | None = None, trace: bool = False,
-                 keep_first: int = 0):
+    def __init__(
+        self, model: nn.Module, n: int = 1, guidance: Guidance | None = None, trace: bool = False, keep_first: int = 0
+    ):
         if guidance is not None and guidance.weight > 0 and model.policy_head is None:
-            raise ValueError("policy guidance needs a model trained with the policy head "
-                             "(model.governance=true, model.policy=true)")
+            raise ValueError(
+                "policy guidance needs a model trained with the policy head (model.governance=true, model.policy=true)"
+            )
         if trace and not uses_trace(model.cfg):
             raise ValueError("this model was configured with model.trace=false")
         self.model, self.n, self.guidance = model, n, guidance
@@ -139,8 +170,9 @@ class StreamingDecoder:
         """Feed ids [R, n] at the cache's next slots; the model's reading after them (rows R)."""
         start = self.cache.reserve(ids.size(1))
         with self.recorder or contextlib.nullcontext():
-            logits, _, policy = self.model(ids, kv_cache=self.cache, start_pos=start, last_logits_only=True,
-                                           return_policy=True)
+            logits, _, policy = self.model(
+                ids, kv_cache=self.cache, start_pos=start, last_logits_only=True, return_policy=True
+            )
         policy = None if policy is None else policy[:, -1].float().softmax(-1)
         attn = self.recorder.weights() if self.recorder is not None else None
         return logits[:, -1].float(), policy, attn, self.cache.positions[: self.cache.length].clone()
@@ -158,8 +190,14 @@ class StreamingDecoder:
         self.before, self.logits = self.after, self.after[0]
         return self.logits
 
-    def pick(self, logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-             generator: torch.Generator | None) -> torch.Tensor:
+    def pick(
+        self,
+        logits: torch.Tensor,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
         """The next token of every sample [n, 1], sampled or guided, and fed."""
         self.log_probs = F.log_softmax(logits, dim=-1)
         if self.guidance is None:
@@ -179,8 +217,12 @@ class StreamingDecoder:
         if cache.policy_state is not None:
             running, count = cache.policy_state
             cache.policy_state = (running[winner].repeat_interleave(k, dim=0), count)
-        self.after = (c_logits[winner], None if c_policy is None else c_policy[winner],
-                      None if c_attn is None else c_attn[winner], positions)
+        self.after = (
+            c_logits[winner],
+            None if c_policy is None else c_policy[winner],
+            None if c_attn is None else c_attn[winner],
+            positions,
+        )
         return cand[samples, pick][:, None]
 
     def describe(self, step: Step, top: int) -> None:

@@ -60,19 +60,19 @@ def refuse_writing_over_the_input(out: Path, model_path: Path) -> None:
     out_real, model_real = out.resolve(), model_path.resolve()
     same_file = out.exists() and model_path.exists() and os.path.samefile(out, model_path)
     if same_file or out_real == model_real or out_real in model_real.parents:
-        raise ExportError(f"{out}: is the model being exported ({model_path}) or holds it; "
-                          f"choose an --out outside it")
+        raise ExportError(f"{out}: is the model being exported ({model_path}) or holds it; choose an --out outside it")
 
 
 def _check_llama(cfg: ModelConfig) -> None:
     if cfg.arch != "llama":
-        raise ExportError(f"model.arch={cfg.arch!r}: only the Llama-style model maps onto "
-                         f"LlamaForCausalLM")
+        raise ExportError(f"model.arch={cfg.arch!r}: only the Llama-style model maps onto LlamaForCausalLM")
     # A policy head can be dropped (it never touches the logits); memory slots cannot: every
     # position attends to them, and LlamaForCausalLM has no place for them.
     if cfg.governance and cfg.memory:
-        raise ExportError("model.memory=true: persistent memory slots change the logits and have no "
-                         "LlamaForCausalLM equivalent; export a model trained with model.memory=false")
+        raise ExportError(
+            "model.memory=true: persistent memory slots change the logits and have no "
+            "LlamaForCausalLM equivalent; export a model trained with model.memory=false"
+        )
 
 
 def _llama_config_kwargs(cfg: ModelConfig, eos_id: int | None) -> dict[str, Any]:
@@ -103,8 +103,10 @@ def _check_gpt2(cfg: ModelConfig) -> None:
     if cfg.arch != "gpt2":
         raise ExportError(f"model.arch={cfg.arch!r}: only the GPT-2 baseline maps onto GPT2LMHeadModel")
     if (cfg.n_kv_heads or cfg.n_heads) != cfg.n_heads:
-        raise ExportError(f"model.n_kv_heads={cfg.n_kv_heads}: GPT2LMHeadModel has no grouped-query "
-                          f"attention; export a GPT-2 baseline with n_kv_heads = n_heads")
+        raise ExportError(
+            f"model.n_kv_heads={cfg.n_kv_heads}: GPT2LMHeadModel has no grouped-query "
+            f"attention; export a GPT-2 baseline with n_kv_heads = n_heads"
+        )
 
 
 def _gpt2_config_kwargs(cfg: ModelConfig, eos_id: int | None) -> dict[str, Any]:
@@ -159,8 +161,7 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
     n_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
     if head_dim * n_heads != hf_config.hidden_size:
-        raise ValueError("LlamaConfig with head_dim·num_attention_heads != hidden_size "
-                         "is not supported")
+        raise ValueError("LlamaConfig with head_dim·num_attention_heads != hidden_size is not supported")
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"LlamaConfig rope_type {rope.get('rope_type')!r} is not supported")
     return ModelConfig(
@@ -178,8 +179,7 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
     )
 
 
-def to_hf_llama_state_dict(state_dict: dict[str, torch.Tensor],
-                           cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def to_hf_llama_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our `Transformer.state_dict()` → `LlamaForCausalLM` names (tensors are views, not copies)."""
     _check_llama(cfg)
     head_dim = cfg.dim // cfg.n_heads
@@ -194,22 +194,23 @@ def to_hf_llama_state_dict(state_dict: dict[str, torch.Tensor],
         ours, theirs = f"layers.{i}.", f"model.layers.{i}."
         q, k, v = state_dict[ours + "attention.wqkv.weight"].split([q_size, kv_size, kv_size])
         gate, up = state_dict[ours + "feed_forward.w13.weight"].chunk(2)
-        out.update({
-            theirs + "input_layernorm.weight": state_dict[ours + "attention_norm.weight"],
-            theirs + "self_attn.q_proj.weight": q,
-            theirs + "self_attn.k_proj.weight": k,
-            theirs + "self_attn.v_proj.weight": v,
-            theirs + "self_attn.o_proj.weight": state_dict[ours + "attention.wo.weight"],
-            theirs + "post_attention_layernorm.weight": state_dict[ours + "ffn_norm.weight"],
-            theirs + "mlp.gate_proj.weight": gate,
-            theirs + "mlp.up_proj.weight": up,
-            theirs + "mlp.down_proj.weight": state_dict[ours + "feed_forward.w2.weight"],
-        })
+        out.update(
+            {
+                theirs + "input_layernorm.weight": state_dict[ours + "attention_norm.weight"],
+                theirs + "self_attn.q_proj.weight": q,
+                theirs + "self_attn.k_proj.weight": k,
+                theirs + "self_attn.v_proj.weight": v,
+                theirs + "self_attn.o_proj.weight": state_dict[ours + "attention.wo.weight"],
+                theirs + "post_attention_layernorm.weight": state_dict[ours + "ffn_norm.weight"],
+                theirs + "mlp.gate_proj.weight": gate,
+                theirs + "mlp.up_proj.weight": up,
+                theirs + "mlp.down_proj.weight": state_dict[ours + "feed_forward.w2.weight"],
+            }
+        )
     return out
 
 
-def from_hf_llama_state_dict(hf_state_dict: dict[str, torch.Tensor],
-                             cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def from_hf_llama_state_dict(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """`LlamaForCausalLM` names → a state dict that `Transformer(cfg).load_state_dict` accepts."""
     _check_llama(cfg)
     sd = hf_state_dict
@@ -222,21 +223,22 @@ def from_hf_llama_state_dict(hf_state_dict: dict[str, torch.Tensor],
     for i in range(cfg.n_layers):
         ours, theirs = f"layers.{i}.", f"model.layers.{i}."
         attn, mlp = theirs + "self_attn.", theirs + "mlp."
-        out.update({
-            ours + "attention_norm.weight": sd[theirs + "input_layernorm.weight"],
-            ours + "attention.wqkv.weight": torch.cat(
-                [sd[attn + "q_proj.weight"], sd[attn + "k_proj.weight"], sd[attn + "v_proj.weight"]]),
-            ours + "attention.wo.weight": sd[attn + "o_proj.weight"],
-            ours + "ffn_norm.weight": sd[theirs + "post_attention_layernorm.weight"],
-            ours + "feed_forward.w13.weight": torch.cat(
-                [sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"]]),
-            ours + "feed_forward.w2.weight": sd[mlp + "down_proj.weight"],
-        })
+        out.update(
+            {
+                ours + "attention_norm.weight": sd[theirs + "input_layernorm.weight"],
+                ours + "attention.wqkv.weight": torch.cat(
+                    [sd[attn + "q_proj.weight"], sd[attn + "k_proj.weight"], sd[attn + "v_proj.weight"]]
+                ),
+                ours + "attention.wo.weight": sd[attn + "o_proj.weight"],
+                ours + "ffn_norm.weight": sd[theirs + "post_attention_layernorm.weight"],
+                ours + "feed_forward.w13.weight": torch.cat([sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"]]),
+                ours + "feed_forward.w2.weight": sd[mlp + "down_proj.weight"],
+            }
+        )
     return out
 
 
-def to_hf_gpt2_state_dict(state_dict: dict[str, torch.Tensor],
-                          cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def to_hf_gpt2_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our `GPT2.state_dict()` → `GPT2LMHeadModel` names (`Conv1D` weights transposed)."""
     _check_gpt2(cfg)
     sd = state_dict
@@ -247,8 +249,14 @@ def to_hf_gpt2_state_dict(state_dict: dict[str, torch.Tensor],
         "transformer.ln_f.bias": sd["norm.bias"],
         "lm_head.weight": sd.get("output.weight", sd["tok_embeddings.weight"]),
     }
-    pairs = {"attention_norm": "ln_1", "ffn_norm": "ln_2", "attention.wqkv": "attn.c_attn",
-             "attention.wo": "attn.c_proj", "feed_forward.fc": "mlp.c_fc", "feed_forward.proj": "mlp.c_proj"}
+    pairs = {
+        "attention_norm": "ln_1",
+        "ffn_norm": "ln_2",
+        "attention.wqkv": "attn.c_attn",
+        "attention.wo": "attn.c_proj",
+        "feed_forward.fc": "mlp.c_fc",
+        "feed_forward.proj": "mlp.c_proj",
+    }
     for i in range(cfg.n_layers):
         for ours, theirs in pairs.items():
             weight = sd[f"layers.{i}.{ours}.weight"]
@@ -267,8 +275,7 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> d
     return to_hf_llama_state_dict(state_dict, cfg)
 
 
-def to_hf_llama(model: nn.Module, eos_id: int | None = None,
-                attn_implementation: str = "sdpa") -> LlamaForCausalLM:
+def to_hf_llama(model: nn.Module, eos_id: int | None = None, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
     """A `transformers.LlamaForCausalLM` holding a copy of `model`'s weights, on the same
     device and in the same dtype, in eval mode."""
     from transformers import LlamaForCausalLM
@@ -283,8 +290,7 @@ def to_hf_llama(model: nn.Module, eos_id: int | None = None,
     # Non-persistent buffers (rotary inv_freq) are not in a state dict.
     missing = [k for k in missing if "rotary_emb" not in k]
     if missing or unexpected:
-        raise RuntimeError(f"to_hf_llama: state-dict mismatch; missing {missing}, "
-                           f"unexpected {unexpected}")
+        raise RuntimeError(f"to_hf_llama: state-dict mismatch; missing {missing}, unexpected {unexpected}")
     if cfg.tie_embeddings:
         hf_model.tie_weights()
     return hf_model.eval()

@@ -55,10 +55,19 @@ def prompt_ids(loaded: LoadedModel, prompt: str, domain: str | None = None) -> l
     return ids or [tok.eod_id]
 
 
-def stream_tokens(loaded: LoadedModel, prompt: str | list[int], max_tokens: int = 100, temperature: float = 0.8,
-                  top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0,
-                  governance: GovernanceOptions | None = None, trace_records: list[dict] | None = None,
-                  last_policy: dict | None = None, token_ids: list[int] | None = None):
+def stream_tokens(
+    loaded: LoadedModel,
+    prompt: str | list[int],
+    max_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = 0.95,
+    seed: int = 0,
+    governance: GovernanceOptions | None = None,
+    trace_records: list[dict] | None = None,
+    last_policy: dict | None = None,
+    token_ids: list[int] | None = None,
+):
     """Yield the text of each new token after `prompt` (text, or the token ids to start from)
     as it is generated, in whole characters.
 
@@ -77,33 +86,49 @@ def stream_tokens(loaded: LoadedModel, prompt: str | list[int], max_tokens: int 
     guidance = None
     if governed:
         if cfg.arch != "llama":
-            raise ModelLoadError(f"{loaded.source}: governance features need a Llama-style model "
-                                 f"(this one is {cfg.arch})")
+            raise ModelLoadError(
+                f"{loaded.source}: governance features need a Llama-style model (this one is {cfg.arch})"
+            )
         if governance.policy_guidance > 0:
             if governance.domain is None:
                 raise ValueError("--policy-guidance needs --domain NAME (the domain to steer toward)")
-            guidance = Guidance(tok.domains.index(governance.domain), governance.policy_guidance,
-                                governance.guidance_top_k)
+            guidance = Guidance(
+                tok.domains.index(governance.domain), governance.policy_guidance, governance.guidance_top_k
+            )
     else:
-        ids = ids[-(cfg.max_seq_len - 1):]  # leave room for at least one new token
+        ids = ids[-(cfg.max_seq_len - 1) :]  # leave room for at least one new token
         max_tokens = min(max_tokens, cfg.max_seq_len - len(ids))
         if max_tokens <= 0:
             return
     gen = torch.Generator(device=loaded.device).manual_seed(seed)
     all_ids, new_ids, text = list(ids), token_ids if token_ids is not None else [], StopText(tok, [])
-    for step in sample_tokens(loaded.model, ids, max_tokens, temperature, top_k, top_p, gen, tok.eod_id,
-                              streaming=governed, guidance=guidance, trace=governed and governance.trace):
+    for step in sample_tokens(
+        loaded.model,
+        ids,
+        max_tokens,
+        temperature,
+        top_k,
+        top_p,
+        gen,
+        tok.eod_id,
+        streaming=governed,
+        guidance=guidance,
+        trace=governed and governance.trace,
+    ):
         if step.token == tok.eod_id:
             break
         all_ids.append(step.token)
         if last_policy is not None and step.policy is not None:
             last_policy.update(zip(tok.domains, step.policy))
         if trace_records is not None and governed:
-            record = {"token": step.token, "text": tok.decode([step.token]), "prob": round(step.prob, 6),
-                      "entropy": round(step.entropy, 6),
-                      "top_sources": [[p, tok.decode([all_ids[p]]), round(w, 6)] for p, w in step.sources or []],
-                      "policy": {} if step.policy is None else
-                      {d: round(p, 6) for d, p in zip(tok.domains, step.policy)}}
+            record = {
+                "token": step.token,
+                "text": tok.decode([step.token]),
+                "prob": round(step.prob, 6),
+                "entropy": round(step.entropy, 6),
+                "top_sources": [[p, tok.decode([all_ids[p]]), round(w, 6)] for p, w in step.sources or []],
+                "policy": {} if step.policy is None else {d: round(p, 6) for d, p in zip(tok.domains, step.policy)},
+            }
             if step.memory_weight is not None:
                 record["memory"] = round(step.memory_weight, 6)
             trace_records.append(record)
@@ -113,14 +138,24 @@ def stream_tokens(loaded: LoadedModel, prompt: str | list[int], max_tokens: int 
             yield piece
 
 
-def sample_with_domain(loaded: LoadedModel, options: GovernanceOptions, prompt: str = "", max_tokens: int = 48,
-                       temperature: float = 0.8, top_k: int | None = 50, seed: int = 0) -> str:
+def sample_with_domain(
+    loaded: LoadedModel,
+    options: GovernanceOptions,
+    prompt: str = "",
+    max_tokens: int = 48,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    seed: int = 0,
+) -> str:
     """The continuation (without the prompt) generated from `<|domain:NAME|>` + prompt:
     governed for a Llama-style model (policy guidance possible); the GPT-2 baseline, which has
     no governance, generates plainly from the same ids."""
     governance = options if loaded.config.model.arch == "llama" else None
-    return "".join(stream_tokens(loaded, prompt_ids(loaded, prompt, options.domain), max_tokens, temperature,
-                                 top_k, None, seed, governance))
+    return "".join(
+        stream_tokens(
+            loaded, prompt_ids(loaded, prompt, options.domain), max_tokens, temperature, top_k, None, seed, governance
+        )
+    )
 
 
 def sample_text(loaded: LoadedModel, prompt: str, max_tokens: int = 100, **kw) -> str:
@@ -132,16 +167,39 @@ class Generation:
     is made; when the text ends the traces are written and the model is closed, and
     `summary()` gives the closing lines (speed, the policy head's reading, where the traces are)."""
 
-    def __init__(self, model_path: Path, prompt: str, max_tokens: int, temperature: float, top_k: int | None,
-                 top_p: float | None, seed: int, device: str = "auto", domain: str | None = None,
-                 policy_guidance: float = 0.0, guidance_top_k: int = 8, trace: Path | None = None,
-                 trace_html: Path | None = None, stream_past_context: bool = False):
+    def __init__(
+        self,
+        model_path: Path,
+        prompt: str,
+        max_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        seed: int,
+        device: str = "auto",
+        domain: str | None = None,
+        policy_guidance: float = 0.0,
+        guidance_top_k: int = 8,
+        trace: Path | None = None,
+        trace_html: Path | None = None,
+        stream_past_context: bool = False,
+    ):
         self.loaded = load_model(model_path, device=device)
         self.prompt, self.domain, self.trace, self.trace_html = prompt, domain, trace, trace_html
-        self.options = GovernanceOptions(domain=domain, policy_guidance=policy_guidance, guidance_top_k=guidance_top_k,
-                                         trace=trace is not None or trace_html is not None, stream=stream_past_context)
-        self.sampling = dict(max_tokens=max_tokens, temperature=temperature, seed=seed,
-                             top_k=top_k if top_k and top_k > 0 else None, top_p=top_p if top_p and top_p < 1 else None)
+        self.options = GovernanceOptions(
+            domain=domain,
+            policy_guidance=policy_guidance,
+            guidance_top_k=guidance_top_k,
+            trace=trace is not None or trace_html is not None,
+            stream=stream_past_context,
+        )
+        self.sampling = dict(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+            top_k=top_k if top_k and top_k > 0 else None,
+            top_p=top_p if top_p and top_p < 1 else None,
+        )
         self.records: list[dict] | None = [] if self.options.trace else None
         self.policy: dict[str, float] = {}
         self.token_ids: list[int] = []
@@ -149,8 +207,15 @@ class Generation:
 
     def __iter__(self) -> Iterator[str]:
         t0 = time.perf_counter()
-        yield from stream_tokens(self.loaded, self.prompt, governance=self.options, trace_records=self.records,
-                                 last_policy=self.policy, token_ids=self.token_ids, **self.sampling)
+        yield from stream_tokens(
+            self.loaded,
+            self.prompt,
+            governance=self.options,
+            trace_records=self.records,
+            last_policy=self.policy,
+            token_ids=self.token_ids,
+            **self.sampling,
+        )
         self.seconds = time.perf_counter() - t0
         if self.records is not None:
             write_trace(self.loaded, self.prompt, self.domain, self.records, self.trace, self.trace_html)
@@ -169,8 +234,14 @@ class Generation:
         return lines
 
 
-def write_trace(loaded: LoadedModel, prompt: str, domain: str | None, records: list[dict],
-                jsonl_path: Path | None, html_path: Path | None) -> None:
+def write_trace(
+    loaded: LoadedModel,
+    prompt: str,
+    domain: str | None,
+    records: list[dict],
+    jsonl_path: Path | None,
+    html_path: Path | None,
+) -> None:
     """Write the trace records as JSONL (one object per generated token) and/or HTML."""
     if jsonl_path is not None:
         jsonl_path = Path(jsonl_path)

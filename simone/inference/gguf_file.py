@@ -75,8 +75,9 @@ def rope_pairs_to_neighbours(weight: torch.Tensor, n_heads: int) -> torch.Tensor
     return weight.reshape(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def llama_gguf_tensors(hf: dict[str, torch.Tensor], n_layers: int, n_heads: int,
-                       n_kv_heads: int) -> dict[str, torch.Tensor]:
+def llama_gguf_tensors(
+    hf: dict[str, torch.Tensor], n_layers: int, n_heads: int, n_kv_heads: int
+) -> dict[str, torch.Tensor]:
     """`LlamaForCausalLM` names → llama.cpp's, q and k rows reordered for its RoPE. A tied
     output matrix is left out: llama.cpp falls back to token_embd when `output` is absent."""
     out = {"token_embd.weight": hf["model.embed_tokens.weight"], "output_norm.weight": hf["model.norm.weight"]}
@@ -84,30 +85,40 @@ def llama_gguf_tensors(hf: dict[str, torch.Tensor], n_layers: int, n_heads: int,
         out["output.weight"] = hf["lm_head.weight"]
     for i in range(n_layers):
         src, dst = f"model.layers.{i}.", f"blk.{i}."
-        out.update({
-            dst + "attn_norm.weight": hf[src + "input_layernorm.weight"],
-            dst + "attn_q.weight": rope_pairs_to_neighbours(hf[src + "self_attn.q_proj.weight"], n_heads),
-            dst + "attn_k.weight": rope_pairs_to_neighbours(hf[src + "self_attn.k_proj.weight"], n_kv_heads),
-            dst + "attn_v.weight": hf[src + "self_attn.v_proj.weight"],
-            dst + "attn_output.weight": hf[src + "self_attn.o_proj.weight"],
-            dst + "ffn_norm.weight": hf[src + "post_attention_layernorm.weight"],
-            dst + "ffn_gate.weight": hf[src + "mlp.gate_proj.weight"],
-            dst + "ffn_up.weight": hf[src + "mlp.up_proj.weight"],
-            dst + "ffn_down.weight": hf[src + "mlp.down_proj.weight"],
-        })
+        out.update(
+            {
+                dst + "attn_norm.weight": hf[src + "input_layernorm.weight"],
+                dst + "attn_q.weight": rope_pairs_to_neighbours(hf[src + "self_attn.q_proj.weight"], n_heads),
+                dst + "attn_k.weight": rope_pairs_to_neighbours(hf[src + "self_attn.k_proj.weight"], n_kv_heads),
+                dst + "attn_v.weight": hf[src + "self_attn.v_proj.weight"],
+                dst + "attn_output.weight": hf[src + "self_attn.o_proj.weight"],
+                dst + "ffn_norm.weight": hf[src + "post_attention_layernorm.weight"],
+                dst + "ffn_gate.weight": hf[src + "mlp.gate_proj.weight"],
+                dst + "ffn_up.weight": hf[src + "mlp.up_proj.weight"],
+                dst + "ffn_down.weight": hf[src + "mlp.down_proj.weight"],
+            }
+        )
     return out
 
 
 def gpt2_gguf_tensors(hf: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
     """`GPT2LMHeadModel` names → llama.cpp's "gpt2" names, `Conv1D` weights transposed back."""
-    out = {"token_embd.weight": hf["transformer.wte.weight"],
-           "position_embd.weight": hf["transformer.wpe.weight"],
-           "output_norm.weight": hf["transformer.ln_f.weight"],
-           "output_norm.bias": hf["transformer.ln_f.bias"]}
+    out = {
+        "token_embd.weight": hf["transformer.wte.weight"],
+        "position_embd.weight": hf["transformer.wpe.weight"],
+        "output_norm.weight": hf["transformer.ln_f.weight"],
+        "output_norm.bias": hf["transformer.ln_f.bias"],
+    }
     if "lm_head.weight" in hf:
         out["output.weight"] = hf["lm_head.weight"]
-    parts = {"ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
-             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    parts = {
+        "ln_1": "attn_norm",
+        "ln_2": "ffn_norm",
+        "attn.c_attn": "attn_qkv",
+        "attn.c_proj": "attn_output",
+        "mlp.c_fc": "ffn_up",
+        "mlp.c_proj": "ffn_down",
+    }
     for i in range(n_layers):
         for theirs, name in parts.items():
             src, dst = f"transformer.h.{i}.{theirs}.", f"blk.{i}.{name}."
@@ -180,8 +191,15 @@ def gguf_vocab(tokenizer_json: dict[str, Any], vocab_size: int) -> tuple[list[st
 # ----------------------------------------------------------------------------- file
 
 
-def write_gguf(model: torch.nn.Module, cfg: Config, tokenizer_file: Path, eod_id: int, out_path: Path,
-               name: str, dtype: str = "f32") -> Path:
+def write_gguf(
+    model: torch.nn.Module,
+    cfg: Config,
+    tokenizer_file: Path,
+    eod_id: int,
+    out_path: Path,
+    name: str,
+    dtype: str = "f32",
+) -> Path:
     """Write `model` and its tokenizer as one GGUF file `out_path` (replaced if there; written
     to a temporary file beside it first, so a failed export leaves nothing half-written)."""
     import gguf
@@ -193,8 +211,7 @@ def write_gguf(model: torch.nn.Module, cfg: Config, tokenizer_file: Path, eod_id
         raise ExportError(f"{out_path}: is a folder; give a file name ending in .gguf")
     m = cfg.model
     tensors = gguf_tensors(model)  # refuses what llama.cpp cannot hold, before writing anything
-    tokens, types, merges = gguf_vocab(json.loads(Path(tokenizer_file).read_text(encoding="utf-8")),
-                                       m.vocab_size)
+    tokens, types, merges = gguf_vocab(json.loads(Path(tokenizer_file).read_text(encoding="utf-8")), m.vocab_size)
     arch = "gpt2" if m.arch == "gpt2" else "llama"
     with atomic_output(out_path) as tmp:  # umask's mode; nothing half-written is ever left
         writer = gguf.GGUFWriter(tmp, arch)
@@ -249,23 +266,27 @@ def check_gguf_out(out_path: Path, model_path: Path, force: bool = False) -> Non
     # link and leaves the file it points to as it was, which is never what the user meant.
     # Refused rather than followed: following it would write wherever the link leads.
     if out_path.is_symlink():
-        raise ExportError(f"{out_path}: is a symlink; writing would replace the link, not its target: "
-                          f"give the target's own path, or remove the link")
+        raise ExportError(
+            f"{out_path}: is a symlink; writing would replace the link, not its target: "
+            f"give the target's own path, or remove the link"
+        )
     refuse_writing_over_the_input(out_path, model_path)
     if out_path.exists() and not force:
         raise ExportError(f"{out_path}: already exists; pass --force to replace it, or choose another name")
 
 
-def export_gguf(model_path: Path, out_path: Path, dtype: str = "f32", name: str | None = None,
-                force: bool = False) -> Path:
+def export_gguf(
+    model_path: Path, out_path: Path, dtype: str = "f32", name: str | None = None, force: bool = False
+) -> Path:
     """`simone export --format gguf`: the model at `model_path` (run dir, checkpoint dir or
     .tar.gz) as one GGUF file `out_path`, matrices in `dtype` (f32, f16, bf16 or q8_0). An
     existing `out_path` is replaced only with `force`; see `check_gguf_out`."""
     check_gguf_out(Path(out_path), Path(model_path), force)  # before the model is read: fail fast
     loaded = load_model(Path(model_path), device="cpu")
     name = name or Path(model_path).resolve().name.removesuffix(".tar.gz")
-    return write_gguf(loaded.model, loaded.config, loaded.files["tokenizer"], loaded.tokenizer.eod_id,
-                      out_path, name, dtype)
+    return write_gguf(
+        loaded.model, loaded.config, loaded.files["tokenizer"], loaded.tokenizer.eod_id, out_path, name, dtype
+    )
 
 
 # ----------------------------------------------------------------------------- running it in llama.cpp
@@ -309,15 +330,23 @@ def gguf_vocab_size(path: Path) -> int:
     return len(field.data)  # one entry per array element
 
 
-def open_in_llama_cpp(path: Path, n_ctx: int, logits_all: bool = False, threads: int | None = None,
-                      gpu: bool = False) -> Any:
+def open_in_llama_cpp(
+    path: Path, n_ctx: int, logits_all: bool = False, threads: int | None = None, gpu: bool = False
+) -> Any:
     """A `llama_cpp.Llama` over the GGUF file (quiet; `gpu` offloads every layer when llama.cpp
     was built with a GPU backend)."""
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all,
-                 n_threads=threads, n_threads_batch=threads, n_gpu_layers=-1 if gpu else 0,
-                 verbose=False)
+    return Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        logits_all=logits_all,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_gpu_layers=-1 if gpu else 0,
+        verbose=False,
+    )
 
 
 def llama_cpp_greedy(llm: Any, prompt_ids: list[int], n_new: int) -> list[int]:

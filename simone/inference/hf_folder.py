@@ -29,8 +29,14 @@ from simone.config import Config
 from simone.inference.export import ExportError, hf_config_dict, refuse_writing_over_the_input, to_hf_state_dict
 from simone.inference.load import load_model
 
-FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-         "generation_config.json", "README.md")
+FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "README.md",
+)
 # the defaults of `simone generate`, so both sample alike out of the box
 GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95}
 
@@ -58,8 +64,13 @@ def tokenizer_config(eod_token: str, max_len: int) -> dict[str, Any]:
 
 
 def generation_config(eod_id: int, max_len: int) -> dict[str, Any]:
-    return {"bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": eod_id,
-            "max_length": max_len, **GENERATION_DEFAULTS}
+    return {
+        "bos_token_id": eod_id,
+        "eos_token_id": eod_id,
+        "pad_token_id": eod_id,
+        "max_length": max_len,
+        **GENERATION_DEFAULTS,
+    }
 
 
 def hf_model_card(cfg: Config, name: str, domains: list[str], eod_token: str) -> str:
@@ -70,33 +81,52 @@ def hf_model_card(cfg: Config, name: str, domains: list[str], eod_token: str) ->
     tags = ["simone-mvlm", "gpt2" if m.arch == "gpt2" else "llama", "small-language-model"]
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:"]
     lines += [f"- {t}" for t in tags]
-    lines += ["---", "", f"# {name}", "",
-              f"A small language model trained from scratch with SIM-ONE MVLM, exported as `{hf_class}`.",
-              "", "| | |", "|---|---|",
-              f"| architecture | {arch} |",
-              f"| layers × width × heads | {m.n_layers} × {m.dim} × {m.n_heads} |",
-              f"| context length | {m.max_seq_len} |",
-              f"| vocabulary | {m.vocab_size} (byte-level BPE) |",
-              f"| domains | {', '.join(domains) or 'none'} |",
-              "", "## Use", "```python",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "tok = AutoTokenizer.from_pretrained(PATH)",
-              "model = AutoModelForCausalLM.from_pretrained(PATH)",
-              'ids = tok("In the beginning", return_tensors="pt").input_ids',
-              "print(tok.decode(model.generate(ids, max_new_tokens=50)[0]))", "```", "",
-              f"`{eod_token}` ends a document (it is the bos, eos and pad token). "
-              "Special-token strings in the input become their ids: a prompt that starts with "
-              f"`{eod_token}<|domain:NAME|>` steers toward that domain, as `simone generate --domain NAME` does.",
-              ""]
+    lines += [
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"A small language model trained from scratch with SIM-ONE MVLM, exported as `{hf_class}`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| architecture | {arch} |",
+        f"| layers × width × heads | {m.n_layers} × {m.dim} × {m.n_heads} |",
+        f"| context length | {m.max_seq_len} |",
+        f"| vocabulary | {m.vocab_size} (byte-level BPE) |",
+        f"| domains | {', '.join(domains) or 'none'} |",
+        "",
+        "## Use",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "tok = AutoTokenizer.from_pretrained(PATH)",
+        "model = AutoModelForCausalLM.from_pretrained(PATH)",
+        'ids = tok("In the beginning", return_tensors="pt").input_ids',
+        "print(tok.decode(model.generate(ids, max_new_tokens=50)[0]))",
+        "```",
+        "",
+        f"`{eod_token}` ends a document (it is the bos, eos and pad token). "
+        "Special-token strings in the input become their ids: a prompt that starts with "
+        f"`{eod_token}<|domain:NAME|>` steers toward that domain, as `simone generate --domain NAME` does.",
+        "",
+    ]
     if m.governance:
-        lines += ["## Governance", "",
-                  "This model was trained with SIM-ONE governance. Only its language model is exported: "
-                  "the policy head (domain prediction, policy-guided reranking) and the attention trace "
-                  "run in `simone` only (`simone generate --model PACKAGE --trace …`). "
-                  "The exported logits are exactly the model's.", ""]
-    lines += ["## Limits", "",
-              "A small model trained on a small corpus: it imitates the style of its training text and "
-              "states no reliable facts. Do not use it for anything that needs to be true.", ""]
+        lines += [
+            "## Governance",
+            "",
+            "This model was trained with SIM-ONE governance. Only its language model is exported: "
+            "the policy head (domain prediction, policy-guided reranking) and the attention trace "
+            "run in `simone` only (`simone generate --model PACKAGE --trace …`). "
+            "The exported logits are exactly the model's.",
+            "",
+        ]
+    lines += [
+        "## Limits",
+        "",
+        "A small model trained on a small corpus: it imitates the style of its training text and "
+        "states no reliable facts. Do not use it for anything that needs to be true.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -110,15 +140,26 @@ def check_out_folder(out_dir: Path, force: bool = False) -> None:
     present = sorted(p.name for p in out_dir.iterdir())
     if present and not force:
         shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
-        raise ExportError(f"{out_dir}: not empty ({shown}); choose a new folder, or pass --force "
-                          f"to replace the export's files there ({', '.join(FILES)})")
+        raise ExportError(
+            f"{out_dir}: not empty ({shown}); choose a new folder, or pass --force "
+            f"to replace the export's files there ({', '.join(FILES)})"
+        )
     folders = [f for f in FILES if (out_dir / f).is_dir() and not (out_dir / f).is_symlink()]
     if folders:
         raise ExportError(f"{out_dir / folders[0]}: is a folder, where the export writes a file; move it away")
 
 
-def write_hf_folder(model: torch.nn.Module, cfg: Config, tokenizer_file: Path, eod_token: str, eod_id: int,
-                    domains: list[str], out_dir: Path, name: str, force: bool = False) -> Path:
+def write_hf_folder(
+    model: torch.nn.Module,
+    cfg: Config,
+    tokenizer_file: Path,
+    eod_token: str,
+    eod_id: int,
+    domains: list[str],
+    out_dir: Path,
+    name: str,
+    force: bool = False,
+) -> Path:
     """Write the six files of a Hugging Face folder into `out_dir` (created). A folder that
     holds anything is refused unless `force`; then the six files are replaced and anything
     else there is left as it is. Returns `out_dir`."""
@@ -133,9 +174,11 @@ def write_hf_folder(model: torch.nn.Module, cfg: Config, tokenizer_file: Path, e
         stage = Path(tmp)
         save_file(weights, str(stage / "model.safetensors"), metadata={"format": "pt"})
         shutil.copyfile(tokenizer_file, stage / "tokenizer.json")
-        for file, content in (("config.json", hf_config_dict(m, eod_id)),
-                              ("tokenizer_config.json", tokenizer_config(eod_token, m.max_seq_len)),
-                              ("generation_config.json", generation_config(eod_id, m.max_seq_len))):
+        for file, content in (
+            ("config.json", hf_config_dict(m, eod_id)),
+            ("tokenizer_config.json", tokenizer_config(eod_token, m.max_seq_len)),
+            ("generation_config.json", generation_config(eod_id, m.max_seq_len)),
+        ):
             (stage / file).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
         (stage / "README.md").write_text(hf_model_card(cfg, name, domains, eod_token), encoding="utf-8")
         # safetensors writes its file 0600 whatever the umask: give it the mode the umask gave
@@ -156,5 +199,14 @@ def export_hf(model_path: Path, out_dir: Path, name: str | None = None, force: b
     loaded = load_model(Path(model_path), device="cpu")
     tok = loaded.tokenizer
     name = name or Path(model_path).resolve().name.removesuffix(".tar.gz")
-    return write_hf_folder(loaded.model, loaded.config, loaded.files["tokenizer"], tok.eod_token, tok.eod_id,
-                           tok.domains, out_dir, name, force)
+    return write_hf_folder(
+        loaded.model,
+        loaded.config,
+        loaded.files["tokenizer"],
+        tok.eod_token,
+        tok.eod_id,
+        tok.domains,
+        out_dir,
+        name,
+        force,
+    )

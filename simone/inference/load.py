@@ -47,15 +47,16 @@ class LoadedModel:
     unpacked: Path | None = None  # the temporary folder a package was extracted into
 
     def __post_init__(self) -> None:
-        self._cleanup = (weakref.finalize(self, shutil.rmtree, str(self.unpacked), True)
-                         if self.unpacked is not None else None)
+        self._cleanup = (
+            weakref.finalize(self, shutil.rmtree, str(self.unpacked), True) if self.unpacked is not None else None
+        )
 
     def close(self) -> None:
         """Remove the extracted package folder (the model itself stays usable)."""
         if self._cleanup is not None:
             self._cleanup()
 
-    def __enter__(self) -> "LoadedModel":
+    def __enter__(self) -> LoadedModel:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -63,8 +64,14 @@ class LoadedModel:
 
 
 # What a package may hold (see simone/inference/package.py); anything else in the archive is skipped.
-PACKAGE_FILES = ("model.safetensors", "config.json", "tokenizer.json", "training_summary.json",
-                 "README.md", "MANIFEST.json")
+PACKAGE_FILES = (
+    "model.safetensors",
+    "config.json",
+    "tokenizer.json",
+    "training_summary.json",
+    "README.md",
+    "MANIFEST.json",
+)
 MAX_PACKAGE_MEMBERS = 64
 MAX_PACKAGE_FILE_BYTES = 256 << 20  # each file but the weights
 MAX_PACKAGE_WEIGHTS_BYTES = 256 << 30
@@ -112,14 +119,17 @@ def _extract_members(path: Path, dest: Path) -> None:
                 if member.isdir():
                     continue
                 if not member.isfile():
-                    raise ModelLoadError(f"{path}: member {member.name!r} is not a regular file "
-                                         f"(links and devices are refused)")
+                    raise ModelLoadError(
+                        f"{path}: member {member.name!r} is not a regular file (links and devices are refused)"
+                    )
                 name = parts[-1]
                 # capped even when skipped: skipping a member still decompresses it
                 cap = MAX_PACKAGE_WEIGHTS_BYTES if name == "model.safetensors" else MAX_PACKAGE_FILE_BYTES
                 if member.size > cap:
-                    raise ModelLoadError(f"{path}: member {member.name!r} declares {member.size:,} bytes, "
-                                         f"more than the {cap:,} a package file may have")
+                    raise ModelLoadError(
+                        f"{path}: member {member.name!r} declares {member.size:,} bytes, "
+                        f"more than the {cap:,} a package file may have"
+                    )
                 total += member.size
                 if total > MAX_PACKAGE_BYTES:
                     raise ModelLoadError(f"{path}: members declare more than {MAX_PACKAGE_BYTES:,} bytes in all")
@@ -129,8 +139,9 @@ def _extract_members(path: Path, dest: Path) -> None:
                     raise ModelLoadError(f"{path}: member {name!r} appears twice")
                 free = shutil.disk_usage(dest).free
                 if member.size > free:
-                    raise ModelLoadError(f"{path}: member {member.name!r} needs {member.size:,} bytes, "
-                                         f"{free:,} free under {dest.parent}")
+                    raise ModelLoadError(
+                        f"{path}: member {member.name!r} needs {member.size:,} bytes, {free:,} free under {dest.parent}"
+                    )
                 source = tar.extractfile(member)
                 if source is None:  # checked above to be a regular file; never None then
                     raise ModelLoadError(f"{path}: member {member.name!r} cannot be read")
@@ -154,14 +165,24 @@ def locate_artifacts(path: Path, in_package: bool = False) -> dict[str, Path]:
         try:
             ckpt = resolve_checkpoint(path, ("best", "latest"))
         except CheckpointError:
-            raise ModelLoadError(f"{path}: run directory has no usable checkpoint (checkpoints/best or latest)") from None
-        files = {"weights": ckpt / "model.safetensors", "config": ckpt / "config.json",
-                 "tokenizer": path / "tokenizer" / "tokenizer.json", "checkpoint": ckpt}
+            raise ModelLoadError(
+                f"{path}: run directory has no usable checkpoint (checkpoints/best or latest)"
+            ) from None
+        files = {
+            "weights": ckpt / "model.safetensors",
+            "config": ckpt / "config.json",
+            "tokenizer": path / "tokenizer" / "tokenizer.json",
+            "checkpoint": ckpt,
+        }
         if not files["config"].exists():
             files["config"] = path / "config.json"
     else:  # a checkpoint dir or an unpacked package
-        files = {"weights": path / "model.safetensors", "config": path / "config.json",
-                 "tokenizer": path / "tokenizer.json", "checkpoint": path}
+        files = {
+            "weights": path / "model.safetensors",
+            "config": path / "config.json",
+            "tokenizer": path / "tokenizer.json",
+            "checkpoint": path,
+        }
         # checkpoints/step_N inside a run: the run's tokenizer (never for a package)
         if not in_package and not files["tokenizer"].exists() and path.parent.name == "checkpoints":
             files["tokenizer"] = path.parent.parent / "tokenizer" / "tokenizer.json"
@@ -200,24 +221,36 @@ def _load(path: Path, unpacked: Path | None, device: str) -> LoadedModel:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ModelLoadError(
             f"{files['tokenizer']}: tokenizer has {tokenizer.vocab_size} tokens but the model's "
-            f"vocab_size is {cfg.model.vocab_size}")
+            f"vocab_size is {cfg.model.vocab_size}"
+        )
     model = build_model(cfg.model)
     try:
         missing, unexpected = load_safetensors(model, str(files["weights"]), strict=False)
     except (SafetensorError, RuntimeError, OSError) as e:
         raise ModelLoadError(f"{files['weights']}: weights do not fit the config ({e})") from e
     if missing or unexpected:
-        raise ModelLoadError(f"{files['weights']}: weights do not fit the config "
-                             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        raise ModelLoadError(
+            f"{files['weights']}: weights do not fit the config "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
     dev = pick_device(device)
     model.to(dev).eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, source=path,
-                       weights=files["weights"], files=files, device=dev, unpacked=unpacked)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        config=cfg,
+        source=path,
+        weights=files["weights"],
+        files=files,
+        device=dev,
+        unpacked=unpacked,
+    )
 
 
 def validate_checkpoint(path: str | Path) -> Config:
     """A checkpoint (or unpacked package) from elsewhere, checked before use (`verify_checkpoint`
     against the model its config describes, built on the `meta` device); returns its Config."""
+
     def on_meta(cfg: Config) -> torch.nn.Module:
         with torch.device("meta"):
             return build_model(cfg.model)

@@ -76,16 +76,18 @@ def run_job(loaded: LoadedModel, job: Job) -> Iterator[Piece | Finished]:
             yield from generate_choice(loaded, p * job.n + j, ids, s, generator, job.cancelled)
 
 
-def generate_choice(loaded: LoadedModel, index: int, ids: list[int], s: Sampling,
-                    generator: torch.Generator, cancelled: threading.Event) -> Iterator[Piece | Finished]:
+def generate_choice(
+    loaded: LoadedModel, index: int, ids: list[int], s: Sampling, generator: torch.Generator, cancelled: threading.Event
+) -> Iterator[Piece | Finished]:
     """One choice: its text as it is released (with the tokens behind it), then how it ended.
     Stops early, without a Finished event, once `cancelled` is set."""
     tok = loaded.tokenizer
     text = StopText(tok, s.stop, s.strip)
     pending: list[Step] = []  # steps whose text has not been released yet
     reason, n_tokens = "length", 0
-    for step in sample_tokens(loaded.model, ids, s.max_tokens, s.temperature, s.top_k, s.top_p,
-                              generator, n_top=s.n_top_logprobs):
+    for step in sample_tokens(
+        loaded.model, ids, s.max_tokens, s.temperature, s.top_k, s.top_p, generator, n_top=s.n_top_logprobs
+    ):
         if cancelled.is_set():
             return
         n_tokens += 1
@@ -99,7 +101,7 @@ def generate_choice(loaded: LoadedModel, index: int, ids: list[int], s: Sampling
             break
         if delta:
             ready = [st for st in pending if st.offset < text.released]
-            pending = pending[len(ready):]
+            pending = pending[len(ready) :]
             yield Piece(index, delta, ready)
     delta = text.finish()
     end = len(text.text) if text.stop_at is None else text.stop_at
@@ -158,7 +160,7 @@ class ModelWorker:
                         break
                     job.deliver(event)
                 job.deliver(_DONE)
-            except Exception as e:  # noqa: BLE001 — the request fails, the server carries on
+            except Exception as e:
                 job.deliver(e)
 
 
@@ -171,4 +173,3 @@ async def job_events(events: asyncio.Queue, job: Job) -> AsyncIterator[Piece | F
             yield item
     finally:
         job.cancelled.set()  # a client that went away stops the job at its next token
-

@@ -60,16 +60,23 @@ CHAT_STOP = ["\nUser:", "\nSystem:", "\nAssistant:"]
 class APIError(Exception):
     """A request the server refuses; becomes an OpenAI-style JSON error."""
 
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, type_: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
         self.headers = headers
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -81,12 +88,24 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
 # reading it reaches the model instead of stopping at the first 400.
 STRINGS = {"type": "array", "items": {"type": "string"}}
 TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
-PROMPT_SCHEMA = {"anyOf": [{"type": "string"}, {**STRINGS, "minItems": 1}, TOKEN_IDS,
-                           {"type": "array", "items": TOKEN_IDS, "minItems": 1}]}
+PROMPT_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {**STRINGS, "minItems": 1},
+        TOKEN_IDS,
+        {"type": "array", "items": TOKEN_IDS, "minItems": 1},
+    ]
+}
 STOP_SCHEMA = {"anyOf": [{"type": "string"}, {**STRINGS, "maxItems": MAX_STOP}, {"type": "null"}]}
-MESSAGES_SCHEMA = {"type": "array", "minItems": 1, "items": {
-    "type": "object", "required": ["role", "content"],
-    "properties": {"role": {"enum": list(CHAT_ROLES)}, "content": {"type": "string"}}}}
+MESSAGES_SCHEMA = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "type": "object",
+        "required": ["role", "content"],
+        "properties": {"role": {"enum": list(CHAT_ROLES)}, "content": {"type": "string"}},
+    },
+}
 
 
 class StreamOptions(BaseModel):
@@ -172,9 +191,13 @@ def _check_length_before_tokenizing(loaded: LoadedModel, text: str, longest_toke
     would otherwise cost its whole tokenization before the 400)."""
     limit = loaded.config.model.max_seq_len
     if len(text) > (limit - 1) * longest_token:
-        raise APIError(400, f"{param}: {len(text)} characters are at least {-(-len(text) // longest_token)} "
-                            f"tokens, but the model's context window is {limit} tokens",
-                       param=param, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"{param}: {len(text)} characters are at least {-(-len(text) // longest_token)} "
+            f"tokens, but the model's context window is {limit} tokens",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 def _prompt_ids(loaded: LoadedModel, prompt: Any, longest_token: int) -> list[list[int]]:
@@ -229,8 +252,7 @@ def _chat_messages(messages: Any) -> list[dict[str, str]]:
             texts = []
             for j, part in enumerate(content):
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise _bad(f"{where}.content[{j}]", "only text parts ({\"type\": \"text\", \"text\": ...}) "
-                                                        "are supported")
+                    raise _bad(f"{where}.content[{j}]", 'only text parts ({"type": "text", "text": ...}) are supported')
                 texts.append(part["text"])
             content = "".join(texts)
         if not isinstance(content, str):
@@ -245,26 +267,39 @@ def render_chat(messages: list[dict[str, str]]) -> str:
     return "\n\n".join(blocks + ["Assistant:"])
 
 
-def _check_context(loaded: LoadedModel, prompts: list[list[int]], max_tokens: int | None,
-                   prompt_param: str, max_tokens_param: str = "max_tokens") -> int:
+def _check_context(
+    loaded: LoadedModel,
+    prompts: list[list[int]],
+    max_tokens: int | None,
+    prompt_param: str,
+    max_tokens_param: str = "max_tokens",
+) -> int:
     """max_tokens if every prompt leaves room for it (None: what the longest leaves)."""
     limit = loaded.config.model.max_seq_len
     longest = max(len(p) for p in prompts)
     if longest >= limit:
-        raise APIError(400, f"{prompt_param}: {longest} tokens, but the model's context window is {limit} "
-                            f"tokens and at least one must be left for the completion",
-                       param=prompt_param, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"{prompt_param}: {longest} tokens, but the model's context window is {limit} "
+            f"tokens and at least one must be left for the completion",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
     if max_tokens is None:
         return limit - longest
     if longest + max_tokens > limit:
-        raise APIError(400, f"{max_tokens_param}: {longest} prompt tokens + {max_tokens} completion tokens "
-                            f"exceed the model's context window of {limit} tokens; ask for at most "
-                            f"{limit - longest}", param=max_tokens_param, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"{max_tokens_param}: {longest} prompt tokens + {max_tokens} completion tokens "
+            f"exceed the model's context window of {limit} tokens; ask for at most "
+            f"{limit - longest}",
+            param=max_tokens_param,
+            code="context_length_exceeded",
+        )
     return max_tokens
 
 
-def _check_work(prompts: list[list[int]], n: int, max_tokens: int, param: str, asked: bool,
-                limit: int) -> int:
+def _check_work(prompts: list[list[int]], n: int, max_tokens: int, param: str, asked: bool, limit: int) -> int:
     """max_tokens if the request's work, every prompt's n choices each of (prompt +
     max_tokens) tokens, stays within `limit`; without an asked max_tokens (chat), as many
     as the limit leaves."""
@@ -275,31 +310,56 @@ def _check_work(prompts: list[list[int]], n: int, max_tokens: int, param: str, a
     max_tokens = max(max_tokens, 1)
     work = prompt_tokens + choices * max_tokens
     if work > limit:
-        raise APIError(400, f"{param}: {len(prompts)} prompt(s) × n={n} × (prompt + {max_tokens} completion "
-                            f"tokens) come to {work} tokens, over this server's limit of {limit} a request "
-                            f"(--max-request-tokens); ask for fewer", param=param, code="request_too_large")
+        raise APIError(
+            400,
+            f"{param}: {len(prompts)} prompt(s) × n={n} × (prompt + {max_tokens} completion "
+            f"tokens) come to {work} tokens, over this server's limit of {limit} a request "
+            f"(--max-request-tokens); ask for fewer",
+            param=param,
+            code="request_too_large",
+        )
     return max_tokens
 
 
-def _job(req: SamplingRequest, prompts: list[list[int]], max_tokens: int, stop: list[str], n_top: int | None,
-         strip: bool = False) -> Job:
+def _job(
+    req: SamplingRequest,
+    prompts: list[list[int]],
+    max_tokens: int,
+    stop: list[str],
+    n_top: int | None,
+    strip: bool = False,
+) -> Job:
     """The request's job: its prompts, how to sample them, and its seed (drawn when not given)."""
     temperature = 1.0 if req.temperature is None else req.temperature
     top_p = 1.0 if req.top_p is None else req.top_p
     if top_p == 0.0:  # only the most likely token is left
         temperature = 0.0
-    sampling = Sampling(max_tokens=max_tokens, temperature=temperature,
-                        top_p=top_p if top_p < 1.0 else None, top_k=req.top_k or None,
-                        stop=stop, n_top_logprobs=n_top, strip=strip)
+    sampling = Sampling(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p if top_p < 1.0 else None,
+        top_k=req.top_k or None,
+        stop=stop,
+        n_top_logprobs=n_top,
+        strip=strip,
+    )
     seed = req.seed if req.seed is not None else secrets.randbits(63)
     return Job(prompts=prompts, n=req.n or 1, sampling=sampling, seed=seed)
 
 
 def completion_job(loaded: LoadedModel, req: CompletionRequest, longest_token: int, max_request_tokens: int) -> Job:
     """The job of a /v1/completions request, or the APIError that refuses it (it tokenizes: off the event loop)."""
-    _refuse_unsupported(req, {"echo": (False, None), "best_of": (None, req.n or 1), "suffix": (None, ""),
-                              "logit_bias": (None, {}), "presence_penalty": (None, 0.0),
-                              "frequency_penalty": (None, 0.0)})
+    _refuse_unsupported(
+        req,
+        {
+            "echo": (False, None),
+            "best_of": (None, req.n or 1),
+            "suffix": (None, ""),
+            "logit_bias": (None, {}),
+            "presence_penalty": (None, 0.0),
+            "frequency_penalty": (None, 0.0),
+        },
+    )
     stop = _stop_strings(req.stop)
     prompts = _prompt_ids(loaded, req.prompt, longest_token)
     asked = req.max_tokens if req.max_tokens is not None else 16
@@ -310,10 +370,19 @@ def completion_job(loaded: LoadedModel, req: CompletionRequest, longest_token: i
 
 def chat_job(loaded: LoadedModel, req: ChatRequest, longest_token: int, max_request_tokens: int) -> Job:
     """The job of a /v1/chat/completions request, or the APIError that refuses it (as `completion_job`)."""
-    _refuse_unsupported(req, {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
-                              "function_call": (None, "none"), "logit_bias": (None, {}),
-                              "presence_penalty": (None, 0.0), "frequency_penalty": (None, 0.0),
-                              "response_format": (None, {"type": "text"})})
+    _refuse_unsupported(
+        req,
+        {
+            "tools": (None, []),
+            "tool_choice": (None, "none"),
+            "functions": (None, []),
+            "function_call": (None, "none"),
+            "logit_bias": (None, {}),
+            "presence_penalty": (None, 0.0),
+            "frequency_penalty": (None, 0.0),
+            "response_format": (None, {"type": "text"}),
+        },
+    )
     stop = _stop_strings(req.stop)
     if req.top_logprobs and not req.logprobs:
         raise _bad("top_logprobs", "needs logprobs: true")
@@ -358,27 +427,35 @@ def token_bytes(tokenizer: Any, token_id: int) -> bytes:
 
 def completion_logprobs(tokenizer: Any, steps: list[Step]) -> dict[str, Any]:
     """The `logprobs` of a /v1/completions choice."""
+
     def text(t: int) -> str:
         return tokenizer.decode([t])
 
-    return {"tokens": [text(s.token) for s in steps],
-            "token_logprobs": [s.logprob for s in steps],
-            # keyed by text, as OpenAI's: tokens with the same text (e.g. U+FFFD) share a
-            # key, and the sampled token's own entry is the one kept
-            "top_logprobs": [{**{text(t): lp for t, lp in s.top}, text(s.token): s.logprob} for s in steps],
-            "text_offset": [s.offset for s in steps]}
+    return {
+        "tokens": [text(s.token) for s in steps],
+        "token_logprobs": [s.logprob for s in steps],
+        # keyed by text, as OpenAI's: tokens with the same text (e.g. U+FFFD) share a
+        # key, and the sampled token's own entry is the one kept
+        "top_logprobs": [{**{text(t): lp for t, lp in s.top}, text(s.token): s.logprob} for s in steps],
+        "text_offset": [s.offset for s in steps],
+    }
 
 
 def chat_logprobs(tokenizer: Any, steps: list[Step]) -> dict[str, Any]:
     """The `logprobs` of a /v1/chat/completions choice."""
+
     def entry(t: int, lp: float) -> dict[str, Any]:
         return {"token": tokenizer.decode([t]), "logprob": lp, "bytes": list(token_bytes(tokenizer, t))}
 
-    return {"content": [{**entry(s.token, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top]}
-                        for s in steps]}
+    return {
+        "content": [{**entry(s.token, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top]} for s in steps]
+    }
 
 
 def usage(prompts: list[list[int]], completion_tokens: int) -> dict[str, int]:
     prompt_tokens = sum(len(p) for p in prompts)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

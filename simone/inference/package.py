@@ -31,8 +31,8 @@ from simone.errors import SimoneError
 from simone.inference.export import ExportError
 from simone.inference.hf_folder import export_hf
 from simone.inference.load import ModelLoadError
-from simone.rundir import RunDir, atomic_write_json, fsync_dir, read_json, sha256_file
 from simone.progress import Say, quiet
+from simone.rundir import RunDir, atomic_write_json, fsync_dir, read_json, sha256_file
 
 
 class PackageError(SimoneError, RuntimeError):
@@ -63,8 +63,11 @@ def _versions() -> dict[str, str]:
 
 
 def _hardware() -> dict[str, Any]:
-    hw: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(),
-                          "ram_gb": round(psutil.virtual_memory().total / 2**30, 1)}
+    hw: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+    }
     if torch.cuda.is_available():
         hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return hw
@@ -135,7 +138,8 @@ def model_card(summary: dict[str, Any]) -> str:
         "",
         "A small language model trained from scratch with SIM-ONE MVLM.",
         "",
-        "| | |", "|---|---|",
+        "| | |",
+        "|---|---|",
         f"| architecture | {arch} |",
         f"| layers × width × heads | {m.get('n_layers')} × {m.get('dim')} × {m.get('n_heads')} |",
         f"| context length | {m.get('max_seq_len')} |",
@@ -153,8 +157,8 @@ def model_card(summary: dict[str, Any]) -> str:
         "simone generate --model THIS.tar.gz --prompt 'In the beginning' --max-tokens 100",
         "```",
         "",
-        "In `transformers`, without simone: `AutoModelForCausalLM.from_pretrained(\"hf\")` and",
-        "`AutoTokenizer.from_pretrained(\"hf\")` on the `hf/` folder of this package.",
+        'In `transformers`, without simone: `AutoModelForCausalLM.from_pretrained("hf")` and',
+        '`AutoTokenizer.from_pretrained("hf")` on the `hf/` folder of this package.',
         "",
         "Files: `model.safetensors` (weights), `config.json` (full SIM-ONE config), `tokenizer.json`",
         "(Hugging Face tokenizers), `training_summary.json`, `hf/` (Hugging Face folder),",
@@ -184,8 +188,9 @@ def _readable_member(member: tarfile.TarInfo) -> tarfile.TarInfo:
     return member
 
 
-def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best", name: str | None = None,
-                say: Say = quiet) -> Path:
+def package_run(
+    run: RunDir, out_dir: Path, checkpoint: str = "best", name: str | None = None, say: Say = quiet
+) -> Path:
     """Write `out_dir/NAME.tar.gz` from the run's best (else latest) checkpoint; return its path.
 
     NAME says which model it is: `simone-PRESET-ARCH-RUN-stepN-WEIGHTSHA8` unless given. An
@@ -202,8 +207,10 @@ def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best", name: str 
     ckpt_manifest = verify_checkpoint(ckpt)
     cfg = read_json(run.config, {})
     weights_sha = ckpt_manifest["files"]["model.safetensors"]["sha256"]
-    name = name or (f"simone-{cfg.get('preset', 'custom')}-{cfg.get('model', {}).get('arch', 'llama')}-{run.root.name}"
-                    f"-step{ckpt_manifest.get('step', 'x')}-{str(weights_sha)[:8]}")
+    name = name or (
+        f"simone-{cfg.get('preset', 'custom')}-{cfg.get('model', {}).get('arch', 'llama')}-{run.root.name}"
+        f"-step{ckpt_manifest.get('step', 'x')}-{str(weights_sha)[:8]}"
+    )
     summary = training_summary(run, ckpt)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -219,12 +226,21 @@ def package_run(run: RunDir, out_dir: Path, checkpoint: str = "best", name: str 
         _write_hf_folder(ckpt, stage / "hf", name, say)
         # `files`: the checkpoint manifest format (plain names, what simone loads); `hf_files`:
         # the hf/ copy, which simone never extracts (`verify_hf_folder` checks an unpacked one)
-        manifest = {"schema": 1, "step": ckpt_manifest.get("step"),
-                    "tokenizer_sha256": sha256_file(stage / "tokenizer.json"),
-                    "files": {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
-                              for p in sorted(stage.iterdir()) if p.is_file()},
-                    "hf_files": {p.relative_to(stage).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
-                                 for p in sorted((stage / "hf").rglob("*")) if p.is_file()}}
+        manifest = {
+            "schema": 1,
+            "step": ckpt_manifest.get("step"),
+            "tokenizer_sha256": sha256_file(stage / "tokenizer.json"),
+            "files": {
+                p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
+                for p in sorted(stage.iterdir())
+                if p.is_file()
+            },
+            "hf_files": {
+                p.relative_to(stage).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
+                for p in sorted((stage / "hf").rglob("*"))
+                if p.is_file()
+            },
+        }
         (stage / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
         tmp_tar = Path(tmp) / f"{name}.tar.gz"
         with tarfile.open(tmp_tar, "w:gz") as tar:

@@ -92,8 +92,11 @@ class ServeLimits:
     max_body_bytes: int = 1 << 20  # a request body; a larger one gets 413
 
     def __post_init__(self) -> None:
-        for flag, value in [("--max-queue", self.max_queue), ("--max-request-tokens", self.max_request_tokens),
-                            ("--max-body-bytes", self.max_body_bytes)]:
+        for flag, value in [
+            ("--max-queue", self.max_queue),
+            ("--max-request-tokens", self.max_request_tokens),
+            ("--max-body-bytes", self.max_body_bytes),
+        ]:
             if value < 1:
                 raise ServeError(f"{flag} must be at least 1, got {value}")
 
@@ -118,8 +121,10 @@ def check_api_key(api_key: str | None) -> None:
     bytes (read as Latin-1, its ends stripped) and is compared with the key's UTF-8 bytes,
     so a key with any other character could never match."""
     if api_key and not all("!" <= c <= "~" for c in api_key):
-        raise ServeError("the API key (--api-key or SIMONE_API_KEY): use printable ASCII without spaces "
-                         "(letters, digits, punctuation); a key with other characters could never match")
+        raise ServeError(
+            "the API key (--api-key or SIMONE_API_KEY): use printable ASCII without spaces "
+            "(letters, digits, punctuation); a key with other characters could never match"
+        )
 
 
 class APIKeyGate:
@@ -138,8 +143,9 @@ class APIKeyGate:
             await self.app(scope, receive, send)
             return
         message = "missing API key (send Authorization: Bearer KEY)" if not given else "incorrect API key"
-        response = JSONResponse(error_body(message, code="invalid_api_key"), status_code=401,
-                                headers={"WWW-Authenticate": "Bearer"})
+        response = JSONResponse(
+            error_body(message, code="invalid_api_key"), status_code=401, headers={"WWW-Authenticate": "Bearer"}
+        )
         await response(scope, receive, send)
 
 
@@ -247,8 +253,9 @@ class JobStream(StreamingResponse):
     not even one whose body never began."""
 
     def __init__(self, job: Job, chunks: AsyncIterator[bytes]):
-        super().__init__(chunks, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
         self.job = job
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -266,6 +273,7 @@ async def json_in_thread(build: Any) -> Response:
     """The JSON response of `build()`, built and encoded in a worker thread: a response of
     16 choices with logprobs takes long enough to stall every other client if done on the
     event loop."""
+
     def encode() -> bytes:
         return json.dumps(build(), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
@@ -275,8 +283,13 @@ async def json_in_thread(build: Any) -> Response:
 INTERNAL_ERROR = "internal error (the server's log has the details)"
 
 
-def create_api_app(loaded: LoadedModel, api_key: str | None = None, name: str | None = None,
-                   host: str = "127.0.0.1", limits: ServeLimits | None = None) -> FastAPI:
+def create_api_app(
+    loaded: LoadedModel,
+    api_key: str | None = None,
+    name: str | None = None,
+    host: str = "127.0.0.1",
+    limits: ServeLimits | None = None,
+) -> FastAPI:
     """The OpenAI-compatible app over a loaded model (see the module docstring). `host` is
     the address the server is bound to (other Host headers get 421); `limits` default to
     `ServeLimits()`."""
@@ -299,8 +312,12 @@ def create_api_app(loaded: LoadedModel, api_key: str | None = None, name: str | 
     # the last added runs first: the host check, then the key, then the body's size
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     app.add_middleware(APIKeyGate, api_key=api_key)
-    app.add_middleware(HostCheck, bound_host=host, who="this API",
-                       refusal=lambda message: error_body(message, code="misdirected_request"))
+    app.add_middleware(
+        HostCheck,
+        bound_host=host,
+        who="this API",
+        refusal=lambda message: error_body(message, code="misdirected_request"),
+    )
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -308,9 +325,16 @@ def create_api_app(loaded: LoadedModel, api_key: str | None = None, name: str | 
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, e: QueueFull) -> JSONResponse:
-        return await api_error(request, APIError(
-            429, f"the server is busy: {worker.max_waiting} requests are already waiting; retry in {RETRY_AFTER_S} s",
-            code="queue_full", type_="server_busy", headers={"Retry-After": str(RETRY_AFTER_S)}))
+        return await api_error(
+            request,
+            APIError(
+                429,
+                f"the server is busy: {worker.max_waiting} requests are already waiting; retry in {RETRY_AFTER_S} s",
+                code="queue_full",
+                type_="server_busy",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -327,8 +351,9 @@ def create_api_app(loaded: LoadedModel, api_key: str | None = None, name: str | 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         message = f"{request.method} {request.url.path}: {e.detail}"
-        return JSONResponse(error_body(message, code=str(e.status_code)), status_code=e.status_code,
-                            headers=getattr(e, "headers", None))
+        return JSONResponse(
+            error_body(message, code=str(e.status_code)), status_code=e.status_code, headers=getattr(e, "headers", None)
+        )
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception) -> JSONResponse:
@@ -337,13 +362,22 @@ def create_api_app(loaded: LoadedModel, api_key: str | None = None, name: str | 
         return JSONResponse(error_body(INTERNAL_ERROR, "server_error"), status_code=500)
 
     def model_card() -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": created, "owned_by": "simone",
-                "context_window": loaded.config.model.max_seq_len}
+        return {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "simone",
+            "context_window": loaded.config.model.max_seq_len,
+        }
 
     def check_model(requested: str) -> None:
         if requested != name:
-            raise APIError(404, f"model: {requested!r} is not served here (this server serves {name!r})",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model: {requested!r} is not served here (this server serves {name!r})",
+                param="model",
+                code="model_not_found",
+            )
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -358,8 +392,15 @@ def create_api_app(loaded: LoadedModel, api_key: str | None = None, name: str | 
         check_model(model_id)
         return model_card()
 
-    def stream(job: Job, events: asyncio.Queue, head: dict[str, Any], include_usage: bool, piece_choice: Any,
-               finish_choice: Any, opening: list[dict[str, Any]] | None = None) -> JobStream:
+    def stream(
+        job: Job,
+        events: asyncio.Queue,
+        head: dict[str, Any],
+        include_usage: bool,
+        piece_choice: Any,
+        finish_choice: Any,
+        opening: list[dict[str, Any]] | None = None,
+    ) -> JobStream:
         """Server-sent events: `opening` choices, then one chunk per piece of text or finished
         choice, then (include_usage) a chunk with the usage, then [DONE]. Once streaming has
         begun, an error can only be reported as an event (its detail goes to the log)."""
@@ -379,7 +420,7 @@ def create_api_app(loaded: LoadedModel, api_key: str | None = None, name: str | 
                     yield _sse({**head, "choices": [choice], **extra})
                 if include_usage:
                     yield _sse({**head, "choices": [], "usage": usage(job.prompts, completion_tokens)})
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("%s failed while streaming", head["id"])
                 yield _sse(error_body(INTERNAL_ERROR, "server_error"))
             yield b"data: [DONE]\n\n"
@@ -396,18 +437,37 @@ def create_api_app(loaded: LoadedModel, api_key: str | None = None, name: str | 
         head = {"id": rid, "object": "text_completion", "created": now, "model": name}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
-            return stream(job, events, head, include_usage,
-                          lambda ev: {"index": ev.index, "text": ev.text, "finish_reason": None,
-                                      "logprobs": completion_logprobs(tok, ev.steps) if want_logprobs else None},
-                          lambda ev: {"index": ev.index, "text": "", "logprobs": None, "finish_reason": ev.reason})
+            return stream(
+                job,
+                events,
+                head,
+                include_usage,
+                lambda ev: {
+                    "index": ev.index,
+                    "text": ev.text,
+                    "finish_reason": None,
+                    "logprobs": completion_logprobs(tok, ev.steps) if want_logprobs else None,
+                },
+                lambda ev: {"index": ev.index, "text": "", "logprobs": None, "finish_reason": ev.reason},
+            )
         out = await collect_while_connected(events, job, request.receive)
         if out is None:
             return Response(status_code=499)  # the client left: nobody reads this
-        return await json_in_thread(lambda: {
-            **head, "usage": usage(job.prompts, out.completion_tokens),
-            "choices": [{"index": i, "text": out.texts.get(i, ""), "finish_reason": reason,
-                         "logprobs": completion_logprobs(tok, out.steps.get(i, [])) if want_logprobs else None}
-                        for i, reason in sorted(out.reasons.items())]})
+        return await json_in_thread(
+            lambda: {
+                **head,
+                "usage": usage(job.prompts, out.completion_tokens),
+                "choices": [
+                    {
+                        "index": i,
+                        "text": out.texts.get(i, ""),
+                        "finish_reason": reason,
+                        "logprobs": completion_logprobs(tok, out.steps.get(i, [])) if want_logprobs else None,
+                    }
+                    for i, reason in sorted(out.reasons.items())
+                ],
+            }
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request) -> Response:
@@ -419,23 +479,45 @@ def create_api_app(loaded: LoadedModel, api_key: str | None = None, name: str | 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
             head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": name}
-            opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                        "finish_reason": None} for i in range(job.n)]
-            return stream(job, events, head, include_usage,
-                          lambda ev: {"index": ev.index, "delta": {"content": ev.text}, "finish_reason": None,
-                                      "logprobs": chat_logprobs(tok, ev.steps) if want_logprobs else None},
-                          lambda ev: {"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.reason},
-                          opening)
+            opening = [
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(job.n)
+            ]
+            return stream(
+                job,
+                events,
+                head,
+                include_usage,
+                lambda ev: {
+                    "index": ev.index,
+                    "delta": {"content": ev.text},
+                    "finish_reason": None,
+                    "logprobs": chat_logprobs(tok, ev.steps) if want_logprobs else None,
+                },
+                lambda ev: {"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.reason},
+                opening,
+            )
         out = await collect_while_connected(events, job, request.receive)
         if out is None:
             return Response(status_code=499)  # the client left: nobody reads this
-        return await json_in_thread(lambda: {
-            "id": rid, "object": "chat.completion", "created": now, "model": name,
-            "usage": usage(job.prompts, out.completion_tokens),
-            "choices": [{"index": i, "message": {"role": "assistant", "content": out.texts.get(i, "")},
-                         "finish_reason": reason,
-                         "logprobs": chat_logprobs(tok, out.steps.get(i, [])) if want_logprobs else None}
-                        for i, reason in sorted(out.reasons.items())]})
+        return await json_in_thread(
+            lambda: {
+                "id": rid,
+                "object": "chat.completion",
+                "created": now,
+                "model": name,
+                "usage": usage(job.prompts, out.completion_tokens),
+                "choices": [
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": out.texts.get(i, "")},
+                        "finish_reason": reason,
+                        "logprobs": chat_logprobs(tok, out.steps.get(i, [])) if want_logprobs else None,
+                    }
+                    for i, reason in sorted(out.reasons.items())
+                ],
+            }
+        )
 
     return app
 
@@ -447,8 +529,10 @@ def check_bind(host: str, api_key: str | None) -> None:
     """Refuse, before anything is loaded, a key that cannot work or a public address without one."""
     check_api_key(api_key)
     if not is_loopback(host) and not api_key:
-        raise ServeError(f"serving on {host} exposes the model to the network: pass --api-key KEY "
-                         f"(or set SIMONE_API_KEY), or use --host 127.0.0.1")
+        raise ServeError(
+            f"serving on {host} exposes the model to the network: pass --api-key KEY "
+            f"(or set SIMONE_API_KEY), or use --host 127.0.0.1"
+        )
 
 
 def _listen(host: str, port: int, api_key: str | None) -> socket.socket:
@@ -465,13 +549,21 @@ def _listen(host: str, port: int, api_key: str | None) -> socket.socket:
 
 
 def _server(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn.Server:
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                         timeout_graceful_shutdown=2, lifespan="on"))
+    return uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2, lifespan="on")
+    )
 
 
-def run_server(model_path: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               device: str = "auto", log_level: str = "info", limits: ServeLimits | None = None,
-               say: Callable[[str], None] | None = None) -> None:
+def run_server(
+    model_path: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    device: str = "auto",
+    log_level: str = "info",
+    limits: ServeLimits | None = None,
+    say: Callable[[str], None] | None = None,
+) -> None:
     """`simone serve`: check the address, load the model, serve until Ctrl-C; `say` gets the
     line that says where it listens."""
     sock = _listen(host, port, api_key)
@@ -485,8 +577,10 @@ def run_server(model_path: Path, host: str = "127.0.0.1", port: int = 8000, api_
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
     if say is not None:
-        say(f"simone serve: {model_name(loaded.source)} (context {loaded.config.model.max_seq_len} tokens, "
-            f"{loaded.device}) at http://{shown}:{bound}/v1" + (" (API key required)" if api_key else ""))
+        say(
+            f"simone serve: {model_name(loaded.source)} (context {loaded.config.model.max_seq_len} tokens, "
+            f"{loaded.device}) at http://{shown}:{bound}/v1" + (" (API key required)" if api_key else "")
+        )
     try:
         _server(app, host, bound, log_level).run(sockets=[sock])
     except KeyboardInterrupt:
@@ -497,15 +591,21 @@ class BackgroundServer(ThreadedServer):
     """A model server in a daemon thread (tests, benchmarks). `url` ends in /v1."""
 
 
-def start_background_server(loaded: LoadedModel, host: str = "127.0.0.1", port: int = 0,
-                            api_key: str | None = None, name: str | None = None,
-                            limits: ServeLimits | None = None) -> BackgroundServer:
+def start_background_server(
+    loaded: LoadedModel,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    api_key: str | None = None,
+    name: str | None = None,
+    limits: ServeLimits | None = None,
+) -> BackgroundServer:
     """Serve `loaded` from a daemon thread; returns once it accepts connections
     (port 0: any free port)."""
     sock = _listen(host, port, api_key)
     bound = sock.getsockname()[1]
-    server = _server(create_api_app(loaded, api_key=api_key, name=name, host=host, limits=limits), host, bound,
-                     "warning")
+    server = _server(
+        create_api_app(loaded, api_key=api_key, name=name, host=host, limits=limits), host, bound, "warning"
+    )
     thread = start_in_thread(server, sock, "simone-serve")
     if thread is None:
         raise ServeError(f"the server did not start on {host}:{bound}")

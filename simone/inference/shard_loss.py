@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, ContextManager
+from collections.abc import Callable
+from typing import Any, ContextManager
 
 import torch
 
@@ -19,9 +20,15 @@ from simone.data.shards import TokenShard
 
 
 @torch.no_grad()
-def evaluate_per_domain(model: torch.nn.Module, shard: TokenShard, seq_len: int, batch_size: int,
-                        max_batches: int, device: torch.device | str = "cpu",
-                        autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, Any]:
+def evaluate_per_domain(
+    model: torch.nn.Module,
+    shard: TokenShard,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int,
+    device: torch.device | str = "cpu",
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+) -> dict[str, Any]:
     """Mean loss over up to `max_batches` batches of each domain's validation windows.
 
     Returns {val_loss, val_ppl, val_bpb, tokens, per_domain: {DOMAIN: {loss, ppl, bpb, tokens}}};
@@ -36,8 +43,9 @@ def evaluate_per_domain(model: torch.nn.Module, shard: TokenShard, seq_len: int,
         for domain in sorted(shard.domains):
             nats = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: one sync per domain
             n_tokens = 0
-            for x, y in eval_windows(shard, domain, seq_len=seq_len, max_batches=max_batches,
-                                     batch_size=batch_size, device=device):
+            for x, y in eval_windows(
+                shard, domain, seq_len=seq_len, max_batches=max_batches, batch_size=batch_size, device=device
+            ):
                 with autocast():
                     _, loss = model(x, y)
                 nats += loss.double() * y.numel()
@@ -46,8 +54,12 @@ def evaluate_per_domain(model: torch.nn.Module, shard: TokenShard, seq_len: int,
                 continue
             mean = nats.item() / n_tokens
             n_bytes = n_tokens * shard.bytes_per_token(domain)
-            per_domain[domain] = {"loss": mean, "ppl": math.exp(min(mean, 700.0)),
-                                  "bpb": mean * n_tokens / math.log(2) / n_bytes, "tokens": n_tokens}
+            per_domain[domain] = {
+                "loss": mean,
+                "ppl": math.exp(min(mean, 700.0)),
+                "bpb": mean * n_tokens / math.log(2) / n_bytes,
+                "tokens": n_tokens,
+            }
             total_nats += mean * n_tokens
             total_tokens += n_tokens
             total_bytes += n_bytes
@@ -56,6 +68,10 @@ def evaluate_per_domain(model: torch.nn.Module, shard: TokenShard, seq_len: int,
     if total_tokens == 0:
         return {"val_loss": None, "val_ppl": None, "val_bpb": None, "tokens": 0, "per_domain": {}}
     loss = total_nats / total_tokens
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)),
-            "val_bpb": total_nats / math.log(2) / total_bytes, "tokens": int(total_tokens),
-            "per_domain": per_domain}
+    return {
+        "val_loss": loss,
+        "val_ppl": math.exp(min(loss, 700.0)),
+        "val_bpb": total_nats / math.log(2) / total_bytes,
+        "tokens": int(total_tokens),
+        "per_domain": per_domain,
+    }

@@ -69,16 +69,30 @@ class SteeringJudge:
         classes = sorted(set(labels))
         if len(classes) < 2:
             raise ValueError(f"the steering judge needs at least two domains, got {classes}")
-        features = FeatureUnion([
-            ("words", TfidfVectorizer(token_pattern=WORD.pattern, ngram_range=(1, 2), sublinear_tf=True,
-                                      max_features=self.max_features)),
-            ("chars", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True,
-                                      max_features=self.max_features)),
-        ])
+        features = FeatureUnion(
+            [
+                (
+                    "words",
+                    TfidfVectorizer(
+                        token_pattern=WORD.pattern,
+                        ngram_range=(1, 2),
+                        sublinear_tf=True,
+                        max_features=self.max_features,
+                    ),
+                ),
+                (
+                    "chars",
+                    TfidfVectorizer(
+                        analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, max_features=self.max_features
+                    ),
+                ),
+            ]
+        )
         # logistic regression fitted by SGD: a fixed number of seeded epochs, seconds where
         # lbfgs took minutes on 15k snippets x 400k features (same accuracy)
-        classifier = SGDClassifier(loss="log_loss", alpha=self.alpha, max_iter=self.epochs, tol=None,
-                                   class_weight="balanced", random_state=0)
+        classifier = SGDClassifier(
+            loss="log_loss", alpha=self.alpha, max_iter=self.epochs, tol=None, class_weight="balanced", random_state=0
+        )
         self.pipeline = make_pipeline(features, classifier).fit(texts, labels)
         self.classes = [str(c) for c in self.pipeline.classes_]
         return self
@@ -105,8 +119,14 @@ def _domain(doc: dict) -> str:
     return str(doc.get("domain") or "unknown")
 
 
-def fit_on_documents(documents_jsonl: Path, split: str = "train", snippet_words: int = 96,
-                     max_snippets_per_domain: int = 3000, seed: int = 0, check_share: float = 0.1) -> SteeringJudge:
+def fit_on_documents(
+    documents_jsonl: Path,
+    split: str = "train",
+    snippet_words: int = 96,
+    max_snippets_per_domain: int = 3000,
+    seed: int = 0,
+    check_share: float = 0.1,
+) -> SteeringJudge:
     """Fit a judge on the `split` documents of a documents.jsonl, cut into snippets of
     `snippet_words` words; a domain with more snippets than `max_snippets_per_domain` gives a
     seeded random choice of them (so one big domain does not drown the others, and fitting on
@@ -134,8 +154,9 @@ def fit_on_documents(documents_jsonl: Path, split: str = "train", snippet_words:
     return judge
 
 
-def snippet_confusion(judge: SteeringJudge, documents_jsonl: Path, split: str = "val",
-                      snippet_words: int = 96, per_doc: int = 10) -> dict[str, dict[str, int]]:
+def snippet_confusion(
+    judge: SteeringJudge, documents_jsonl: Path, split: str = "val", snippet_words: int = 96, per_doc: int = 10
+) -> dict[str, dict[str, int]]:
     """{true domain: {judged domain: snippets}} over up to `per_doc` snippets of `snippet_words`
     words per document of `split`, spread evenly over it: where the judge's errors go."""
     texts, labels = [], []
@@ -156,15 +177,24 @@ def confusion_accuracy(confusion: dict[str, dict[str, int]]) -> float:
     return sum(row.get(d, 0) for d, row in confusion.items()) / total if total else float("nan")
 
 
-def snippet_accuracy(judge: SteeringJudge, documents_jsonl: Path, split: str = "val",
-                     snippet_words: int = 96, per_doc: int = 10) -> float:
+def snippet_accuracy(
+    judge: SteeringJudge, documents_jsonl: Path, split: str = "val", snippet_words: int = 96, per_doc: int = 10
+) -> float:
     """The judge's accuracy on up to `per_doc` snippets of `snippet_words` words per document,
     spread evenly over it."""
     return confusion_accuracy(snippet_confusion(judge, documents_jsonl, split, snippet_words, per_doc))
 
 
-def sample_batch(loaded, domain: str, n: int, max_tokens: int, temperature: float = 0.8,
-                 top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0) -> list[str]:
+def sample_batch(
+    loaded,
+    domain: str,
+    n: int,
+    max_tokens: int,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = 0.95,
+    seed: int = 0,
+) -> list[str]:
     """`n` continuations of `<|domain:NAME|>` at once: one batch through the model's cached
     `generate` (each row cut at its first end-of-document token)."""
     tok = loaded.tokenizer
@@ -172,8 +202,11 @@ def sample_batch(loaded, domain: str, n: int, max_tokens: int, temperature: floa
     idx = torch.tensor([ids] * n, dtype=torch.long, device=loaded.device)
     gen = torch.Generator(device=loaded.device).manual_seed(seed)
     max_new = min(max_tokens, loaded.config.model.max_seq_len - len(ids))
-    steps = list(loaded.model.generate(idx, max_new, temperature=temperature, top_k=top_k, top_p=top_p,
-                                       generator=gen, eos_id=tok.eod_id))
+    steps = list(
+        loaded.model.generate(
+            idx, max_new, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen, eos_id=tok.eod_id
+        )
+    )
     if not steps:
         return [""] * n
     return _texts_until_eod(tok, torch.cat(steps, dim=1).tolist())
@@ -184,8 +217,16 @@ def _texts_until_eod(tok, rows: list[list[int]]) -> list[str]:
     return [tok.decode(row[: row.index(tok.eod_id)] if tok.eod_id in row else row) for row in rows]
 
 
-def guided_batch(loaded, domain: str, n: int, max_tokens: int, guidance_weight: float,
-                 guidance_top_k: int = 8, temperature: float = 0.8, seed: int = 0) -> list[str]:
+def guided_batch(
+    loaded,
+    domain: str,
+    n: int,
+    max_tokens: int,
+    guidance_weight: float,
+    guidance_top_k: int = 8,
+    temperature: float = 0.8,
+    seed: int = 0,
+) -> list[str]:
     """`n` continuations of `<|domain:NAME|>` drawn at once by the policy-guided sampler
     (`streaming.guided_sample_batch`; weight 0: its top-K sampling without the policy), each
     cut at its first end-of-document token."""
@@ -193,16 +234,32 @@ def guided_batch(loaded, domain: str, n: int, max_tokens: int, guidance_weight: 
     ids = prompt_ids(loaded, "", domain)
     gen = torch.Generator(device=loaded.device).manual_seed(seed)
     max_new = min(max_tokens, loaded.config.model.max_seq_len - len(ids))
-    rows = guided_sample_batch(loaded.model, ids, n, max_new, guidance_domain=tok.domains.index(domain),
-                               guidance_weight=guidance_weight, guidance_top_k=guidance_top_k,
-                               temperature=temperature, generator=gen)
+    rows = guided_sample_batch(
+        loaded.model,
+        ids,
+        n,
+        max_new,
+        guidance_domain=tok.domains.index(domain),
+        guidance_weight=guidance_weight,
+        guidance_top_k=guidance_top_k,
+        temperature=temperature,
+        generator=gen,
+    )
     return _texts_until_eod(tok, rows.tolist())
 
 
-def steering_accuracy(loaded, judge: SteeringJudge, domains: list[str] | None = None,
-                      samples_per_domain: int = 50, max_tokens: int = 128, temperature: float = 0.8,
-                      top_k: int | None = 50, seed: int = 0, policy_guidance: float | None = None,
-                      guidance_top_k: int = 8) -> dict:
+def steering_accuracy(
+    loaded,
+    judge: SteeringJudge,
+    domains: list[str] | None = None,
+    samples_per_domain: int = 50,
+    max_tokens: int = 128,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    seed: int = 0,
+    policy_guidance: float | None = None,
+    guidance_top_k: int = 8,
+) -> dict:
     """Generate `samples_per_domain` samples with `--domain X` for each domain X and return
     {"accuracy", "per_domain": {X: share}, "n", "samples": [{domain, predicted, text}]}.
 
@@ -217,15 +274,17 @@ def steering_accuracy(loaded, judge: SteeringJudge, domains: list[str] | None = 
     samples = []
     for j, d in enumerate(domains):
         if policy_guidance is not None:
-            texts = guided_batch(loaded, d, samples_per_domain, max_tokens, policy_guidance, guidance_top_k,
-                                 temperature, seed=seed + j)
+            texts = guided_batch(
+                loaded, d, samples_per_domain, max_tokens, policy_guidance, guidance_top_k, temperature, seed=seed + j
+            )
         else:
             texts = sample_batch(loaded, d, samples_per_domain, max_tokens, temperature, top_k, seed=seed + j)
         samples += [{"domain": d, "text": text} for text in texts]
     for s, predicted in zip(samples, judge.predict_many([s["text"] for s in samples])):
         s["predicted"] = predicted
-    per_domain = {d: sum(s["predicted"] == d for s in samples if s["domain"] == d) / samples_per_domain
-                  for d in domains}
+    per_domain = {
+        d: sum(s["predicted"] == d for s in samples if s["domain"] == d) / samples_per_domain for d in domains
+    }
     n = len(samples)
     accuracy = sum(s["predicted"] == s["domain"] for s in samples) / n if n else float("nan")
     return {"accuracy": accuracy, "per_domain": per_domain, "n": n, "samples": samples}

@@ -19,12 +19,22 @@ from torch import nn
 from simone.inference.decoding import Guidance, Step, StreamingDecoder, new_streaming_cache, sample_tokens
 
 
-def governed_generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: int,
-                      temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                      generator: torch.Generator | None = None, eos_id: int | None = None,
-                      guidance_domain: int | None = None, guidance_weight: float = 0.0,
-                      guidance_top_k: int = 8, trace: bool = False, trace_top: int = 5,
-                      keep_first: int = 0) -> Iterator[Step]:
+def governed_generate(
+    model: nn.Module,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    eos_id: int | None = None,
+    guidance_domain: int | None = None,
+    guidance_weight: float = 0.0,
+    guidance_top_k: int = 8,
+    trace: bool = False,
+    trace_top: int = 5,
+    keep_first: int = 0,
+) -> Iterator[Step]:
     """Generate after `prompt_ids` with a streaming KV cache (any length, constant memory).
 
     guidance_weight W > 0 with guidance_domain d: the `guidance_top_k` most likely next tokens
@@ -35,15 +45,35 @@ def governed_generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: i
     Without guidance, sampling is `sample_next_token` (temperature, top-k, top-p).
     """
     guided = guidance_domain is not None and guidance_weight > 0
-    return sample_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator, eos_id,
-                         streaming=True, guidance=Guidance(guidance_domain, guidance_weight, guidance_top_k)
-                         if guided else None, trace=trace, trace_top=trace_top, keep_first=keep_first)
+    return sample_tokens(
+        model,
+        prompt_ids,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        generator,
+        eos_id,
+        streaming=True,
+        guidance=Guidance(guidance_domain, guidance_weight, guidance_top_k) if guided else None,
+        trace=trace,
+        trace_top=trace_top,
+        keep_first=keep_first,
+    )
 
 
 @torch.inference_mode()
-def guided_sample_batch(model: nn.Module, prompt_ids: list[int], n: int, max_new_tokens: int,
-                        guidance_domain: int, guidance_weight: float, guidance_top_k: int = 8,
-                        temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def guided_sample_batch(
+    model: nn.Module,
+    prompt_ids: list[int],
+    n: int,
+    max_new_tokens: int,
+    guidance_domain: int,
+    guidance_weight: float,
+    guidance_top_k: int = 8,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """`n` samples after the same prompt, each step drawn as `governed_generate` draws a guided
     token, for all samples at once: the `guidance_top_k` (K) most likely next tokens of every
     sample are fed as one batch of n·K rows, and each sample draws from
@@ -53,22 +83,30 @@ def guided_sample_batch(model: nn.Module, prompt_ids: list[int], n: int, max_new
     The text must fit the context: prompt + max_new_tokens <= model.cfg.max_seq_len."""
     decoder = StreamingDecoder(model, n, Guidance(guidance_domain, guidance_weight, guidance_top_k))
     if len(prompt_ids) + max_new_tokens > model.cfg.max_seq_len:
-        raise ValueError(f"{len(prompt_ids)} prompt + {max_new_tokens} new tokens exceed the context "
-                         f"({model.cfg.max_seq_len})")
+        raise ValueError(
+            f"{len(prompt_ids)} prompt + {max_new_tokens} new tokens exceed the context ({model.cfg.max_seq_len})"
+        )
     idx = torch.tensor([prompt_ids] * n, dtype=torch.long, device=model.tok_embeddings.weight.device)
     tokens = list(model.generate(idx, max_new_tokens, temperature, generator=generator, decoder=decoder))
     return torch.cat(tokens, dim=1) if tokens else idx[:, :0]
 
 
 @torch.no_grad()
-def streaming_nll(model: nn.Module, tokens: torch.Tensor, chunk: int = 16, keep_first: int = 0,
-                  capacity: int | None = None, evict_chunk: int | None = None) -> dict:
+def streaming_nll(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    chunk: int = 16,
+    keep_first: int = 0,
+    capacity: int | None = None,
+    evict_chunk: int | None = None,
+) -> dict:
     """Read a long token sequence [N] through a `StreamingKVCache` (N may far exceed
     max_seq_len); return {"nll_sum" (nats), "n_tokens", "ppl", "cache_bytes" (constant),
     "max_slots"}. Each token is predicted from the cache (memory slots + first + recent)."""
     device = model.tok_embeddings.weight.device
-    cache = new_streaming_cache(model, 1, capacity=capacity, keep_first=keep_first,
-                                evict_chunk=evict_chunk, device=device)
+    cache = new_streaming_cache(
+        model, 1, capacity=capacity, keep_first=keep_first, evict_chunk=evict_chunk, device=device
+    )
     chunk = max(1, min(chunk, cache.capacity - cache.keep_first))
     tokens = tokens.to(device=device, dtype=torch.long).view(1, -1)
     nll = torch.zeros((), dtype=torch.float64, device=device)
@@ -85,5 +123,10 @@ def streaming_nll(model: nn.Module, tokens: torch.Tensor, chunk: int = 16, keep_
             raise RuntimeError(f"the bounded KV cache grew from {cache_bytes} to {cache.nbytes()} bytes")
     n = tokens.size(1) - 1
     total = float(nll)
-    return {"nll_sum": total, "n_tokens": n, "ppl": math.exp(min(total / max(n, 1), 50.0)),
-            "cache_bytes": cache_bytes, "max_slots": max_slots}
+    return {
+        "nll_sum": total,
+        "n_tokens": n,
+        "ppl": math.exp(min(total / max(n, 1), 50.0)),
+        "cache_bytes": cache_bytes,
+        "max_slots": max_slots,
+    }

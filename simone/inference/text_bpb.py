@@ -30,9 +30,10 @@ window each model was read with is in the JSON (`window`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -40,8 +41,13 @@ from simone.config import CurateConfig
 from simone.data.corpus import SIDECAR_SUFFIX, CorpusError, UnsafeFile, discover_files, read_regular_file
 from simone.devices import pick_device
 from simone.errors import SimoneError
-from simone.inference.gguf_file import (gguf_document_start, gguf_vocab_size, llama_cpp_available, llama_cpp_logits,
-                                        open_in_llama_cpp)
+from simone.inference.gguf_file import (
+    gguf_document_start,
+    gguf_vocab_size,
+    llama_cpp_available,
+    llama_cpp_logits,
+    open_in_llama_cpp,
+)
 from simone.inference.load import load_model
 from simone.rundir import atomic_write_json
 
@@ -75,8 +81,9 @@ class TextFile:
         return len(self.text.encode("utf-8"))
 
 
-def read_text_folder(data_dir: Path, max_file_bytes: int = MAX_FILE_BYTES,
-                     on_skip: Callable[[str], None] | None = None) -> list[TextFile]:
+def read_text_folder(
+    data_dir: Path, max_file_bytes: int = MAX_FILE_BYTES, on_skip: Callable[[str], None] | None = None
+) -> list[TextFile]:
     """Every non-empty `*.txt` under `data_dir`, sorted, with its domain (first folder under
     `data_dir`, or `data_dir`'s own name for files directly in it).
 
@@ -113,8 +120,7 @@ def read_text_folder(data_dir: Path, max_file_bytes: int = MAX_FILE_BYTES,
         if text:
             files.append(TextFile(domain, data_dir / entry.rel, text))
     if not files:
-        raise EvalError(f"{data_dir}: no non-empty .txt files that can be read "
-                        f"(expected DOMAIN/SUB/*.txt or *.txt)")
+        raise EvalError(f"{data_dir}: no non-empty .txt files that can be read (expected DOMAIN/SUB/*.txt or *.txt)")
     return files
 
 
@@ -175,10 +181,19 @@ class TorchScorer:
     logits at once: up to `batch_size` windows a pass, and a shorter window than `context`
     when one window's logits alone would not fit."""
 
-    def __init__(self, label: str, kind: str, logits_fn: Callable[[torch.Tensor], torch.Tensor],
-                 encode: Callable[[str], list[int]], start_id: int | None, context: int,
-                 device: torch.device, vocab_size: int, batch_size: int = 8,
-                 logits_budget_bytes: int = LOGITS_BUDGET_BYTES):
+    def __init__(
+        self,
+        label: str,
+        kind: str,
+        logits_fn: Callable[[torch.Tensor], torch.Tensor],
+        encode: Callable[[str], list[int]],
+        start_id: int | None,
+        context: int,
+        device: torch.device,
+        vocab_size: int,
+        batch_size: int = 8,
+        logits_budget_bytes: int = LOGITS_BUDGET_BYTES,
+    ):
         self.label, self.kind = label, kind
         self.logits_fn, self.encode, self.start_id = logits_fn, encode, start_id
         self.context = scoring_window(context, vocab_size, logits_budget_bytes)
@@ -228,8 +243,9 @@ class TorchScorer:
         """`nll_bits` of each sequence. Those that fit one window run together, shortest first,
         right-padded: a causal model's logits at a position never see the padding after it."""
         bits = [0.0] * len(sequences)
-        one_window = sorted((i for i, s in enumerate(sequences) if 1 < len(s) <= self.context + 1),
-                            key=lambda i: len(sequences[i]))
+        one_window = sorted(
+            (i for i, s in enumerate(sequences) if 1 < len(s) <= self.context + 1), key=lambda i: len(sequences[i])
+        )
         for i in (i for i, s in enumerate(sequences) if len(s) > self.context + 1):
             bits[i] = self.nll_bits(sequences[i])
         start = 0
@@ -259,7 +275,7 @@ class TorchScorer:
         sequence's last position never see the padding after it."""
         outs = [list(p) for p in prompts]
         for _ in range(n_tokens if outs else 0):
-            windows = [o[-self.context:] for o in outs]
+            windows = [o[-self.context :] for o in outs]
             width = max(len(w) for w in windows)
             per_pass = self._rows_per_pass(width)
             for b in range(0, len(outs), per_pass):
@@ -272,14 +288,22 @@ class TorchScorer:
                 picked = logits[torch.arange(len(rows)), last.to(self.device)].argmax(-1).tolist()
                 for i, t in zip(rows, picked):
                     outs[i].append(int(t))
-        return [o[len(p):] for o, p in zip(outs, prompts)]
+        return [o[len(p) :] for o, p in zip(outs, prompts)]
 
 
 def simone_scorer(loaded: Any, label: str) -> TorchScorer:
     """A scorer over a model `load_model` loaded (a `LoadedModel`), named `label`."""
     model, tok = loaded.model, loaded.tokenizer
-    scorer = TorchScorer(label, "simone", lambda x: model(x)[0], tok.encode, tok.eod_id,
-                         loaded.config.model.max_seq_len, loaded.device, loaded.config.model.vocab_size)
+    scorer = TorchScorer(
+        label,
+        "simone",
+        lambda x: model(x)[0],
+        tok.encode,
+        tok.eod_id,
+        loaded.config.model.max_seq_len,
+        loaded.device,
+        loaded.config.model.vocab_size,
+    )
     scorer.decoder = tok.decode
     return scorer
 
@@ -314,8 +338,10 @@ def load_hf_scorer(spec: str, device: str) -> Scorer:
         model = model.to(dev).eval()
     except (OSError, ValueError, KeyError) as e:
         if "trust_remote_code" in str(e):
-            raise EvalError(f"{folder}: needs its own Python code (auto_map in its config); "
-                            f"simone eval never runs a model folder's code") from None
+            raise EvalError(
+                f"{folder}: needs its own Python code (auto_map in its config); "
+                f"simone eval never runs a model folder's code"
+            ) from None
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EvalError(f"{folder}: transformers cannot open it ({first_line})") from None
     cfg = model.config
@@ -367,8 +393,8 @@ class LlamaCppScorer:
     def greedy(self, ids: list[int], n_tokens: int) -> list[int]:
         out = list(ids)
         for _ in range(n_tokens):
-            out.append(int(llama_cpp_logits(self.llm, out[-self.context:])[-1].argmax()))
-        return out[len(ids):]
+            out.append(int(llama_cpp_logits(self.llm, out[-self.context :])[-1].argmax()))
+        return out[len(ids) :]
 
 
 def load_gguf_scorer(spec: str, device: str) -> Scorer:
@@ -378,8 +404,7 @@ def load_gguf_scorer(spec: str, device: str) -> Scorer:
     if not path.is_file():
         raise EvalError(f"{path}: no such GGUF file")
     if not llama_cpp_available():
-        raise EvalError(f"{path}: scoring a GGUF file needs llama-cpp-python "
-                        f"(pip install llama-cpp-python)")
+        raise EvalError(f"{path}: scoring a GGUF file needs llama-cpp-python (pip install llama-cpp-python)")
     try:
         context, start_id = gguf_document_start(path)
         # llama.cpp keeps the logits of every position of its context: size the context to the budget
@@ -392,7 +417,10 @@ def load_gguf_scorer(spec: str, device: str) -> Scorer:
 
 
 SCORER_LOADERS: dict[str, Callable[[str, str], Scorer]] = {
-    "hf": load_hf_scorer, "gguf": load_gguf_scorer, "simone": load_simone_scorer}
+    "hf": load_hf_scorer,
+    "gguf": load_gguf_scorer,
+    "simone": load_simone_scorer,
+}
 
 
 def model_kind(spec: str) -> str:
@@ -423,8 +451,7 @@ class DomainScore:
         return self.bits / self.bytes if self.bytes else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bpb": self.bpb, "bits": self.bits, "bytes": self.bytes, "tokens": self.tokens,
-                "files": self.files}
+        return {"bpb": self.bpb, "bits": self.bits, "bytes": self.bytes, "tokens": self.tokens, "files": self.files}
 
 
 @dataclass
@@ -475,11 +502,22 @@ def evaluate_models(model_specs: list[str], data_dir: Path, device: str = "auto"
     models = []
     for scorer in scorers:
         score = score_model(scorer, files)
-        models.append({"model": score.model, "kind": score.kind, "window": scorer.context,
-                       **score.overall.to_dict(),
-                       "per_domain": {d: s.to_dict() for d, s in sorted(score.per_domain.items())}})
-    return {"schema": SCHEMA, "data": str(data_dir), "domains": dict(sorted(domains.items())),
-            "models": models, "skipped": skipped}
+        models.append(
+            {
+                "model": score.model,
+                "kind": score.kind,
+                "window": scorer.context,
+                **score.overall.to_dict(),
+                "per_domain": {d: s.to_dict() for d, s in sorted(score.per_domain.items())},
+            }
+        )
+    return {
+        "schema": SCHEMA,
+        "data": str(data_dir),
+        "domains": dict(sorted(domains.items())),
+        "models": models,
+        "skipped": skipped,
+    }
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -487,12 +525,13 @@ def format_table(result: dict[str, Any]) -> str:
     labels = [m["model"] for m in result["models"]]
     width = max([len("overall"), *(len(d) for d in result["domains"])])
     cols = [max(len(label), 8) for label in labels]
-    lines = [f"bits per byte on {result['data']} (lower is better)",
-             f"{'domain':<{width}}  {'bytes':>10}  " + "  ".join(f"{l:>{c}}" for l, c in zip(labels, cols))]
+    lines = [
+        f"bits per byte on {result['data']} (lower is better)",
+        f"{'domain':<{width}}  {'bytes':>10}  " + "  ".join(f"{l:>{c}}" for l, c in zip(labels, cols)),
+    ]
 
     def row(name: str, n_bytes: int, values: list[float]) -> str:
-        return (f"{name:<{width}}  {n_bytes:>10,}  "
-                + "  ".join(f"{v:>{c}.4f}" for v, c in zip(values, cols)))
+        return f"{name:<{width}}  {n_bytes:>10,}  " + "  ".join(f"{v:>{c}.4f}" for v, c in zip(values, cols))
 
     for domain, info in result["domains"].items():
         lines.append(row(domain, info["bytes"], [m["per_domain"][domain]["bpb"] for m in result["models"]]))
@@ -507,16 +546,18 @@ def refuse_symlinked_json(json_path: Path | None) -> None:
     name: over a symlink that replaces the link, not the file it points to. Refused rather
     than followed, which would write wherever the link leads."""
     if json_path is not None and Path(json_path).is_symlink():
-        raise EvalError(f"{json_path}: is a symlink; writing would replace the link, not its target: "
-                        f"give the target's own path for --json, or remove the link")
+        raise EvalError(
+            f"{json_path}: is a symlink; writing would replace the link, not its target: "
+            f"give the target's own path for --json, or remove the link"
+        )
 
 
-def evaluate_and_save(model_specs: list[str], data_dir: Path, json_path: Path | None = None,
-                      device: str = "auto") -> dict[str, Any]:
+def evaluate_and_save(
+    model_specs: list[str], data_dir: Path, json_path: Path | None = None, device: str = "auto"
+) -> dict[str, Any]:
     """`simone eval`: `evaluate_models`; with `json_path`, also write the result there."""
     refuse_symlinked_json(json_path)  # before any scoring
     result = evaluate_models(model_specs, data_dir, device)
     if json_path is not None:
         atomic_write_json(Path(json_path), result)
     return result
-

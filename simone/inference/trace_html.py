@@ -49,8 +49,7 @@ def render_trace_html(prompt_tokens: list[str], records: list[dict], title: str 
     (the JSONL trace objects, in order; their positions continue after the prompt)."""
     parts = []
     for pos, text in enumerate(prompt_tokens):
-        parts.append(f'<span class="tok prompt" id="p{pos}" title="prompt position {pos}">'
-                     f"{html.escape(text)}</span>")
+        parts.append(f'<span class="tok prompt" id="p{pos}" title="prompt position {pos}">{html.escape(text)}</span>')
     for i, rec in enumerate(records):
         pos = len(prompt_tokens) + i
         lines = [f"position {pos}: {rec['text']!r}", f"p = {rec['prob']:.3f}   entropy = {rec['entropy']:.2f} nats"]
@@ -63,15 +62,19 @@ def render_trace_html(prompt_tokens: list[str], records: list[dict], title: str 
             lines.append("policy:")
             lines += [f"  {p:6.3f}  {d}" for d, p in sorted(rec["policy"].items(), key=lambda kv: -kv[1])]
         sources = json.dumps([[s[0], s[2]] for s in rec.get("top_sources") or []])
-        parts.append(f'<span class="tok" id="p{pos}" style="background:{_colour(rec["prob"])}" '
-                     f'title="{html.escape(chr(10).join(lines))}" data-sources="{html.escape(sources)}">'
-                     f"{html.escape(rec['text'])}</span>")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style></head><body><h3>{html.escape(title)}</h3>"
-            f"<div class='legend'>Generated tokens coloured by probability (red low, green high); "
-            f"hover a token for its sources (outlined) and policy.</div>"
-            f"<div id='info'>hover a token</div><div>{''.join(parts)}</div>"
-            f"<script>{_SCRIPT}</script></body></html>\n")
+        parts.append(
+            f'<span class="tok" id="p{pos}" style="background:{_colour(rec["prob"])}" '
+            f'title="{html.escape(chr(10).join(lines))}" data-sources="{html.escape(sources)}">'
+            f"{html.escape(rec['text'])}</span>"
+        )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body><h3>{html.escape(title)}</h3>"
+        f"<div class='legend'>Generated tokens coloured by probability (red low, green high); "
+        f"hover a token for its sources (outlined) and policy.</div>"
+        f"<div id='info'>hover a token</div><div>{''.join(parts)}</div>"
+        f"<script>{_SCRIPT}</script></body></html>\n"
+    )
 
 
 def write_trace_html(path: Path, prompt_tokens: list[str], records: list[dict], title: str = "SIM-ONE trace") -> Path:

@@ -20,9 +20,9 @@ from rich.table import Table
 from simone.checkpoint import CheckpointError, verify_checkpoint
 from simone.config import ValidateConfig, analytic_param_count
 from simone.data.shards import TokenShard
-from simone.inference.shard_loss import evaluate_per_domain
 from simone.inference.generate import stream_tokens
 from simone.inference.load import ModelLoadError, load_model
+from simone.inference.shard_loss import evaluate_per_domain
 from simone.rundir import RunDir, atomic_write_json, atomic_write_text, read_json, sha256_file
 
 SAMPLE_PROMPTS = ["The ", "And it came to pass", "What is "]
@@ -97,7 +97,7 @@ def _peak_rss_mb() -> float:
 def distinct_n(words: list[str], n: int = 2) -> float | None:
     """Distinct n-grams / all n-grams of `words` (1.0: no n-gram repeats; near 0: a loop);
     None when the text has fewer than n words."""
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else None
 
 
@@ -106,7 +106,7 @@ def longest_repeated_ngram(words: list[str]) -> int:
     If no n-gram repeats, no longer one can, so the search stops at the first n without one."""
     n = 0
     while n < len(words):
-        grams = [tuple(words[i:i + n + 1]) for i in range(len(words) - n)]
+        grams = [tuple(words[i : i + n + 1]) for i in range(len(words) - n)]
         if len(set(grams)) == len(grams):
             break
         n += 1
@@ -118,9 +118,12 @@ def diversity(texts: list[str]) -> dict[str, Any]:
     (distinct-2) or maximised (longest repeated n-gram)."""
     word_lists = [t.split() for t in texts]
     d2 = [x for x in (distinct_n(w, 2) for w in word_lists) if x is not None]
-    return {"distinct_2": round(sum(d2) / len(d2), 4) if d2 else None,
-            "longest_repeated_ngram": max((longest_repeated_ngram(w) for w in word_lists), default=0),
-            "texts": len(texts), "words": sum(len(w) for w in word_lists)}
+    return {
+        "distinct_2": round(sum(d2) / len(d2), 4) if d2 else None,
+        "longest_repeated_ngram": max((longest_repeated_ngram(w) for w in word_lists), default=0),
+        "texts": len(texts),
+        "words": sum(len(w) for w in word_lists),
+    }
 
 
 def validation_snippets(shard: TokenShard, tokenizer, n: int, n_tokens: int) -> list[str]:
@@ -129,12 +132,17 @@ def validation_snippets(shard: TokenShard, tokenizer, n: int, n_tokens: int) -> 
     if shard.n_tokens <= n_tokens or n < 1:
         return [tokenizer.decode(int(t) for t in shard.tokens[: shard.n_tokens])] if shard.n_tokens else []
     step = (shard.n_tokens - n_tokens) // n
-    return [tokenizer.decode(int(t) for t in shard.tokens[i * step: i * step + n_tokens]) for i in range(n)]
+    return [tokenizer.decode(int(t) for t in shard.tokens[i * step : i * step + n_tokens]) for i in range(n)]
 
 
-def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | None = None,
-             max_batches: int | None = None, sample_tokens: int = 48,
-             bounds: ValidateConfig | None = None) -> dict[str, Any]:
+def validate(
+    model_path: Path,
+    out_dir: Path | None = None,
+    data_dir: Path | None = None,
+    max_batches: int | None = None,
+    sample_tokens: int = 48,
+    bounds: ValidateConfig | None = None,
+) -> dict[str, Any]:
     """Run every check on a run dir, checkpoint dir or package; write report.json and report.md.
 
     `bounds`: the generation-speed and peak-memory bounds (default: the model's own config's
@@ -145,8 +153,12 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
     model_path = Path(model_path)
     out_dir = Path(out_dir) if out_dir else _default_out_dir(model_path)
     checks: list[dict[str, Any]] = []
-    report: dict[str, Any] = {"schema": 1, "model": str(model_path.resolve()), "checks": checks,
-                              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    report: dict[str, Any] = {
+        "schema": 1,
+        "model": str(model_path.resolve()),
+        "checks": checks,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
     def check(name: str, ok: bool, detail: str) -> bool:
         checks.append({"name": name, "ok": bool(ok), "detail": detail})
@@ -165,8 +177,11 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
         problems = []
     except CheckpointError as e:
         problems = [str(e)]
-    report["artifacts"] = {name: {"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size}
-                           for name, p in loaded.files.items() if p.is_file()}
+    report["artifacts"] = {
+        name: {"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for name, p in loaded.files.items()
+        if p.is_file()
+    }
     check("integrity", not problems, "; ".join(problems) or f"{len(report['artifacts'])} files match their manifest")
 
     report.update(_training_stop(model_path, loaded))
@@ -174,40 +189,57 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
     n_params = sum(p.numel() for p in model.parameters())
     report["params"] = n_params
     report["weights_mb"] = round(loaded.weights.stat().st_size / 2**20, 2)
-    check("parameters", n_params > 0 and all(torch.isfinite(p).all() for p in model.parameters()),
-          f"{n_params:,} parameters, {report['weights_mb']} MB, all finite")
+    check(
+        "parameters",
+        n_params > 0 and all(torch.isfinite(p).all() for p in model.parameters()),
+        f"{n_params:,} parameters, {report['weights_mb']} MB, all finite",
+    )
     expected = analytic_param_count(cfg.model)
     report["params_expected"] = expected
-    check("parameter_count", n_params == expected,
-          f"{n_params:,} parameters = the config's analytic count" if n_params == expected else
-          f"the model has {n_params:,} parameters, its config's analytic count is {expected:,} "
-          f"(difference {n_params - expected:+,})")
+    check(
+        "parameter_count",
+        n_params == expected,
+        f"{n_params:,} parameters = the config's analytic count"
+        if n_params == expected
+        else f"the model has {n_params:,} parameters, its config's analytic count is {expected:,} "
+        f"(difference {n_params - expected:+,})",
+    )
 
     data_dir = data_dir or _find_data_dir(model_path, loaded)
     if data_dir is None:
         check("validation_loss", True, "skipped: no validation shards next to this model (pass --data-dir)")
     else:
         val_shard = TokenShard(data_dir, "val")
-        ev = evaluate_per_domain(model, val_shard, seq_len=cfg.model.max_seq_len,
-                                 batch_size=cfg.train.batch_size, max_batches=max_batches or cfg.train.eval_batches,
-                                 device=loaded.device)
+        ev = evaluate_per_domain(
+            model,
+            val_shard,
+            seq_len=cfg.model.max_seq_len,
+            batch_size=cfg.train.batch_size,
+            max_batches=max_batches or cfg.train.eval_batches,
+            device=loaded.device,
+        )
         report.update(ev)
         # domains that validate on the held-out tail of a training document (curation's slices)
-        report["held_out_slices"] = {d: v["n_slices"] for d, v in val_shard.info["domains"].items() if v.get("n_slices")}
+        report["held_out_slices"] = {
+            d: v["n_slices"] for d, v in val_shard.info["domains"].items() if v.get("n_slices")
+        }
         loss = ev["val_loss"]
         uniform = math.log(cfg.model.vocab_size)
         ok = loss is not None and math.isfinite(loss) and loss < uniform
-        check("validation_loss", ok,
-              f"loss {loss:.4f} (uniform guess {uniform:.2f}), ppl {ev['val_ppl']:.1f}, bpb {ev['val_bpb']:.3f}"
-              if loss is not None else "no validation tokens")
+        check(
+            "validation_loss",
+            ok,
+            f"loss {loss:.4f} (uniform guess {uniform:.2f}), ppl {ev['val_ppl']:.1f}, bpb {ev['val_bpb']:.3f}"
+            if loss is not None
+            else "no validation tokens",
+        )
 
     samples, continuations = [], []
     n_tokens, seconds = 0, 0.0
     for i, prompt in enumerate(SAMPLE_PROMPTS):
         t0 = time.perf_counter()
         token_ids: list[int] = []
-        pieces = list(stream_tokens(loaded, prompt, max_tokens=sample_tokens, seed=i,
-                                    token_ids=token_ids))
+        pieces = list(stream_tokens(loaded, prompt, max_tokens=sample_tokens, seed=i, token_ids=token_ids))
         seconds += time.perf_counter() - t0
         n_tokens += len(token_ids)
         samples.append({"prompt": prompt, "text": prompt + "".join(pieces)})
@@ -217,8 +249,11 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
     report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     if loaded.device.type == "cuda":
         report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    check("generation", n_tokens > 0 and any(s["text"].strip() != s["prompt"].strip() for s in samples),
-          f"{n_tokens} tokens at {report['generation_tokens_per_s']} tok/s")
+    check(
+        "generation",
+        n_tokens > 0 and any(s["text"].strip() != s["prompt"].strip() for s in samples),
+        f"{n_tokens} tokens at {report['generation_tokens_per_s']} tok/s",
+    )
 
     # repetition: the generated continuations beside validation text of the same length
     report["diversity"] = {"samples": diversity(continuations)}
@@ -227,7 +262,6 @@ def validate(model_path: Path, out_dir: Path | None = None, data_dir: Path | Non
         report["diversity"]["validation_text"] = diversity(snippets)
 
     _check_bounds(check, report, bounds or cfg.validate, loaded.device.type, cfg.preset)
-
 
     loaded.close()  # an extracted package's temporary folder (else removed when `loaded` goes)
     return _finish(report, out_dir)
@@ -238,18 +272,27 @@ def _check_bounds(check, report: dict[str, Any], bounds: ValidateConfig, device_
     key = "min_generation_tokens_per_s_cuda" if device_type == "cuda" else "min_generation_tokens_per_s_cpu"
     floor, speed = getattr(bounds, key), report["generation_tokens_per_s"]
     report["bounds"] = {key: floor, "max_peak_rss_mb": bounds.max_peak_rss_mb}
-    check("generation_speed", speed >= floor,
-          f"generation {speed} tokens/s " + (">=" if speed >= floor else "is below") +
-          f" the bound {floor} tokens/s (validate.{key}, preset {preset})")
+    check(
+        "generation_speed",
+        speed >= floor,
+        f"generation {speed} tokens/s "
+        + (">=" if speed >= floor else "is below")
+        + f" the bound {floor} tokens/s (validate.{key}, preset {preset})",
+    )
     figures = [("peak RSS", report["peak_rss_mb"], "max_peak_rss_mb")]
     if "peak_gpu_mb" in report:
         report["bounds"]["max_peak_gpu_mb"] = bounds.max_peak_gpu_mb
         figures.append(("peak GPU memory", report["peak_gpu_mb"], "max_peak_gpu_mb"))
     over = [(name, value, k) for name, value, k in figures if value > getattr(bounds, k)]
-    check("peak_memory", not over,
-          "; ".join(f"{name} {value} MB exceeds the bound {getattr(bounds, k)} MB (validate.{k}, preset {preset})"
-                    for name, value, k in over) or
-          ", ".join(f"{name} {value} MB <= {getattr(bounds, k)} MB" for name, value, k in figures))
+    check(
+        "peak_memory",
+        not over,
+        "; ".join(
+            f"{name} {value} MB exceeds the bound {getattr(bounds, k)} MB (validate.{k}, preset {preset})"
+            for name, value, k in over
+        )
+        or ", ".join(f"{name} {value} MB <= {getattr(bounds, k)} MB" for name, value, k in figures),
+    )
 
 
 def _finish(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -263,9 +306,18 @@ def _finish(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 
 
 def report_markdown(r: dict[str, Any]) -> str:
-    lines = ["# Validation report", "", f"Model: `{r['model']}`  ", f"Created: {r['created']}  ",
-             f"Result: **{'PASS' if r['ok'] else 'FAIL'}**", "", "## Checks", "", "| check | result | detail |",
-             "|---|---|---|"]
+    lines = [
+        "# Validation report",
+        "",
+        f"Model: `{r['model']}`  ",
+        f"Created: {r['created']}  ",
+        f"Result: **{'PASS' if r['ok'] else 'FAIL'}**",
+        "",
+        "## Checks",
+        "",
+        "| check | result | detail |",
+        "|---|---|---|",
+    ]
     for c in r["checks"]:
         lines.append(f"| {c['name']} | {'pass' if c['ok'] else '**FAIL**'} | {c['detail'].replace('|', '/')} |")
     if r.get("params"):
@@ -275,25 +327,40 @@ def report_markdown(r: dict[str, Any]) -> str:
         done = "" if progress is None else f", learning-rate schedule {math.floor(progress * 1e3 + 1e-6) / 10:g}% done"
         lines += ["", f"Training stopped: {r['stop_reason']}{done}"]
     if r.get("per_domain"):
-        lines += ["", "## Validation by domain", "", "| domain | loss | perplexity | bits per byte | tokens |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Validation by domain",
+            "",
+            "| domain | loss | perplexity | bits per byte | tokens |",
+            "|---|---|---|---|---|",
+        ]
         for d, v in r["per_domain"].items():
             lines.append(f"| {d} | {v['loss']:.4f} | {v['ppl']:.1f} | {v['bpb']:.3f} | {v['tokens']} |")
         lines.append(f"| **all** | {r['val_loss']:.4f} | {r['val_ppl']:.1f} | {r['val_bpb']:.3f} | {r['tokens']} |")
         if r.get("held_out_slices"):
-            lines += ["", "Validation text of " + ", ".join(f"**{d}**" for d in r["held_out_slices"])
-                      + " is a held-out slice: the tail of a training document, cut at a paragraph break and never "
-                      "trained on (a domain with a single document has no other to spare)."]
+            lines += [
+                "",
+                "Validation text of "
+                + ", ".join(f"**{d}**" for d in r["held_out_slices"])
+                + " is a held-out slice: the tail of a training document, cut at a paragraph break and never "
+                "trained on (a domain with a single document has no other to spare).",
+            ]
     if r.get("samples"):
         lines += ["", "## Samples", ""]
         for s in r["samples"]:
             lines += [f"- `{s['prompt']}` → {s['text']!r}"]
         lines += ["", f"Generation: {r['generation_tokens_per_s']} tokens/s; peak RSS {r['peak_rss_mb']} MB"]
     if r.get("diversity"):
-        lines += ["", "## Repetition", "",
-                  "Word-level, each text alone: distinct-2 = distinct bigrams / bigrams (1.0: none repeats); "
-                  "longest repeated n-gram in words.", "",
-                  "| text | distinct-2 | longest repeated n-gram | texts | words |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Repetition",
+            "",
+            "Word-level, each text alone: distinct-2 = distinct bigrams / bigrams (1.0: none repeats); "
+            "longest repeated n-gram in words.",
+            "",
+            "| text | distinct-2 | longest repeated n-gram | texts | words |",
+            "|---|---|---|---|---|",
+        ]
         for label, key in (("samples", "samples"), ("validation text (same length)", "validation_text")):
             d = r["diversity"].get(key)
             if d:

@@ -27,5 +27,15 @@ def build_model(cfg: ModelConfig) -> LanguageModel:
     raise ValueError(f"model.arch={cfg.arch!r}: choose one of {', '.join(ARCHITECTURES)}")
 
 
-__all__ = ["ARCHITECTURES", "GPT2", "KVCache", "LanguageModel", "StreamingKVCache", "Transformer",
-           "build_model", "filter_logits", "sample_next_token", "set_policy_domains"]
+__all__ = [
+    "ARCHITECTURES",
+    "GPT2",
+    "KVCache",
+    "LanguageModel",
+    "StreamingKVCache",
+    "Transformer",
+    "build_model",
+    "filter_logits",
+    "sample_next_token",
+    "set_policy_domains",
+]

@@ -30,9 +30,16 @@ class KVCache:
     caller feeds the prompt once and then one token at a time.
     """
 
-    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int,
-                 max_len: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         shape = (batch_size, max_len, n_kv_heads, head_dim)
         self.max_len = max_len
         self.batch_size = batch_size
@@ -41,8 +48,7 @@ class KVCache:
         # governance policy head: (running sum of its input [B or 1, dim], count) so far
         self.policy_state: tuple[torch.Tensor, float] | None = None
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
-               start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [B, T, n_kv_heads, head_dim] at start_pos; return all keys/values so far."""
         batch, n_new = k.shape[:2]
         end = start_pos + n_new
@@ -56,7 +62,6 @@ class KVCache:
         cache_k[:, start_pos:end] = k
         cache_v[:, start_pos:end] = v
         return cache_k[:, :end], cache_v[:, :end]
-
 
 
 class StreamingKVCache(KVCache):
@@ -75,10 +80,19 @@ class StreamingKVCache(KVCache):
     position of the token in slot s (for traces).
     """
 
-    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int,
-                 capacity: int, keep_first: int = 0, evict_chunk: int | None = None,
-                 rope_theta: float | None = 10000.0, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        keep_first: int = 0,
+        evict_chunk: int | None = None,
+        rope_theta: float | None = 10000.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         if not 0 <= keep_first < capacity:
             raise ValueError(f"keep_first={keep_first} must be in [0, capacity={capacity})")
         super().__init__(n_layers, batch_size, n_kv_heads, head_dim, capacity, device, dtype)
@@ -97,10 +111,10 @@ class StreamingKVCache(KVCache):
         if self.length + n_new > self.capacity:
             room = self.capacity - self.keep_first
             if n_new > room:
-                raise ValueError(f"cannot write {n_new} tokens at once into a streaming cache with "
-                                 f"{room} evictable slots")
-            n_evict = min(max(self.length + n_new - self.capacity, self.evict_chunk),
-                          self.length - self.keep_first)
+                raise ValueError(
+                    f"cannot write {n_new} tokens at once into a streaming cache with {room} evictable slots"
+                )
+            n_evict = min(max(self.length + n_new - self.capacity, self.evict_chunk), self.length - self.keep_first)
             self._evict(n_evict)
         start = self.length
         self.length += n_new
@@ -127,6 +141,7 @@ class StreamingKVCache(KVCache):
         """Bytes held by the key/value buffers (constant for the cache's lifetime)."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+
 class CausalSelfAttention(nn.Module):
     """Multi-head (or grouped-query) causal attention with one fused q/k/v projection.
 
@@ -134,8 +149,7 @@ class CausalSelfAttention(nn.Module):
     three. `wo` maps the concatenated heads back to the model width.
     """
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, dropout: float = 0.0,
-                 bias: bool = False):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, dropout: float = 0.0, bias: bool = False):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"dim {dim} is not divisible by n_heads {n_heads}")
@@ -161,9 +175,14 @@ class CausalSelfAttention(nn.Module):
     def n_memory(self) -> int:
         return 0 if self.memory_k is None else self.memory_k.size(0)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                kv_cache: KVCache | None = None, layer: int = 0,
-                start_pos: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
         """x [B, T, dim] → [B, T, dim]; `rope` = (cos, sin) for positions start_pos..+T."""
         batch, n_new, _ = x.shape
         n_q, n_kv = self.n_heads, self.n_kv_heads
@@ -192,7 +211,11 @@ class CausalSelfAttention(nn.Module):
         # [B, T, heads, head_dim] → [B, heads, T, head_dim]: views, SDPA accepts the strides.
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=n_kv != n_q,  # kv head j serves query heads j·g..(j+1)·g-1, no copies
         )
@@ -204,8 +227,9 @@ class CausalSelfAttention(nn.Module):
             y = F.dropout(y, self.dropout, training=True)
         return y
 
-    def _prepend_memory(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        attn_mask: torch.Tensor | None, is_causal: bool):
+    def _prepend_memory(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool
+    ):
         """Put the memory slots in front of the keys and values ([B, S, heads, head_dim]).
 
         Every query may see every slot. Under `is_causal` (no cache offset) the queries get
@@ -226,9 +250,14 @@ class CausalSelfAttention(nn.Module):
         return q, k, v, attn_mask, n_pad
 
     @torch.no_grad()
-    def attention_weights(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                          kv_cache: KVCache | None = None, layer: int = 0,
-                          start_pos: int = 0) -> torch.Tensor:
+    def attention_weights(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
         """Attention probabilities of the LAST query of x, [B, n_heads, n_memory + n_keys].
 
         Columns: the memory slots (if any), then key positions 0..start_pos+T-1 (cache slots

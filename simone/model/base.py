@@ -49,8 +49,9 @@ class LanguageModel(nn.Module):
         for weight in residual_projections:
             nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
 
-    def logits_and_loss(self, h: torch.Tensor, targets: torch.Tensor | None,
-                        last_logits_only: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def logits_and_loss(
+        self, h: torch.Tensor, targets: torch.Tensor | None, last_logits_only: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Final hidden states h [B, T, dim] → logits [B, T, V] and the mean cross-entropy.
 
         The loss is computed in float32 even under autocast; targets equal to -1 are ignored.
@@ -66,8 +67,7 @@ class LanguageModel(nn.Module):
             # Training: fused projection + loss (simone/model/loss.py), no logits kept.
             return None, linear_cross_entropy(h, self.output.weight, targets)
         logits = self.output(h)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     # ------------------------------------------------------------------ counts
@@ -113,14 +113,26 @@ class LanguageModel(nn.Module):
         "vector"        biases and norm weights (never weight-decayed)
         """
         in_blocks = {id(m.weight) for m in self.layers.modules() if isinstance(m, nn.Linear)}
-        return [("vector" if p.dim() < 2 else "embedding" if p is self.tok_embeddings.weight
-                 else "block_matrix" if id(p) in in_blocks else "matrix", p)
-                for p in self.parameters() if p.requires_grad]
+        return [
+            (
+                "vector"
+                if p.dim() < 2
+                else "embedding"
+                if p is self.tok_embeddings.weight
+                else "block_matrix"
+                if id(p) in in_blocks
+                else "matrix",
+                p,
+            )
+            for p in self.parameters()
+            if p.requires_grad
+        ]
 
     # ------------------------------------------------------------------ generation
 
-    def new_kv_cache(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
-                     dtype: torch.dtype | None = None) -> KVCache:
+    def new_kv_cache(
+        self, batch_size: int, max_len: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
         """A preallocated cache for `batch_size` sequences of up to `max_len` positions
         (capped at cfg.max_seq_len). Defaults: the model's device, and its dtype — or the
         autocast dtype when autocast is on."""
@@ -131,14 +143,29 @@ class LanguageModel(nn.Module):
             if torch.is_autocast_enabled(device.type):
                 dtype = torch.get_autocast_dtype(device.type)
         attn = self.layers[0].attention
-        return KVCache(len(self.layers), batch_size, attn.n_kv_heads, attn.head_dim,
-                       min(max_len, self.cfg.max_seq_len), device, dtype)
+        return KVCache(
+            len(self.layers),
+            batch_size,
+            attn.n_kv_heads,
+            attn.head_dim,
+            min(max_len, self.cfg.max_seq_len),
+            device,
+            dtype,
+        )
 
     @torch.inference_mode()  # like no_grad, minus view and version tracking: a few % per step
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True,
-                 eos_id: int | None = None, decoder: CachedDecoder | None = None) -> Iterator[torch.Tensor]:
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        eos_id: int | None = None,
+        decoder: CachedDecoder | None = None,
+    ) -> Iterator[torch.Tensor]:
         """Continue the token sequences idx [B, T]; yields each new token [B, 1] as it is made.
 
         temperature 0 is greedy; `generator` makes sampling repeatable. use_cache=False
@@ -182,17 +209,18 @@ class CachedDecoder:
         self.logits: torch.Tensor | None = None
 
     def feed(self, new: torch.Tensor) -> torch.Tensor:
-        idx = new[:, -self.max_len:] if self.idx is None else torch.cat((self.idx, new), dim=1)
+        idx = new[:, -self.max_len :] if self.idx is None else torch.cat((self.idx, new), dim=1)
         if self.cache is not None and idx.size(1) <= self.cache.max_len:
             if self.plan is not None and self.n_cached > 0:  # exactly one new token
-                logits = decode.decode_step(self.model, self.plan, idx[:, self.n_cached:], self.cache, self.n_cached)
+                logits = decode.decode_step(self.model, self.plan, idx[:, self.n_cached :], self.cache, self.n_cached)
             else:
-                logits = self.model(idx[:, self.n_cached:], kv_cache=self.cache, start_pos=self.n_cached,
-                                    last_logits_only=True)[0][:, -1]
+                logits = self.model(
+                    idx[:, self.n_cached :], kv_cache=self.cache, start_pos=self.n_cached, last_logits_only=True
+                )[0][:, -1]
             self.n_cached = idx.size(1)
         else:
             self.cache = None  # full (or never made): recompute the last max_len tokens
-            idx = idx[:, -self.max_len:]
+            idx = idx[:, -self.max_len :]
             logits = self.model(idx, last_logits_only=True)[0][:, -1]
         self.idx, self.logits = idx, logits
         return logits

@@ -51,30 +51,49 @@ class DecodePlan:
 def supports(model: torch.nn.Module, cache: KVCache | None) -> bool:
     """Whether `decode_step` computes exactly what `model` would for one new token (on a
     CPU, where the dispatch it saves matters; a GPU wants CUDA graphs for the same)."""
-    return (getattr(type(model), "flat_decoding", False) and not model.cfg.governance and not model.training
-            and type(cache) is KVCache and model.output.weight.device.type == "cpu"
-            # a forward set on the instance (torch.compile'd) is what the caller asked to run
-            and "forward" not in vars(model)
-            # sharded parameters (FSDP2 DTensors) are gathered only by the modules' hooks
-            and all(type(p.data) is torch.Tensor for p in model.parameters()))
+    return (
+        getattr(type(model), "flat_decoding", False)
+        and not model.cfg.governance
+        and not model.training
+        and type(cache) is KVCache
+        and model.output.weight.device.type == "cpu"
+        # a forward set on the instance (torch.compile'd) is what the caller asked to run
+        and "forward" not in vars(model)
+        # sharded parameters (FSDP2 DTensors) are gathered only by the modules' hooks
+        and all(type(p.data) is torch.Tensor for p in model.parameters())
+    )
 
 
 def plan_for(model: torch.nn.Module) -> DecodePlan:
     """The weights of a plain `Transformer` for `decode_step`: the norms as they are, each
     projection as its Linear's [in, out] decoding copy (cached across calls)."""
-    layers = [LayerWeights(block.attention_norm.weight, block.attention.wqkv.decode_weight(),
-                           block.attention.wo.decode_weight(), block.ffn_norm.weight,
-                           block.feed_forward.w13.decode_weight(),
-                           block.feed_forward.w2.decode_weight())
-              for block in model.layers]
+    layers = [
+        LayerWeights(
+            block.attention_norm.weight,
+            block.attention.wqkv.decode_weight(),
+            block.attention.wo.decode_weight(),
+            block.ffn_norm.weight,
+            block.feed_forward.w13.decode_weight(),
+            block.feed_forward.w2.decode_weight(),
+        )
+        for block in model.layers
+    ]
     attn = model.layers[0].attention
-    return DecodePlan(layers, model.tok_embeddings.weight, model.norm.weight,
-                      model.output.decode_weight(), model.cfg.norm_eps, attn.n_heads,
-                      attn.n_kv_heads, attn.head_dim)
+    return DecodePlan(
+        layers,
+        model.tok_embeddings.weight,
+        model.norm.weight,
+        model.output.decode_weight(),
+        model.cfg.norm_eps,
+        attn.n_heads,
+        attn.n_kv_heads,
+        attn.head_dim,
+    )
 
 
-def decode_step(model: torch.nn.Module, plan: DecodePlan, tokens: torch.Tensor, cache: KVCache,
-                pos: int) -> torch.Tensor:
+def decode_step(
+    model: torch.nn.Module, plan: DecodePlan, tokens: torch.Tensor, cache: KVCache, pos: int
+) -> torch.Tensor:
     """Logits [B, vocab] of the token after `tokens` [B, 1] at position `pos`, whose keys and
     values are added to `cache` (which holds positions 0..pos-1)."""
     batch = tokens.size(0)
@@ -87,8 +106,9 @@ def decode_step(model: torch.nn.Module, plan: DecodePlan, tokens: torch.Tensor, 
         qkv = (x @ layer.wqkv).view(batch, 1, n_q + 2 * n_kv, head_dim)
         q, k, v = rotary_qkv(qkv, cos, sin, n_q, n_kv)
         k, v = cache.update(i, k, v, pos)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           enable_gqa=n_kv != n_q)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=n_kv != n_q
+        )
         h = h + y.view(batch, 1, dim) @ layer.wo  # [B, heads, 1, hd] is [B, 1, dim] in memory
         gate, up = (F.rms_norm(h, (dim,), layer.ffn_norm, plan.eps) @ layer.w13).chunk(2, dim=-1)
         h = h + (F.silu(gate) * up) @ layer.w2

@@ -69,16 +69,20 @@ def check_governance_config(cfg: ModelConfig) -> None:
     if not cfg.governance:
         return
     if cfg.arch != "llama":
-        raise ValueError(f"model.governance=true needs model.arch=llama (got {cfg.arch!r}); "
-                         f"the GPT-2 baseline stays plain")
+        raise ValueError(
+            f"model.governance=true needs model.arch=llama (got {cfg.arch!r}); the GPT-2 baseline stays plain"
+        )
     if cfg.policy:
         if cfg.n_domains < 1:
-            raise ValueError("model.n_domains=0 with model.policy=true: the policy head needs the "
-                             "number of domains (set from the tokenizer's domain control tokens "
-                             "by `set_policy_domains`)")
+            raise ValueError(
+                "model.n_domains=0 with model.policy=true: the policy head needs the "
+                "number of domains (set from the tokenizer's domain control tokens "
+                "by `set_policy_domains`)"
+            )
         if not -cfg.n_layers <= cfg.policy_layer < cfg.n_layers:
-            raise ValueError(f"model.policy_layer={cfg.policy_layer} is not a block index "
-                             f"(model has {cfg.n_layers} blocks)")
+            raise ValueError(
+                f"model.policy_layer={cfg.policy_layer} is not a block index (model has {cfg.n_layers} blocks)"
+            )
     for name in ("policy_loss_weight", "coherence_weight"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"model.{name} must be >= 0")
@@ -103,8 +107,7 @@ def trace_layers(cfg: ModelConfig) -> list[int]:
     try:
         picked = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"model.trace_layers={text!r}: expected comma-separated block indices "
-                         f"or 'all'") from None
+        raise ValueError(f"model.trace_layers={text!r}: expected comma-separated block indices or 'all'") from None
     out = []
     for i in picked:
         if not -cfg.n_layers <= i < cfg.n_layers:
@@ -140,8 +143,9 @@ class PolicyHead(nn.Module):
         return self.proj(self.norm(mean.to(h.dtype)))
 
 
-def governance_loss(cfg: ModelConfig, lm_loss: torch.Tensor, policy_logits: torch.Tensor | None,
-                    domain_ids: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def governance_loss(
+    cfg: ModelConfig, lm_loss: torch.Tensor, policy_logits: torch.Tensor | None, domain_ids: torch.Tensor | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The comprehensive loss and its detached terms (see the module docstring).
 
     domain_ids: [B] (one label per row) or [B, T] (per position), -1 = unknown (ignored).

@@ -41,8 +41,9 @@ class GPT2Block(nn.Module):
         super().__init__()
         self.layer = layer
         self.attention_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attention = CausalSelfAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads,
-                                             cfg.dropout, bias=True)
+        self.attention = CausalSelfAttention(
+            cfg.dim, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.dropout, bias=True
+        )
         self.ffn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = MLP(cfg.dim, cfg.ffn_hidden or 4 * cfg.dim, cfg.dropout)
 
@@ -64,17 +65,22 @@ class GPT2(LanguageModel):
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.init_weights([p for block in self.layers
-                           for p in (block.attention.wo.weight, block.feed_forward.proj.weight)])
+        self.init_weights(
+            [p for block in self.layers for p in (block.attention.wo.weight, block.feed_forward.proj.weight)]
+        )
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, start_pos: int = 0,
-                last_logits_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+        last_logits_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Same contract as `Transformer.forward`."""
         n_new = idx.size(1)
         if start_pos + n_new > self.cfg.max_seq_len:
-            raise ValueError(f"positions up to {start_pos + n_new} exceed max_seq_len "
-                             f"{self.cfg.max_seq_len}")
+            raise ValueError(f"positions up to {start_pos + n_new} exceed max_seq_len {self.cfg.max_seq_len}")
         positions = torch.arange(start_pos, start_pos + n_new, device=idx.device)
         h = self.tok_embeddings(idx) + self.pos_embeddings(positions)
         if self.cfg.dropout and self.training:

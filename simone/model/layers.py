@@ -33,11 +33,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
-            if (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-                    and not torch.compiler.is_compiling()):  # compile fuses F.rms_norm itself
+            if (
+                torch.is_grad_enabled()
+                and (x.requires_grad or self.weight.requires_grad)
+                and not torch.compiler.is_compiling()
+            ):  # compile fuses F.rms_norm itself
                 device = x.device.type
-                out_dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
-                             else x.dtype)
+                out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
                 return RMSNormFunction.apply(x, self.weight, self.eps, out_dtype)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Low precision: normalise in float32 (as Llama does), scale in the input dtype.
@@ -56,8 +58,7 @@ class RMSNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float,
-                out_dtype: torch.dtype) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
         dim = x.size(-1)
         mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(dim)
         rstd = mean_square.add_(eps).rsqrt_()
@@ -100,8 +101,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Checked in order of cost: this runs ~20 times per generated token.
-        if (torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or x.numel() > self.decode_rows * x.size(-1)):
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or x.numel() > self.decode_rows * x.size(-1):
             return F.linear(x, self.weight, self.bias)
         weight_t = self.decode_weight()
         if weight_t is None:
@@ -192,8 +192,7 @@ class SwiGLU(nn.Module):
 # ----------------------------------------------------------------------------- RoPE
 
 
-def rope_tables(head_dim: int, max_len: int,
-                theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, max_len: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of position·frequency, each [max_len, 1, head_dim // 2] (the 1 broadcasts
     over heads), in float32.
 
@@ -218,8 +217,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor) -> torch.Tensor:
+def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """`apply_rope` without autograd, written into `out` (which may be a view)."""
     x1, x2 = x.chunk(2, dim=-1)
     out1, out2 = out.chunk(2, dim=-1)
@@ -240,8 +238,9 @@ class RotaryQKV(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                n_q: int, n_kv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, n_kv: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)  # no copies when they match
         ctx.save_for_backward(cos, sin)
         ctx.n_q, ctx.n_kv = n_q, n_kv
@@ -260,8 +259,9 @@ class RotaryQKV(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int,
-               n_kv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rotary_qkv(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, n_kv: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q, k, v) from qkv [B, T, n_q + 2·n_kv, head_dim], q and k rotated: through
     `RotaryQKV` when a gradient is needed, without its per-call overhead otherwise, and
     as the plain formula under torch.compile."""
@@ -274,8 +274,9 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int
     return _split_and_rotate(qkv, cos.to(qkv.dtype), sin.to(qkv.dtype), n_q, n_kv)
 
 
-def _split_and_rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int,
-                      n_kv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _split_and_rotate(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, n_kv: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q, k, v) views: q and k rotated together into one new tensor, v a view of qkv."""
     qk, v = qkv.split([n_q + n_kv, n_kv], dim=2)
     q, k = _rotate_into(qk.new_empty(qk.shape), qk, cos, sin).split([n_q, n_kv], dim=2)

@@ -79,8 +79,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 @torch.compiler.disable  # a graph break: dynamo would unroll the chunk loop
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor,
-                         targets: torch.Tensor) -> torch.Tensor:
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy (float32) of the logits h @ weightᵀ, for hidden states h [..., D]
     and targets [...]; -1 targets are ignored.
 
@@ -92,5 +91,4 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor,
     if torch.is_autocast_enabled(device_type):
         compute = torch.get_autocast_dtype(device_type)
     with torch.autocast(device_type, enabled=False):
-        return LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)).to(compute), weight,
-                                        targets.reshape(-1))
+        return LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)).to(compute), weight, targets.reshape(-1))

@@ -11,8 +11,7 @@ import torch
 GREEDY_BELOW = 1e-5
 
 
-def filter_logits(logits: torch.Tensor, top_k: int | None = None,
-                  top_p: float | None = None) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Set to -inf every logit outside the top-k and outside the top-p nucleus.
 
     logits: [B, V]. top_k keeps the k largest (ties at the k-th value are kept too);
@@ -38,9 +37,13 @@ def nucleus_drop(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return drop
 
 
-def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                      top_p: float | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Pick one token per row of logits [B, V]; returns a LongTensor [B, 1].
 
     temperature below `GREEDY_BELOW` (0 included) means greedy (argmax); otherwise logits are

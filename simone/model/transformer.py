@@ -22,8 +22,7 @@ from torch import nn
 from simone.config import ModelConfig
 from simone.model.attention import CausalSelfAttention, KVCache
 from simone.model.base import LanguageModel
-from simone.model.governance_heads import (PolicyHead, check_governance_config, governance_loss,
-                                     uses_memory, uses_policy)
+from simone.model.governance_heads import PolicyHead, check_governance_config, governance_loss, uses_memory, uses_policy
 from simone.model.layers import Linear, RMSNorm, SwiGLU, rope_tables, swiglu_hidden_dim
 
 
@@ -34,14 +33,16 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer = layer  # index into the KV cache
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = CausalSelfAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads,
-                                             cfg.dropout, bias=False)
+        self.attention = CausalSelfAttention(
+            cfg.dim, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.dropout, bias=False
+        )
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         hidden = swiglu_hidden_dim(cfg.dim, cfg.ffn_hidden, cfg.multiple_of)
         self.feed_forward = SwiGLU(cfg.dim, hidden, cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                kv_cache: KVCache | None, start_pos: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache | None, start_pos: int
+    ) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), rope, kv_cache, self.layer, start_pos)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -64,8 +65,9 @@ class Transformer(LanguageModel):
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.init_weights([p for block in self.layers
-                           for p in (block.attention.wo.weight, block.feed_forward.w2.weight)])
+        self.init_weights(
+            [p for block in self.layers for p in (block.attention.wo.weight, block.feed_forward.w2.weight)]
+        )
         # Governance parts are made after the plain init: with the same seed, a governance
         # model starts from exactly the plain model's weights plus its own.
         check_governance_config(cfg)
@@ -79,10 +81,16 @@ class Transformer(LanguageModel):
             self.policy_head = PolicyHead(cfg.dim, cfg.n_domains, cfg.norm_eps)
             self.policy_layer = cfg.policy_layer % cfg.n_layers
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, start_pos: int = 0,
-                last_logits_only: bool = False, domain_ids: torch.Tensor | None = None,
-                return_policy: bool = False):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+        last_logits_only: bool = False,
+        domain_ids: torch.Tensor | None = None,
+        return_policy: bool = False,
+    ):
         """idx [B, T] token ids at positions start_pos..start_pos+T-1 → (logits, loss).
 
         logits [B, T, vocab] (or [B, 1, vocab] with last_logits_only and no targets; None when
@@ -96,8 +104,7 @@ class Transformer(LanguageModel):
         """
         n_new = idx.size(1)
         if start_pos + n_new > self.cfg.max_seq_len:
-            raise ValueError(f"positions up to {start_pos + n_new} exceed max_seq_len "
-                             f"{self.cfg.max_seq_len}")
+            raise ValueError(f"positions up to {start_pos + n_new} exceed max_seq_len {self.cfg.max_seq_len}")
         h = self.tok_embeddings(idx)
         if self.cfg.dropout and self.training:
             h = F.dropout(h, self.cfg.dropout, training=True)
@@ -120,7 +127,6 @@ class Transformer(LanguageModel):
                 policy_logits = policy_logits[:, -1:]
         if loss is not None and self.training:
             if domain_ids is None and self.policy_head is not None:
-                raise ValueError("model.policy=true: training needs domain_ids (the loader's "
-                                 "next_batch_with_domains)")
+                raise ValueError("model.policy=true: training needs domain_ids (the loader's next_batch_with_domains)")
             loss, self.loss_terms = governance_loss(self.cfg, loss, policy_logits, domain_ids)
         return (logits, loss, policy_logits) if return_policy else (logits, loss)

@@ -10,13 +10,7 @@ Read-only over run directories (docs/ARCHITECTURE.md). Entry points:
 """
 
 from simone.monitor.app import create_dashboard_app
-from simone.monitor.server import (
-    BackgroundMonitor,
-    MonitorError,
-    run_monitor,
-    serve,
-    start_background_monitor,
-)
+from simone.monitor.server import BackgroundMonitor, MonitorError, run_monitor, serve, start_background_monitor
 
 __all__ = [
     "BackgroundMonitor",

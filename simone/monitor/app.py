@@ -275,8 +275,11 @@ class TokenGate:
 
     @staticmethod
     async def _redirect_without_token(scope: dict, receive: Any, send: Any, set_cookie: bytes) -> None:
-        query = [(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-                 if k != "token"]
+        query = [
+            (k, v)
+            for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+            if k != "token"
+        ]
         # one leading slash: "//evil.example" (or "/\evil.example") would be another site
         path = "/" + quote(scope.get("path", "/")).lstrip("/")
         location = path + ("?" + urlencode(query) if query else "")
@@ -347,8 +350,11 @@ def create_dashboard_app(
 
     @app.get("/", include_in_schema=False)
     async def index() -> Response:
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
-                            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
+        return FileResponse(
+            STATIC_DIR / "index.html",
+            media_type="text/html",
+            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"},
+        )
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon() -> Response:
@@ -357,8 +363,9 @@ def create_dashboard_app(
     @app.get("/static/{name}", include_in_schema=False)
     async def static(name: str) -> Response:
         if name == "plotly.min.js":
-            return FileResponse(plotly_js_path(), media_type="text/javascript",
-                                headers={"Cache-Control": "public, max-age=86400"})
+            return FileResponse(
+                plotly_js_path(), media_type="text/javascript", headers={"Cache-Control": "public, max-age=86400"}
+            )
         if name not in STATIC_FILES:
             raise HTTPException(404, "not found")
         return FileResponse(STATIC_DIR / name, media_type=STATIC_FILES[name], headers={"Cache-Control": "no-cache"})
@@ -366,10 +373,16 @@ def create_dashboard_app(
     @app.get("/api/runs")
     async def runs() -> Response:
         runs = await asyncio.to_thread(monitor.run_list)
-        return JSONResponse(clean_json({
-            "runs": runs, "server_time": time.time(),
-            "runs_root": str(monitor.runs_root), "single": monitor.single is not None,
-        }))
+        return JSONResponse(
+            clean_json(
+                {
+                    "runs": runs,
+                    "server_time": time.time(),
+                    "runs_root": str(monitor.runs_root),
+                    "single": monitor.single is not None,
+                }
+            )
+        )
 
     @app.get("/api/runs/{run}")
     async def run_detail(run: str) -> Response:
@@ -399,7 +412,9 @@ def create_dashboard_app(
             media = "text/plain; charset=utf-8"
         else:
             media = "application/octet-stream"
-        return FileResponse(target, media_type=media, headers={"Content-Security-Policy": FILE_CSP, "Cache-Control": "no-cache"})
+        return FileResponse(
+            target, media_type=media, headers={"Content-Security-Policy": FILE_CSP, "Cache-Control": "no-cache"}
+        )
 
     @app.get("/api/compare")
     async def compare(runs: str = Query(...), keys: str = "train/loss,eval/val_loss") -> Response:
@@ -412,7 +427,9 @@ def create_dashboard_app(
                 out[name] = await asyncio.to_thread(found[0].series_points, wanted)
         return Response(_encode_json({"runs": out}), media_type="application/json")
 
-    async def _sse(request: Request, channel: Channel, since: int, on_start: dict[str, Any] | None = None) -> AsyncIterator[bytes]:
+    async def _sse(
+        request: Request, channel: Channel, since: int, on_start: dict[str, Any] | None = None
+    ) -> AsyncIterator[bytes]:
         channel.subscribers += 1
         try:
             yield b"retry: 2000\n\n"
@@ -443,8 +460,11 @@ def create_dashboard_app(
     async def stream_runs(request: Request) -> Response:
         runs = await asyncio.to_thread(monitor.run_list)
         start = {"type": "runs", "runs": runs}
-        return StreamingResponse(_sse(request, monitor.runs_channel, monitor.runs_channel.seq, start),
-                                 media_type="text/event-stream", headers=sse_headers)
+        return StreamingResponse(
+            _sse(request, monitor.runs_channel, monitor.runs_channel.seq, start),
+            media_type="text/event-stream",
+            headers=sse_headers,
+        )
 
     @app.get("/api/stream/run/{run}")
     async def stream_run(request: Request, run: str, since: int | None = None) -> Response:
@@ -457,7 +477,9 @@ def create_dashboard_app(
             start = {"type": "resync", "reason": "server restarted"}
         if since is None or since > channel.seq:
             since = channel.seq
-        return StreamingResponse(_sse(request, channel, since, start), media_type="text/event-stream", headers=sse_headers)
+        return StreamingResponse(
+            _sse(request, channel, since, start), media_type="text/event-stream", headers=sse_headers
+        )
 
     # the last added runs first: headers on every answer, then the host check, then the token
     if token:

@@ -74,10 +74,7 @@ class MinMaxSeries:
             rows = np.arange(k)
             lo, hi = by.argmin(axis=1), by.argmax(axis=1)
             self._closed.extend(
-                zip(
-                    bx[rows, lo].tolist(), by[rows, lo].tolist(),
-                    bx[rows, hi].tolist(), by[rows, hi].tolist(),
-                )
+                zip(bx[rows, lo].tolist(), by[rows, lo].tolist(), bx[rows, hi].tolist(), by[rows, hi].tolist())
             )
             self.count += k * w
             if self._first is None:

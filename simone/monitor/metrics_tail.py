@@ -283,7 +283,7 @@ class MetricsIndex:
         for kind, group in by_kind.items():
             if group:
                 self.last[kind] = group[-1]
-        for row in by_kind["train"][-(self.rate.maxlen or 64):]:
+        for row in by_kind["train"][-(self.rate.maxlen or 64) :]:
             t, st = finite_number(row.get("t")), finite_number(row.get("step"))
             if t is not None and st is not None:
                 if self.rate and st < self.rate[-1][1]:
@@ -307,7 +307,9 @@ class MetricsIndex:
         self._add_columns(by_kind["train"], "step", TRAIN_KEYS, "train")
         self._add_columns(by_kind["system"], "t", SYSTEM_KEYS, "system")
         # eval rows are few; GPUs are nested lists
-        nested = by_kind["eval"] + [{"kind": "system", "t": r.get("t"), "gpus": r.get("gpus")} for r in by_kind["system"]]
+        nested = by_kind["eval"] + [
+            {"kind": "system", "t": r.get("t"), "gpus": r.get("gpus")} for r in by_kind["system"]
+        ]
         for key, (xs, ys) in _points_by_series(nested).items():
             self._series(key).add_many(np.asarray(xs), np.asarray(ys))
         return {}, new_events

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from simone.monitor.metrics_tail import clean_json, finite_number, tail_rows
-from simone.rundir import RunDir, list_checkpoints as checkpoint_dirs, read_json, read_pointer
+from simone.rundir import RunDir, read_json, read_pointer
+from simone.rundir import list_checkpoints as checkpoint_dirs
 
 _CONTRACT = RunDir(Path("."))  # file names come from the run-directory contract
 RUN_MARKERS = (_CONTRACT.status.name, _CONTRACT.config.name, _CONTRACT.metrics.name)  # what makes a run
@@ -175,47 +176,55 @@ def build_summary(
     cfg = config if isinstance(config, dict) else {}
     train_cfg = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
     lt, le = last_train or {}, last_eval or {}
-    return clean_json({
-        "name": run_root.name,
-        "path": str(run_root),
-        "state": state,
-        "raw_state": _scalar(status.get("state")),
-        "stage": _scalar(status.get("stage")),
-        "step": step,
-        "epoch": epoch,
-        "num_epochs": _scalar(train_cfg.get("num_epochs")),
-        "total_steps": total,
-        "progress": progress,
-        "steps_per_s": sps,
-        "eta_s": eta,
-        "heartbeat": hb,
-        "heartbeat_age_s": (now - hb) if hb is not None else None,
-        "stall_after_s": stall_after_s,
-        "error": _scalar(status.get("error")),
-        "stop_reason": _scalar(status.get("stop_reason")),
-        "package": _scalar(status.get("package")),
-        "host": _scalar(status.get("host")),
-        "pid": _scalar(status.get("pid")),
-        "preset": _scalar(cfg.get("preset")),
-        "updated": _run_mtime(run_root) or None,
-        "loss": _scalar(lt.get("loss")),
-        "lr": _scalar(lt.get("lr")),
-        "grad_norm": _scalar(lt.get("grad_norm")),
-        "tokens_per_s": _scalar(lt.get("tokens_per_s")),
-        "mfu": _scalar(lt.get("mfu")),
-        "tokens_seen": _scalar(lt.get("tokens_seen")),
-        "val_loss": _scalar(le.get("val_loss")),
-        "val_bpb": _scalar(le.get("val_bpb")),
-        "val_step": _scalar(le.get("step")),
-        "best_val_loss": best_val,
-        "server_time": now,
-    })
+    return clean_json(
+        {
+            "name": run_root.name,
+            "path": str(run_root),
+            "state": state,
+            "raw_state": _scalar(status.get("state")),
+            "stage": _scalar(status.get("stage")),
+            "step": step,
+            "epoch": epoch,
+            "num_epochs": _scalar(train_cfg.get("num_epochs")),
+            "total_steps": total,
+            "progress": progress,
+            "steps_per_s": sps,
+            "eta_s": eta,
+            "heartbeat": hb,
+            "heartbeat_age_s": (now - hb) if hb is not None else None,
+            "stall_after_s": stall_after_s,
+            "error": _scalar(status.get("error")),
+            "stop_reason": _scalar(status.get("stop_reason")),
+            "package": _scalar(status.get("package")),
+            "host": _scalar(status.get("host")),
+            "pid": _scalar(status.get("pid")),
+            "preset": _scalar(cfg.get("preset")),
+            "updated": _run_mtime(run_root) or None,
+            "loss": _scalar(lt.get("loss")),
+            "lr": _scalar(lt.get("lr")),
+            "grad_norm": _scalar(lt.get("grad_norm")),
+            "tokens_per_s": _scalar(lt.get("tokens_per_s")),
+            "mfu": _scalar(lt.get("mfu")),
+            "tokens_seen": _scalar(lt.get("tokens_seen")),
+            "val_loss": _scalar(le.get("val_loss")),
+            "val_bpb": _scalar(le.get("val_bpb")),
+            "val_step": _scalar(le.get("step")),
+            "best_val_loss": best_val,
+            "server_time": now,
+        }
+    )
 
 
 def unreadable_summary(run_root: Path, problem: str, now: float) -> dict[str, Any]:
     """The run-list entry of a run whose files could not be summarised (the others still list)."""
-    return {"name": run_root.name, "path": str(run_root), "state": "unreadable",
-            "error": problem, "updated": _run_mtime(run_root) or None, "server_time": now}
+    return {
+        "name": run_root.name,
+        "path": str(run_root),
+        "state": "unreadable",
+        "error": problem,
+        "updated": _run_mtime(run_root) or None,
+        "server_time": now,
+    }
 
 
 def _tail_facts(metrics: Path) -> dict[str, Any]:
@@ -224,7 +233,8 @@ def _tail_facts(metrics: Path) -> dict[str, Any]:
     train = [r for r in rows if r.get("kind") == "train"]
     evals = [r for r in rows if r.get("kind") == "eval"]
     rate = [
-        (float(r["t"]), float(r["step"])) for r in train[-64:]
+        (float(r["t"]), float(r["step"]))
+        for r in train[-64:]
         if finite_number(r.get("t")) is not None and finite_number(r.get("step")) is not None
     ]
     vals = [v for v in (finite_number(r.get("val_loss")) for r in evals) if v is not None]
@@ -257,9 +267,15 @@ class SummaryCache:
             self._facts[run_root] = cached
         facts = cached[1]
         return build_summary(
-            run_root, read_status(run_root), read_json(run.config),
-            facts["last_train"], facts["last_eval"], facts["rate"], facts["best_val"],
-            now, stall_after_s,
+            run_root,
+            read_status(run_root),
+            read_json(run.config),
+            facts["last_train"],
+            facts["last_eval"],
+            facts["rate"],
+            facts["best_val"],
+            now,
+            stall_after_s,
         )
 
     def forget_except(self, keep: list[Path]) -> None:
@@ -296,11 +312,17 @@ def checkpoint_rows(run_root: Path, val_by_step: dict[int, float] | None = None)
                 val = finite_number(manifest["metrics"].get("val_loss"))
         if val is None and val_by_step:
             val = val_by_step.get(step)
-        out.append({
-            "name": path.name, "step": step, "size_bytes": size, "val_loss": val,
-            "complete": complete,
-            "latest": pointers["latest"] == path.name, "best": pointers["best"] == path.name,
-        })
+        out.append(
+            {
+                "name": path.name,
+                "step": step,
+                "size_bytes": size,
+                "val_loss": val,
+                "complete": complete,
+                "latest": pointers["latest"] == path.name,
+                "best": pointers["best"] == path.name,
+            }
+        )
     return out
 
 

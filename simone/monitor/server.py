@@ -45,8 +45,7 @@ def dashboard_url(host: str, port: int, token: str | None) -> str:
 def _config(app_kwargs: dict, host: str, port: int, log_level: str) -> uvicorn.Config:
     app = create_dashboard_app(**app_kwargs, host=host)  # the bound host: other Host headers get 421
     return uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, access_log=False,
-        timeout_graceful_shutdown=2, lifespan="on",
+        app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=2, lifespan="on"
     )
 
 
@@ -107,7 +106,7 @@ def start_background_monitor(
         token = secrets.token_urlsafe(18)
     kwargs = dict(runs_root=runs_root, run_dir=run_dir, token=token, stall_after_s=stall_after_s)
     last_error: Exception | None = None
-    for candidate in ([0] if port == 0 else range(port, port + tries)):
+    for candidate in [0] if port == 0 else range(port, port + tries):
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

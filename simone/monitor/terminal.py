@@ -20,8 +20,12 @@ from simone.monitor.runs import checkpoint_rows, is_run_dir, list_run_dirs, quic
 from simone.units import format_duration
 
 STATE_STYLE = {
-    "running": "bold green", "finished": "bold blue", "failed": "bold red",
-    "stalled": "bold yellow", "stopped": "dim", "unknown": "dim",
+    "running": "bold green",
+    "finished": "bold blue",
+    "failed": "bold red",
+    "stalled": "bold yellow",
+    "stopped": "dim",
+    "unknown": "dim",
 }
 
 
@@ -68,12 +72,19 @@ def status_lines(s: dict[str, Any]) -> list[tuple[str, str]]:
         ("epoch", epoch),
         ("ETA", format_duration(s.get("eta_s")) if s["state"] == "running" else "–"),
         ("train loss", _fmt(s.get("loss"))),
-        ("val loss", _fmt(s.get("val_loss")) + (f"  (best {_fmt(s.get('best_val_loss'))})" if s.get("best_val_loss") is not None else "")),
+        (
+            "val loss",
+            _fmt(s.get("val_loss"))
+            + (f"  (best {_fmt(s.get('best_val_loss'))})" if s.get("best_val_loss") is not None else ""),
+        ),
         ("val bits/byte", _fmt(s.get("val_bpb"), 3)),
         ("tokens/s", fmt_rate(s.get("tokens_per_s"))),
         ("MFU", f"{s['mfu'] * 100:.1f}%" if isinstance(s.get("mfu"), (int, float)) else "–"),
         ("preset", _fmt(s.get("preset"))),
-        ("heartbeat", (format_duration(s.get("heartbeat_age_s")) + " ago") if s.get("heartbeat_age_s") is not None else "–"),
+        (
+            "heartbeat",
+            (format_duration(s.get("heartbeat_age_s")) + " ago") if s.get("heartbeat_age_s") is not None else "–",
+        ),
     ]
     if s.get("stop_reason"):
         rows.append(("stopped because", str(s["stop_reason"])))
@@ -93,9 +104,14 @@ def status_report(run: Path | None, runs_root: Path, stall_after_s: float = 60.0
     if run is not None:
         path = resolve_run(run, runs_root)
         if path is None:
-            return 1, [Text.from_markup(f"simone status: {escape(str(run))}: not a run directory (no status.json, "
-                                        f"config.json or metrics.jsonl), and no run of that name under "
-                                        f"{escape(str(runs_root))}", style="red")]
+            return 1, [
+                Text.from_markup(
+                    f"simone status: {escape(str(run))}: not a run directory (no status.json, "
+                    f"config.json or metrics.jsonl), and no run of that name under "
+                    f"{escape(str(runs_root))}",
+                    style="red",
+                )
+            ]
         s = quick_summary(path, now, stall_after_s)
         table = Table(show_header=False, box=None, pad_edge=False)
         table.add_column(style="dim", no_wrap=True)
@@ -106,8 +122,10 @@ def status_report(run: Path | None, runs_root: Path, stall_after_s: float = 60.0
         ck = checkpoint_rows(path)
         if ck:
             best = next((c for c in ck if c["best"]), None)
-            table.add_row("checkpoints", f"{len(ck)} (latest step {ck[0]['step']}"
-                          + (f", best step {best['step']}" if best else "") + ")")
+            table.add_row(
+                "checkpoints",
+                f"{len(ck)} (latest step {ck[0]['step']}" + (f", best step {best['step']}" if best else "") + ")",
+            )
         return 0, [Text(f"{s['name']}  ", style="bold") + Text(str(path), style="dim"), table]
     paths = list_run_dirs(Path(runs_root))
     if not paths:
@@ -120,9 +138,13 @@ def status_report(run: Path | None, runs_root: Path, stall_after_s: float = 60.0
         s = quick_summary(p, now, stall_after_s)
         step = _fmt(s.get("step")) + (f"/{s['total_steps']}" if s.get("total_steps") else "")
         table.add_row(
-            Text(s["name"]), Text(s["state"], style=STATE_STYLE.get(s["state"], "")), step,  # Text: a run name is not markup
+            Text(s["name"]),
+            Text(s["state"], style=STATE_STYLE.get(s["state"], "")),
+            step,  # Text: a run name is not markup
             f"{s['progress'] * 100:.1f}%" if s.get("progress") is not None else "–",
             format_duration(s.get("eta_s")) if s["state"] == "running" else "–",
-            _fmt(s.get("loss")), _fmt(s.get("val_loss")), fmt_rate(s.get("tokens_per_s")),
+            _fmt(s.get("loss")),
+            _fmt(s.get("val_loss")),
+            fmt_rate(s.get("tokens_per_s")),
         )
     return 0, [table]

@@ -75,7 +75,9 @@ class RunWatch:
             for lines in self.metrics_tail.read_chunks():
                 rows, _ = parse_lines(lines)
                 self.index.ingest(rows, want_points=False)
-            threading.Thread(target=self._build_exact, args=(self.metrics_tail.offset,), daemon=True, name=f"index-{self.name}").start()
+            threading.Thread(
+                target=self._build_exact, args=(self.metrics_tail.offset,), daemon=True, name=f"index-{self.name}"
+            ).start()
         else:
             self._read_metrics(publishing=False)
         for tail, keep in ((self.log_tail, 256 << 10), (self.samples_tail, 1 << 20)):
@@ -168,8 +170,15 @@ class RunWatch:
         now = time.time() if now is None else now
         ix = self.index
         s = build_summary(
-            self.root, read_status(self.root), self._read_config(),
-            ix.last["train"], ix.last["eval"], list(ix.rate), ix.best_val, now, self.stall_after_s,
+            self.root,
+            read_status(self.root),
+            self._read_config(),
+            ix.last["train"],
+            ix.last["eval"],
+            list(ix.rate),
+            ix.best_val,
+            now,
+            self.stall_after_s,
         )
         s["rows"] = ix.rows
         s["bad_lines"] = ix.bad_lines

@@ -34,16 +34,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg = apply_overrides(load_config(run.config), args.overrides)
         # `simone train`'s path on the run dir as it is (neither prepared nor claimed); the
         # settled sizes reach config.json with --set only, and the workflow's lines train.log
-        result = stage_train(cfg, run.root, resume=args.resume, as_prepared=True, save=bool(args.overrides),
-                             say=run.log_line)
+        result = stage_train(
+            cfg, run.root, resume=args.resume, as_prepared=True, save=bool(args.overrides), say=run.log_line
+        )
     except TrainingError as e:  # a SimoneError too, but it has its own exit status
         print(f"training failed ({e.reason}): {e}", file=sys.stderr)
         return 1
     except (SimoneError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"stopped at step {result.steps}: {stop_summary(result.stop_reason, result.schedule_progress)} "
-          f"(best val loss {result.best_val_loss})", file=sys.stderr)
+    print(
+        f"stopped at step {result.steps}: {stop_summary(result.stop_reason, result.schedule_progress)} "
+        f"(best val loss {result.best_val_loss})",
+        file=sys.stderr,
+    )
     if result.stop_reason == "signal":
         return 128 + int(run.read_status().get("signal") or 15)
     return 0

@@ -62,10 +62,12 @@ class BudgetShape:
     steps: int  # expected optimizer steps
 
     def describe(self) -> str:
-        return (f"{self.n_layers} layers x {self.dim} ({self.n_heads} heads), context {self.max_seq_len}, "
-                f"batch {self.batch_size} x {self.grad_accum}; {self.params / 1e6:.2f}M parameters, "
-                f"~{self.tokens / 1e6:.1f}M tokens at ~{self.tokens_per_s:,.0f} tokens/s "
-                f"({self.tokens_per_param:.1f} tokens per parameter, ~{self.steps:,} steps)")
+        return (
+            f"{self.n_layers} layers x {self.dim} ({self.n_heads} heads), context {self.max_seq_len}, "
+            f"batch {self.batch_size} x {self.grad_accum}; {self.params / 1e6:.2f}M parameters, "
+            f"~{self.tokens / 1e6:.1f}M tokens at ~{self.tokens_per_s:,.0f} tokens/s "
+            f"({self.tokens_per_param:.1f} tokens per parameter, ~{self.steps:,} steps)"
+        )
 
 
 def context_for_depth(depth: int) -> int:
@@ -90,16 +92,30 @@ def training_flops_per_token(m: ModelConfig) -> float:
     """6 x matmul parameters + 12 x layers x dim x context (as `LanguageModel.flops_per_token`),
     from the config alone: the lookup tables (GPT-2's positions, an untied input embedding)
     do no matmul work."""
-    matmul_params = analytic_param_count(m) - (m.max_seq_len * m.dim if m.arch == "gpt2" else 0) \
+    matmul_params = (
+        analytic_param_count(m)
+        - (m.max_seq_len * m.dim if m.arch == "gpt2" else 0)
         - (0 if m.tie_embeddings else m.vocab_size * m.dim)
+    )
     return 6.0 * matmul_params + 12.0 * m.n_layers * m.dim * m.max_seq_len
 
 
-def shape_for_budget(minutes: float, tokens_per_s_probe: float, probe_flops_per_token: float, vocab_size: int,
-                     corpus_tokens: int | None = None, tokens_per_param: float = 20.0, max_epochs: float = 4.0,
-                     usable_fraction: float = 0.85, min_depth: int = 2, max_depth: int = 24,
-                     target_steps: int = 4000, min_batch_tokens: int = 2048, max_micro_batch: int = 16,
-                     base: ModelConfig | None = None) -> BudgetShape:
+def shape_for_budget(
+    minutes: float,
+    tokens_per_s_probe: float,
+    probe_flops_per_token: float,
+    vocab_size: int,
+    corpus_tokens: int | None = None,
+    tokens_per_param: float = 20.0,
+    max_epochs: float = 4.0,
+    usable_fraction: float = 0.85,
+    min_depth: int = 2,
+    max_depth: int = 24,
+    target_steps: int = 4000,
+    min_batch_tokens: int = 2048,
+    max_micro_batch: int = 16,
+    base: ModelConfig | None = None,
+) -> BudgetShape:
     """The deepest shape of the family that still sees >= `tokens_per_param` tokens per parameter
     in `minutes` (at least `min_depth` layers), with its batch. See the module docstring."""
     if minutes <= 0 or tokens_per_s_probe <= 0 or probe_flops_per_token <= 0:
@@ -118,14 +134,25 @@ def shape_for_budget(minutes: float, tokens_per_s_probe: float, probe_flops_per_
             break
         chosen = (m, tokens_per_s, tokens, params)
     m, tokens_per_s, tokens, params = chosen
-    sequences_per_step = max(math.ceil(min_batch_tokens / m.max_seq_len), 1,
-                             int(tokens // (target_steps * m.max_seq_len)))
+    sequences_per_step = max(
+        math.ceil(min_batch_tokens / m.max_seq_len), 1, int(tokens // (target_steps * m.max_seq_len))
+    )
     micro = min(sequences_per_step, max_micro_batch)
     accum = max(1, math.ceil(sequences_per_step / micro))
     steps = max(1, int(tokens // (micro * accum * m.max_seq_len)))
-    return BudgetShape(n_layers=m.n_layers, dim=m.dim, n_heads=m.n_heads, max_seq_len=m.max_seq_len,
-                       batch_size=micro, grad_accum=accum, params=params, tokens_per_s=tokens_per_s,
-                       tokens=int(tokens), tokens_per_param=tokens / params, steps=steps)
+    return BudgetShape(
+        n_layers=m.n_layers,
+        dim=m.dim,
+        n_heads=m.n_heads,
+        max_seq_len=m.max_seq_len,
+        batch_size=micro,
+        grad_accum=accum,
+        params=params,
+        tokens_per_s=tokens_per_s,
+        tokens=int(tokens),
+        tokens_per_param=tokens / params,
+        steps=steps,
+    )
 
 
 def apply_budget(cfg: Config, minutes: float, shape: BudgetShape, max_epochs: float = 4.0) -> Config:
@@ -141,8 +168,9 @@ def apply_budget(cfg: Config, minutes: float, shape: BudgetShape, max_epochs: fl
     return cfg
 
 
-def probe_step_seconds(model: torch.nn.Module, cfg: Config, device: torch.device,
-                       next_batch: Callable[[], tuple], steps: int = 3) -> float:
+def probe_step_seconds(
+    model: torch.nn.Module, cfg: Config, device: torch.device, next_batch: Callable[[], tuple], steps: int = 3
+) -> float:
     """Seconds per optimizer step of `model` (on `device`) trained as `cfg.train` says:
     `grad_accum` micro-batches of `next_batch()` -> (x, y, domain_ids or None) under the training
     autocast, then a step of the configured optimizer. Eager; after one warm-up step."""

@@ -74,8 +74,16 @@ class Callback:
 
 def default_callbacks(trainer: Any) -> list[Callback]:
     """The callbacks every run has, in order: rows before status and console, evaluation first."""
-    return [MetricsRows(), RunStatus(), StopOnSignal(), FaultInjection(trainer.faults), Evaluation(),
-            ConsoleLog(), Samples(trainer), Checkpointing()]
+    return [
+        MetricsRows(),
+        RunStatus(),
+        StopOnSignal(),
+        FaultInjection(trainer.faults),
+        Evaluation(),
+        ConsoleLog(),
+        Samples(trainer),
+        Checkpointing(),
+    ]
 
 
 def eta_s(trainer: Any, steps_per_s: float) -> float | None:
@@ -93,21 +101,36 @@ class MetricsRows(Callback):
     loss's terms over the interval), an eval row after each evaluation (and the early stop it called)."""
 
     def on_log(self, trainer: Any, stats: LogStats) -> None:
-        trainer.metrics.train(step=stats.step, epoch=round(stats.epoch, 4), loss=stats.loss, lr=stats.lr,
-                              grad_norm=stats.grad_norm, tokens_per_s=round(stats.tokens_per_s, 1),
-                              mfu=None if stats.mfu is None else round(stats.mfu, 5),
-                              tokens_seen=trainer.state.tokens_seen, **trainer.loss_terms.read_and_reset())
+        trainer.metrics.train(
+            step=stats.step,
+            epoch=round(stats.epoch, 4),
+            loss=stats.loss,
+            lr=stats.lr,
+            grad_norm=stats.grad_norm,
+            tokens_per_s=round(stats.tokens_per_s, 1),
+            mfu=None if stats.mfu is None else round(stats.mfu, 5),
+            tokens_seen=trainer.state.tokens_seen,
+            **trainer.loss_terms.read_and_reset(),
+        )
 
     def on_eval(self, trainer: Any, results: dict[str, Any], improved: bool) -> None:
         s, metrics = trainer.state, trainer.metrics
         per_domain = {d: {k: v[k] for k in ("loss", "bpb", "ppl")} for d, v in results["per_domain"].items()}
-        metrics.eval(step=s.step, epoch=round(s.epoch, 4), val_loss=results["val_loss"], val_bpb=results["val_bpb"],
-                     val_ppl=results["val_ppl"], per_domain=per_domain)
+        metrics.eval(
+            step=s.step,
+            epoch=round(s.epoch, 4),
+            val_loss=results["val_loss"],
+            val_bpb=results["val_bpb"],
+            val_ppl=results["val_ppl"],
+            per_domain=per_domain,
+        )
         if s.early.stopped:
-            metrics.event("early_stop", s.step, f"validation loss has not improved for {s.early.bad_evals} "
-                          f"evaluations (best {s.early.best_loss:.4f} at step {s.early.best_step})")
-
-
+            metrics.event(
+                "early_stop",
+                s.step,
+                f"validation loss has not improved for {s.early.bad_evals} "
+                f"evaluations (best {s.early.best_loss:.4f} at step {s.early.best_step})",
+            )
 
 
 class RunStatus(Callback):
@@ -127,15 +150,29 @@ class RunStatus(Callback):
 
     def on_train_start(self, trainer: Any) -> None:
         t = trainer
-        self.write(t, state="running", error=None, step=t.step, total_steps=t.total_steps,
-                   started=t.session_start, stop_reason=None, schedule_progress=t.state.schedule.progress(t.step))
+        self.write(
+            t,
+            state="running",
+            error=None,
+            step=t.step,
+            total_steps=t.total_steps,
+            started=t.session_start,
+            stop_reason=None,
+            schedule_progress=t.state.schedule.progress(t.step),
+        )
         if t.env.is_main:
             self._start_heartbeat(t)
 
     def on_log(self, trainer: Any, stats: LogStats) -> None:
         t = trainer
-        self.write(t, step=t.step, epoch=round(stats.epoch, 4), total_steps=t.total_steps,
-                   eta_s=eta_s(t, stats.steps_per_s), schedule_progress=t.state.schedule.progress(t.step))
+        self.write(
+            t,
+            step=t.step,
+            epoch=round(stats.epoch, 4),
+            total_steps=t.total_steps,
+            eta_s=eta_s(t, stats.steps_per_s),
+            schedule_progress=t.state.schedule.progress(t.step),
+        )
 
     def on_train_end(self, trainer: Any, status: dict[str, Any]) -> None:
         self.write(trainer, **status)
@@ -151,7 +188,7 @@ class RunStatus(Callback):
         sampler: Any = None
         try:
             sampler = SystemSampler(t.run.root, gpus=t.device.type == "cuda")
-        except Exception as e:  # noqa: BLE001 - system rows are optional; training is not
+        except Exception as e:
             t.run.log_line(f"system stats disabled ({type(e).__name__}: {e})")
         every = max(0.5, float(t.cfg.train.system_stats_every_s or HEARTBEAT_S))
 
@@ -163,7 +200,7 @@ class RunStatus(Callback):
                     if sampler is not None and time.time() - last_stats >= every:
                         last_stats = time.time()
                         t.metrics.system(sampler.snapshot())
-                except Exception as e:  # noqa: BLE001 - the heartbeat must never kill training
+                except Exception as e:
                     t.run.log_line(f"heartbeat: {type(e).__name__}: {e}")
             if sampler is not None:
                 sampler.close()
@@ -251,9 +288,11 @@ class ConsoleLog(Callback):
         t = trainer
         mfu_txt = "" if stats.mfu is None else f" | mfu {stats.mfu:.1%}"
         loss_txt = "skipped" if stats.loss is None else f"{stats.loss:.4f}"
-        line = (f"step {t.step}/{t.total_steps} | epoch {stats.epoch:.2f} | loss {loss_txt} | "
-                f"lr {stats.lr:.2e} | grad {stats.grad_norm:.3f} | {stats.tokens_per_s:,.0f} tok/s{mfu_txt} | "
-                f"eta {format_duration(eta_s(t, stats.steps_per_s), '?')}")
+        line = (
+            f"step {t.step}/{t.total_steps} | epoch {stats.epoch:.2f} | loss {loss_txt} | "
+            f"lr {stats.lr:.2e} | grad {stats.grad_norm:.3f} | {stats.tokens_per_s:,.0f} tok/s{mfu_txt} | "
+            f"eta {format_duration(eta_s(t, stats.steps_per_s), '?')}"
+        )
         t.metrics.progress(t.step, t.total_steps, f"loss {loss_txt}")
         t.metrics.log(line, echo=not t.metrics.interactive)  # the bar shows it already
         self._report_expected_time(t, stats.tokens_per_s)
@@ -274,12 +313,21 @@ class ConsoleLog(Callback):
         epochs = t.cfg.train.num_epochs
         epoch_tokens = t.steps_per_epoch * t.tokens_per_step
         seconds = epochs * epoch_tokens / tokens_per_s
-        message = (f"expected: {_si(tokens_per_s)} tokens/s → {epochs} epoch{'s' if epochs != 1 else ''} of "
-                   f"{_si(epoch_tokens)} tokens ≈ {format_duration(seconds)} on {t.env.world_size} process(es) "
-                   f"({t.device.type})")
-        t.metrics.event("expected_time", t.step, message, tokens_per_s=round(tokens_per_s, 1),
-                        epochs=epochs, epoch_tokens=epoch_tokens, expected_s=round(seconds, 1),
-                        world_size=t.env.world_size)
+        message = (
+            f"expected: {_si(tokens_per_s)} tokens/s → {epochs} epoch{'s' if epochs != 1 else ''} of "
+            f"{_si(epoch_tokens)} tokens ≈ {format_duration(seconds)} on {t.env.world_size} process(es) "
+            f"({t.device.type})"
+        )
+        t.metrics.event(
+            "expected_time",
+            t.step,
+            message,
+            tokens_per_s=round(tokens_per_s, 1),
+            epochs=epochs,
+            epoch_tokens=epoch_tokens,
+            expected_s=round(seconds, 1),
+            world_size=t.env.world_size,
+        )
 
 
 # ----------------------------------------------------------------------------- samples
@@ -311,8 +359,10 @@ class Samples(Callback):
         model.eval()
         try:
             with t.autocast():
-                new = [int(x) for x in model.generate(
-                    idx, t.cfg.train.sample_tokens, temperature=0.8, top_k=50, generator=gen)]
+                new = [
+                    int(x)
+                    for x in model.generate(idx, t.cfg.train.sample_tokens, temperature=0.8, top_k=50, generator=gen)
+                ]
         finally:
             model.train()
         t.metrics.sample(t.step, round(t.state.epoch, 4), SAMPLE_PROMPT, tok.decode(new))
@@ -364,9 +414,12 @@ class Checkpointing(Callback):
         needed = per_ckpt * (t.cfg.train.keep_checkpoints + 2)  # kept + best + one being written
         enough, free = check_free_space(t.run.checkpoints, needed)
         if not enough:
-            t.metrics.event("disk_warning", t.step,
-                            f"{t.run.checkpoints}: this run needs about {needed / 1e9:.2f} GB for checkpoints "
-                            f"({per_ckpt / 1e6:.0f} MB each) but only {free / 1e9:.2f} GB are free")
+            t.metrics.event(
+                "disk_warning",
+                t.step,
+                f"{t.run.checkpoints}: this run needs about {needed / 1e9:.2f} GB for checkpoints "
+                f"({per_ckpt / 1e6:.0f} MB each) but only {free / 1e9:.2f} GB are free",
+            )
 
     def on_eval(self, trainer: Any, results: dict[str, Any], improved: bool) -> None:
         self.best = improved
@@ -389,8 +442,9 @@ class Checkpointing(Callback):
             s.last_checkpoint = path.name
             if best:
                 s.best_checkpoint = path.name
-            trainer.metrics.event("checkpoint", s.step, f"saved {path.name}" + (" (best)" if best else ""),
-                                  path=str(path), best=best)
+            trainer.metrics.event(
+                "checkpoint", s.step, f"saved {path.name}" + (" (best)" if best else ""), path=str(path), best=best
+            )
             trainer.hook("on_checkpoint", path, best)
         barrier(trainer.env)
         s.last_saved_step = s.step

@@ -83,8 +83,10 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: float | None
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                            timeout=None if timeout_s is None else timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        timeout=None if timeout_s is None else timedelta(seconds=timeout_s),
+    )
 
 
 def shutdown_distributed(env: DistEnv) -> None:
@@ -168,7 +170,8 @@ def split_batch(batch_size: int, grad_accum: int, world_size: int) -> tuple[int,
             f"train.batch_size={batch_size} x train.grad_accum={grad_accum} = {effective} sequences per step "
             f"cannot be split evenly over {world_size} processes; make train.grad_accum a multiple of "
             f"{world_size} (e.g. --set train.grad_accum={grad_accum * world_size // share} "
-            f"--set train.batch_size={max(1, batch_size // rest)}) or use another process count")
+            f"--set train.batch_size={max(1, batch_size // rest)}) or use another process count"
+        )
     return batch_size // rest, grad_accum // share
 
 
@@ -195,16 +198,18 @@ def wrap_model(model: torch.nn.Module, env: DistEnv, device: torch.device, mode:
             fully_shard(block)
         fully_shard(model)
         return model
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-               find_unused_parameters=has_unreached_parameters(getattr(model, "cfg", None)))
+    return DDP(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=has_unreached_parameters(getattr(model, "cfg", None)),
+    )
 
 
 def has_unreached_parameters(cfg: Any) -> bool:
     """True when some parameters get no gradient from the training loss: a policy head whose
     loss weights are both 0 (it then only reads along). DDP must be told, or it waits for
     their gradients forever; finding them costs a graph walk per step, so only then."""
-    return bool(cfg is not None and uses_policy(cfg)
-                and cfg.policy_loss_weight == 0 and cfg.coherence_weight == 0)
+    return bool(cfg is not None and uses_policy(cfg) and cfg.policy_loss_weight == 0 and cfg.coherence_weight == 0)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -286,8 +291,9 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    by_name = get_optimizer_state_dict(model, optimizer,
-                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    by_name = get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     if not by_name:
         return {}
     number = {n: i for i, n in enumerate(n for group in _param_names(model, optimizer) for n in group)}
@@ -295,8 +301,7 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     return {"state": {number[n]: v for n, v in by_name["state"].items()}, "param_groups": groups}
 
 
-def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                              state: dict[str, Any]) -> None:
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Load a state saved by `full_optimizer_state` (any process count, any layout)."""
     if not is_sharded(model):
         optimizer.load_state_dict(state)

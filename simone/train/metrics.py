@@ -57,9 +57,8 @@ def gpu_peak_flops(device_name: str) -> float | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, bursts: int = 8,
-                   burst_s: float = 0.015) -> float:
+@functools.cache
+def cpu_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, bursts: int = 8, burst_s: float = 0.015) -> float:
     """Measured matmul FLOP/s of this process's CPU threads in `dtype` (cached per process).
 
     The best of several short bursts, each timed by the shorter of its wall time and the
@@ -152,8 +151,15 @@ class LossTermMeter:
 class MetricsLogger:
     """Append rows to metrics.jsonl / samples.jsonl / train.log; mirror to TensorBoard."""
 
-    def __init__(self, run: RunDir, *, enabled: bool = True, tensorboard: bool = True,
-                 progress: bool | None = None, echo: bool = True):
+    def __init__(
+        self,
+        run: RunDir,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        progress: bool | None = None,
+        echo: bool = True,
+    ):
         self.run = run
         self.enabled = enabled
         self.echo = echo and enabled
@@ -164,7 +170,7 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(log_dir=str(run.root / "tensorboard"))
-            except Exception as e:  # noqa: BLE001 - TensorBoard is optional
+            except Exception as e:
                 self.log(f"TensorBoard disabled ({e})")
         interactive = sys.stderr.isatty() if progress is None else progress
         self._bar = None

@@ -79,14 +79,17 @@ class MuonWithAdamW:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state) != {"muon", "adamw"}:
-            raise OptimizerConfigError("optimizer state is not Muon+AdamW (was the checkpoint saved with "
-                                       "train.optimizer=adamw? resume it with the same optimizer)")
+            raise OptimizerConfigError(
+                "optimizer state is not Muon+AdamW (was the checkpoint saved with "
+                "train.optimizer=adamw? resume it with the same optimizer)"
+            )
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
 
 
-def newton_schulz_float32(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
-                          eps: float) -> torch.Tensor:
+def newton_schulz_float32(
+    g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+) -> torch.Tensor:
     """The Newton-Schulz iteration Muon uses to push `g` towards the nearest (semi-)orthogonal
     matrix (the quintic with coefficients a, b, c), in float32 instead of bfloat16."""
     a, b, c = coefficients
@@ -133,8 +136,15 @@ def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     return [p for kind, p in model.param_kinds() if kind == "block_matrix"]
 
 
-def new_adamw(kinds: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float, betas: tuple[float, float],
-              device_type: str, fused: bool | None = None, embed_lr_scale: float = 1.0) -> torch.optim.AdamW:
+def new_adamw(
+    kinds: list[tuple[str, nn.Parameter]],
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    device_type: str,
+    fused: bool | None = None,
+    embed_lr_scale: float = 1.0,
+) -> torch.optim.AdamW:
     """AdamW over (kind, parameter) pairs: matrices and embeddings decayed, vectors (biases,
     norms) not. With `embed_lr_scale` ≠ 1 the token embedding gets a decayed group of its own
     whose `lr_scale` `set_lr` multiplies; two groups otherwise, so checkpoints written before the
@@ -142,21 +152,39 @@ def new_adamw(kinds: list[tuple[str, nn.Parameter]], lr: float, weight_decay: fl
     AdamW: 3.3 ms against 17.5 ms for the for-each one, one step of the `cpu` preset's 4.3M
     parameters on one thread); False switches it off."""
     apart = embed_lr_scale != 1.0 and any(kind == "embedding" for kind, _ in kinds)
-    groups = [{"params": [p for kind, p in kinds if kind != "vector" and not (apart and kind == "embedding")],
-               "weight_decay": weight_decay},
-              {"params": [p for kind, p in kinds if kind == "vector"], "weight_decay": 0.0}]
+    groups = [
+        {
+            "params": [p for kind, p in kinds if kind != "vector" and not (apart and kind == "embedding")],
+            "weight_decay": weight_decay,
+        },
+        {"params": [p for kind, p in kinds if kind == "vector"], "weight_decay": 0.0},
+    ]
     if apart:
-        groups.append({"params": [p for kind, p in kinds if kind == "embedding"], "weight_decay": weight_decay,
-                       "lr_scale": embed_lr_scale, "lr": lr * embed_lr_scale})
+        groups.append(
+            {
+                "params": [p for kind, p in kinds if kind == "embedding"],
+                "weight_decay": weight_decay,
+                "lr_scale": embed_lr_scale,
+                "lr": lr * embed_lr_scale,
+            }
+        )
     fused_supported = "fused" in inspect.signature(torch.optim.AdamW).parameters
     if fused is None:
         fused = fused_supported and device_type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused and fused_supported else {}))
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas: tuple[float, float],
-                    device_type: str, fused: bool | None = None, muon_lr_scale: float = 4.0,
-                    embed_lr_scale: float = 1.0) -> torch.optim.Optimizer | MuonWithAdamW:
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    device_type: str,
+    fused: bool | None = None,
+    muon_lr_scale: float = 4.0,
+    embed_lr_scale: float = 1.0,
+) -> torch.optim.Optimizer | MuonWithAdamW:
     """The optimizer `name` ("adamw" or "muon") over `model`'s trainable parameters.
 
     "muon": Muon (momentum 0.95, Nesterov, 5 Newton-Schulz steps; in float32 on a CPU whose
@@ -172,16 +200,23 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     if name != "muon":
         raise OptimizerConfigError(f"train.optimizer={name!r}: choose one of {', '.join(OPTIMIZERS)}")
     if not hasattr(torch.optim, "Muon"):
-        raise OptimizerConfigError(f"train.optimizer=muon needs torch.optim.Muon (PyTorch >= 2.9; "
-                                   f"this is {torch.__version__})")
+        raise OptimizerConfigError(
+            f"train.optimizer=muon needs torch.optim.Muon (PyTorch >= 2.9; this is {torch.__version__})"
+        )
     matrices = [p for kind, p in kinds if kind == "block_matrix"]
     if any(type(p).__name__ == "DTensor" for p in matrices):
-        raise OptimizerConfigError("train.optimizer=muon needs whole matrices: it does not run with "
-                                   "train.parallel=fsdp; use ddp")
+        raise OptimizerConfigError(
+            "train.optimizer=muon needs whole matrices: it does not run with train.parallel=fsdp; use ddp"
+        )
     muon_class = Float32Muon if device_type == "cpu" and not cpu_has_fast_bf16() else torch.optim.Muon
-    muon = muon_class([{"params": matrices, "lr_scale": muon_lr_scale}], lr=lr * muon_lr_scale,
-                      weight_decay=weight_decay / muon_lr_scale,  # decay is lr x wd: keep AdamW's
-                      momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
+    muon = muon_class(
+        [{"params": matrices, "lr_scale": muon_lr_scale}],
+        lr=lr * muon_lr_scale,
+        weight_decay=weight_decay / muon_lr_scale,  # decay is lr x wd: keep AdamW's
+        momentum=0.95,
+        nesterov=True,
+        adjust_lr_fn="match_rms_adamw",
+    )
     rest = [(kind, p) for kind, p in kinds if kind != "block_matrix"]
     return MuonWithAdamW(muon, new_adamw(rest, lr, weight_decay, betas, device_type, fused, embed_lr_scale))
 
@@ -189,7 +224,14 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
 def new_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer `tc` asks for over the (unwrapped) training model: every caller that trains
     or times training builds it here."""
-    return build_optimizer(model, tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay,
-                           betas=(tc.beta1, tc.beta2), device_type=device.type,
-                           fused=None if tc.fused_adamw else False, muon_lr_scale=tc.muon_lr_scale,
-                           embed_lr_scale=tc.embed_lr_scale)
+    return build_optimizer(
+        model,
+        tc.optimizer,
+        lr=tc.lr,
+        weight_decay=tc.weight_decay,
+        betas=(tc.beta1, tc.beta2),
+        device_type=device.type,
+        fused=None if tc.fused_adamw else False,
+        muon_lr_scale=tc.muon_lr_scale,
+        embed_lr_scale=tc.embed_lr_scale,
+    )

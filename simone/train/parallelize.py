@@ -19,6 +19,7 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
     them (less memory, ~1/3 more compute). Applied from outside, like compile and DDP: the
     block's `forward` is wrapped in place, so parameter names (and checkpoints) are unchanged."""
     for block in model.layers:
+
         def forward(*args: Any, _forward: Any = block.forward, **kwargs: Any) -> Any:
             if torch.is_grad_enabled():
                 return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
@@ -27,8 +28,14 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
         block.forward = forward
 
 
-def parallelize(raw_model: torch.nn.Module, tc: TrainConfig, parallel: str, env: DistEnv,
-                device: torch.device, log: Callable[[str], None]) -> torch.nn.Module:
+def parallelize(
+    raw_model: torch.nn.Module,
+    tc: TrainConfig,
+    parallel: str,
+    env: DistEnv,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> torch.nn.Module:
     """The module to train: `raw_model` with, in this order, activation checkpointing,
     sharding (FSDP2 shards `raw_model` in place), compile and DDP applied as `tc` and
     `parallel` ("ddp" | "fsdp", from distributed.check_parallel) ask. Build the optimizer

@@ -81,9 +81,16 @@ class LRSchedule:
     how far the schedule has got (1.0: at its floor). `clock` returns seconds (monotonic).
     """
 
-    def __init__(self, base_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float,
-                 max_seconds: float | None = None, decay_fraction: float = 0.2,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        base_lr: float,
+        warmup_steps: int,
+        total_steps: int,
+        min_lr_ratio: float,
+        max_seconds: float | None = None,
+        decay_fraction: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if not 0.0 < decay_fraction <= 1.0:
             raise ConfigError(f"train.decay_fraction={decay_fraction}: must be in (0, 1]")
         self.base_lr, self.warmup_steps, self.min_lr_ratio = base_lr, warmup_steps, min_lr_ratio
@@ -112,8 +119,12 @@ class LRSchedule:
         self.end_step = self.total_steps  # the step count at which the lr reaches its floor
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "hold": self.hold, "end_step": self.end_step,
-                "decay_anchor": list(self.decay_anchor) if self.decay_anchor is not None else None}
+        return {
+            "mode": self.mode,
+            "hold": self.hold,
+            "end_step": self.end_step,
+            "decay_anchor": list(self.decay_anchor) if self.decay_anchor is not None else None,
+        }
 
     def load_state_dict(self, state: dict[str, Any] | None, steps_done: int | None = None) -> None:
         """Continue a saved plan (None: a checkpoint from before time planning: cosine) at
@@ -243,9 +254,11 @@ class LRSchedule:
             # hold the lr where the cosine has it (the end of warmup: the peak) and plan by time
             self.hold = self.factor(steps_done)
             self.mode = "time"
-            message = (f"the {self.total_steps} planned steps do not fit the {self.max_seconds / 60:g}-minute cap "
-                       f"at {1 / step_s:.3g} steps/s: warmup-stable-decay, the decay ({self.decay_fraction:.0%} "
-                       f"of the run) ending as the cap arrives")
+            message = (
+                f"the {self.total_steps} planned steps do not fit the {self.max_seconds / 60:g}-minute cap "
+                f"at {1 / step_s:.3g} steps/s: warmup-stable-decay, the decay ({self.decay_fraction:.0%} "
+                f"of the run) ending as the cap arrives"
+            )
         # floor, with a hair for float error: a step that does not quite fit is not planned
         steps_left = max(0, min(planned_left, math.floor(steps_fit + 1e-6)))
         end = steps_done + steps_left
@@ -261,7 +274,8 @@ class LRSchedule:
                 return message
             self._announced = True
             return (message + "; " if message else "") + (
-                f"learning-rate decay starts at step {start}, to end at step {self.end_step}")
+                f"learning-rate decay starts at step {start}, to end at step {self.end_step}"
+            )
         # re-fit the decay: continue from the progress of the last step taken, to the new end
         anchor = max(steps_done, self.decay_anchor[0])  # type: ignore[index]
         done = self._decay_progress(anchor - 1)

@@ -49,8 +49,9 @@ RunContext = Any  # the Trainer, read only: cfg, run, env, device, faults, metri
 
 
 def zero_counters(device: torch.device) -> list[torch.Tensor]:
-    return [torch.zeros((), dtype=torch.float32 if name == "loss_sum" else torch.int64, device=device)
-            for name in COUNTERS]
+    return [
+        torch.zeros((), dtype=torch.float32 if name == "loss_sum" else torch.int64, device=device) for name in COUNTERS
+    ]
 
 
 @dataclass
@@ -91,8 +92,12 @@ def rng_state(device: torch.device) -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "python": random.getstate(),
     }
     if device.type == "cuda":
@@ -104,8 +109,7 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     """Put back what `rng_state` captured."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if device.type == "cuda" and "cuda" in state:
@@ -137,9 +141,18 @@ def save_train_checkpoint(state: TrainState, ctx: RunContext, best: bool = False
         "rng": rng_per_rank,  # one entry per rank: each has its own dropout stream
         "counters": {name: getattr(s, name) for name in COUNTERS},
     }
-    return save_checkpoint(ctx.run.checkpoints, s.step, model_state, train_state, ctx.cfg.to_dict(), best=best,
-                           keep=ctx.cfg.train.keep_checkpoints, faults=ctx.faults, log=ctx.metrics.log,
-                           tokenizer=ctx.run.tokenizer)
+    return save_checkpoint(
+        ctx.run.checkpoints,
+        s.step,
+        model_state,
+        train_state,
+        ctx.cfg.to_dict(),
+        best=best,
+        keep=ctx.cfg.train.keep_checkpoints,
+        faults=ctx.faults,
+        log=ctx.metrics.log,
+        tokenizer=ctx.run.tokenizer,
+    )
 
 
 def start_or_resume(state: TrainState, ctx: RunContext, resume: str | None) -> None:
@@ -147,24 +160,33 @@ def start_or_resume(state: TrainState, ctx: RunContext, resume: str | None) -> N
     directory); "latest" with no checkpoint yet starts fresh."""
     if resume is None:
         if list_checkpoints(ctx.run.checkpoints):
-            ctx.metrics.log(f"{ctx.run.checkpoints}: starting fresh; existing checkpoints will be replaced "
-                            f"(pass --resume latest to continue them)")
+            ctx.metrics.log(
+                f"{ctx.run.checkpoints}: starting fresh; existing checkpoints will be replaced "
+                f"(pass --resume latest to continue them)"
+            )
         n_params = state.model.num_params()
-        ctx.metrics.event("start", state.step, f"training {n_params / 1e6:.2f}M parameters for up to "
-                          f"{ctx.total_steps} steps on {ctx.device}", total_steps=ctx.total_steps,
-                          steps_per_epoch=ctx.steps_per_epoch, tokens_per_step=ctx.tokens_per_step,
-                          params=n_params, device=str(ctx.device), world_size=ctx.env.world_size)
+        ctx.metrics.event(
+            "start",
+            state.step,
+            f"training {n_params / 1e6:.2f}M parameters for up to {ctx.total_steps} steps on {ctx.device}",
+            total_steps=ctx.total_steps,
+            steps_per_epoch=ctx.steps_per_epoch,
+            tokens_per_step=ctx.tokens_per_step,
+            params=n_params,
+            device=str(ctx.device),
+            world_size=ctx.env.world_size,
+        )
         return
     which = resume if resume in ("latest", "best") else None
     target = ctx.run.root if which else Path(resume)
     try:
-        ckpt = resolve_checkpoint(target, which or "latest",
-                                  on_problem=lambda m: ctx.metrics.event("checkpoint_corrupt", state.step, m))
+        ckpt = resolve_checkpoint(
+            target, which or "latest", on_problem=lambda m: ctx.metrics.event("checkpoint_corrupt", state.step, m)
+        )
     except CheckpointError as e:
         if which == "latest" and not list_checkpoints(ctx.run.checkpoints):
             ctx.metrics.log(f"{ctx.run.checkpoints}: no checkpoint to resume from; starting fresh")
-            ctx.metrics.event("start", 0, "no checkpoint to resume from; starting fresh",
-                              total_steps=ctx.total_steps)
+            ctx.metrics.event("start", 0, "no checkpoint to resume from; starting fresh", total_steps=ctx.total_steps)
             return
         raise e
     restore_train_state(state, ctx, ckpt)
@@ -193,8 +215,10 @@ def restore_train_state(state: TrainState, ctx: RunContext, ckpt: Path) -> None:
         # streams cannot: fresh, still seeded ones. With dropout the losses then match the
         # uninterrupted run only approximately (float summation order differs too).
         torch.manual_seed(ctx.cfg.train.seed + env.rank + saved["step"])
-        ctx.metrics.log(f"{ckpt}: saved by {saved_world} process(es), resumed on {env.world_size}: "
-                        f"same weights, optimizer, schedule and data position; new dropout streams")
+        ctx.metrics.log(
+            f"{ckpt}: saved by {saved_world} process(es), resumed on {env.world_size}: "
+            f"same weights, optimizer, schedule and data position; new dropout streams"
+        )
     for name in SAVED_FIELDS:
         setattr(s, name, saved.get(name))  # the last two came later: None in older checkpoints
     s.schedule.load_state_dict(saved.get("schedule"), steps_done=s.step)
@@ -213,8 +237,9 @@ def roll_back(state: TrainState, ctx: RunContext, consecutive: int) -> None:
     rollbacks, lr_scale = s.rollbacks + 1, s.lr_scale * tc.rollback_lr_factor
     bad_step = s.step
     try:
-        ckpt = resolve_checkpoint(ctx.run.root, "latest",
-                                  on_problem=lambda m: ctx.metrics.event("checkpoint_corrupt", s.step, m))
+        ckpt = resolve_checkpoint(
+            ctx.run.root, "latest", on_problem=lambda m: ctx.metrics.event("checkpoint_corrupt", s.step, m)
+        )
     except CheckpointError:
         ckpt = None
     if ckpt is not None:
@@ -232,7 +257,12 @@ def roll_back(state: TrainState, ctx: RunContext, consecutive: int) -> None:
         s.loss_sum, s.loss_count, s.bad_since_log, s.consecutive_bad = zero_counters(ctx.device)
         target = "the initial weights (no checkpoint yet)"
     s.rollbacks, s.lr_scale = rollbacks, lr_scale
-    ctx.metrics.event("rollback", s.step,
-                      f"{consecutive} consecutive non-finite steps up to step {bad_step}: rolled back to "
-                      f"{target}, learning rate x{lr_scale:g} (rollback {rollbacks}/{tc.max_rollbacks})",
-                      rollbacks=rollbacks, lr_scale=lr_scale, from_step=bad_step)
+    ctx.metrics.event(
+        "rollback",
+        s.step,
+        f"{consecutive} consecutive non-finite steps up to step {bad_step}: rolled back to "
+        f"{target}, learning rate x{lr_scale:g} (rollback {rollbacks}/{tc.max_rollbacks})",
+        rollbacks=rollbacks,
+        lr_scale=lr_scale,
+        from_step=bad_step,
+    )

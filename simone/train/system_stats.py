@@ -108,7 +108,7 @@ class SystemSampler:
             self.nvml = None
             self._handles = []
 
-    def __enter__(self) -> "SystemSampler":
+    def __enter__(self) -> SystemSampler:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -101,8 +101,7 @@ class TrainResult:
     schedule_progress: float = 0.0  # how far the learning-rate schedule got: 1.0 = at its floor
 
 
-def train(cfg: Config, run: RunDir, resume: str | None = None,
-          clock: Callable[[], float] | None = None) -> TrainResult:
+def train(cfg: Config, run: RunDir, resume: str | None = None, clock: Callable[[], float] | None = None) -> TrainResult:
     """Train on a prepared run directory; return what happened.
 
     Needs `run.tokenizer` and `run.data/{train,val}.bin + index.json`. `resume` is None (start
@@ -127,16 +126,19 @@ class ModelSizeError(SimoneError, ValueError):
     """The config's model sizes do not fit the run's tokenizer (the pipeline settles them)."""
 
 
-def settle_model_sizes(cfg: Config, tokenizer: Tokenizer, keep_larger_vocab: bool = False,
-                       log: Callable[[str], None] | None = None) -> None:
+def settle_model_sizes(
+    cfg: Config, tokenizer: Tokenizer, keep_larger_vocab: bool = False, log: Callable[[str], None] | None = None
+) -> None:
     """Size the model from the run's trained tokenizer, once, before training (the pipeline
     and `python -m simone.train` call this; the trainer only checks): an embedding row per
     token id and a policy class per <|domain:NAME|> token. The vocabulary is the tokenizer's;
     with `keep_larger_vocab` (a run that already had its tokenizer) a config asking for more
     rows keeps them, so a run trained that way still resumes from its checkpoints."""
     if keep_larger_vocab and cfg.model.vocab_size < tokenizer.vocab_size and log is not None:
-        log(f"model.vocab_size {cfg.model.vocab_size} < tokenizer's {tokenizer.vocab_size}: "
-            f"using {tokenizer.vocab_size}")
+        log(
+            f"model.vocab_size {cfg.model.vocab_size} < tokenizer's {tokenizer.vocab_size}: "
+            f"using {tokenizer.vocab_size}"
+        )
     if not keep_larger_vocab or cfg.model.vocab_size < tokenizer.vocab_size:
         cfg.model.vocab_size = tokenizer.vocab_size
     set_policy_domains(cfg.model, tokenizer.domains)
@@ -147,16 +149,20 @@ def check_model_sizes(cfg: ModelConfig, run: RunDir, shard_vocab_size: int) -> l
     before training; the trainer changes nothing) and
     return the policy classes (the tokenizer's domains), or None without a policy head."""
     if cfg.vocab_size < shard_vocab_size:
-        raise ModelSizeError(f"{run.config}: model.vocab_size {cfg.vocab_size} is smaller than the tokenizer's "
-                             f"{shard_vocab_size} ({run.tokenizer}); settle the sizes before training "
-                             f"(settle_model_sizes)")
+        raise ModelSizeError(
+            f"{run.config}: model.vocab_size {cfg.vocab_size} is smaller than the tokenizer's "
+            f"{shard_vocab_size} ({run.tokenizer}); settle the sizes before training "
+            f"(settle_model_sizes)"
+        )
     if not uses_policy(cfg):
         return None
     domains = load_tokenizer(run.tokenizer).domains
     if cfg.n_domains != len(domains) or not domains:
-        raise ModelSizeError(f"{run.config}: model.n_domains {cfg.n_domains} but the tokenizer has {len(domains)} "
-                             f"<|domain:NAME|> token(s) ({run.tokenizer}); the policy head needs one class per "
-                             f"domain (settle_model_sizes)")
+        raise ModelSizeError(
+            f"{run.config}: model.n_domains {cfg.n_domains} but the tokenizer has {len(domains)} "
+            f"<|domain:NAME|> token(s) ({run.tokenizer}); the policy head needs one class per "
+            f"domain (settle_model_sizes)"
+        )
     return domains
 
 
@@ -167,8 +173,10 @@ def window_control_ids(cfg: Config, run: RunDir) -> dict[str, int] | None:
         return None
     tok = load_tokenizer(run.tokenizer)
     if not tok.domains:
-        raise ModelSizeError(f"data.control_window_prob={cfg.data.control_window_prob} but the tokenizer "
-                             f"({run.tokenizer}) has no <|domain:NAME|> tokens")
+        raise ModelSizeError(
+            f"data.control_window_prob={cfg.data.control_window_prob} but the tokenizer "
+            f"({run.tokenizer}) has no <|domain:NAME|> tokens"
+        )
     return {d: tok.domain_token_id(d) for d in tok.domains}
 
 
@@ -182,11 +190,18 @@ def out_of_memory_error(cfg: Config, micro_batch: int, grad_accum: int, e: BaseE
         f"out of GPU memory with train.batch_size={tc.batch_size} ({micro_batch} sequences per "
         f"process, seq_len {cfg.model.max_seq_len}, grad_accum {grad_accum}): try --set train.batch_size={half} "
         f"--set train.grad_accum={accum} to keep the effective batch of {effective} sequences ({e})",
-        "out_of_memory")
+        "out_of_memory",
+    )
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, model: torch.nn.Module,
-                   grad_clip: float, loss: torch.Tensor, skips_on_device: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    model: torch.nn.Module,
+    grad_clip: float,
+    loss: torch.Tensor,
+    skips_on_device: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip the gradient norm and step the optimizer unless the step is bad (a non-finite loss
     or norm); return (norm, finite) as device tensors. Where the optimizer `skips_on_device`
     (fused AdamW, no scaler) it is handed `found_inf`, so a bad step costs no host sync."""
@@ -211,10 +226,9 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     return grad_norm, finite
 
 
-def build_model_and_optimizer(cfg: Config, parallel: str, env: DistEnv, device: torch.device,
-                              log: Callable[[str], None]) -> tuple[torch.nn.Module, torch.nn.Module,
-                                                                   torch.optim.Optimizer, torch.dtype | None,
-                                                                   torch.amp.GradScaler | None]:
+def build_model_and_optimizer(
+    cfg: Config, parallel: str, env: DistEnv, device: torch.device, log: Callable[[str], None]
+) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, torch.dtype | None, torch.amp.GradScaler | None]:
     """The seeded model (the same initial weights on every rank), it wrapped for training
     (parallelize.py), its optimizer, the autocast dtype and the fp16 grad scaler (or None)."""
     tc = cfg.train
@@ -258,31 +272,55 @@ class Trainer:
         # its labels (each input token's domain) come from the loader. None: no policy head.
         self.domain_classes = check_model_sizes(cfg.model, run, train_shard.vocab_size)
         self.loss_terms = LossTermMeter()  # the comprehensive loss's terms, logged per interval
-        loader = BatchLoader(train_shard, self.micro_batch, self.seq_len, tc.seed, rank=env.rank,
-                             world_size=env.world_size, device=self.device, grad_accum=self.grad_accum,
-                             domain_classes=self.domain_classes, control_ids=window_control_ids(cfg, run),
-                             control_window_prob=cfg.data.control_window_prob)
+        loader = BatchLoader(
+            train_shard,
+            self.micro_batch,
+            self.seq_len,
+            tc.seed,
+            rank=env.rank,
+            world_size=env.world_size,
+            device=self.device,
+            grad_accum=self.grad_accum,
+            domain_classes=self.domain_classes,
+            control_ids=window_control_ids(cfg, run),
+            control_window_prob=cfg.data.control_window_prob,
+        )
         self.steps_per_epoch = loader.batches_per_epoch // self.grad_accum
         self.total_steps = tc.num_epochs * self.steps_per_epoch
         if tc.max_steps is not None:
             self.total_steps = min(self.total_steps, tc.max_steps)
         self.tokens_per_step = self.micro_batch * self.seq_len * self.grad_accum * env.world_size
         # cosine over the planned steps; under a time cap they do not fit, planned by time (schedule.py)
-        schedule = LRSchedule(tc.lr, tc.warmup_steps, self.total_steps, tc.min_lr_ratio,
-                              max_seconds=tc.max_minutes * 60 if tc.max_minutes is not None else None,
-                              decay_fraction=tc.decay_fraction, clock=clock)
+        schedule = LRSchedule(
+            tc.lr,
+            tc.warmup_steps,
+            self.total_steps,
+            tc.min_lr_ratio,
+            max_seconds=tc.max_minutes * 60 if tc.max_minutes is not None else None,
+            decay_fraction=tc.decay_fraction,
+            clock=clock,
+        )
         # an evaluation reads eval_batches per domain forward only (about a third of a training
         # micro-batch each); doubled for the checkpoint written with it and for uncompiled code
         schedule.expect_evaluations(
-            tc.eval_every, 2 * tc.eval_batches * max(1, len(self.val_shard.domains)) / (3 * self.grad_accum))
+            tc.eval_every, 2 * tc.eval_batches * max(1, len(self.val_shard.domains)) / (3 * self.grad_accum)
+        )
 
         raw_model, self.model, optimizer, self.amp_dtype, scaler = build_model_and_optimizer(
-            cfg, parallel, env, self.device, self.metrics.log)
+            cfg, parallel, env, self.device, self.metrics.log
+        )
         self._skips_on_device = optimizer_skips_on_device(optimizer) and scaler is None
         self.flops_per_token = raw_model.flops_per_token(self.seq_len)
         self.peak_flops = peak_flops(self.device, self.amp_dtype)
-        self.state = TrainState(raw_model, optimizer, scaler, loader, schedule,
-                                EarlyStopping(tc.min_epochs, tc.num_epochs, tc.patience), *zero_counters(self.device))
+        self.state = TrainState(
+            raw_model,
+            optimizer,
+            scaler,
+            loader,
+            schedule,
+            EarlyStopping(tc.min_epochs, tc.num_epochs, tc.patience),
+            *zero_counters(self.device),
+        )
 
         # this process only
         self.signal_received: int | None = None  # set by StopOnSignal / FaultInjection
@@ -354,13 +392,19 @@ class Trainer:
         seconds = time.time() - self.session_start
         tokens_per_s = self._session_tokens / seconds if seconds > 0 else 0.0
         return TrainResult(
-            steps=s.step, epochs=s.epochs_done,
+            steps=s.step,
+            epochs=s.epochs_done,
             best_val_loss=None if math.isinf(s.early.best_loss) else s.early.best_loss,
-            final_val_loss=s.last_val_loss, best_checkpoint=s.best_checkpoint,
-            last_checkpoint=s.last_checkpoint, tokens_seen=s.tokens_seen,
-            tokens_per_s=tokens_per_s, mfu=mfu(self.flops_per_token, tokens_per_s / max(1, self.env.world_size),
-                                               self.peak_flops),
-            seconds=seconds, stop_reason=stop_reason, schedule_progress=s.schedule.progress(s.step))
+            final_val_loss=s.last_val_loss,
+            best_checkpoint=s.best_checkpoint,
+            last_checkpoint=s.last_checkpoint,
+            tokens_seen=s.tokens_seen,
+            tokens_per_s=tokens_per_s,
+            mfu=mfu(self.flops_per_token, tokens_per_s / max(1, self.env.world_size), self.peak_flops),
+            seconds=seconds,
+            stop_reason=stop_reason,
+            schedule_progress=s.schedule.progress(s.step),
+        )
 
     def _stop_reason(self) -> str | None:
         """Why to stop before the next step (agreed by all ranks), or None."""
@@ -415,8 +459,9 @@ class Trainer:
             epoch_ended = epoch_ended or s.loader.epoch_done
         step_loss /= self.grad_accum
 
-        grad_norm, finite = optimizer_step(s.optimizer, s.scaler, s.model, self.cfg.train.grad_clip, step_loss,
-                                           self._skips_on_device)
+        grad_norm, finite = optimizer_step(
+            s.optimizer, s.scaler, s.model, self.cfg.train.grad_clip, step_loss, self._skips_on_device
+        )
         bad = (~finite).long()
         s.loss_sum += torch.where(finite, step_loss, torch.zeros_like(step_loss))
         s.loss_count += finite.long()
@@ -432,8 +477,15 @@ class Trainer:
         """A logging step: read the device counters (one sync), report the interval (on_log), handle bad steps."""
         s = self.state
         loss_sum = all_reduce_mean(s.loss_sum, self.env)
-        values = torch.stack([loss_sum, s.loss_count.float(), s.bad_since_log.float(), s.consecutive_bad.float(),
-                              self._last_grad_norm.float()]).tolist()
+        values = torch.stack(
+            [
+                loss_sum,
+                s.loss_count.float(),
+                s.bad_since_log.float(),
+                s.consecutive_bad.float(),
+                self._last_grad_norm.float(),
+            ]
+        ).tolist()
         loss_sum_v, count, bad, consecutive, grad_norm = values
         bad, consecutive = int(bad), int(consecutive)
         now = time.perf_counter()
@@ -452,22 +504,36 @@ class Trainer:
         for counter in (s.loss_sum, s.loss_count, s.bad_since_log):  # bad steps in a row go on counting
             counter.zero_()
         if bad:
-            self.metrics.event("nan_skip", s.step, f"{bad} step(s) with a non-finite loss or gradient norm skipped "
-                               f"since the last log", skipped=bad, consecutive=consecutive)
+            self.metrics.event(
+                "nan_skip",
+                s.step,
+                f"{bad} step(s) with a non-finite loss or gradient norm skipped since the last log",
+                skipped=bad,
+                consecutive=consecutive,
+            )
         tc = self.cfg.train
         if consecutive >= tc.max_bad_steps:  # back to the last good checkpoint with a smaller lr, or fail
             if s.rollbacks >= tc.max_rollbacks:
                 raise TrainingError(
                     f"{consecutive} consecutive steps with a non-finite loss or gradient norm at step {s.step}, "
                     f"after {s.rollbacks} rollback(s) (train.max_rollbacks={tc.max_rollbacks}); "
-                    f"try a lower train.lr (now {tc.lr * s.lr_scale:.2e})", "non_finite")
+                    f"try a lower train.lr (now {tc.lr * s.lr_scale:.2e})",
+                    "non_finite",
+                )
             roll_back(s, self, consecutive)
 
     def _evaluate(self) -> dict[str, Any]:
         """Per-domain validation loss / bpb / perplexity of the model now (callbacks.Evaluation says when)."""
         tc = self.cfg.train
-        return evaluate_per_domain(self.state.model, self.val_shard, self.seq_len, tc.batch_size,
-                                   tc.eval_batches, device=self.device, autocast=self.autocast)
+        return evaluate_per_domain(
+            self.state.model,
+            self.val_shard,
+            self.seq_len,
+            tc.batch_size,
+            tc.eval_batches,
+            device=self.device,
+            autocast=self.autocast,
+        )
 
     def _finish(self, reason: str) -> None:
         s = self.state
@@ -476,12 +542,19 @@ class Trainer:
         end = {"stop_reason": reason, "schedule_progress": progress}
         if reason == "signal":
             sig = self.signal_received
-            self.metrics.event("stopped", s.step, f"stopped by signal {sig} at step {s.step}, learning-rate schedule "
-                               f"{percent_done(progress)} done; resume with --resume latest", signal=sig, **end)
+            self.metrics.event(
+                "stopped",
+                s.step,
+                f"stopped by signal {sig} at step {s.step}, learning-rate schedule "
+                f"{percent_done(progress)} done; resume with --resume latest",
+                signal=sig,
+                **end,
+            )
             self.hook("on_train_end", {"state": "stopped", "step": s.step, "eta_s": None, "signal": sig, **end})
         else:
-            self.metrics.event("finished", s.step, f"training stopped: {stop_summary(reason, progress)}, "
-                               f"at step {s.step}", **end)
+            self.metrics.event(
+                "finished", s.step, f"training stopped: {stop_summary(reason, progress)}, at step {s.step}", **end
+            )
             self.hook("on_train_end", {"state": "finished", "step": s.step, "eta_s": 0, **end})
 
     def _fail(self, message: str, reason: str) -> None:

@@ -75,14 +75,14 @@ from simone.config import Config, apply_overrides
 from simone.data.documents import read_documents, write_documents
 from simone.data.loader import BatchLoader, eval_windows
 from simone.data.shards import INDEX_FILE, TokenShard, build_shards
+from simone.progress import Say, Show, quiet
+from simone.rundir import RunDir, atomic_write_json, atomic_write_text, read_json, sha256_file
 from simone.train.metrics import train_rates
 from simone.workflows.ablation_report import ablation_markdown, ablation_svg
 from simone.workflows.ablation_stats import summarize_runs
 from simone.workflows.data_variants import BASE as DATA_BASE
 from simone.workflows.data_variants import DataVariant, HeldOut, parse_data_variant, prepare_data_variant
 from simone.workflows.pipeline import stage_curate, stage_tokenizer
-from simone.rundir import RunDir, atomic_write_json, atomic_write_text, read_json, sha256_file
-from simone.progress import Say, Show, quiet
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "gpt2": {"arch": "gpt2", "governance": False},
@@ -157,11 +157,16 @@ def prepare_uncurated(cfg: Config, shared: RunDir, run: RunDir, say: Say = quiet
     stage_curate(cfg, run.root, say, show)
     held = HeldOut(list(read_documents(shared.documents)))
     documents = list(read_documents(run.documents))
-    kept = [part for doc in documents
-            if (part := doc if doc.get("split") != "train" else held.training_part(doc, documents)) is not None]
+    kept = [
+        part
+        for doc in documents
+        if (part := doc if doc.get("split") != "train" else held.training_part(doc, documents)) is not None
+    ]
     write_documents(run.documents, kept)
-    say(f"uncurated: {len(kept)} documents, {len(documents) - len(kept)} training copies of clean "
-        f"validation documents removed")
+    say(
+        f"uncurated: {len(kept)} documents, {len(documents) - len(kept)} training copies of clean "
+        f"validation documents removed"
+    )
     tok = stage_tokenizer(cfg, run.root, say)
     build_shards(run.documents, tok, run.data, cfg.data.control_token_prob, cfg.data.split_seed)
     eval_dir = run.root / "clean_val"
@@ -190,8 +195,9 @@ def check_variants(settings: AblationSettings) -> dict[str, DataVariant]:
         data[variant.name] = variant
     unknown = [v for v in settings.variants if base_variant(v) not in VARIANTS and v != DATA_BASE and v not in data]
     if unknown:
-        raise ValueError(f"unknown ablation variant(s) {unknown}; choose from {', '.join(VARIANTS)} "
-                         f"(or BASE@TAG with overrides)")
+        raise ValueError(
+            f"unknown ablation variant(s) {unknown}; choose from {', '.join(VARIANTS)} (or BASE@TAG with overrides)"
+        )
     stray = [v for v in settings.overrides if v not in settings.variants]
     if stray:
         raise ValueError(f"overrides for variant(s) {stray} that are not in the ablation's variants")
@@ -237,8 +243,12 @@ def variant_config(base: Config, name: str, overrides: list[str] = ()) -> Config
     return cfg
 
 
-def steps_for_budget(settings: AblationSettings, tokens_per_step: int, seconds_per_step: float | None = None,
-                     n_variants: int | None = None) -> int:
+def steps_for_budget(
+    settings: AblationSettings,
+    tokens_per_step: int,
+    seconds_per_step: float | None = None,
+    n_variants: int | None = None,
+) -> int:
     """The common step count: max_steps, else tokens_per_variant rounded up to whole steps,
     else 60% of each run's share of the time budget (the rest: evaluation, checkpoints)."""
     if settings.max_steps is not None:
@@ -257,10 +267,10 @@ def seconds_per_step(cfg: Config, shared: RunDir, steps: int = 3) -> float:
     from simone.train.budget import probe_step_seconds
 
     device = pick_device(cfg.train.device)
-    loader = BatchLoader(TokenShard(shared.data, "train"), cfg.train.batch_size, cfg.model.max_seq_len,
-                         cfg.train.seed, device=device)
-    seconds = probe_step_seconds(build_model(cfg.model).to(device), cfg, device, loader.next_batch_with_domains,
-                                 steps)
+    loader = BatchLoader(
+        TokenShard(shared.data, "train"), cfg.train.batch_size, cfg.model.max_seq_len, cfg.train.seed, device=device
+    )
+    seconds = probe_step_seconds(build_model(cfg.model).to(device), cfg, device, loader.next_batch_with_domains, steps)
     loader.close()
     return seconds
 
@@ -299,9 +309,16 @@ def streaming_eval(loaded, val_dir: Path, n_contexts: int) -> dict | None:
         window_nll += float(torch.nn.functional.cross_entropy(logits[0].float(), y[0], reduction="sum"))
     n = stream["n_tokens"]
     bpb = lambda nll: nll / math.log(2) / n_bytes if n_bytes else float("nan")  # noqa: E731
-    return {"tokens": n, "contexts": round(n / cfg.max_seq_len, 2), "stream_ppl": stream["ppl"],
-            "stream_bpb": bpb(stream["nll_sum"]), "window_ppl": math.exp(min(window_nll / n, 50.0)),
-            "window_bpb": bpb(window_nll), "cache_bytes": stream["cache_bytes"], "max_slots": stream["max_slots"]}
+    return {
+        "tokens": n,
+        "contexts": round(n / cfg.max_seq_len, 2),
+        "stream_ppl": stream["ppl"],
+        "stream_bpb": bpb(stream["nll_sum"]),
+        "window_ppl": math.exp(min(window_nll / n, 50.0)),
+        "window_bpb": bpb(window_nll),
+        "cache_bytes": stream["cache_bytes"],
+        "max_slots": stream["max_slots"],
+    }
 
 
 @torch.no_grad()
@@ -317,8 +334,9 @@ def policy_accuracy(loaded, val_dir: Path, max_batches: int) -> float | None:
     for domain in shard.domains:
         if domain not in classes:
             continue
-        for x, _ in eval_windows(shard, domain, cfg.model.max_seq_len, max_batches, cfg.train.batch_size,
-                                 device=loaded.device):
+        for x, _ in eval_windows(
+            shard, domain, cfg.model.max_seq_len, max_batches, cfg.train.batch_size, device=loaded.device
+        ):
             _, _, policy = model(x, return_policy=True)
             hits += int((policy.argmax(-1) == classes.index(domain)).sum())
             total += policy.shape[0] * policy.shape[1]
@@ -332,27 +350,41 @@ def median_train_rate(run: RunDir) -> float | None:
     return statistics.median(rates) if rates else None
 
 
-def evaluate_variant(name: str, run: RunDir, val_dir: Path, heldout_dir: Path, judge,
-                     settings: AblationSettings, train_result, seed: int = 0,
-                     suite_items: list[dict] | None = None) -> dict:
+def evaluate_variant(
+    name: str,
+    run: RunDir,
+    val_dir: Path,
+    heldout_dir: Path,
+    judge,
+    settings: AblationSettings,
+    train_result,
+    seed: int = 0,
+    suite_items: list[dict] | None = None,
+) -> dict:
     """One trained run's figures: val bpb on its own validation split (`val_dir`), held-out
     bpb on the clean held-out documents (`heldout_dir`), steering (without a judge: none),
     policy, streaming, speed, and the consistency suite's figures when given its items."""
-    from simone.inference.shard_loss import evaluate_per_domain
-    from simone.inference.load import load_model
     from simone.inference.consistency import score_suite
-    from simone.inference.text_bpb import simone_scorer
+    from simone.inference.load import load_model
+    from simone.inference.shard_loss import evaluate_per_domain
     from simone.inference.steering_judge import steering_accuracy
+    from simone.inference.text_bpb import simone_scorer
 
     loaded = load_model(run.root)
     cfg = loaded.config
-    row: dict[str, Any] = {"variant": name, "seed": seed, "train_seed": cfg.train.seed, "run_dir": str(run.root),
-                           "arch": cfg.model.arch,
-                           "governance": {k: getattr(cfg.model, k) for k in ("governance", "policy", "memory", "trace")},
-                           "params": loaded.model.num_params()}
+    row: dict[str, Any] = {
+        "variant": name,
+        "seed": seed,
+        "train_seed": cfg.train.seed,
+        "run_dir": str(run.root),
+        "arch": cfg.model.arch,
+        "governance": {k: getattr(cfg.model, k) for k in ("governance", "policy", "memory", "trace")},
+        "params": loaded.model.num_params(),
+    }
     seq_len, batch = cfg.model.max_seq_len, cfg.train.batch_size
-    ev = evaluate_per_domain(loaded.model, TokenShard(val_dir, "val"), seq_len, batch, cfg.train.eval_batches,
-                             loaded.device)
+    ev = evaluate_per_domain(
+        loaded.model, TokenShard(val_dir, "val"), seq_len, batch, cfg.train.eval_batches, loaded.device
+    )
     row["val_bpb"] = ev["val_bpb"]
     row["val_loss"] = ev["val_loss"]
     row["per_domain_bpb"] = {d: v["bpb"] for d, v in ev["per_domain"].items()}
@@ -366,18 +398,31 @@ def evaluate_variant(name: str, run: RunDir, val_dir: Path, heldout_dir: Path, j
     row["steering_accuracy"] = row["steering_accuracy_guided"] = row["steering_accuracy_guided_w0"] = None
     row["steering_per_domain"], row["steering_samples"] = {}, []
     if judge is not None:
-        steer = steering_accuracy(loaded, judge, samples_per_domain=settings.samples_per_domain,
-                                  max_tokens=settings.sample_tokens, seed=sample_seed)
+        steer = steering_accuracy(
+            loaded,
+            judge,
+            samples_per_domain=settings.samples_per_domain,
+            max_tokens=settings.sample_tokens,
+            seed=sample_seed,
+        )
         row["steering_accuracy"] = steer["accuracy"]
         row["steering_per_domain"] = steer["per_domain"]
         row["steering_samples"] = steer["samples"][: 2 * len(steer["per_domain"])]
     row["guidance_weight"] = settings.guidance_weight
     if judge is not None and getattr(loaded.model, "policy_head", None) is not None and settings.guidance_weight > 0:
         # the guided sampler with the policy, and without it (W = 0): their difference is the policy's part
-        for figure, weight in (("steering_accuracy_guided", settings.guidance_weight),
-                               ("steering_accuracy_guided_w0", 0.0)):
-            guided = steering_accuracy(loaded, judge, samples_per_domain=settings.samples_per_domain,
-                                       max_tokens=settings.sample_tokens, seed=sample_seed, policy_guidance=weight)
+        for figure, weight in (
+            ("steering_accuracy_guided", settings.guidance_weight),
+            ("steering_accuracy_guided_w0", 0.0),
+        ):
+            guided = steering_accuracy(
+                loaded,
+                judge,
+                samples_per_domain=settings.samples_per_domain,
+                max_tokens=settings.sample_tokens,
+                seed=sample_seed,
+                policy_guidance=weight,
+            )
             row[figure] = guided["accuracy"]
             row[figure.replace("accuracy", "per_domain")] = guided["per_domain"]
     row["policy_accuracy"] = policy_accuracy(loaded, heldout_dir, cfg.train.eval_batches)
@@ -395,15 +440,21 @@ def evaluate_variant(name: str, run: RunDir, val_dir: Path, heldout_dir: Path, j
 def suite_figures(scores: dict) -> dict:
     """The consistency suite's figures of one run, as row fields (None where not scored), and
     the whole score under `suite`."""
+
     def value(figure: dict | None) -> float | None:
         return figure.get("value") if isinstance(figure, dict) else None
 
     pairs = scores.get("pairs") or {}
-    row = {"pair_accuracy": value(pairs), "cloze_accuracy": value(scores.get("cloze")),
-           "distinct_2": value((scores.get("generation") or {}).get("distinct_2")), "suite": scores}
+    row = {
+        "pair_accuracy": value(pairs),
+        "cloze_accuracy": value(scores.get("cloze")),
+        "distinct_2": value((scores.get("generation") or {}).get("distinct_2")),
+        "suite": scores,
+    }
     for kind in ("negation", "antonym", "entity"):
         row[f"pair_{kind}"] = value((pairs.get("per_kind") or {}).get(kind))
     return row
+
 
 # ----------------------------------------------------------------------------- the run
 
@@ -413,10 +464,15 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings, say: Say = 
     `out`; write `ablation.json`, `ablation.md` and `ablation.svg` there (after every round of
     seeds, so a stopped ablation leaves what it has) and return the result dict. Progress
     lines go to `say`."""
+    from simone.data.tokenizer import load_tokenizer
+    from simone.inference.steering_judge import (
+        confusion_accuracy,
+        fit_on_documents,
+        snippet_confusion,
+        snippet_words_for,
+    )
     from simone.train.trainer import settle_model_sizes
     from simone.workflows.pipeline import stage_train
-    from simone.inference.steering_judge import confusion_accuracy, fit_on_documents, snippet_confusion, snippet_words_for
-    from simone.data.tokenizer import load_tokenizer
 
     data_variants = check_variants(settings)
     order = run_order(settings, data_variants)
@@ -432,23 +488,31 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings, say: Say = 
     snippet_words = snippet_words_for(settings.sample_tokens)
     judge = judge_confusion = judge_acc = None
     if settings.samples_per_domain > 0:  # 0: no steering, so no judge
-        judge = fit_on_documents(shared.documents, snippet_words=snippet_words,
-                                 max_snippets_per_domain=settings.judge_snippets_per_domain)
+        judge = fit_on_documents(
+            shared.documents, snippet_words=snippet_words, max_snippets_per_domain=settings.judge_snippets_per_domain
+        )
         judge_confusion = snippet_confusion(judge, shared.documents, snippet_words=snippet_words)
         judge_acc = confusion_accuracy(judge_confusion)
-        say(f"steering judge (TF-IDF + logistic regression, {len(judge.classes)} domains): {judge_acc:.1%} "
+        say(
+            f"steering judge (TF-IDF + logistic regression, {len(judge.classes)} domains): {judge_acc:.1%} "
             f"on validation snippets of {snippet_words} words (~{settings.sample_tokens} tokens), "
-            f"{judge.training_books_accuracy:.1%} on unseen passages of the training books")
+            f"{judge.training_books_accuracy:.1%} on unseen passages of the training books"
+        )
     suite_items = suite_file = None
     if suite_on(settings):
         from simone.inference.consistency import SuiteSettings, heldout_documents, load_or_build_suite, suite_counts
 
         suite_file = shared.root / "consistency_suite.jsonl"  # built once: every run, now and later, sees it
-        suite_items = load_or_build_suite(suite_file, lambda: heldout_documents(shared.documents),
-                                          SuiteSettings.sized(settings.suite_items, settings.seed))
+        suite_items = load_or_build_suite(
+            suite_file,
+            lambda: heldout_documents(shared.documents),
+            SuiteSettings.sized(settings.suite_items, settings.seed),
+        )
         # the suite's bpb items are left out: every run is already read on the same held-out text
         suite_items = [item for item in suite_items if item["task"] != "bpb"]
-        say(f"consistency suite: {suite_file} ({', '.join(f'{n} {t}' for t, n in sorted((t, c['items']) for t, c in suite_counts(suite_items).items()))})")
+        say(
+            f"consistency suite: {suite_file} ({', '.join(f'{n} {t}' for t, n in sorted((t, c['items']) for t, c in suite_counts(suite_items).items()))})"
+        )
 
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.max_seq_len
     sec = None
@@ -458,8 +522,10 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings, say: Say = 
         sec = seconds_per_step(probe, shared)
     steps = steps_for_budget(settings, tokens_per_step, sec, n_variants=len(order))
     n_runs = len(order) * settings.seeds
-    say(f"budget: {steps} steps ({steps * tokens_per_step:,} tokens) per run, {n_runs} runs"
-        + (f"; {sec:.2f} s/step measured" if sec else ""))
+    say(
+        f"budget: {steps} steps ({steps * tokens_per_step:,} tokens) per run, {n_runs} runs"
+        + (f"; {sec:.2f} s/step measured" if sec else "")
+    )
     share_s = (sec or 1.0) * steps / 0.6
 
     uncurated: tuple[RunDir, Path] | None = None
@@ -489,8 +555,9 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings, say: Say = 
             elif name in data_variants:
                 if name not in prepared:
                     say(f"{name}: preparing {data_variants[name].spec} (tokenizer shared)")
-                    prepared[name] = prepare_data_variant(cfg, shared, data_variants[name], tok,
-                                                          out / "data_variants" / name, say, show)
+                    prepared[name] = prepare_data_variant(
+                        cfg, shared, data_variants[name], tok, out / "data_variants" / name, say, show
+                    )
                 data_root, heldout_dir = prepared[name], shared.data
             else:
                 data_root, heldout_dir = shared, shared.data
@@ -501,10 +568,15 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings, say: Say = 
             key = run_key(vcfg, name, k, steps, settings, run, judge_acc, heldout_dir, suite_file)
             trains_as = training_key(key)
             saved = read_finished_run(run) if settings.resume else None
-            if (saved is not None and training_key(saved["key"]) == trains_as
-                    and cut_short(saved.get("steps_trained"), saved.get("stop_reason"), steps)):
-                say(f"{name} seed {k}: the run in {run.root} stopped after {saved.get('steps_trained')} of "
-                    f"{steps} steps ({saved.get('stop_reason')}); training it again")
+            if (
+                saved is not None
+                and training_key(saved["key"]) == trains_as
+                and cut_short(saved.get("steps_trained"), saved.get("stop_reason"), steps)
+            ):
+                say(
+                    f"{name} seed {k}: the run in {run.root} stopped after {saved.get('steps_trained')} of "
+                    f"{steps} steps ({saved.get('stop_reason')}); training it again"
+                )
                 saved = None
             if saved is not None and saved["key"] == key:
                 runs.append(saved["row"])
@@ -512,63 +584,108 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings, say: Say = 
                 say(f"{name} seed {k}: reusing the finished run in {run.root} (--resume)")
                 continue
             donor = trained_models.get(trains_as)
-            if (donor is None and saved is not None and training_key(saved["key"]) == trains_as
-                    and list_checkpoints(run.checkpoints)):
+            if (
+                donor is None
+                and saved is not None
+                and training_key(saved["key"]) == trains_as
+                and list_checkpoints(run.checkpoints)
+            ):
                 donor = (run, saved["row"])  # trained as now, evaluated another way: evaluate again
             (run.root / FINISHED_RUN).unlink(missing_ok=True)
             if donor is not None:
                 # a sweep point that differs only in how it is evaluated (ablate.guidance_weight):
                 # the model another variant trained with the same config, seed and budget
                 model_run, donor_row = donor
-                trained = SimpleNamespace(tokens_per_s=donor_row.get("tokens_per_s_overall"),
-                                          tokens_seen=donor_row.get("tokens_seen"), steps=donor_row.get("steps"),
-                                          seconds=donor_row.get("train_seconds"),
-                                          stop_reason=donor_row.get("stop_reason"))
-                say(f"{name} seed {k}: evaluating the model {donor_row['variant']} seed {k} trained "
-                    f"(same config, seed and budget; {model_run.root})")
+                trained = SimpleNamespace(
+                    tokens_per_s=donor_row.get("tokens_per_s_overall"),
+                    tokens_seen=donor_row.get("tokens_seen"),
+                    steps=donor_row.get("steps"),
+                    seconds=donor_row.get("train_seconds"),
+                    stop_reason=donor_row.get("stop_reason"),
+                )
+                say(
+                    f"{name} seed {k}: evaluating the model {donor_row['variant']} seed {k} trained "
+                    f"(same config, seed and budget; {model_run.root})"
+                )
             else:
                 model_run = run
                 say(f"{name} seed {k}: training {steps} steps")
-                trained = stage_train(vcfg, run.root, force=True, say=say, show=show)  # a rerun into the same --out starts over
+                trained = stage_train(
+                    vcfg, run.root, force=True, say=say, show=show
+                )  # a rerun into the same --out starts over
                 if getattr(trained, "stop_reason", None) == "signal":
                     raise KeyboardInterrupt(f"ablation stopped by a signal while training {name} seed {k}")
                 if trained.steps < steps:
                     again = "; --resume trains it again" if cut_short(trained.steps, trained.stop_reason, steps) else ""
-                    say(f"{name} seed {k}: stopped after {trained.steps} of {steps} steps ({trained.stop_reason}){again}")
-            r = evaluate_variant(name, model_run, run.data, heldout_dir, judge, variant_settings(settings, name),
-                                 trained, seed=k, suite_items=suite_items)
+                    say(
+                        f"{name} seed {k}: stopped after {trained.steps} of {steps} steps ({trained.stop_reason}){again}"
+                    )
+            r = evaluate_variant(
+                name,
+                model_run,
+                run.data,
+                heldout_dir,
+                judge,
+                variant_settings(settings, name),
+                trained,
+                seed=k,
+                suite_items=suite_items,
+            )
             if name == DATA_BASE or name in data_variants:
                 r["data"] = data_variants[name].spec if name in data_variants else DATA_BASE
             r["stop_reason"] = trained.stop_reason
             trained_models.setdefault(trains_as, (model_run, r))
             r["overrides"] = settings.overrides.get(name, [])
             runs.append(r)
-            atomic_write_json(run.root / FINISHED_RUN, {"key": key, "row": r, "steps_trained": trained.steps,
-                                                        "stop_reason": trained.stop_reason})
-            say(f"{name} seed {k}: val bpb {r['val_bpb']:.4f}, held-out bpb {r['heldout_bpb']:.4f}, "
+            atomic_write_json(
+                run.root / FINISHED_RUN,
+                {"key": key, "row": r, "steps_trained": trained.steps, "stop_reason": trained.stop_reason},
+            )
+            say(
+                f"{name} seed {k}: val bpb {r['val_bpb']:.4f}, held-out bpb {r['heldout_bpb']:.4f}, "
                 + (f"steering {r['steering_accuracy']:.0%}, " if r.get("steering_accuracy") is not None else "")
                 + (f"pairs {r['pair_accuracy']:.1%}, " if r.get("pair_accuracy") is not None else "")
-                + f"{(r['tokens_per_s'] or 0):,.0f} tok/s")
+                + f"{(r['tokens_per_s'] or 0):,.0f} tok/s"
+            )
         rows, differences = summarize_runs(runs, order)
-        result = {"schema": 2, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "preset": cfg.preset, "corpus": str(cfg.data.data_dir), "budget_minutes": settings.budget_minutes,
-                  "seeds": k + 1, "seeds_planned": settings.seeds,
-                  "steps_per_variant": steps, "tokens_per_step": tokens_per_step,
-                  "tokens_per_variant": steps * tokens_per_step,
-                  "control_token_prob": cfg.data.control_token_prob,
-                  "control_window_prob": cfg.data.control_window_prob, "domains": tok.domains,
-                  "judge_accuracy": judge_acc,
-                  "judge_accuracy_training_books": (judge.training_books_accuracy if judge is not None
-                                                    and math.isfinite(judge.training_books_accuracy) else None),
-                  "steering_judge": None if judge is None else {
-                      "kind": "scikit-learn logistic regression (SGD) on word (1-2) and character (2-5) "
-                              "n-gram TF-IDF, fitted on training snippets",
-                      "snippet_words": snippet_words, "validation_snippet_accuracy": judge_acc,
-                      "validation_confusion": judge_confusion, "chance": 1 / max(1, len(judge.classes))},
-                  "data_variants": {name: read_json(prepared[name].root / "variant.json", {}) for name in prepared},
-                  "suite": None if suite_items is None else {"file": str(suite_file), "counts": suite_counts(suite_items)},
-                  "settings": dataclasses.asdict(settings), "variants": rows, "differences": differences,
-                  "runs": runs, "seconds": round(time.time() - t0, 1)}
+        result = {
+            "schema": 2,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "preset": cfg.preset,
+            "corpus": str(cfg.data.data_dir),
+            "budget_minutes": settings.budget_minutes,
+            "seeds": k + 1,
+            "seeds_planned": settings.seeds,
+            "steps_per_variant": steps,
+            "tokens_per_step": tokens_per_step,
+            "tokens_per_variant": steps * tokens_per_step,
+            "control_token_prob": cfg.data.control_token_prob,
+            "control_window_prob": cfg.data.control_window_prob,
+            "domains": tok.domains,
+            "judge_accuracy": judge_acc,
+            "judge_accuracy_training_books": (
+                judge.training_books_accuracy
+                if judge is not None and math.isfinite(judge.training_books_accuracy)
+                else None
+            ),
+            "steering_judge": None
+            if judge is None
+            else {
+                "kind": "scikit-learn logistic regression (SGD) on word (1-2) and character (2-5) "
+                "n-gram TF-IDF, fitted on training snippets",
+                "snippet_words": snippet_words,
+                "validation_snippet_accuracy": judge_acc,
+                "validation_confusion": judge_confusion,
+                "chance": 1 / max(1, len(judge.classes)),
+            },
+            "data_variants": {name: read_json(prepared[name].root / "variant.json", {}) for name in prepared},
+            "suite": None if suite_items is None else {"file": str(suite_file), "counts": suite_counts(suite_items)},
+            "settings": dataclasses.asdict(settings),
+            "variants": rows,
+            "differences": differences,
+            "runs": runs,
+            "seconds": round(time.time() - t0, 1),
+        }
         atomic_write_json(out / "ablation.json", result)
         atomic_write_text(out / "ablation.md", ablation_markdown(result))
         atomic_write_text(out / "ablation.svg", ablation_svg(result))
@@ -601,8 +718,17 @@ def cut_short(steps_trained: int | None, stop_reason: str | None, steps: int) ->
     return (steps_trained if isinstance(steps_trained, int) else -1) < steps and stop_reason not in PLANNED_ENDS
 
 
-def run_key(cfg: Config, name: str, seed: int, steps: int, settings: AblationSettings, run: RunDir,
-            judge_accuracy: float | None, heldout_dir: Path | None = None, suite_file: Path | None = None) -> dict:
+def run_key(
+    cfg: Config,
+    name: str,
+    seed: int,
+    steps: int,
+    settings: AblationSettings,
+    run: RunDir,
+    judge_accuracy: float | None,
+    heldout_dir: Path | None = None,
+    suite_file: Path | None = None,
+) -> dict:
     """Everything a finished run's figures depend on: its config (less the time cap, a guard
     set from this invocation's speed probe), step budget, steering settings, the tokenizer and
     token shards it trained on (the shard index records the curated documents' hash), the
@@ -613,15 +739,36 @@ def run_key(cfg: Config, name: str, seed: int, steps: int, settings: AblationSet
     for section, key_field, off in KEY_OPTIONAL_AT_OFF:  # not `name`: that is the variant's
         if config[section].get(key_field) == off:
             config[section].pop(key_field, None)
-    steering = {k: v for k, v in dataclasses.asdict(variant_settings(settings, name)).items()
-                if k not in ("variants", "seeds", "resume", "budget_minutes", "max_steps", "tokens_per_variant",
-                             "data_variants", "suite", "suite_items")}
+    steering = {
+        k: v
+        for k, v in dataclasses.asdict(variant_settings(settings, name)).items()
+        if k
+        not in (
+            "variants",
+            "seeds",
+            "resume",
+            "budget_minutes",
+            "max_steps",
+            "tokens_per_variant",
+            "data_variants",
+            "suite",
+            "suite_items",
+        )
+    }
     steering["overrides"] = settings.overrides.get(name, [])
     steering["guided_sampler"] = GUIDED_SAMPLER
-    key = {"variant": name, "seed": seed, "steps": steps, "config": config, "steering": steering,
-           "tokenizer_sha256": sha256_file(run.tokenizer), "data_sha256": sha256_file(run.data / INDEX_FILE),
-           "heldout_sha256": sha256_file(Path(heldout_dir or run.data) / INDEX_FILE),
-           "judge_accuracy": judge_accuracy, "simone_version": __version__}
+    key = {
+        "variant": name,
+        "seed": seed,
+        "steps": steps,
+        "config": config,
+        "steering": steering,
+        "tokenizer_sha256": sha256_file(run.tokenizer),
+        "data_sha256": sha256_file(run.data / INDEX_FILE),
+        "heldout_sha256": sha256_file(Path(heldout_dir or run.data) / INDEX_FILE),
+        "judge_accuracy": judge_accuracy,
+        "simone_version": __version__,
+    }
     if suite_file is not None:  # an evaluation setting: a new suite re-evaluates, never retrains
         key["suite_sha256"] = sha256_file(suite_file)
     return json.loads(json.dumps(key))  # as it reads back from the saved file
@@ -632,6 +779,14 @@ def training_key(key: dict) -> str:
     samples are steered and judged, nor the config's preset label, which names the variant),
     as a string to look up."""
     config = {k: v for k, v in (key.get("config") or {}).items() if k != "preset"}
-    return json.dumps({"seed": key.get("seed"), "steps": key.get("steps"), "config": config,
-                       "tokenizer_sha256": key.get("tokenizer_sha256"), "data_sha256": key.get("data_sha256"),
-                       "simone_version": key.get("simone_version")}, sort_keys=True)
+    return json.dumps(
+        {
+            "seed": key.get("seed"),
+            "steps": key.get("steps"),
+            "config": config,
+            "tokenizer_sha256": key.get("tokenizer_sha256"),
+            "data_sha256": key.get("data_sha256"),
+            "simone_version": key.get("simone_version"),
+        },
+        sort_keys=True,
+    )

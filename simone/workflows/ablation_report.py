@@ -41,7 +41,8 @@ def shown_figures(rows: list[dict]) -> list[str]:
 def _steering_text(result: dict) -> str:
     if not result.get("steering_judge"):
         return "No steering was measured (`--samples-per-domain 0`)."
-    return (f"Steering: share of "
+    return (
+        f"Steering: share of "
         f"{result['settings']['samples_per_domain']} samples per domain of {result['settings']['sample_tokens']} "
         f"tokens made with `--domain X` that the judge (logistic regression on word and character TF-IDF) "
         f"assigns to X; the judge itself is right on {result['judge_accuracy']:.1%} of validation snippets "
@@ -51,7 +52,8 @@ def _steering_text(result: dict) -> str:
         f"{result['settings']['guidance_weight']} · log p_policy(domain), as `--policy-guidance` does); "
         f"W=0: the same sampler without the policy, so guided minus W=0 is what the policy adds. "
         f"Policy acc: share of validation positions whose "
-        f"policy-head argmax is the true domain.")
+        f"policy-head argmax is the true domain."
+    )
 
 
 def _suite_text(result: dict) -> str:
@@ -60,34 +62,45 @@ def _suite_text(result: dict) -> str:
         return ""
     counts = suite["counts"]
     n = lambda task: counts.get(task, {}).get("items", 0)  # noqa: E731
-    return (f" Consistency suite (`{Path(suite['file']).name}`, built once from the held-out documents): "
-            f"minimal pairs ({n('pair')} held-out sentences against their contradicted twins): share where "
-            f"the model gives the original the higher probability, overall and per kind of change (chance 50%); "
-            f"cloze ({n('cloze')} passages): share whose last word greedy decoding gives exactly; "
-            f"distinct-2 of {n('gen')} greedy continuations of held-out prompts.")
+    return (
+        f" Consistency suite (`{Path(suite['file']).name}`, built once from the held-out documents): "
+        f"minimal pairs ({n('pair')} held-out sentences against their contradicted twins): share where "
+        f"the model gives the original the higher probability, overall and per kind of change (chance 50%); "
+        f"cloze ({n('cloze')} passages): share whose last word greedy decoding gives exactly; "
+        f"distinct-2 of {n('gen')} greedy continuations of held-out prompts."
+    )
 
 
 def _data_variants_text(result: dict) -> list[str]:
     variants = result.get("data_variants") or {}
     if not variants:
         return []
-    lines = ["", "## Data variants (the same model, tokenizer and token budget; the same held-out text)", "",
-             "| variant | data | training documents | training bytes | what was done |", "|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## Data variants (the same model, tokenizer and token budget; the same held-out text)",
+        "",
+        "| variant | data | training documents | training bytes | what was done |",
+        "|---|---|---|---|---|",
+    ]
     for name, v in variants.items():
         done = ""
         if v.get("contradictions"):
             c = v["contradictions"]
-            done = (f"{c['changes']:,} changes in {c['documents_changed']} of {c['training_documents']} training "
-                    f"documents ({', '.join(f'{k} {n:,}' for k, n in c['changes_per_kind'].items())}); "
-                    f"bytes {c['bytes_change']:+.2%}; listed in `data_variants/{name}/contradictions.jsonl`")
+            done = (
+                f"{c['changes']:,} changes in {c['documents_changed']} of {c['training_documents']} training "
+                f"documents ({', '.join(f'{k} {n:,}' for k, n in c['changes_per_kind'].items())}); "
+                f"bytes {c['bytes_change']:+.2%}; listed in `data_variants/{name}/contradictions.jsonl`"
+            )
         elif "tokens_replaced" in v:
             done = f"{v['tokens_replaced']:,} of {v['training_tokens']:,} training tokens replaced by {v.get('corpus')}"
         elif "flagged_documents_left_out" in v:
             done = f"{v['flagged_documents_left_out']} flagged documents left out"
         elif "held_out_copies_left_out" in v:
             done = f"{v['held_out_copies_left_out']} documents left out as held-out text"
-        lines.append(f"| {name} | `{v.get('spec')}` | {_f(v.get('training_documents'), ',d')} | "
-                     f"{_f(v.get('training_bytes'), ',d')} | {done} |")
+        lines.append(
+            f"| {name} | `{v.get('spec')}` | {_f(v.get('training_documents'), ',d')} | "
+            f"{_f(v.get('training_bytes'), ',d')} | {done} |"
+        )
     return lines
 
 
@@ -97,27 +110,36 @@ def ablation_markdown(result: dict) -> str:
     n_seeds = result["seeds"]
     figures = shown_figures(rows)
     lines = [
-        "# SIM-ONE ablation", "",
+        "# SIM-ONE ablation",
+        "",
         f"Preset `{result['preset']}`, {n_seeds} seed(s) per variant, {result['steps_per_variant']} optimizer "
         f"steps per run ({result['tokens_per_variant']:,} training tokens), same data split; control tokens "
         f"before {result['control_token_prob']:.0%} of training documents"
-        + (f" and at the start of {result['control_window_prob']:.0%} of training windows"
-           if result.get("control_window_prob") else "")
+        + (
+            f" and at the start of {result['control_window_prob']:.0%} of training windows"
+            if result.get("control_window_prob")
+            else ""
+        )
         + ". Each figure is mean ± std "
-        f"[95% t-interval of the mean] over seeds. Val bpb: the variant's own validation split; held-out "
-        f"bpb: the clean held-out documents no variant trained on (lower is better). "
-        + _steering_text(result) + _suite_text(result), "",
+        "[95% t-interval of the mean] over seeds. Val bpb: the variant's own validation split; held-out "
+        "bpb: the clean held-out documents no variant trained on (lower is better). "
+        + _steering_text(result)
+        + _suite_text(result),
+        "",
     ]
     head = ["variant", "params"] + [FIGURES[f][0] for f in figures] + ["train tokens", "tokens/s"]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        cells = ([r["variant"], f"{r['params']:,}"] + [_stat(r[f], _figure_format(f)) for f in figures]
-                 + [_f(r.get("tokens_seen"), ",d"), _f(r.get("tokens_per_s"), ",.0f")])
+        cells = (
+            [r["variant"], f"{r['params']:,}"]
+            + [_stat(r[f], _figure_format(f)) for f in figures]
+            + [_f(r.get("tokens_seen"), ",d"), _f(r.get("tokens_per_s"), ",.0f")]
+        )
         lines.append("| " + " | ".join(cells) + " |")
 
     lines += ["", f"## Differences (paired by seed; {NO_DIFFERENCE} when the 95% interval includes zero)", ""]
     if n_seeds < 2:
-        lines += [f"With one seed there is no interval: every difference reads \"{NO_DIFFERENCE}\".", ""]
+        lines += [f'With one seed there is no interval: every difference reads "{NO_DIFFERENCE}".', ""]
     if result["differences"]:
         lines += ["| variant | vs | figure | difference | reading |", "|---|---|---|---|---|"]
         for d in result["differences"]:
@@ -126,8 +148,11 @@ def ablation_markdown(result: dict) -> str:
             value = format(d["mean"], "+" + fmt)
             if d["ci95"] is not None:
                 value += f" [{format(d['ci95'][0], '+' + fmt)}, {format(d['ci95'][1], '+' + fmt)}]"
-            resolve = (f" (~{d['seeds_to_resolve']} seeds would resolve it)"
-                       if d["reading"] == NO_DIFFERENCE and d.get("seeds_to_resolve") else "")
+            resolve = (
+                f" (~{d['seeds_to_resolve']} seeds would resolve it)"
+                if d["reading"] == NO_DIFFERENCE and d.get("seeds_to_resolve")
+                else ""
+            )
             lines.append(f"| {d['variant']} | {d['reference']} | {label} | {value} | {d['reading']}{resolve} |")
     else:
         lines.append(f"No differences: neither the plain model (`{PLAIN}`) nor `{DATA_BASE}` is among the variants.")
@@ -135,28 +160,50 @@ def ablation_markdown(result: dict) -> str:
 
     confusion = (result.get("steering_judge") or {}).get("validation_confusion")
     if confusion:
-        lines += ["", "## The judge on validation snippets: right per domain, and where the rest went", "",
-                  "| domain | snippets | judged right | judged as (others) |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "## The judge on validation snippets: right per domain, and where the rest went",
+            "",
+            "| domain | snippets | judged right | judged as (others) |",
+            "|---|---|---|---|",
+        ]
         for d, row in sorted(confusion.items()):
             n = sum(row.values())
             others = ", ".join(f"{p} {c}" for p, c in sorted(row.items(), key=lambda x: -x[1]) if p != d)
             lines.append(f"| {d} | {n} | {row.get(d, 0) / n:.0%} | {others or '–'} |")
     if domains:
-        lines += ["", "## Validation bits per byte per domain (mean over seeds)", "",
-                  "| variant | " + " | ".join(domains) + " |", "|---|" + "|".join("---" for _ in domains) + "|"]
+        lines += [
+            "",
+            "## Validation bits per byte per domain (mean over seeds)",
+            "",
+            "| variant | " + " | ".join(domains) + " |",
+            "|---|" + "|".join("---" for _ in domains) + "|",
+        ]
         for r in rows:
             lines.append(f"| {r['variant']} | " + " | ".join(_f(r["per_domain_bpb"].get(d)) for d in domains) + " |")
     streams = [(r["variant"], r["streaming"]) for r in rows if r.get("streaming")]
     if streams:
-        lines += ["", f"## Streaming (mean over seeds): a validation text of ~{result['settings']['stream_contexts']} "
-                      "contexts read through the bounded cache (stream) vs. independent windows", "",
-                  "| variant | stream ppl | stream bpb | window bpb |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Streaming (mean over seeds): a validation text of ~{result['settings']['stream_contexts']} "
+            "contexts read through the bounded cache (stream) vs. independent windows",
+            "",
+            "| variant | stream ppl | stream bpb | window bpb |",
+            "|---|---|---|---|",
+        ]
         for name, s in streams:
-            lines.append(f"| {name} | {_f(s.get('stream_ppl'), '.2f')} | {_f(s.get('stream_bpb'))} | "
-                         f"{_f(s.get('window_bpb'))} |")
-    lines += ["", "Variants: " + "; ".join(f"`{r['variant']}`" + (f" ({', '.join(r['overrides'])})" if r.get("overrides") else "")
-                                   for r in rows)
-              + ". See `simone/workflows/ablate.py` for their definitions.", ""]
+            lines.append(
+                f"| {name} | {_f(s.get('stream_ppl'), '.2f')} | {_f(s.get('stream_bpb'))} | {_f(s.get('window_bpb'))} |"
+            )
+    lines += [
+        "",
+        "Variants: "
+        + "; ".join(
+            f"`{r['variant']}`" + (f" ({', '.join(r['overrides'])})" if r.get("overrides") else "") for r in rows
+        )
+        + ". See `simone/workflows/ablate.py` for their definitions.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -179,8 +226,9 @@ def ablation_svg(result: dict) -> str:
         parts = [f'<text x="{x0 + label_w}" y="{y0 + 16}" font-size="13" font-weight="bold">{title}</text>']
         for i, (r, s) in enumerate(zip(rows, stats)):
             y = y0 + 26 + i * (bar_h + gap)
-            parts.append(f'<text x="{x0 + label_w - 6}" y="{y + 12}" font-size="12" text-anchor="end">'
-                         f'{r["variant"]}</text>')
+            parts.append(
+                f'<text x="{x0 + label_w - 6}" y="{y + 12}" font-size="12" text-anchor="end">{r["variant"]}</text>'
+            )
             if s.get("mean") is None:
                 parts.append(f'<text x="{x0 + label_w + 4}" y="{y + 12}" font-size="11">n/a</text>')
                 continue
@@ -190,24 +238,33 @@ def ablation_svg(result: dict) -> str:
             if s.get("ci95"):
                 lo, hi = (x0 + label_w + max(0.0, v * scale) for v in s["ci95"])
                 mid = y + bar_h / 2
-                parts.append(f'<path d="M{lo:.1f},{mid} H{hi:.1f} M{lo:.1f},{y + 3} V{y + bar_h - 3} '
-                             f'M{hi:.1f},{y + 3} V{y + bar_h - 3}" stroke="#000" fill="none"/>')
+                parts.append(
+                    f'<path d="M{lo:.1f},{mid} H{hi:.1f} M{lo:.1f},{y + 3} V{y + bar_h - 3} '
+                    f'M{hi:.1f},{y + 3} V{y + bar_h - 3}" stroke="#000" fill="none"/>'
+                )
                 end = max(end, hi)
             parts.append(f'<text x="{end + 4:.1f}" y="{y + 12}" font-size="11">{format(s["mean"], fmt)}</text>')
         return "".join(parts)
 
     width = n_cols * col_w
-    body = "".join(chart((i % n_cols) * col_w, (i // n_cols) * chart_h, f, f"{label} (95% interval)")
-                   for i, (f, (label, _)) in enumerate(figures))
+    body = "".join(
+        chart((i % n_cols) * col_w, (i // n_cols) * chart_h, f, f"{label} (95% interval)")
+        for i, (f, (label, _)) in enumerate(figures)
+    )
     doses = dose_response(rows)
     if doses:
-        panels = [f for f in ("pair_accuracy", "pair_negation", "pair_antonym", "pair_entity")
-                  if any(p["stats"][f].get("mean") is not None for p in doses)]
+        panels = [
+            f
+            for f in ("pair_accuracy", "pair_negation", "pair_antonym", "pair_entity")
+            if any(p["stats"][f].get("mean") is not None for p in doses)
+        ]
         for i, figure in enumerate(panels):
             body += dose_response_panel(doses, figure, (i % n_cols) * col_w, height + (i // n_cols) * 240)
         height += 240 * math.ceil(len(panels) / n_cols)
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'font-family="sans-serif">' + body + "</svg>\n")
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'font-family="sans-serif">' + body + "</svg>\n"
+    )
 
 
 def dose_response(rows: list[dict]) -> list[dict]:
@@ -218,8 +275,14 @@ def dose_response(rows: list[dict]) -> list[dict]:
         data = r.get("data") or ""
         if data.startswith("contradict"):
             spec = parse_contradict_spec(data)
-            points.append({"variant": r["variant"], "share": spec.share,
-                           "kinds": "all" if spec.kinds == KINDS else "+".join(spec.kinds), "stats": r})
+            points.append(
+                {
+                    "variant": r["variant"],
+                    "share": spec.share,
+                    "kinds": "all" if spec.kinds == KINDS else "+".join(spec.kinds),
+                    "stats": r,
+                }
+            )
         elif data == DATA_BASE:
             points.append({"variant": r["variant"], "share": 0.0, "kinds": "all", "stats": r})
     return points if any(p["share"] > 0 for p in points) else []
@@ -242,19 +305,27 @@ def dose_response_panel(points: list[dict], figure: str, x0: int, y0: int) -> st
         return top + h - (value - lo) / (hi - lo) * h
 
     fmt = _figure_format(figure)
-    parts = [f'<text x="{left}" y="{y0 + 16}" font-size="13" font-weight="bold">{FIGURES[figure][0]} against P</text>',
-             f'<text x="{left + w}" y="{top + h + 28}" font-size="10" text-anchor="end">P: share of training '
-             f'documents contradicted</text>',
-             f'<path d="M{left},{top} V{top + h} H{left + w}" stroke="#000" fill="none"/>',
-             f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{format(hi, fmt)}</text>',
-             f'<text x="{left - 4}" y="{top + h}" font-size="10" text-anchor="end">{format(lo, fmt)}</text>']
+    parts = [
+        f'<text x="{left}" y="{y0 + 16}" font-size="13" font-weight="bold">{FIGURES[figure][0]} against P</text>',
+        f'<text x="{left + w}" y="{top + h + 28}" font-size="10" text-anchor="end">P: share of training '
+        f"documents contradicted</text>",
+        f'<path d="M{left},{top} V{top + h} H{left + w}" stroke="#000" fill="none"/>',
+        f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{format(hi, fmt)}</text>',
+        f'<text x="{left - 4}" y="{top + h}" font-size="10" text-anchor="end">{format(lo, fmt)}</text>',
+    ]
     for share in (0.0, 0.25, 0.5, 0.75, 1.0):
-        parts.append(f'<text x="{x(share):.1f}" y="{top + h + 14}" font-size="10" text-anchor="middle">{share:g}</text>')
-    line = sorted((p["share"], p["stats"][figure]["mean"]) for p in points
-                  if p["kinds"] == "all" and p["stats"][figure].get("mean") is not None)
+        parts.append(
+            f'<text x="{x(share):.1f}" y="{top + h + 14}" font-size="10" text-anchor="middle">{share:g}</text>'
+        )
+    line = sorted(
+        (p["share"], p["stats"][figure]["mean"])
+        for p in points
+        if p["kinds"] == "all" and p["stats"][figure].get("mean") is not None
+    )
     if len(line) > 1:
-        parts.append('<path d="M' + " L".join(f"{x(a):.1f},{y(b):.1f}" for a, b in line)
-                     + '" stroke="#4c78a8" fill="none"/>')
+        parts.append(
+            '<path d="M' + " L".join(f"{x(a):.1f},{y(b):.1f}" for a, b in line) + '" stroke="#4c78a8" fill="none"/>'
+        )
     for p, s in zip(points, stats):
         if s.get("mean") is None:
             continue

@@ -59,9 +59,11 @@ def summarize(values: list[float | None]) -> dict:
 def paired_difference(runs: list[dict], variant: str, reference: str, figure: str) -> dict:
     """`figure` of `variant` minus that of `reference`, paired by seed, summarised."""
     ref = {r["seed"]: r.get(figure) for r in runs if r["variant"] == reference}
-    diffs = [r.get(figure) - ref[r["seed"]] for r in runs
-             if r["variant"] == variant and r["seed"] in ref
-             and r.get(figure) is not None and ref[r["seed"]] is not None]
+    diffs = [
+        r.get(figure) - ref[r["seed"]]
+        for r in runs
+        if r["variant"] == variant and r["seed"] in ref and r.get(figure) is not None and ref[r["seed"]] is not None
+    ]
     return summarize(diffs)
 
 
@@ -97,17 +99,24 @@ def summarize_runs(runs: list[dict], variants: list[str]) -> tuple[list[dict], l
         if not mine:
             continue
         first = mine[0]
-        row: dict[str, Any] = {"variant": name, "arch": first["arch"], "governance": first["governance"],
-                               "params": first["params"], "seeds": [r["train_seed"] for r in mine],
-                               "steps": first["steps"], "tokens_seen": first["tokens_seen"],
-                               "overrides": first.get("overrides", []), "guidance_weight": first.get("guidance_weight"),
-                               "data": first.get("data")}
+        row: dict[str, Any] = {
+            "variant": name,
+            "arch": first["arch"],
+            "governance": first["governance"],
+            "params": first["params"],
+            "seeds": [r["train_seed"] for r in mine],
+            "steps": first["steps"],
+            "tokens_seen": first["tokens_seen"],
+            "overrides": first.get("overrides", []),
+            "guidance_weight": first.get("guidance_weight"),
+            "data": first.get("data"),
+        }
         for figure in FIGURES:
             row[figure] = summarize([r.get(figure) for r in mine])
         domains = sorted({d for r in mine for d in r["per_domain_bpb"]})
         row["per_domain_bpb"] = {d: summarize([r["per_domain_bpb"].get(d) for r in mine])["mean"] for d in domains}
         streams = [r["streaming"] for r in mine if r.get("streaming")]
-        row["streaming"] = ({k: summarize([s[k] for s in streams])["mean"] for k in streams[0]} if streams else None)
+        row["streaming"] = {k: summarize([s[k] for s in streams])["mean"] for k in streams[0]} if streams else None
         row["tokens_per_s"] = summarize([r.get("tokens_per_s") for r in mine])["mean"]
         rows.append(row)
     differences = []
@@ -124,16 +133,35 @@ def summarize_runs(runs: list[dict], variants: list[str]) -> tuple[list[dict], l
             for figure, (_, lower_is_better) in FIGURES.items():
                 diff = paired_difference(runs, name, reference, figure)
                 if diff["n"]:
-                    differences.append({"variant": name, "reference": reference, "figure": figure, **diff,
-                                        "reading": reading(diff, lower_is_better),
-                                        "seeds_to_resolve": seeds_to_resolve(diff)})
+                    differences.append(
+                        {
+                            "variant": name,
+                            "reference": reference,
+                            "figure": figure,
+                            **diff,
+                            "reading": reading(diff, lower_is_better),
+                            "seeds_to_resolve": seeds_to_resolve(diff),
+                        }
+                    )
         # what the policy adds to the same sampler without it, in the same runs (issue 17's aim)
-        gain = summarize([r["steering_accuracy_guided"] - r["steering_accuracy_guided_w0"] for r in runs
-                          if r["variant"] == name and r.get("steering_accuracy_guided") is not None
-                          and r.get("steering_accuracy_guided_w0") is not None])
+        gain = summarize(
+            [
+                r["steering_accuracy_guided"] - r["steering_accuracy_guided_w0"]
+                for r in runs
+                if r["variant"] == name
+                and r.get("steering_accuracy_guided") is not None
+                and r.get("steering_accuracy_guided_w0") is not None
+            ]
+        )
         if gain["n"]:
             next(row for row in rows if row["variant"] == name)["guidance_gain"] = gain
-            differences.append({"variant": name, "reference": GUIDANCE_REFERENCE, "figure": "steering_accuracy_guided",
-                                **gain, "reading": reading(gain, lower_is_better=False)})
+            differences.append(
+                {
+                    "variant": name,
+                    "reference": GUIDANCE_REFERENCE,
+                    "figure": "steering_accuracy_guided",
+                    **gain,
+                    "reading": reading(gain, lower_is_better=False),
+                }
+            )
     return rows, differences
-

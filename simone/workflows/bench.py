@@ -39,7 +39,8 @@ import torch
 from rich.table import Table
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from simone.config import Config, ModelConfig, preset as load_preset
+from simone.config import Config, ModelConfig
+from simone.config import preset as load_preset
 from simone.data.curate import curate
 from simone.data.shards import build_shards
 from simone.data.tokenizer import train_tokenizer
@@ -47,12 +48,12 @@ from simone.devices import pick_device
 from simone.inference import gguf_file
 from simone.inference.export import to_hf_llama
 from simone.model import build_model
+from simone.progress import Say
+from simone.progress import quiet as say_nothing
 from simone.rundir import atomic_write_json
 from simone.train.metrics import cpu_peak_flops, mfu, peak_flops
 from simone.train.optim import build_optimizer
 from simone.train.precision import autocast_dtype
-from simone.progress import Say
-from simone.progress import quiet as say_nothing
 
 
 class BenchError(RuntimeError):
@@ -80,8 +81,9 @@ def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float
     return time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def time_alternating(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
-                     device: torch.device) -> dict[str, dict[str, Any]]:
+def time_alternating(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device
+) -> dict[str, dict[str, Any]]:
     """Run every fn once per round, `warmup + repeats` rounds; time the last `repeats`.
 
     Returns {name: {"wall": [s...], "cpu": [s...], "first_s": wall time of the first call}}
@@ -102,8 +104,11 @@ def time_alternating(fns: dict[str, Callable[[], object]], repeats: int, warmup:
 def _rate(work: float, t: dict[str, Any]) -> dict[str, float]:
     """Throughput from a median wall time, and from the smallest CPU time (a single-threaded
     run's CPU time is barely touched by other processes on a shared machine)."""
-    return {"per_s": work / statistics.median(t["wall"]), "per_cpu_s": work / min(t["cpu"]),
-            "median_s": statistics.median(t["wall"])}
+    return {
+        "per_s": work / statistics.median(t["wall"]),
+        "per_cpu_s": work / min(t["cpu"]),
+        "median_s": statistics.median(t["wall"]),
+    }
 
 
 # ----------------------------------------------------------------------------- setup
@@ -114,8 +119,10 @@ def bench_device(cfg: Config, device: str | None) -> torch.device:
     name = device if device is not None else cfg.train.device
     dev = pick_device(name or "auto")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(f"preset {cfg.preset}: device {name} but no CUDA GPU is visible; "
-                         f"pass --device cpu to run this shape on the CPU anyway")
+        raise BenchError(
+            f"preset {cfg.preset}: device {name} but no CUDA GPU is visible; "
+            f"pass --device cpu to run this shape on the CPU anyway"
+        )
     return dev
 
 
@@ -136,15 +143,16 @@ def _preset_dtype(cfg: Config, device: torch.device) -> str:
 def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
     if dtype == "float32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype={"bfloat16": torch.bfloat16,
-                                               "float16": torch.float16}[dtype])
+    return torch.autocast(device.type, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
 
 
 def model_pair(model_cfg: ModelConfig, device: torch.device, seed: int = 0):
     """(ours, hf): our Llama-style model and a `LlamaForCausalLM` with a copy of its weights."""
     if model_cfg.arch != "llama":
-        raise ValueError(f"model.arch={model_cfg.arch!r}: the benchmark peer is "
-                         f"LlamaForCausalLM, so only the Llama-style model compares")
+        raise ValueError(
+            f"model.arch={model_cfg.arch!r}: the benchmark peer is "
+            f"LlamaForCausalLM, so only the Llama-style model compares"
+        )
     if model_cfg.governance:  # the peer has no governance parts (h100/h200 train them): time the plain shape
         model_cfg = dataclasses.replace(model_cfg, governance=False)
     torch.manual_seed(seed)
@@ -153,13 +161,16 @@ def model_pair(model_cfg: ModelConfig, device: torch.device, seed: int = 0):
     return ours, hf
 
 
-def hf_optimizer(hf: torch.nn.Module, lr: float, weight_decay: float,
-                 betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
+def hf_optimizer(
+    hf: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], device_type: str
+) -> torch.optim.AdamW:
     """The peer's AdamW set up as ours is (`simone.train.optim.build_optimizer`): decay on
     parameters with ≥2 dimensions only, fused kernel on CPU and CUDA."""
     params = [p for p in hf.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
 
 
@@ -168,12 +179,13 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _header(cfg: Config, m: ModelConfig, device: torch.device, n_params: int,
-            extra: str = "") -> str:
-    return (f"preset {cfg.preset}  device {device}  threads {torch.get_num_threads()}  "
-            f"params {n_params / 1e6:.2f}M  dim {m.dim}  layers {m.n_layers}  heads {m.n_heads}"
-            f"  kv_heads {m.n_kv_heads or m.n_heads}  vocab {m.vocab_size}  seq {m.max_seq_len}"
-            f"{extra}")
+def _header(cfg: Config, m: ModelConfig, device: torch.device, n_params: int, extra: str = "") -> str:
+    return (
+        f"preset {cfg.preset}  device {device}  threads {torch.get_num_threads()}  "
+        f"params {n_params / 1e6:.2f}M  dim {m.dim}  layers {m.n_layers}  heads {m.n_heads}"
+        f"  kv_heads {m.n_kv_heads or m.n_heads}  vocab {m.vocab_size}  seq {m.max_seq_len}"
+        f"{extra}"
+    )
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]], caption: str = "") -> Table:
@@ -199,12 +211,21 @@ def _write_json(result: dict[str, Any], json_path: str | Path | None) -> None:
 # ----------------------------------------------------------------------------- train
 
 
-def bench_train(preset: str = "cpu", *, repeats: int = 5, warmup: int = 2,
-                threads: int | None = None, device: str | None = None,
-                batch: int | None = None, dtypes: Iterable[str] | None = None,
-                compile: bool | None = None, model_cfg: ModelConfig | None = None,
-                json_path: str | Path | None = None, quiet: bool = False,
-                say: Say = say_nothing) -> dict[str, Any]:
+def bench_train(
+    preset: str = "cpu",
+    *,
+    repeats: int = 5,
+    warmup: int = 2,
+    threads: int | None = None,
+    device: str | None = None,
+    batch: int | None = None,
+    dtypes: Iterable[str] | None = None,
+    compile: bool | None = None,
+    model_cfg: ModelConfig | None = None,
+    json_path: str | Path | None = None,
+    quiet: bool = False,
+    say: Say = say_nothing,
+) -> dict[str, Any]:
     """Training tokens/s (forward, backward, AdamW step on a fixed random batch) of our
     model against `LlamaForCausalLM` with the same config and weights.
 
@@ -281,41 +302,63 @@ def bench_train(preset: str = "cpu", *, repeats: int = 5, warmup: int = 2,
 
     pairs = [("ours eager", "ours", "HF eager", "hf")]
     if do_compile:
-        pairs += [("ours compiled", "ours_compiled", "HF eager", "hf"),
-                  ("ours compiled", "ours_compiled", "HF compiled", "hf_compiled")]
+        pairs += [
+            ("ours compiled", "ours_compiled", "HF eager", "hf"),
+            ("ours compiled", "ours_compiled", "HF compiled", "hf_compiled"),
+        ]
     rows = []
     for dtype in dtype_list:
         for ours_label, ours_key, peer_label, peer_key in pairs:
             a, b = rates[dtype][ours_key], rates[dtype][peer_key]
-            rows.append({
-                "dtype": dtype, "ours": ours_label, "peer": peer_label,
-                "ours_tokens_per_s": a["per_s"], "peer_tokens_per_s": b["per_s"],
-                "ratio": a["per_s"] / b["per_s"],
-                "ratio_cpu_time": a["per_cpu_s"] / b["per_cpu_s"],
-                "ours_mfu": mfu(flops, a["per_s"], peaks[dtype]),
-                "peer_mfu": mfu(flops, b["per_s"], peaks[dtype]),
-            })
+            rows.append(
+                {
+                    "dtype": dtype,
+                    "ours": ours_label,
+                    "peer": peer_label,
+                    "ours_tokens_per_s": a["per_s"],
+                    "peer_tokens_per_s": b["per_s"],
+                    "ratio": a["per_s"] / b["per_s"],
+                    "ratio_cpu_time": a["per_cpu_s"] / b["per_cpu_s"],
+                    "ours_mfu": mfu(flops, a["per_s"], peaks[dtype]),
+                    "peer_mfu": mfu(flops, b["per_s"], peaks[dtype]),
+                }
+            )
     headline_ours = "ours compiled" if headline_compiled else "ours eager"
-    headline = next(r for r in rows if r["dtype"] == headline_dtype
-                    and r["ours"] == headline_ours and r["peer"] == "HF eager")
+    headline = next(
+        r for r in rows if r["dtype"] == headline_dtype and r["ours"] == headline_ours and r["peer"] == "HF eager"
+    )
     result = {
-        "kind": "train", "preset": cfg.preset, "device": str(dev), "threads": torch.get_num_threads(),
+        "kind": "train",
+        "preset": cfg.preset,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
         "load_average": os.getloadavg()[0],
         "ratio": headline["ratio"],
         "headline": f"{headline_ours} vs HF eager, {headline_dtype}",
         "goal": GOALS["train"],
-        "config": {"dim": mcfg.dim, "n_layers": mcfg.n_layers, "n_heads": mcfg.n_heads,
-                   "n_kv_heads": mcfg.n_kv_heads or mcfg.n_heads, "vocab_size": mcfg.vocab_size,
-                   "seq_len": seq, "batch": batch, "params": n_params},
-        "flops_per_token": flops, "peak_flops": peak, "peak_flops_by_dtype": peaks,
-        "repeats": repeats, "warmup": warmup, "rows": rows, "compile_s": compile_s,
+        "config": {
+            "dim": mcfg.dim,
+            "n_layers": mcfg.n_layers,
+            "n_heads": mcfg.n_heads,
+            "n_kv_heads": mcfg.n_kv_heads or mcfg.n_heads,
+            "vocab_size": mcfg.vocab_size,
+            "seq_len": seq,
+            "batch": batch,
+            "params": n_params,
+        },
+        "flops_per_token": flops,
+        "peak_flops": peak,
+        "peak_flops_by_dtype": peaks,
+        "repeats": repeats,
+        "warmup": warmup,
+        "rows": rows,
+        "compile_s": compile_s,
     }
     _write_json(result, json_path)
     return result
 
 
-def _peak_for(peak_flops: Callable[..., float | None], device: torch.device,
-              dtype: str) -> float | None:
+def _peak_for(peak_flops: Callable[..., float | None], device: torch.device, dtype: str) -> float | None:
     """The device's peak FLOP/s for `dtype`, from the trainer's function (a matmul probe in
     that dtype on a CPU, where AMX makes bf16 several times faster than float32; the bf16
     table on a GPU, which says nothing about float32, so a GPU float32 row gets no MFU)."""
@@ -329,34 +372,61 @@ def _fmt_mfu(v: float | None) -> str:
 
 
 def _train_tables(result: dict[str, Any]) -> list[Table]:
-    rows = [[r["dtype"], r["ours"], r["peer"], f"{r['ours_tokens_per_s']:,.0f}",
-             f"{r['peer_tokens_per_s']:,.0f}", f"{r['ratio']:.2f}x", f"{r['ratio_cpu_time']:.2f}x",
-             _fmt_mfu(r["ours_mfu"]), _fmt_mfu(r["peer_mfu"])] for r in result["rows"]]
-    peak_txt = ", ".join(f"{d} {'unknown' if not v else f'{v / 1e9:,.0f} GFLOP/s'}"
-                         for d, v in result["peak_flops_by_dtype"].items())
-    compile_txt = "; ".join(f"{d}: " + ", ".join(f"{k} {v:.0f} s" for k, v in c.items())
-                            for d, c in result["compile_s"].items() if c)
-    return [_table(
-        f"train tokens/s (median of {result['repeats']}), ours / transformers.LlamaForCausalLM",
-        ["dtype", "ours", "peer", "ours tok/s", "peer tok/s", "ratio", "ratio (CPU time)",
-         "ours MFU", "peer MFU"], rows,
-        f"headline ({result['headline']}): {result['ratio']:.2f}x, goal ≥ {result['goal']}x.  "
-        f"MFU = flops_per_token·tok/s / peak ({peak_txt}"
-        f"{'; CPU: matmul probe' if result['device'] == 'cpu' else ''}); "
-        f"load average {result['load_average']:.1f}."
-        + (f"\nfirst call incl. compile: {compile_txt}" if compile_txt else ""))]
+    rows = [
+        [
+            r["dtype"],
+            r["ours"],
+            r["peer"],
+            f"{r['ours_tokens_per_s']:,.0f}",
+            f"{r['peer_tokens_per_s']:,.0f}",
+            f"{r['ratio']:.2f}x",
+            f"{r['ratio_cpu_time']:.2f}x",
+            _fmt_mfu(r["ours_mfu"]),
+            _fmt_mfu(r["peer_mfu"]),
+        ]
+        for r in result["rows"]
+    ]
+    peak_txt = ", ".join(
+        f"{d} {'unknown' if not v else f'{v / 1e9:,.0f} GFLOP/s'}" for d, v in result["peak_flops_by_dtype"].items()
+    )
+    compile_txt = "; ".join(
+        f"{d}: " + ", ".join(f"{k} {v:.0f} s" for k, v in c.items()) for d, c in result["compile_s"].items() if c
+    )
+    return [
+        _table(
+            f"train tokens/s (median of {result['repeats']}), ours / transformers.LlamaForCausalLM",
+            ["dtype", "ours", "peer", "ours tok/s", "peer tok/s", "ratio", "ratio (CPU time)", "ours MFU", "peer MFU"],
+            rows,
+            f"headline ({result['headline']}): {result['ratio']:.2f}x, goal ≥ {result['goal']}x.  "
+            f"MFU = flops_per_token·tok/s / peak ({peak_txt}"
+            f"{'; CPU: matmul probe' if result['device'] == 'cpu' else ''}); "
+            f"load average {result['load_average']:.1f}."
+            + (f"\nfirst call incl. compile: {compile_txt}" if compile_txt else ""),
+        )
+    ]
 
 
 # ----------------------------------------------------------------------------- generate
 
 
-def bench_generate(preset: str = "cpu", *, repeats: int = 5, warmup: int = 1,
-                   threads: int | None = None, device: str | None = None,
-                   batches: Iterable[int] = (1, 8), dtypes: Iterable[str] | None = None,
-                   prompt_len: int = 16, new_tokens: int = 128, sampling: bool = True,
-                   compile: bool = False,
-                   model_cfg: ModelConfig | None = None, json_path: str | Path | None = None,
-                   quiet: bool = False, say: Say = say_nothing) -> dict[str, Any]:
+def bench_generate(
+    preset: str = "cpu",
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    threads: int | None = None,
+    device: str | None = None,
+    batches: Iterable[int] = (1, 8),
+    dtypes: Iterable[str] | None = None,
+    prompt_len: int = 16,
+    new_tokens: int = 128,
+    sampling: bool = True,
+    compile: bool = False,
+    model_cfg: ModelConfig | None = None,
+    json_path: str | Path | None = None,
+    quiet: bool = False,
+    say: Say = say_nothing,
+) -> dict[str, Any]:
     """New tokens/s of greedy decoding with a KV cache: our `generate` against
     `LlamaForCausalLM.generate(do_sample=False)` (its default dynamic cache) on the same
     weights, for each batch size and dtype. Both run under `torch.no_grad` in eval mode.
@@ -412,8 +482,12 @@ def bench_generate(preset: str = "cpu", *, repeats: int = 5, warmup: int = 1,
         ours_kw: dict[str, Any] = {"temperature": 0.0}
         hf_kw: dict[str, Any] = {"do_sample": False}
         if mode == "sample":
-            ours_kw = {"temperature": 0.8, "top_k": 50, "top_p": 0.95,
-                       "generator": torch.Generator(device=dev).manual_seed(3)}
+            ours_kw = {
+                "temperature": 0.8,
+                "top_k": 50,
+                "top_p": 0.95,
+                "generator": torch.Generator(device=dev).manual_seed(3),
+            }
             hf_kw = {"do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95}
 
         def gen_ours() -> None:
@@ -422,38 +496,64 @@ def bench_generate(preset: str = "cpu", *, repeats: int = 5, warmup: int = 1,
 
         def gen_hf() -> None:
             with torch.no_grad(), _autocast(dev, dtype):
-                seq = hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new,
-                                  use_cache=True, pad_token_id=0, eos_token_id=None, **hf_kw)
+                seq = hf.generate(
+                    prompt,
+                    max_new_tokens=n_new,
+                    min_new_tokens=n_new,
+                    use_cache=True,
+                    pad_token_id=0,
+                    eos_token_id=None,
+                    **hf_kw,
+                )
             out["hf"] = seq[:, prompt_len:]
 
         times = time_alternating({"ours": gen_ours, "hf": gen_hf}, repeats, warmup, dev)
         a, p = _rate(b * n_new, times["ours"]), _rate(b * n_new, times["hf"])
-        rows.append({
-            "dtype": dtype, "batch": b, "mode": mode, "ours": runner,
-            "first_s": times["ours"]["first_s"], "ours_tokens_per_s": a["per_s"],
-            "peer_tokens_per_s": p["per_s"], "ratio": a["per_s"] / p["per_s"],
-            "ratio_cpu_time": a["per_cpu_s"] / p["per_cpu_s"],
-            "ours_ms_per_step": 1000 * a["median_s"] / n_new,
-            "peer_ms_per_step": 1000 * p["median_s"] / n_new,
-            "same_tokens": bool(torch.equal(out["ours"], out["hf"])),
-        })
+        rows.append(
+            {
+                "dtype": dtype,
+                "batch": b,
+                "mode": mode,
+                "ours": runner,
+                "first_s": times["ours"]["first_s"],
+                "ours_tokens_per_s": a["per_s"],
+                "peer_tokens_per_s": p["per_s"],
+                "ratio": a["per_s"] / p["per_s"],
+                "ratio_cpu_time": a["per_cpu_s"] / p["per_cpu_s"],
+                "ours_ms_per_step": 1000 * a["median_s"] / n_new,
+                "peer_ms_per_step": 1000 * p["median_s"] / n_new,
+                "same_tokens": bool(torch.equal(out["ours"], out["hf"])),
+            }
+        )
     llama_cpp_rows = _llama_cpp_peer(ours, mcfg, prompt_len, n_new, repeats, warmup, dev)
-    headline_rows = [r for r in rows if r["dtype"] == headline_dtype and r["mode"] == "greedy"
-                     and r["ours"] == "eager"]
+    headline_rows = [r for r in rows if r["dtype"] == headline_dtype and r["mode"] == "greedy" and r["ours"] == "eager"]
     sampled = [r["ratio"] for r in rows if r["mode"] == "sample"]
     compiled = [r["ratio"] for r in rows if r["ours"] == "compiled"]
     result = {
-        "kind": "generate", "preset": cfg.preset, "device": str(dev),
-        "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0],
+        "kind": "generate",
+        "preset": cfg.preset,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0],
         "ratio": min(r["ratio"] for r in headline_rows),
         "headline": f"smallest greedy ratio over batch sizes {list(batches)}, {headline_dtype}",
         "ratio_sampled": min(sampled) if sampled else None,
         "ratio_compiled": min(compiled) if compiled else None,
         "goal": GOALS["generate"],
-        "config": {"dim": mcfg.dim, "n_layers": mcfg.n_layers, "n_heads": mcfg.n_heads,
-                   "vocab_size": mcfg.vocab_size, "seq_len": mcfg.max_seq_len,
-                   "prompt_len": prompt_len, "new_tokens": n_new, "params": ours.num_params()},
-        "repeats": repeats, "warmup": warmup, "rows": rows, "llama_cpp": llama_cpp_rows,
+        "config": {
+            "dim": mcfg.dim,
+            "n_layers": mcfg.n_layers,
+            "n_heads": mcfg.n_heads,
+            "vocab_size": mcfg.vocab_size,
+            "seq_len": mcfg.max_seq_len,
+            "prompt_len": prompt_len,
+            "new_tokens": n_new,
+            "params": ours.num_params(),
+        },
+        "repeats": repeats,
+        "warmup": warmup,
+        "rows": rows,
+        "llama_cpp": llama_cpp_rows,
     }
     _write_json(result, json_path)
     return result
@@ -462,33 +562,92 @@ def bench_generate(preset: str = "cpu", *, repeats: int = 5, warmup: int = 1,
 def _generate_tables(result: dict[str, Any]) -> list[Table]:
     rows, llama_cpp_rows, repeats = result["rows"], result["llama_cpp"], result["repeats"]
     compiled = [r for r in rows if r["ours"] == "compiled"]
-    out = [_table(
-        f"generate tokens/s (KV cache, median of {repeats}), ours / LlamaForCausalLM.generate",
-        ["dtype", "batch", "decoding", "ours", "ours tok/s", "peer tok/s", "ratio",
-         "ratio (CPU time)",
-         "ours ms/step", "peer ms/step", "same tokens"],
-        [[r["dtype"], str(r["batch"]), r["mode"], r["ours"], f"{r['ours_tokens_per_s']:,.0f}",
-          f"{r['peer_tokens_per_s']:,.0f}", f"{r['ratio']:.2f}x", f"{r['ratio_cpu_time']:.2f}x",
-          f"{r['ours_ms_per_step']:.2f}", f"{r['peer_ms_per_step']:.2f}", str(r["same_tokens"])]
-         for r in rows],
-        f"headline ({result['headline']}): {result['ratio']:.2f}x, goal ≥ {result['goal']}x; "
-        f"load average {result['load_average']:.1f}."
-        + ("" if result["ratio_sampled"] is None else " sample: temperature 0.8, top-k 50, top-p 0.95 on both sides.")
-        + ("" if not compiled else f" compiled: torch.compile(dynamic=True) of our forward "
-           f"(first call incl. compile {max(r['first_s'] for r in compiled):.0f} s)"
-           f" vs HF eager: {result['ratio_compiled']:.2f}x."))]
+    out = [
+        _table(
+            f"generate tokens/s (KV cache, median of {repeats}), ours / LlamaForCausalLM.generate",
+            [
+                "dtype",
+                "batch",
+                "decoding",
+                "ours",
+                "ours tok/s",
+                "peer tok/s",
+                "ratio",
+                "ratio (CPU time)",
+                "ours ms/step",
+                "peer ms/step",
+                "same tokens",
+            ],
+            [
+                [
+                    r["dtype"],
+                    str(r["batch"]),
+                    r["mode"],
+                    r["ours"],
+                    f"{r['ours_tokens_per_s']:,.0f}",
+                    f"{r['peer_tokens_per_s']:,.0f}",
+                    f"{r['ratio']:.2f}x",
+                    f"{r['ratio_cpu_time']:.2f}x",
+                    f"{r['ours_ms_per_step']:.2f}",
+                    f"{r['peer_ms_per_step']:.2f}",
+                    str(r["same_tokens"]),
+                ]
+                for r in rows
+            ],
+            f"headline ({result['headline']}): {result['ratio']:.2f}x, goal ≥ {result['goal']}x; "
+            f"load average {result['load_average']:.1f}."
+            + (
+                ""
+                if result["ratio_sampled"] is None
+                else " sample: temperature 0.8, top-k 50, top-p 0.95 on both sides."
+            )
+            + (
+                ""
+                if not compiled
+                else f" compiled: torch.compile(dynamic=True) of our forward "
+                f"(first call incl. compile {max(r['first_s'] for r in compiled):.0f} s)"
+                f" vs HF eager: {result['ratio_compiled']:.2f}x."
+            ),
+        )
+    ]
     if llama_cpp_rows:
-        out.append(_table(
-            f"generate tokens/s (median of {repeats}), ours / llama.cpp on the same weights (GGUF)",
-            ["gguf", "batch", "decoding", "ours tok/s", "llama.cpp tok/s", "ratio", "ours ms/step",
-             "llama.cpp ms/step", "same tokens"],
-            [[r["gguf"], "1", "greedy", f"{r['ours_tokens_per_s']:,.0f}", f"{r['peer_tokens_per_s']:,.0f}",
-              f"{r['ratio']:.2f}x", f"{r['ours_ms_per_step']:.2f}", f"{r['peer_ms_per_step']:.2f}",
-              str(r["same_tokens"])] for r in llama_cpp_rows],
-            f"ours: float32 on {result['device']}; llama.cpp: llama-cpp-python {llama_cpp_rows[0]['llama_cpp_python']}"
-            + (" (every layer offloaded, if its build has a GPU backend)" if result["device"].startswith("cuda")
-               else " on the CPU")
-            + ", running the model as written by `simone export --format gguf`."))
+        out.append(
+            _table(
+                f"generate tokens/s (median of {repeats}), ours / llama.cpp on the same weights (GGUF)",
+                [
+                    "gguf",
+                    "batch",
+                    "decoding",
+                    "ours tok/s",
+                    "llama.cpp tok/s",
+                    "ratio",
+                    "ours ms/step",
+                    "llama.cpp ms/step",
+                    "same tokens",
+                ],
+                [
+                    [
+                        r["gguf"],
+                        "1",
+                        "greedy",
+                        f"{r['ours_tokens_per_s']:,.0f}",
+                        f"{r['peer_tokens_per_s']:,.0f}",
+                        f"{r['ratio']:.2f}x",
+                        f"{r['ours_ms_per_step']:.2f}",
+                        f"{r['peer_ms_per_step']:.2f}",
+                        str(r["same_tokens"]),
+                    ]
+                    for r in llama_cpp_rows
+                ],
+                f"ours: float32 on {result['device']}; llama.cpp: llama-cpp-python {llama_cpp_rows[0]['llama_cpp_python']}"
+                + (
+                    " (every layer offloaded, if its build has a GPU backend)"
+                    if result["device"].startswith("cuda")
+                    else " on the CPU"
+                )
+                + ", running the model as written by `simone export --format gguf`.",
+            )
+        )
     return out
 
 
@@ -505,8 +664,9 @@ def _bytes_only_tokenizer(path: Path) -> Path:
     return path
 
 
-def _llama_cpp_peer(ours: torch.nn.Module, mcfg: ModelConfig, prompt_len: int, n_new: int, repeats: int,
-                    warmup: int, dev: torch.device) -> list[dict[str, Any]]:
+def _llama_cpp_peer(
+    ours: torch.nn.Module, mcfg: ModelConfig, prompt_len: int, n_new: int, repeats: int, warmup: int, dev: torch.device
+) -> list[dict[str, Any]]:
     """Greedy decoding at batch 1, ours (float32) against llama.cpp running the same weights
     as an f32 GGUF file; [] when llama-cpp-python is not installed."""
     if not gguf_file.llama_cpp_available() or mcfg.vocab_size < 258:
@@ -518,10 +678,12 @@ def _llama_cpp_peer(ours: torch.nn.Module, mcfg: ModelConfig, prompt_len: int, n
     out: dict[str, list[int]] = {}
     with tempfile.TemporaryDirectory(prefix="simone-bench-gguf-") as tmp:
         cfg = Config(model=mcfg)
-        path = gguf_file.write_gguf(ours, cfg, _bytes_only_tokenizer(Path(tmp) / "tokenizer.json"), 0,
-                                    Path(tmp) / "model.gguf", "bench", "f32")
-        llm = gguf_file.open_in_llama_cpp(path, mcfg.max_seq_len, threads=torch.get_num_threads(),
-                                          gpu=dev.type == "cuda")
+        path = gguf_file.write_gguf(
+            ours, cfg, _bytes_only_tokenizer(Path(tmp) / "tokenizer.json"), 0, Path(tmp) / "model.gguf", "bench", "f32"
+        )
+        llm = gguf_file.open_in_llama_cpp(
+            path, mcfg.max_seq_len, threads=torch.get_num_threads(), gpu=dev.type == "cuda"
+        )
 
         def gen_ours() -> None:
             with torch.no_grad():
@@ -534,10 +696,20 @@ def _llama_cpp_peer(ours: torch.nn.Module, mcfg: ModelConfig, prompt_len: int, n
         times = time_alternating({"ours": gen_ours, "llama.cpp": gen_llama_cpp}, repeats, warmup, dev)
         del llm
     a, p = _rate(n_new, times["ours"]), _rate(n_new, times["llama.cpp"])
-    return [{"gguf": "f32", "batch": 1, "mode": "greedy", "ours_tokens_per_s": a["per_s"],
-             "peer_tokens_per_s": p["per_s"], "ratio": a["per_s"] / p["per_s"],
-             "ours_ms_per_step": 1000 * a["median_s"] / n_new, "peer_ms_per_step": 1000 * p["median_s"] / n_new,
-             "same_tokens": out["ours"] == out["llama.cpp"], "llama_cpp_python": llama_cpp.__version__}]
+    return [
+        {
+            "gguf": "f32",
+            "batch": 1,
+            "mode": "greedy",
+            "ours_tokens_per_s": a["per_s"],
+            "peer_tokens_per_s": p["per_s"],
+            "ratio": a["per_s"] / p["per_s"],
+            "ours_ms_per_step": 1000 * a["median_s"] / n_new,
+            "peer_ms_per_step": 1000 * p["median_s"] / n_new,
+            "same_tokens": out["ours"] == out["llama.cpp"],
+            "llama_cpp_python": llama_cpp.__version__,
+        }
+    ]
 
 
 # ----------------------------------------------------------------------------- prep
@@ -589,14 +761,24 @@ class ResourceMeter:
         self.peak = max(self.peak, self._tree_rss())
 
     def row(self) -> dict[str, Any]:
-        return {"stage": self.name, "seconds": round(self.wall, 3), "cpu_s": round(self.cpu, 3),
-                "cores_used": round(self.cpu / max(self.wall, 1e-9), 2),
-                "peak_rss_mb": round(self.peak / 2**20, 1)}
+        return {
+            "stage": self.name,
+            "seconds": round(self.wall, 3),
+            "cpu_s": round(self.cpu, 3),
+            "cores_used": round(self.cpu / max(self.wall, 1e-9), 2),
+            "peak_rss_mb": round(self.peak / 2**20, 1),
+        }
 
 
-def bench_prep(corpus: str | Path, *, preset: str = "cpu", out_dir: str | Path | None = None,
-               threads: int | None = None, vocab_size: int | None = None,
-               json_path: str | Path | None = None) -> dict[str, Any]:
+def bench_prep(
+    corpus: str | Path,
+    *,
+    preset: str = "cpu",
+    out_dir: str | Path | None = None,
+    threads: int | None = None,
+    vocab_size: int | None = None,
+    json_path: str | Path | None = None,
+) -> dict[str, Any]:
     """Time `simone prepare` on `corpus`: curate → tokenizer training → shards, each stage
     measured (wall, CPU seconds, cores used, peak RSS of the process tree).
 
@@ -636,15 +818,24 @@ def bench_prep(corpus: str | Path, *, preset: str = "cpu", out_dir: str | Path |
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    splits = {s: {k: v.get(k) for k in ("n_tokens", "n_bytes")} | {"n_docs": len(v.get("docs", []))}
-              for s, v in index["splits"].items()}
+    splits = {
+        s: {k: v.get(k) for k in ("n_tokens", "n_bytes")} | {"n_docs": len(v.get("docs", []))}
+        for s, v in index["splits"].items()
+    }
     result = {
-        "kind": "prep", "preset": cfg.preset, "corpus": str(corpus),
-        "seconds": round(total.wall, 3), "peak_rss_mb": round(total.peak / 2**20, 1),
-        "cpu_s": round(total.cpu, 3), "cores_used": round(total.cpu / max(total.wall, 1e-9), 2),
-        "cores": os.cpu_count(), "load_average": os.getloadavg()[0],
+        "kind": "prep",
+        "preset": cfg.preset,
+        "corpus": str(corpus),
+        "seconds": round(total.wall, 3),
+        "peak_rss_mb": round(total.peak / 2**20, 1),
+        "cpu_s": round(total.cpu, 3),
+        "cores_used": round(total.cpu / max(total.wall, 1e-9), 2),
+        "cores": os.cpu_count(),
+        "load_average": os.getloadavg()[0],
         "goal": {"seconds": GOALS["prep_seconds"], "peak_rss_mb": GOALS["prep_peak_rss_mb"]},
-        "vocab_size": tok.vocab_size, "stages": stages, "splits": splits,
+        "vocab_size": tok.vocab_size,
+        "stages": stages,
+        "splits": splits,
     }
     _write_json(result, json_path)
     return result
@@ -652,15 +843,27 @@ def bench_prep(corpus: str | Path, *, preset: str = "cpu", out_dir: str | Path |
 
 def _prep_tables(result: dict[str, Any]) -> list[Table]:
     stages, splits = result["stages"], result["splits"]
-    rows = [[s["stage"], f"{s['seconds']:.1f}", f"{s['cpu_s']:.1f}", f"{s['cores_used']:.2f}",
-             f"{s['peak_rss_mb']:,.0f}"] for s in stages]
-    rows.append(["total", f"{result['seconds']:.1f}", f"{result['cpu_s']:.1f}",
-                 f"{result['cores_used']:.2f}", f"{result['peak_rss_mb']:,.0f}"])
-    tokens = ", ".join(f"{s} {v['n_tokens']:,} tokens / {v['n_docs']} docs"
-                       for s, v in splits.items())
-    return [_table(
-        f"prepare {result['corpus']} (curate + tokenizer + shards), preset {result['preset']}",
-        ["stage", "seconds", "CPU s", "cores used", "peak RSS MB"], rows,
-        f"goal ≤ {GOALS['prep_seconds']:.0f} s and ≤ {GOALS['prep_peak_rss_mb']:,.0f} MB on "
-        f"{result['cores']} cores (load average {result['load_average']:.1f}); "
-        f"vocab {result['vocab_size']}; {tokens}")]
+    rows = [
+        [s["stage"], f"{s['seconds']:.1f}", f"{s['cpu_s']:.1f}", f"{s['cores_used']:.2f}", f"{s['peak_rss_mb']:,.0f}"]
+        for s in stages
+    ]
+    rows.append(
+        [
+            "total",
+            f"{result['seconds']:.1f}",
+            f"{result['cpu_s']:.1f}",
+            f"{result['cores_used']:.2f}",
+            f"{result['peak_rss_mb']:,.0f}",
+        ]
+    )
+    tokens = ", ".join(f"{s} {v['n_tokens']:,} tokens / {v['n_docs']} docs" for s, v in splits.items())
+    return [
+        _table(
+            f"prepare {result['corpus']} (curate + tokenizer + shards), preset {result['preset']}",
+            ["stage", "seconds", "CPU s", "cores used", "peak RSS MB"],
+            rows,
+            f"goal ≤ {GOALS['prep_seconds']:.0f} s and ≤ {GOALS['prep_peak_rss_mb']:,.0f} MB on "
+            f"{result['cores']} cores (load average {result['load_average']:.1f}); "
+            f"vocab {result['vocab_size']}; {tokens}",
+        )
+    ]

@@ -32,9 +32,9 @@ from simone.data.documents import read_documents, write_documents
 from simone.data.shards import build_shards
 from simone.data.split import split_key
 from simone.data.tokenizer import Tokenizer
+from simone.progress import Say, Show, quiet
 from simone.rundir import RunDir, atomic_write_json
 from simone.workflows.pipeline import stage_curate
-from simone.progress import Say, Show, quiet
 
 BASE = "curated"  # the base corpus as curated: the reference every data variant is compared with
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -76,14 +76,16 @@ def parse_data_variant(item: str, reserved: set[str] | frozenset[str] = frozense
             raise DataVariantError(str(e)) from None
         return DataVariant(name, spec, "contradict")
     if spec.startswith("mix:"):
-        folder_text, _, share_text = spec[len("mix:"):].rpartition(":")
+        folder_text, _, share_text = spec[len("mix:") :].rpartition(":")
         try:
             share = float(share_text)
         except ValueError:
             share = float("nan")
         if not folder_text or not 0 < share < 1:
-            raise DataVariantError(f"--data-variant {item!r}: expected mix:DIR:P with P in (0, 1), "
-                                   f"the share of training tokens replaced by DIR's text")
+            raise DataVariantError(
+                f"--data-variant {item!r}: expected mix:DIR:P with P in (0, 1), "
+                f"the share of training tokens replaced by DIR's text"
+            )
         return DataVariant(name, spec, "mix", _corpus_folder(item, folder_text), share)
     return DataVariant(name, spec, "folder", _corpus_folder(item, spec))
 
@@ -91,8 +93,10 @@ def parse_data_variant(item: str, reserved: set[str] | frozenset[str] = frozense
 def _corpus_folder(item: str, text: str) -> Path:
     folder = Path(text).expanduser()
     if not folder.is_dir():
-        raise DataVariantError(f"--data-variant {item!r}: {folder}: no such folder (a corpus folder, "
-                               f"or raw, strict, contradict:P[:KINDS], mix:DIR:P)")
+        raise DataVariantError(
+            f"--data-variant {item!r}: {folder}: no such folder (a corpus folder, "
+            f"or raw, strict, contradict:P[:KINDS], mix:DIR:P)"
+        )
     return folder
 
 
@@ -140,13 +144,15 @@ class HeldOut:
     def training_documents(self, documents: list[dict]) -> tuple[list[dict], int]:
         """Every document of `documents` as training text, held-out text left out (see
         `training_part`); and how many were dropped for it."""
-        kept = [part | {"split": "train"} for doc in documents
-                if (part := self.training_part(doc, documents)) is not None and (part.get("text") or "").strip()]
+        kept = [
+            part | {"split": "train"}
+            for doc in documents
+            if (part := self.training_part(doc, documents)) is not None and (part.get("text") or "").strip()
+        ]
         return kept, len(documents) - len(kept)
 
 
-def _curate_other(cfg: Config, corpus: Path | None, folder: Path, curation: bool,
-                  say: Say, show: Show) -> list[dict]:
+def _curate_other(cfg: Config, corpus: Path | None, folder: Path, curation: bool, say: Say, show: Show) -> list[dict]:
     """Curate `corpus` (None: the base corpus) into `folder` and return its documents."""
     other = copy.deepcopy(cfg)
     other.curate.enabled = curation
@@ -168,8 +174,9 @@ def _cut(doc: dict, tokens: int, n_tokens: int) -> dict:
     return doc | {"text": text[: max(1, round(len(text) * tokens / max(1, n_tokens)))]}
 
 
-def mix_documents(train: list[dict], other: list[dict], share: float, seed: int,
-                  tok: Tokenizer) -> tuple[list[dict], dict]:
+def mix_documents(
+    train: list[dict], other: list[dict], share: float, seed: int, tok: Tokenizer
+) -> tuple[list[dict], dict]:
     """Replace about `share` of the training tokens of `train` by text of `other`: whole
     documents in a seeded order (the last one cut), the same number of tokens in as out.
     A document taken in is labelled with the domain of the one whose tokens it takes, so
@@ -191,8 +198,10 @@ def mix_documents(train: list[dict], other: list[dict], share: float, seed: int,
             train[i] = _cut(train[i], counts[i] - take, counts[i])
     other_counts = _token_counts(tok, other)
     if sum(other_counts) < removed:
-        raise DataVariantError(f"mix: the other corpus has {sum(other_counts):,} tokens, fewer than the "
-                               f"{removed:,} it should replace; give a larger corpus or a smaller share")
+        raise DataVariantError(
+            f"mix: the other corpus has {sum(other_counts):,} tokens, fewer than the "
+            f"{removed:,} it should replace; give a larger corpus or a smaller share"
+        )
     order = sorted(range(len(other)), key=lambda i: (split_key(f"mix-in:{other[i].get('id')}", seed), i))
     added, taken_in = 0, []
     slots = iter(out_domains)
@@ -204,20 +213,32 @@ def mix_documents(train: list[dict], other: list[dict], share: float, seed: int,
         doc = other[i] if need == other_counts[i] else _cut(other[i], need, other_counts[i])
         while room <= 0 and domain is not None:
             domain, room = next(slots, (None, 0))
-        taken_in.append(doc | {"id": f"mix:{doc.get('id')}", "path": f"mix:{doc.get('path')}",
-                               "domain": domain or doc.get("domain"), "split": "train",
-                               "source_domain": doc.get("domain")})
+        taken_in.append(
+            doc
+            | {
+                "id": f"mix:{doc.get('id')}",
+                "path": f"mix:{doc.get('path')}",
+                "domain": domain or doc.get("domain"),
+                "split": "train",
+                "source_domain": doc.get("domain"),
+            }
+        )
         added += need
         room -= need
     kept = [d for i, d in enumerate(train) if i not in gone]
-    info = {"training_tokens": total, "tokens_replaced": removed, "tokens_added": added,
-            "documents_removed": len(gone), "documents_added": len(taken_in)}
+    info = {
+        "training_tokens": total,
+        "tokens_replaced": removed,
+        "tokens_added": added,
+        "documents_removed": len(gone),
+        "documents_added": len(taken_in),
+    }
     return kept + taken_in, info
 
 
-def prepare_data_variant(cfg: Config, shared: RunDir, variant: DataVariant, tok: Tokenizer, out: Path,
-                         say: Say = quiet,
-                         show: Show = quiet) -> RunDir:
+def prepare_data_variant(
+    cfg: Config, shared: RunDir, variant: DataVariant, tok: Tokenizer, out: Path, say: Say = quiet, show: Show = quiet
+) -> RunDir:
     """Write the variant's documents.jsonl, shards (the shared tokenizer) and variant.json into
     `out`; returns its RunDir. A rerun writes the documents again (curation and the shards are
     reused when their inputs come out the same); a curation's lines go to `say` and `show`."""

