@@ -24,9 +24,12 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/simone run $(if $(BUDGET),--budget-minutes $(BUDGET)) $(ARGS)
 
-# The whole test suite (the browser test needs Debian's chromium: installed here if missing).
+# Linters and type checker over simone/, then the whole test suite (the browser test needs
+# Debian's chromium: installed here if missing).
 test: $(STAMP)
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "warning: could not install chromium; the browser test will be skipped"
+	$(VENV)/bin/ruff check simone && $(VENV)/bin/ruff format --check -q simone  # lint and format (pyproject.toml)
+	$(VENV)/bin/mypy  # types over simone/ (pyproject.toml [tool.mypy])
 	$(VENV)/bin/bandit -q -r simone  # security lint: findings fixed, or each `# nosec` explained on the line above
 	$(PY) -m pytest -q
 

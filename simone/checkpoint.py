@@ -387,7 +387,7 @@ def _stored_tensors(path: Path, model: torch.nn.Module) -> dict[str, torch.Tenso
     try:
         with safe_open(str(path / WEIGHTS), "pt") as f:
             aliases = json.loads((f.metadata() or {}).get("aliases", "{}") or "{}")
-            stored = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+            stored = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118  # safe_open is not iterable
     except FileNotFoundError as e:
         raise CheckpointError(f"{path / WEIGHTS}: missing") from e
     except (SafetensorError, OSError, ValueError) as e:

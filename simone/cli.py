@@ -96,7 +96,7 @@ def _add_config_args(p: argparse.ArgumentParser, with_data: bool = True) -> None
             "--data_dir",
             dest="data",
             default=None,
-            help="corpus folder DOMAIN/SUBDOMAIN/*.txt (default: the embedded corpus)",
+            help="corpus: a folder of DOMAIN/SUBDOMAIN/*.txt and/or .jsonl(.gz|.zst)/.parquet record files, or one file (default: the embedded corpus)",
         )
         p.add_argument(
             "--validation-dir",
@@ -106,6 +106,8 @@ def _add_config_args(p: argparse.ArgumentParser, with_data: bool = True) -> None
             help="a pre-split validation folder (same layout): its documents are the "
             "validation split, every --data document trains",
         )
+        p.add_argument("--text-field", default=None, help="the text field of a .jsonl/.parquet record (default: text)")
+        p.add_argument("--domain-field", default=None, help="the record field naming its domain (default: its folder)")
     p.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None)
     p.add_argument("--max-minutes", "--max_minutes", dest="max_minutes", type=float, default=None)
     for flag, key in LEGACY_CONFIG_FLAGS.items():
@@ -130,6 +132,10 @@ def build_config(args: argparse.Namespace, run_dir: Path | None = None) -> Confi
         cfg.data.data_dir = str(Path(args.data).expanduser().resolve())
     if getattr(args, "validation_dir", None):
         cfg.data.validation_dir = str(Path(args.validation_dir).expanduser().resolve())
+    if getattr(args, "text_field", None):
+        cfg.data.text_field = args.text_field
+    if getattr(args, "domain_field", None):
+        cfg.data.domain_field = args.domain_field
     if getattr(args, "max_steps", None) is not None:
         cfg.train.max_steps = args.max_steps
     if getattr(args, "max_minutes", None) is not None:
@@ -508,7 +514,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from simone.workflows import bench
 
-    common = dict(preset=args.preset or DEFAULT_PRESET, threads=args.threads, json_path=args.json)
+    common = {"preset": args.preset or DEFAULT_PRESET, "threads": args.threads, "json_path": args.json}
     if args.kind != "prep" and args.corpus:
         raise CLIError(f"simone bench {args.kind}: --corpus is for `prep` only")
     try:

@@ -31,6 +31,9 @@ class DataConfig:
     # a pre-split validation folder (same DOMAIN/SUB/*.txt layout): its documents are the
     # validation split and every data_dir document trains (None: split data_dir by document)
     validation_dir: str | None = None
+    text_field: str = "text"  # the field of a record file's record (.jsonl, .parquet) that holds its text
+    # the record field naming its domain (None: the domain comes from the folder, as for .txt)
+    domain_field: str | None = None
     # share of documents (not tokens) held out, per domain; in a domain with one document,
     # the share of that document's words held out as its validation slice
     val_fraction: float = 0.1
@@ -373,7 +376,7 @@ def _base_type(type_hint: Any) -> tuple[type, bool]:
     args = typing.get_args(type_hint)
     if args:  # X | None, or dict[str, float]
         if type(None) in args:
-            inner = [a for a in args if a is not type(None)][0]
+            inner = next(a for a in args if a is not type(None))
             return (typing.get_origin(inner) or inner), True
         return typing.get_origin(type_hint) or type_hint, False
     return type_hint, False
@@ -491,10 +494,10 @@ def check_model_ranges(m: ModelConfig) -> None:
         raise ConfigError(f"model.n_heads={m.n_heads}: not divisible by model.n_kv_heads={m.n_kv_heads}")
     if not -m.n_layers <= m.policy_layer < m.n_layers:
         raise ConfigError(f"model.policy_layer={m.policy_layer}: not a block index of {m.n_layers} layers")
-    for name, low, high in (("rope_theta", 0.0, 1e12), ("norm_eps", 0.0, 1.0)):
-        value = getattr(m, name)
-        if not (math.isfinite(value) and low < value < high):
-            raise ConfigError(f"model.{name}={value}: out of range (expected between {low:g} and {high:g})")
+    for name, low_f, high_f in (("rope_theta", 0.0, 1e12), ("norm_eps", 0.0, 1.0)):
+        value_f = getattr(m, name)
+        if not (math.isfinite(value_f) and low_f < value_f < high_f):
+            raise ConfigError(f"model.{name}={value_f}: out of range (expected between {low_f:g} and {high_f:g})")
     if not (math.isfinite(m.dropout) and 0.0 <= m.dropout < 1.0):
         raise ConfigError(f"model.dropout={m.dropout}: out of range (expected 0 <= dropout < 1)")
 

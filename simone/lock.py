@@ -124,10 +124,7 @@ class RunLock:
                 return
             del _HELD[self._key]
             fd = held[0]
-            try:  # remove the file while still holding the lock (see the module docstring)
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
+            self.path.unlink(missing_ok=True)  # removed while the lock is still held (module docstring)
             os.close(fd)  # closing the last descriptor releases the flock
 
     def __enter__(self) -> RunLock:

@@ -4,7 +4,7 @@ Layout (schema 1; see docs/ARCHITECTURE.md):
 
     RUN/config.json  status.json  metrics.jsonl  samples.jsonl  train.log
     RUN/data/        manifest.jsonl report.html documents.jsonl index.json train.bin val.bin
-    RUN/tokenizer/   tokenizer.json
+    RUN/tokenizer/   tokenizer.json chat_template.jinja (a tokenizer with chat tokens) stamp.json
     RUN/checkpoints/ step_000500/{model.safetensors,state.pt,MANIFEST.json}, latest, best
     RUN/validation/  report.json report.md
 
@@ -22,7 +22,7 @@ import secrets
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,10 +90,8 @@ def atomic_output(path: Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with suppress(OSError):  # gone already, or not ours to remove: the first error is the one to see
             tmp.unlink()
-        except OSError:  # gone already, or not ours to remove: the first error is the one to see
-            pass
         raise
     fsync_dir(path.parent)
 
@@ -211,6 +209,10 @@ class RunDir:
     @property
     def tokenizer(self) -> Path:
         return self.tokenizer_dir / "tokenizer.json"
+
+    @property
+    def chat_template(self) -> Path:
+        return self.tokenizer_dir / "chat_template.jinja"
 
     @property
     def checkpoints(self) -> Path:

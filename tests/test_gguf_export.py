@@ -124,7 +124,7 @@ def test_tokenizer_tokens_types_and_merges_round_trip(exported):
     tokens = meta["tokenizer.ggml.tokens"]
     assert tokens == [tok.id_to_token(i) for i in range(tok.vocab_size)]
     types = meta["tokenizer.ggml.token_type"]
-    special = {tok.eod_id} | {tok.domain_token_id(d) for d in tok.domains}
+    special = {tok.eod_id} | {tok.domain_token_id(d) for d in tok.domains} | set(tok.chat_ids.values())
     assert {i for i, t in enumerate(types) if t == gguf.TokenType.CONTROL} == special
     assert all(t == gguf.TokenType.NORMAL for i, t in enumerate(types) if i not in special)
     saved = json.loads(tok.path.read_text(encoding="utf-8"))["model"]["merges"]

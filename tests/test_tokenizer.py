@@ -140,7 +140,7 @@ def test_eod_and_domain_tokens_are_single_special_tokens(trained):
 
 def test_vocab_size_and_load(trained):
     tok, _, root = trained
-    assert tok.vocab_size == CFG.vocab_size
+    assert tok.vocab_size == CFG.vocab_size + 4  # the BPE vocabulary, then the 4 chat tokens
     for p in (root / "tokenizer", root / "tokenizer" / "tokenizer.json"):
         again = load_tokenizer(p)
         assert again.vocab_size == tok.vocab_size and again.eod_id == tok.eod_id
@@ -170,7 +170,7 @@ def test_retraining_skipped_when_unchanged(tmp_path):
     assert again.sha256 == first.sha256
     # a config change retrains
     bigger = train_tokenizer(docs_path, out, TokenizerConfig(vocab_size=420, min_frequency=2))
-    assert bigger.vocab_size == 420 and (out / "tokenizer.json").stat().st_mtime_ns != mtime
+    assert bigger.vocab_size == 420 + 4 and (out / "tokenizer.json").stat().st_mtime_ns != mtime  # + the chat tokens
     # explicit domain list: those and only those get control tokens
     only = train_tokenizer(docs_path, tmp_path / "t2", CFG, domains=["technical", "extra"])
     assert only.domains == ["extra", "technical"]

@@ -90,12 +90,12 @@ def _import_ftfy():
     We re-register that search function so it only answers its own name.
     """
     try:
-        import ftfy
+        import ftfy  # noqa: PLC0415  # deferred: the import may fail on the hijacked codec, handled here
 
         return ftfy
     except UnicodeDecodeError:
         pass
-    from future_typing import codec as ft_codec  # the culprit; present when we got here
+    from future_typing import codec as ft_codec  # noqa: PLC0415  # deferred: the culprit; present when we got here
 
     for _ in range(16):  # it may be registered more than once; stop once no name is hijacked
         codecs.unregister(ft_codec.search_function)
@@ -106,7 +106,7 @@ def _import_ftfy():
     codecs.register(lambda name: ft_codec.search_function(name) if name.replace("-", "_") == "future_typing" else None)
     for name in [m for m in sys.modules if m == "ftfy" or m.startswith("ftfy.")]:
         del sys.modules[name]
-    import ftfy
+    import ftfy  # noqa: PLC0415  # deferred: imported again, now that the codec is fixed
 
     return ftfy
 
@@ -252,8 +252,8 @@ def strip_gutenberg(text: str) -> tuple[str, list[str], list[str]]:
 
     # start: the last start marker within the first 40% (licence blocks may hold several)
     start_cut = 0
-    for m in _GUTENBERG_START.finditer(text, 0, max(1, int(n * 0.4))):
-        start_cut = m.end()
+    for start in _GUTENBERG_START.finditer(text, 0, max(1, int(n * 0.4))):
+        start_cut = start.end()
     if start_cut and not text[:start_cut].rstrip().endswith("***"):
         # a start marker wrapped onto a second line: "*** START OF ... LONG\nTITLE ***"
         m = _MARKER_TAIL.match(text, start_cut + 1)

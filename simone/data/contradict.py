@@ -36,7 +36,7 @@ import json
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,7 +141,7 @@ ANTONYM_PAIRS: tuple[tuple[str, str], ...] = (
     ("day", "night"),
     ("together", "apart"),
 )
-ANTONYMS: dict[str, str] = {a: b for a, b in ANTONYM_PAIRS} | {b: a for a, b in ANTONYM_PAIRS}
+ANTONYMS: dict[str, str] = dict(ANTONYM_PAIRS) | {b: a for a, b in ANTONYM_PAIRS}
 
 COPULAS = ("is", "are", "was", "were", "am")
 MODALS = ("shall", "will", "can", "may", "must", "should", "would", "could", "might")
@@ -368,7 +368,8 @@ def apply_sites(text: str, sites: Iterable[Site]) -> str:
 def sentence_spans(text: str) -> list[tuple[int, int]]:
     """(start, end) of each sentence of `text`, its leading whitespace left out: a sentence ends
     at . ! or ? (with any closing quotes) before whitespace, or at a blank line."""
-    spans, start = [], 0
+    spans: list[tuple[int, int]] = []
+    start = 0
     for m in _SENTENCE_END.finditer(text):
         _add_span(text, start, m.end(), spans)
         start = m.end()
@@ -446,7 +447,11 @@ def choose_sites(text: str, sites: list[Site], rng: random.Random, flip_share: f
 
 
 def contradict_text(
-    text: str, rng: random.Random, kinds: Iterable[str] = KINDS, pool: list[str] = (), flip_share: float = FLIP_SHARE
+    text: str,
+    rng: random.Random,
+    kinds: Iterable[str] = KINDS,
+    pool: Sequence[str] = (),
+    flip_share: float = FLIP_SHARE,
 ) -> tuple[str, list[dict]]:
     """`text` with contradictions of `kinds` injected (`choose_sites`), and the list of changes
     `{offset, kind, before, after}` (offsets into `text`, in order). `pool`: the names of the

@@ -3,7 +3,9 @@
 A corpus is one of
   - a tree `DOMAIN/SUBDOMAIN/*.txt`, each text optionally with a `NAME.json` sidecar;
   - a flat folder of `*.txt` (+ sidecars): the domain comes from the sidecar's `category`;
-  - a single `.txt` file.
+  - a single `.txt` file;
+and record files (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`, `.parquet`: many documents each, see
+`records.py`) may stand wherever a `.txt` may, the domain coming from their folder likewise.
 
 Nothing here reads the texts themselves (the curate workers do); this module only walks
 the tree, pairs texts with sidecars, and says which files cannot or must not be read
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from simone.data.records import RECORD_SUFFIXES, is_record_file
 from simone.errors import SimoneError
 
 TEXT_SUFFIX = ".txt"
@@ -59,6 +62,7 @@ class SourceFile:
 
     `kind` is
       "text"            a `.txt` to curate;
+      "records"         a record file to curate, one document a record;
       "orphan_sidecar"  a `.json` with no text beside it;
       "unreadable"      an entry we cannot read (a broken link, a FIFO, a folder we may not list);
       "skipped"         an entry we will not read (a dot-file, a symlinked folder, a link
@@ -154,12 +158,12 @@ def _file_type(mode: int) -> str:
 def discover_files(path: str | Path) -> list[SourceFile]:
     """Every entry under `path` that curation must account for, sorted by relative path.
 
-    That is every `.txt` and `.json` (sidecars are paired with their text and not listed
+    That is every `.txt`, record file and `.json` (sidecars are paired with their text and not listed
     on their own unless orphaned or unusable), every folder we could not or would not walk
     (a folder we may not list, a symlinked folder, a dot-folder), and every other file as
     kind "ignored". Nothing is opened here: entries are classified by `lstat`/`stat` only.
 
-    Raises `CorpusError` when `path` does not exist or holds no `.txt` file at all.
+    Raises `CorpusError` when `path` does not exist or holds no `.txt` or record file at all.
     Symlinks to files inside the corpus are followed; a link resolving outside it is
     "skipped" (`outside_corpus`) and never read; symlinked folders are not walked (so a
     loop cannot make the walk endless, and nothing outside is reached through them).
@@ -169,8 +173,10 @@ def discover_files(path: str | Path) -> list[SourceFile]:
     if not os.path.lexists(root):
         raise CorpusError(f"{root}: corpus not found")
     if root.is_file():
+        if is_record_file(root):
+            return [_source(root, root.name, DEFAULT_DOMAIN, "", False)]
         if root.suffix.lower() != TEXT_SUFFIX:
-            raise CorpusError(f"{root}: not a .txt file (a corpus is a folder of .txt files or one .txt)")
+            raise CorpusError(f"{root}: not a .txt file or a record file (a corpus is a folder of them or one of them)")
         # the file the user named is read even if it is a link; its sidecar must stay beside it
         text = _source(root, root.name, DEFAULT_DOMAIN, "", False)
         sidecar = root.with_suffix(SIDECAR_SUFFIX)
@@ -183,6 +189,7 @@ def discover_files(path: str | Path) -> list[SourceFile]:
 
     real_root = os.path.realpath(root)
     texts: dict[str, SourceFile] = {}  # keyed by the real relative name (may hold surrogates)
+    records: list[SourceFile] = []
     sidecars: dict[str, tuple[str, Path]] = {}  # real rel without suffix -> (real rel, path)
     others: list[SourceFile] = []
     stack = [""]  # relative folders still to list; depth-first, in name order
@@ -210,7 +217,7 @@ def discover_files(path: str | Path) -> list[SourceFile]:
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
             full = here / entry.name
             suffix = os.path.splitext(entry.name)[1].lower()
-            is_input = suffix in (TEXT_SUFFIX, SIDECAR_SUFFIX)
+            is_input = suffix in (TEXT_SUFFIX, SIDECAR_SUFFIX) or is_record_file(entry.name)
             try:
                 real_dir = entry.is_dir(follow_symlinks=False)
                 linked_dir = not real_dir and entry.is_symlink() and entry.is_dir()  # is_dir follows the link
@@ -241,17 +248,20 @@ def discover_files(path: str | Path) -> list[SourceFile]:
                 continue
             if suffix == TEXT_SUFFIX:
                 texts[rel] = _source(full, rel, *_domain_of(_printable(rel)), real_root=real_root)
+            elif is_record_file(entry.name):
+                records.append(_source(full, rel, *_domain_of(_printable(rel)), real_root=real_root))
             elif suffix == SIDECAR_SUFFIX:
                 sidecars[rel[: -len(SIDECAR_SUFFIX)]] = (rel, full)
             else:
                 others.append(_skip(full, rel, "ignored", None, None))
         stack.extend(reversed(subdirs))
-    if not texts:
+    if not texts and not records:
         raise CorpusError(
-            f"{root}: no .txt files found (expected DOMAIN/SUBDOMAIN/*.txt, a flat folder of .txt, or one .txt file)"
+            f"{root}: no .txt files found, nor record files ({', '.join(RECORD_SUFFIXES)}) "
+            "(expected DOMAIN/SUBDOMAIN/*.txt, a flat folder of .txt, or one .txt file; record files likewise)"
         )
 
-    out = list(texts.values())
+    out = list(texts.values()) + records
     for real_rel, sf in texts.items():
         found = sidecars.pop(real_rel[: -len(TEXT_SUFFIX)], None)
         if found is not None:
@@ -326,6 +336,7 @@ def _source(
         rel=rel,
         domain=domain,
         subdomain=subdomain,
+        kind="records" if is_record_file(rel) else "text",
         folder_domain=from_folder,
         size=st.st_size,
         mtime_ns=st.st_mtime_ns,
@@ -362,14 +373,22 @@ def _skip(
 
 def _unique_rels(files: list[SourceFile]) -> None:
     """Two real names can print alike (`caf\\xe9` escaped vs a name spelled with a
-    backslash): give the later one a `#2` suffix so no manifest line hides another."""
+    backslash): give the later one a `#2` suffix so no manifest line hides another.
+
+    A record file's records are `REL#N` (`records.record_id`), so a record file is told
+    apart with `~2` instead, and any other entry named like one of its records (a folder
+    `a.jsonl#3`) gets a `#2` suffix of its own: every manifest line's id is one thing."""
+    record_files: set[str] = set()
     seen: set[str] = set()
-    for sf in files:
+    for sf in sorted(files, key=lambda sf: not is_record_file(sf.rel)):  # record files first
+        is_records = is_record_file(sf.rel)
         rel, n = sf.rel, 1
-        while rel in seen:
+        while rel in seen or (rel.rpartition("#")[0] in record_files and rel.rpartition("#")[2].isdigit()):
             n += 1
-            rel = f"{sf.rel}#{n}"
+            rel = f"{sf.rel}{'~' if is_records else '#'}{n}"
         seen.add(rel)
+        if is_records:
+            record_files.add(rel)
         sf.rel = rel
 
 

@@ -6,7 +6,8 @@ writes into `data_dir`:
   manifest.jsonl    one line per input file (every one, whatever became of it):
                     {path, domain, subdomain, status: kept|flagged|quarantined, reasons,
                      sha256, bytes, chars, words, dup_of, title, author, quality, split,
-                     holdout, notes}
+                     holdout, notes}; a record file has one line per record instead, `path`
+                    its id `FILE#N` and `file`, `record` (N) after it
   documents.jsonl   one line per training/validation document (cleaned text):
                     {id, path, domain, subdomain, title, author, split, status,
                      quality_score, text}; a document with a held-out slice is two lines,
@@ -17,10 +18,13 @@ writes into `data_dir`:
 
 Steps: (1) per file, in a process pool: decode, clean, metadata, stub/length/quality
 rules, label check, word hashes -> MinHash signature and sampled 13-grams; cleaned text is
-spooled to disk, never held for the whole corpus. (2) exact duplicates by hash of the
-cleaned text, then near duplicates by MinHash LSH; the better copy is kept (its label
-fits its text, then higher quality score, then longer). (3) split by
-document. (4) contamination: validation documents sharing 13-grams with training.
+spooled to disk, never held for the whole corpus. Each record of a record file is a document
+as a `.txt` of its text would be (its other fields stand for a sidecar's metadata), with
+`curate.max_file_bytes` and `curate.max_file_seconds` per record, not per record file.
+(2) exact duplicates by hash of the cleaned text, then near duplicates by MinHash LSH; the
+better copy is kept (its label fits its text, then higher quality score, then longer).
+(3) split by document (a record with a string `id` field by that id, else by its path).
+(4) contamination: validation documents sharing 13-grams with training.
 (5) held-out slices: a domain left without a validation document (it has one document)
 validates on the tail of its longest document, which is then trained on only up to the cut
 (manifest `split`: "train+val-slice", `holdout`: where); a domain too short for that stops
@@ -39,6 +43,8 @@ Reason codes and the status they give:
                too_large (over curate.max_file_bytes; never read) timed_out (over
                curate.max_file_seconds of CPU) hidden (a dot-file or dot-folder; never read)
                symlinked_dir (a linked folder; never walked)
+               bad_json no_text_field text_not_string bad_domain bad_compression
+               bad_row_group bad_parquet (a record that is no document: see records.py)
   flagged      title_mismatch bad_sidecar contamination low_quality:repeated_passage
                low_quality:whitespace_share (mostly whitespace: a run of spaces inside a line)
   (kept)       encoding_fixed header_stripped boilerplate_stripped (what cleaning did)
@@ -60,8 +66,9 @@ import time
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +76,7 @@ import numpy as np
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs installed (types-tqdm)
 
 from simone.config import Config
 from simone.data.clean import DecodeProblem, clean_text, decode_bytes, is_stub
@@ -98,6 +105,7 @@ from simone.data.dedup import (
 )
 from simone.data.labels import check_label
 from simone.data.quality import WHITESPACE, DocTokens, assess, passes, whitespace_share
+from simone.data.records import RECORD_REASONS, Record, iter_records, record_id
 from simone.data.report import write_report
 from simone.data.split import assign_splits, hold_out_slice, min_words_to_hold_out
 from simone.data.status import NOT_DOCUMENTS, file_status
@@ -167,23 +175,43 @@ class _Settings:
     spool: str
     max_file_bytes: int
     max_file_seconds: float
+    text_field: str
+    domain_field: str | None
 
 
 _hasher: WordHasher | None = None  # one per worker process: token -> hash cache
 
 
-def _process_file(args: tuple[int, SourceFile, _Settings]) -> dict[str, Any]:
-    """Everything about one file that does not need the other files.
+def _process_file(args: tuple[int, SourceFile, _Settings]) -> list[dict[str, Any]]:
+    """Everything about one file that does not need the other files: its manifest record,
+    or one for each record of a record file (read a record at a time).
 
-    A file that breaks the processing itself is reported (as `unreadable`, with the
-    error, or `timed_out`), never allowed to stop the stage: read anything, lose nothing.
+    A file or record that breaks the processing itself is reported (as `unreadable`, with
+    the error, or `timed_out`), never allowed to stop the stage: read anything, lose nothing.
     """
     index, sf, st = args
     marker = _started_marker(st, index)
     marker.touch()  # names the file in hand if this worker dies (see _run_workers)
     try:
+        if sf.kind != "records":
+            return [_process_one(index, sf, st)]
+        recs = []
+        try:
+            for record in iter_records(sf.path, st.text_field, st.domain_field, st.max_file_bytes):
+                one = dataclasses.replace(sf, rel=record_id(sf.rel, record.number), size=0)  # its bytes: its text's
+                recs.append(_process_one(index, one, st, record) | {"file": sf.rel, "record": record.number})
+        except Exception as e:  # the reader itself failed: the records read so far stay
+            recs.append(_failed_record(index, sf, "unreadable", f"{sf.rel}: reading stopped ({type(e).__name__}: {e})"))
+        return recs
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _process_one(index: int, sf: SourceFile, st: _Settings, record: Record | None = None) -> dict[str, Any]:
+    """One file (or one record of a record file) within its CPU-time budget."""
+    try:
         with _cpu_time_limit(st.max_file_seconds):
-            return _process_file_inner(index, sf, st)
+            return _process_file_inner(index, sf, st) if record is None else _process_record(index, sf, st, record)
     except _FileTimeout:
         return _failed_record(
             index,
@@ -193,28 +221,10 @@ def _process_file(args: tuple[int, SourceFile, _Settings]) -> dict[str, Any]:
         )
     except Exception as e:
         return _failed_record(index, sf, "unreadable", f"{sf.rel}: could not be processed ({type(e).__name__}: {e})")
-    finally:
-        marker.unlink(missing_ok=True)
 
 
 def _failed_record(index: int, sf: SourceFile, code: str, note: str) -> dict[str, Any]:
-    return {
-        "path": sf.rel,
-        "domain": sf.domain,
-        "subdomain": sf.subdomain,
-        "status": "quarantined",
-        "reasons": [code],
-        "sha256": None,
-        "bytes": sf.size,
-        "chars": 0,
-        "words": 0,
-        "dup_of": None,
-        "title": None,
-        "author": None,
-        "quality": {},
-        "_index": index,
-        "notes": {code: note},
-    }
+    return _problem(_blank_record(index, sf) | {"status": "quarantined"}, code, note)
 
 
 def _started_marker(st: _Settings, index: int) -> Path:
@@ -258,11 +268,8 @@ def _cpu_time_limit(seconds: float):
         signal.signal(signal.SIGVTALRM, previous)
 
 
-def _process_file_inner(index: int, sf: SourceFile, st: _Settings) -> dict[str, Any]:
-    global _hasher
-    if _hasher is None:
-        _hasher = WordHasher()
-    rec: dict[str, Any] = {
+def _blank_record(index: int, sf: SourceFile) -> dict[str, Any]:
+    return {
         "path": sf.rel,
         "domain": sf.domain,
         "subdomain": sf.subdomain,
@@ -280,11 +287,16 @@ def _process_file_inner(index: int, sf: SourceFile, st: _Settings) -> dict[str, 
         "_index": index,
     }
 
-    def problem(code: str, note: str) -> dict[str, Any]:
-        rec["reasons"].append(code)
-        rec["notes"][code] = note
-        return rec
 
+def _problem(rec: dict[str, Any], code: str, note: str) -> dict[str, Any]:
+    rec["reasons"].append(code)
+    rec["notes"][code] = note
+    return rec
+
+
+def _process_file_inner(index: int, sf: SourceFile, st: _Settings) -> dict[str, Any]:
+    rec = _blank_record(index, sf)
+    problem = partial(_problem, rec)
     if sf.kind in ("unreadable", "skipped"):  # never opened
         if sf.reason in NOT_DOCUMENTS:
             rec["_not_a_document"] = True
@@ -311,6 +323,31 @@ def _process_file_inner(index: int, sf: SourceFile, st: _Settings) -> dict[str, 
         raw = _read_raw(sf.path, rec, st.max_file_bytes)
     except UnsafeFile as e:
         return problem(e.code, f"{sf.rel}: {e.message}")
+    return _process_text(rec, sf, st, raw, meta)
+
+
+def _process_record(index: int, sf: SourceFile, st: _Settings, record: Record) -> dict[str, Any]:
+    """One record of a record file (`sf.rel` its id): processed as a `.txt` of its text with
+    its other fields for a sidecar, or, for a record that is no document, its reason."""
+    rec = _blank_record(index, sf) | {"_index": f"{index}-{record.number}"}
+    if record.reason:
+        return _problem(rec, record.reason, f"{sf.rel}: {record.problem}")
+    raw = (record.text or "").encode("utf-8")
+    rec["bytes"], rec["sha256"] = len(raw), hashlib.sha256(raw).hexdigest()
+    if isinstance(record.meta.get("id"), str):  # its own id decides its split (see _split_keys)
+        rec["_id"] = record.meta["id"]
+    return _process_text(rec, sf, st, raw, record.meta, record.domain)
+
+
+def _process_text(
+    rec: dict[str, Any], sf: SourceFile, st: _Settings, raw: bytes, meta: dict[str, Any], domain: str | None = None
+) -> dict[str, Any]:
+    """The rest of `rec` from a document's bytes and metadata: decoding, cleaning, the quality
+    and label rules, the hashes for deduplication; `domain` (a record's) overrides the folder's."""
+    global _hasher
+    if _hasher is None:
+        _hasher = WordHasher()
+    problem = partial(_problem, rec)
     if not raw.strip():
         return problem("empty", f"{sf.rel}: empty" if not raw else f"{sf.rel}: only whitespace")
     try:
@@ -340,6 +377,8 @@ def _process_file_inner(index: int, sf: SourceFile, st: _Settings) -> dict[str, 
         rec["subdomain"] = _str_or_none(meta.get("subcategory")) or rec["subdomain"]
     elif not sf.subdomain:
         rec["subdomain"] = _str_or_none(meta.get("subcategory")) or ""
+    if domain:  # --domain-field: the record names its domain
+        rec["domain"] = domain
 
     body = cleaned.text
     rec["chars"] = len(body)
@@ -471,6 +510,8 @@ def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool
         spool=str(spool),
         max_file_bytes=c.max_file_bytes,
         max_file_seconds=c.max_file_seconds,
+        text_field=cfg.data.text_field,
+        domain_field=cfg.data.domain_field,
     )
     stamp_path.unlink(missing_ok=True)  # a run that dies half way must not look reusable
     timings: dict[str, float] = {}
@@ -484,7 +525,8 @@ def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool
     lap("scan")
     try:
         records = _run_workers(files, settings, c.workers, progress)
-        records.sort(key=lambda r: r["path"])
+        _refuse_unknown_text_field(records, cfg.data.text_field, corpus)
+        records.sort(key=lambda r: (r.get("file", r["path"]), r.get("record", 0)))  # a file's records in file order
         lap("clean_and_hash")
         clusters = (
             _deduplicate(records, c.near_dup_threshold, c.minhash_perms, c.containment_threshold) if c.enabled else []
@@ -494,14 +536,15 @@ def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool
         lap("deduplicate")
         included = [r for r in records if r["status"] == "kept" or (r["status"] == "flagged" and not c.strict)]
         # flagged files train, but validate only when a domain has too few clean ones
-        flagged = {r["path"] for r in included if r["status"] == "flagged"}
-        splits = assign_splits(
-            [(r["path"], r["domain"]) for r in included],
+        key = _split_keys(included)
+        by_key = assign_splits(
+            [(key[r["path"]], r["domain"]) for r in included],
             cfg.data.val_fraction,
             cfg.data.split_seed,
             cfg.data.min_val_docs_per_domain,
-            avoid_val=flagged,
+            avoid_val={key[r["path"]] for r in included if r["status"] == "flagged"},
         )
+        splits = {path: by_key[k] for path, k in key.items()}
         if cfg.data.validation_dir:  # the user split it: their validation folder is validation, the rest trains
             splits = {r["path"]: "val" if r["path"].startswith(VALIDATION_DIR_PREFIX) else "train" for r in included}
         for r in records:
@@ -529,6 +572,31 @@ def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool
     return result
 
 
+def _split_keys(included: list[dict[str, Any]]) -> dict[str, str]:
+    """{path: what its split is decided by}: the path, or a record's own `id` field when that is
+    a string no other document has, so a record file reordered or grown moves no record between
+    splits, and a .txt corpus written as records with the paths as ids splits as before."""
+    paths = {r["path"] for r in included}
+    ids = Counter(r.get("_id") for r in included)
+    unique = {i for i, n in ids.items() if i is not None and n == 1 and i not in paths}
+    return {r["path"]: r["_id"] if r.get("_id") in unique else r["path"] for r in included}
+
+
+def _refuse_unknown_text_field(records: list[dict[str, Any]], text_field: str, corpus: Path) -> None:
+    """Records lacking the text field while none has it: a wrong --text-field, not bad data."""
+    lacking = [r for r in records if r.get("record") and r["reasons"][:1] == ["no_text_field"]]
+    has_it = (  # a record that got past the text field (a bad JSON line cannot tell)
+        r["reasons"][:1] in (["text_not_string"], ["bad_domain"]) or not set(r["reasons"]) & RECORD_REASONS
+        for r in records
+        if r.get("record")
+    )
+    if lacking and not any(has_it):
+        raise CorpusError(
+            f"{corpus}: no record has the text field {text_field!r} (--text-field, data.text_field), "
+            f"e.g. {lacking[0]['notes']['no_text_field']}"
+        )
+
+
 def _paths(corpus: Path, data_dir: Path) -> dict[str, Path]:
     return {
         "manifest": data_dir / "manifest.jsonl",
@@ -549,15 +617,15 @@ def _run_workers(files: list[SourceFile], st: _Settings, workers: int, progress:
         )
     records: list[dict[str, Any]] = []
 
-    def take(rec: dict[str, Any]) -> None:
-        records.append(rec)
+    def take(sf: SourceFile, recs: list[dict[str, Any]]) -> None:
+        records.extend(recs)
         if bar is not None:
-            bar.update(rec.get("bytes") or 0)
+            bar.update(sf.size)
 
     try:
         if n == 1:
             for job in jobs:
-                take(_process_file(job))
+                take(job[1], _process_file(job))
         else:
             # fork on Linux (fast start, no re-import of __main__), spawn elsewhere
             ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
@@ -572,15 +640,8 @@ def _run_workers(files: list[SourceFile], st: _Settings, workers: int, progress:
                 for job in in_hand:
                     _started_marker(st, job[0]).unlink(missing_ok=True)
                     if _pool_pass([job], 1, ctx, take):
-                        take(
-                            _failed_record(
-                                job[0],
-                                job[1],
-                                "unreadable",
-                                f"{job[1].rel}: the worker process reading it died "
-                                "(killed, e.g. out of memory); the other files were processed",
-                            )
-                        )
+                        died = "the worker process reading it died (killed, e.g. out of memory); the rest was processed"
+                        take(job[1], [_failed_record(job[0], job[1], "unreadable", f"{job[1].rel}: {died}")])
     finally:
         if bar is not None:
             bar.close()
@@ -597,13 +658,13 @@ def _pool_pass(jobs: list, n: int, ctx, take) -> list:
             for job in jobs:
                 futures[pool.submit(_process_file, job)] = job
             for fut in as_completed(futures):
-                take(fut.result())  # BrokenProcessPool when a worker died
+                take(futures[fut][1], fut.result())  # BrokenProcessPool when a worker died
                 done.add(futures[fut][0])
     except BrokenProcessPool:
         pass
     for fut, job in futures.items():  # finished before the break, not yet collected
         if job[0] not in done and fut.done() and not fut.cancelled() and fut.exception() is None:
-            take(fut.result())
+            take(job[1], fut.result())
             done.add(job[0])
     return [job for job in jobs if job[0] not in done]
 
@@ -853,7 +914,10 @@ _MANIFEST_KEYS = (
 
 
 def manifest_line(r: dict[str, Any]) -> dict[str, Any]:
-    return {k: r.get(k) for k in _MANIFEST_KEYS}
+    line = {k: r.get(k) for k in _MANIFEST_KEYS}
+    if "record" in r:  # a record of a record file: which file, which record
+        return {"path": r["path"], "file": r["file"], "record": r["record"]} | line
+    return line
 
 
 def _write_manifest(path: Path, records: list[dict[str, Any]]) -> None:
@@ -911,11 +975,9 @@ def _code_digest() -> str:
     """Hash of the curation code itself: a changed rule must not reuse an old result."""
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for name in ("corpus", "clean", "dedup", "quality", "labels", "split", "status", "curate", "report"):
-        try:
+    for name in ("corpus", "records", "clean", "dedup", "quality", "labels", "split", "status", "curate", "report"):
+        with suppress(OSError):
             h.update((here / f"{name}.py").read_bytes())
-        except OSError:
-            pass
     return h.hexdigest()
 
 

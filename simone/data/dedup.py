@@ -16,8 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# datasketch is imported where it is used, on purpose: it brings scipy (about 0.4 s to import).
-
 _TOKEN = re.compile(r"[^\W_]+")
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd constant for polynomial n-gram hashing
 
@@ -77,7 +75,7 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
 
 
 def minhash_permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    from datasketch import MinHash
+    from datasketch import MinHash  # noqa: PLC0415  # deferred: datasketch brings scipy (0.4 s to import)
 
     a, b = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
     return a.astype(np.uint32), b.astype(np.uint32)
@@ -119,12 +117,6 @@ def minhash_signature(shingles: np.ndarray, perms: tuple[np.ndarray, np.ndarray]
     return sig
 
 
-def minhash_object(sig: np.ndarray, seed: int = 1):
-    from datasketch import MinHash
-
-    return MinHash(hashvalues=sig, seed=seed, scheme="affine32")
-
-
 def jaccard_estimate(s1: np.ndarray, s2: np.ndarray) -> float:
     return float(np.mean(s1 == s2))
 
@@ -142,13 +134,13 @@ def near_duplicates(cands: list[DupCandidate], threshold: float, num_perm: int) 
     Candidates are visited best first; each is compared (via LSH) with the kept ones
     before it and dropped if one is at least `threshold` similar; otherwise it is kept.
     """
-    from datasketch import MinHashLSH
+    from datasketch import MinHash, MinHashLSH  # noqa: PLC0415  # deferred: brings scipy (0.4 s to import)
 
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     sigs: dict[str, np.ndarray] = {}
     dropped: dict[str, tuple[str, float]] = {}
     for c in sorted(cands, key=lambda c: c.rank):
-        mh = minhash_object(c.signature)
+        mh = MinHash(hashvalues=c.signature, seed=1, scheme="affine32")
         best: tuple[str, float] | None = None
         for other in lsh.query(mh):
             j = jaccard_estimate(c.signature, sigs[other])

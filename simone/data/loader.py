@@ -49,6 +49,7 @@ would have returned next.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -258,11 +259,9 @@ class BatchLoader:
             self._prefetch = False
 
     def __del__(self) -> None:
-        try:
+        # a destructor must not raise (at interpreter exit the pool may be half gone)
+        with contextlib.suppress(Exception):
             self.close()
-        # bandit B110: a destructor must not raise (at interpreter exit the pool may be half gone)
-        except Exception:  # nosec B110
-            pass
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -138,11 +138,9 @@ def text_windows(text: str, n_windows: int) -> list[str]:
 
 
 def passes(rule: Rule, value: float, relax: float) -> bool:
-    if rule.low is not None and value < rule.low * (1.0 - relax):
-        return False
-    if rule.high is not None and value > rule.high * (1.0 + relax):
-        return False
-    return True
+    below = rule.low is not None and value < rule.low * (1.0 - relax)
+    above = rule.high is not None and value > rule.high * (1.0 + relax)
+    return not (below or above)
 
 
 def assess(

@@ -212,8 +212,9 @@ def _json_record(number: int, line: bytes, text_field: str, domain_field: str | 
 
 
 def _parquet_records(f: BinaryIO, text_field: str, domain_field: str | None, max_bytes: int) -> Iterator[Record]:
-    import pyarrow as pa  # deferred on purpose: heavy, and only Parquet corpora need it
-    import pyarrow.parquet as pq
+    # deferred on purpose: heavy, and only Parquet corpora need it
+    import pyarrow as pa  # noqa: PLC0415
+    import pyarrow.parquet as pq  # noqa: PLC0415
 
     broken = (pa.ArrowException, OSError, ValueError)
     try:
@@ -246,7 +247,8 @@ def _parquet_records(f: BinaryIO, text_field: str, domain_field: str | None, max
 def _record(number: int, row: dict[str, Any], text_field: str, domain_field: str | None, max_bytes: int) -> Record:
     """The record made of one parsed row (a dict the caller gives up)."""
     if text_field not in row:
-        return _bad(number, "no_text_field", f"no {text_field!r} field")
+        fields = ", ".join(_printable(str(k)) for k in list(row)[:12]) + (", …" if len(row) > 12 else "")
+        return _bad(number, "no_text_field", f"no {text_field!r} field (its fields: {fields or 'none'})")
     text = row.pop(text_field)
     if not isinstance(text, str):
         return _bad(number, "text_not_string", f"{text_field!r} is {_kind(text)}, not a string")

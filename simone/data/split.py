@@ -39,7 +39,7 @@ def assign_splits(
     for doc_id, domain in docs:
         by_domain[domain].append(doc_id)
     out: dict[str, str] = {}
-    for domain, ids in by_domain.items():
+    for ids in by_domain.values():
         ordered = sorted(ids, key=lambda i: (i in avoid_val, split_key(i, seed), i))
         n = len(ordered)
         n_val = 0 if n < 2 else min(n - 1, max(min_val_docs, round(val_fraction * n)))

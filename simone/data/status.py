@@ -22,6 +22,14 @@ QUARANTINE = {
     "timed_out",
     "hidden",
     "symlinked_dir",
+    # a record of a record file that is no document (records.RECORD_REASONS)
+    "bad_json",
+    "no_text_field",
+    "text_not_string",
+    "bad_domain",
+    "bad_compression",
+    "bad_row_group",
+    "bad_parquet",
 }
 NOT_DOCUMENTS = {"hidden", "symlinked_dir"}  # folder-level skips: not counted in any domain
 FLAG = {

@@ -10,11 +10,15 @@ cut is part of the pre-tokenizer saved in tokenizer.json, so training and every 
 encoding (and a Hugging Face export) cut the same way; it only adds piece boundaries, so
 the round trip stays exact. Special tokens come first in the
 vocabulary: the end-of-document token (id 0) and one control token `<|domain:NAME|>` per
-corpus domain (ids 1..), which a later stage uses to steer generation.
+corpus domain (ids 1..), which a later stage uses to steer generation. The chat tokens
+(`<|system|>`, `<|user|>`, `<|assistant|>`, `<|endofturn|>`, simone/data/chat_template.py) come
+last, after the configured vocabulary (so vocab_size is tokenizer.vocab_size + 4): plain text
+tokenizes exactly as it did without them. A tokenizer trained before them has none
+(`has_chat_tokens`); it is kept as it is while its stamp matches.
 
 Plain text never turns into special tokens: `encode(text)` treats "<|endoftext|>" inside a
 document as ordinary characters. Special ids enter a sequence only on purpose, through
-`eod_id`, `domain_token_id(name)` or `encode(text, allow_special=True)`.
+`eod_id`, `domain_token_id(name)`, `chat_ids` or `encode(text, allow_special=True)`.
 
 Training is skipped when `documents.jsonl`, the config and the domain list are unchanged
 (a `stamp.json` beside `tokenizer.json` records them).
@@ -31,6 +35,7 @@ import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from simone.config import TokenizerConfig
+from simone.data.chat_template import CHAT_TEMPLATE, CHAT_TEMPLATE_FILE, CHAT_TOKENS
 from simone.data.documents import read_documents
 from simone.rundir import atomic_write_json, atomic_write_text, read_json, sha256_file
 
@@ -91,8 +96,11 @@ class Tokenizer:
             raise ValueError(f"{path or 'tokenizer'}: has no end-of-document token {eod_token!r}")
         self.eod_id: int = eod_id
         self._domain_ids: dict[str, int] = {}
+        self.chat_ids: dict[str, int] = {}  # chat token string -> id; {} before chat tokens
         for tid, added in sorted(self._special.get_added_tokens_decoder().items()):
             content = added.content
+            if content in CHAT_TOKENS:
+                self.chat_ids[content] = tid
             if content.startswith(DOMAIN_TOKEN_PREFIX) and content.endswith(DOMAIN_TOKEN_SUFFIX):
                 name = content[len(DOMAIN_TOKEN_PREFIX) : -len(DOMAIN_TOKEN_SUFFIX)]
                 self._domain_ids[name] = tid
@@ -104,6 +112,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of ids (trained tokens + special tokens); every id is < vocab_size."""
         return self._special.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def has_chat_tokens(self) -> bool:
+        """Whether every chat token is in the vocabulary (tokenizers trained before them lack them)."""
+        return len(self.chat_ids) == len(CHAT_TOKENS)
 
     @property
     def domains(self) -> list[str]:
@@ -204,7 +217,8 @@ def train_tokenizer(
     documents_jsonl: Path, out_dir: Path, cfg: TokenizerConfig, domains: list[str] | None = None
 ) -> Tokenizer:
     """Train byte-level BPE on the `train` documents of `documents_jsonl`; write
-    `out_dir/tokenizer.json` and `out_dir/stamp.json`; return the loaded tokenizer.
+    `out_dir/tokenizer.json`, `out_dir/chat_template.jinja` and `out_dir/stamp.json`; return the
+    loaded tokenizer.
 
     `domains` (default: every domain in the file) get `<|domain:NAME|>` control tokens.
     Returns the existing tokenizer without training when the stamp matches (same
@@ -254,8 +268,10 @@ def train_tokenizer(
     if n_train[0] == 0:
         raise ValueError(f"{documents_jsonl}: no documents with split 'train' and text to train the tokenizer on")
 
+    hf.add_special_tokens(list(CHAT_TOKENS))  # after the configured vocabulary: plain text is unaffected
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(hf, cfg.eod_token)
     saved = tok.save(tokenizer_file)
+    atomic_write_text(out_dir / CHAT_TEMPLATE_FILE, CHAT_TEMPLATE)
     atomic_write_json(out_dir / STAMP_FILE, stamp)
     return load_tokenizer(saved, eod_token=cfg.eod_token)

@@ -41,6 +41,7 @@ import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,7 @@ def build_pairs(by_domain: dict[str, list[dict]], settings: SuiteSettings) -> li
     items = []
     for domain, docs in sorted(by_domain.items()):
         pool = name_pool((d["text"] for d in docs), min_docs=min(2, len(docs)))
-        sentences = {}
+        sentences: dict[str, str] = {}  # sentence -> the first document that has it
         for d in docs:
             for s in _sentences(d["text"]):
                 if _is_sentence(s, settings.sentence_words):
@@ -202,8 +203,8 @@ def _length_sign(site: Any) -> int:
     return (len(change["after"]) > len(change["before"])) - (len(change["after"]) < len(change["before"]))
 
 
-def cloze_item(sentences: list[str], i: int, words: tuple[int, int]) -> tuple[str, str] | None:
-    """(context, target) for a passage ending with sentence `i`, or None when that sentence
+def cloze_item(sentences: list[str], i: int, words: tuple[int, int]) -> dict | None:
+    """{context, target} for a passage ending with sentence `i`, or None when that sentence
     does not end in a content word of 3+ letters that the passage names before, or when the
     passage (as many whole sentences before it as fit in `words[1]` words) is under `words[0]`."""
     m = _LAST_WORD.search(sentences[i])
@@ -220,59 +221,52 @@ def cloze_item(sentences: list[str], i: int, words: tuple[int, int]) -> tuple[st
     context = passage[: len(passage) - len(sentences[i]) + m.start(1)].rstrip()
     if target.lower() not in {w.lower() for w in _WORDS.findall(context)}:
         return None
-    return context, target
+    return {"context": context, "target": target}
 
 
-def build_cloze(by_domain: dict[str, list[dict]], settings: SuiteSettings) -> list[dict]:
+def _items_at_sentences(
+    by_domain: dict[str, list[dict]],
+    task: str,
+    per_domain: int,
+    seed: int,
+    make: Callable[[list[str], int], dict | None],
+) -> list[dict]:
+    """Per domain, up to `per_domain` items of `task`: `make(sentences, i)` (None: no item there)
+    at each sentence of each document, the sentences taken in a seeded order."""
     items = []
     for domain, docs in sorted(by_domain.items()):
         split = {d["id"]: _sentences(d["text"]) for d in docs}
         places = [(doc_id, i) for doc_id, sents in split.items() for i in range(len(sents))]
         n = 0
-        for doc_id, i in _ranked(places, f"cloze:{domain}", settings.seed):
-            if n >= settings.cloze_per_domain:
+        for doc_id, i in _ranked(places, f"{task}:{domain}", seed):
+            if n >= per_domain:
                 break
-            found = cloze_item(split[doc_id], i, settings.cloze_words)
+            found = make(split[doc_id], i)
             if found is not None:
-                items.append(
-                    {
-                        "task": "cloze",
-                        "id": f"cloze/{domain}/{n}",
-                        "domain": domain,
-                        "doc": doc_id,
-                        "context": found[0],
-                        "target": found[1],
-                    }
-                )
+                items.append({"task": task, "id": f"{task}/{domain}/{n}", "domain": domain, "doc": doc_id, **found})
                 n += 1
     return items
+
+
+def build_cloze(by_domain: dict[str, list[dict]], settings: SuiteSettings) -> list[dict]:
+    def make(sentences: list[str], i: int) -> dict | None:
+        return cloze_item(sentences, i, settings.cloze_words)
+
+    return _items_at_sentences(by_domain, "cloze", settings.cloze_per_domain, settings.seed, make)
 
 
 def build_prompts(by_domain: dict[str, list[dict]], settings: SuiteSettings) -> list[dict]:
     """Per domain, `prompts_per_domain` prompts: the first `prompt_words` words from the start
-    of a held-out sentence."""
-    items = []
-    for domain, docs in sorted(by_domain.items()):
-        split = {d["id"]: _sentences(d["text"]) for d in docs}
-        places = [(doc_id, i) for doc_id, sents in split.items() for i in range(len(sents)) if sents[i][:1].isupper()]
-        n = 0
-        for doc_id, i in _ranked(places, f"gen:{domain}", settings.seed):
-            if n >= settings.prompts_per_domain:
-                break
-            words = " ".join(split[doc_id][i : i + settings.prompt_words]).split()[: settings.prompt_words]
-            if len(words) == settings.prompt_words:
-                items.append(
-                    {
-                        "task": "gen",
-                        "id": f"gen/{domain}/{n}",
-                        "domain": domain,
-                        "doc": doc_id,
-                        "prompt": " ".join(words),
-                        "max_tokens": settings.gen_tokens,
-                    }
-                )
-                n += 1
-    return items
+    of a held-out sentence (one that starts with a capital)."""
+    n = settings.prompt_words
+
+    def make(sentences: list[str], i: int) -> dict | None:
+        words = " ".join(sentences[i : i + n]).split()[:n]
+        if not sentences[i][:1].isupper() or len(words) < n:
+            return None
+        return {"prompt": " ".join(words), "max_tokens": settings.gen_tokens}
+
+    return _items_at_sentences(by_domain, "gen", settings.prompts_per_domain, settings.seed, make)
 
 
 def build_bpb(by_domain: dict[str, list[dict]], settings: SuiteSettings) -> list[dict]:
@@ -348,7 +342,8 @@ def read_suite(path: Path) -> list[dict]:
             raise SuiteError(
                 f"{path}:{lineno}: not a suite item of schema {SUITE_SCHEMA} (rebuild the suite with this version)"
             )
-        missing = [f for f in _REQUIRED.get(item.get("task"), ("task",)) + ("domain",) if f not in item]
+        # str(): a task that is not a string (a list, say) is refused below, not a TypeError here
+        missing = [f for f in (*_REQUIRED.get(str(item.get("task")), ("task",)), "domain") if f not in item]
         if item.get("task") not in TASKS or missing:
             raise SuiteError(
                 f"{path}:{lineno}: task {item.get('task')!r} "
@@ -374,7 +369,7 @@ def read_user_pairs(path: Path) -> list[dict]:
     """Pairs a user brings (`--pairs FILE.jsonl`), BLiMP's convention: each line an object with
     `good` and `bad` (or `sentence_good` and `sentence_bad`), and optionally `domain` and `kind`.
     A line that is not such an object raises SuiteError naming the file and line."""
-    items = []
+    items: list[dict] = []
     for lineno, obj in _json_lines(path, "the pairs"):
         if not isinstance(obj, dict):
             raise SuiteError(f'{path}:{lineno}: expected an object with "good" and "bad"')
@@ -464,7 +459,7 @@ def generation_health(texts: list[str]) -> dict:
     for text in texts:
         w = [x.lower() for x in _WORDS.findall(text)]
         words += len(w)
-        pairs = list(zip(w, w[1:]))
+        pairs = list(pairwise(w))
         distinct += len(set(pairs))
         bigrams += len(pairs)
         seen: set[tuple[str, ...]] = set()
@@ -543,8 +538,8 @@ def score_suite(scorer: Any, items: list[dict], say: Callable[[str], None] | Non
         if task == "user_pair" and not by_task[task]:
             continue
         ids = [scorer.document_ids(t) for item in by_task[task] for t in (item["good"], item["bad"])]
-        bits = many_nll_bits(scorer, ids)
-        results = [(item, _wins(good, bad)) for item, good, bad in zip(by_task[task], bits[0::2], bits[1::2])]
+        pair_bits = many_nll_bits(scorer, ids)
+        results = [(item, _wins(g, b)) for item, g, b in zip(by_task[task], pair_bits[0::2], pair_bits[1::2])]
         # what a model that knew only length would score here: the fewer tokens, the likelier
         by_length = [(item, _wins(len(good), len(bad))) for item, good, bad in zip(by_task[task], ids[0::2], ids[1::2])]
         out[key] = {**_pair_figures(results), "length_only": _pair_figures(by_length)}
@@ -718,15 +713,10 @@ def format_suite_markdown(result: dict) -> str:
         for task in ("cloze", "generation"):
             if "not_scored" in (m.get(task) or {}) and m[task]["items"]:
                 notes.append(f"- `{m['model']}`: {task} not scored: {m[task]['not_scored']}")
-    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+    return "\n".join(lines + (["", *notes] if notes else [])) + "\n"
 
 
 # ----------------------------------------------------------------------------- lm-evaluation-harness
-
-
-def _yaml_value(value: Any) -> str:
-    """A YAML scalar: JSON's double-quoted strings and numbers are YAML too."""
-    return json.dumps(value)
 
 
 def _task_yaml(name: str, data_file: Path, fields: dict[str, Any], metrics: list[str]) -> str:
@@ -735,10 +725,10 @@ def _task_yaml(name: str, data_file: Path, fields: dict[str, Any], metrics: list
         "dataset_path: json",
         "dataset_kwargs:",
         "  data_files:",
-        f"    test: {_yaml_value(str(data_file))}",
+        f"    test: {json.dumps(str(data_file))}",  # JSON's quoted strings and numbers are YAML scalars too
         "test_split: test",
     ]
-    lines += [f"{k}: {_yaml_value(v)}" for k, v in fields.items()]
+    lines += [f"{k}: {json.dumps(v)}" for k, v in {**fields, "num_fewshot": 0}.items()]
     lines += ["metric_list:"]
     for metric in metrics:  # acc is averaged over items; bits_per_byte keeps the harness's own (bits over bytes)
         lines += [f"  - metric: {metric}"] + (["    aggregation: mean"] if metric == "acc" else [])
@@ -778,14 +768,13 @@ def write_lm_eval_tasks(items: list[dict], folder: Path, prefix: str = "simone")
         "doc_to_target": 0,
         "doc_to_choice": "{{[good, bad]}}",
         "target_delimiter": "",
-        "num_fewshot": 0,
     }
     corpus_pairs = [i for i in items if i["task"] == "pair" and i.get("source") != "user"]
     user_pairs = [i for i in items if i["task"] == "pair" and i.get("source") == "user"]
-    pair_rows = lambda rows: [
-        {"good": i["good"], "bad": i["bad"], "domain": i["domain"], "kind": i["kind"]}  # noqa: E731
-        for i in rows
-    ]
+
+    def pair_rows(rows: list[dict]) -> list[dict]:
+        return [{"good": i["good"], "bad": i["bad"], "domain": i["domain"], "kind": i["kind"]} for i in rows]
+
     if corpus_pairs:
         tasks.append((f"{prefix}_pairs", "pairs", pair_rows(corpus_pairs), pair_fields, ["acc"]))
         for kind in sorted({i["kind"] for i in corpus_pairs}):
@@ -797,37 +786,12 @@ def write_lm_eval_tasks(items: list[dict], folder: Path, prefix: str = "simone")
         {"context": i["context"], "target": i["target"], "domain": i["domain"]} for i in items if i["task"] == "cloze"
     ]
     if cloze:
-        tasks.append(
-            (
-                f"{prefix}_cloze",
-                "cloze",
-                cloze,
-                {
-                    "output_type": "loglikelihood",
-                    "doc_to_text": "{{context}}",
-                    "doc_to_target": "{{target}}",
-                    "target_delimiter": " ",
-                    "num_fewshot": 0,
-                },
-                ["acc"],
-            )
-        )
+        fields = {"output_type": "loglikelihood", "doc_to_text": "{{context}}", "doc_to_target": "{{target}}"}
+        tasks.append((f"{prefix}_cloze", "cloze", cloze, {**fields, "target_delimiter": " "}, ["acc"]))
     bpb = [{"text": i["text"], "domain": i["domain"]} for i in items if i["task"] == "bpb"]
     if bpb:
-        tasks.append(
-            (
-                f"{prefix}_bpb",
-                "bpb",
-                bpb,
-                {
-                    "output_type": "loglikelihood_rolling",
-                    "doc_to_text": "",
-                    "doc_to_target": "{{text}}",
-                    "num_fewshot": 0,
-                },
-                ["bits_per_byte"],
-            )
-        )
+        fields = {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}"}
+        tasks.append((f"{prefix}_bpb", "bpb", bpb, fields, ["bits_per_byte"]))
     names = []
     for name, stem, rows, fields, metrics in tasks:
         data = folder / f"{stem}.jsonl"
@@ -839,4 +803,4 @@ def write_lm_eval_tasks(items: list[dict], folder: Path, prefix: str = "simone")
         folder / f"{group}.yaml",
         f"group: {group}\ntask:\n" + "".join(f"  - {n}\n" for n in names) + "metadata:\n  version: 1.0\n",
     )
-    return names + [group]
+    return [*names, group]

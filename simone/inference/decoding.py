@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from simone.model.attention import StreamingKVCache
-from simone.model.base import CachedDecoder
+from simone.model.attention import CausalSelfAttention, StreamingKVCache
+from simone.model.base import CachedDecoder, LanguageModel
 from simone.model.governance_heads import AttentionRecorder, trace_layers, uses_trace
 from simone.model.sampling import GREEDY_BELOW, sample_next_token
 
@@ -51,7 +50,7 @@ class Guidance:
 
 @torch.inference_mode()
 def sample_tokens(
-    model: nn.Module,
+    model: LanguageModel,
     prompt_ids: list[int],
     max_tokens: int,
     temperature: float = 1.0,
@@ -81,21 +80,22 @@ def sample_tokens(
     decoder = (
         StreamingDecoder(model, 1, guidance, trace, keep_first) if streaming else CachedDecoder(model, idx, max_tokens)
     )
-    for token in model.generate(idx, max_tokens, temperature, top_k, top_p, generator, eos_id=eos_id, decoder=decoder):
+    # generate() runs any decoder with feed/pick/logits; base.py annotates only CachedDecoder
+    for token in model.generate(idx, max_tokens, temperature, top_k, top_p, generator, eos_id=eos_id, decoder=decoder):  # type: ignore[arg-type]
         step = Step(int(token[0, 0]))
-        if n_top is not None:
+        if n_top is not None and decoder.logits is not None:  # feed() set them before this token
             logprobs = torch.log_softmax(decoder.logits[0].float(), dim=-1)
             step.logprob = float(logprobs[step.token])
             if n_top > 0:
                 values, top_ids = logprobs.topk(n_top)
                 step.top = list(zip(top_ids.tolist(), values.tolist()))
-        if streaming:
+        if isinstance(decoder, StreamingDecoder):
             decoder.describe(step, trace_top)
         yield step
 
 
 def new_streaming_cache(
-    model: nn.Module,
+    model: LanguageModel,
     batch_size: int,
     capacity: int | None = None,
     keep_first: int = 0,
@@ -106,7 +106,7 @@ def new_streaming_cache(
     cfg = model.cfg
     if cfg.arch != "llama":
         raise ValueError("streaming needs RoPE (model.arch=llama); the GPT-2 baseline has absolute positions")
-    attn = model.layers[0].attention
+    attn = cast(CausalSelfAttention, model.layers[0].attention)  # every block has one (ModuleList cannot say so)
     param = model.tok_embeddings.weight
     capacity = min(capacity or cfg.max_seq_len, cfg.max_seq_len)
     return StreamingKVCache(
@@ -133,7 +133,8 @@ def _guided_pick(
     """Which of the candidates (last dim) to take: by log p_lm(c) + weight · log p_policy(d | text + c),
     greedy below `GREEDY_BELOW` (as `sample_next_token`: a tinier one would overflow the
     softmax), else drawn from the softmax at `temperature`."""
-    score = cand_logp if weight <= 0 else cand_logp + weight * domain_prob.clamp_min(1e-12).log()
+    # domain_prob is None only without a policy head, which StreamingDecoder refuses for weight > 0
+    score = cand_logp if weight <= 0 or domain_prob is None else cand_logp + weight * domain_prob.clamp_min(1e-12).log()
     if not temperature >= GREEDY_BELOW:  # NaN too
         return score.argmax(-1)
     return torch.multinomial((score / temperature).softmax(-1), 1, generator=generator)[..., 0]
@@ -149,7 +150,12 @@ class StreamingDecoder:
     state). `trace` records each query's attention (blocks `model.trace_layers`)."""
 
     def __init__(
-        self, model: nn.Module, n: int = 1, guidance: Guidance | None = None, trace: bool = False, keep_first: int = 0
+        self,
+        model: LanguageModel,
+        n: int = 1,
+        guidance: Guidance | None = None,
+        trace: bool = False,
+        keep_first: int = 0,
     ):
         if guidance is not None and guidance.weight > 0 and model.policy_head is None:
             raise ValueError(
@@ -164,7 +170,8 @@ class StreamingDecoder:
         # (logits [n, V], policy [n, D] | None, attention [n, n_memory + S] | None, positions [S])
         self.before: tuple[Any, ...] | None = None
         self.after: tuple[Any, ...] | None = None
-        self.logits = self.log_probs = None  # what the last token was drawn from
+        self.logits: torch.Tensor | None = None  # what the last token was drawn from
+        self.log_probs: torch.Tensor | None = None
 
     def _run(self, ids: torch.Tensor) -> tuple[Any, ...]:
         """Feed ids [R, n] at the cache's next slots; the model's reading after them (rows R)."""
@@ -227,12 +234,14 @@ class StreamingDecoder:
 
     def describe(self, step: Step, top: int) -> None:
         """What governance knows about the token just picked (of sample 0)."""
+        if self.log_probs is None or self.before is None or self.after is None:
+            raise RuntimeError("describe() follows pick()")
         lp = self.log_probs[0]
         step.prob, step.entropy = float(lp[step.token].exp()), float(-(lp.exp() * lp).nan_to_num().sum())
         policy, (_, _, attn, positions) = self.after[1], self.before
         step.policy = None if policy is None else policy[0].tolist()
         if attn is not None:
-            n_memory = self.model.layers[0].attention.n_memory
+            n_memory = cast(CausalSelfAttention, self.model.layers[0].attention).n_memory
             w, slot = torch.topk(attn[0, n_memory:], min(top, attn.size(1) - n_memory))
             step.sources = [(int(positions[s]), float(x)) for s, x in zip(slot.tolist(), w.tolist())]
             step.memory_weight = float(attn[0, :n_memory].sum())

@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from simone.config import ModelConfig
 from simone.errors import SimoneError
+from simone.model.base import LanguageModel
 from simone.model.layers import swiglu_hidden_dim
 
 if TYPE_CHECKING:
@@ -77,26 +77,26 @@ def _check_llama(cfg: ModelConfig) -> None:
 
 def _llama_config_kwargs(cfg: ModelConfig, eos_id: int | None) -> dict[str, Any]:
     _check_llama(cfg)
-    return dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        intermediate_size=swiglu_hidden_dim(cfg.dim, cfg.ffn_hidden, cfg.multiple_of),
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
-        head_dim=cfg.dim // cfg.n_heads,
-        hidden_act="silu",
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,
-        attention_bias=False,
-        mlp_bias=False,
-        attention_dropout=cfg.dropout,
-        tie_word_embeddings=cfg.tie_embeddings,
-        bos_token_id=eos_id,  # a document starts after the end-of-document token, as in training
-        eos_token_id=eos_id,
-        pad_token_id=eos_id,
-    )
+    return {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": swiglu_hidden_dim(cfg.dim, cfg.ffn_hidden, cfg.multiple_of),
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
+        "head_dim": cfg.dim // cfg.n_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": cfg.dropout,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": eos_id,  # a document starts after the end-of-document token, as in training
+        "eos_token_id": eos_id,
+        "pad_token_id": eos_id,
+    }
 
 
 def _check_gpt2(cfg: ModelConfig) -> None:
@@ -111,24 +111,24 @@ def _check_gpt2(cfg: ModelConfig) -> None:
 
 def _gpt2_config_kwargs(cfg: ModelConfig, eos_id: int | None) -> dict[str, Any]:
     _check_gpt2(cfg)
-    return dict(
-        vocab_size=cfg.vocab_size,
-        n_positions=cfg.max_seq_len,
-        n_embd=cfg.dim,
-        n_layer=cfg.n_layers,
-        n_head=cfg.n_heads,
-        n_inner=cfg.ffn_hidden or 4 * cfg.dim,
-        activation_function="gelu_new",  # GELU's tanh approximation, as in `simone.model.gpt2.MLP`
-        resid_pdrop=cfg.dropout,
-        embd_pdrop=cfg.dropout,
-        attn_pdrop=cfg.dropout,
-        layer_norm_epsilon=cfg.norm_eps,
-        scale_attn_weights=True,
-        tie_word_embeddings=cfg.tie_embeddings,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-        pad_token_id=eos_id,
-    )
+    return {
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.max_seq_len,
+        "n_embd": cfg.dim,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_inner": cfg.ffn_hidden or 4 * cfg.dim,
+        "activation_function": "gelu_new",  # GELU's tanh approximation, as in `simone.model.gpt2.MLP`
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": eos_id,
+    }
 
 
 def hf_config_dict(cfg: ModelConfig, eos_id: int | None = None) -> dict[str, Any]:
@@ -149,7 +149,7 @@ def hf_llama_config(cfg: ModelConfig, eos_id: int | None = None) -> LlamaConfig:
 
     eos_id (the tokenizer's end-of-document id) becomes bos, eos and pad token for `generate`.
     """
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # noqa: PLC0415  # deferred: transformers is optional and slow to import
 
     return LlamaConfig(**_llama_config_kwargs(cfg, eos_id))
 
@@ -275,16 +275,17 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> d
     return to_hf_llama_state_dict(state_dict, cfg)
 
 
-def to_hf_llama(model: nn.Module, eos_id: int | None = None, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
+def to_hf_llama(model: LanguageModel, eos_id: int | None = None, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
     """A `transformers.LlamaForCausalLM` holding a copy of `model`'s weights, on the same
     device and in the same dtype, in eval mode."""
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM  # noqa: PLC0415  # deferred: as in hf_llama_config
 
-    cfg: ModelConfig = model.cfg
+    cfg = model.cfg
     hf_config = hf_llama_config(cfg, eos_id)
     hf_config._attn_implementation = attn_implementation
     param = next(model.parameters())
-    hf_model = LlamaForCausalLM(hf_config).to(device=param.device, dtype=param.dtype)
+    # transformers wraps PreTrainedModel.to with functools.wraps, which mypy cannot bind to the instance
+    hf_model = LlamaForCausalLM(hf_config).to(device=param.device, dtype=param.dtype)  # type: ignore[call-arg]
     hf_sd = {k: v.detach().clone() for k, v in to_hf_llama_state_dict(model.state_dict(), cfg).items()}
     missing, unexpected = hf_model.load_state_dict(hf_sd, strict=False)
     # Non-persistent buffers (rotary inv_freq) are not in a state dict.

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,7 +52,7 @@ def prompt_ids(loaded: LoadedModel, prompt: str, domain: str | None = None) -> l
             control = tok.domain_token_id(domain)
         except KeyError as e:
             raise ModelLoadError(f"{loaded.files.get('tokenizer', 'tokenizer')}: {e.args[0]}") from None
-        return [tok.eod_id, control] + ids
+        return [tok.eod_id, control, *ids]
     return ids or [tok.eod_id]
 
 
@@ -67,7 +68,7 @@ def stream_tokens(
     trace_records: list[dict] | None = None,
     last_policy: dict | None = None,
     token_ids: list[int] | None = None,
-):
+) -> Iterator[str]:
     """Yield the text of each new token after `prompt` (text, or the token ids to start from)
     as it is generated, in whole characters.
 
@@ -81,20 +82,18 @@ def stream_tokens(
     text may hold several tokens, or none yet (a character split across tokens).
     """
     tok, cfg = loaded.tokenizer, loaded.config.model
-    governed = governance is not None and governance.active
-    ids = prompt if isinstance(prompt, list) else prompt_ids(loaded, prompt, governance.domain if governed else None)
+    governed = governance if governance is not None and governance.active else None
+    ids = prompt if isinstance(prompt, list) else prompt_ids(loaded, prompt, governed.domain if governed else None)
     guidance = None
     if governed:
         if cfg.arch != "llama":
             raise ModelLoadError(
                 f"{loaded.source}: governance features need a Llama-style model (this one is {cfg.arch})"
             )
-        if governance.policy_guidance > 0:
-            if governance.domain is None:
+        if governed.policy_guidance > 0:
+            if governed.domain is None:
                 raise ValueError("--policy-guidance needs --domain NAME (the domain to steer toward)")
-            guidance = Guidance(
-                tok.domains.index(governance.domain), governance.policy_guidance, governance.guidance_top_k
-            )
+            guidance = Guidance(tok.domains.index(governed.domain), governed.policy_guidance, governed.guidance_top_k)
     else:
         ids = ids[-(cfg.max_seq_len - 1) :]  # leave room for at least one new token
         max_tokens = min(max_tokens, cfg.max_seq_len - len(ids))
@@ -111,9 +110,9 @@ def stream_tokens(
         top_p,
         gen,
         tok.eod_id,
-        streaming=governed,
+        streaming=governed is not None,
         guidance=guidance,
-        trace=governed and governance.trace,
+        trace=governed is not None and governed.trace,
     ):
         if step.token == tok.eod_id:
             break
@@ -193,13 +192,13 @@ class Generation:
             trace=trace is not None or trace_html is not None,
             stream=stream_past_context,
         )
-        self.sampling = dict(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            seed=seed,
-            top_k=top_k if top_k and top_k > 0 else None,
-            top_p=top_p if top_p and top_p < 1 else None,
-        )
+        self.sampling: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "seed": seed,
+            "top_k": top_k if top_k and top_k > 0 else None,
+            "top_p": top_p if top_p and top_p < 1 else None,
+        }
         self.records: list[dict] | None = [] if self.options.trace else None
         self.policy: dict[str, float] = {}
         self.token_ids: list[int] = []

@@ -5,7 +5,9 @@ The file holds everything llama.cpp needs, in its metadata and tensors:
     general.*                 architecture ("llama", or "gpt2" for the GPT-2 baseline), name, file type
     llama.* / gpt2.*          hyperparameters: context, width, layers, heads, norm eps, RoPE base
     tokenizer.ggml.*          our byte-level BPE: model "gpt2", pre-tokenizer "gpt-2", tokens,
-                              token types (special tokens are CONTROL), merges, bos/eos/pad ids
+                              token types (special tokens are CONTROL), merges, bos/eos/pad ids,
+                              eot id (`<|endofturn|>`, a tokenizer with chat tokens)
+    tokenizer.chat_template   the chat template (simone/data/chat_template.py), with the chat tokens
     tensors                   llama.cpp's names (token_embd, blk.N.attn_q, ...), in --dtype
 
 The tensors come from the Hugging Face names of `simone.inference.export` (the state-dict
@@ -37,8 +39,10 @@ import numpy as np
 import torch
 
 from simone.config import Config
+from simone.data.chat_template import CHAT_TEMPLATE, END_OF_TURN
 from simone.inference.export import ExportError, refuse_writing_over_the_input, to_hf_state_dict
 from simone.inference.load import load_model
+from simone.model import LanguageModel
 from simone.model.layers import swiglu_hidden_dim
 from simone.rundir import atomic_output
 
@@ -51,14 +55,14 @@ Q8_0_BLOCK = 32
 
 
 def _ggml_types() -> dict[str, Any]:
-    import gguf
+    import gguf  # noqa: PLC0415
 
     t = gguf.GGMLQuantizationType
     return {"f32": t.F32, "f16": t.F16, "bf16": t.BF16, "q8_0": t.Q8_0}
 
 
 def _file_types() -> dict[str, Any]:
-    import gguf
+    import gguf  # noqa: PLC0415
 
     f = gguf.LlamaFileType
     return {"f32": f.ALL_F32, "f16": f.MOSTLY_F16, "bf16": f.MOSTLY_BF16, "q8_0": f.MOSTLY_Q8_0}
@@ -128,7 +132,7 @@ def gpt2_gguf_tensors(hf: dict[str, torch.Tensor], n_layers: int) -> dict[str, t
     return out
 
 
-def gguf_tensors(model: torch.nn.Module) -> dict[str, np.ndarray]:
+def gguf_tensors(model: LanguageModel) -> dict[str, np.ndarray]:
     """The model's weights under llama.cpp's names, as float32 numpy arrays [out, in]. Refuses
     (ExportError) what GGUF cannot hold, as the Hugging Face export does."""
     cfg = model.cfg
@@ -153,7 +157,7 @@ def tensor_type(array: np.ndarray, dtype: str) -> str:
 
 def encode_tensor(array: np.ndarray, dtype: str) -> tuple[np.ndarray, Any]:
     """(data, ggml type) for `GGUFWriter.add_tensor`."""
-    import gguf
+    import gguf  # noqa: PLC0415
 
     ggml_type = _ggml_types()[dtype]
     return gguf.quants.quantize(array, ggml_type), ggml_type
@@ -167,15 +171,15 @@ def gguf_vocab(tokenizer_json: dict[str, Any], vocab_size: int) -> tuple[list[st
 
     Special tokens are CONTROL (llama.cpp never produces them from plain text); ids the model
     has beyond the tokenizer's (none, today) get placeholder UNUSED tokens."""
-    import gguf
+    import gguf  # noqa: PLC0415
 
     model = tokenizer_json["model"]
     if model.get("type") != "BPE":
         raise ExportError(f"tokenizer model {model.get('type')!r}: GGUF export reads byte-level BPE only")
     by_id: dict[int, tuple[str, int]] = {i: (tok, gguf.TokenType.NORMAL) for tok, i in model["vocab"].items()}
     for added in tokenizer_json.get("added_tokens", []):
-        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
-        by_id[added["id"]] = (added["content"], kind)
+        added_type = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        by_id[added["id"]] = (added["content"], added_type)
     if by_id and max(by_id) >= vocab_size:
         raise ExportError(f"tokenizer has id {max(by_id)} but the model only {vocab_size} embeddings")
     tokens, types = [], []
@@ -192,17 +196,20 @@ def gguf_vocab(tokenizer_json: dict[str, Any], vocab_size: int) -> tuple[list[st
 
 
 def write_gguf(
-    model: torch.nn.Module,
+    model: LanguageModel,
     cfg: Config,
     tokenizer_file: Path,
     eod_id: int,
     out_path: Path,
     name: str,
     dtype: str = "f32",
+    chat_template: str | None = None,
+    end_of_turn_id: int | None = None,
 ) -> Path:
     """Write `model` and its tokenizer as one GGUF file `out_path` (replaced if there; written
-    to a temporary file beside it first, so a failed export leaves nothing half-written)."""
-    import gguf
+    to a temporary file beside it first, so a failed export leaves nothing half-written).
+    `chat_template` and `end_of_turn_id` are given for a tokenizer with chat tokens."""
+    import gguf  # noqa: PLC0415
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -243,6 +250,10 @@ def write_gguf(
         writer.add_pad_token_id(eod_id)
         writer.add_add_bos_token(False)
         writer.add_add_eos_token(False)
+        if chat_template is not None:
+            writer.add_chat_template(chat_template)
+        if end_of_turn_id is not None:  # llama.cpp ends a generation there
+            writer.add_eot_token_id(end_of_turn_id)
         for tensor_name, array in tensors.items():
             data, ggml_type = encode_tensor(array, tensor_type(array, dtype))
             writer.add_tensor(tensor_name, data, raw_dtype=ggml_type)
@@ -283,9 +294,11 @@ def export_gguf(
     existing `out_path` is replaced only with `force`; see `check_gguf_out`."""
     check_gguf_out(Path(out_path), Path(model_path), force)  # before the model is read: fail fast
     loaded = load_model(Path(model_path), device="cpu")
+    tok = loaded.tokenizer
     name = name or Path(model_path).resolve().name.removesuffix(".tar.gz")
+    chat, eot = (CHAT_TEMPLATE, tok.chat_ids[END_OF_TURN]) if tok.has_chat_tokens else (None, None)
     return write_gguf(
-        loaded.model, loaded.config, loaded.files["tokenizer"], loaded.tokenizer.eod_id, out_path, name, dtype
+        loaded.model, loaded.config, loaded.files["tokenizer"], tok.eod_id, out_path, name, dtype, chat, eot
     )
 
 
@@ -295,7 +308,7 @@ def export_gguf(
 
 def llama_cpp_available() -> bool:
     try:
-        import llama_cpp  # noqa: F401
+        import llama_cpp  # noqa: F401, PLC0415
     except ImportError:
         return False
     return True
@@ -304,7 +317,7 @@ def llama_cpp_available() -> bool:
 def gguf_document_start(path: Path) -> tuple[int, int | None]:
     """(context length, document-start id) from a GGUF file's metadata: the start id is the
     bos token (ours: end-of-document, as in training), else eos, else None."""
-    import gguf
+    import gguf  # noqa: PLC0415
 
     reader = gguf.GGUFReader(path)
 
@@ -322,7 +335,7 @@ def gguf_document_start(path: Path) -> tuple[int, int | None]:
 
 def gguf_vocab_size(path: Path) -> int:
     """The number of tokens in a GGUF file's vocabulary (`tokenizer.ggml.tokens`)."""
-    import gguf
+    import gguf  # noqa: PLC0415
 
     field = gguf.GGUFReader(path).get_field("tokenizer.ggml.tokens")
     if field is None:
@@ -335,7 +348,7 @@ def open_in_llama_cpp(
 ) -> Any:
     """A `llama_cpp.Llama` over the GGUF file (quiet; `gpu` offloads every layer when llama.cpp
     was built with a GPU backend)."""
-    from llama_cpp import Llama
+    from llama_cpp import Llama  # noqa: PLC0415
 
     return Llama(
         model_path=str(path),
@@ -352,7 +365,7 @@ def open_in_llama_cpp(
 def llama_cpp_greedy(llm: Any, prompt_ids: list[int], n_new: int) -> list[int]:
     """`n_new` greedy tokens after `prompt_ids` (argmax of llama.cpp's own logits each step,
     the prompt evaluated afresh: no reuse of an earlier call's cache)."""
-    import llama_cpp
+    import llama_cpp  # noqa: PLC0415
 
     n_vocab = llm.n_vocab()
     llm.reset()

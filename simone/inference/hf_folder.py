@@ -3,15 +3,16 @@
     DIR/config.json              LlamaForCausalLM or GPT2LMHeadModel (`simone.inference.export.hf_config_dict`)
     DIR/model.safetensors        the weights under Hugging Face names (float32, as trained)
     DIR/tokenizer.json           our byte-level BPE tokenizer, byte for byte
-    DIR/tokenizer_config.json    PreTrainedTokenizerFast; bos = eos = pad = the end-of-document token
+    DIR/tokenizer_config.json    PreTrainedTokenizerFast; bos = eos = pad = the end-of-document token;
+                                 `chat_template` when the tokenizer has chat tokens (`apply_chat_template`)
     DIR/generation_config.json   the sampling defaults of `simone generate`
     DIR/README.md                model card with the Hub's YAML metadata header
 
 Nothing here imports `transformers`: the files are plain JSON and safetensors, so `simone
 package` can put this folder in every package. The one difference a user may meet: the
 Hugging Face tokenizer reads special-token strings in the input (`<|endoftext|>`,
-`<|domain:NAME|>`) as their single ids, as `Tokenizer.encode(text, allow_special=True)` does;
-`simone` itself encodes prompts as plain text.
+`<|domain:NAME|>`, `<|user|>`) as their single ids, as `Tokenizer.encode(text, allow_special=True)`
+does; `simone` itself encodes prompts, and chat messages, as plain text.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import torch
 from safetensors.torch import save_file
 
 from simone.config import Config
+from simone.data.chat_template import CHAT_TEMPLATE
 from simone.inference.export import ExportError, hf_config_dict, refuse_writing_over_the_input, to_hf_state_dict
 from simone.inference.load import load_model
+from simone.model import LanguageModel
 
 FILES = (
     "config.json",
@@ -41,7 +44,7 @@ FILES = (
 GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95}
 
 
-def hf_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def hf_weights(model: LanguageModel) -> dict[str, torch.Tensor]:
     """The model's weights under Hugging Face names, as contiguous CPU tensors that own their
     memory (safetensors refuses shared storage; a tied `lm_head` is left out, and
     `transformers` ties it again on load)."""
@@ -52,7 +55,9 @@ def hf_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu", torch.float32).contiguous().clone() for name, t in hf_sd.items()}
 
 
-def tokenizer_config(eod_token: str, max_len: int) -> dict[str, Any]:
+def tokenizer_config(eod_token: str, max_len: int, chat_template: str | None = None) -> dict[str, Any]:
+    """transformers 4.x and 5.x both read `chat_template` here; the chat tokens themselves are
+    special added tokens of tokenizer.json, which AutoTokenizer keeps whole."""
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": eod_token,
@@ -60,6 +65,7 @@ def tokenizer_config(eod_token: str, max_len: int) -> dict[str, Any]:
         "pad_token": eod_token,
         "model_max_length": max_len,
         "clean_up_tokenization_spaces": False,  # decode must give the text back exactly
+        **({"chat_template": chat_template} if chat_template else {}),
     }
 
 
@@ -73,7 +79,7 @@ def generation_config(eod_id: int, max_len: int) -> dict[str, Any]:
     }
 
 
-def hf_model_card(cfg: Config, name: str, domains: list[str], eod_token: str) -> str:
+def hf_model_card(cfg: Config, name: str, domains: list[str], eod_token: str, chat: bool = False) -> str:
     """README.md: Hub metadata header, what the model is, how to open it, what stays behind."""
     m = cfg.model
     hf_class = "GPT2LMHeadModel" if m.arch == "gpt2" else "LlamaForCausalLM"
@@ -120,6 +126,15 @@ def hf_model_card(cfg: Config, name: str, domains: list[str], eod_token: str) ->
             "The exported logits are exactly the model's.",
             "",
         ]
+    if chat:
+        lines += [
+            "## Chat",
+            "",
+            "The tokenizer holds chat tokens (`<|system|>`, `<|user|>`, `<|assistant|>`, `<|endofturn|>`) and "
+            "the chat template: `tok.apply_chat_template(messages, add_generation_prompt=True)`. "
+            "A model not fine-tuned on conversations has never seen them.",
+            "",
+        ]
     lines += [
         "## Limits",
         "",
@@ -150,7 +165,7 @@ def check_out_folder(out_dir: Path, force: bool = False) -> None:
 
 
 def write_hf_folder(
-    model: torch.nn.Module,
+    model: LanguageModel,
     cfg: Config,
     tokenizer_file: Path,
     eod_token: str,
@@ -159,10 +174,12 @@ def write_hf_folder(
     out_dir: Path,
     name: str,
     force: bool = False,
+    chat_template: str | None = None,
 ) -> Path:
     """Write the six files of a Hugging Face folder into `out_dir` (created). A folder that
     holds anything is refused unless `force`; then the six files are replaced and anything
-    else there is left as it is. Returns `out_dir`."""
+    else there is left as it is. `chat_template` (for a tokenizer with chat tokens) goes into
+    tokenizer_config.json. Returns `out_dir`."""
     out_dir = Path(out_dir)
     check_out_folder(out_dir, force)
     weights = hf_weights(model)  # refuses what transformers cannot hold, before writing anything
@@ -176,11 +193,13 @@ def write_hf_folder(
         shutil.copyfile(tokenizer_file, stage / "tokenizer.json")
         for file, content in (
             ("config.json", hf_config_dict(m, eod_id)),
-            ("tokenizer_config.json", tokenizer_config(eod_token, m.max_seq_len)),
+            ("tokenizer_config.json", tokenizer_config(eod_token, m.max_seq_len, chat_template)),
             ("generation_config.json", generation_config(eod_id, m.max_seq_len)),
         ):
             (stage / file).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-        (stage / "README.md").write_text(hf_model_card(cfg, name, domains, eod_token), encoding="utf-8")
+        (stage / "README.md").write_text(
+            hf_model_card(cfg, name, domains, eod_token, chat_template is not None), encoding="utf-8"
+        )
         # safetensors writes its file 0600 whatever the umask: give it the mode the umask gave
         # the files beside it, so whoever may read the folder may read the weights
         shutil.copymode(stage / "config.json", stage / "model.safetensors")
@@ -209,4 +228,5 @@ def export_hf(model_path: Path, out_dir: Path, name: str | None = None, force: b
         out_dir,
         name,
         force,
+        CHAT_TEMPLATE if tok.has_chat_tokens else None,
     )

@@ -21,10 +21,10 @@ from safetensors.torch import load_model as load_safetensors
 
 from simone.checkpoint import CheckpointError, check_tokenizer, read_config, resolve_checkpoint, verify_checkpoint
 from simone.config import Config
-from simone.data.tokenizer import load_tokenizer
+from simone.data.tokenizer import Tokenizer, load_tokenizer
 from simone.devices import pick_device
 from simone.errors import SimoneError
-from simone.model import build_model
+from simone.model import LanguageModel, build_model
 
 
 class ModelLoadError(SimoneError, RuntimeError):
@@ -37,13 +37,13 @@ class LoadedModel:
     removed by `close()` (or `with load_model(...) as loaded:`), when the object is garbage
     collected, or at the latest when the interpreter exits."""
 
-    model: torch.nn.Module
-    tokenizer: object  # simone.data.tokenizer.Tokenizer
+    model: LanguageModel
+    tokenizer: Tokenizer
     config: Config
     source: Path  # what the user pointed at
     weights: Path  # the model.safetensors actually loaded
     files: dict[str, Path] = field(default_factory=dict)  # artifact name -> path
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     unpacked: Path | None = None  # the temporary folder a package was extracted into
 
     def __post_init__(self) -> None:
@@ -247,7 +247,7 @@ def _load(path: Path, unpacked: Path | None, device: str) -> LoadedModel:
     )
 
 
-def validate_checkpoint(path: str | Path) -> Config:
+def validate_checkpoint(path: Path) -> Config:
     """A checkpoint (or unpacked package) from elsewhere, checked before use (`verify_checkpoint`
     against the model its config describes, built on the `meta` device); returns its Config."""
 

@@ -67,13 +67,12 @@ class Job:
 
 def run_job(loaded: LoadedModel, job: Job) -> Iterator[Piece | Finished]:
     """Generate every choice of a job in order, yielding its text as it is released."""
-    s = job.sampling
     generator = torch.Generator(device=loaded.device).manual_seed(job.seed)
     for p, ids in enumerate(job.prompts):
         for j in range(job.n):
             if job.cancelled.is_set():
                 return
-            yield from generate_choice(loaded, p * job.n + j, ids, s, generator, job.cancelled)
+            yield from generate_choice(loaded, p * job.n + j, ids, job.sampling, generator, job.cancelled)
 
 
 def generate_choice(

@@ -43,6 +43,7 @@ import secrets
 from typing import Any
 
 from pydantic import BaseModel, Field
+from pydantic.json_schema import JsonDict
 
 from simone.inference.decoding import Step
 from simone.inference.load import LoadedModel
@@ -86,9 +87,9 @@ def error_body(
 # What the fields checked by hand accept, for the OpenAPI schema only (validation stays by
 # hand, for errors that name the field): the schema then describes the real API, and a fuzzer
 # reading it reaches the model instead of stopping at the first 400.
-STRINGS = {"type": "array", "items": {"type": "string"}}
-TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
-PROMPT_SCHEMA = {
+STRINGS: JsonDict = {"type": "array", "items": {"type": "string"}}
+TOKEN_IDS: JsonDict = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+PROMPT_SCHEMA: JsonDict = {
     "anyOf": [
         {"type": "string"},
         {**STRINGS, "minItems": 1},
@@ -96,8 +97,8 @@ PROMPT_SCHEMA = {
         {"type": "array", "items": TOKEN_IDS, "minItems": 1},
     ]
 }
-STOP_SCHEMA = {"anyOf": [{"type": "string"}, {**STRINGS, "maxItems": MAX_STOP}, {"type": "null"}]}
-MESSAGES_SCHEMA = {
+STOP_SCHEMA: JsonDict = {"anyOf": [{"type": "string"}, {**STRINGS, "maxItems": MAX_STOP}, {"type": "null"}]}
+MESSAGES_SCHEMA: JsonDict = {
     "type": "array",
     "minItems": 1,
     "items": {
@@ -191,13 +192,11 @@ def _check_length_before_tokenizing(loaded: LoadedModel, text: str, longest_toke
     would otherwise cost its whole tokenization before the 400)."""
     limit = loaded.config.model.max_seq_len
     if len(text) > (limit - 1) * longest_token:
-        raise APIError(
-            400,
-            f"{param}: {len(text)} characters are at least {-(-len(text) // longest_token)} "
-            f"tokens, but the model's context window is {limit} tokens",
-            param=param,
-            code="context_length_exceeded",
+        message = (
+            f"{len(text)} characters are at least {-(-len(text) // longest_token)} "
+            f"tokens, but the model's context window is {limit} tokens"
         )
+        raise _bad(param, message, "context_length_exceeded")
 
 
 def _prompt_ids(loaded: LoadedModel, prompt: Any, longest_token: int) -> list[list[int]]:
@@ -245,9 +244,7 @@ def _chat_messages(messages: Any) -> list[dict[str, str]]:
         role = m.get("role")
         if not isinstance(role, str) or role not in CHAT_ROLES:  # a list or object is no role (nor hashable)
             raise _bad(f"{where}.role", f"expected one of {', '.join(CHAT_ROLES)}, got {role!r}")
-        content = m.get("content")
-        if content is None:
-            content = ""
+        content = "" if m.get("content") is None else m["content"]
         if isinstance(content, list):  # content parts: only text
             texts = []
             for j, part in enumerate(content):
@@ -264,7 +261,7 @@ def _chat_messages(messages: Any) -> list[dict[str, str]]:
 def render_chat(messages: list[dict[str, str]]) -> str:
     """The plain-text prompt of a chat: `Role: content` blocks, then `Assistant:`."""
     blocks = [f"{CHAT_ROLES[m['role']]}: {m['content'].strip()}" for m in messages]
-    return "\n\n".join(blocks + ["Assistant:"])
+    return "\n\n".join([*blocks, "Assistant:"])
 
 
 def _check_context(
@@ -278,24 +275,19 @@ def _check_context(
     limit = loaded.config.model.max_seq_len
     longest = max(len(p) for p in prompts)
     if longest >= limit:
-        raise APIError(
-            400,
-            f"{prompt_param}: {longest} tokens, but the model's context window is {limit} "
-            f"tokens and at least one must be left for the completion",
-            param=prompt_param,
-            code="context_length_exceeded",
+        message = (
+            f"{longest} tokens, but the model's context window is {limit} "
+            f"tokens and at least one must be left for the completion"
         )
+        raise _bad(prompt_param, message, "context_length_exceeded")
     if max_tokens is None:
         return limit - longest
     if longest + max_tokens > limit:
-        raise APIError(
-            400,
-            f"{max_tokens_param}: {longest} prompt tokens + {max_tokens} completion tokens "
-            f"exceed the model's context window of {limit} tokens; ask for at most "
-            f"{limit - longest}",
-            param=max_tokens_param,
-            code="context_length_exceeded",
+        message = (
+            f"{longest} prompt tokens + {max_tokens} completion tokens exceed the model's "
+            f"context window of {limit} tokens; ask for at most {limit - longest}"
         )
+        raise _bad(max_tokens_param, message, "context_length_exceeded")
     return max_tokens
 
 
@@ -310,14 +302,11 @@ def _check_work(prompts: list[list[int]], n: int, max_tokens: int, param: str, a
     max_tokens = max(max_tokens, 1)
     work = prompt_tokens + choices * max_tokens
     if work > limit:
-        raise APIError(
-            400,
-            f"{param}: {len(prompts)} prompt(s) × n={n} × (prompt + {max_tokens} completion "
-            f"tokens) come to {work} tokens, over this server's limit of {limit} a request "
-            f"(--max-request-tokens); ask for fewer",
-            param=param,
-            code="request_too_large",
+        message = (
+            f"{len(prompts)} prompt(s) × n={n} × (prompt + {max_tokens} completion tokens) come to {work} tokens, "
+            f"over this server's limit of {limit} a request (--max-request-tokens); ask for fewer"
         )
+        raise _bad(param, message, "request_too_large")
     return max_tokens
 
 
@@ -453,9 +442,5 @@ def chat_logprobs(tokenizer: Any, steps: list[Step]) -> dict[str, Any]:
 
 
 def usage(prompts: list[list[int]], completion_tokens: int) -> dict[str, int]:
-    prompt_tokens = sum(len(p) for p in prompts)
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
+    n = sum(len(p) for p in prompts)
+    return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens}

@@ -1,15 +1,18 @@
 """Pack a trained run into `models_for_download/NAME.tar.gz`.
 
 The package is self-contained and safe to load: `model.safetensors`, `config.json`,
-`tokenizer.json`, `training_summary.json`, a model card `README.md`, `hf/` (the same model as
+`tokenizer.json`, `chat_template.jinja` (a tokenizer with chat tokens; simone/data/chat_template.py),
+`training_summary.json`, a model card `README.md`, `hf/` (the same model as
 a Hugging Face folder, `simone export --format hf`; absent for a model with memory slots), and
-`MANIFEST.json` with the sha256 and size of every other file (the checkpoint manifest format).
+`MANIFEST.json` with the sha256 and size of every other file (the checkpoint manifest format;
+the template and `hf/`, which simone's loader leaves out, under keys of their own).
 Packaging only reads the run directory; an existing package is never replaced. `simone generate --model NAME.tar.gz` and
 `simone validate --model NAME.tar.gz` read it directly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import json
 import math
@@ -19,6 +22,7 @@ import shutil
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ import psutil
 import torch
 
 from simone.checkpoint import CheckpointError, resolve_checkpoint, verify_checkpoint
+from simone.data.chat_template import CHAT_TEMPLATE_FILE
 from simone.devices import cpu_model
 from simone.errors import SimoneError
 from simone.inference.export import ExportError
@@ -40,7 +45,7 @@ class PackageError(SimoneError, RuntimeError):
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     if not path.exists():
         return rows
     with open(path, encoding="utf-8") as f:
@@ -55,10 +60,8 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in ("torch", "tokenizers", "safetensors", "numpy", "simone-mvlm"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
     return out
 
 
@@ -128,7 +131,7 @@ def _stop_row(training: dict[str, Any]) -> list[str]:
     return [f"| training stopped by | {reason}{done} |"]
 
 
-def model_card(summary: dict[str, Any]) -> str:
+def model_card(summary: dict[str, Any], chat: bool = False) -> str:
     cfg = summary["config"]
     m = cfg.get("model", {})
     t = summary["training"]
@@ -163,6 +166,7 @@ def model_card(summary: dict[str, Any]) -> str:
         "Files: `model.safetensors` (weights), `config.json` (full SIM-ONE config), `tokenizer.json`",
         "(Hugging Face tokenizers), `training_summary.json`, `hf/` (Hugging Face folder),",
         "`MANIFEST.json` (sha256 of every file).",
+        *(["`chat_template.jinja` (the chat format, Jinja; also in `hf/` and a GGUF export)."] if chat else []),
         "",
         "## Limits",
         "A small model trained on a small corpus: it imitates the style of its training text and",
@@ -179,6 +183,15 @@ def _write_hf_folder(checkpoint: Path, out_dir: Path, name: str, say: Say) -> No
         export_hf(checkpoint, out_dir, name=name)
     except ExportError as e:
         say(f"package: no hf/ folder: {e}")
+
+
+def _file_entries(stage: Path, paths: Iterable[Path]) -> dict[str, dict[str, Any]]:
+    """MANIFEST entries (sha256, size) of the regular files among `paths`, named relative to `stage`."""
+    return {
+        p.relative_to(stage).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
+        for p in paths
+        if p.is_file()
+    }
 
 
 def _readable_member(member: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -221,8 +234,11 @@ def package_run(
         ckpt_cfg = ckpt / "config.json"
         shutil.copy2(ckpt_cfg if ckpt_cfg.exists() else run.config, stage / "config.json")
         shutil.copy2(run.tokenizer, stage / "tokenizer.json")
+        chat = run.chat_template.is_file()
+        if chat:
+            shutil.copy2(run.chat_template, stage / CHAT_TEMPLATE_FILE)
         (stage / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        (stage / "README.md").write_text(model_card(summary))
+        (stage / "README.md").write_text(model_card(summary, chat))
         _write_hf_folder(ckpt, stage / "hf", name, say)
         # `files`: the checkpoint manifest format (plain names, what simone loads); `hf_files`:
         # the hf/ copy, which simone never extracts (`verify_hf_folder` checks an unpacked one)
@@ -230,16 +246,10 @@ def package_run(
             "schema": 1,
             "step": ckpt_manifest.get("step"),
             "tokenizer_sha256": sha256_file(stage / "tokenizer.json"),
-            "files": {
-                p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
-                for p in sorted(stage.iterdir())
-                if p.is_file()
-            },
-            "hf_files": {
-                p.relative_to(stage).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
-                for p in sorted((stage / "hf").rglob("*"))
-                if p.is_file()
-            },
+            "files": _file_entries(stage, (p for p in sorted(stage.iterdir()) if p.name != CHAT_TEMPLATE_FILE)),
+            # simone's loader does not extract the template, so it is not among `files` (all checked on load)
+            "chat_files": _file_entries(stage, [stage / CHAT_TEMPLATE_FILE]),
+            "hf_files": _file_entries(stage, sorted((stage / "hf").rglob("*"))),
         }
         (stage / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
         tmp_tar = Path(tmp) / f"{name}.tar.gz"

@@ -37,6 +37,7 @@ must be printable ASCII (HTTP headers carry bytes: any other character could nev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hmac
 import json
@@ -46,7 +47,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from simone.errors import SimoneError
 from simone.inference.decoding import Step
@@ -92,13 +94,9 @@ class ServeLimits:
     max_body_bytes: int = 1 << 20  # a request body; a larger one gets 413
 
     def __post_init__(self) -> None:
-        for flag, value in [
-            ("--max-queue", self.max_queue),
-            ("--max-request-tokens", self.max_request_tokens),
-            ("--max-body-bytes", self.max_body_bytes),
-        ]:
-            if value < 1:
-                raise ServeError(f"{flag} must be at least 1, got {value}")
+        for name in (f.name for f in fields(self)):
+            if getattr(self, name) < 1:
+                raise ServeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 
 # ----------------------------------------------------------------------------- the app
@@ -107,13 +105,9 @@ class ServeLimits:
 def model_name(path: Path) -> str:
     """The id clients use: the package's or folder's name (RUN-step_N for a checkpoint)."""
     path = Path(path).resolve()
-    name = path.name
     if path.parent.name == "checkpoints":
-        return f"{path.parent.parent.name}-{name}"
-    for suffix in (".tar.gz", ".tgz"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+        return f"{path.parent.parent.name}-{path.name}"
+    return path.name.removesuffix(".tar.gz") if path.name.endswith(".tar.gz") else path.name.removesuffix(".tgz")
 
 
 def check_api_key(api_key: str | None) -> None:
@@ -258,7 +252,7 @@ class JobStream(StreamingResponse):
         )
         self.job = job
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
@@ -581,10 +575,8 @@ def run_server(
             f"simone serve: {model_name(loaded.source)} (context {loaded.config.model.max_seq_len} tokens, "
             f"{loaded.device}) at http://{shown}:{bound}/v1" + (" (API key required)" if api_key else "")
         )
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         _server(app, host, bound, log_level).run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass
 
 
 class BackgroundServer(ThreadedServer):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ def evaluate_per_domain(
     batch_size: int,
     max_batches: int,
     device: torch.device | str = "cpu",
-    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
 ) -> dict[str, Any]:
     """Mean loss over up to `max_batches` batches of each domain's validation windows.
 

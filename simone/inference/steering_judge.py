@@ -16,6 +16,7 @@ import random
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,35 +58,23 @@ class SteeringJudge:
         self.epochs = epochs
         self.max_features = max_features
         self.classes: list[str] = []
-        self.pipeline = None
+        self.pipeline: Any = None  # set by fit: an sklearn Pipeline (sklearn has no type information)
         self.training_books_accuracy = float("nan")  # set by fit_on_documents
 
     def fit(self, texts: list[str], labels: list[str]) -> SteeringJudge:
         # deferred: scikit-learn is slow to import and only the ablation's judge needs it
-        from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.linear_model import SGDClassifier
-        from sklearn.pipeline import FeatureUnion, make_pipeline
+        from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: PLC0415
+        from sklearn.linear_model import SGDClassifier  # noqa: PLC0415
+        from sklearn.pipeline import FeatureUnion, make_pipeline  # noqa: PLC0415
 
         classes = sorted(set(labels))
         if len(classes) < 2:
             raise ValueError(f"the steering judge needs at least two domains, got {classes}")
+        tfidf = {"sublinear_tf": True, "max_features": self.max_features}
         features = FeatureUnion(
             [
-                (
-                    "words",
-                    TfidfVectorizer(
-                        token_pattern=WORD.pattern,
-                        ngram_range=(1, 2),
-                        sublinear_tf=True,
-                        max_features=self.max_features,
-                    ),
-                ),
-                (
-                    "chars",
-                    TfidfVectorizer(
-                        analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, max_features=self.max_features
-                    ),
-                ),
+                ("words", TfidfVectorizer(token_pattern=WORD.pattern, ngram_range=(1, 2), **tfidf)),
+                ("chars", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), **tfidf)),
             ]
         )
         # logistic regression fitted by SGD: a fixed number of seeded epochs, seconds where

@@ -14,13 +14,13 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from simone.inference.decoding import Guidance, Step, StreamingDecoder, new_streaming_cache, sample_tokens
+from simone.model.base import LanguageModel
 
 
 def governed_generate(
-    model: nn.Module,
+    model: LanguageModel,
     prompt_ids: list[int],
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -44,7 +44,9 @@ def governed_generate(
     the attention of the query that produced each token (blocks `model.trace_layers`).
     Without guidance, sampling is `sample_next_token` (temperature, top-k, top-p).
     """
-    guided = guidance_domain is not None and guidance_weight > 0
+    guidance = None
+    if guidance_domain is not None and guidance_weight > 0:
+        guidance = Guidance(guidance_domain, guidance_weight, guidance_top_k)
     return sample_tokens(
         model,
         prompt_ids,
@@ -55,7 +57,7 @@ def governed_generate(
         generator,
         eos_id,
         streaming=True,
-        guidance=Guidance(guidance_domain, guidance_weight, guidance_top_k) if guided else None,
+        guidance=guidance,
         trace=trace,
         trace_top=trace_top,
         keep_first=keep_first,
@@ -64,7 +66,7 @@ def governed_generate(
 
 @torch.inference_mode()
 def guided_sample_batch(
-    model: nn.Module,
+    model: LanguageModel,
     prompt_ids: list[int],
     n: int,
     max_new_tokens: int,
@@ -87,13 +89,14 @@ def guided_sample_batch(
             f"{len(prompt_ids)} prompt + {max_new_tokens} new tokens exceed the context ({model.cfg.max_seq_len})"
         )
     idx = torch.tensor([prompt_ids] * n, dtype=torch.long, device=model.tok_embeddings.weight.device)
-    tokens = list(model.generate(idx, max_new_tokens, temperature, generator=generator, decoder=decoder))
+    # generate() runs any decoder with feed/pick/logits (see sample_tokens)
+    tokens = list(model.generate(idx, max_new_tokens, temperature, generator=generator, decoder=decoder))  # type: ignore[arg-type]
     return torch.cat(tokens, dim=1) if tokens else idx[:, :0]
 
 
 @torch.no_grad()
 def streaming_nll(
-    model: nn.Module,
+    model: LanguageModel,
     tokens: torch.Tensor,
     chunk: int = 16,
     keep_first: int = 0,

@@ -33,7 +33,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -48,7 +48,7 @@ from simone.inference.gguf_file import (
     llama_cpp_logits,
     open_in_llama_cpp,
 )
-from simone.inference.load import load_model
+from simone.inference.load import LoadedModel, load_model
 from simone.rundir import atomic_write_json
 
 SCHEMA = 1
@@ -291,7 +291,7 @@ class TorchScorer:
         return [o[len(p) :] for o, p in zip(outs, prompts)]
 
 
-def simone_scorer(loaded: Any, label: str) -> TorchScorer:
+def simone_scorer(loaded: LoadedModel, label: str) -> TorchScorer:
     """A scorer over a model `load_model` loaded (a `LoadedModel`), named `label`."""
     model, tok = loaded.model, loaded.tokenizer
     scorer = TorchScorer(
@@ -318,8 +318,8 @@ def load_hf_scorer(spec: str, device: str) -> Scorer:
     if not (folder / "config.json").is_file():
         raise EvalError(f"{folder}: not a Hugging Face model folder (no config.json)")
     try:  # deferred: transformers is optional and slow to import
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+        from transformers.utils import logging as hf_logging  # noqa: PLC0415
     except ImportError:
         raise EvalError(f"{spec}: needs the transformers package (pip install transformers)") from None
     hf_logging.disable_progress_bar()  # the table is the output
@@ -327,15 +327,14 @@ def load_hf_scorer(spec: str, device: str) -> Scorer:
     dev = pick_device(device)
     # A folder's own Python code (auto_map in its config) is refused, never run and never asked
     # about (transformers would prompt); nothing is ever downloaded: hf: names a local folder.
-    local_only = dict(trust_remote_code=False, local_files_only=True)
+    local_only = {"trust_remote_code": False, "local_files_only": True}
     try:
         # the config first: it is what names custom code, and read on its own it is refused quietly
         # bandit B615 (no revision pinned): local_files_only, so a local folder is read and nothing downloaded
         config = AutoConfig.from_pretrained(folder, **local_only)  # nosec B615
         tok = AutoTokenizer.from_pretrained(folder, config=config, **local_only)  # nosec B615
-        float32 = dict(config=config, dtype=torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(folder, **float32, **local_only)  # nosec B615
-        model = model.to(dev).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32, **local_only)  # nosec B615
+        model = model.to(dev).eval()  # type: ignore[arg-type]  # transformers' functools.wraps-ed .to() confuses mypy
     except (OSError, ValueError, KeyError) as e:
         if "trust_remote_code" in str(e):
             raise EvalError(
@@ -360,7 +359,7 @@ def load_hf_scorer(spec: str, device: str) -> Scorer:
     head = model.get_output_embeddings()
     vocab_size = head.weight.shape[0] if head is not None else cfg.vocab_size
     scorer = TorchScorer(spec, "hf", logits, encode, start_id, min(int(context), MAX_WINDOW), dev, vocab_size)
-    scorer.decoder = lambda ids: tok.decode(ids)
+    scorer.decoder = lambda ids: cast(str, tok.decode(ids))  # one list of ids decodes to one string
     return scorer
 
 
@@ -527,7 +526,7 @@ def format_table(result: dict[str, Any]) -> str:
     cols = [max(len(label), 8) for label in labels]
     lines = [
         f"bits per byte on {result['data']} (lower is better)",
-        f"{'domain':<{width}}  {'bytes':>10}  " + "  ".join(f"{l:>{c}}" for l, c in zip(labels, cols)),
+        f"{'domain':<{width}}  {'bytes':>10}  " + "  ".join(f"{label:>{c}}" for label, c in zip(labels, cols)),
     ]
 
     def row(name: str, n_bytes: int, values: list[float]) -> str:

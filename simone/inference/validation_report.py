@@ -7,6 +7,7 @@ exits non-zero.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import sys
@@ -31,10 +32,7 @@ SAMPLE_PROMPTS = ["The ", "And it came to pass", "What is "]
 def _default_out_dir(model_path: Path) -> Path:
     if model_path.is_dir() and (model_path / "checkpoints").is_dir():
         return model_path / "validation"
-    name = model_path.name
-    for suffix in (".tar.gz", ".tgz"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
+    name = model_path.name.removesuffix(".tar.gz").removesuffix(".tgz")
     return model_path.parent / f"{name}.validation"
 
 
@@ -66,27 +64,20 @@ def _training_stop(model_path: Path, loaded) -> dict[str, Any]:
     return {"stop_reason": found.get("stop_reason"), "schedule_progress": found.get("schedule_progress")}
 
 
-def _reset_peak_rss() -> bool:
+def _reset_peak_rss() -> None:
     """Start a fresh peak-RSS measurement (Linux: `5` into /proc/self/clear_refs resets VmHWM),
     so validation after training in the same process measures validation, not training."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def _peak_rss_mb() -> float:
     """Peak resident memory of this process in MB: VmHWM where Linux has it (it honours
     `_reset_peak_rss`), else ru_maxrss (KiB on Linux, bytes on macOS: the lifetime peak)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 

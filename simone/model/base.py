@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from torch import nn
 
 from simone.config import ModelConfig
 from simone.model import decode
-from simone.model.attention import KVCache
+from simone.model.attention import CausalSelfAttention, KVCache
 from simone.model.loss import linear_cross_entropy
 from simone.model.sampling import sample_next_token
 
@@ -29,13 +30,14 @@ class LanguageModel(nn.Module):
     tok_embeddings: nn.Embedding
     layers: nn.ModuleList
     output: nn.Linear
+    loss_terms: dict[str, torch.Tensor]  # governance: the detached terms of the last training loss
     # whether decode.py's flat one-token step computes this architecture exactly (a class
     # flag, so decode.py need not import the model classes)
     flat_decoding: bool = False
 
     # ------------------------------------------------------------------ construction helpers
 
-    def init_weights(self, residual_projections: list[nn.Parameter]) -> None:
+    def init_weights(self, residual_projections: list[torch.Tensor]) -> None:
         """nanoGPT init: N(0, 0.02) for matrices and embeddings, zero biases; the matrices
         that write into the residual stream get std 0.02/sqrt(2·n_layers) so the residual
         variance does not grow with depth. Norm weights keep their ones (and zeros)."""
@@ -97,8 +99,7 @@ class LanguageModel(nn.Module):
         att·v: 2·2·dim·seq_len FLOPs per layer forward, ×3 with backward). Causal masking
         is not discounted. Used for MFU = flops_per_token · tokens_per_s / peak_flops.
         """
-        n = self.num_params(exclude_embeddings=True)
-        return 6.0 * n + 12.0 * self.cfg.n_layers * self.cfg.dim * seq_len
+        return 6.0 * self.num_params(exclude_embeddings=True) + 12.0 * self.cfg.n_layers * self.cfg.dim * seq_len
 
     # ------------------------------------------------------------------ parameter kinds
 
@@ -113,20 +114,15 @@ class LanguageModel(nn.Module):
         "vector"        biases and norm weights (never weight-decayed)
         """
         in_blocks = {id(m.weight) for m in self.layers.modules() if isinstance(m, nn.Linear)}
-        return [
-            (
-                "vector"
-                if p.dim() < 2
-                else "embedding"
-                if p is self.tok_embeddings.weight
-                else "block_matrix"
-                if id(p) in in_blocks
-                else "matrix",
-                p,
-            )
-            for p in self.parameters()
-            if p.requires_grad
-        ]
+
+        def kind(p: nn.Parameter) -> str:
+            if p.dim() < 2:
+                return "vector"
+            if p is self.tok_embeddings.weight:
+                return "embedding"
+            return "block_matrix" if id(p) in in_blocks else "matrix"
+
+        return [(kind(p), p) for p in self.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ generation
 
@@ -139,19 +135,10 @@ class LanguageModel(nn.Module):
         param = self.tok_embeddings.weight
         device = param.device if device is None else torch.device(device)
         if dtype is None:
-            dtype = param.dtype
-            if torch.is_autocast_enabled(device.type):
-                dtype = torch.get_autocast_dtype(device.type)
-        attn = self.layers[0].attention
-        return KVCache(
-            len(self.layers),
-            batch_size,
-            attn.n_kv_heads,
-            attn.head_dim,
-            min(max_len, self.cfg.max_seq_len),
-            device,
-            dtype,
-        )
+            dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else param.dtype
+        attn = cast(CausalSelfAttention, self.layers[0].attention)  # every block has one
+        max_len = min(max_len, self.cfg.max_seq_len)
+        return KVCache(len(self.layers), batch_size, attn.n_kv_heads, attn.head_dim, max_len, device, dtype)
 
     @torch.inference_mode()  # like no_grad, minus view and version tracking: a few % per step
     def generate(

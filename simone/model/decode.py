@@ -16,12 +16,16 @@ positions within the cache, eval mode. `LanguageModel.generate` picks it by `sup
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from simone.model.attention import KVCache
 from simone.model.layers import rotary_qkv
+
+# `model` below is a `Transformer`, read by attribute: typed Any, as this module cannot import the
+# model classes (their base, base.py, imports it).
 
 
 @dataclass
@@ -48,7 +52,7 @@ class DecodePlan:
     head_dim: int
 
 
-def supports(model: torch.nn.Module, cache: KVCache | None) -> bool:
+def supports(model: Any, cache: KVCache | None) -> bool:
     """Whether `decode_step` computes exactly what `model` would for one new token (on a
     CPU, where the dispatch it saves matters; a GPU wants CUDA graphs for the same)."""
     return (
@@ -64,7 +68,7 @@ def supports(model: torch.nn.Module, cache: KVCache | None) -> bool:
     )
 
 
-def plan_for(model: torch.nn.Module) -> DecodePlan:
+def plan_for(model: Any) -> DecodePlan:
     """The weights of a plain `Transformer` for `decode_step`: the norms as they are, each
     projection as its Linear's [in, out] decoding copy (cached across calls)."""
     layers = [
@@ -91,9 +95,7 @@ def plan_for(model: torch.nn.Module) -> DecodePlan:
     )
 
 
-def decode_step(
-    model: torch.nn.Module, plan: DecodePlan, tokens: torch.Tensor, cache: KVCache, pos: int
-) -> torch.Tensor:
+def decode_step(model: Any, plan: DecodePlan, tokens: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
     """Logits [B, vocab] of the token after `tokens` [B, 1] at position `pos`, whose keys and
     values are added to `cache` (which holds positions 0..pos-1)."""
     batch = tokens.size(0)

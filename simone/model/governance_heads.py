@@ -204,7 +204,7 @@ class AttentionRecorder(contextlib.AbstractContextManager):
 
     def __enter__(self) -> AttentionRecorder:
         for i in self.layers:
-            attention = self.model.layers[i].attention
+            attention = self.model.get_submodule(f"layers.{i}.attention")
 
             def hook(module, args, output, i=i):  # args: (x, rope, kv_cache, layer, start_pos)
                 self._latest[i] = module.attention_weights(*args).mean(dim=1)

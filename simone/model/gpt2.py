@@ -60,14 +60,13 @@ class GPT2(LanguageModel):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim)
-        self.layers = nn.ModuleList(GPT2Block(cfg, i) for i in range(cfg.n_layers))
+        blocks = [GPT2Block(cfg, i) for i in range(cfg.n_layers)]
+        self.layers = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.init_weights(
-            [p for block in self.layers for p in (block.attention.wo.weight, block.feed_forward.proj.weight)]
-        )
+        self.init_weights([p for block in blocks for p in (block.attention.wo.weight, block.feed_forward.proj.weight)])
 
     def forward(
         self,
@@ -76,7 +75,7 @@ class GPT2(LanguageModel):
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
         last_logits_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Same contract as `Transformer.forward`."""
         n_new = idx.size(1)
         if start_pos + n_new > self.cfg.max_seq_len:

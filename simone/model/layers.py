@@ -33,11 +33,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
-            if (
-                torch.is_grad_enabled()
-                and (x.requires_grad or self.weight.requires_grad)
-                and not torch.compiler.is_compiling()
-            ):  # compile fuses F.rms_norm itself
+            needs_grad = x.requires_grad or self.weight.requires_grad
+            if torch.is_grad_enabled() and needs_grad and not torch.compiler.is_compiling():  # compile fuses F.rms_norm
                 device = x.device.type
                 out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
                 return RMSNormFunction.apply(x, self.weight, self.eps, out_dtype)

@@ -87,8 +87,6 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     logits themselves are not returned (see `LinearCrossEntropy`).
     """
     device_type = h.device.type
-    compute = h.dtype
-    if torch.is_autocast_enabled(device_type):
-        compute = torch.get_autocast_dtype(device_type)
+    compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
     with torch.autocast(device_type, enabled=False):
         return LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)).to(compute), weight, targets.reshape(-1))

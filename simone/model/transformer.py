@@ -51,12 +51,15 @@ class Transformer(LanguageModel):
     """The Llama-style model; see `LanguageModel` for counts, parameter kinds and `generate`."""
 
     flat_decoding = True  # decode.py mirrors this forward (without governance parts)
+    rope_cos: torch.Tensor  # buffers: cos and sin of RoPE for every position
+    rope_sin: torch.Tensor
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
+        blocks = [TransformerBlock(cfg, i) for i in range(cfg.n_layers)]
+        self.layers = nn.ModuleList(blocks)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -65,9 +68,7 @@ class Transformer(LanguageModel):
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.init_weights(
-            [p for block in self.layers for p in (block.attention.wo.weight, block.feed_forward.w2.weight)]
-        )
+        self.init_weights([p for block in blocks for p in (block.attention.wo.weight, block.feed_forward.w2.weight)])
         # Governance parts are made after the plain init: with the same seed, a governance
         # model starts from exactly the plain model's weights plus its own.
         check_governance_config(cfg)
@@ -75,7 +76,7 @@ class Transformer(LanguageModel):
         self.policy_layer = -1  # block whose output feeds the policy head (-1: no head)
         self.loss_terms: dict[str, torch.Tensor] = {}  # detached terms of the last training loss
         if uses_memory(cfg):
-            for block in self.layers:
+            for block in blocks:
                 block.attention.add_memory(cfg.n_memory_slots)
         if uses_policy(cfg):
             self.policy_head = PolicyHead(cfg.dim, cfg.n_domains, cfg.norm_eps)

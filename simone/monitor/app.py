@@ -258,7 +258,7 @@ class TokenGate:
             async def send_with_cookie(message: dict) -> None:
                 if message["type"] == "http.response.start":
                     message.setdefault("headers", [])
-                    message["headers"] = list(message["headers"]) + [(b"set-cookie", set_cookie)]
+                    message["headers"] = [*message["headers"], (b"set-cookie", set_cookie)]
                 await send(message)
 
             await self.app(scope, receive, send_with_cookie)
@@ -292,7 +292,7 @@ class SecurityHeaders:
     """ASGI middleware adding headers to every response (plain ASGI, so SSE streams and
     client disconnects pass straight through)."""
 
-    HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+    HEADERS = ((b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"))
 
     def __init__(self, app: Any):
         self.app = app
@@ -304,7 +304,7 @@ class SecurityHeaders:
 
         async def send_with_headers(message: dict) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = list(message.get("headers", [])) + self.HEADERS
+                message["headers"] = [*message.get("headers", []), *self.HEADERS]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -8,6 +8,7 @@ samples.jsonl, checkpoints/, data/report.html, validation/report.{md,json}.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -73,10 +74,8 @@ def list_run_dirs(runs_root: Path) -> list[Path]:
 def _run_mtime(path: Path) -> float:
     best = 0.0
     for m in RUN_MARKERS:
-        try:
+        with contextlib.suppress(OSError):
             best = max(best, (path / m).stat().st_mtime)
-        except OSError:
-            pass
     return best
 
 
@@ -151,11 +150,10 @@ def build_summary(
     nested list or a 400-digit integer in status.json shows as nothing instead of raising."""
     state = run_state(status, now, stall_after_s)
     step = _scalar(status.get("step"))
-    train_step = finite_number(last_train.get("step")) if last_train else None
-    if train_step is not None:
+    if last_train and (train_step := finite_number(last_train.get("step"))) is not None:
         status_step = finite_number(step)
         if status_step is None or train_step > status_step:
-            step = last_train["step"]  # type: ignore[index]
+            step = last_train["step"]
     epoch = _scalar(status.get("epoch"))
     if epoch is None and last_train:
         epoch = _scalar(last_train.get("epoch"))
@@ -174,7 +172,7 @@ def build_summary(
         eta = finite_number(status.get("eta_s"))  # the trainer's own estimate, if it wrote one
     hb = finite_number(status.get("heartbeat"))
     cfg = config if isinstance(config, dict) else {}
-    train_cfg = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
+    train_cfg = train if isinstance(train := cfg.get("train"), dict) else {}
     lt, le = last_train or {}, last_eval or {}
     return clean_json(
         {
@@ -193,19 +191,10 @@ def build_summary(
             "heartbeat": hb,
             "heartbeat_age_s": (now - hb) if hb is not None else None,
             "stall_after_s": stall_after_s,
-            "error": _scalar(status.get("error")),
-            "stop_reason": _scalar(status.get("stop_reason")),
-            "package": _scalar(status.get("package")),
-            "host": _scalar(status.get("host")),
-            "pid": _scalar(status.get("pid")),
+            **{key: _scalar(status.get(key)) for key in ("error", "stop_reason", "package", "host", "pid")},
             "preset": _scalar(cfg.get("preset")),
             "updated": _run_mtime(run_root) or None,
-            "loss": _scalar(lt.get("loss")),
-            "lr": _scalar(lt.get("lr")),
-            "grad_norm": _scalar(lt.get("grad_norm")),
-            "tokens_per_s": _scalar(lt.get("tokens_per_s")),
-            "mfu": _scalar(lt.get("mfu")),
-            "tokens_seen": _scalar(lt.get("tokens_seen")),
+            **{key: _scalar(lt.get(key)) for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens_seen")},
             "val_loss": _scalar(le.get("val_loss")),
             "val_bpb": _scalar(le.get("val_bpb")),
             "val_step": _scalar(le.get("step")),

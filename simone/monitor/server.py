@@ -7,6 +7,7 @@ with a token, and `run_monitor` generates one (and says the URL with it) if none
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import socket
 from collections.abc import Callable
@@ -60,7 +61,7 @@ def serve(
 ) -> None:
     """Serve the dashboard until interrupted. Refuses a non-loopback host without a token."""
     check_bind(host, token)
-    kwargs = dict(runs_root=runs_root, run_dir=run_dir, token=token, stall_after_s=stall_after_s)
+    kwargs = {"runs_root": runs_root, "run_dir": run_dir, "token": token, "stall_after_s": stall_after_s}
     uvicorn.Server(_config(kwargs, host, port, log_level)).run()
 
 
@@ -80,10 +81,8 @@ def run_monitor(
     what = f"run {run_dir}" if run_dir else f"runs under {Path(runs_root or 'runs').resolve()}"
     say(f"simone monitor: serving {what}")
     say(f"simone monitor: open {dashboard_url(host, port, token)}")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         serve(runs_root=runs_root, run_dir=run_dir, token=token, host=host, port=port)
-    except KeyboardInterrupt:
-        pass
 
 
 class BackgroundMonitor(ThreadedServer):
@@ -104,7 +103,7 @@ def start_background_monitor(
     `port=0` picks any free port. A non-loopback host without a token gets a generated one."""
     if not is_loopback(host) and not token:
         token = secrets.token_urlsafe(18)
-    kwargs = dict(runs_root=runs_root, run_dir=run_dir, token=token, stall_after_s=stall_after_s)
+    kwargs = {"runs_root": runs_root, "run_dir": run_dir, "token": token, "stall_after_s": stall_after_s}
     last_error: Exception | None = None
     for candidate in [0] if port == 0 else range(port, port + tries):
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

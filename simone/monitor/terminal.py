@@ -57,7 +57,7 @@ def fmt_rate(v: float | None) -> str:
 def progress_bar(progress: float | None, width: int = 30) -> str:
     if progress is None:
         return "[" + " " * width + "]"
-    filled = int(round(progress * width))
+    filled = round(progress * width)
     return "[" + "#" * filled + "-" * (width - filled) + f"] {progress * 100:5.1f}%"
 
 

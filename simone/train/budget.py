@@ -34,14 +34,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+
+import torch
 
 from simone.config import Config, ModelConfig, analytic_param_count
-
-# torch, and the modules that import it (model, optim, precision, distributed), are imported
-# where a probe runs, on purpose: the shape rule needs none of them.
-if TYPE_CHECKING:
-    import torch
+from simone.model import LanguageModel, build_model
+from simone.train.distributed import DistEnv, resolve_device
+from simone.train.optim import new_optimizer
+from simone.train.precision import autocast, autocast_dtype
 
 ASPECT_RATIO = 64  # width per layer, as nanochat
 HEAD_DIM = 64
@@ -133,6 +133,8 @@ def shape_for_budget(
         if chosen is not None and tokens / params < tokens_per_param:
             break
         chosen = (m, tokens_per_s, tokens, params)
+    if chosen is None:
+        raise ValueError(f"shape_for_budget: min_depth {min_depth} > max_depth {max_depth}")
     m, tokens_per_s, tokens, params = chosen
     sequences_per_step = max(
         math.ceil(min_batch_tokens / m.max_seq_len), 1, int(tokens // (target_steps * m.max_seq_len))
@@ -169,16 +171,11 @@ def apply_budget(cfg: Config, minutes: float, shape: BudgetShape, max_epochs: fl
 
 
 def probe_step_seconds(
-    model: torch.nn.Module, cfg: Config, device: torch.device, next_batch: Callable[[], tuple], steps: int = 3
+    model: LanguageModel, cfg: Config, device: torch.device, next_batch: Callable[[], tuple], steps: int = 3
 ) -> float:
     """Seconds per optimizer step of `model` (on `device`) trained as `cfg.train` says:
     `grad_accum` micro-batches of `next_batch()` -> (x, y, domain_ids or None) under the training
     autocast, then a step of the configured optimizer. Eager; after one warm-up step."""
-    import torch
-
-    from simone.train.optim import new_optimizer
-    from simone.train.precision import autocast, autocast_dtype
-
     tc = cfg.train
     model.train()
     opt = new_optimizer(model, tc, device)
@@ -210,11 +207,6 @@ def probe_step_seconds(
 def probe_tokens_per_s(cfg: Config, steps: int = 3, device: str | None = None) -> tuple[float, float]:
     """(tokens/s, FLOPs per token) of a few optimizer steps (`probe_step_seconds`) of `cfg`'s
     model, governance off, on random tokens, on the training device."""
-    import torch
-
-    from simone.model import build_model
-    from simone.train.distributed import DistEnv, resolve_device
-
     m, t = cfg.model, cfg.train
     dev = resolve_device(device or t.device, DistEnv())
     probe_model = ModelConfig(**vars(m))

@@ -149,29 +149,27 @@ class RunStatus(Callback):
             trainer.run.write_status(stage="train", **fields)
 
     def on_train_start(self, trainer: Any) -> None:
-        t = trainer
         self.write(
-            t,
+            trainer,
             state="running",
             error=None,
-            step=t.step,
-            total_steps=t.total_steps,
-            started=t.session_start,
+            step=trainer.step,
+            total_steps=trainer.total_steps,
+            started=trainer.session_start,
             stop_reason=None,
-            schedule_progress=t.state.schedule.progress(t.step),
+            schedule_progress=trainer.state.schedule.progress(trainer.step),
         )
-        if t.env.is_main:
-            self._start_heartbeat(t)
+        if trainer.env.is_main:
+            self._start_heartbeat(trainer)
 
     def on_log(self, trainer: Any, stats: LogStats) -> None:
-        t = trainer
         self.write(
-            t,
-            step=t.step,
+            trainer,
+            step=trainer.step,
             epoch=round(stats.epoch, 4),
-            total_steps=t.total_steps,
-            eta_s=eta_s(t, stats.steps_per_s),
-            schedule_progress=t.state.schedule.progress(t.step),
+            total_steps=trainer.total_steps,
+            eta_s=eta_s(trainer, stats.steps_per_s),
+            schedule_progress=trainer.state.schedule.progress(trainer.step),
         )
 
     def on_train_end(self, trainer: Any, status: dict[str, Any]) -> None:
@@ -184,24 +182,23 @@ class RunStatus(Callback):
             self._thread = None
 
     def _start_heartbeat(self, trainer: Any) -> None:
-        t = trainer
         sampler: Any = None
         try:
-            sampler = SystemSampler(t.run.root, gpus=t.device.type == "cuda")
+            sampler = SystemSampler(trainer.run.root, gpus=trainer.device.type == "cuda")
         except Exception as e:
-            t.run.log_line(f"system stats disabled ({type(e).__name__}: {e})")
-        every = max(0.5, float(t.cfg.train.system_stats_every_s or HEARTBEAT_S))
+            trainer.run.log_line(f"system stats disabled ({type(e).__name__}: {e})")
+        every = max(0.5, float(trainer.cfg.train.system_stats_every_s or HEARTBEAT_S))
 
         def beat() -> None:
             last_stats = 0.0
             while not self._stop.wait(min(HEARTBEAT_S, every)):
                 try:
-                    self.write(t, step=t.step, total_steps=t.total_steps)
+                    self.write(trainer, step=trainer.step, total_steps=trainer.total_steps)
                     if sampler is not None and time.time() - last_stats >= every:
                         last_stats = time.time()
-                        t.metrics.system(sampler.snapshot())
+                        trainer.metrics.system(sampler.snapshot())
                 except Exception as e:
-                    t.run.log_line(f"heartbeat: {type(e).__name__}: {e}")
+                    trainer.run.log_line(f"heartbeat: {type(e).__name__}: {e}")
             if sampler is not None:
                 sampler.close()
 
@@ -285,48 +282,46 @@ class ConsoleLog(Callback):
         self._first_step = trainer.step
 
     def on_log(self, trainer: Any, stats: LogStats) -> None:
-        t = trainer
         mfu_txt = "" if stats.mfu is None else f" | mfu {stats.mfu:.1%}"
         loss_txt = "skipped" if stats.loss is None else f"{stats.loss:.4f}"
         line = (
-            f"step {t.step}/{t.total_steps} | epoch {stats.epoch:.2f} | loss {loss_txt} | "
+            f"step {trainer.step}/{trainer.total_steps} | epoch {stats.epoch:.2f} | loss {loss_txt} | "
             f"lr {stats.lr:.2e} | grad {stats.grad_norm:.3f} | {stats.tokens_per_s:,.0f} tok/s{mfu_txt} | "
-            f"eta {format_duration(eta_s(t, stats.steps_per_s), '?')}"
+            f"eta {format_duration(eta_s(trainer, stats.steps_per_s), '?')}"
         )
-        t.metrics.progress(t.step, t.total_steps, f"loss {loss_txt}")
-        t.metrics.log(line, echo=not t.metrics.interactive)  # the bar shows it already
-        self._report_expected_time(t, stats.tokens_per_s)
+        trainer.metrics.progress(trainer.step, trainer.total_steps, f"loss {loss_txt}")
+        trainer.metrics.log(line, echo=not trainer.metrics.interactive)  # the bar shows it already
+        self._report_expected_time(trainer, stats.tokens_per_s)
 
     def _report_expected_time(self, trainer: Any, tokens_per_s: float) -> None:
         """Once a run: the measured throughput and what it means for the whole schedule
         ("expected: 512k tokens/s → 7 epochs of 1.9B tokens ≈ 7.2 h"): each preset's own short
         benchmark. Taken from the first logging interval that does not hold this session's
         first step (compile and allocator warm-up), or the first one when that is all there is."""
-        t = trainer
         if self._expected_reported or tokens_per_s <= 0:
             return
-        log_every = t.cfg.train.log_every
-        warm = t.step - log_every >= self._first_step + 1
-        if not warm and t.step + log_every <= t.total_steps:
+        log_every = trainer.cfg.train.log_every
+        warm = trainer.step - log_every >= self._first_step + 1
+        if not warm and trainer.step + log_every <= trainer.total_steps:
             return  # a warm interval is still to come
         self._expected_reported = True
-        epochs = t.cfg.train.num_epochs
-        epoch_tokens = t.steps_per_epoch * t.tokens_per_step
+        epochs = trainer.cfg.train.num_epochs
+        epoch_tokens = trainer.steps_per_epoch * trainer.tokens_per_step
         seconds = epochs * epoch_tokens / tokens_per_s
         message = (
             f"expected: {_si(tokens_per_s)} tokens/s → {epochs} epoch{'s' if epochs != 1 else ''} of "
-            f"{_si(epoch_tokens)} tokens ≈ {format_duration(seconds)} on {t.env.world_size} process(es) "
-            f"({t.device.type})"
+            f"{_si(epoch_tokens)} tokens ≈ {format_duration(seconds)} on {trainer.env.world_size} process(es) "
+            f"({trainer.device.type})"
         )
-        t.metrics.event(
+        trainer.metrics.event(
             "expected_time",
-            t.step,
+            trainer.step,
             message,
             tokens_per_s=round(tokens_per_s, 1),
             epochs=epochs,
             epoch_tokens=epoch_tokens,
             expected_s=round(seconds, 1),
-            world_size=t.env.world_size,
+            world_size=trainer.env.world_size,
         )
 
 
@@ -359,10 +354,8 @@ class Samples(Callback):
         model.eval()
         try:
             with t.autocast():
-                new = [
-                    int(x)
-                    for x in model.generate(idx, t.cfg.train.sample_tokens, temperature=0.8, top_k=50, generator=gen)
-                ]
+                tokens = model.generate(idx, t.cfg.train.sample_tokens, temperature=0.8, top_k=50, generator=gen)
+                new = [int(x) for x in tokens]
         finally:
             model.train()
         t.metrics.sample(t.step, round(t.state.epoch, 4), SAMPLE_PROMPT, tok.decode(new))
@@ -405,19 +398,18 @@ class Checkpointing(Callback):
         self.best = False  # this step's evaluation was a new best
 
     def on_train_start(self, trainer: Any) -> None:
-        t = trainer
-        if not t.env.is_main:
+        if not trainer.env.is_main:
             return
-        n_params = sum(p.numel() for p in t.state.model.parameters())
-        weights = 4 * n_params if t.sharded else estimate_checkpoint_bytes(t.state.model.state_dict())
+        n_params = sum(p.numel() for p in trainer.state.model.parameters())
+        weights = 4 * n_params if trainer.sharded else estimate_checkpoint_bytes(trainer.state.model.state_dict())
         per_ckpt = weights + 2 * 4 * n_params  # + AdamW moments
-        needed = per_ckpt * (t.cfg.train.keep_checkpoints + 2)  # kept + best + one being written
-        enough, free = check_free_space(t.run.checkpoints, needed)
+        needed = per_ckpt * (trainer.cfg.train.keep_checkpoints + 2)  # kept + best + one being written
+        enough, free = check_free_space(trainer.run.checkpoints, needed)
         if not enough:
-            t.metrics.event(
+            trainer.metrics.event(
                 "disk_warning",
-                t.step,
-                f"{t.run.checkpoints}: this run needs about {needed / 1e9:.2f} GB for checkpoints "
+                trainer.step,
+                f"{trainer.run.checkpoints}: this run needs about {needed / 1e9:.2f} GB for checkpoints "
                 f"({per_ckpt / 1e6:.0f} MB each) but only {free / 1e9:.2f} GB are free",
             )
 

@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -33,10 +33,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from simone.devices import pick_device
 from simone.errors import SimoneError
+from simone.model import LanguageModel
 from simone.model.governance_heads import uses_policy
+from simone.train.optim import MuonWithAdamW, TrainingOptimizer
 
-# torch.distributed.fsdp and torch.distributed.checkpoint are imported where they are used, on
-# purpose: each takes about half a second to import, and only sharded runs need them.
+# torch.distributed.fsdp and .checkpoint take about half a second each to import: imported where used
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 PARALLEL_MODES = ("ddp", "fsdp")
 
@@ -192,9 +195,10 @@ def wrap_model(model: torch.nn.Module, env: DistEnv, device: torch.device, mode:
     if not env.distributed:
         return model
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # noqa: PLC0415  # deferred: slow, sharded runs only
 
-        for block in model.layers:
+        # parallelize.py shards the unwrapped model: a LanguageModel, whose blocks are its units
+        for block in cast(LanguageModel, model).layers:
             fully_shard(block)
         fully_shard(model)
         return model
@@ -213,7 +217,7 @@ def has_unreached_parameters(cfg: Any) -> bool:
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415  # deferred: slow, sharded runs only
 
     return isinstance(model, FSDPModule)
 
@@ -221,14 +225,10 @@ def is_sharded(model: torch.nn.Module) -> bool:
 def gradient_sync(model: torch.nn.Module, raw_model: torch.nn.Module, sync: bool, env: DistEnv):
     """Context for one micro-batch's backward: gradients are reduced across processes only
     when `sync` (the last micro-batch of a step); the others accumulate locally."""
-    if not env.distributed or sync:
-        if is_sharded(raw_model):
-            raw_model.set_requires_gradient_sync(True)
-        return contextlib.nullcontext()
     if is_sharded(raw_model):
-        raw_model.set_requires_gradient_sync(False)
+        cast("FSDPModule", raw_model).set_requires_gradient_sync(not env.distributed or sync)
         return contextlib.nullcontext()
-    return model.no_sync()
+    return contextlib.nullcontext() if not env.distributed or sync else cast(DDP, model).no_sync()  # unsharded: DDP
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -249,13 +249,13 @@ def _tied_names(model: torch.nn.Module) -> dict[str, str]:
     return aliases
 
 
-def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def full_model_state(model: torch.nn.Module) -> dict[str, Any]:
     """The unsharded weights, like a single process's `state_dict()`. Under FSDP2 a
     collective (call on every rank) that leaves the tensors on rank 0's CPU and returns {}
     elsewhere; tied parameters come back as one tensor so the checkpoint stores them once."""
     if not is_sharded(model):
         return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: PLC0415  # deferred: slow, sharded runs only
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     for alias, name in _tied_names(model).items():
@@ -264,12 +264,12 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_full_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_full_model_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
     """Load unsharded weights (every rank holds them) into `model`, sharded or not."""
     if not is_sharded(model):
         model.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict  # noqa: PLC0415  # deferred: slow, sharded runs only
 
     # Each tensor is scattered in the order of the dict, so every rank must use the same order:
     # the model's own (safetensors returns its tensors in an order that differs per process).
@@ -278,20 +278,20 @@ def load_full_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]
     set_model_state_dict(model, ordered, options=StateDictOptions(full_state_dict=True))
 
 
-def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+def _param_names(model: torch.nn.Module, optimizer: TrainingOptimizer) -> list[list[str]]:
     names = {id(p): n for n, p in model.named_parameters()}
     return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
 
 
-def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def full_optimizer_state(model: torch.nn.Module, optimizer: TrainingOptimizer) -> dict[str, Any]:
     """The optimizer state as a single process's `optimizer.state_dict()` has it (parameters
     numbered in parameter-group order). Under FSDP2 a collective: the unsharded moments on
-    rank 0's CPU, {} elsewhere."""
-    if not is_sharded(model):
+    rank 0's CPU, {} elsewhere. (Muon + AdamW never runs sharded: `build_optimizer` refuses it.)"""
+    if not is_sharded(model) or isinstance(optimizer, MuonWithAdamW):
         return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict  # noqa: PLC0415  # deferred: slow, sharded runs only
 
-    by_name = get_optimizer_state_dict(
+    by_name: dict[str, Any] = get_optimizer_state_dict(
         model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
     if not by_name:
@@ -301,14 +301,14 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     return {"state": {number[n]: v for n, v in by_name["state"].items()}, "param_groups": groups}
 
 
-def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: TrainingOptimizer, state: dict[str, Any]) -> None:
     """Load a state saved by `full_optimizer_state` (any process count, any layout)."""
-    if not is_sharded(model):
+    if not is_sharded(model) or isinstance(optimizer, MuonWithAdamW):
         optimizer.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict  # noqa: PLC0415  # deferred: slow, sharded runs only
 
     names = [n for group in _param_names(model, optimizer) for n in group]
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
-    by_name = {"state": {names[i]: v for i, v in state["state"].items()}, "param_groups": groups}
+    by_name: dict[str, Any] = {"state": {names[i]: v for i, v in state["state"].items()}, "param_groups": groups}
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))

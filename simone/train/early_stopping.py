@@ -35,9 +35,7 @@ class EarlyStopping:
         """
         improved = math.isfinite(val_loss) and val_loss < self.best_loss - self.min_delta
         if improved:
-            self.best_loss = val_loss
-            self.best_step = step
-            self.bad_evals = 0
+            self.best_loss, self.best_step, self.bad_evals = val_loss, step, 0
         elif epochs_done >= self.min_epochs:
             self.bad_evals += 1
         if self.patience > 0 and epochs_done >= self.min_epochs and self.bad_evals >= self.patience:

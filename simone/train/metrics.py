@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs installed (types-tqdm)
 
 from simone.rundir import RunDir, append_jsonl
 
@@ -167,13 +167,13 @@ class MetricsLogger:
         self._tb = None
         if enabled and tensorboard:
             try:  # deferred: TensorBoard is optional and slow to import
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
 
                 self._tb = SummaryWriter(log_dir=str(run.root / "tensorboard"))
             except Exception as e:
                 self.log(f"TensorBoard disabled ({e})")
         interactive = sys.stderr.isatty() if progress is None else progress
-        self._bar = None
+        self._bar: tqdm | None = None
         self._show_bar = enabled and interactive
 
     # ---- rows
@@ -197,8 +197,7 @@ class MetricsLogger:
                 for k in ("loss", "bpb"):
                     if d.get(k) is not None:
                         self._tb.add_scalar(f"val_{k}/{domain}", d[k], row["step"])
-        msg = f"eval step {row['step']}: val_loss {row['val_loss']:.4f} val_bpb {row['val_bpb']:.4f}"
-        self.log(msg)
+        self.log(f"eval step {row['step']}: val_loss {row['val_loss']:.4f} val_bpb {row['val_bpb']:.4f}")
 
     def event(self, event: str, step: int, message: str = "", **extra: Any) -> None:
         row = {"t": time.time(), "kind": "event", "event": event, "step": step, "message": message, **extra}
@@ -245,8 +244,7 @@ class MetricsLogger:
             return
         if self._bar is None:
             self._bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
-        if total != self._bar.total:
-            self._bar.total = total
+        self._bar.total = total
         self._bar.n = step
         self._bar.set_description_str(desc, refresh=False)
         self._bar.refresh()

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch import nn
 
 from simone.config import TrainConfig
 from simone.errors import SimoneError
+from simone.model import LanguageModel
 from simone.train.precision import cpu_has_fast_bf16
 
 OPTIMIZERS = ("adamw", "muon")
@@ -27,14 +28,14 @@ class OptimizerConfigError(SimoneError, ValueError):
     """`train.optimizer` names an optimizer we do not have, or one that cannot run here."""
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: TrainingOptimizer, lr: float) -> None:
     """Set the learning rate of every parameter group (as a float: keeps fused kernels happy),
     times the group's own `lr_scale` where it has one (Muon's groups: `train.muon_lr_scale`)."""
     for group in optimizer.param_groups:
         group["lr"] = float(lr * group.get("lr_scale", 1.0))
 
 
-def optimizer_skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+def optimizer_skips_on_device(optimizer: TrainingOptimizer) -> bool:
     """True if `optimizer.step()` honours a `found_inf` tensor (fused Adam/AdamW do).
 
     Such an optimizer can skip a step whose gradients are not finite entirely on the device:
@@ -62,10 +63,6 @@ class MuonWithAdamW:
     def param_groups(self) -> list[dict[str, Any]]:
         return self.muon.param_groups + self.adamw.param_groups
 
-    @property
-    def state(self) -> dict[Any, Any]:
-        return {**self.muon.state, **self.adamw.state}
-
     def step(self) -> None:
         self.muon.step()
         self.adamw.step()
@@ -85,6 +82,9 @@ class MuonWithAdamW:
             )
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
+
+
+TrainingOptimizer: TypeAlias = torch.optim.Optimizer | MuonWithAdamW  # what `new_optimizer` builds
 
 
 def newton_schulz_float32(
@@ -129,7 +129,7 @@ class Float32Muon(torch.optim.Muon):
                 p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))  # match_rms_adamw
 
 
-def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+def hidden_matrices(model: LanguageModel) -> list[nn.Parameter]:
     """The weights of the linear layers inside the transformer blocks: what Muon orthogonalises.
     Embeddings, the output head (tied or not), norms, biases, memory slots and the governance
     heads stay with AdamW."""
@@ -152,21 +152,15 @@ def new_adamw(
     AdamW: 3.3 ms against 17.5 ms for the for-each one, one step of the `cpu` preset's 4.3M
     parameters on one thread); False switches it off."""
     apart = embed_lr_scale != 1.0 and any(kind == "embedding" for kind, _ in kinds)
+    decayed = [p for kind, p in kinds if kind != "vector" and not (apart and kind == "embedding")]
     groups = [
-        {
-            "params": [p for kind, p in kinds if kind != "vector" and not (apart and kind == "embedding")],
-            "weight_decay": weight_decay,
-        },
+        {"params": decayed, "weight_decay": weight_decay},
         {"params": [p for kind, p in kinds if kind == "vector"], "weight_decay": 0.0},
     ]
     if apart:
+        embed = [p for kind, p in kinds if kind == "embedding"]
         groups.append(
-            {
-                "params": [p for kind, p in kinds if kind == "embedding"],
-                "weight_decay": weight_decay,
-                "lr_scale": embed_lr_scale,
-                "lr": lr * embed_lr_scale,
-            }
+            {"params": embed, "weight_decay": weight_decay, "lr_scale": embed_lr_scale, "lr": lr * embed_lr_scale}
         )
     fused_supported = "fused" in inspect.signature(torch.optim.AdamW).parameters
     if fused is None:
@@ -175,7 +169,7 @@ def new_adamw(
 
 
 def build_optimizer(
-    model: nn.Module,
+    model: LanguageModel,
     name: str,
     lr: float,
     weight_decay: float,
@@ -184,7 +178,7 @@ def build_optimizer(
     fused: bool | None = None,
     muon_lr_scale: float = 4.0,
     embed_lr_scale: float = 1.0,
-) -> torch.optim.Optimizer | MuonWithAdamW:
+) -> TrainingOptimizer:
     """The optimizer `name` ("adamw" or "muon") over `model`'s trainable parameters.
 
     "muon": Muon (momentum 0.95, Nesterov, 5 Newton-Schulz steps; in float32 on a CPU whose
@@ -221,7 +215,7 @@ def build_optimizer(
     return MuonWithAdamW(muon, new_adamw(rest, lr, weight_decay, betas, device_type, fused, embed_lr_scale))
 
 
-def new_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def new_optimizer(model: LanguageModel, tc: TrainConfig, device: torch.device) -> TrainingOptimizer:
     """The optimizer `tc` asks for over the (unwrapped) training model: every caller that trains
     or times training builds it here."""
     return build_optimizer(

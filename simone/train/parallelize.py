@@ -4,17 +4,18 @@ checkpointing, FSDP2 sharding, `torch.compile` and DDP. The model itself stays p
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from simone.config import TrainConfig
+from simone.model import LanguageModel
 from simone.train.distributed import DistEnv, wrap_model
 from simone.train.precision import compiler_missing
 
 
-def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+def apply_activation_checkpointing(model: LanguageModel) -> None:
     """Recompute each transformer block's activations in the backward pass instead of storing
     them (less memory, ~1/3 more compute). Applied from outside, like compile and DDP: the
     block's `forward` is wrapped in place, so parameter names (and checkpoints) are unchanged."""
@@ -29,7 +30,7 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
 
 
 def parallelize(
-    raw_model: torch.nn.Module,
+    raw_model: LanguageModel,
     tc: TrainConfig,
     parallel: str,
     env: DistEnv,
@@ -42,7 +43,7 @@ def parallelize(
     after this: FSDP2 replaces the parameters. `log` gets one line when compile is skipped."""
     if tc.activation_checkpointing:
         apply_activation_checkpointing(raw_model)
-    model = raw_model
+    model: torch.nn.Module = raw_model
     if parallel == "fsdp":
         model = wrap_model(raw_model, env, device, "fsdp")
     if tc.compile:
@@ -50,7 +51,7 @@ def parallelize(
         if missing:
             log(f"train.compile=true but {missing}; training runs eager")
         else:
-            model = torch.compile(model)
+            model = cast(torch.nn.Module, torch.compile(model))  # an OptimizedModule, typed as a callable
     if parallel == "ddp":
         model = wrap_model(model, env, device, "ddp")
     return model

@@ -94,10 +94,8 @@ class LRSchedule:
         if not 0.0 < decay_fraction <= 1.0:
             raise ConfigError(f"train.decay_fraction={decay_fraction}: must be in (0, 1]")
         self.base_lr, self.warmup_steps, self.min_lr_ratio = base_lr, warmup_steps, min_lr_ratio
-        self.total_steps = total_steps
-        self.max_seconds = max_seconds
-        self.decay_fraction = decay_fraction
-        self.clock = clock
+        self.total_steps, self.max_seconds = total_steps, max_seconds
+        self.decay_fraction, self.clock = decay_fraction, clock
         self.eval_every: int | None = None  # see expect_evaluations
         self.eval_steps = 0.0
         self.reset()
@@ -147,23 +145,20 @@ class LRSchedule:
         """The learning rate of step `step` (0-based) as a fraction of the peak."""
         if step < self.warmup_steps or self.mode == "cosine":
             return lr_at(step, 1.0, self.warmup_steps, self.total_steps, self.min_lr_ratio)
-        if self.decay_anchor is None:
+        anchor = self.decay_anchor
+        if anchor is None:
             return self.hold
-        return self.min_lr_ratio + (self.hold - self.min_lr_ratio) * cosine_factor(self._decay_progress(step))
+        return self.min_lr_ratio + (self.hold - self.min_lr_ratio) * cosine_factor(self._decay_progress(step, anchor))
 
     def lr(self, step: int) -> float:
         return self.base_lr * self.factor(step)
 
-    def _decay_progress(self, step: int) -> float:
-        """Decay progress of step `step`: the plan's last step (end_step - 1) runs at the floor.
-        The anchor's progress is that of the step before it, so a re-fit is continuous."""
-        anchor_step, anchor_q = self.decay_anchor  # type: ignore[misc]
+    def _decay_progress(self, step: int, anchor: tuple[int, float]) -> float:
+        """Decay progress of step `step` from `anchor` (a `decay_anchor`): the plan's last step (end_step - 1)
+        runs at the floor. The anchor's progress is that of the step before it, so a re-fit is continuous."""
+        anchor_step, anchor_q = anchor
         span = max(1, self.end_step - anchor_step)
         return min(1.0, anchor_q + (1.0 - anchor_q) * max(0, step + 1 - anchor_step) / span)
-
-    def decay_started(self, steps_done: int) -> bool:
-        """Some step already taken ran below the held lr (the plan can no longer move its start)."""
-        return self.decay_anchor is not None and self.decay_anchor[0] < steps_done
 
     def progress(self, steps_done: int) -> float:
         """How far the schedule got after `steps_done` steps: 0.0 .. 1.0 (the lr at its floor)."""
@@ -228,7 +223,7 @@ class LRSchedule:
         if last_step_s > SLOWDOWN * step_s:
             step_s = last_step_s  # the machine slowed down: the window would see it too late to re-fit
         # pauses come now and then (every eval_every steps): their share over the whole session
-        first_step, first_train, first_wall = self._first
+        _, first_train, first_wall = self._first
         overhead = max(1.0, (wall - first_wall) / max(train - first_train, 1e-9))
         # one evaluation with its checkpoint: as long as the longest pause, or the estimate before any
         pause_s = max(self._longest_pause_s, self.eval_steps * step_s)
@@ -239,9 +234,9 @@ class LRSchedule:
                 due = int((steps_done + steps_fit) // self.eval_every - steps_done // self.eval_every)
                 steps_fit = max(0.0, left_s - due * pause_s) / (step_s * overhead)
         steps_fit = agree(steps_fit)
-        return self._replan(steps_done, steps_fit, step_s)
+        return self._replan(steps_done, steps_fit, step_s, self.max_seconds)
 
-    def _replan(self, steps_done: int, steps_fit: float, step_s: float) -> str | None:
+    def _replan(self, steps_done: int, steps_fit: float, step_s: float, max_seconds: float) -> str | None:
         planned_left = self.total_steps - steps_done
         message = None
         if self.mode == "cosine":
@@ -255,14 +250,15 @@ class LRSchedule:
             self.hold = self.factor(steps_done)
             self.mode = "time"
             message = (
-                f"the {self.total_steps} planned steps do not fit the {self.max_seconds / 60:g}-minute cap "
+                f"the {self.total_steps} planned steps do not fit the {max_seconds / 60:g}-minute cap "
                 f"at {1 / step_s:.3g} steps/s: warmup-stable-decay, the decay ({self.decay_fraction:.0%} "
                 f"of the run) ending as the cap arrives"
             )
         # floor, with a hair for float error: a step that does not quite fit is not planned
         steps_left = max(0, min(planned_left, math.floor(steps_fit + 1e-6)))
         end = steps_done + steps_left
-        if not self.decay_started(steps_done):
+        started = self.decay_anchor  # started once a step already taken ran below the held lr: then fixed
+        if started is None or started[0] >= steps_done:
             # the decay is the last decay_fraction of the whole run (warmup included), never in the
             # warmup, never before the steps already taken: until it starts it is re-planned freely,
             # and a late decision starts it now (ending at the predicted end), not compressed
@@ -277,8 +273,8 @@ class LRSchedule:
                 f"learning-rate decay starts at step {start}, to end at step {self.end_step}"
             )
         # re-fit the decay: continue from the progress of the last step taken, to the new end
-        anchor = max(steps_done, self.decay_anchor[0])  # type: ignore[index]
-        done = self._decay_progress(anchor - 1)
+        anchor = max(steps_done, started[0])
+        done = self._decay_progress(anchor - 1, started)
         self.decay_anchor = (anchor, done)
         # at least one more step, at the floor, unless the last one ran there already
         self.end_step = steps_done if done >= 1.0 else max(end, anchor + 1)

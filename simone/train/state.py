@@ -29,7 +29,7 @@ from simone.checkpoint import (
     save_checkpoint,
 )
 from simone.data.loader import BatchLoader
-from simone.model import build_model
+from simone.model import LanguageModel, build_model
 from simone.train.distributed import (
     full_model_state,
     full_optimizer_state,
@@ -38,7 +38,7 @@ from simone.train.distributed import (
     load_full_optimizer_state,
 )
 from simone.train.early_stopping import EarlyStopping
-from simone.train.optim import new_optimizer
+from simone.train.optim import TrainingOptimizer, new_optimizer
 from simone.train.schedule import LRSchedule
 
 TRAIN_STATE_SCHEMA = 1
@@ -48,10 +48,10 @@ COUNTERS = ("loss_sum", "loss_count", "bad_since_log", "consecutive_bad")
 RunContext = Any  # the Trainer, read only: cfg, run, env, device, faults, metrics, total_steps, ...
 
 
-def zero_counters(device: torch.device) -> list[torch.Tensor]:
-    return [
-        torch.zeros((), dtype=torch.float32 if name == "loss_sum" else torch.int64, device=device) for name in COUNTERS
-    ]
+def zero_counters(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The COUNTERS at zero: the loss sum in float32, the step counts in int64."""
+    loss_count, bad_since_log, consecutive_bad = (torch.zeros((), dtype=torch.int64, device=device) for _ in range(3))
+    return torch.zeros((), dtype=torch.float32, device=device), loss_count, bad_since_log, consecutive_bad
 
 
 @dataclass
@@ -59,8 +59,8 @@ class TrainState:
     """What a run has done and where it is. A checkpoint holds the parts (as their state_dicts),
     the interval counters and SAVED_FIELDS; the rest is this session's."""
 
-    model: torch.nn.Module  # unwrapped: the wrapped one (DDP, FSDP2, compile) shares its parameters
-    optimizer: torch.optim.Optimizer  # replaced by a rollback to the initial weights
+    model: LanguageModel  # unwrapped: the wrapped one (DDP, FSDP2, compile) shares its parameters
+    optimizer: TrainingOptimizer  # replaced by a rollback to the initial weights
     scaler: torch.amp.GradScaler | None  # fp16 only
     loader: BatchLoader  # its position in the shuffled windows
     schedule: LRSchedule  # the plan of a time-capped run
@@ -89,14 +89,14 @@ class TrainState:
 
 def rng_state(device: torch.device) -> dict[str, Any]:
     """This process's RNG states (torch, numpy, python; CUDA on a GPU) as checkpointable values."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=False)
     state = {
         "torch": torch.get_rng_state(),
         "numpy": {
-            "key": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "cached_gaussian": float(np_state["gauss"]),
         },
         "python": random.getstate(),
     }

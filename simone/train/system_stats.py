@@ -13,6 +13,7 @@ CPU percentages are measured between two calls) and appends, every
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,8 @@ GB = 1024**3
 def _nvml() -> Any | None:
     """The initialised `pynvml` module, or None when NVML is unavailable."""
     try:
-        import pynvml  # deferred: optional; only machines with NVIDIA GPUs have NVML
-    except Exception:
-        return None
-    try:
+        import pynvml  # noqa: PLC0415  # deferred: optional; only machines with NVIDIA GPUs have NVML
+
         pynvml.nvmlInit()
     except Exception:
         return None
@@ -71,40 +70,13 @@ class SystemSampler:
             "ram_total_gb": round(vm.total / GB, 3),
             "rss_gb": round(rss / GB, 3),
             "disk_free_gb": round(disk_free / GB, 3) if disk_free is not None else None,
-            "gpus": [g for g in (self._gpu(i, h, name) for i, h, name in self._handles) if g is not None],
+            "gpus": [] if self.nvml is None else [_gpu(self.nvml, i, h, name) for i, h, name in self._handles],
         }
-
-    def _gpu(self, index: int, handle: Any, name: str) -> dict[str, Any] | None:
-        nv = self.nvml
-        out: dict[str, Any] = {"index": index, "name": name}
-        # each query on its own: some boards do not report power or temperature
-        try:
-            out["util"] = float(nv.nvmlDeviceGetUtilizationRates(handle).gpu)
-        except Exception:
-            out["util"] = None
-        try:
-            mem = nv.nvmlDeviceGetMemoryInfo(handle)
-            out["mem_used_gb"] = round(mem.used / GB, 3)
-            out["mem_total_gb"] = round(mem.total / GB, 3)
-        except Exception:
-            out["mem_used_gb"] = out["mem_total_gb"] = None
-        try:
-            out["temp_c"] = float(nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))
-        except Exception:
-            out["temp_c"] = None
-        try:
-            out["power_w"] = round(nv.nvmlDeviceGetPowerUsage(handle) / 1000.0, 1)
-        except Exception:
-            out["power_w"] = None
-        return out
 
     def close(self) -> None:
         if self.nvml is not None:
-            try:
+            with contextlib.suppress(Exception):  # shutting NVML down is best effort
                 self.nvml.nvmlShutdown()
-            # bandit B110: shutting NVML down is best effort; a failure there changes nothing
-            except Exception:  # nosec B110
-                pass
             self.nvml = None
             self._handles = []
 
@@ -113,6 +85,31 @@ class SystemSampler:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _gpu(nv: Any, index: int, handle: Any, name: str) -> dict[str, Any]:
+    """The row of one GPU, through the `pynvml` module `nv`."""
+    out: dict[str, Any] = {"index": index, "name": name}
+    # each query on its own: some boards do not report power or temperature
+    try:
+        out["util"] = float(nv.nvmlDeviceGetUtilizationRates(handle).gpu)
+    except Exception:
+        out["util"] = None
+    try:
+        mem = nv.nvmlDeviceGetMemoryInfo(handle)
+        out["mem_used_gb"] = round(mem.used / GB, 3)
+        out["mem_total_gb"] = round(mem.total / GB, 3)
+    except Exception:
+        out["mem_used_gb"] = out["mem_total_gb"] = None
+    try:
+        out["temp_c"] = float(nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))
+    except Exception:
+        out["temp_c"] = None
+    try:
+        out["power_w"] = round(nv.nvmlDeviceGetPowerUsage(handle) / 1000.0, 1)
+    except Exception:
+        out["power_w"] = None
+    return out
 
 
 def system_snapshot(disk_path: str | Path = ".") -> dict[str, Any]:

@@ -36,7 +36,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -49,7 +49,7 @@ from simone.errors import SimoneError
 from simone.faults import Faults
 from simone.inference.shard_loss import evaluate_per_domain
 from simone.lock import RunLock
-from simone.model import build_model
+from simone.model import LanguageModel, build_model
 from simone.model.governance_heads import set_policy_domains, uses_policy
 from simone.rundir import RunDir
 from simone.train.callbacks import OUT_OF_MEMORY, Callback, LogStats, default_callbacks
@@ -70,7 +70,7 @@ from simone.train.distributed import (
 )
 from simone.train.early_stopping import EarlyStopping
 from simone.train.metrics import LossTermMeter, MetricsLogger, mfu, peak_flops
-from simone.train.optim import new_optimizer, optimizer_skips_on_device, set_lr
+from simone.train.optim import TrainingOptimizer, new_optimizer, optimizer_skips_on_device, set_lr
 from simone.train.parallelize import parallelize
 from simone.train.precision import allow_tf32, autocast, autocast_dtype, grad_scaler
 from simone.train.schedule import LRSchedule, percent_done, stop_summary
@@ -136,8 +136,7 @@ def settle_model_sizes(
     rows keeps them, so a run trained that way still resumes from its checkpoints."""
     if keep_larger_vocab and cfg.model.vocab_size < tokenizer.vocab_size and log is not None:
         log(
-            f"model.vocab_size {cfg.model.vocab_size} < tokenizer's {tokenizer.vocab_size}: "
-            f"using {tokenizer.vocab_size}"
+            f"model.vocab_size {cfg.model.vocab_size} < tokenizer's {tokenizer.vocab_size}: using {tokenizer.vocab_size}"
         )
     if not keep_larger_vocab or cfg.model.vocab_size < tokenizer.vocab_size:
         cfg.model.vocab_size = tokenizer.vocab_size
@@ -145,9 +144,8 @@ def settle_model_sizes(
 
 
 def check_model_sizes(cfg: ModelConfig, run: RunDir, shard_vocab_size: int) -> list[str] | None:
-    """Check that the model's sizes fit the run's tokenizer (`settle_model_sizes` set them
-    before training; the trainer changes nothing) and
-    return the policy classes (the tokenizer's domains), or None without a policy head."""
+    """Check that the model's sizes fit the run's tokenizer (`settle_model_sizes` set them before
+    training; the trainer changes nothing); return the policy classes (the tokenizer's domains) or None."""
     if cfg.vocab_size < shard_vocab_size:
         raise ModelSizeError(
             f"{run.config}: model.vocab_size {cfg.vocab_size} is smaller than the tokenizer's "
@@ -195,7 +193,7 @@ def out_of_memory_error(cfg: Config, micro_batch: int, grad_accum: int, e: BaseE
 
 
 def optimizer_step(
-    optimizer: torch.optim.Optimizer,
+    optimizer: TrainingOptimizer,
     scaler: torch.amp.GradScaler | None,
     model: torch.nn.Module,
     grad_clip: float,
@@ -205,21 +203,21 @@ def optimizer_step(
     """Clip the gradient norm and step the optimizer unless the step is bad (a non-finite loss
     or norm); return (norm, finite) as device tensors. Where the optimizer `skips_on_device`
     (fused AdamW, no scaler) it is handed `found_inf`, so a bad step costs no host sync."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
+    if scaler is not None:  # GradScaler reads only `param_groups` and `step()`: Muon + AdamW has both
+        scaler.unscale_(cast(torch.optim.Optimizer, optimizer))
     max_norm = grad_clip if grad_clip and grad_clip > 0 else float("inf")
     grad_norm = local_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
     if scaler is not None:
         # fp16: overflowing gradients are the scaler's business; only a bad loss counts
         finite = torch.isfinite(loss)
-        scaler.step(optimizer)
+        scaler.step(cast(torch.optim.Optimizer, optimizer))
         scaler.update()
     else:
         finite = torch.isfinite(grad_norm) & torch.isfinite(loss)
-        if skips_on_device:
-            optimizer.found_inf = (~finite).float()  # fused AdamW skips on the device
+        if skips_on_device:  # fused AdamW skips on the device: its step reads `found_inf`, set as GradScaler does
+            optimizer.found_inf = (~finite).float()  # type: ignore[union-attr]  # no optimizer type declares it
             optimizer.step()
-            del optimizer.found_inf
+            del optimizer.found_inf  # type: ignore[union-attr]
         elif bool(finite):  # non-fused optimizer: one host sync per step
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -228,7 +226,7 @@ def optimizer_step(
 
 def build_model_and_optimizer(
     cfg: Config, parallel: str, env: DistEnv, device: torch.device, log: Callable[[str], None]
-) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, torch.dtype | None, torch.amp.GradScaler | None]:
+) -> tuple[LanguageModel, torch.nn.Module, TrainingOptimizer, torch.dtype | None, torch.amp.GradScaler | None]:
     """The seeded model (the same initial weights on every rank), it wrapped for training
     (parallelize.py), its optimizer, the autocast dtype and the fp16 grad scaler (or None)."""
     tc = cfg.train
@@ -291,14 +289,9 @@ class Trainer:
             self.total_steps = min(self.total_steps, tc.max_steps)
         self.tokens_per_step = self.micro_batch * self.seq_len * self.grad_accum * env.world_size
         # cosine over the planned steps; under a time cap they do not fit, planned by time (schedule.py)
+        max_seconds = tc.max_minutes * 60 if tc.max_minutes is not None else None
         schedule = LRSchedule(
-            tc.lr,
-            tc.warmup_steps,
-            self.total_steps,
-            tc.min_lr_ratio,
-            max_seconds=tc.max_minutes * 60 if tc.max_minutes is not None else None,
-            decay_fraction=tc.decay_fraction,
-            clock=clock,
+            tc.lr, tc.warmup_steps, self.total_steps, tc.min_lr_ratio, max_seconds, tc.decay_fraction, clock
         )
         # an evaluation reads eval_batches per domain forward only (about a third of a training
         # micro-batch each); doubled for the checkpoint written with it and for uncompiled code
@@ -312,15 +305,8 @@ class Trainer:
         self._skips_on_device = optimizer_skips_on_device(optimizer) and scaler is None
         self.flops_per_token = raw_model.flops_per_token(self.seq_len)
         self.peak_flops = peak_flops(self.device, self.amp_dtype)
-        self.state = TrainState(
-            raw_model,
-            optimizer,
-            scaler,
-            loader,
-            schedule,
-            EarlyStopping(tc.min_epochs, tc.num_epochs, tc.patience),
-            *zero_counters(self.device),
-        )
+        early = EarlyStopping(tc.min_epochs, tc.num_epochs, tc.patience)
+        self.state = TrainState(raw_model, optimizer, scaler, loader, schedule, early, *zero_counters(self.device))
 
         # this process only
         self.signal_received: int | None = None  # set by StopOnSignal / FaultInjection
@@ -421,9 +407,8 @@ class Trainer:
             return "max_steps"
         if s.step >= self.total_steps:
             return "num_epochs"
-        if s.schedule.finished(s.step):  # planned by time: its decay ended as the cap came
-            return "max_minutes"
-        if agree_now and any_rank(s.schedule.out_of_time(), self.env, self.device):
+        # the time cap: the time-planned decay has ended, or the clock says so (agreed over the ranks)
+        if s.schedule.finished(s.step) or (agree_now and any_rank(s.schedule.out_of_time(), self.env, self.device)):
             return "max_minutes"
         return None
 
@@ -477,16 +462,8 @@ class Trainer:
         """A logging step: read the device counters (one sync), report the interval (on_log), handle bad steps."""
         s = self.state
         loss_sum = all_reduce_mean(s.loss_sum, self.env)
-        values = torch.stack(
-            [
-                loss_sum,
-                s.loss_count.float(),
-                s.bad_since_log.float(),
-                s.consecutive_bad.float(),
-                self._last_grad_norm.float(),
-            ]
-        ).tolist()
-        loss_sum_v, count, bad, consecutive, grad_norm = values
+        counters = (loss_sum, s.loss_count, s.bad_since_log, s.consecutive_bad, self._last_grad_norm)
+        loss_sum_v, count, bad, consecutive, grad_norm = torch.stack([c.float() for c in counters]).tolist()
         bad, consecutive = int(bad), int(consecutive)
         now = time.perf_counter()
         t0, tok0 = self._log_clock

@@ -56,12 +56,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
 import shutil
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -75,9 +77,33 @@ from simone.config import Config, apply_overrides
 from simone.data.documents import read_documents, write_documents
 from simone.data.loader import BatchLoader, eval_windows
 from simone.data.shards import INDEX_FILE, TokenShard, build_shards
+from simone.data.tokenizer import load_tokenizer
+from simone.devices import pick_device
+from simone.inference.consistency import (
+    SuiteSettings,
+    heldout_documents,
+    load_or_build_suite,
+    score_suite,
+    suite_counts,
+)
+from simone.inference.load import LoadedModel, load_model
+from simone.inference.shard_loss import evaluate_per_domain
+from simone.inference.steering_judge import (
+    SteeringJudge,
+    confusion_accuracy,
+    fit_on_documents,
+    snippet_confusion,
+    snippet_words_for,
+    steering_accuracy,
+)
+from simone.inference.streaming import streaming_nll
+from simone.inference.text_bpb import simone_scorer
+from simone.model import build_model
 from simone.progress import Say, Show, quiet
 from simone.rundir import RunDir, atomic_write_json, atomic_write_text, read_json, sha256_file
+from simone.train.budget import probe_step_seconds
 from simone.train.metrics import train_rates
+from simone.train.trainer import settle_model_sizes
 from simone.workflows.ablation_report import ablation_markdown, ablation_svg
 from simone.workflows.ablation_stats import summarize_runs
 from simone.workflows.data_variants import BASE as DATA_BASE
@@ -224,7 +250,7 @@ ABLATE_KEYS = {"ablate.guidance_weight": "guidance_weight"}  # per-variant setti
 
 def variant_settings(settings: AblationSettings, name: str) -> AblationSettings:
     """`settings` with this variant's `ablate.*` overrides applied."""
-    changes = {}
+    changes: dict[str, Any] = {}
     for item in settings.overrides.get(name, []):
         key, _, value = item.partition("=")
         if key.strip() in ABLATE_KEYS:
@@ -232,7 +258,7 @@ def variant_settings(settings: AblationSettings, name: str) -> AblationSettings:
     return dataclasses.replace(settings, **changes) if changes else settings
 
 
-def variant_config(base: Config, name: str, overrides: list[str] = ()) -> Config:
+def variant_config(base: Config, name: str, overrides: Sequence[str] = ()) -> Config:
     cfg = copy.deepcopy(base)
     for key, value in VARIANTS.get(base_variant(name), {}).items():  # a data variant: the config's own model
         setattr(cfg.model, key, value)
@@ -255,6 +281,8 @@ def steps_for_budget(
         return settings.max_steps
     if settings.tokens_per_variant is not None:
         return max(1, math.ceil(settings.tokens_per_variant / tokens_per_step))
+    if seconds_per_step is None:
+        raise ValueError("a time budget needs the measured seconds per step")
     share_s = settings.budget_minutes * 60 / max(1, (n_variants or len(settings.variants)) * settings.seeds)
     return max(1, int(0.6 * share_s / seconds_per_step))
 
@@ -262,10 +290,6 @@ def steps_for_budget(
 def seconds_per_step(cfg: Config, shared: RunDir, steps: int = 3) -> float:
     """Time a few optimizer steps of `cfg`'s model as training runs them (`probe_step_seconds`)
     on real batches."""
-    from simone.devices import pick_device
-    from simone.model import build_model
-    from simone.train.budget import probe_step_seconds
-
     device = pick_device(cfg.train.device)
     loader = BatchLoader(
         TokenShard(shared.data, "train"), cfg.train.batch_size, cfg.model.max_seq_len, cfg.train.seed, device=device
@@ -279,12 +303,10 @@ def seconds_per_step(cfg: Config, shared: RunDir, steps: int = 3) -> float:
 
 
 @torch.no_grad()
-def streaming_eval(loaded, val_dir: Path, n_contexts: int) -> dict | None:
+def streaming_eval(loaded: LoadedModel, val_dir: Path, n_contexts: int) -> dict | None:
     """Streaming vs. independent-window perplexity on the same validation text: from the
     start of the longest validation document, n_contexts × max_seq_len tokens (fewer if the
     split is shorter). None for models without RoPE (GPT-2)."""
-    from simone.inference.streaming import streaming_nll
-
     cfg = loaded.config.model
     if cfg.arch != "llama":
         return None
@@ -322,7 +344,7 @@ def streaming_eval(loaded, val_dir: Path, n_contexts: int) -> dict | None:
 
 
 @torch.no_grad()
-def policy_accuracy(loaded, val_dir: Path, max_batches: int) -> float | None:
+def policy_accuracy(loaded: LoadedModel, val_dir: Path, max_batches: int) -> float | None:
     """Share of validation positions where the policy head's argmax is the true domain (every
     position, from the first token of a window on). None without a policy head."""
     model, cfg = loaded.model, loaded.config
@@ -355,7 +377,7 @@ def evaluate_variant(
     run: RunDir,
     val_dir: Path,
     heldout_dir: Path,
-    judge,
+    judge: SteeringJudge | None,
     settings: AblationSettings,
     train_result,
     seed: int = 0,
@@ -364,12 +386,6 @@ def evaluate_variant(
     """One trained run's figures: val bpb on its own validation split (`val_dir`), held-out
     bpb on the clean held-out documents (`heldout_dir`), steering (without a judge: none),
     policy, streaming, speed, and the consistency suite's figures when given its items."""
-    from simone.inference.consistency import score_suite
-    from simone.inference.load import load_model
-    from simone.inference.shard_loss import evaluate_per_domain
-    from simone.inference.steering_judge import steering_accuracy
-    from simone.inference.text_bpb import simone_scorer
-
     loaded = load_model(run.root)
     cfg = loaded.config
     row: dict[str, Any] = {
@@ -394,37 +410,31 @@ def evaluate_variant(
     held = evaluate_per_domain(loaded.model, heldout, seq_len, batch, heldout_batches, loaded.device)
     row["heldout_bpb"] = held["val_bpb"]
     row["heldout_tokens"] = held["tokens"]
-    sample_seed = settings.seed + 10_000 * seed
     row["steering_accuracy"] = row["steering_accuracy_guided"] = row["steering_accuracy_guided_w0"] = None
     row["steering_per_domain"], row["steering_samples"] = {}, []
+    row["guidance_weight"] = settings.guidance_weight
     if judge is not None:
-        steer = steering_accuracy(
+        steer = functools.partial(
+            steering_accuracy,
             loaded,
             judge,
             samples_per_domain=settings.samples_per_domain,
             max_tokens=settings.sample_tokens,
-            seed=sample_seed,
+            seed=settings.seed + 10_000 * seed,
         )
-        row["steering_accuracy"] = steer["accuracy"]
-        row["steering_per_domain"] = steer["per_domain"]
-        row["steering_samples"] = steer["samples"][: 2 * len(steer["per_domain"])]
-    row["guidance_weight"] = settings.guidance_weight
-    if judge is not None and getattr(loaded.model, "policy_head", None) is not None and settings.guidance_weight > 0:
+        plain = steer()
+        row["steering_accuracy"] = plain["accuracy"]
+        row["steering_per_domain"] = plain["per_domain"]
+        row["steering_samples"] = plain["samples"][: 2 * len(plain["per_domain"])]
         # the guided sampler with the policy, and without it (W = 0): their difference is the policy's part
-        for figure, weight in (
-            ("steering_accuracy_guided", settings.guidance_weight),
-            ("steering_accuracy_guided_w0", 0.0),
-        ):
-            guided = steering_accuracy(
-                loaded,
-                judge,
-                samples_per_domain=settings.samples_per_domain,
-                max_tokens=settings.sample_tokens,
-                seed=sample_seed,
-                policy_guidance=weight,
-            )
-            row[figure] = guided["accuracy"]
-            row[figure.replace("accuracy", "per_domain")] = guided["per_domain"]
+        if getattr(loaded.model, "policy_head", None) is not None and settings.guidance_weight > 0:
+            for figure, weight in (
+                ("steering_accuracy_guided", settings.guidance_weight),
+                ("steering_accuracy_guided_w0", 0.0),
+            ):
+                guided = steer(policy_guidance=weight)
+                row[figure] = guided["accuracy"]
+                row[figure.replace("accuracy", "per_domain")] = guided["per_domain"]
     row["policy_accuracy"] = policy_accuracy(loaded, heldout_dir, cfg.train.eval_batches)
     row["streaming"] = streaming_eval(loaded, heldout_dir, settings.stream_contexts)
     row["tokens_per_s_overall"] = getattr(train_result, "tokens_per_s", None)  # evaluation included
@@ -464,15 +474,7 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings, say: Say = 
     `out`; write `ablation.json`, `ablation.md` and `ablation.svg` there (after every round of
     seeds, so a stopped ablation leaves what it has) and return the result dict. Progress
     lines go to `say`."""
-    from simone.data.tokenizer import load_tokenizer
-    from simone.inference.steering_judge import (
-        confusion_accuracy,
-        fit_on_documents,
-        snippet_confusion,
-        snippet_words_for,
-    )
-    from simone.train.trainer import settle_model_sizes
-    from simone.workflows.pipeline import stage_train
+    from simone.workflows.pipeline import stage_train  # noqa: PLC0415  # deferred: tests replace it at its source
 
     data_variants = check_variants(settings)
     order = run_order(settings, data_variants)
@@ -500,8 +502,6 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings, say: Say = 
         )
     suite_items = suite_file = None
     if suite_on(settings):
-        from simone.inference.consistency import SuiteSettings, heldout_documents, load_or_build_suite, suite_counts
-
         suite_file = shared.root / "consistency_suite.jsonl"  # built once: every run, now and later, sees it
         suite_items = load_or_build_suite(
             suite_file,
@@ -610,9 +610,8 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings, say: Say = 
             else:
                 model_run = run
                 say(f"{name} seed {k}: training {steps} steps")
-                trained = stage_train(
-                    vcfg, run.root, force=True, say=say, show=show
-                )  # a rerun into the same --out starts over
+                # force: a rerun into the same --out starts over
+                trained = stage_train(vcfg, run.root, force=True, say=say, show=show)
                 if getattr(trained, "stop_reason", None) == "signal":
                     raise KeyboardInterrupt(f"ablation stopped by a signal while training {name} seed {k}")
                 if trained.steps < steps:
@@ -620,17 +619,8 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings, say: Say = 
                     say(
                         f"{name} seed {k}: stopped after {trained.steps} of {steps} steps ({trained.stop_reason}){again}"
                     )
-            r = evaluate_variant(
-                name,
-                model_run,
-                run.data,
-                heldout_dir,
-                judge,
-                variant_settings(settings, name),
-                trained,
-                seed=k,
-                suite_items=suite_items,
-            )
+            vsettings = variant_settings(settings, name)
+            r = evaluate_variant(name, model_run, run.data, heldout_dir, judge, vsettings, trained, k, suite_items)
             if name == DATA_BASE or name in data_variants:
                 r["data"] = data_variants[name].spec if name in data_variants else DATA_BASE
             r["stop_reason"] = trained.stop_reason
@@ -693,6 +683,10 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings, say: Say = 
     return result
 
 
+# settings that decide which runs there are and how long they train, not how a run is evaluated
+NOT_EVALUATION_SETTINGS = frozenset(
+    "variants seeds resume budget_minutes max_steps tokens_per_variant data_variants suite suite_items".split()
+)
 # (section, field, off value): config fields added after runs were keyed; a run key leaves them out
 # while they are off, so the keys of runs finished before they existed still match
 KEY_OPTIONAL_AT_OFF = [("data", "control_window_prob", 0.0), ("train", "embed_lr_scale", 1.0)]
@@ -742,18 +736,7 @@ def run_key(
     steering = {
         k: v
         for k, v in dataclasses.asdict(variant_settings(settings, name)).items()
-        if k
-        not in (
-            "variants",
-            "seeds",
-            "resume",
-            "budget_minutes",
-            "max_steps",
-            "tokens_per_variant",
-            "data_variants",
-            "suite",
-            "suite_items",
-        )
+        if k not in NOT_EVALUATION_SETTINGS
     }
     steering["overrides"] = settings.overrides.get(name, [])
     steering["guided_sampler"] = GUIDED_SAMPLER

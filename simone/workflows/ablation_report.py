@@ -275,16 +275,12 @@ def dose_response(rows: list[dict]) -> list[dict]:
         data = r.get("data") or ""
         if data.startswith("contradict"):
             spec = parse_contradict_spec(data)
-            points.append(
-                {
-                    "variant": r["variant"],
-                    "share": spec.share,
-                    "kinds": "all" if spec.kinds == KINDS else "+".join(spec.kinds),
-                    "stats": r,
-                }
-            )
+            share, kinds = spec.share, "all" if spec.kinds == KINDS else "+".join(spec.kinds)
         elif data == DATA_BASE:
-            points.append({"variant": r["variant"], "share": 0.0, "kinds": "all", "stats": r})
+            share, kinds = 0.0, "all"
+        else:
+            continue
+        points.append({"variant": r["variant"], "share": share, "kinds": kinds, "stats": r})
     return points if any(p["share"] > 0 for p in points) else []
 
 

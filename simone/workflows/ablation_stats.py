@@ -35,7 +35,7 @@ GUIDANCE_REFERENCE = "W=0, same runs"
 
 def t_quantile(p: float, df: int) -> float:
     """The `p` quantile of Student's t distribution with `df` degrees of freedom."""
-    from scipy.stats import t  # deferred: scipy.stats is slow to import
+    from scipy.stats import t  # noqa: PLC0415  # deferred: scipy.stats is slow to import
 
     return float(t.ppf(p, df))
 
@@ -58,11 +58,11 @@ def summarize(values: list[float | None]) -> dict:
 
 def paired_difference(runs: list[dict], variant: str, reference: str, figure: str) -> dict:
     """`figure` of `variant` minus that of `reference`, paired by seed, summarised."""
-    ref = {r["seed"]: r.get(figure) for r in runs if r["variant"] == reference}
+    ref = {r["seed"]: r[figure] for r in runs if r["variant"] == reference and r.get(figure) is not None}
     diffs = [
-        r.get(figure) - ref[r["seed"]]
+        r[figure] - ref[r["seed"]]
         for r in runs
-        if r["variant"] == variant and r["seed"] in ref and r.get(figure) is not None and ref[r["seed"]] is not None
+        if r["variant"] == variant and r["seed"] in ref and r.get(figure) is not None
     ]
     return summarize(diffs)
 

@@ -30,7 +30,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from simone.data.tokenizer import train_tokenizer
 from simone.devices import pick_device
 from simone.inference import gguf_file
 from simone.inference.export import to_hf_llama
-from simone.model import build_model
+from simone.model import LanguageModel, build_model
 from simone.progress import Say
 from simone.progress import quiet as say_nothing
 from simone.rundir import atomic_write_json
@@ -82,7 +82,7 @@ def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float
 
 
 def time_alternating(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device
+    fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device
 ) -> dict[str, dict[str, Any]]:
     """Run every fn once per round, `warmup + repeats` rounds; time the last `repeats`.
 
@@ -157,8 +157,7 @@ def model_pair(model_cfg: ModelConfig, device: torch.device, seed: int = 0):
         model_cfg = dataclasses.replace(model_cfg, governance=False)
     torch.manual_seed(seed)
     ours = build_model(model_cfg).to(device)
-    hf = to_hf_llama(ours)
-    return ours, hf
+    return ours, to_hf_llama(ours)
 
 
 def hf_optimizer(
@@ -297,7 +296,7 @@ def bench_train(
         # Probe the CPU peak again now and keep the larger: a probe that another process
         # disturbed reads low, and MFU over 100% would follow.
         for dtype in dtype_list:
-            peaks[dtype] = max(peaks[dtype], cpu_peak_flops.__wrapped__(getattr(torch, dtype)))
+            peaks[dtype] = max(peaks[dtype] or 0.0, cpu_peak_flops.__wrapped__(getattr(torch, dtype)))
     peak = peaks[headline_dtype]
 
     pairs = [("ours eager", "ours", "HF eager", "hf")]
@@ -473,8 +472,9 @@ def bench_generate(
         cases += [(headline_dtype, b, "sample", "eager") for b in batches]
     if compile:
         cases += [(headline_dtype, b, "greedy", "compiled") for b in batches]
-    rows = []
-    for dtype, b, mode, runner in cases:
+
+    def measure(dtype: str, b: int, mode: str, runner: str) -> dict[str, Any]:
+        """One row: ours (`runner`) against the peer at batch `b`, decoding `mode`, in `dtype`."""
         model = runners[runner]
         g = torch.Generator().manual_seed(2)
         prompt = torch.randint(0, mcfg.vocab_size, (b, prompt_len), generator=g).to(dev)
@@ -509,22 +509,22 @@ def bench_generate(
 
         times = time_alternating({"ours": gen_ours, "hf": gen_hf}, repeats, warmup, dev)
         a, p = _rate(b * n_new, times["ours"]), _rate(b * n_new, times["hf"])
-        rows.append(
-            {
-                "dtype": dtype,
-                "batch": b,
-                "mode": mode,
-                "ours": runner,
-                "first_s": times["ours"]["first_s"],
-                "ours_tokens_per_s": a["per_s"],
-                "peer_tokens_per_s": p["per_s"],
-                "ratio": a["per_s"] / p["per_s"],
-                "ratio_cpu_time": a["per_cpu_s"] / p["per_cpu_s"],
-                "ours_ms_per_step": 1000 * a["median_s"] / n_new,
-                "peer_ms_per_step": 1000 * p["median_s"] / n_new,
-                "same_tokens": bool(torch.equal(out["ours"], out["hf"])),
-            }
-        )
+        return {
+            "dtype": dtype,
+            "batch": b,
+            "mode": mode,
+            "ours": runner,
+            "first_s": times["ours"]["first_s"],
+            "ours_tokens_per_s": a["per_s"],
+            "peer_tokens_per_s": p["per_s"],
+            "ratio": a["per_s"] / p["per_s"],
+            "ratio_cpu_time": a["per_cpu_s"] / p["per_cpu_s"],
+            "ours_ms_per_step": 1000 * a["median_s"] / n_new,
+            "peer_ms_per_step": 1000 * p["median_s"] / n_new,
+            "same_tokens": bool(torch.equal(out["ours"], out["hf"])),
+        }
+
+    rows = [measure(*case) for case in cases]
     llama_cpp_rows = _llama_cpp_peer(ours, mcfg, prompt_len, n_new, repeats, warmup, dev)
     headline_rows = [r for r in rows if r["dtype"] == headline_dtype and r["mode"] == "greedy" and r["ours"] == "eager"]
     sampled = [r["ratio"] for r in rows if r["mode"] == "sample"]
@@ -559,41 +559,41 @@ def bench_generate(
     return result
 
 
+# the generate tables: column -> the format of its cell (`str.format_map` of a row)
+GENERATE_COLUMNS = {
+    "dtype": "{dtype}",
+    "batch": "{batch}",
+    "decoding": "{mode}",
+    "ours": "{ours}",
+    "ours tok/s": "{ours_tokens_per_s:,.0f}",
+    "peer tok/s": "{peer_tokens_per_s:,.0f}",
+    "ratio": "{ratio:.2f}x",
+    "ratio (CPU time)": "{ratio_cpu_time:.2f}x",
+    "ours ms/step": "{ours_ms_per_step:.2f}",
+    "peer ms/step": "{peer_ms_per_step:.2f}",
+    "same tokens": "{same_tokens}",
+}
+LLAMA_CPP_COLUMNS = {
+    "gguf": "{gguf}",
+    "batch": "{batch}",
+    "decoding": "{mode}",
+    "ours tok/s": "{ours_tokens_per_s:,.0f}",
+    "llama.cpp tok/s": "{peer_tokens_per_s:,.0f}",
+    "ratio": "{ratio:.2f}x",
+    "ours ms/step": "{ours_ms_per_step:.2f}",
+    "llama.cpp ms/step": "{peer_ms_per_step:.2f}",
+    "same tokens": "{same_tokens}",
+}
+
+
 def _generate_tables(result: dict[str, Any]) -> list[Table]:
     rows, llama_cpp_rows, repeats = result["rows"], result["llama_cpp"], result["repeats"]
     compiled = [r for r in rows if r["ours"] == "compiled"]
     out = [
         _table(
             f"generate tokens/s (KV cache, median of {repeats}), ours / LlamaForCausalLM.generate",
-            [
-                "dtype",
-                "batch",
-                "decoding",
-                "ours",
-                "ours tok/s",
-                "peer tok/s",
-                "ratio",
-                "ratio (CPU time)",
-                "ours ms/step",
-                "peer ms/step",
-                "same tokens",
-            ],
-            [
-                [
-                    r["dtype"],
-                    str(r["batch"]),
-                    r["mode"],
-                    r["ours"],
-                    f"{r['ours_tokens_per_s']:,.0f}",
-                    f"{r['peer_tokens_per_s']:,.0f}",
-                    f"{r['ratio']:.2f}x",
-                    f"{r['ratio_cpu_time']:.2f}x",
-                    f"{r['ours_ms_per_step']:.2f}",
-                    f"{r['peer_ms_per_step']:.2f}",
-                    str(r["same_tokens"]),
-                ]
-                for r in rows
-            ],
+            list(GENERATE_COLUMNS),
+            [[cell.format_map(r) for cell in GENERATE_COLUMNS.values()] for r in rows],
             f"headline ({result['headline']}): {result['ratio']:.2f}x, goal ≥ {result['goal']}x; "
             f"load average {result['load_average']:.1f}."
             + (
@@ -614,31 +614,8 @@ def _generate_tables(result: dict[str, Any]) -> list[Table]:
         out.append(
             _table(
                 f"generate tokens/s (median of {repeats}), ours / llama.cpp on the same weights (GGUF)",
-                [
-                    "gguf",
-                    "batch",
-                    "decoding",
-                    "ours tok/s",
-                    "llama.cpp tok/s",
-                    "ratio",
-                    "ours ms/step",
-                    "llama.cpp ms/step",
-                    "same tokens",
-                ],
-                [
-                    [
-                        r["gguf"],
-                        "1",
-                        "greedy",
-                        f"{r['ours_tokens_per_s']:,.0f}",
-                        f"{r['peer_tokens_per_s']:,.0f}",
-                        f"{r['ratio']:.2f}x",
-                        f"{r['ours_ms_per_step']:.2f}",
-                        f"{r['peer_ms_per_step']:.2f}",
-                        str(r["same_tokens"]),
-                    ]
-                    for r in llama_cpp_rows
-                ],
+                list(LLAMA_CPP_COLUMNS),
+                [[cell.format_map(r) for cell in LLAMA_CPP_COLUMNS.values()] for r in llama_cpp_rows],
                 f"ours: float32 on {result['device']}; llama.cpp: llama-cpp-python {llama_cpp_rows[0]['llama_cpp_python']}"
                 + (
                     " (every layer offloaded, if its build has a GPU backend)"
@@ -665,13 +642,13 @@ def _bytes_only_tokenizer(path: Path) -> Path:
 
 
 def _llama_cpp_peer(
-    ours: torch.nn.Module, mcfg: ModelConfig, prompt_len: int, n_new: int, repeats: int, warmup: int, dev: torch.device
+    ours: LanguageModel, mcfg: ModelConfig, prompt_len: int, n_new: int, repeats: int, warmup: int, dev: torch.device
 ) -> list[dict[str, Any]]:
     """Greedy decoding at batch 1, ours (float32) against llama.cpp running the same weights
     as an f32 GGUF file; [] when llama-cpp-python is not installed."""
     if not gguf_file.llama_cpp_available() or mcfg.vocab_size < 258:
         return []
-    import llama_cpp  # deferred: optional (llama-cpp-python), checked for just above
+    import llama_cpp  # noqa: PLC0415  # deferred: optional (llama-cpp-python), checked for just above
 
     g = torch.Generator().manual_seed(2)
     prompt = torch.randint(0, mcfg.vocab_size, (1, prompt_len), generator=g)
@@ -694,7 +671,7 @@ def _llama_cpp_peer(
             out["llama.cpp"] = gguf_file.llama_cpp_greedy(llm, prompt[0].tolist(), n_new)
 
         times = time_alternating({"ours": gen_ours, "llama.cpp": gen_llama_cpp}, repeats, warmup, dev)
-        del llm
+        llm = None  # llama.cpp's model freed before its file is removed
     a, p = _rate(n_new, times["ours"]), _rate(n_new, times["llama.cpp"])
     return [
         {
@@ -730,10 +707,8 @@ class ResourceMeter:
     def _tree_rss(self) -> int:
         total = self.proc.memory_info().rss
         for child in self.proc.children(recursive=True):
-            try:
+            with contextlib.suppress(psutil.Error):  # exited between listing and reading
                 total += child.memory_info().rss
-            except psutil.Error:  # exited between listing and reading
-                pass
         return total
 
     def _cpu_s(self) -> float:
@@ -845,17 +820,8 @@ def _prep_tables(result: dict[str, Any]) -> list[Table]:
     stages, splits = result["stages"], result["splits"]
     rows = [
         [s["stage"], f"{s['seconds']:.1f}", f"{s['cpu_s']:.1f}", f"{s['cores_used']:.2f}", f"{s['peak_rss_mb']:,.0f}"]
-        for s in stages
+        for s in [*stages, {**result, "stage": "total"}]
     ]
-    rows.append(
-        [
-            "total",
-            f"{result['seconds']:.1f}",
-            f"{result['cpu_s']:.1f}",
-            f"{result['cores_used']:.2f}",
-            f"{result['peak_rss_mb']:,.0f}",
-        ]
-    )
     tokens = ", ".join(f"{s} {v['n_tokens']:,} tokens / {v['n_docs']} docs" for s, v in splits.items())
     return [
         _table(

@@ -89,7 +89,7 @@ def check_python() -> Check:
 def check_torch() -> Check:
     if importlib.util.find_spec("torch") is None:
         return _fail("pytorch", "torch is not installed", f"pip install torch=={TESTED_TORCH}")
-    import torch
+    import torch  # noqa: PLC0415  # deferred: the doctor runs, and says so, where torch is missing
 
     version = torch.__version__
     if torch.version.cuda:
@@ -115,7 +115,7 @@ def check_devices() -> list[Check]:
     """The accelerator: CUDA GPUs (name, memory, bf16, flash attention), MPS, or CPU only."""
     if importlib.util.find_spec("torch") is None:
         return [_fail("device", "cannot check without torch", f"pip install torch=={TESTED_TORCH}")]
-    import torch
+    import torch  # noqa: PLC0415  # deferred: the doctor runs, and says so, where torch is missing
 
     if not torch.cuda.is_available():
         mps = getattr(torch.backends, "mps", None)
@@ -170,7 +170,7 @@ def check_cpu() -> Check:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
     physical = None
     if importlib.util.find_spec("psutil") is not None:
-        import psutil
+        import psutil  # noqa: PLC0415  # deferred: the doctor runs where psutil is missing
 
         physical = psutil.cpu_count(logical=False)
     detail = f"{usable} usable of {logical} logical cores" + (f" ({physical} physical)" if physical else "")
@@ -180,7 +180,7 @@ def check_cpu() -> Check:
 
 
 def check_compiler() -> Check:
-    from simone.train.precision import compiler_missing
+    from simone.train.precision import compiler_missing  # noqa: PLC0415  # deferred: it imports torch (see check_torch)
 
     missing = compiler_missing()
     if missing:
@@ -195,7 +195,7 @@ def check_compiler() -> Check:
 def check_memory() -> Check:
     if importlib.util.find_spec("psutil") is None:
         return _warn("memory", "psutil is not installed: cannot read RAM", "pip install psutil")
-    import psutil
+    import psutil  # noqa: PLC0415  # deferred: the doctor runs, and says so, where psutil is missing
 
     vm = psutil.virtual_memory()
     detail = f"{vm.available / GB:.1f} GiB available of {vm.total / GB:.1f} GiB"
@@ -236,21 +236,25 @@ def check_corpus(corpus: Path | None) -> Check:
         return _fail(
             "corpus",
             str(e),
-            "check the path; --data takes a folder of DOMAIN/SUBDOMAIN/NAME.txt "
-            "(or flat .txt files, or one .txt); leave it out to use the embedded default corpus",
+            "check the path; --data takes a folder of DOMAIN/SUBDOMAIN/NAME.txt (or flat .txt files, one .txt, "
+            ".jsonl/.jsonl.gz/.jsonl.zst/.parquet record files); leave it out to use the embedded default corpus",
         )
     except OSError as e:
         return _fail("corpus", f"{corpus}: cannot be read ({e})", "check the path and its permissions")
-    texts = [f for f in files if f.kind == "text"]
+    texts = [f for f in files if f.kind in ("text", "records")]
     unreadable = [f for f in files if f.kind == "unreadable"]
     if not texts:
         problems = "; ".join(f.problem or f.rel for f in unreadable[:3])
-        return _fail("corpus", f"{corpus}: no readable .txt file ({problems})", "fix the file permissions or the path")
-    not_utf8 = [f.rel for f in texts if not _starts_as_utf8(f.path)]
+        return _fail(
+            "corpus", f"{corpus}: no readable .txt or record file ({problems})", "fix the file permissions or the path"
+        )
+    not_utf8 = [f.rel for f in texts if f.kind == "text" and not _starts_as_utf8(f.path)]
     domains = sorted({f.domain for f in texts})
     total = sum(f.size for f in texts)
+    n_records = sum(f.kind == "records" for f in texts)
     detail = (
-        f"{corpus}: {len(texts)} text files, {total / 1e6:.1f} MB, "
+        f"{corpus}: {len(texts) - n_records} text files{f', {n_records} record files' if n_records else ''}, "
+        f"{total / 1e6:.1f} MB, "
         f"{len(domains)} domain{'s' if len(domains) != 1 else ''} ({', '.join(domains[:6])}{', …' if len(domains) > 6 else ''})"
     )
     if unreadable:

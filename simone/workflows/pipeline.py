@@ -17,6 +17,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,6 +25,7 @@ from simone.checkpoint import list_checkpoints
 from simone.config import Config, analytic_param_count, from_dict, save_config
 from simone.data.curate import curate, summary
 from simone.data.default_corpus import default_corpus_dir
+from simone.data.records import is_record_file
 from simone.data.shards import build_shards
 from simone.data.tokenizer import load_tokenizer, train_tokenizer
 from simone.devices import pick_device
@@ -76,9 +78,13 @@ class DeviceError(PipelineError):
 
 
 def _corpus_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*.txt") if f.is_file())
+    """Text bytes, roughly: a compressed record file (.gz, .zst, Parquet) holds about 3x its size."""
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return sum(
+        f.stat().st_size * (1 if f.name.endswith((".txt", ".jsonl")) else 3)
+        for f in files
+        if f.name.endswith(".txt") or is_record_file(f)
+    )
 
 
 def estimated_train_tokens(cfg: Config) -> int:
@@ -314,7 +320,7 @@ def stage_train(
     # While rank 0 prepares, the others wait in a collective: give it an hour (torch's default,
     # 10 minutes with NCCL, is too short for a large corpus).
     init_distributed(env, resolve_device(cfg.train.device, env), timeout_s=None if prepared else PREPARE_TIMEOUT_S)
-    outcome: tuple[str, object]
+    outcome: tuple[str, Any]
     if env.is_main:
         try:
             if not as_prepared:
@@ -480,9 +486,9 @@ def _run_locked(
 def _start_monitor(**where) -> str:
     """Serve the dashboard beside training (`--monitor`); return its URL."""
     # deferred: the dashboard's web stack (fastapi, uvicorn, plotly) loads only with --monitor
-    from simone.monitor import start_background_monitor
+    from simone.monitor import start_background_monitor  # noqa: PLC0415
 
-    return start_background_monitor(**where)
+    return str(start_background_monitor(**where))
 
 
 # ----------------------------------------------------------------------------- several models
