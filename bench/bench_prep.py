@@ -2,10 +2,12 @@
 
     python bench/bench_prep.py --corpus ../shared/corpus
     python bench/bench_prep.py --corpus ../shared/corpus --preset h200 --out /tmp/bench_prep
+    python bench/bench_prep.py --corpus /tmp/simone-jsonl-corpus --workers 1   # see make_jsonl_corpus.py
 
 A thin wrapper over `simone.workflows.bench.bench_prep` (the same code as `simone bench prep`):
 wall time, CPU time, cores used and peak RSS (this process and its workers, sampled every
-20 ms) of each stage and in total. Every run starts fresh.
+20 ms) of each stage and in total. Every run starts fresh. `--workers N`: as `simone prepare
+--workers N` (N processes curate and tokenize the shards, N threads train the tokenizer).
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ def main() -> None:
     ap.add_argument("--preset", default="cpu", help="config preset (sets the vocabulary size)")
     ap.add_argument("--vocab-size", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=None, help="default: one per core")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args()
     result = bench_prep(args.corpus, preset=args.preset, out_dir=args.out, threads=args.threads,
-                        vocab_size=args.vocab_size, json_path=args.json)
+                        vocab_size=args.vocab_size, json_path=args.json, workers=args.workers)
     Console(width=150).print(*tables(result))
 
 

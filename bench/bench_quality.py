@@ -5,6 +5,8 @@ scored in bits per byte on the same held-out documents (issue 16, part 1).
     python bench/bench_quality.py --minutes 0.1 --tiny --corpus DIR        (smoke: seconds)
     python bench/bench_quality.py --minutes 10 --recipes ours,peer,ours-muon,ours-budget
     python bench/bench_quality.py --minutes 10 --recipes ours,b8 --variant b8:train.batch_size=8
+    python bench/bench_quality.py --screen 1500 --recipes ours,relu2,qk-norm,nanochat   (equal steps)
+    python bench/bench_quality.py --overrides-of nanochat        (a built-in variant's overrides, one a line)
 
 Held-out text: per domain (first folder of the corpus), the first `*.txt` in sorted order of
 at least 20 KB (or the largest, if none is), removed with its sidecar from the training copy
@@ -24,8 +26,14 @@ Recipes:
                evaluation during training (nanoGPT's periodic evaluation would cost it time)
   ours-muon    ours with train.optimizer=muon
   ours-budget  ours with the shape `--budget-minutes M` picks (simone/train/budget.py), as `make run` trains
+  LEVER        ours with one lever of nanochat's recipe (issue 28; LEVERS below): relu2, qk-norm,
+               value-embed, zero-init, softcap, untied-head, muon-shape, warmdown, doc-aligned
+  nanochat     ours with all of them at once, as nanochat's base training combines them
   NAME         ours with the overrides of `--variant NAME:section.key=value[,section.key=value...]`
                (a lever tried on its own; `simone run --set` spells the same overrides)
+
+`--screen STEPS` trains every recipe for STEPS optimizer steps instead of M minutes (no time
+cap: the machine's load does not matter), to screen levers before the winners run at 10 minutes.
 
 Several runs can share one --work folder (the data is prepared once) when their recipe names
 differ; give each its own --json. `peer` may be left out (then no ratio is printed).
@@ -59,7 +67,24 @@ MIN_HELD_OUT_BYTES = 20_000
 GOAL = 0.85
 # our recipes that are the cpu preset with overrides (`--variant` adds more); `ours-budget` and
 # `peer` are trained differently
-BUILT_IN_VARIANTS: dict[str, list[str]] = {"ours": [], "ours-muon": ["train.optimizer=muon"]}
+# The levers of nanochat's base training, one at a time, then together. Learning rates are relative
+# to ours (2e-3 at the cpu preset): head x2 is nanochat's unembedding lr 0.004, Muon x10 its matrix
+# lr 0.02 (with its per-shape scaling, whose updates are ~2x smaller than the AdamW-matched ones).
+LEVERS: dict[str, list[str]] = {
+    "relu2": ["model.mlp=relu2"],
+    "qk-norm": ["model.qk_norm=true"],
+    "value-embed": ["model.value_embeddings=1"],  # every other layer from the last: 1 of the presets' 2
+    "zero-init": ["model.zero_init_proj=true"],
+    "softcap": ["model.logit_softcap=15"],
+    "untied-head": ["model.tie_embeddings=false", "train.head_lr_scale=2"],
+    "muon-shape": ["train.optimizer=muon", "train.muon_shape_scaling=true", "train.muon_lr_scale=10"],
+    "warmdown": ["train.lr_schedule=wsd", "train.decay_fraction=0.65", "train.min_lr_ratio=0.05"],
+    "doc-aligned": ["train.doc_aligned=true"],
+}
+BUILT_IN_VARIANTS: dict[str, list[str]] = {
+    "ours": [], "ours-muon": ["train.optimizer=muon"], **LEVERS,
+    "nanochat": [o for overrides in LEVERS.values() for o in overrides],
+}
 BUILT_IN = {*BUILT_IN_VARIANTS, "ours-budget", "peer"}
 
 
@@ -169,9 +194,10 @@ def score_run(run_dir: Path, eval_dir: Path, label: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- recipes
 
 
-def train_ours(base: Config, prepared: Path, work: Path, eval_dir: Path, minutes: float, name: str,
-               edit: Callable[[Config], None] | None = None) -> dict[str, Any]:
-    """Our trainer on the prepared data, capped at `minutes`, as `simone run` trains."""
+def train_ours(base: Config, prepared: Path, work: Path, eval_dir: Path, minutes: float | None, name: str,
+               edit: Callable[[Config], None] | None = None, steps: int | None = None) -> dict[str, Any]:
+    """Our trainer on the prepared data, capped at `minutes` (or run for `steps`, uncapped), as
+    `simone run` trains."""
     import copy
 
     from simone.config import load_config
@@ -180,6 +206,8 @@ def train_ours(base: Config, prepared: Path, work: Path, eval_dir: Path, minutes
     cfg = copy.deepcopy(base)
     cfg.model.vocab_size = load_config(prepared / "config.json").model.vocab_size
     cfg.train.max_minutes = minutes
+    if steps is not None:
+        cfg.train.max_steps = steps
     if edit is not None:
         edit(cfg)
     run_dir = fresh_run(prepared, work / name)
@@ -208,8 +236,10 @@ PEER = dict(n_layers=2, dim=256, n_heads=4, context=128, batch=32, lr=1e-3, warm
 PEER_TINY = dict(n_layers=2, dim=64, n_heads=4, context=64, batch=8, lr=3e-3, warmup=10, plan_after=5)
 
 
-def train_peer(prepared: Path, eval_dir: Path, minutes: float, tiny: bool, seed: int = 1337) -> dict[str, Any]:
-    """nanoGPT's training loop (train.py, as published) on our GPT-2 baseline and our tokens."""
+def train_peer(prepared: Path, eval_dir: Path, minutes: float | None, tiny: bool, seed: int = 1337,
+               steps: int | None = None) -> dict[str, Any]:
+    """nanoGPT's training loop (train.py, as published) on our GPT-2 baseline and our tokens,
+    for `minutes` (its iterations planned from the first ones' speed) or for `steps` iterations."""
     from simone.config import load_config
     from simone.data.shards import TokenShard
     from simone.model import build_model
@@ -234,8 +264,8 @@ def train_peer(prepared: Path, eval_dir: Path, minutes: float, tiny: bool, seed:
         y = torch.stack([data[i + 1 : i + 1 + block] for i in ix.tolist()])
         return x, y
 
-    budget_s = minutes * 60.0
-    max_iters = None  # planned once the first iterations are timed: the iterations that fit
+    budget_s = minutes * 60.0 if minutes is not None else float("inf")
+    max_iters = steps  # None: planned once the first iterations are timed, the iterations that fit
     it, started = 0, time.perf_counter()
     while True:
         elapsed = time.perf_counter() - started
@@ -271,7 +301,11 @@ def train_peer(prepared: Path, eval_dir: Path, minutes: float, tiny: bool, seed:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--minutes", type=float, required=True, help="wall-clock training minutes for each recipe")
+    ap.add_argument("--minutes", type=float, default=None, help="wall-clock training minutes for each recipe")
+    ap.add_argument("--screen", type=int, default=None, metavar="STEPS",
+                    help="train each recipe for STEPS optimizer steps instead (equal steps, no time cap)")
+    ap.add_argument("--overrides-of", dest="overrides_of", default=None, metavar="NAME",
+                    help="print a built-in variant's overrides, one a line, and exit")
     ap.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_quality")
     ap.add_argument("--recipes", default="ours,peer", help="comma-separated: ours, peer, ours-muon, ours-budget")
@@ -288,13 +322,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="a named recipe: ours with these config overrides (repeatable)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.overrides_of is not None:
+        if args.overrides_of not in BUILT_IN_VARIANTS:
+            raise SystemExit(f"--overrides-of: built-in variants are {', '.join(BUILT_IN_VARIANTS)}")
+        print("\n".join(BUILT_IN_VARIANTS[args.overrides_of]))
+        return {}
+    if (args.minutes is None) == (args.screen is None):
+        ap.error("give --minutes M or --screen STEPS")
 
     variants = {**BUILT_IN_VARIANTS, **parse_variants(args.variant)}
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     unknown = set(recipes) - BUILT_IN - set(variants)
     if unknown or not recipes:
-        raise SystemExit(f"--recipes: only ours, peer, ours-muon, ours-budget or a --variant name "
+        raise SystemExit(f"--recipes: only {', '.join(sorted(BUILT_IN))} or a --variant name "
                          f"(got {args.recipes}; unknown: {', '.join(sorted(unknown)) or 'none'})")
+    if args.screen is not None and "ours-budget" in recipes:
+        raise SystemExit("--recipes: ours-budget sizes its shape for --minutes; it has no --screen")
     corpus = args.corpus.resolve()
     if not corpus.is_dir():
         raise SystemExit(f"{corpus}: no such corpus folder (pass --corpus DIR)")
@@ -317,21 +360,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     results: dict[str, dict[str, Any]] = {}
     for name in recipes:
-        print(f"[bench_quality] {name}: training {args.minutes:g} min", flush=True)
+        length = f"{args.minutes:g} min" if args.screen is None else f"{args.screen} steps"
+        print(f"[bench_quality] {name}: training {length}", flush=True)
         if name == "peer":
-            results[name] = train_peer(prepared, eval_dir, args.minutes, args.tiny)
+            results[name] = train_peer(prepared, eval_dir, args.minutes, args.tiny, steps=args.screen)
         elif name == "ours-budget":
             results[name] = train_ours(base, prepared, work, eval_dir, args.minutes, name,
                                        edit=lambda c: _budget_shape(c, args.minutes))
         else:
             results[name] = train_ours(base, prepared, work, eval_dir, args.minutes, name,
-                                       edit=lambda c, o=variants[name]: apply_overrides(c, o))
+                                       edit=lambda c, o=variants[name]: apply_overrides(c, o), steps=args.screen)
             results[name]["overrides"] = variants[name]
     peer_bpb = results["peer"]["bpb"] if "peer" in results else None
     for r in results.values():
         r["ratio_vs_peer"] = r["bpb"] / peer_bpb if peer_bpb else None
     report = {
-        "schema": 1, "minutes": args.minutes, "tiny": args.tiny, "cpu_model": cpu_model(),
+        "schema": 1, "minutes": args.minutes, "screen_steps": args.screen, "tiny": args.tiny, "cpu_model": cpu_model(),
         "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0], "torch": torch.__version__,
         "corpus": str(corpus), "held_out": [str(p.relative_to(corpus)) for p in held_out],
         "eval_chars": args.eval_chars, "prep_seconds": prep_s, "goal": GOAL, "overrides": args.overrides,
@@ -371,7 +415,8 @@ def _budget_shape(cfg: Config, minutes: float) -> None:
 
 
 def print_table(report: dict[str, Any]) -> None:
-    print(f"\nbits per byte on held-out text after {report['minutes']:g} min of training each "
+    length = f"{report['minutes']:g} min" if report["screen_steps"] is None else f"{report['screen_steps']} steps"
+    print(f"\nbits per byte on held-out text after {length} of training each "
           f"(CPU: {report['cpu_model']}, {report['threads']} threads, load {report['load_average']:.1f})")
     print(f"{'recipe':<12} {'bpb':>7} {'/ peer':>7} {'params':>9} {'steps':>7} {'tokens':>10} {'tok/s':>8}  shape")
     for name, r in report["recipes"].items():

@@ -5,6 +5,9 @@
 #   3. run          a short `simone run --preset h100` on the embedded corpus: tokens/s, expected_time
 #   4. generate     `simone bench generate --preset h200` on CUDA
 #   5. torchrun     2-process DDP training on step 3's data, if there are two GPUs
+#   6. nanochat     if time is left: bench_quality.py's `nanochat` variant (every lever of nanochat's
+#                   recipe, issue 28) trained a few steps on step 3's data, compiled as the preset is;
+#                   its exit status and last lines go to steps.log only (not a summary step)
 # then OUT/summary.json + OUT/summary.md (+ OUT/steps.log, the tail of each step's output).
 # Each step runs under its own timeout, cut to what is left of the total, so one step that
 # hangs costs only its share.
@@ -33,7 +36,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --out) OUT="$2"; shift ;;
     --data) DATA="$2"; shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -117,6 +120,28 @@ run_step() {
 for step in env bench_train run generate torchrun; do
   run_step "$step"
 done
+
+nanochat_check() {
+  local left=$((TOTAL - RESERVE - ($(date +%s) - START)))
+  local cap=120 dir="$WORK/run_nanochat" sets=()
+  [ "$DRY" = 1 ] && cap=60
+  [ "$left" -lt "$cap" ] && cap=$left
+  if [ "$cap" -le 20 ] || [ ! -f "$WORK/run/data/train.bin" ]; then
+    say "nanochat: no time or no prepared data left, not run"
+    return
+  fi
+  rm -rf "$dir" && mkdir -p "$dir" && cp -r "$WORK/run/data" "$WORK/run/tokenizer" "$WORK/run/config.json" "$dir/"
+  while read -r o; do [ -n "$o" ] && sets+=(--set "$o"); done < <("$PY" bench/bench_quality.py --overrides-of nanochat)
+  sets+=(--set model.governance=false --set train.eval_every=0 --set train.log_every=5)
+  if [ "$DRY" = 1 ]; then sets+=(--set train.max_steps=6 --set train.device=cpu)
+  else sets+=(--set train.max_steps=60 --set train.max_minutes=1.5); fi
+  say "nanochat: up to ${cap}s"
+  timeout -k 10 "$cap" "$PY" -m simone.train --run-dir "$dir" "${sets[@]}" >"$WORK/logs/nanochat.log" 2>&1
+  local rc=$?
+  { echo "----- nanochat (exit $rc): last lines"; tail -n 20 "$WORK/logs/nanochat.log"; } >> "$LOG"
+  say "nanochat: exit $rc"
+}
+nanochat_check
 
 mode=()
 [ "$DRY" = 1 ] && mode+=(--dry-run)

@@ -2,12 +2,14 @@
 
 simone run        corpus → curate → tokenizer → shards → train → validate → package
 simone curate | tokenizer | prepare | train | validate | package   one stage alone
+simone finetune   chat fine-tuning of a trained model (default: a demo set from the embedded corpus)
 simone generate   sample from a run dir, checkpoint dir or packaged .tar.gz
 simone ablate     governance ablation: every variant on the same data and budget
 simone config     print a preset (or a saved config with overrides)
 simone doctor     check the machine and the corpus
 simone monitor    live dashboard (port 5001);  simone status  the same in the terminal
-simone serve      an OpenAI-compatible HTTP API over a trained model (port 8000)
+simone serve      an OpenAI-compatible HTTP API over a trained model (port 8000), chat page at /
+simone chat       talk to a trained model in the terminal
 simone bench      train | generate | prep: ours against transformers, data-prep time and RAM
 simone export     a trained model as a Hugging Face folder (--format hf) or GGUF file (--format gguf)
 simone eval       bits per byte of models (simone, hf:DIR, GGUF) on any folder of text
@@ -16,6 +18,7 @@ simone eval       bits per byte of models (simone, hf:DIR, GGUF) on any folder o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -77,6 +80,13 @@ def _add_curation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="leave flagged files out of training")
     p.add_argument("--decontaminate", action="store_true", help="move contaminated validation docs")
     p.add_argument("--no-curate", action="store_true", help="skip dedup/quality/label filtering")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="N processes curate and tokenize the shards, N threads train the tokenizer (default: one per core)",
+    )
 
 
 def _add_config_args(p: argparse.ArgumentParser, with_data: bool = True) -> None:
@@ -114,14 +124,36 @@ def _add_config_args(p: argparse.ArgumentParser, with_data: bool = True) -> None
         p.add_argument(flag, dest=f"legacy:{key}", default=None, help=f"alias of --set {key}=…")
 
 
+def _add_init_from(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--init-from",
+        dest="init_from",
+        default=None,
+        metavar="PACKAGE_OR_RUN",
+        help="continued pretraining: start from this model's weights and tokenizer (a .tar.gz package, "
+        "run dir or checkpoint), with its config, a fresh optimizer and schedule, and train.lr 0.3 x its own",
+    )
+
+
 def build_config(args: argparse.Namespace, run_dir: Path | None = None) -> Config:
-    """Preset (or --config, or the run's own config.json) → legacy flags → --set → plain flags."""
+    """Preset (or --config, or the run's own config.json, or --init-from's parent's) → legacy flags
+    → --set → plain flags."""
+    init_from = getattr(args, "init_from", None)
     if args.config:
         cfg = load_config(args.config)
-        if args.preset:
-            raise CLIError("give either --config or --preset, not both")
+        if args.preset or init_from:
+            raise CLIError(f"give either --config or {'--preset' if args.preset else '--init-from'}, not both")
     elif run_dir is not None and RunDir(run_dir).config.exists() and not args.preset:
         cfg = load_config(RunDir(run_dir).config)
+    elif init_from:  # a continued run starts from its parent's config (simone/workflows/continued.py)
+        from simone.workflows.continued import parent_config, read_parent
+
+        cfg = parent_config(read_parent(init_from))
+        if args.preset and args.preset != cfg.preset:
+            raise CLIError(
+                f"--preset {args.preset}: a continued run takes its parent's config (preset {cfg.preset}); "
+                "drop --preset (change settings with --set)"
+            )
     else:
         cfg = preset(args.preset or (LEGACY_PRESET if uses_legacy_flags(args) else DEFAULT_PRESET))
     for key, value in vars(args).items():
@@ -146,6 +178,12 @@ def build_config(args: argparse.Namespace, run_dir: Path | None = None) -> Confi
         cfg.curate.decontaminate = True
     if getattr(args, "no_curate", False):
         cfg.curate.enabled = False
+    if getattr(args, "workers", None) is not None:
+        if args.workers < 1:
+            raise CLIError(f"--workers {args.workers}: give at least 1")
+        cfg.curate.workers = args.workers
+        # the tokenizer trainer's Rust thread pool reads this when it first starts (later in this process)
+        os.environ.setdefault("RAYON_NUM_THREADS", str(args.workers))
     return cfg
 
 
@@ -181,6 +219,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
     resume = _resume_arg(args.resume)
+    if args.init_from and (resume or args.models or args.budget_minutes is not None):
+        given = "--resume" if resume else "--models" if args.models else "--budget-minutes"
+        raise CLIError(
+            f"--init-from with {given}: a continued run is one new model of its parent's shape "
+            "(resume one with --resume alone: its config.json names its parent)"
+        )
     cfg = build_config(args, run_dir if resume else None)
     legacy = _implied_legacy_preset(args, cfg)
     if legacy:
@@ -290,6 +334,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_device(cfg)  # before the run lock creates the run dir
     result = stage_train(cfg, run_dir, resume=_resume_arg(args.resume), force=args.force, say=_say, show=_show)
     return 0 if result is not None else 1
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from simone.workflows.finetune import finetune
+
+    resume = _resume_arg(args.resume)
+    if args.model is None and resume is None:
+        raise CLIError("finetune: give --model PACKAGE (or --out RUN --resume latest to continue a fine-tune)")
+    result = finetune(
+        Path(args.model) if args.model else None,
+        Path(args.out) if args.out else _default_run_dir(),
+        data=Path(args.data) if args.data else None,
+        overrides=args.overrides,
+        max_steps=args.max_steps,
+        max_minutes=args.max_minutes,
+        skip_bad=args.skip_bad,
+        eval_items=args.eval_items,
+        resume=resume,
+        force=args.force,
+        package_dir=Path(args.package_dir),
+        say=_say,
+        show=_show,
+    )
+    return 0 if result.ok else 1
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -499,6 +567,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# what a terminal would obey in a reply (escape sequences, carriage returns) is shown as U+FFFD
+_CONTROL_CHARS = {c: "\ufffd" for c in [*range(32), *range(127, 160)] if chr(c) not in "\n\t"}
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from simone.inference.chat_session import ChatSession
+    from simone.inference.load import load_model
+    from simone.inference.openai_api import chat_format
+
+    with contextlib.suppress(ImportError):  # line editing for input(), where the platform has it
+        import readline  # noqa: F401
+
+    loaded = load_model(Path(args.model), device=args.device)
+    session = ChatSession(
+        loaded, args.system, args.temperature, args.max_tokens, args.seed, say=lambda line: print(f"({line})")
+    )
+    print(
+        f"simone chat: {loaded.source} ({chat_format(loaded)} chat, {loaded.device}). "
+        "/reset forgets the conversation; Ctrl-C stops a reply; Ctrl-D or Ctrl-C here ends."
+    )
+    while True:
+        try:
+            text = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if text.strip() == "/reset":
+            session.reset()
+            print("(conversation forgotten)")
+        elif text.strip():
+            pieces = session.reply(text)
+            try:
+                for piece in pieces:
+                    print(piece.translate(_CONTROL_CHARS), end="", flush=True)
+            except KeyboardInterrupt:
+                print(" [stopped]", end="")
+            finally:
+                pieces.close()  # the reply so far joins the history
+            print()
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -559,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("run", cmd_run, "run every stage: corpus to packaged, validated model")
     _add_config_args(p)
+    _add_init_from(p)
     p.add_argument("--run-dir", "--output_dir", dest="run_dir", default=None, help="default: runs/<timestamp>")
     p.add_argument(
         "--resume", "--resume_from", dest="resume", default=None, help="latest | best (or best_model) | checkpoint path"
@@ -617,6 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train a run dir, preparing its data first if needed (under torchrun: data-parallel on every process)",
     )
     _add_config_args(p)
+    _add_init_from(p)
     p.add_argument("--run-dir", dest="run_dir", required=True)
     p.add_argument("--resume", "--resume_from", dest="resume", default=None)
     p.add_argument(
@@ -631,6 +742,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="under torchrun: ddp (a replica per process, default) or fsdp (FSDP2: sharded "
         "parameters, gradients and optimizer state, for models that do not fit one GPU)",
     )
+
+    p = verb("finetune", cmd_finetune, "chat fine-tuning: train a model on conversations, loss on its replies only")
+    p.add_argument("--model", default=None, help="the package, run dir or checkpoint to fine-tune")
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="CHATS.jsonl",
+        help='conversations, a line each: {"messages": [{"role", "content"}, ...]} or {"prompt", "completion"} '
+        "(default: a demo set built from the embedded corpus)",
+    )
+    p.add_argument("--out", default=None, metavar="RUN", help="the run dir (default: runs/<timestamp>)")
+    p.add_argument("--skip-bad", action="store_true", help="leave malformed lines out (counted) instead of stopping")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    p.add_argument("--max-steps", dest="max_steps", type=int, default=None)
+    p.add_argument("--max-minutes", dest="max_minutes", type=float, default=None)
+    p.add_argument(
+        "--eval-items", dest="eval_items", type=int, default=200, help="held-out replies measured (default 200)"
+    )
+    p.add_argument("--resume", default=None, help="latest | best | checkpoint path (of the run in --out)")
+    p.add_argument("--force", action="store_true", help="start over in a run dir that holds checkpoints")
+    p.add_argument("--package-dir", default="models_for_download", help="where the .tar.gz goes")
 
     p = verb("validate", cmd_validate, "write validation/report.{json,md}; non-zero exit when a check fails")
     p.add_argument("--model", required=True, help="run dir, checkpoint dir or .tar.gz")
@@ -857,7 +991,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         cmd_serve,
         "serve a trained model over an OpenAI-compatible HTTP API "
-        "(/v1/completions, /v1/chat/completions, /v1/models, /health)",
+        "(/v1/completions, /v1/chat/completions, /v1/models, /health) and a chat page at /",
     )
     p.add_argument("--model", required=True, help="run dir, checkpoint dir or .tar.gz")
     p.add_argument("--host", default="127.0.0.1")
@@ -891,6 +1025,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="largest request body; larger gets 413 (default 1048576)",
     )
+
+    p = verb("chat", cmd_chat, "talk to a trained model in the terminal (its reply streams as it is written)")
+    p.add_argument("--model", required=True, help="run dir, checkpoint dir or .tar.gz")
+    p.add_argument("--system", default=None, metavar="TEXT", help="a system message that opens the conversation")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=256, help="longest reply (default 256)")
+    p.add_argument("--seed", type=int, default=None, help="repeatable replies (default: a fresh seed)")
+    p.add_argument("--device", default="auto")
 
     p = verb(
         "bench",

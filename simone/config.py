@@ -48,6 +48,9 @@ class DataConfig:
     # share of training windows whose first input token is replaced by the control token of
     # their domain (data/loader.py): the token is then seen thousands of times, not once a book
     control_window_prob: float = 0.0
+    # a package carries up to 128 KiB of held-out text (validation.jsonl), on which a run continued
+    # from it measures forgetting; false keeps a private corpus's text out of packages
+    package_validation_text: bool = True
 
 
 @dataclass
@@ -55,7 +58,7 @@ class CurateConfig:
     enabled: bool = True  # False: read and clean only, no dedup/quality/label filtering
     strict: bool = False  # drop `flagged` files from training too
     decontaminate: bool = False  # move validation docs sharing 13-grams with training docs
-    workers: int = 0  # 0: one per core
+    workers: int = 0  # worker processes of curation and of tokenizing the shards (0: one per core)
     minhash_perms: int = 112
     near_dup_threshold: float = 0.8
     shingle_words: int = 5
@@ -105,6 +108,41 @@ class ModelConfig:
     coherence_distance: int = 16  # tokens between the two positions compared
     n_memory_slots: int = 8  # learned persistent key/value slots per layer
     trace_layers: str = "-1"  # comma-separated block indices averaged for the trace (-1: last)
+    # levers of nanochat's recipe (issue 28), the Llama-style model only; off until measured
+    mlp: str = "swiglu"  # or "relu2": down(relu(up(x))^2), two matrices of width ffn_hidden or 4*dim
+    qk_norm: bool = False  # queries and keys RMS-normalised per head (no weights) before attention
+    value_embeddings: int = 0  # token tables mixed into the values of that many layers (every other, from the last)
+    zero_init_proj: bool = False  # the blocks' output projections (attention wo, MLP w2) start at zero
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
+
+
+def architecture_levers(m: ModelConfig) -> list[str]:
+    """'model.KEY=VALUE' of each lever on in `m` that changes what the model computes, not only its
+    init: what the Llama architecture of Hugging Face and llama.cpp cannot hold ([]: none)."""
+    on = {"mlp": m.mlp != "swiglu", "qk_norm": m.qk_norm, "value_embeddings": m.value_embeddings > 0}
+    on["logit_softcap"] = m.logit_softcap is not None
+    return [f"model.{key}={str(getattr(m, key)).lower()}" for key, is_on in on.items() if is_on]
+
+
+def value_embedding_layers(m: ModelConfig) -> list[int]:
+    """The blocks whose attention values get a value-embedding table: every other block counted
+    back from the last (as nanochat places them), `m.value_embeddings` of them."""
+    return sorted(range(m.n_layers - 1, -1, -2)[: m.value_embeddings])
+
+
+def check_levers(m: ModelConfig) -> None:
+    """ConfigError naming the field when a lever's value is out of range or on a GPT-2 baseline."""
+    if m.mlp not in ("swiglu", "relu2"):
+        raise ConfigError(f"model.mlp={m.mlp!r}: choose swiglu or relu2")
+    most = (m.n_layers + 1) // 2
+    if not 0 <= m.value_embeddings <= most:
+        raise ConfigError(f"model.value_embeddings={m.value_embeddings}: 0..{most} (every other layer of {m.n_layers})")
+    cap = m.logit_softcap
+    if cap is not None and not (math.isfinite(cap) and cap > 0):
+        raise ConfigError(f"model.logit_softcap={cap}: must be a positive number (or none)")
+    levers = architecture_levers(m) + (["model.zero_init_proj=true"] if m.zero_init_proj else [])
+    if m.arch != "llama" and levers:
+        raise ConfigError(f"{', '.join(levers)}: the Llama-style model only (model.arch=llama)")
 
 
 def analytic_param_count(m: ModelConfig) -> int:
@@ -134,15 +172,19 @@ def analytic_param_count(m: ModelConfig) -> int:
             + d
         )  # GELU MLP, with biases
         return v * d + m.max_seq_len * d + m.n_layers * block + 2 * d + out_head
-    if m.ffn_hidden is not None:
-        hidden = m.ffn_hidden
+    if m.mlp == "relu2":  # two matrices, 4 * dim wide by default
+        mlp = 2 * d * (m.ffn_hidden or 4 * d)
+    elif m.ffn_hidden is not None:
+        mlp = 3 * d * m.ffn_hidden
     else:  # SwiGLU: 8/3 * dim rounded up to multiple_of (model.layers.swiglu_hidden_dim)
-        hidden = m.multiple_of * ((int(8 * d / 3) + m.multiple_of - 1) // m.multiple_of)
-    block = 2 * d + d * qkv_out + m.n_heads * head_dim * d + 3 * d * hidden
+        mlp = 3 * d * m.multiple_of * ((int(8 * d / 3) + m.multiple_of - 1) // m.multiple_of)
+    block = 2 * d + d * qkv_out + m.n_heads * head_dim * d + mlp
+    # each value-embedding table [vocab, kv width] and its gate [n_kv, min(32, dim)] (model/attention.py)
+    value_embeddings = m.value_embeddings * (v * n_kv * head_dim + n_kv * min(32, d))
     if m.governance and m.memory and m.n_memory_slots > 0:
         block += 2 * m.n_memory_slots * n_kv * head_dim  # memory keys and values
     policy = d + d * m.n_domains + m.n_domains if m.governance and m.policy else 0  # norm + linear
-    return v * d + m.n_layers * block + d + out_head + policy
+    return v * d + m.n_layers * block + d + out_head + policy + value_embeddings
 
 
 @dataclass
@@ -182,11 +224,23 @@ class TrainConfig:
     muon_lr_scale: float = 4.0
     # the token embedding's (and tied output head's) learning rate = this x the schedule's
     embed_lr_scale: float = 1.0
+    head_lr_scale: float = 1.0  # an untied output head's learning rate = this x the schedule's
+    # Muon's per-shape learning rate: x sqrt(max(1, rows/cols)) (nanochat's; its lr is then about
+    # 2x smaller than AdamW-matched) instead of 0.2 x sqrt(max(rows, cols)), AdamW's update size
+    muon_shape_scaling: bool = False
+    # "cosine" (over the planned steps), or "wsd": warmup-stable-decay over them too, the last
+    # decay_fraction of the steps decaying to min_lr_ratio (a time cap plans it by time either way)
+    lr_schedule: str = "cosine"
+    doc_aligned: bool = False  # training windows start at document starts (data/loader.py)
     activation_checkpointing: bool = False
     # under torchrun: "ddp" (a full replica per process) or "fsdp" (FSDP2: parameters, gradients
     # and optimizer state sharded over the processes, for models that do not fit one GPU)
     parallel: str = "ddp"
     system_stats_every_s: float = 5.0
+    # continued pretraining (workflows/continued.py): the package or checkpoint whose weights and
+    # tokenizer the run starts from, and its lineage {name, sha256, of, path, parent} (None: from scratch)
+    init_from: str | None = None
+    parent: dict[str, Any] | None = None
     max_bad_steps: int = 3  # consecutive non-finite steps before rollback
     max_rollbacks: int = 2  # rollbacks before the run fails
     rollback_lr_factor: float = 0.5
@@ -500,6 +554,7 @@ def check_model_ranges(m: ModelConfig) -> None:
             raise ConfigError(f"model.{name}={value_f}: out of range (expected between {low_f:g} and {high_f:g})")
     if not (math.isfinite(m.dropout) and 0.0 <= m.dropout < 1.0):
         raise ConfigError(f"model.dropout={m.dropout}: out of range (expected 0 <= dropout < 1)")
+    check_levers(m)
 
 
 def load_config(path: str | Path) -> Config:

@@ -62,3 +62,37 @@ def test_variants_parse_and_bad_ones_say_what_is_wrong(bq):
     for bad in ("nocolon", "x:", "x:train.lr", "ours:train.lr=1"):
         with pytest.raises(SystemExit, match="--variant"):
             bq.parse_variants([bad])
+
+
+def test_every_built_in_variant_builds_and_trains_two_steps(bq, template, tmp_path):
+    """Each lever of nanochat's recipe, and all of them as `nanochat`, through the real trainer."""
+    from simone.config import apply_overrides
+    from simone.train.trainer import train
+    from train_support import losses_by_step, new_run
+
+    assert {"relu2", "qk-norm", "value-embed", "zero-init", "softcap", "untied-head", "muon-shape", "warmdown",
+            "doc-aligned"} <= set(bq.BUILT_IN_VARIANTS)
+    assert set(bq.BUILT_IN_VARIANTS["nanochat"]) == {o for v in bq.LEVERS.values() for o in v}
+    for name, overrides in bq.BUILT_IN_VARIANTS.items():
+        cfg, run = new_run(template, tmp_path / name, max_steps=2, eval_every=0, checkpoint_every=0, log_every=1)
+        result = train(apply_overrides(cfg, overrides), run)
+        losses = losses_by_step(run)
+        assert result.steps == 2 and sorted(losses) == [1, 2] and all(0 < v < 10 for v in losses.values()), name
+
+
+def test_overrides_of_prints_a_variant_and_a_length_is_required(bq, capsys):
+    assert bq.main(["--overrides-of", "nanochat"]) == {}
+    assert capsys.readouterr().out.split() == bq.BUILT_IN_VARIANTS["nanochat"]
+    with pytest.raises(SystemExit):
+        bq.main(["--recipes", "ours"])  # neither --minutes nor --screen
+    with pytest.raises(SystemExit):
+        bq.main(["--minutes", "1", "--screen", "5"])
+
+
+def test_screen_mode_trains_every_recipe_for_the_same_steps(bq, tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    report = bq.main(["--screen", "3", "--tiny", "--corpus", str(corpus), "--work", str(tmp_path / "w"),
+                      "--recipes", "ours,peer,nanochat"])
+    assert report["screen_steps"] == 3 and report["minutes"] is None
+    assert {n: r["steps"] for n, r in report["recipes"].items()} == {"ours": 3, "peer": 3, "nanochat": 3}
+    assert "muon" in report["recipes"]["nanochat"]["shape"] and report["recipes"]["nanochat"]["ratio_vs_peer"] > 0

@@ -17,10 +17,12 @@ writes into `data_dir`:
   curate.stamp.json inputs + settings fingerprint and the result, for reuse
 
 Steps: (1) per file, in a process pool: decode, clean, metadata, stub/length/quality
-rules, label check, word hashes -> MinHash signature and sampled 13-grams; cleaned text is
-spooled to disk, never held for the whole corpus. Each record of a record file is a document
-as a `.txt` of its text would be (its other fields stand for a sidecar's metadata), with
-`curate.max_file_bytes` and `curate.max_file_seconds` per record, not per record file.
+rules, label check, word hashes -> MinHash signature and sampled 13-grams; the cleaned text
+and the 13-grams are spooled to disk, never held for the whole corpus (the corpus-wide 13-gram
+comparisons read them back a hash range at a time: dedup.py). Each record of a record file is
+a document as a `.txt` of its text would be (its other fields stand for a sidecar's metadata),
+with `curate.max_file_bytes` and `curate.max_file_seconds` per record, not per record file; a
+record file is read by one worker (a corpus of several record files spreads over the workers).
 (2) exact duplicates by hash of the cleaned text, then near duplicates by MinHash LSH; the
 better copy is kept (its label fits its text, then higher quality score, then longer).
 (3) split by document (a record with a string `id` field by that id, else by its path).
@@ -93,15 +95,17 @@ from simone.data.corpus import (
 )
 from simone.data.dedup import (
     DupCandidate,
+    SpilledGrams,
     WordHasher,
     contained_pairs,
     minhash_permutations,
     minhash_signature,
     near_duplicates,
     ngram_hashes,
+    overlap_counts,
     repeated_passages,
     sample_grams,
-    unique_sorted,
+    shared_with,
 )
 from simone.data.labels import check_label
 from simone.data.quality import WHITESPACE, DocTokens, assess, passes, whitespace_share
@@ -426,7 +430,10 @@ def _process_text(
         if st.perms is None:  # set by the worker's initializer; never missing in a worker
             raise RuntimeError("curation worker started without its MinHash permutations")
         rec["_signature"] = minhash_signature(ngram_hashes(tokens.hashes, st.shingle_words), st.perms)
-        rec["_grams"] = sample_grams(grams, CONTAMINATION_SAMPLE)
+        # on disk until the corpus-wide comparisons read them a hash range at a time
+        rec["_grams"] = SpilledGrams.append(
+            str(Path(st.spool) / f"grams.{os.getpid()}"), sample_grams(grams, CONTAMINATION_SAMPLE)
+        )
     return _spool(rec, body, st)
 
 
@@ -730,17 +737,18 @@ def _deduplicate(
 def _contamination(included: list[dict[str, Any]], threshold: float, move: bool) -> list[dict[str, Any]]:
     """Validation documents sharing >= `threshold` of their (sampled) 13-grams with training."""
     train = [r["_grams"] for r in included if r["split"] == "train" and "_grams" in r]
-    train_grams = unique_sorted(np.concatenate(train)) if train else np.zeros(0, dtype=np.uint64)
+    val = [r for r in included if r["split"] == "val" and len(r.get("_grams", ())) > 0]
+    hits, n_train_grams = shared_with([r["_grams"] for r in val], train)
+    if n_train_grams == 0:
+        return []
+    shares = [hit / len(r["_grams"]) for r, hit in zip(val, hits, strict=True)]
+    flagged = [r for r, shared in zip(val, shares, strict=True) if shared >= threshold]
+    sources = dict(zip(map(id, flagged), _largest_overlaps(flagged, included, move), strict=True))
     out = []
-    for r in included:
-        if r["split"] != "val" or "_grams" not in r or len(r["_grams"]) == 0 or len(train_grams) == 0:
-            continue
-        grams = r["_grams"]
-        idx = np.searchsorted(train_grams, grams).clip(max=len(train_grams) - 1)
-        shared = float(np.mean(train_grams[idx] == grams))
+    for r, shared in zip(val, shares, strict=True):
         r["quality"]["train_13gram_overlap"] = round(shared, 4)
         if shared >= threshold:
-            source, source_share = _largest_overlap(grams, included)
+            source, source_share = sources[id(r)]
             r["reasons"].append("contamination")
             note = f"{shared:.0%} of its 13-grams also occur in training documents ({source_share:.0%} in {source})"
             if move:
@@ -760,17 +768,24 @@ def _contamination(included: list[dict[str, Any]], threshold: float, move: bool)
     return out
 
 
-def _largest_overlap(grams: np.ndarray, included: list[dict[str, Any]]) -> tuple[str, float]:
-    """The training document sharing the most of `grams`, and the share."""
-    best = ("", 0.0)
-    for t in included:
-        if t["split"] != "train" or len(t.get("_grams", ())) == 0:
-            continue
-        g = t["_grams"]
-        idx = np.searchsorted(g, grams).clip(max=len(g) - 1)
-        share = float(np.mean(g[idx] == grams))
-        if share > best[1]:
-            best = (t["path"], share)
+def _largest_overlaps(
+    flagged: list[dict[str, Any]], included: list[dict[str, Any]], move: bool
+) -> list[tuple[str, float]]:
+    """For each contaminated validation document, the training document sharing the most of its
+    13-grams (the first such in `included`), and the share; ("", 0.0) when none shares any. With
+    `move`, the contaminated documents before it count as training (--decontaminate moves them)."""
+    at = {id(r): k for k, r in enumerate(flagged)}
+    pool = [t for t in included if (t["split"] == "train" or (move and id(t) in at)) and len(t.get("_grams", ())) > 0]
+    moved_at = np.array([at.get(id(t), -1) for t in pool], dtype=np.int64)  # -1: trains anyway
+    best = []
+    group = max(1, (1 << 22) // max(1, len(pool)))  # documents a counts matrix holds (<= 32 MB)
+    for first in range(0, len(flagged), group):
+        queries = flagged[first : first + group]
+        counts = overlap_counts([r["_grams"] for r in queries], [t["_grams"] for t in pool])
+        for k, (r, row) in enumerate(zip(queries, counts, strict=True)):
+            share = np.where(moved_at < first + k, row / len(r["_grams"]), -1.0)
+            j = int(np.argmax(share)) if len(pool) else 0
+            best.append((pool[j]["path"], float(share[j])) if len(pool) and share[j] > 0 else ("", 0.0))
     return best
 
 
@@ -963,8 +978,8 @@ def _fingerprint(files: list[SourceFile], cfg: Config) -> str:
     inputs = [
         (sf.rel, sf.kind, sf.reason, sf.sidecar_problem, sf.size, sf.mtime_ns, _stat_key(sf.sidecar)) for sf in files
     ]
-    settings = {
-        "curate": dataclasses.asdict(cfg.curate),
+    settings = {  # the number of workers changes nothing in the output
+        "curate": {k: v for k, v in dataclasses.asdict(cfg.curate).items() if k != "workers"},
         "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "data_dir"},
     }
     blob = json.dumps([CURATE_VERSION, _code_digest(), inputs, settings], sort_keys=True, default=str)

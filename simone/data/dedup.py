@@ -6,27 +6,38 @@ MinHash signatures follow datasketch's `affine32` scheme (murmur3 finaliser, the
 `a*h + b` mod 2^32 with datasketch's own permutations), so they load into `MinHash` and
 `MinHashLSH` unchanged; computing them in NumPy here is only faster than feeding
 millions of shingles through `MinHash.update_batch` one Python call at a time.
+
+The corpus-wide comparisons (containment, contamination) never hold every document's n-grams
+at once: a document's sampled n-grams can wait on disk (`SpilledGrams`), and the comparisons
+go through the 64-bit hash space one range at a time (`hash_ranges`), each range holding
+about GRAMS_PER_PASS n-grams of the whole corpus; counts add up exactly across ranges.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 _TOKEN = re.compile(r"[^\W_]+")
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd constant for polynomial n-gram hashing
+GRAMS_PER_PASS = 1 << 21  # n-gram hashes of the whole corpus compared at a time (~100 MB of work arrays)
 
 
 class WordHasher:
-    """token -> stable uint64 hash (blake2b), cached: each distinct token is hashed once."""
+    """token -> stable uint64 hash (blake2b), cached: each distinct token is hashed once
+    (until the cache holds `max_tokens`; it then starts again, so it stays bounded)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_tokens: int = 1 << 21) -> None:
         self.cache: dict[str, int] = {}
+        self.max_tokens = max_tokens
 
     def __call__(self, tokens: list[str]) -> np.ndarray:
+        if len(self.cache) > self.max_tokens:
+            self.cache.clear()
         cache = self.cache
         for token in set(tokens).difference(cache):
             cache[token] = int.from_bytes(hashlib.blake2b(token.encode("utf-8"), digest_size=8).digest(), "little")
@@ -184,36 +195,123 @@ def sample_grams(grams: np.ndarray, modulus: int) -> np.ndarray:
     return unique_sorted(grams[grams % np.uint64(modulus) == 0])
 
 
+@dataclass(frozen=True)
+class SpilledGrams:
+    """A document's sorted distinct n-gram hashes, kept on disk: uint64 values [start, stop) of file `path`."""
+
+    path: str
+    start: int
+    stop: int
+
+    @classmethod
+    def append(cls, path: str, grams: np.ndarray) -> SpilledGrams:
+        """Write `grams` at the end of `path` (created if missing)."""
+        with open(path, "ab") as f:
+            start = f.tell() // 8
+            f.write(grams.astype(np.uint64).tobytes())
+        return cls(path, start, start + len(grams))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def read(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """The values in [lo, hi) (hi None: up to the top), found by binary search on a short-lived memmap."""
+        if not len(self):
+            return np.zeros(0, dtype=np.uint64)
+        values = np.memmap(self.path, dtype=np.uint64, mode="r", offset=self.start * 8, shape=(len(self),))
+        return np.array(in_range(values, lo, hi))
+
+
+Grams = np.ndarray | SpilledGrams  # sorted distinct uint64 n-gram hashes, in memory or on disk
+
+
+def in_range(grams: Grams, lo: int, hi: int | None) -> np.ndarray:
+    """The values of sorted `grams` in [lo, hi) (hi None: up to the top)."""
+    if isinstance(grams, SpilledGrams):
+        return grams.read(lo, hi)
+    a = np.searchsorted(grams, np.uint64(lo))
+    return grams[a : len(grams) if hi is None else np.searchsorted(grams, np.uint64(hi))]
+
+
+def hash_ranges(n_values: int, per_pass: int | None = None) -> list[tuple[int, int | None]]:
+    """[lo, hi) ranges cutting the uint64 hash space into equal parts of ~`per_pass` (default
+    GRAMS_PER_PASS) of `n_values` uniformly spread hashes each (the last hi is None: up to the top)."""
+    parts = max(1, -(-n_values // max(1, per_pass or GRAMS_PER_PASS)))
+    cuts = [k * 2**64 // parts for k in range(parts)]
+    return list(zip(cuts, [*cuts[1:], None], strict=True))
+
+
 def contained_pairs(
-    grams: list[np.ndarray], min_share: float, min_grams: int = 10, max_docs: int = 32
+    grams: Sequence[Grams], min_share: float, min_grams: int = 10, max_docs: int = 32, per_pass: int | None = None
 ) -> list[tuple[int, int, float]]:
     """(i, j, share) for documents i whose n-gram set lies at least `min_share` inside
     document j (j != i), from each document's sorted distinct (sampled) n-gram hashes.
 
     MinHash estimates Jaccard similarity, which is small when a short work sits inside a
-    long anthology; containment catches that copy. One sort over all n-grams: only n-grams
-    shared by two or more documents are counted pair by pair.
+    long anthology; containment catches that copy. One sort per hash range over all n-grams in
+    it: only n-grams shared by two or more documents are counted, pair by pair.
     """
     if len(grams) < 2:
         return []
-    ids = np.concatenate([np.full(len(g), i, dtype=np.int32) for i, g in enumerate(grams)])
-    allg = np.concatenate(grams)
-    order = np.argsort(allg, kind="stable")
-    g, d = allg[order], ids[order]
-    starts = np.flatnonzero(np.concatenate(([True], g[1:] != g[:-1])))
-    ends = np.concatenate((starts[1:], [len(g)]))
-    counts: dict[tuple[int, int], int] = {}
-    sizes = ends - starts
-    # n-grams in very many documents are stock phrases, not copies; they only cost time
-    for k in np.flatnonzero((sizes > 1) & (sizes <= max_docs)):
-        docs = np.unique(d[starts[k] : ends[k]]).tolist()
-        for a in docs:
-            for b in docs:
-                if a != b:
-                    counts[(a, b)] = counts.get((a, b), 0) + 1
+    n_docs = len(grams)
+    pair_keys, pair_counts = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    for lo, hi in hash_ranges(sum(len(g) for g in grams), per_pass):
+        part = [in_range(g, lo, hi) for g in grams]
+        ids = np.concatenate([np.full(len(g), i, dtype=np.int64) for i, g in enumerate(part)])
+        allg = np.concatenate(part)
+        order = np.argsort(allg, kind="stable")
+        g, d = allg[order], ids[order]
+        starts = np.flatnonzero(np.concatenate(([True], g[1:] != g[:-1])))
+        sizes = np.diff(np.append(starts, len(g)))
+        keys = [pair_keys]
+        # n-grams in very many documents are stock phrases, not copies; they only cost time
+        for size in np.unique(sizes[(sizes > 1) & (sizes <= max_docs)]):
+            members = d[starts[sizes == size][:, None] + np.arange(size)]  # a row per n-gram: its documents
+            left, right = np.nonzero(~np.eye(size, dtype=bool))  # every ordered pair of two of them
+            keys.append((members[:, left] * n_docs + members[:, right]).ravel())
+        pair_keys, where = np.unique(np.concatenate(keys), return_inverse=True)
+        weights = np.concatenate((pair_counts, np.ones(len(where) - len(pair_counts), dtype=np.int64)))
+        pair_counts = np.bincount(where, weights=weights, minlength=len(pair_keys)).astype(np.int64)
     out = []
-    for (a, b), c in counts.items():
-        n = len(grams[a])
+    for key, c in zip(pair_keys.tolist(), pair_counts.tolist(), strict=True):
+        i, j = divmod(key, n_docs)
+        n = len(grams[i])
         if n >= min_grams and c / n >= min_share:
-            out.append((a, b, c / n))
+            out.append((i, j, c / n))
     return sorted(out)
+
+
+def shared_with(queries: Sequence[Grams], pool: Sequence[Grams], per_pass: int | None = None) -> tuple[list[int], int]:
+    """How many of each query's n-grams occur in any document of `pool`, and how many distinct
+    n-grams `pool` has, going through the hash space one range at a time."""
+    hits, n_pool = [0] * len(queries), 0
+    for lo, hi in hash_ranges(sum(len(g) for g in (*queries, *pool)), per_pass):
+        ref = [in_range(g, lo, hi) for g in pool]
+        union = unique_sorted(np.concatenate(ref)) if ref else np.zeros(0, dtype=np.uint64)
+        n_pool += len(union)
+        for k, q in enumerate(queries):
+            values = in_range(q, lo, hi)
+            if len(union) and len(values):
+                idx = np.searchsorted(union, values).clip(max=len(union) - 1)
+                hits[k] += int(np.count_nonzero(union[idx] == values))
+    return hits, n_pool
+
+
+def overlap_counts(queries: Sequence[Grams], pool: Sequence[Grams], per_pass: int | None = None) -> np.ndarray:
+    """counts[k, t]: how many of query k's n-grams document t of `pool` has, going through the
+    hash space one range at a time."""
+    counts = np.zeros((len(queries), len(pool)), dtype=np.int64)
+    for lo, hi in hash_ranges(sum(len(g) for g in (*queries, *pool)), per_pass):
+        part = [in_range(g, lo, hi) for g in pool]
+        values = np.concatenate(part) if part else np.zeros(0, dtype=np.uint64)
+        owner = np.repeat(np.arange(len(part)), [len(p) for p in part])
+        order = np.argsort(values, kind="stable")
+        values, owner = values[order], owner[order]
+        for k, q in enumerate(queries):
+            v = in_range(q, lo, hi)
+            left, right = np.searchsorted(values, v, "left"), np.searchsorted(values, v, "right")
+            n = right - left  # how many pool documents hold each of the query's n-grams
+            if n.sum():
+                firsts = np.repeat(left - np.cumsum(n) + n, n)  # each match: its run's start, minus matches before
+                counts[k] += np.bincount(owner[firsts + np.arange(n.sum())], minlength=len(pool))
+    return counts

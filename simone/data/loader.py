@@ -4,6 +4,13 @@ Windows. Window `w` is tokens `[w*T, w*T + T + 1)` of the split (T = seq_len): i
 `x = window[:-1]`, targets `y = window[1:]`. Windows do not overlap except for the one
 token a target shares with the next window's input; there are `(n_tokens - 1) // T`.
 
+Document-aligned windows (`doc_aligned`, nanochat's batch starts). Every document (the split's
+start, and each position right after an end-of-document token) opens a window, and its next
+windows follow every T tokens until the document's end: no document starts mid-window, and a
+window's first tokens never see the end of the document before. A document's last window runs
+on into the next one, whose own first window reads those tokens again (about T/2 tokens read
+twice per document). Window `w` then starts at `doc_window_starts(...)[w]`; the rest is as below.
+
 Epochs. Epoch `e` visits the windows in the order `perm_e`, a permutation drawn from
 `numpy.random.default_rng([seed, e])` (never the global RNG). The order is cut into
 global batches of `G = batch_size * world_size` windows:
@@ -42,6 +49,10 @@ Window `w` is chosen when `window_uniform(seed, w) < p`: a pure function of the 
 the batches stay exactly resumable and identical with or without prefetch. Targets are
 unchanged; the evaluation windows never get one.
 
+Loss mask (chat fine-tuning). A shard with a mask (`TokenShard.mask`, simone/data/chat_data.py)
+gives targets of -1, which the loss ignores, where the mask is 0: the same windows and order,
+only what is learned from them differs. Evaluation batches are masked the same way.
+
 Resume. `state_dict()` is `{epoch, position, seed, seq_len, global_batch, ...}` in plain
 ints; a loader given it by `load_state_dict` returns exactly the batches the original
 would have returned next.
@@ -75,10 +86,32 @@ def window_uniform(seed: int, windows: np.ndarray) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+def doc_window_starts(tokens: np.ndarray, eod_id: int, seq_len: int, chunk: int = 1 << 24) -> np.ndarray:
+    """Start positions of the document-aligned windows of `tokens` (see the module doc), in
+    order: each document's start and every `seq_len` tokens after it inside the document, for
+    windows of seq_len + 1 tokens that fit. Reads the tokens `chunk` at a time (a memmap)."""
+    n = len(tokens)
+    after_eod = [np.flatnonzero(np.asarray(tokens[i : i + chunk]) == eod_id) + (i + 1) for i in range(0, n, chunk)]
+    bounds = np.unique(np.concatenate([[0], *after_eod, [n]]).astype(np.int64))  # doc starts, then the end
+    per_doc = -(-np.diff(bounds) // seq_len)  # windows starting in each document
+    nth = np.arange(per_doc.sum()) - np.repeat(np.cumsum(per_doc) - per_doc, per_doc)  # k-th of its document
+    starts = np.repeat(bounds[:-1], per_doc) + nth * seq_len
+    return starts[starts + seq_len + 1 <= n]
+
+
 def _gather(tokens: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:
     """Rows `tokens[s : s+length]` for each start, as an int64 tensor [len(starts), length]."""
     rows = tokens[starts[:, None] + np.arange(length)[None, :]]  # fancy indexing reads only these
     return torch.from_numpy(rows.astype(np.int64))
+
+
+def _masked_targets(shard: TokenShard, buf: torch.Tensor, starts: np.ndarray) -> torch.Tensor | None:
+    """The targets `buf[:, 1:]` with -1 (ignored by the loss) where the shard's loss mask is 0;
+    None for a shard without a mask."""
+    if shard.mask is None:
+        return None
+    keep = _gather(shard.mask, starts + 1, buf.size(1) - 1).bool()
+    return buf[:, 1:].masked_fill(~keep, -1)
 
 
 class BatchLoader:
@@ -99,6 +132,7 @@ class BatchLoader:
         domain_classes: list[str] | None = None,
         control_ids: dict[str, int] | None = None,
         control_window_prob: float = 0.0,
+        doc_aligned: bool = False,
     ):
         if not 0.0 <= control_window_prob <= 1.0:
             raise ValueError(f"data.control_window_prob={control_window_prob}: must be in [0, 1]")
@@ -117,7 +151,10 @@ class BatchLoader:
         on_cuda = self.device.type == "cuda"
         self.pin_memory = on_cuda if pin_memory is None else pin_memory
         self.global_batch = batch_size * world_size
-        self.n_windows = max(0, (shard.n_tokens - 1) // seq_len)
+        self.doc_aligned = doc_aligned
+        # window w starts at _starts[w] (document-aligned), or at w * seq_len (None)
+        self._starts = doc_window_starts(shard.tokens, shard.eod_id, seq_len) if doc_aligned else None
+        self.n_windows = max(0, (shard.n_tokens - 1) // seq_len) if self._starts is None else len(self._starts)
         step_windows = self.global_batch * grad_accum
         self.batches_per_epoch = (self.n_windows // step_windows) * grad_accum
         if self.batches_per_epoch == 0:
@@ -160,17 +197,26 @@ class BatchLoader:
         base = position * self.global_batch
         return perm[base + self.rank : base + self.global_batch : self.world_size]
 
-    def _host_batch(self, epoch: int, position: int) -> torch.Tensor:
+    def window_starts(self, windows: np.ndarray) -> np.ndarray:
+        """Token positions where the windows `windows` (ids) start."""
+        return windows * self.seq_len if self._starts is None else self._starts[windows]
+
+    def _host_batch(self, epoch: int, position: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The micro-batch's windows [B, T+1], and its targets [B, T] where the shard has a
+        loss mask (else None: the window's own tokens)."""
         windows = self.window_ids(epoch, position)
-        starts = windows * self.seq_len
+        starts = self.window_starts(windows)
         buf = _gather(self.shard.tokens, starts, self.seq_len + 1)
+        targets = _masked_targets(self.shard, buf, starts)
         if self.control_window_prob > 0 and len(self._range_starts):
             rows = np.flatnonzero(window_uniform(self.seed, windows) < self.control_window_prob)
             which = np.searchsorted(self._range_starts, starts[rows] + 1, side="right") - 1
             ids = np.where(which >= 0, self._range_control[which.clip(min=0)], -1)
             rows, ids = rows[ids >= 0], ids[ids >= 0]
             buf[torch.from_numpy(rows), 0] = torch.from_numpy(ids)
-        return buf.pin_memory() if self.pin_memory else buf
+        if self.pin_memory:
+            return buf.pin_memory(), None if targets is None else targets.pin_memory()
+        return buf, targets
 
     # ------------------------------------------------------------------ iteration
     @property
@@ -190,7 +236,7 @@ class BatchLoader:
     def next_batch_with_domains(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(x, y, d)`: the next micro-batch and each input token's domain class [B, T]."""
         x, y, key = self._next()
-        positions = self.window_ids(*key)[:, None] * self.seq_len + np.arange(self.seq_len)[None, :]
+        positions = self.window_starts(self.window_ids(*key))[:, None] + np.arange(self.seq_len)[None, :]
         if len(self._range_starts):
             which = np.searchsorted(self._range_starts, positions, side="right") - 1
             labels = np.where(which >= 0, self._range_class[which.clip(min=0)], -1)
@@ -207,9 +253,9 @@ class BatchLoader:
             self.position = 0
         key = (self.epoch, self.position)
         if self._pending is not None and self._pending[0] == key:
-            buf = self._pending[1].result()
+            buf, targets = self._pending[1].result()
         else:
-            buf = self._host_batch(*key)
+            buf, targets = self._host_batch(*key)
         self._pending = None
         self.position += 1
         if self._pool is not None:
@@ -217,7 +263,8 @@ class BatchLoader:
             self._pending = (nxt, self._pool.submit(self._host_batch, *nxt))
         if self.device.type != "cpu":
             buf = buf.to(self.device, non_blocking=self.pin_memory)
-        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous(), key
+            targets = None if targets is None else targets.to(self.device, non_blocking=self.pin_memory)
+        return buf[:, :-1].contiguous(), (buf[:, 1:] if targets is None else targets).contiguous(), key
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -233,12 +280,15 @@ class BatchLoader:
             "seq_len": self.seq_len,
             "global_batch": self.global_batch,
             "n_windows": self.n_windows,
+            **({"doc_aligned": True} if self.doc_aligned else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`. Raises ValueError if it was made for other data or
         another seed/seq_len, or if its position is not a whole number of this loader's
         global batches (after a change of batch_size x world_size)."""
+        if bool(state.get("doc_aligned")) != self.doc_aligned:
+            raise ValueError(f"loader state has doc_aligned={not self.doc_aligned}, this loader {self.doc_aligned}")
         for key in ("seed", "seq_len", "n_windows"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"loader state has {key}={state[key]}, this loader has {getattr(self, key)}")
@@ -301,9 +351,11 @@ def eval_windows(
     device = torch.device(device)
     for i in range(0, len(starts), batch_size):
         buf = _gather(shard.tokens, starts[i : i + batch_size], length + 1)
+        targets = _masked_targets(shard, buf, starts[i : i + batch_size])
         if device.type != "cpu":
             buf = buf.to(device)
-        yield buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+            targets = None if targets is None else targets.to(device)
+        yield buf[:, :-1].contiguous(), (buf[:, 1:] if targets is None else targets).contiguous()
 
 
 def bits_per_byte(mean_loss_nats: float, shard: TokenShard, domain: str | None = None) -> float:

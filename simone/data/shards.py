@@ -25,35 +25,48 @@ split's `control_docs` lists those documents. Validation documents never get one
 validation stream (and bits-per-byte) does not depend on the setting. The index records
 `control_token_prob` and `control_seed`; a different setting rebuilds the shards.
 
+Loss mask. Shards written from conversations (simone/data/chat_data.py) also name a
+`mask_file` per split: one uint8 per token, 1 where the token is a target the loss counts
+(`TokenShard.mask`; the loader sets the others to -1), and `n_loss_tokens`, which bits per
+byte then divides by.
+
 Building streams:
-documents are read line by line, encoded in batches on all cores, and appended to one
-temporary file per (split, domain), which are then concatenated; memory stays small. The
-output is byte-identical for identical inputs, and the build is skipped when the index
-already records the same documents.jsonl and tokenizer.
+documents.jsonl is cut into slices of about CHUNK_BYTES at line ends, and `tokenize_chunk`
+turns each slice into one temporary token file per (split, domain), in `workers` processes;
+the parts are then concatenated domain by domain, slices in file order. A worker holds about
+BATCH_CHARS of text, so memory grows with the workers, not the corpus; the output is
+byte-identical for identical inputs whatever the number of workers; and the build is skipped
+when the index already records the same documents.jsonl and tokenizer. `tokenize_chunk` reads
+only its slice and the tokenizer file: it is the task a distributed engine would hand out.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
-import queue
+import json
+import multiprocessing as mp
+import os
 import shutil
-import threading
+import sys
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 
-from simone.data.documents import numbered_documents
-from simone.data.tokenizer import Tokenizer, split_for_encoding
+from simone.data.tokenizer import Tokenizer, load_tokenizer, split_for_encoding
 from simone.rundir import atomic_write_json, read_json, sha256_file
 
 SCHEMA = 1
 SPLITS = ("train", "val")
 INDEX_FILE = "index.json"
-BATCH_CHARS = 8 << 20  # characters of text per encode_batch call (bounds memory)
-T = TypeVar("T")
+BATCH_CHARS = 2 << 20  # characters of text per encode_batch call (a worker's memory: ~200 MB)
+CHUNK_BYTES = 8 << 20  # bytes of documents.jsonl per task of a worker (small: the workers end together)
+_PARALLELISM = "TOKENIZERS_PARALLELISM"  # "false": the Rust encoder stays on the calling thread
 _DocRow = tuple[str, str, str, int, int, bool]  # (split, domain, doc_id, n_bytes, n_pieces, is_slice)
 
 
@@ -62,9 +75,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
 
 
+@dataclass(frozen=True)
+class DocumentsSlice:
+    """Lines of a documents.jsonl: bytes [start, end), both at line starts; the first is line `first_line`."""
+
+    path: Path
+    start: int
+    end: int
+    first_line: int
+
+
 @dataclass
-class _DomainPart:
-    """Tokens of one (split, domain) while building: a temp file plus its documents."""
+class ShardPart:
+    """Tokens of one (split, domain) of one slice: a temp file plus its documents."""
 
     path: Path
     n_tokens: int = 0
@@ -72,15 +95,6 @@ class _DomainPart:
     docs: list[list] = field(default_factory=list)  # [doc_id, start, end, n_bytes], local
     control_docs: list[str] = field(default_factory=list)  # ids preceded by a control token
     slices: list[str] = field(default_factory=list)  # ids of parts of a document cut in two
-
-
-def _control_prefix(
-    tokenizer: Tokenizer, split: str, domain: str, doc_id: str, control: tuple[float, int], dtype: np.dtype
-) -> np.ndarray:
-    """[control token id] for a training document chosen by `takes_control_token`, else []."""
-    if split != "train" or not takes_control_token(doc_id, *control) or domain not in tokenizer.domains:
-        return np.zeros(0, dtype=dtype)
-    return np.array([tokenizer.domain_token_id(domain)], dtype=dtype)
 
 
 def takes_control_token(doc_id: str, prob: float, seed: int) -> bool:
@@ -113,9 +127,16 @@ def _is_current(
 
 
 def build_shards(
-    documents_jsonl: Path, tokenizer: Tokenizer, data_dir: Path, control_token_prob: float = 0.0, control_seed: int = 0
+    documents_jsonl: Path,
+    tokenizer: Tokenizer,
+    data_dir: Path,
+    control_token_prob: float = 0.0,
+    control_seed: int = 0,
+    workers: int = 0,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> dict:
-    """Tokenize `documents_jsonl` into `data_dir/{train,val}.bin` and `data_dir/index.json`.
+    """Tokenize `documents_jsonl` into `data_dir/{train,val}.bin` and `data_dir/index.json`
+    with `workers` processes (0: one per core), `chunk_bytes` of documents.jsonl a task.
 
     Returns the index (see the module docstring). Skips the work and returns the existing
     index when it was built from the same documents.jsonl, tokenizer and control-token
@@ -136,38 +157,20 @@ def build_shards(
     tmp_dir = data_dir / ".shards-tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
-    parts: dict[tuple[str, str], _DomainPart] = {}
-    eod = np.array([tokenizer.eod_id], dtype=dtype)
-
-    def flush(batch: list[_DocRow], pieces: list[str]) -> None:
-        """Encode the pending documents' pieces in one parallel call and append each
-        document (its pieces concatenated, then eod) to its (split, domain) temp file."""
-        encoded = tokenizer.encode_batch(pieces)
-        at = 0
-        for split, domain, doc_id, n_bytes, n_pieces, is_slice in batch:
-            ids = np.concatenate([np.array(e, dtype=dtype) for e in encoded[at : at + n_pieces]])
-            at += n_pieces
-            part = parts.get((split, domain))
-            if part is None:
-                part = parts[(split, domain)] = _DomainPart(tmp_dir / f"{split}.{len(parts)}.bin")
-            prefix = _control_prefix(tokenizer, split, domain, doc_id, control, dtype)
-            with open(part.path, "ab") as f:
-                f.write(prefix.tobytes())
-                f.write(ids.tobytes())
-                f.write(eod.tobytes())
-            start = part.n_tokens + len(prefix)
-            part.docs.append([doc_id, start, start + len(ids), n_bytes])
-            if len(prefix):
-                part.control_docs.append(doc_id)
-            if is_slice:
-                part.slices.append(doc_id)
-            part.n_tokens = start + len(ids) + 1
-            part.n_bytes += n_bytes
-
     try:
-        for batch, pieces in _in_background(_document_batches(documents_jsonl)):
-            flush(batch, pieces)
-
+        slices = documents_slices(documents_jsonl, chunk_bytes)
+        n = max(1, min(workers or os.cpu_count() or 1, len(slices)))
+        tasks = [(s, tmp_dir / f"{k}", control) for k, s in enumerate(slices)]
+        if n == 1:  # in this process; the Rust encoder spreads each batch over the cores
+            chunk_parts = [tokenize_chunk(documents, tokenizer, prefix, ctl) for documents, prefix, ctl in tasks]
+        else:
+            path = tokenizer.path or tokenizer.save(tmp_dir / "tokenizer.json")
+            run = functools.partial(_tokenize_task, tokenizer_path=str(path), eod_token=tokenizer.eod_token)
+            # fork on Linux (fast start, no re-import of __main__), spawn elsewhere
+            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            _release_free_heap()  # a forked worker's RSS counts every page this process holds
+            with _one_thread_encoders(), ProcessPoolExecutor(n, mp_context=ctx) as pool:
+                chunk_parts = list(pool.map(run, tasks))
         index = {
             "schema": SCHEMA,
             "dtype": dtype.name,
@@ -177,7 +180,7 @@ def build_shards(
             "documents_sha256": documents_sha,
             "control_token_prob": control[0],
             "control_seed": control[1],
-            "splits": {split: _concatenate_split(split, parts, data_dir, dtype) for split in SPLITS},
+            "splits": {split: _concatenate_split(split, chunk_parts, data_dir) for split in SPLITS},
         }
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -186,70 +189,131 @@ def build_shards(
     return index
 
 
-def _document_batches(documents_jsonl: Path) -> Iterator[tuple[list[_DocRow], list[str]]]:
-    """Read documents.jsonl line by line into batches of about BATCH_CHARS characters:
+def documents_slices(documents_jsonl: Path, chunk_bytes: int = CHUNK_BYTES) -> list[DocumentsSlice]:
+    """`documents_jsonl` cut at line ends into slices of about `chunk_bytes` (one read through it)."""
+    slices: list[DocumentsSlice] = []
+    size, start, line = documents_jsonl.stat().st_size, 0, 1
+    with open(documents_jsonl, "rb") as f:
+        while start < size:
+            f.seek(start + max(1, chunk_bytes) - 1)
+            f.readline()  # to the end of the line holding the slice's last byte
+            end = min(f.tell(), size)
+            slices.append(DocumentsSlice(documents_jsonl, start, end, line))
+            f.seek(start)
+            line += sum(f.read(min(1 << 24, end - at)).count(b"\n") for at in range(start, end, 1 << 24))
+            start = end
+    return slices
+
+
+@contextmanager
+def _one_thread_encoders() -> Iterator[None]:
+    """Workers started inside encode on one core each (the parallelism is the workers, not a
+    Rust thread pool in each; a forked child must not use the parent's pool anyway)."""
+    before = os.environ.get(_PARALLELISM)
+    os.environ[_PARALLELISM] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[_PARALLELISM]
+        else:
+            os.environ[_PARALLELISM] = before
+
+
+def _release_free_heap() -> None:
+    """Hand the memory this process has freed back to the system (glibc keeps it otherwise, e.g.
+    what tokenizer training used); a no-op where there is no glibc."""
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_tokenizer(path: str, eod_token: str) -> Tokenizer:
+    return load_tokenizer(Path(path), eod_token)
+
+
+def _tokenize_task(task: tuple, tokenizer_path: str, eod_token: str) -> dict[tuple[str, str], ShardPart]:
+    documents, out_prefix, control = task
+    return tokenize_chunk(documents, _worker_tokenizer(tokenizer_path, eod_token), out_prefix, control)
+
+
+def tokenize_chunk(
+    documents: DocumentsSlice, tokenizer: Tokenizer | Path, out_prefix: Path, control: tuple[float, int] = (0.0, 0)
+) -> dict[tuple[str, str], ShardPart]:
+    """Tokenize one slice of documents.jsonl into `OUT_PREFIX.SPLIT.N.bin`, one file per
+    (split, domain): each document's tokens (after its control token, if it takes one: see
+    `takes_control_token`), then the end-of-document token. Depends on nothing but its
+    arguments, so a distributed engine can run it as it is, one slice a task."""
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    dtype = token_dtype(tok.vocab_size)
+    eod = np.array([tok.eod_id], dtype=dtype).tobytes()
+    parts: dict[tuple[str, str], ShardPart] = {}
+    with ExitStack() as files:
+        out = {}
+        for batch, pieces in _document_batches(documents):
+            encoded = tok.encode_batch(pieces)
+            at = 0
+            for split, domain, doc_id, n_bytes, n_pieces, is_slice in batch:
+                ids = np.concatenate([np.array(e, dtype=dtype) for e in encoded[at : at + n_pieces]])
+                at += n_pieces
+                part = parts.get((split, domain))
+                if part is None:
+                    part = parts[(split, domain)] = ShardPart(Path(f"{out_prefix}.{split}.{len(parts)}.bin"))
+                    out[(split, domain)] = files.enter_context(open(part.path, "wb"))
+                control_id = split == "train" and takes_control_token(doc_id, *control) and domain in tok.domains
+                if control_id:
+                    out[(split, domain)].write(np.array([tok.domain_token_id(domain)], dtype=dtype).tobytes())
+                    part.control_docs.append(doc_id)
+                out[(split, domain)].write(ids.tobytes() + eod)
+                start = part.n_tokens + int(control_id)
+                part.docs.append([doc_id, start, start + len(ids), n_bytes])
+                if is_slice:
+                    part.slices.append(doc_id)
+                part.n_tokens = start + len(ids) + 1
+                part.n_bytes += n_bytes
+    return parts
+
+
+def _document_batches(documents: DocumentsSlice) -> Iterator[tuple[list[_DocRow], list[str]]]:
+    """Read a slice line by line into batches of about BATCH_CHARS characters:
     ([(split, domain, doc_id, n_bytes, n_pieces, is_slice), ...], [piece, ...]) per batch."""
     batch: list[_DocRow] = []
     pieces: list[str] = []
     batch_chars = 0
-    for lineno, doc in numbered_documents(documents_jsonl):
-        split = doc.get("split")
-        if split not in SPLITS:
-            raise ValueError(f"{documents_jsonl}:{lineno}: split must be 'train' or 'val', got {split!r}")
-        text = doc.get("text") or ""
-        if not text:
-            continue
-        doc_pieces = split_for_encoding(text)
-        domain = str(doc.get("domain") or "unknown")
-        doc_id = str(doc.get("id") or f"line{lineno}")
-        batch.append((split, domain, doc_id, len(text.encode("utf-8")), len(doc_pieces), "slice" in doc))
-        pieces.extend(doc_pieces)
-        batch_chars += len(text)
-        if batch_chars >= BATCH_CHARS:
-            yield batch, pieces
-            batch, pieces, batch_chars = [], [], 0
+    with open(documents.path, "rb") as f:
+        f.seek(documents.start)
+        at, lineno = documents.start, documents.first_line - 1
+        while at < documents.end:
+            line = f.readline()
+            at, lineno = at + len(line), lineno + 1
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{documents.path}:{lineno}: not valid JSON ({e})") from e
+            split = doc.get("split")
+            if split not in SPLITS:
+                raise ValueError(f"{documents.path}:{lineno}: split must be 'train' or 'val', got {split!r}")
+            text = doc.get("text") or ""
+            if not text:
+                continue
+            doc_pieces = split_for_encoding(text)
+            domain = str(doc.get("domain") or "unknown")
+            doc_id = str(doc.get("id") or f"line{lineno}")
+            batch.append((split, domain, doc_id, len(text.encode("utf-8")), len(doc_pieces), "slice" in doc))
+            pieces.extend(doc_pieces)
+            batch_chars += len(text)
+            if batch_chars >= BATCH_CHARS:
+                yield batch, pieces
+                batch, pieces, batch_chars = [], [], 0
     if batch:
         yield batch, pieces
 
 
-def _in_background(items: Iterator[T], depth: int = 2) -> Iterator[T]:
-    """Run the generator `items` in a thread, `depth` items ahead, so reading and parsing
-    overlap with encoding (the Rust encoder releases the GIL). Re-raises its errors."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                q.put(item)
-            q.put(done)
-        except BaseException as e:  # handed to the consumer, raised there
-            q.put(e)
-
-    worker = threading.Thread(target=produce, daemon=True)
-    worker.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while worker.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                worker.join(0.01)
-
-
-def _concatenate_split(split: str, parts: dict[tuple[str, str], _DomainPart], data_dir: Path, dtype: np.dtype) -> dict:
-    """Join one split's domain temp files in sorted domain order into `data_dir/SPLIT.bin`."""
+def _concatenate_split(split: str, chunk_parts: list[dict[tuple[str, str], ShardPart]], data_dir: Path) -> dict:
+    """Join one split's temp files into `data_dir/SPLIT.bin`: domains in sorted order, each
+    domain's slices in file order (so a domain is one range, its documents in file order)."""
     file_name = f"{split}.bin"
     out_tmp = data_dir / f".{file_name}.tmp"
     docs: list[list] = []
@@ -257,27 +321,29 @@ def _concatenate_split(split: str, parts: dict[tuple[str, str], _DomainPart], da
     slices: list[str] = []
     domains: dict[str, dict] = {}
     offset = n_bytes = 0
+    names = sorted({domain for parts in chunk_parts for s, domain in parts if s == split})
     with open(out_tmp, "wb") as out:
-        for (part_split, domain), part in sorted(parts.items()):
-            if part_split != split:
-                continue
-            with open(part.path, "rb") as src:
-                shutil.copyfileobj(src, out, 1 << 22)
-            for doc_id, start, end, doc_bytes in part.docs:
-                docs.append([doc_id, domain, offset + start, offset + end, doc_bytes])
-            control_docs.extend(part.control_docs)
-            slices.extend(part.slices)
+        for domain in names:
+            start, domain_bytes, docs_before, slices_before = offset, 0, len(docs), len(slices)
+            for part in (parts[(split, domain)] for parts in chunk_parts if (split, domain) in parts):
+                with open(part.path, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 22)
+                for doc_id, a, b, doc_bytes in part.docs:
+                    docs.append([doc_id, domain, offset + a, offset + b, doc_bytes])
+                control_docs.extend(part.control_docs)
+                slices.extend(part.slices)
+                offset += part.n_tokens
+                domain_bytes += part.n_bytes
             domains[domain] = {
-                "start": offset,
-                "end": offset + part.n_tokens,
-                "n_tokens": part.n_tokens,
-                "n_bytes": part.n_bytes,
-                "n_docs": len(part.docs),
-                "n_slices": len(part.slices),
-                "ranges": [[offset, offset + part.n_tokens]],
+                "start": start,
+                "end": offset,
+                "n_tokens": offset - start,
+                "n_bytes": domain_bytes,
+                "n_docs": len(docs) - docs_before,
+                "n_slices": len(slices) - slices_before,
+                "ranges": [[start, offset]],
             }
-            offset += part.n_tokens
-            n_bytes += part.n_bytes
+            n_bytes += domain_bytes
         out.flush()
     out_tmp.replace(data_dir / file_name)
     return {
@@ -324,6 +390,12 @@ class TokenShard:
             self.tokens = np.zeros(0, dtype=self.dtype)
         else:
             self.tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
+        # chat data (simone/data/chat_data.py): a uint8 per token, 1 where the token is a target
+        # the loss counts; None: every token is
+        mask_file = self.info.get("mask_file")
+        self.mask = np.memmap(data_dir / mask_file, dtype=np.uint8, mode="r") if mask_file else None
+        if self.mask is not None and len(self.mask) != self.n_tokens:
+            raise ValueError(f"{data_dir / mask_file}: {len(self.mask)} mask bytes for {self.n_tokens} tokens")
 
     @property
     def n_tokens(self) -> int:
@@ -351,9 +423,11 @@ class TokenShard:
         return int(d["start"]), int(d["end"])
 
     def bytes_per_token(self, domain: str | None = None) -> float:
-        """UTF-8 bytes of text per token (whole split, or one domain); for bits-per-byte."""
+        """UTF-8 bytes of text per token (whole split, or one domain); for bits-per-byte. With a
+        mask, per token the loss counts (`n_loss_tokens`)."""
         d = self.info if domain is None else self.info["domains"][domain]
-        return d["n_bytes"] / d["n_tokens"] if d["n_tokens"] else 0.0
+        n = d.get("n_loss_tokens", d["n_tokens"])
+        return d["n_bytes"] / n if n else 0.0
 
     def __len__(self) -> int:
         return self.n_tokens

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from simone.config import ModelConfig
+from simone.config import ModelConfig, architecture_levers
 from simone.errors import SimoneError
 from simone.model.base import LanguageModel
 from simone.model.layers import swiglu_hidden_dim
@@ -72,6 +72,12 @@ def _check_llama(cfg: ModelConfig) -> None:
         raise ExportError(
             "model.memory=true: persistent memory slots change the logits and have no "
             "LlamaForCausalLM equivalent; export a model trained with model.memory=false"
+        )
+    levers = architecture_levers(cfg)
+    if levers:
+        raise ExportError(
+            f"{', '.join(levers)}: the Llama architecture (LlamaForCausalLM, llama.cpp) has no such "
+            "part; this model runs in simone only (export a model trained without it)"
         )
 
 

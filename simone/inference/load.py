@@ -3,6 +3,8 @@
 A model can be given as a run directory (its best, else latest, checkpoint), a checkpoint
 directory (`checkpoints/step_N`), or a packaged `.tar.gz` from `models_for_download/`.
 Everything is loaded safely, and checked first: weights through safetensors, metadata as JSON.
+A `chat_template.jinja` beside the tokenizer (a run's `tokenizer/`, a package) says the model
+chats in simone's template (simone/data/chat_template.py); any other template is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from safetensors.torch import load_model as load_safetensors
 
 from simone.checkpoint import CheckpointError, check_tokenizer, read_config, resolve_checkpoint, verify_checkpoint
 from simone.config import Config
+from simone.data.chat_template import CHAT_TEMPLATE, CHAT_TEMPLATE_FILE
 from simone.data.tokenizer import Tokenizer, load_tokenizer
 from simone.devices import pick_device
 from simone.errors import SimoneError
@@ -45,6 +48,7 @@ class LoadedModel:
     files: dict[str, Path] = field(default_factory=dict)  # artifact name -> path
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     unpacked: Path | None = None  # the temporary folder a package was extracted into
+    chat_template: str | None = None  # chat_template.jinja beside the tokenizer, if there is one
 
     def __post_init__(self) -> None:
         self._cleanup = (
@@ -71,6 +75,7 @@ PACKAGE_FILES = (
     "training_summary.json",
     "README.md",
     "MANIFEST.json",
+    CHAT_TEMPLATE_FILE,
 )
 MAX_PACKAGE_MEMBERS = 64
 MAX_PACKAGE_FILE_BYTES = 256 << 20  # each file but the weights
@@ -235,6 +240,7 @@ def _load(path: Path, unpacked: Path | None, device: str) -> LoadedModel:
         )
     dev = pick_device(device)
     model.to(dev).eval()
+    template = files["tokenizer"].parent / CHAT_TEMPLATE_FILE
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -244,7 +250,20 @@ def _load(path: Path, unpacked: Path | None, device: str) -> LoadedModel:
         files=files,
         device=dev,
         unpacked=unpacked,
+        chat_template=_read_chat_template(template) if template.is_file() else None,
     )
+
+
+def _read_chat_template(path: Path) -> str:
+    """The chat template at `path`, which must be simone's own: it is the one `chat_ids` renders."""
+    size = path.stat().st_size
+    text = path.read_text(encoding="utf-8", errors="replace") if size <= 4 * len(CHAT_TEMPLATE) else ""
+    if text.rstrip("\n") != CHAT_TEMPLATE:  # Jinja drops one trailing newline; an editor may add it
+        raise ModelLoadError(
+            f"{path}: not simone's chat template (simone/data/chat_template.py), which is the only one "
+            "simone chats in; restore it, or remove the file to chat in plain text"
+        )
+    return CHAT_TEMPLATE
 
 
 def validate_checkpoint(path: Path) -> Config:

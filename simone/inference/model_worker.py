@@ -35,6 +35,7 @@ class Sampling:
     stop: list[str]
     n_top_logprobs: int | None  # None: no logprobs
     strip: bool = False  # chat: reply without surrounding whitespace
+    end_ids: list[int] = field(default_factory=list)  # tokens that end a choice as end-of-document does
 
 
 @dataclass
@@ -49,7 +50,7 @@ class Piece:
 @dataclass
 class Finished:
     index: int
-    reason: str  # "stop" (end of document or a stop string) | "length" (max_tokens)
+    reason: str  # "stop" (end of document, an end token or a stop string) | "length" (max_tokens)
     completion_tokens: int
 
 
@@ -90,18 +91,18 @@ def generate_choice(
         if cancelled.is_set():
             return
         n_tokens += 1
-        if step.token == tok.eod_id:
+        if step.token == tok.eod_id or step.token in s.end_ids:
             reason = "stop"
             break
         step.offset, delta = text.add(step.token)
         pending.append(step)
-        if text.stop_at is not None:
-            reason = "stop"
-            break
-        if delta:
+        if delta:  # with a stop string found, the text before it (in this token too)
             ready = [st for st in pending if st.offset < text.released]
             pending = pending[len(ready) :]
             yield Piece(index, delta, ready)
+        if text.stop_at is not None:
+            reason = "stop"
+            break
     delta = text.finish()
     end = len(text.text) if text.stop_at is None else text.stop_at
     ready = [st for st in pending if st.offset < end]  # a stop string's own tokens are left out

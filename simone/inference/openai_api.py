@@ -19,7 +19,13 @@ Context: a prompt and its `max_tokens` must fit the model's context window (max_
 otherwise the request is rejected with 400 `context_length_exceeded` (nothing is silently
 cut). Chat without `max_tokens` may use whatever the prompt leaves (within `max_request_tokens`).
 
-Chat template (the model is a base model, so chat is plain text it can continue):
+Chat: a model whose tokenizer has the chat tokens and that came with simone's chat template
+(`chat_template.jinja`, see simone/inference/load.py) chats in it: the prompt is `chat_ids`
+(simone/data/chat_template.py: message text stays text, so no message can open a turn; a
+`developer` message is a system one), and the reply ends at `<|endofturn|>` (or any other chat
+token: a reply never holds one), with finish_reason "stop". Other models (`chat_format`
+"plain-text", shown in `/v1/models`) keep the plain-text convention, as a base model can
+continue it:
 
     System: {system or developer message}
 
@@ -40,11 +46,13 @@ document token or where the model starts a new turn ("\\nUser:", "\\nSystem:",
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, Field
 from pydantic.json_schema import JsonDict
 
+from simone.data.chat_template import chat_ids
+from simone.data.chat_template import render_chat as render_template
 from simone.inference.decoding import Step
 from simone.inference.load import LoadedModel
 from simone.inference.model_worker import Job, Sampling
@@ -264,6 +272,35 @@ def render_chat(messages: list[dict[str, str]]) -> str:
     return "\n\n".join([*blocks, "Assistant:"])
 
 
+def chat_format(loaded: LoadedModel) -> str:
+    """How the model chats: "template" (simone's chat template) or "plain-text" (the convention above)."""
+    return "template" if loaded.chat_template is not None and loaded.tokenizer.has_chat_tokens else "plain-text"
+
+
+class ChatPrompt(NamedTuple):
+    """A conversation's prompt ids and what ends its reply (besides end-of-document)."""
+
+    ids: list[int]
+    stop: list[str]  # stop strings
+    end_ids: list[int]  # tokens
+    strip: bool  # the reply without surrounding whitespace
+
+
+def chat_prompt(loaded: LoadedModel, messages: list[dict[str, str]], longest_token: int | None = None) -> ChatPrompt:
+    """The prompt of checked `messages`, in the model's `chat_format`, ending with the assistant's
+    turn; with `longest_token`, one too long for the context is refused before it is tokenized."""
+    tok = loaded.tokenizer
+    if chat_format(loaded) == "plain-text":
+        text = render_chat(messages)
+        if longest_token:
+            _check_length_before_tokenizing(loaded, text, longest_token, "messages")
+        return ChatPrompt(tok.encode(text), CHAT_STOP, [], True)
+    turns = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
+    if longest_token:  # the special tokens spelled out: a token is at most `longest_token` characters either way
+        _check_length_before_tokenizing(loaded, render_template(turns, True, tok.eod_token), longest_token, "messages")
+    return ChatPrompt(chat_ids(tok, turns, add_generation_prompt=True), [], list(tok.chat_ids.values()), False)
+
+
 def _check_context(
     loaded: LoadedModel,
     prompts: list[list[int]],
@@ -317,6 +354,7 @@ def _job(
     stop: list[str],
     n_top: int | None,
     strip: bool = False,
+    end_ids: list[int] | None = None,
 ) -> Job:
     """The request's job: its prompts, how to sample them, and its seed (drawn when not given)."""
     temperature = 1.0 if req.temperature is None else req.temperature
@@ -331,6 +369,7 @@ def _job(
         stop=stop,
         n_top_logprobs=n_top,
         strip=strip,
+        end_ids=end_ids or [],
     )
     seed = req.seed if req.seed is not None else secrets.randbits(63)
     return Job(prompts=prompts, n=req.n or 1, sampling=sampling, seed=seed)
@@ -375,15 +414,14 @@ def chat_job(loaded: LoadedModel, req: ChatRequest, longest_token: int, max_requ
     stop = _stop_strings(req.stop)
     if req.top_logprobs and not req.logprobs:
         raise _bad("top_logprobs", "needs logprobs: true")
-    text = render_chat(_chat_messages(req.messages))
-    _check_length_before_tokenizing(loaded, text, longest_token, "messages")
-    prompts = [loaded.tokenizer.encode(text)]
+    prompt = chat_prompt(loaded, _chat_messages(req.messages), longest_token)
+    prompts = [prompt.ids]
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = _check_context(loaded, prompts, asked, "messages", param)
     max_tokens = _check_work(prompts, req.n or 1, max_tokens, param, asked is not None, max_request_tokens)
     n_top = (req.top_logprobs or 0) if req.logprobs else None
-    return _job(req, prompts, max_tokens, stop + CHAT_STOP, n_top, strip=True)
+    return _job(req, prompts, max_tokens, stop + prompt.stop, n_top, prompt.strip, prompt.end_ids)
 
 
 # ----------------------------------------------------------------------------- responses

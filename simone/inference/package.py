@@ -3,9 +3,11 @@
 The package is self-contained and safe to load: `model.safetensors`, `config.json`,
 `tokenizer.json`, `chat_template.jinja` (a tokenizer with chat tokens; simone/data/chat_template.py),
 `training_summary.json`, a model card `README.md`, `hf/` (the same model as
-a Hugging Face folder, `simone export --format hf`; absent for a model with memory slots), and
-`MANIFEST.json` with the sha256 and size of every other file (the checkpoint manifest format;
-the template and `hf/`, which simone's loader leaves out, under keys of their own).
+a Hugging Face folder, `simone export --format hf`; absent for a model with memory slots),
+`validation.jsonl` (up to 128 KiB of the run's held-out text, on which a run continued from the
+package measures what it forgot), and `MANIFEST.json` with the sha256 and size of every other
+file (the checkpoint manifest format; the template, the validation text and `hf/`, which simone's
+loader leaves out, under keys of their own).
 Packaging only reads the run directory; an existing package is never replaced. `simone generate --model NAME.tar.gz` and
 `simone validate --model NAME.tar.gz` read it directly.
 """
@@ -26,22 +28,49 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import torch
 
 from simone.checkpoint import CheckpointError, resolve_checkpoint, verify_checkpoint
 from simone.data.chat_template import CHAT_TEMPLATE_FILE
+from simone.data.shards import TokenShard
+from simone.data.tokenizer import Tokenizer, load_tokenizer
 from simone.devices import cpu_model
 from simone.errors import SimoneError
+from simone.inference.chat_eval import chat_eval_markdown
 from simone.inference.export import ExportError
 from simone.inference.hf_folder import export_hf
 from simone.inference.load import ModelLoadError
+from simone.inference.validation_report import FORGETTING_FILE, forgetting_markdown
 from simone.progress import Say, quiet
 from simone.rundir import RunDir, atomic_write_json, fsync_dir, read_json, sha256_file
+
+VALIDATION_SAMPLE = "validation.jsonl"  # {"domain", "text"} a line: the run's held-out text, capped
+VALIDATION_SAMPLE_BYTES = 1 << 17
 
 
 class PackageError(SimoneError, RuntimeError):
     """A package that cannot be written."""
+
+
+def validation_sample(data_dir: Path, tokenizer: Tokenizer, max_bytes: int = VALIDATION_SAMPLE_BYTES) -> list[dict]:
+    """About `max_bytes` of a run's validation text, shared evenly between its domains: each
+    domain's first validation documents, read back from the token shard (exact: the tokenizer is
+    lossless), the last one cut. A package carries it (`validation.jsonl`) and a continued run
+    measures forgetting on it (workflows/continued.py)."""
+    shard = TokenShard(data_dir, "val")
+    domains = shard.info.get("domains", {})
+    docs = []
+    for domain, info in sorted(domains.items()):
+        start, end = int(info["start"]), int(info["end"])
+        bytes_per_token = max(1.0, info.get("n_bytes", 0) / max(1, info.get("n_tokens", 1)))
+        ids = np.asarray(shard.tokens[start : min(end, start + int(max_bytes / len(domains) / bytes_per_token))])
+        for piece in np.split(ids, np.flatnonzero(ids == shard.eod_id)):
+            text = tokenizer.decode(int(t) for t in piece if t != shard.eod_id).rstrip("\ufffd")  # a cut character
+            if text:
+                docs.append({"domain": domain, "text": text})
+    return docs
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -88,6 +117,10 @@ def training_summary(run: RunDir, checkpoint: Path) -> dict[str, Any]:
     losses = [r["val_loss"] for r in evals if isinstance(r["val_loss"], (int, float)) and math.isfinite(r["val_loss"])]
     report = read_json(run.validation / "report.json", {}) or {}
     tps = [r["tokens_per_s"] for r in trains if r.get("tokens_per_s")]
+    parent = (cfg.get("train") or {}).get("parent")  # a continued run: its parent and what it forgot
+    continued = {"parent": {k: parent.get(k) for k in ("name", "sha256")}} if parent else {}
+    if parent:
+        continued["forgetting"] = read_json(run.validation / FORGETTING_FILE, None)
     return {
         "schema": 1,
         "name": run.root.name,
@@ -116,7 +149,10 @@ def training_summary(run: RunDir, checkpoint: Path) -> dict[str, Any]:
             "stop_reason": status.get("stop_reason"),
             "schedule_progress": status.get("schedule_progress"),  # 1.0: the learning rate reached its floor
         },
-        "validation": {k: report.get(k) for k in ("ok", "val_loss", "val_ppl", "val_bpb", "params") if k in report},
+        "validation": {
+            k: report.get(k) for k in ("ok", "val_loss", "val_ppl", "val_bpb", "params", "chat_eval") if k in report
+        },
+        **continued,
         "hardware": _hardware(),
         "versions": _versions(),
     }
@@ -131,15 +167,34 @@ def _stop_row(training: dict[str, Any]) -> list[str]:
     return [f"| training stopped by | {reason}{done} |"]
 
 
+def _lineage(summary: dict[str, Any]) -> tuple[str, list[str]]:
+    """How the model began (from scratch, or continued from a parent) and the card's forgetting section."""
+    parent, forgetting = summary.get("parent"), summary.get("forgetting")
+    if not parent:
+        return "trained from scratch", []
+    began = f"continued from `{parent['name']}` (sha256 `{parent['sha256'][:16]}…`)"
+    if not forgetting:
+        return began, []
+    return began, [
+        "## Forgetting",
+        "",
+        "Bits per byte (lower is better) of the parent and of this model:",
+        "",
+        *forgetting_markdown(forgetting),
+        "",
+    ]
+
+
 def model_card(summary: dict[str, Any], chat: bool = False) -> str:
     cfg = summary["config"]
     m = cfg.get("model", {})
     t = summary["training"]
     arch = "Llama-style (RoPE, SwiGLU, RMSNorm)" if m.get("arch") == "llama" else "GPT-2-style baseline"
+    began, forgetting = _lineage(summary)
     lines = [
         f"# {summary['name']}",
         "",
-        "A small language model trained from scratch with SIM-ONE MVLM.",
+        f"A small language model {began} with SIM-ONE MVLM.",
         "",
         "| | |",
         "|---|---|",
@@ -165,9 +220,12 @@ def model_card(summary: dict[str, Any], chat: bool = False) -> str:
         "",
         "Files: `model.safetensors` (weights), `config.json` (full SIM-ONE config), `tokenizer.json`",
         "(Hugging Face tokenizers), `training_summary.json`, `hf/` (Hugging Face folder),",
-        "`MANIFEST.json` (sha256 of every file).",
+        "`MANIFEST.json` (sha256 of every file), `validation.jsonl` (unless `data.package_validation_text`",
+        "was false: some held-out text, on which a run continued with `--init-from` measures forgetting).",
         *(["`chat_template.jinja` (the chat format, Jinja; also in `hf/` and a GGUF export)."] if chat else []),
         "",
+        *forgetting,
+        *chat_eval_markdown(summary.get("validation", {}).get("chat_eval")),
         "## Limits",
         "A small model trained on a small corpus: it imitates the style of its training text and",
         "states no reliable facts. Do not use it for anything that needs to be true.",
@@ -183,6 +241,16 @@ def _write_hf_folder(checkpoint: Path, out_dir: Path, name: str, say: Say) -> No
         export_hf(checkpoint, out_dir, name=name)
     except ExportError as e:
         say(f"package: no hf/ folder: {e}")
+
+
+def _write_validation_sample(run: RunDir, path: Path, say: Say) -> None:
+    """The package's `validation.jsonl`; a run without readable validation shards is packaged without one."""
+    try:
+        sample = validation_sample(run.data, load_tokenizer(run.tokenizer))
+    except (OSError, ValueError, KeyError) as e:
+        say(f"package: no {VALIDATION_SAMPLE}: {e}")
+        return
+    path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in sample), encoding="utf-8")
 
 
 def _file_entries(stage: Path, paths: Iterable[Path]) -> dict[str, dict[str, Any]]:
@@ -238,6 +306,8 @@ def package_run(
         if chat:
             shutil.copy2(run.chat_template, stage / CHAT_TEMPLATE_FILE)
         (stage / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        if cfg.get("data", {}).get("package_validation_text", True):
+            _write_validation_sample(run, stage / VALIDATION_SAMPLE, say)
         (stage / "README.md").write_text(model_card(summary, chat))
         _write_hf_folder(ckpt, stage / "hf", name, say)
         # `files`: the checkpoint manifest format (plain names, what simone loads); `hf_files`:
@@ -246,9 +316,12 @@ def package_run(
             "schema": 1,
             "step": ckpt_manifest.get("step"),
             "tokenizer_sha256": sha256_file(stage / "tokenizer.json"),
-            "files": _file_entries(stage, (p for p in sorted(stage.iterdir()) if p.name != CHAT_TEMPLATE_FILE)),
-            # simone's loader does not extract the template, so it is not among `files` (all checked on load)
+            "files": _file_entries(
+                stage, (p for p in sorted(stage.iterdir()) if p.name not in (CHAT_TEMPLATE_FILE, VALIDATION_SAMPLE))
+            ),
+            # simone's loader does not extract these, so they are not among `files` (all checked on load)
             "chat_files": _file_entries(stage, [stage / CHAT_TEMPLATE_FILE]),
+            "validation_files": _file_entries(stage, [stage / VALIDATION_SAMPLE]),
             "hf_files": _file_entries(stage, sorted((stage / "hf").rglob("*"))),
         }
         (stage / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -7,7 +7,10 @@ guards, streams, listening); what a request may ask is `openai_api`, the model's
 Endpoints: `GET /v1/models` (and `/v1/models/{id}`), `POST /v1/completions`,
 `POST /v1/chat/completions`, `GET /health` (open without a key: it says only that the
 server is up and how many requests wait). Any OpenAI client works against
-`http://HOST:PORT/v1`; the model id is the model's name (`GET /v1/models`).
+`http://HOST:PORT/v1`; the model id is the model's name (`GET /v1/models`). `GET /` is a chat
+page (static/chat.html and chat.js: no other host is named, model text is shown as text); it
+and its script are open without a key, as they hold nothing: the page sends the key it is
+given with its API calls.
 
 Requests run one at a time on the model's thread: there is no batching across requests, 8
 clients wait their turn (bench/bench_serve.py measures what that costs). A request whose
@@ -54,7 +57,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
@@ -66,6 +69,7 @@ from simone.inference.openai_api import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    chat_format,
     chat_job,
     chat_logprobs,
     completion_job,
@@ -77,6 +81,12 @@ from simone.inference.openai_api import (
 from simone.local_server import HostCheck, ThreadedServer, is_loopback, start_in_thread
 
 RETRY_AFTER_S = 1  # what a 429 asks a client to wait: about one request's time on a small model
+STATIC_DIR = Path(__file__).parent / "static"
+OPEN_PATHS = {"/health", "/", "/chat.js"}  # answered without the API key
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 log = logging.getLogger("simone.serve")
 
@@ -122,13 +132,13 @@ def check_api_key(api_key: str | None) -> None:
 
 
 class APIKeyGate:
-    """Every path but /health needs `Authorization: Bearer KEY` when a key is set."""
+    """Every path but `OPEN_PATHS` needs `Authorization: Bearer KEY` when a key is set."""
 
     def __init__(self, app: Any, api_key: str | None):
         self.app, self.api_key = app, api_key
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or self.api_key is None or scope["path"] == "/health":
+        if scope["type"] != "http" or self.api_key is None or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
@@ -362,6 +372,7 @@ def create_api_app(
             "created": created,
             "owned_by": "simone",
             "context_window": loaded.config.model.max_seq_len,
+            "chat_format": chat_format(loaded),  # "template", or "plain-text" (see openai_api)
         }
 
     def check_model(requested: str) -> None:
@@ -372,6 +383,16 @@ def create_api_app(
                 param="model",
                 code="model_not_found",
             )
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> Response:
+        return FileResponse(
+            STATIC_DIR / "chat.html", headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"}
+        )
+
+    @app.get("/chat.js", include_in_schema=False)
+    async def chat_script() -> Response:
+        return FileResponse(STATIC_DIR / "chat.js", media_type="text/javascript", headers={"Cache-Control": "no-cache"})
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -573,7 +594,9 @@ def run_server(
     if say is not None:
         say(
             f"simone serve: {model_name(loaded.source)} (context {loaded.config.model.max_seq_len} tokens, "
-            f"{loaded.device}) at http://{shown}:{bound}/v1" + (" (API key required)" if api_key else "")
+            f"{loaded.device}, chat: {chat_format(loaded)}) at http://{shown}:{bound}/v1"
+            + (" (API key required)" if api_key else "")
+            + f"; chat page at http://{shown}:{bound}/"
         )
     with contextlib.suppress(KeyboardInterrupt):
         _server(app, host, bound, log_level).run(sockets=[sock])

@@ -47,10 +47,14 @@ def evaluate_per_domain(
             for x, y in eval_windows(
                 shard, domain, seq_len=seq_len, max_batches=max_batches, batch_size=batch_size, device=device
             ):
+                # a masked shard (chat data) counts only the targets the loss does (not -1)
+                n = y.numel() if shard.mask is None else int((y != -1).sum())
+                if n == 0:
+                    continue
                 with autocast():
                     _, loss = model(x, y)
-                nats += loss.double() * y.numel()
-                n_tokens += y.numel()
+                nats += loss.double() * n
+                n_tokens += n
             if n_tokens == 0:
                 continue
             mean = nats.item() / n_tokens

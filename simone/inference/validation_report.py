@@ -2,7 +2,9 @@
 
 Writes `report.json` (for tools) and `report.md` (for people). Each check has a name, a
 pass/fail and a detail; the report's `ok` is false when any check fails, and the CLI then
-exits non-zero.
+exits non-zero. A continued model (`--init-from`) also gets its parent (`continued_from`) and
+what it forgot (`forgetting`: bits per byte on the new data and on the parent's validation
+text, before and after its training; measured by simone/workflows/continued.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from simone.inference.shard_loss import evaluate_per_domain
 from simone.rundir import RunDir, atomic_write_json, atomic_write_text, read_json, sha256_file
 
 SAMPLE_PROMPTS = ["The ", "And it came to pass", "What is "]
+FORGETTING_FILE = "forgetting.json"  # RUN/validation/: a continued run's bpb before and after
+FORGETTING_TEXTS = {"new_data": "new data (this run's validation text)", "parent_data": "the parent's validation text"}
 
 
 def _default_out_dir(model_path: Path) -> Path:
@@ -62,6 +66,46 @@ def _training_stop(model_path: Path, loaded) -> dict[str, Any]:
         summary = loaded.files.get("summary")
         found = (read_json(summary, {}) or {}).get("training", {}) if summary else {}
     return {"stop_reason": found.get("stop_reason"), "schedule_progress": found.get("schedule_progress")}
+
+
+def _continued(model_path: Path, loaded) -> dict[str, Any]:
+    """A continued model's parent (its config's `train.parent`) and what it forgot: from the run's
+    validation/forgetting.json, or a package's training_summary.json ({} for a model trained from scratch)."""
+    parent = loaded.config.train.parent
+    if not parent:
+        return {}
+    runs = [] if loaded.unpacked is not None else [model_path, loaded.files["checkpoint"].parent.parent]
+    found = next((read_json(p) for r in runs if (p := RunDir(r).validation / FORGETTING_FILE).is_file()), None)
+    if found is None and loaded.files.get("summary"):
+        found = (read_json(loaded.files["summary"], {}) or {}).get("forgetting")
+    return {"continued_from": {k: parent.get(k) for k in ("name", "sha256", "of")}, "forgetting": found}
+
+
+def forgetting_line(f: dict[str, Any]) -> str:
+    """The forgetting figures in one line: bits per byte before → after, for each text."""
+
+    def bpb(value) -> str:
+        return "–" if value is None else f"{value:.4f}"
+
+    parts = [
+        f"{name.split(' (')[0]} {bpb(f.get(key, {}).get('before'))} → {bpb(f.get(key, {}).get('after'))}"
+        for key, name in FORGETTING_TEXTS.items()
+    ]
+    return "bits per byte before → after: " + "; ".join(parts)
+
+
+def forgetting_markdown(f: dict[str, Any]) -> list[str]:
+    """The forgetting figures as a markdown table (with each text's note), for report.md and the model card."""
+    lines = ["| text | bytes | before (the parent) | after | change |", "|---|---|---|---|---|"]
+    notes = []
+    for key, name in FORGETTING_TEXTS.items():
+        e = f.get(key) or {}
+        before, after = e.get("before"), e.get("after")
+        cells = ["–" if v is None else f"{v:.4f}" for v in (before, after)]
+        change = "–" if before is None or after is None else f"{after - before:+.4f}"
+        lines.append(f"| {name} | {e.get('bytes') or '–'} | {cells[0]} | {cells[1]} | {change} |")
+        notes += [f"{name}: {e['note']}"] if e.get("note") else []
+    return lines + (["", *notes] if notes else [])
 
 
 def _reset_peak_rss() -> None:
@@ -176,6 +220,7 @@ def validate(
     check("integrity", not problems, "; ".join(problems) or f"{len(report['artifacts'])} files match their manifest")
 
     report.update(_training_stop(model_path, loaded))
+    report.update(_continued(model_path, loaded))
     model, cfg = loaded.model, loaded.config
     n_params = sum(p.numel() for p in model.parameters())
     report["params"] = n_params
@@ -317,6 +362,12 @@ def report_markdown(r: dict[str, Any]) -> str:
         progress = r.get("schedule_progress")  # rounded down: 99.9% is not a finished schedule
         done = "" if progress is None else f", learning-rate schedule {math.floor(progress * 1e3 + 1e-6) / 10:g}% done"
         lines += ["", f"Training stopped: {r['stop_reason']}{done}"]
+    if r.get("continued_from"):
+        p = r["continued_from"]
+        lines += ["", "## Continued from", "", f"`{p['name']}` (sha256 of its {p.get('of')}: `{p['sha256']}`)"]
+        if r.get("forgetting"):
+            lines += ["", "Bits per byte (lower is better) of the parent before and of this model after training:", ""]
+            lines += forgetting_markdown(r["forgetting"])
     if r.get("per_domain"):
         lines += [
             "",
@@ -373,4 +424,9 @@ def format_report(r: dict[str, Any]) -> list[Table | str]:
     t.add_column("detail", overflow="fold")
     for c in r["checks"]:
         t.add_row(c["name"], "[green]pass[/]" if c["ok"] else "[red]FAIL[/]", c["detail"])
-    return [t] + ([f"report: {Path(r['report_dir']) / 'report.md'}"] if r.get("report_dir") else [])
+    forgetting: list[Table | str] = (
+        [f"continued from {r['continued_from']['name']}: {forgetting_line(r['forgetting'])}"]
+        if r.get("forgetting")
+        else []
+    )
+    return [t, *forgetting] + ([f"report: {Path(r['report_dir']) / 'report.md'}"] if r.get("report_dir") else [])

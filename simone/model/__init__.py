@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from simone.config import ModelConfig
+from simone.config import ModelConfig, check_levers
 from simone.model.attention import KVCache, StreamingKVCache
 from simone.model.base import LanguageModel
 from simone.model.governance_heads import check_governance_config, set_policy_domains
@@ -18,8 +18,10 @@ def build_model(cfg: ModelConfig) -> LanguageModel:
     """The model `cfg.arch` names ("llama" or "gpt2"), freshly initialised on the CPU in float32.
 
     model.governance=true (Llama-style only) adds the governance parts its switches name;
-    see simone/model/governance_heads.py."""
+    see simone/model/governance_heads.py; the levers of nanochat's recipe (simone/config.py) are
+    checked here too."""
     check_governance_config(cfg)
+    check_levers(cfg)
     if cfg.arch == "llama":
         return Transformer(cfg)
     if cfg.arch == "gpt2":

@@ -8,6 +8,11 @@ device has (flash / memory-efficient on CUDA, the fused flash kernel on CPU).
 Governance memory (optional, `add_memory`): learned persistent key/value slots that every
 query attends to besides the causal positions, like attention sinks that the model learns.
 Their keys carry no RoPE rotation, so they sit at no position.
+
+Levers of nanochat's recipe (off unless asked): QK-norm (`qk_norm_eps`: queries and keys
+RMS-normalised per head, without weights, after RoPE) and a value embedding (`value_gate_channels`:
+a per-token vector from a table of the model's, added to the values, times a gate per key/value
+head, 2·sigmoid of a projection of the input's first channels; the model starts it at 1).
 """
 
 from __future__ import annotations
@@ -146,10 +151,20 @@ class CausalSelfAttention(nn.Module):
     """Multi-head (or grouped-query) causal attention with one fused q/k/v projection.
 
     `wqkv` holds [W_q; W_k; W_v] stacked on the output dimension: one matmul instead of
-    three. `wo` maps the concatenated heads back to the model width.
+    three. `wo` maps the concatenated heads back to the model width. `ve_gate` (value embeddings
+    only) maps the input's first `value_gate_channels` channels to one gate per key/value head.
     """
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, dropout: float = 0.0, bias: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        dropout: float = 0.0,
+        bias: bool = False,
+        qk_norm_eps: float | None = None,
+        value_gate_channels: int = 0,
+    ):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"dim {dim} is not divisible by n_heads {n_heads}")
@@ -163,6 +178,8 @@ class CausalSelfAttention(nn.Module):
         self.wo = Linear(n_heads * self.head_dim, dim, bias=bias)
         self.register_parameter("memory_k", None)  # [n_slots, n_kv_heads, head_dim] or None
         self.register_parameter("memory_v", None)
+        self.qk_norm_eps = qk_norm_eps  # None: no QK-norm
+        self.ve_gate = Linear(value_gate_channels, n_kv_heads, bias=False) if value_gate_channels else None
 
     def add_memory(self, n_slots: int, std: float = 0.02) -> None:
         """Give this layer `n_slots` learned key/value slots (governance memory)."""
@@ -182,8 +199,10 @@ class CausalSelfAttention(nn.Module):
         kv_cache: KVCache | None = None,
         layer: int = 0,
         start_pos: int = 0,
+        value_embedding: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B, T, dim] → [B, T, dim]; `rope` = (cos, sin) for positions start_pos..+T."""
+        """x [B, T, dim] → [B, T, dim]; `rope` = (cos, sin) for positions start_pos..+T;
+        `value_embedding` [B, T, n_kv_heads·head_dim]: this layer's value embedding of the tokens."""
         batch, n_new, _ = x.shape
         n_q, n_kv = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(batch, n_new, n_q + 2 * n_kv, self.head_dim)
@@ -191,6 +210,11 @@ class CausalSelfAttention(nn.Module):
             q, k, v = rotary_qkv(qkv, *rope, n_q, n_kv)
         else:  # split, not slicing: its backward is one concatenation, not zero-filled copies
             q, k, v = qkv.split([n_q, n_kv, n_kv], dim=2)
+        if self.qk_norm_eps is not None:
+            q, k = self._qk_norm(q), self._qk_norm(k)
+        if self.ve_gate is not None and value_embedding is not None:
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))  # [B, T, n_kv]
+            v = v + gate.unsqueeze(-1) * value_embedding.view_as(v).to(v.dtype)
 
         attn_mask, is_causal = None, True
         if kv_cache is not None:
@@ -227,6 +251,11 @@ class CausalSelfAttention(nn.Module):
             y = F.dropout(y, self.dropout, training=True)
         return y
 
+    def _qk_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """RMS-normalise each head of x [B, T, heads, head_dim], no weights; in x's dtype (SDPA
+        wants q, k and v in one, and autocast may run the norm in float32)."""
+        return F.rms_norm(x, (self.head_dim,), eps=self.qk_norm_eps).to(x.dtype)
+
     def _prepend_memory(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool
     ):
@@ -257,6 +286,7 @@ class CausalSelfAttention(nn.Module):
         kv_cache: KVCache | None = None,
         layer: int = 0,
         start_pos: int = 0,
+        value_embedding: torch.Tensor | None = None,  # the forward's; values do not change the weights
     ) -> torch.Tensor:
         """Attention probabilities of the LAST query of x, [B, n_heads, n_memory + n_keys].
 
@@ -272,6 +302,8 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             qk = apply_rope(qk, *rope)
         q, k = qk.split([n_q, n_kv], dim=2)
+        if self.qk_norm_eps is not None:
+            q, k = self._qk_norm(q), self._qk_norm(k)
         if kv_cache is not None:
             k = kv_cache.k[layer][:batch, : start_pos + n_new]
         if self.memory_k is not None:

@@ -19,7 +19,7 @@ from torch import nn
 from simone.config import ModelConfig
 from simone.model import decode
 from simone.model.attention import CausalSelfAttention, KVCache
-from simone.model.loss import linear_cross_entropy
+from simone.model.loss import linear_cross_entropy, soft_cap
 from simone.model.sampling import sample_next_token
 
 
@@ -59,16 +59,17 @@ class LanguageModel(nn.Module):
         The loss is computed in float32 even under autocast; targets equal to -1 are ignored.
         When gradients are on, the projection and loss are fused (`linear_cross_entropy`):
         the same loss and gradients, but no logits (None is returned in their place); run
-        under `torch.no_grad()` to get both.
+        under `torch.no_grad()` to get both. `cfg.logit_softcap` caps the logits in either.
         """
+        cap = self.cfg.logit_softcap
         if targets is None:
             if last_logits_only:
                 h = h[:, -1:]  # generation only needs the next token
-            return self.output(h), None
+            return soft_cap(self.output(h), cap), None
         if torch.is_grad_enabled() and (h.requires_grad or self.output.weight.requires_grad):
             # Training: fused projection + loss (simone/model/loss.py), no logits kept.
-            return None, linear_cross_entropy(h, self.output.weight, targets)
-        logits = self.output(h)
+            return None, linear_cross_entropy(h, self.output.weight, targets, cap)
+        logits = soft_cap(self.output(h), cap)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
@@ -78,11 +79,12 @@ class LanguageModel(nn.Module):
         """Number of parameters (a tied embedding/output matrix counts once).
 
         exclude_embeddings=True leaves out the lookup tables that do no matmul work: the
-        position embedding (GPT-2) and the token embedding when it is not tied. A tied
-        matrix stays, since it is also the output projection.
+        position embedding (GPT-2), value embeddings and the token embedding when it is not
+        tied. A tied matrix stays, since it is also the output projection.
         """
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
+            n -= sum(p.numel() for p in self.value_tables())
             pos = getattr(self, "pos_embeddings", None)
             if pos is not None:
                 n -= pos.weight.numel()
@@ -107,22 +109,31 @@ class LanguageModel(nn.Module):
         """Each trainable parameter with its kind, in `parameters()` order (the order an
         optimizer's state dict numbers them by); the optimizers (simone/train/optim.py) group by it.
 
-        "embedding"     the token embedding (the output head too, when tied)
+        "embedding"     the token embedding (the output head too, when tied), value embeddings
+        "head"          an untied output head
         "block_matrix"  a weight of a linear layer inside the blocks (what Muon orthogonalises)
-        "matrix"        any other parameter of ≥2 dimensions: an untied output head, position
-                        embeddings, memory slots, the policy head's projection
+        "matrix"        any other parameter of ≥2 dimensions: position embeddings, memory
+                        slots, the policy head's projection
         "vector"        biases and norm weights (never weight-decayed)
         """
         in_blocks = {id(m.weight) for m in self.layers.modules() if isinstance(m, nn.Linear)}
+        tables = {id(self.tok_embeddings.weight)} | {id(p) for p in self.value_tables()}
 
         def kind(p: nn.Parameter) -> str:
             if p.dim() < 2:
                 return "vector"
-            if p is self.tok_embeddings.weight:
+            if id(p) in tables:
                 return "embedding"
+            if p is self.output.weight:
+                return "head"
             return "block_matrix" if id(p) in in_blocks else "matrix"
 
         return [(kind(p), p) for p in self.parameters() if p.requires_grad]
+
+    def value_tables(self) -> list[nn.Parameter]:
+        """The value-embedding tables (`model.value_embeddings`; Transformer only)."""
+        tables = getattr(self, "value_embeds", None)
+        return [] if tables is None else list(tables.parameters())
 
     # ------------------------------------------------------------------ generation
 

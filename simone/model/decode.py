@@ -9,8 +9,9 @@ loop over prepared weights. Measured at the cpu preset shape, 2 threads, against
 `transformers` generate: greedy float32 decoding 1.40–1.45× → 1.71–1.87× at batch 1,
 1.55–1.60× → 1.83–1.96× at batch 8.
 
-It serves only what it can serve exactly: a `Transformer` without governance parts,
-positions within the cache, eval mode. `LanguageModel.generate` picks it by `supports`.
+It serves only what it can serve exactly: a `Transformer` without governance parts or levers
+that change its computation (`architecture_levers`), positions within the cache, eval mode.
+`LanguageModel.generate` picks it by `supports`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from simone.config import architecture_levers
 from simone.model.attention import KVCache
 from simone.model.layers import rotary_qkv
 
@@ -58,6 +60,7 @@ def supports(model: Any, cache: KVCache | None) -> bool:
     return (
         getattr(type(model), "flat_decoding", False)
         and not model.cfg.governance
+        and not architecture_levers(model.cfg)
         and not model.training
         and type(cache) is KVCache
         and model.output.weight.device.type == "cpu"

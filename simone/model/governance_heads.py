@@ -158,9 +158,13 @@ def governance_loss(
         labels = domain_ids if domain_ids.dim() == 2 else domain_ids[:, None].expand(policy_logits.shape[:2])
         labels = labels.to(policy_logits.device)
         logits = policy_logits.float()
-        policy = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-1)
-        coherence = policy_coherence(logits, labels, cfg.coherence_distance)
         known = labels >= 0
+        # the mean over known labels; 0, not 0/0 = nan, for a batch with none (text of a domain the
+        # head has no class for, e.g. a continued run's new data)
+        policy = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-1, reduction="sum"
+        ) / known.sum().clamp(min=1)
+        coherence = policy_coherence(logits, labels, cfg.coherence_distance)
         acc = ((logits.argmax(-1) == labels) & known).sum() / known.sum().clamp(min=1)
         terms.update(policy_loss=policy.detach(), coherence_loss=coherence.detach(), policy_acc=acc.detach())
         if cfg.policy_loss_weight > 0:

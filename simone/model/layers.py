@@ -1,5 +1,5 @@
-"""Building blocks of the Llama-style model: RMSNorm, the SwiGLU feed-forward, RoPE, and a
-Linear that decodes faster on CPUs.
+"""Building blocks of the Llama-style model: RMSNorm, the SwiGLU feed-forward (or nanochat's
+ReLU²), RoPE, and a Linear that decodes faster on CPUs.
 
 RMSNorm, SwiGLU's gate and RoPE on the fused q/k/v projection each have a hand-written
 backward (an autograd Function) for eager training, where autograd's own would make extra
@@ -181,6 +181,22 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.w2(silu_gate(self.w13(x)))
+        if self.dropout and self.training:
+            y = F.dropout(y, self.dropout, training=True)
+        return y
+
+
+class ReluSquared(nn.Module):
+    """down(relu(up(x))²), nanochat's MLP (`model.mlp=relu2`): two matrices, `w1` up and `w2` down."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.w1 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(hidden, dim, bias=False)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.w2(F.relu(self.w1(x)).square())
         if self.dropout and self.training:
             y = F.dropout(y, self.dropout, training=True)
         return y

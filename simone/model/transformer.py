@@ -11,6 +11,12 @@ With `cfg.governance` (simone/model/governance_heads.py) the model also gets lea
 in every attention layer and a policy head on the hidden states of block `policy_layer`;
 its training loss becomes the comprehensive (multi-objective) loss. With governance off
 none of these exist: the parameters, logits and loss are the plain model's.
+
+Levers of nanochat's recipe, each off by default (and then absent: the default model is the
+plain one, weights and all): `mlp="relu2"` (layers.ReluSquared for SwiGLU), `qk_norm`,
+`value_embeddings` (token tables of their own, `value_embeds`, mixed into the attention values
+of every other block from the last: attention.py), `zero_init_proj` (the blocks' wo and w2 start
+at zero, so each block starts as the identity) and `logit_softcap` (base.py).
 """
 
 from __future__ import annotations
@@ -19,31 +25,46 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simone.config import ModelConfig
+from simone.config import ModelConfig, value_embedding_layers
 from simone.model.attention import CausalSelfAttention, KVCache
 from simone.model.base import LanguageModel
 from simone.model.governance_heads import PolicyHead, check_governance_config, governance_loss, uses_memory, uses_policy
-from simone.model.layers import Linear, RMSNorm, SwiGLU, rope_tables, swiglu_hidden_dim
+from simone.model.layers import Linear, ReluSquared, RMSNorm, SwiGLU, rope_tables, swiglu_hidden_dim
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: attention then SwiGLU, each added to the residual stream."""
+    """Pre-norm block: attention then SwiGLU (or ReLU²), each added to the residual stream."""
 
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, value_gate_channels: int = 0):
         super().__init__()
         self.layer = layer  # index into the KV cache
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = CausalSelfAttention(
-            cfg.dim, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.dropout, bias=False
+            cfg.dim,
+            cfg.n_heads,
+            cfg.n_kv_heads or cfg.n_heads,
+            cfg.dropout,
+            bias=False,
+            qk_norm_eps=cfg.norm_eps if cfg.qk_norm else None,
+            value_gate_channels=value_gate_channels,
         )
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        hidden = swiglu_hidden_dim(cfg.dim, cfg.ffn_hidden, cfg.multiple_of)
-        self.feed_forward = SwiGLU(cfg.dim, hidden, cfg.dropout)
+        self.feed_forward: SwiGLU | ReluSquared
+        if cfg.mlp == "relu2":
+            self.feed_forward = ReluSquared(cfg.dim, cfg.ffn_hidden or 4 * cfg.dim, cfg.dropout)
+        else:
+            hidden = swiglu_hidden_dim(cfg.dim, cfg.ffn_hidden, cfg.multiple_of)
+            self.feed_forward = SwiGLU(cfg.dim, hidden, cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache | None, start_pos: int
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: KVCache | None,
+        start_pos: int,
+        value_embedding: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope, kv_cache, self.layer, start_pos)
+        x = x + self.attention(self.attention_norm(x), rope, kv_cache, self.layer, start_pos, value_embedding)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -58,17 +79,28 @@ class Transformer(LanguageModel):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        blocks = [TransformerBlock(cfg, i) for i in range(cfg.n_layers)]
+        valued = value_embedding_layers(cfg)
+        gate_channels = min(32, cfg.dim)  # the input channels a value-embedding gate reads (nanochat's 32)
+        blocks = [TransformerBlock(cfg, i, gate_channels if i in valued else 0) for i in range(cfg.n_layers)]
         self.layers = nn.ModuleList(blocks)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        kv_width = (cfg.n_kv_heads or cfg.n_heads) * (cfg.dim // cfg.n_heads)
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(cfg.vocab_size, kv_width) for i in valued})
         # RoPE tables for every position, computed once (not saved: they follow from cfg).
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.init_weights([p for block in blocks for p in (block.attention.wo.weight, block.feed_forward.w2.weight)])
+        projections = [p for block in blocks for p in (block.attention.wo.weight, block.feed_forward.w2.weight)]
+        self.init_weights(projections)
+        with torch.no_grad():
+            for weight in projections if cfg.zero_init_proj else []:
+                weight.zero_()
+            for block in blocks:
+                if block.attention.ve_gate is not None:
+                    block.attention.ve_gate.weight.zero_()  # every gate starts at 2·sigmoid(0) = 1
         # Governance parts are made after the plain init: with the same seed, a governance
         # model starts from exactly the plain model's weights plus its own.
         check_governance_config(cfg)
@@ -113,7 +145,8 @@ class Transformer(LanguageModel):
         rope = (self.rope_cos[positions], self.rope_sin[positions])
         policy_h = None
         for block in self.layers:
-            h = block(h, rope, kv_cache, start_pos)
+            key = str(block.layer)
+            h = block(h, rope, kv_cache, start_pos, self.value_embeds[key](idx) if key in self.value_embeds else None)
             if block.layer == self.policy_layer:
                 policy_h = h
         h = self.norm(h)

@@ -109,7 +109,8 @@ class Float32Muon(torch.optim.Muon):
     bf16 (no AMX, no AVX512-BF16): there a bf16 matmul is emulated, ~8x slower than a float32 one
     (704x256 by 256x704: 87.5 against 11.2 ms on a 2-core AMD EPYC), and the stock optimizer's
     step took three times the `cpu` preset's forward and backward. Same hyperparameters, the
-    same state (`momentum_buffer`), so checkpoints move between the two; only `match_rms_adamw`."""
+    same state (`momentum_buffer`), so checkpoints move between the two, and the same per-shape
+    learning-rate adjustment (`adjust_lr_fn`)."""
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
@@ -126,7 +127,15 @@ class Float32Muon(torch.optim.Muon):
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
                 update = newton_schulz_float32(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
                 p.mul_(1 - lr * wd)
-                p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))  # match_rms_adamw
+                p.add_(update, alpha=-lr * muon_lr_ratio(p.shape, group["adjust_lr_fn"]))
+
+
+def muon_lr_ratio(shape: torch.Size, adjust_lr_fn: str | None) -> float:
+    """Muon's learning-rate factor for a [rows, cols] matrix, as torch.optim.Muon reckons it:
+    "match_rms_adamw" 0.2·sqrt(max(rows, cols)) (updates of AdamW's size), "original" (nanochat's
+    per-shape scaling) sqrt(max(1, rows/cols))."""
+    rows, cols = shape[:2]
+    return 0.2 * math.sqrt(max(rows, cols)) if adjust_lr_fn == "match_rms_adamw" else math.sqrt(max(1, rows / cols))
 
 
 def hidden_matrices(model: LanguageModel) -> list[nn.Parameter]:
@@ -144,24 +153,23 @@ def new_adamw(
     device_type: str,
     fused: bool | None = None,
     embed_lr_scale: float = 1.0,
+    head_lr_scale: float = 1.0,
 ) -> torch.optim.AdamW:
     """AdamW over (kind, parameter) pairs: matrices and embeddings decayed, vectors (biases,
-    norms) not. With `embed_lr_scale` ≠ 1 the token embedding gets a decayed group of its own
-    whose `lr_scale` `set_lr` multiplies; two groups otherwise, so checkpoints written before the
-    option load. fused=None: the fused kernel on CUDA and on CPU (PyTorch ≥ 2.4 has a fused CPU
-    AdamW: 3.3 ms against 17.5 ms for the for-each one, one step of the `cpu` preset's 4.3M
-    parameters on one thread); False switches it off."""
-    apart = embed_lr_scale != 1.0 and any(kind == "embedding" for kind, _ in kinds)
-    decayed = [p for kind, p in kinds if kind != "vector" and not (apart and kind == "embedding")]
+    norms) not. With `embed_lr_scale` ≠ 1 the embeddings (and with `head_lr_scale` ≠ 1 an untied
+    output head) get a decayed group of their own whose `lr_scale` `set_lr` multiplies; two groups
+    otherwise, so checkpoints written before these options load. fused=None: the fused kernel on
+    CUDA and on CPU (PyTorch ≥ 2.4 has a fused CPU AdamW: 3.3 ms against 17.5 ms for the for-each
+    one, one step of the `cpu` preset's 4.3M parameters on one thread); False switches it off."""
+    scales = {"embedding": embed_lr_scale, "head": head_lr_scale}
+    apart = [name for name, scale in scales.items() if scale != 1.0 and any(kind == name for kind, _ in kinds)]
     groups = [
-        {"params": decayed, "weight_decay": weight_decay},
+        {"params": [p for kind, p in kinds if kind != "vector" and kind not in apart], "weight_decay": weight_decay},
         {"params": [p for kind, p in kinds if kind == "vector"], "weight_decay": 0.0},
     ]
-    if apart:
-        embed = [p for kind, p in kinds if kind == "embedding"]
-        groups.append(
-            {"params": embed, "weight_decay": weight_decay, "lr_scale": embed_lr_scale, "lr": lr * embed_lr_scale}
-        )
+    for name in apart:
+        own = [p for kind, p in kinds if kind == name]
+        groups.append({"params": own, "weight_decay": weight_decay, "lr_scale": scales[name], "lr": lr * scales[name]})
     fused_supported = "fused" in inspect.signature(torch.optim.AdamW).parameters
     if fused is None:
         fused = fused_supported and device_type in ("cuda", "cpu")
@@ -178,19 +186,22 @@ def build_optimizer(
     fused: bool | None = None,
     muon_lr_scale: float = 4.0,
     embed_lr_scale: float = 1.0,
+    head_lr_scale: float = 1.0,
+    muon_shape_scaling: bool = False,
 ) -> TrainingOptimizer:
     """The optimizer `name` ("adamw" or "muon") over `model`'s trainable parameters.
 
     "muon": Muon (momentum 0.95, Nesterov, 5 Newton-Schulz steps; in float32 on a CPU whose
     bf16 is emulated, `Float32Muon`) with the `match_rms_adamw`
     learning-rate adjustment, so its updates have AdamW's size and it takes the same learning
-    rate and weight decay (one schedule drives both; `muon_lr_scale` multiplies Muon's); AdamW,
-    as for "adamw", for everything else. `embed_lr_scale` multiplies the token embedding's
-    learning rate (and the tied output head's) in either.
+    rate and weight decay (one schedule drives both; `muon_lr_scale` multiplies Muon's), or with
+    `muon_shape_scaling` nanochat's per-shape adjustment instead (`muon_lr_ratio`); AdamW, as for
+    "adamw", for everything else. `embed_lr_scale` multiplies the embeddings' learning rate (and
+    the tied output head's), `head_lr_scale` an untied head's, in either.
     """
     kinds = model.param_kinds()
     if name == "adamw":
-        return new_adamw(kinds, lr, weight_decay, betas, device_type, fused, embed_lr_scale)
+        return new_adamw(kinds, lr, weight_decay, betas, device_type, fused, embed_lr_scale, head_lr_scale)
     if name != "muon":
         raise OptimizerConfigError(f"train.optimizer={name!r}: choose one of {', '.join(OPTIMIZERS)}")
     if not hasattr(torch.optim, "Muon"):
@@ -209,10 +220,11 @@ def build_optimizer(
         weight_decay=weight_decay / muon_lr_scale,  # decay is lr x wd: keep AdamW's
         momentum=0.95,
         nesterov=True,
-        adjust_lr_fn="match_rms_adamw",
+        adjust_lr_fn="original" if muon_shape_scaling else "match_rms_adamw",
     )
     rest = [(kind, p) for kind, p in kinds if kind != "block_matrix"]
-    return MuonWithAdamW(muon, new_adamw(rest, lr, weight_decay, betas, device_type, fused, embed_lr_scale))
+    adamw = new_adamw(rest, lr, weight_decay, betas, device_type, fused, embed_lr_scale, head_lr_scale)
+    return MuonWithAdamW(muon, adamw)
 
 
 def new_optimizer(model: LanguageModel, tc: TrainConfig, device: torch.device) -> TrainingOptimizer:
@@ -228,4 +240,6 @@ def new_optimizer(model: LanguageModel, tc: TrainConfig, device: torch.device) -
         fused=None if tc.fused_adamw else False,
         muon_lr_scale=tc.muon_lr_scale,
         embed_lr_scale=tc.embed_lr_scale,
+        head_lr_scale=tc.head_lr_scale,
+        muon_shape_scaling=tc.muon_shape_scaling,
     )

@@ -2,7 +2,10 @@
 
 Without a time cap, or when the planned steps fit comfortably inside it, the schedule is the
 plain one: linear warmup, then a half cosine to `lr * min_lr_ratio` over the planned steps
-(`lr_at`), a pure function of the step.
+(`lr_at`), a pure function of the step. `train.lr_schedule=wsd` makes it warmup-stable-decay
+over the planned steps too: the lr holds at its peak until the last `decay_fraction` of them,
+which take the same half cosine to the same floor (nanochat's long warm-down, linear there, is
+`decay_fraction=0.65, min_lr_ratio=0.05`).
 
 A time cap (`train.max_minutes`) that the planned steps will not fit, judged from the measured
 step throughput, turns it into warmup-stable-decay: the learning rate holds where it is, and the
@@ -60,18 +63,24 @@ def cosine_factor(q: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(max(q, 0.0), 1.0)))
 
 
-def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+def lr_at(
+    step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float, decay_start: int = 0
+) -> float:
     """Learning rate for the optimizer step with 0-based index `step`.
 
-    Warmup rises linearly from base_lr/(warmup+1) to base_lr over `warmup_steps` steps; then a
-    half cosine falls to `base_lr * min_lr_ratio` at `total_steps`, and stays there after.
+    Warmup rises linearly from base_lr/(warmup+1) to base_lr over `warmup_steps` steps; the lr
+    holds there until `decay_start` (if later); then a half cosine falls to `base_lr *
+    min_lr_ratio` at `total_steps`, and stays there after.
     """
     min_lr = base_lr * min_lr_ratio
     if step < warmup_steps:
         return base_lr * (step + 1) / (warmup_steps + 1)
     if step >= total_steps or total_steps <= warmup_steps:
         return min_lr
-    return min_lr + cosine_factor((step - warmup_steps) / (total_steps - warmup_steps)) * (base_lr - min_lr)
+    start = max(warmup_steps, decay_start)
+    if step < start:
+        return base_lr
+    return min_lr + cosine_factor((step - start) / (total_steps - start)) * (base_lr - min_lr)
 
 
 class LRSchedule:
@@ -90,9 +99,14 @@ class LRSchedule:
         max_seconds: float | None = None,
         decay_fraction: float = 0.2,
         clock: Callable[[], float] = time.monotonic,
+        shape: str = "cosine",
     ):
         if not 0.0 < decay_fraction <= 1.0:
             raise ConfigError(f"train.decay_fraction={decay_fraction}: must be in (0, 1]")
+        if shape not in ("cosine", "wsd"):
+            raise ConfigError(f"train.lr_schedule={shape!r}: choose cosine or wsd")
+        # wsd: the planned steps decay from here (0: from the end of warmup, the plain cosine)
+        self.decay_start = total_steps - round(decay_fraction * total_steps) if shape == "wsd" else 0
         self.base_lr, self.warmup_steps, self.min_lr_ratio = base_lr, warmup_steps, min_lr_ratio
         self.total_steps, self.max_seconds = total_steps, max_seconds
         self.decay_fraction, self.clock = decay_fraction, clock
@@ -144,7 +158,7 @@ class LRSchedule:
     def factor(self, step: int) -> float:
         """The learning rate of step `step` (0-based) as a fraction of the peak."""
         if step < self.warmup_steps or self.mode == "cosine":
-            return lr_at(step, 1.0, self.warmup_steps, self.total_steps, self.min_lr_ratio)
+            return lr_at(step, 1.0, self.warmup_steps, self.total_steps, self.min_lr_ratio, self.decay_start)
         anchor = self.decay_anchor
         if anchor is None:
             return self.hold

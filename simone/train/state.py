@@ -6,6 +6,7 @@ Exact resume depends on this file: everything the next step reads is saved by `s
 (with every rank's torch / numpy / python RNG states) and restored by `restore_train_state`, or the
 resumed run's losses drift from the uninterrupted one. The functions change the `TrainState` they are
 given and only read the run's fixed surroundings (`RunContext`); `callbacks.Checkpointing` says when.
+A continued run (`train.init_from`) starts, and rolls back with no checkpoint yet, from its parent's weights.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from simone.checkpoint import (
     save_checkpoint,
 )
 from simone.data.loader import BatchLoader
+from simone.inference.load import LoadedModel, load_model
 from simone.model import LanguageModel, build_model
+from simone.rundir import sha256_file
 from simone.train.distributed import (
     full_model_state,
     full_optimizer_state,
@@ -164,6 +167,8 @@ def start_or_resume(state: TrainState, ctx: RunContext, resume: str | None) -> N
                 f"{ctx.run.checkpoints}: starting fresh; existing checkpoints will be replaced "
                 f"(pass --resume latest to continue them)"
             )
+        if ctx.cfg.train.init_from:
+            start_from_parent(state, ctx)
         n_params = state.model.num_params()
         ctx.metrics.event(
             "start",
@@ -186,11 +191,55 @@ def start_or_resume(state: TrainState, ctx: RunContext, resume: str | None) -> N
     except CheckpointError as e:
         if which == "latest" and not list_checkpoints(ctx.run.checkpoints):
             ctx.metrics.log(f"{ctx.run.checkpoints}: no checkpoint to resume from; starting fresh")
+            if ctx.cfg.train.init_from:
+                start_from_parent(state, ctx)
             ctx.metrics.event("start", 0, "no checkpoint to resume from; starting fresh", total_steps=ctx.total_steps)
             return
         raise e
     restore_train_state(state, ctx, ckpt)
     ctx.metrics.event("resume", state.step, f"resumed from {ckpt}", path=str(ckpt), total_steps=ctx.total_steps)
+
+
+def parent_record(parent: LoadedModel) -> dict[str, Any]:
+    """The lineage entry of a model a run starts from: its name, the sha256 `of` its package file
+    (or of its checkpoint's weights), the path its weights are read from, and its own parent."""
+    if parent.unpacked is not None:
+        path, of = parent.source.resolve(), "package"
+        name = path.name.removesuffix(".tar.gz").removesuffix(".tgz")
+    else:
+        path, of = parent.files["checkpoint"].resolve(), "weights"
+        name = f"{path.parent.parent.name}/{path.name}" if path.parent.name == "checkpoints" else path.name
+    sha256 = sha256_file(path if of == "package" else parent.weights)
+    return {"name": name, "sha256": sha256, "of": of, "path": str(path), "parent": parent.config.train.parent}
+
+
+def start_from_parent(state: TrainState, ctx: RunContext) -> None:
+    """Load the parent's weights (`train.init_from`) into `state.model`: the parent the run's lineage
+    names (the same sha256), sharing the run's tokenizer; the optimizer and schedule stay fresh."""
+    tc = ctx.cfg.train
+    # building the parent's model draws from the RNG: forked, so the run's seeded streams stay as they were
+    with torch.random.fork_rng(devices=[]), load_model(Path(str(tc.init_from)), device="cpu") as parent:
+        record = parent_record(parent)
+        recorded = (tc.parent or {}).get("sha256", record["sha256"])
+        if record["sha256"] != recorded:
+            raise CheckpointError(
+                f"{tc.init_from}: sha256 {record['sha256'][:16]}…, but {ctx.run.config} records the parent "
+                f"{recorded[:16]}… (train.parent): the parent changed since this run began"
+            )
+        if sha256_file(parent.files["tokenizer"]) != sha256_file(ctx.run.tokenizer):
+            raise CheckpointError(
+                f"{ctx.run.tokenizer}: not the tokenizer of {tc.init_from}, whose weights it would decode"
+            )
+        weights = parent.model.state_dict()
+        check_state_fits(state.model, weights, str(parent.weights))
+        load_full_model_state(state.model, weights)
+    ctx.metrics.event(
+        "init_from",
+        state.step,
+        f"starting from the weights of {record['name']} (sha256 {record['sha256'][:12]}…)",
+        parent=record["name"],
+        sha256=record["sha256"],
+    )
 
 
 def restore_train_state(state: TrainState, ctx: RunContext, ckpt: Path) -> None:
@@ -247,7 +296,10 @@ def roll_back(state: TrainState, ctx: RunContext, consecutive: int) -> None:
         target = ckpt.name
     else:
         torch.manual_seed(tc.seed)
-        load_full_model_state(s.model, build_model(ctx.cfg.model).state_dict())
+        if tc.init_from:  # a continued run's initial weights are its parent's
+            start_from_parent(s, ctx)
+        else:
+            load_full_model_state(s.model, build_model(ctx.cfg.model).state_dict())
         s.loader.load_state_dict({"epoch": 0, "position": 0})
         torch.manual_seed(tc.seed + ctx.env.rank)
         s.step = s.epochs_done = s.tokens_seen = 0

@@ -41,7 +41,7 @@ from typing import Any, cast
 import torch
 
 from simone.checkpoint import CheckpointSaveError
-from simone.config import Config, ModelConfig
+from simone.config import Config, ModelConfig, TrainConfig
 from simone.data.loader import BatchLoader
 from simone.data.shards import TokenShard
 from simone.data.tokenizer import Tokenizer, load_tokenizer
@@ -240,6 +240,41 @@ def build_model_and_optimizer(
     return raw_model, model, optimizer, amp_dtype, scaler
 
 
+def train_loader(
+    cfg: Config,
+    run: RunDir,
+    shard: TokenShard,
+    env: DistEnv,
+    device: torch.device,
+    micro_batch: int,
+    grad_accum: int,
+    domain_classes: list[str] | None,
+) -> BatchLoader:
+    """This process's share of the training shard's batches (with domain labels for the policy head)."""
+    return BatchLoader(
+        shard,
+        micro_batch,
+        cfg.model.max_seq_len,
+        cfg.train.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        device=device,
+        grad_accum=grad_accum,
+        domain_classes=domain_classes,
+        control_ids=window_control_ids(cfg, run),
+        control_window_prob=cfg.data.control_window_prob,
+        doc_aligned=cfg.train.doc_aligned,
+    )
+
+
+def lr_schedule(tc: TrainConfig, total_steps: int, clock: Callable[[], float]) -> LRSchedule:
+    """The run's learning rate over its planned steps; under a time cap, planned by time (schedule.py)."""
+    max_seconds = tc.max_minutes * 60 if tc.max_minutes is not None else None
+    return LRSchedule(
+        tc.lr, tc.warmup_steps, total_steps, tc.min_lr_ratio, max_seconds, tc.decay_fraction, clock, tc.lr_schedule
+    )
+
+
 class Trainer:
     """The loop of one training run (one process). What changes as it trains is `self.state`
     (state.TrainState); its side effects are callbacks, called through `hook`."""
@@ -270,29 +305,15 @@ class Trainer:
         # its labels (each input token's domain) come from the loader. None: no policy head.
         self.domain_classes = check_model_sizes(cfg.model, run, train_shard.vocab_size)
         self.loss_terms = LossTermMeter()  # the comprehensive loss's terms, logged per interval
-        loader = BatchLoader(
-            train_shard,
-            self.micro_batch,
-            self.seq_len,
-            tc.seed,
-            rank=env.rank,
-            world_size=env.world_size,
-            device=self.device,
-            grad_accum=self.grad_accum,
-            domain_classes=self.domain_classes,
-            control_ids=window_control_ids(cfg, run),
-            control_window_prob=cfg.data.control_window_prob,
+        loader = train_loader(
+            cfg, run, train_shard, env, self.device, self.micro_batch, self.grad_accum, self.domain_classes
         )
         self.steps_per_epoch = loader.batches_per_epoch // self.grad_accum
         self.total_steps = tc.num_epochs * self.steps_per_epoch
         if tc.max_steps is not None:
             self.total_steps = min(self.total_steps, tc.max_steps)
         self.tokens_per_step = self.micro_batch * self.seq_len * self.grad_accum * env.world_size
-        # cosine over the planned steps; under a time cap they do not fit, planned by time (schedule.py)
-        max_seconds = tc.max_minutes * 60 if tc.max_minutes is not None else None
-        schedule = LRSchedule(
-            tc.lr, tc.warmup_steps, self.total_steps, tc.min_lr_ratio, max_seconds, tc.decay_fraction, clock
-        )
+        schedule = lr_schedule(tc, self.total_steps, clock)
         # an evaluation reads eval_batches per domain forward only (about a third of a training
         # micro-batch each); doubled for the checkpoint written with it and for uncompiled code
         schedule.expect_evaluations(

@@ -694,21 +694,29 @@ def _llama_cpp_peer(
 
 class ResourceMeter:
     """Wall time, CPU time and peak RSS of the code inside a `with` block, counting this
-    process and its child processes (curation's worker pool) together; RSS is sampled
-    every 20 ms, so a spike shorter than that can be missed."""
+    process and its child processes (the worker pools) together; RSS is sampled every 20 ms,
+    so a spike shorter than that can be missed. The sum of RSS counts a page that forked
+    processes share once in each: `peak_pss` (where the system reports PSS, which splits a
+    shared page between its processes; sampled every `pss_every` samples, as it costs ~5 ms a
+    process to read) is what the tree really holds. The child processes are listed again every
+    `list_every` samples (listing reads every process of the system: too dear every 20 ms)."""
 
-    def __init__(self, name: str, interval_s: float = 0.02):
+    def __init__(self, name: str, interval_s: float = 0.02, pss_every: int = 25, list_every: int = 10):
         self.name = name
         self.interval_s = interval_s
+        self.pss_every, self.list_every = pss_every, list_every
         self.proc = psutil.Process()
+        self.procs = [self.proc]
         self.wall = self.cpu = 0.0
-        self.peak = 0
+        self.peak = self.peak_pss = 0
 
-    def _tree_rss(self) -> int:
-        total = self.proc.memory_info().rss
-        for child in self.proc.children(recursive=True):
-            with contextlib.suppress(psutil.Error):  # exited between listing and reading
-                total += child.memory_info().rss
+    def _tree_rss(self, pss: bool = False, relist: bool = True) -> int:
+        if relist:
+            self.procs = [self.proc, *self.proc.children(recursive=True)]
+        total = 0
+        for proc in self.procs:
+            with contextlib.suppress(psutil.Error, AttributeError):  # exited since listed; no PSS here
+                total += proc.memory_full_info().pss if pss else proc.memory_info().rss
         return total
 
     def _cpu_s(self) -> float:
@@ -716,11 +724,16 @@ class ResourceMeter:
         return t.user + t.system + t.children_user + t.children_system
 
     def _sample(self) -> None:
+        n = 0
         while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, self._tree_rss())
+            n += 1
+            self.peak = max(self.peak, self._tree_rss(relist=n % self.list_every == 0))
+            if n % self.pss_every == 0:
+                self.peak_pss = max(self.peak_pss, self._tree_rss(pss=True, relist=False))
 
     def __enter__(self) -> ResourceMeter:
         self.peak = self._tree_rss()
+        self.peak_pss = self._tree_rss(pss=True)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -742,6 +755,7 @@ class ResourceMeter:
             "cpu_s": round(self.cpu, 3),
             "cores_used": round(self.cpu / max(self.wall, 1e-9), 2),
             "peak_rss_mb": round(self.peak / 2**20, 1),
+            "peak_pss_mb": round(self.peak_pss / 2**20, 1),
         }
 
 
@@ -753,9 +767,12 @@ def bench_prep(
     threads: int | None = None,
     vocab_size: int | None = None,
     json_path: str | Path | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Time `simone prepare` on `corpus`: curate → tokenizer training → shards, each stage
-    measured (wall, CPU seconds, cores used, peak RSS of the process tree).
+    measured (wall, CPU seconds, cores used, peak RSS of the process tree). `workers`: as
+    `simone prepare --workers` (default: one per core); the tokenizer's threads follow it only
+    when this process has not trained or used a tokenizer in parallel yet.
 
     Writes into `out_dir` (a fresh temporary folder, removed afterwards, when None).
     Returns {"kind": "prep", "seconds", "peak_rss_mb", "stages": [...], ...}; `tables(result)`
@@ -765,6 +782,9 @@ def bench_prep(
     cfg = load_preset(preset)
     if vocab_size:
         cfg.tokenizer.vocab_size = vocab_size
+    if workers:
+        cfg.curate.workers = workers
+        os.environ.setdefault("RAYON_NUM_THREADS", str(workers))  # read when the Rust thread pool starts
     corpus = Path(corpus)
     if not corpus.exists():
         raise BenchError(f"{corpus}: corpus folder not found")
@@ -779,7 +799,7 @@ def bench_prep(
     data_dir.mkdir(parents=True, exist_ok=True)
     stages = []
     try:
-        with ResourceMeter("total") as total:
+        with ResourceMeter("total", interval_s=1.0) as total:  # the stages' meters sample closely
             with ResourceMeter("curate") as m:
                 curate(corpus, data_dir, cfg)
             stages.append(m.row())
@@ -788,7 +808,7 @@ def bench_prep(
                 tok = train_tokenizer(documents, out / "tokenizer", cfg.tokenizer)
             stages.append(m.row())
             with ResourceMeter("shards") as m:
-                index = build_shards(documents, tok, data_dir, cfg.data.control_token_prob)
+                index = build_shards(documents, tok, data_dir, cfg.data.control_token_prob, workers=cfg.curate.workers)
             stages.append(m.row())
     finally:
         if tmp is not None:
@@ -802,10 +822,12 @@ def bench_prep(
         "preset": cfg.preset,
         "corpus": str(corpus),
         "seconds": round(total.wall, 3),
-        "peak_rss_mb": round(total.peak / 2**20, 1),
+        "peak_rss_mb": round(max(total.peak / 2**20, *(s["peak_rss_mb"] for s in stages)), 1),
+        "peak_pss_mb": round(max(total.peak_pss / 2**20, *(s["peak_pss_mb"] for s in stages)), 1),
         "cpu_s": round(total.cpu, 3),
         "cores_used": round(total.cpu / max(total.wall, 1e-9), 2),
         "cores": os.cpu_count(),
+        "workers": cfg.curate.workers or os.cpu_count(),
         "load_average": os.getloadavg()[0],
         "goal": {"seconds": GOALS["prep_seconds"], "peak_rss_mb": GOALS["prep_peak_rss_mb"]},
         "vocab_size": tok.vocab_size,
@@ -819,14 +841,22 @@ def bench_prep(
 def _prep_tables(result: dict[str, Any]) -> list[Table]:
     stages, splits = result["stages"], result["splits"]
     rows = [
-        [s["stage"], f"{s['seconds']:.1f}", f"{s['cpu_s']:.1f}", f"{s['cores_used']:.2f}", f"{s['peak_rss_mb']:,.0f}"]
+        [
+            s["stage"],
+            f"{s['seconds']:.1f}",
+            f"{s['cpu_s']:.1f}",
+            f"{s['cores_used']:.2f}",
+            f"{s['peak_rss_mb']:,.0f}",
+            f"{s['peak_pss_mb']:,.0f}",
+        ]
         for s in [*stages, {**result, "stage": "total"}]
     ]
     tokens = ", ".join(f"{s} {v['n_tokens']:,} tokens / {v['n_docs']} docs" for s, v in splits.items())
     return [
         _table(
-            f"prepare {result['corpus']} (curate + tokenizer + shards), preset {result['preset']}",
-            ["stage", "seconds", "CPU s", "cores used", "peak RSS MB"],
+            f"prepare {result['corpus']} (curate + tokenizer + shards), preset {result['preset']}, "
+            f"{result.get('workers', result['cores'])} workers",
+            ["stage", "seconds", "CPU s", "cores used", "peak RSS MB", "peak PSS MB"],
             rows,
             f"goal ≤ {GOALS['prep_seconds']:.0f} s and ≤ {GOALS['prep_peak_rss_mb']:,.0f} MB on "
             f"{result['cores']} cores (load average {result['load_average']:.1f}); "

@@ -44,6 +44,7 @@ from simone.train.precision import autocast_dtype
 from simone.train.schedule import stop_summary
 from simone.train.trainer import settle_model_sizes, train
 from simone.units import format_duration
+from simone.workflows.continued import check_fits, measure_forgetting, plan_line, prepare_init_from, read_parent
 
 SAMPLE_PROMPT = "The "  # the short sample said at the end of `simone run`
 PREPARE_TIMEOUT_S = 3600.0  # under torchrun: how long the other ranks wait for rank 0 to prepare
@@ -162,7 +163,8 @@ def check_device(cfg: Config, fall_back_to_cpu: bool = False, say: Say = quiet) 
 
 def training_plan(cfg: Config, train_tokens: int, estimated: bool) -> list[str]:
     """What will be trained, said before training: model, context, batch, time cap, expected time."""
-    if estimated:  # the model's vocabulary will be what the tokenizer makes (at most its target)
+    # the model's vocabulary will be what the tokenizer makes (at most its target; a continued run's is known)
+    if estimated and not cfg.train.init_from:
         cfg = copy.deepcopy(cfg)
         cfg.model.vocab_size = min(cfg.model.vocab_size, cfg.tokenizer.vocab_size)
     m, t = cfg.model, cfg.train
@@ -260,6 +262,11 @@ def stage_curate(cfg: Config, run_dir: Path, say: Say = quiet, show: Show = quie
 @_holding_run_lock
 def stage_tokenizer(cfg: Config, run_dir: Path, say: Say = quiet):
     run = RunDir(run_dir)
+    if cfg.train.init_from:  # a continued run keeps the tokenizer continued.prepare_init_from copied from its parent
+        if not run.tokenizer.exists():
+            raise PipelineError(f"{run.tokenizer}: missing; a continued run copies its parent's (--init-from)")
+        say(f"tokenizer: the parent's ({cfg.train.init_from}), kept as it is")
+        return load_tokenizer(run.tokenizer)
     if not run.documents.exists():
         raise PipelineError(f"{run.documents}: missing; run `simone curate --run-dir {run.root}` first")
     say(f"tokenizer: byte-level BPE, vocab {cfg.tokenizer.vocab_size}")
@@ -278,7 +285,9 @@ def stage_shards(cfg: Config, run_dir: Path, say: Say = quiet):
     tok = load_tokenizer(run.tokenizer)
     say("shards: tokenizing into memmap shards")
     # with control_token_prob > 0, training documents may start with their <|domain:NAME|> token
-    return build_shards(run.documents, tok, run.data, cfg.data.control_token_prob, cfg.data.split_seed)
+    return build_shards(
+        run.documents, tok, run.data, cfg.data.control_token_prob, cfg.data.split_seed, workers=cfg.curate.workers
+    )
 
 
 @_holding_run_lock
@@ -325,6 +334,8 @@ def stage_train(
         try:
             if not as_prepared:
                 claim_run_dir(run, resume, force, say)
+                if _starts_from_parent(cfg, run):
+                    prepare_init_from(cfg, read_parent(str(cfg.train.init_from)), run)
             if not prepared:
                 if as_prepared or resume not in (None, "latest"):
                     raise PipelineError(
@@ -351,6 +362,11 @@ def stage_train(
         cfg = from_dict(outcome[1])
     barrier(env)
     return train(cfg, run, resume=resume)
+
+
+def _starts_from_parent(cfg: Config, run: RunDir) -> bool:
+    """A continued run (`train.init_from`) not yet started from its parent: lineage or tokenizer still to come."""
+    return bool(cfg.train.init_from) and (cfg.train.parent is None or not run.tokenizer.exists())
 
 
 def _training_ended(result) -> str:
@@ -403,10 +419,15 @@ def run_pipeline(
     if eval_data is not None:  # a bad folder fails now, not after training
         read_text_folder(Path(eval_data))
     run = RunDir(run_dir)
+    parent = read_parent(str(cfg.train.init_from)) if _starts_from_parent(cfg, run) else None
+    if parent is not None:  # a model shape or vocabulary other than the parent's is refused before any work
+        check_fits(cfg, parent)
     run.root.mkdir(parents=True, exist_ok=True)
     with RunLock(run.root, warn=run.log_line):  # a second `simone run` here is refused, before any write
         claim_run_dir(run, resume, force, say)
         run.make()
+        if parent is not None:
+            prepare_init_from(cfg, parent, run)
         return _run_locked(
             cfg, run, resume, monitor, monitor_port, package_dir, prepared, package_name, eval_data, say, show
         )
@@ -432,6 +453,8 @@ def _run_locked(
     try:
         if monitor:
             say(f"dashboard: {_start_monitor(run_dir=run.root, port=monitor_port)}")
+        if cfg.train.init_from:
+            say(plan_line(cfg))
         if not prepared and (resume is None or not (run.data / "index.json").exists()):
             for line in training_plan(cfg, estimated_train_tokens(cfg), estimated=True):
                 say(line)
@@ -446,12 +469,16 @@ def _run_locked(
             say(line)
         stage = "train"
         run.write_status(stage=stage)
+        if cfg.train.init_from:  # the parent on the new data and its own, before training
+            measure_forgetting(run, "before", Path(cfg.train.init_from), cfg.train.device, say)
         result = stage_train(cfg, run.root, resume=resume, say=say, show=show)
         if getattr(result, "stop_reason", None) == "signal":
             say("stopped by signal; resume with --resume latest")
             return PipelineResult(ok=False, run_dir=run.root, error="stopped")
         stage = "validate"
         run.write_status(state="running", stage=stage)
+        if cfg.train.init_from:  # the model it will package, on the same texts
+            measure_forgetting(run, "after", run.root, cfg.train.device, say)
         report = validate(run.root, out_dir=run.validation)
         for part in format_report(report):
             show(part)
