@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from simone.data.records import Record, is_record_file, iter_records, record_id
+from simone.data.corpus import is_record_file
+from simone.data.records import Record, iter_records, record_id
 
 ROWS = [{"text": f"Document number {i}.", "source": f"dom{i % 2}", "title": f"T{i}", "year": 1900 + i, "tags": ["a", str(i)]}
         for i in range(1, 7)]

@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simone.data.records import RECORD_SUFFIXES, is_record_file
 from simone.errors import SimoneError
 
 TEXT_SUFFIX = ".txt"
 SIDECAR_SUFFIX = ".json"
+RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")  # record files (records.py)
 DEFAULT_DOMAIN = "default"
 SIDECAR_MAX_BYTES = 1 << 20  # metadata, not text: a bigger sidecar is a bad one
 
@@ -96,13 +96,13 @@ class UnsafeFile(Exception):
         self.message = message
 
 
-def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
-    """The bytes of `path`, which must be a regular file of at most `max_bytes`.
+def open_regular(path: str | Path) -> int:
+    """A file descriptor of `path`, which must be a regular file: the one way a corpus file is opened.
 
-    The checks hold for what is actually opened, not for a name checked earlier: the
-    file is opened without following a final symlink (discovery already resolved and
-    checked links) and without blocking (a FIFO swapped in cannot hang us), then
-    `fstat` must say "regular file", and at most `max_bytes + 1` bytes are ever read.
+    The checks hold for what is actually opened, not for a name checked earlier: the file is
+    opened without following a final symlink (discovery already resolved and checked links) and
+    without blocking (a FIFO swapped in cannot hang us), then `fstat` must say "regular file".
+    Raises UnsafeFile ("unreadable" or "not_regular_file").
     """
     flags = (
         os.O_RDONLY
@@ -116,10 +116,19 @@ def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
     except OSError as e:
         what = "a symlink appeared after the corpus was scanned" if e.errno == errno.ELOOP else e.strerror or str(e)
         raise UnsafeFile("unreadable", f"cannot open ({what})") from e
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UnsafeFile("not_regular_file", f"not a regular file ({_file_type(mode)}); not read")
+    return fd
+
+
+def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
+    """The bytes of `path` (`open_regular`'s checks), a regular file of at most `max_bytes`:
+    at most `max_bytes + 1` bytes are ever read."""
+    fd = open_regular(path)
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafeFile("not_regular_file", f"not a regular file ({_file_type(st.st_mode)}); not read")
         if st.st_size > max_bytes:
             raise UnsafeFile("too_large", too_large_note(st.st_size, max_bytes))
         chunks, total = [], 0
@@ -136,6 +145,16 @@ def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
         raise UnsafeFile("unreadable", f"cannot read ({e.strerror or e})") from e
     finally:
         os.close(fd)
+
+
+def record_suffix(path: str | Path) -> str | None:
+    """Which of `RECORD_SUFFIXES` the name of `path` ends with (any case), or None."""
+    name = os.path.basename(path).lower()
+    return next((s for s in RECORD_SUFFIXES if name.endswith(s)), None)
+
+
+def is_record_file(path: str | Path) -> bool:
+    return record_suffix(path) is not None
 
 
 def too_large_note(size: int, max_bytes: int) -> str:

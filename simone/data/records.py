@@ -13,8 +13,8 @@ group is read.
 
 Nothing here holds a whole file: JSON Lines are split out of bounded chunks of the
 (decompressed) stream, and a line over the size limit is dropped as it streams past;
-Parquet is read a few rows at a time. The file is opened like `corpus.read_regular_file`
-opens one: regular files only, no final symlink followed, never blocking.
+Parquet is read a few rows at a time. The file is opened by `corpus.open_regular`, the one way
+a corpus file is opened: regular files only, no final symlink followed, never blocking.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import gzip
 import json
 import math
 import os
-import stat
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +32,8 @@ from typing import Any, BinaryIO
 
 import zstandard
 
-RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+from simone.data.corpus import RECORD_SUFFIXES, UnsafeFile, open_regular, record_suffix
+
 RECORD_MAX_BYTES = 64 * 1024 * 1024  # a longer JSON line (or Parquet text) is a `too_large` record
 # the manifest reason codes a record can get (all keep it out of training)
 RECORD_REASONS = frozenset(
@@ -70,10 +70,6 @@ class Record:
     reason: str | None = None
 
 
-def is_record_file(path: str | Path) -> bool:
-    return _suffix(path) is not None
-
-
 def record_id(rel: str, number: int) -> str:
     """The stable document id of record `number` of the record file at `rel` (corpus-relative)."""
     return f"{rel}#{number}"
@@ -91,33 +87,19 @@ def iter_records(
     field's value (a non-empty string, else the record is `bad_domain`); all other fields
     are its `meta`. A file that cannot be opened gives one record saying why.
     """
-    suffix = _suffix(path)
+    suffix = record_suffix(path)
     if suffix is None:
         raise ValueError(f"{path}: not a record file ({', '.join(RECORD_SUFFIXES)})")
-    flags = (
-        os.O_RDONLY
-        | os.O_NONBLOCK
-        | getattr(os, "O_NOFOLLOW", 0)
-        | getattr(os, "O_NOCTTY", 0)
-        | getattr(os, "O_CLOEXEC", 0)
-    )
     try:
-        f = os.fdopen(os.open(path, flags), "rb")
-    except OSError as e:
-        yield _bad(1, "unreadable", f"cannot open ({e.strerror or e})")
+        fd = open_regular(path)
+    except UnsafeFile as e:
+        yield _bad(1, e.code, e.message)
         return
-    with f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            yield _bad(1, "not_regular_file", "not a regular file; not read")
-        elif suffix == ".parquet":
+    with os.fdopen(fd, "rb") as f:
+        if suffix == ".parquet":
             yield from _parquet_records(f, text_field, domain_field, max_record_bytes)
         else:
             yield from _jsonl_records(f, suffix, text_field, domain_field, max_record_bytes)
-
-
-def _suffix(path: str | Path) -> str | None:
-    name = os.path.basename(path).lower()
-    return next((s for s in RECORD_SUFFIXES if name.endswith(s)), None)
 
 
 # ----------------------------------------------------------------------------- JSON Lines

@@ -23,9 +23,9 @@ import torch
 
 from simone.checkpoint import list_checkpoints
 from simone.config import Config, analytic_param_count, from_dict, save_config
+from simone.data.corpus import is_record_file
 from simone.data.curate import curate, summary
 from simone.data.default_corpus import default_corpus_dir
-from simone.data.records import is_record_file
 from simone.data.shards import build_shards
 from simone.data.tokenizer import load_tokenizer, train_tokenizer
 from simone.devices import pick_device
