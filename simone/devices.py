@@ -39,6 +39,17 @@ def _rank_gpu(local_rank: int | None) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor ("AuthenticAMD", "GenuineIntel", ...; "" where /proc/cpuinfo does not say)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.lower().startswith("vendor_id") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def cpu_model() -> str:
     """The CPU's model name ("AMD EPYC 7B13", "Intel(R) Xeon(R) ..."): every benchmark figure is
     reported beside it, because CPUs here differ by 2x (with or without AMX / bf16 units)."""

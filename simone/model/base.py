@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import nullcontext
 from typing import cast
 
 import torch
@@ -19,6 +20,8 @@ from torch import nn
 from simone.config import ModelConfig
 from simone.model import decode
 from simone.model.attention import CausalSelfAttention, KVCache
+from simone.model.cpu_blas import decoding_threads, streams_weights
+from simone.model.layers import Linear
 from simone.model.loss import linear_cross_entropy, soft_cap
 from simone.model.sampling import sample_next_token
 
@@ -178,8 +181,11 @@ class LanguageModel(nn.Module):
         decoder = decoder or CachedDecoder(self, idx, max_new_tokens, use_cache)
         finished = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
         token = idx  # what the decoder reads next: first the prompt
+        streams = getattr(decoder, "streams_weights", False)  # steps through NumPy's BLAS: cpu_blas.py
         for _ in range(max_new_tokens):
-            token = decoder.pick(decoder.feed(token), temperature, top_k, top_p, generator)
+            few_rows = streams and token.numel() <= Linear.decode_rows  # a step, not a long prompt
+            with decoding_threads() if few_rows else nullcontext():
+                token = decoder.pick(decoder.feed(token), temperature, top_k, top_p, generator)
             if eos_id is not None:
                 token = token.masked_fill(finished, eos_id)
                 finished |= token == eos_id
@@ -202,6 +208,7 @@ class CachedDecoder:
         size = min(self.max_len, min(idx.size(1), self.max_len) + max_new_tokens)
         self.cache = model.new_kv_cache(idx.size(0), size, idx.device) if use_cache else None
         self.plan = decode.plan_for(model) if decode.supports(model, self.cache) else None
+        self.streams_weights = streams_weights(model)  # `generate` runs its steps in cpu_blas.decoding_threads
         self.idx: torch.Tensor | None = None  # the text so far (its last max_len tokens when recomputed)
         self.n_cached = 0  # positions of idx already in the cache
         self.logits: torch.Tensor | None = None

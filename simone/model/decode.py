@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from simone.config import architecture_levers
 from simone.model.attention import KVCache
+from simone.model.cpu_blas import rows_matmul
 from simone.model.layers import rotary_qkv
 
 # `model` below is a `Transformer`, read by attribute: typed Any, as this module cannot import the
@@ -108,13 +109,13 @@ def decode_step(model: Any, plan: DecodePlan, tokens: torch.Tensor, cache: KVCac
     h = F.embedding(tokens, plan.embedding)  # [B, 1, dim]
     for i, layer in enumerate(plan.layers):
         x = F.rms_norm(h, (dim,), layer.attention_norm, plan.eps)
-        qkv = (x @ layer.wqkv).view(batch, 1, n_q + 2 * n_kv, head_dim)
+        qkv = rows_matmul(x, layer.wqkv).view(batch, 1, n_q + 2 * n_kv, head_dim)
         q, k, v = rotary_qkv(qkv, cos, sin, n_q, n_kv)
         k, v = cache.update(i, k, v, pos)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=n_kv != n_q
         )
-        h = h + y.view(batch, 1, dim) @ layer.wo  # [B, heads, 1, hd] is [B, 1, dim] in memory
-        gate, up = (F.rms_norm(h, (dim,), layer.ffn_norm, plan.eps) @ layer.w13).chunk(2, dim=-1)
-        h = h + (F.silu(gate) * up) @ layer.w2
-    return (F.rms_norm(h, (dim,), plan.norm, plan.eps) @ plan.output)[:, -1]
+        h = h + rows_matmul(y.view(batch, 1, dim), layer.wo)  # [B, heads, 1, hd] is [B, 1, dim] in memory
+        gate, up = rows_matmul(F.rms_norm(h, (dim,), layer.ffn_norm, plan.eps), layer.w13).chunk(2, dim=-1)
+        h = h + rows_matmul(F.silu(gate) * up, layer.w2)
+    return rows_matmul(F.rms_norm(h, (dim,), plan.norm, plan.eps), plan.output)[:, -1]

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simone.model.cpu_blas import rows_matmul
+
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight, computed in float32 whatever the input dtype.
@@ -88,7 +90,8 @@ class Linear(nn.Linear):
     most `decode_rows` rows, this layer multiplies by such a copy, made on first use and
     remade whenever the weight changes (its storage, version counter or the autocast
     dtype). Training, evaluation batches, GPUs and torch.compile use `F.linear` unchanged;
-    parameters and state dict are nn.Linear's. Costs one more copy of the weights.
+    parameters and state dict are nn.Linear's. Costs one more copy of the weights. The product
+    is `cpu_blas.rows_matmul`'s (NumPy's BLAS inside a decoding step where MKL is slow).
     """
 
     _weight_t: torch.Tensor | None = None  # the [in, out] copy (None: not made, or not usable)
@@ -103,7 +106,7 @@ class Linear(nn.Linear):
         weight_t = self.decode_weight()
         if weight_t is None:
             return F.linear(x, self.weight, self.bias)
-        y = x @ weight_t
+        y = rows_matmul(x, weight_t)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def decode_weight(self) -> torch.Tensor | None:

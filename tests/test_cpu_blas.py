@@ -1,0 +1,79 @@
+"""Decoding through NumPy's BLAS (simone/model/cpu_blas.py): the same products and tokens as
+PyTorch's, PyTorch's thread count given back, and only inside a decoding step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from simone.model import cpu_blas
+from simone.model.cpu_blas import decoding_threads, rows_matmul, streams_weights
+from test_model import tiny_model
+
+
+@pytest.fixture
+def numpy_blas(monkeypatch):
+    """As on a CPU where NumPy's BLAS is the faster (an AMD one), whatever this machine is;
+    every model counts as too big for the caches."""
+    monkeypatch.setattr(cpu_blas, "NUMPY_ROWS_PRODUCT", True)
+    monkeypatch.setattr(cpu_blas, "STREAMED_BYTES", 0)
+
+
+def test_rows_go_through_numpy_only_inside_a_decoding_step(numpy_blas, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 1, 40, generator=g), torch.randn(40, 24, generator=g)
+    calls = []
+    real = np.matmul
+    monkeypatch.setattr(cpu_blas.np, "matmul", lambda a, b: calls.append((a.shape, b.shape)) or real(a, b))
+    outside = rows_matmul(x, w)
+    assert calls == []
+    with decoding_threads():
+        inside = rows_matmul(x, w)
+        bf16 = rows_matmul(x.bfloat16(), w.bfloat16())  # NumPy has no bfloat16: PyTorch multiplies
+    # one [rows, in] product (a [B, 1, in] stack would read the weights once per row)
+    assert calls == [((3, 40), (40, 24))]
+    assert inside.shape == outside.shape == (3, 1, 24) and bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(inside, outside, rtol=1e-5, atol=1e-5)
+
+
+def test_a_decoding_step_runs_pytorch_on_one_thread_and_gives_its_threads_back(numpy_blas):
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="boom"), decoding_threads():
+        assert torch.get_num_threads() == 1
+        with decoding_threads():  # nested: the outer step's setting stands
+            assert torch.get_num_threads() == 1
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+    assert cpu_blas._NumpyBlas.active is False
+
+
+def test_generate_gives_the_same_tokens_through_numpy(numpy_blas, monkeypatch):
+    """Greedy tokens at batch 1 and 3 (the prompt through the modules, then flat steps), with and
+    without NumPy's BLAS."""
+    model = tiny_model()
+    prompt = torch.randint(0, 61, (3, 5), generator=torch.Generator().manual_seed(1))
+    used = []
+    real = np.matmul
+    monkeypatch.setattr(cpu_blas.np, "matmul", lambda a, b: used.append(1) or real(a, b))
+
+    def tokens(batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat(list(model.generate(batch, 12, temperature=0.0)), 1)
+
+    assert streams_weights(model)
+    with_numpy = [tokens(prompt[:1]), tokens(prompt)]
+    assert used, "the steps did not go through NumPy"
+    monkeypatch.setattr(cpu_blas, "NUMPY_ROWS_PRODUCT", False)
+    assert not streams_weights(model)
+    assert torch.equal(with_numpy[0], tokens(prompt[:1])) and torch.equal(with_numpy[1], tokens(prompt))
+
+
+def test_small_models_and_intel_cpus_keep_pytorch(monkeypatch):
+    model = tiny_model()
+    monkeypatch.setattr(cpu_blas, "NUMPY_ROWS_PRODUCT", True)
+    assert not streams_weights(model)  # a few KB: it sits in the caches
+    monkeypatch.setattr(cpu_blas, "STREAMED_BYTES", 0)
+    assert streams_weights(model)
+    monkeypatch.setattr(cpu_blas, "cpu_vendor", lambda: "GenuineIntel")
+    assert cpu_blas.numpy_rows_product() is False
