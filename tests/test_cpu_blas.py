@@ -77,3 +77,18 @@ def test_small_models_and_intel_cpus_keep_pytorch(monkeypatch):
     assert streams_weights(model)
     monkeypatch.setattr(cpu_blas, "cpu_vendor", lambda: "GenuineIntel")
     assert cpu_blas.numpy_rows_product() is False
+
+
+def test_an_autocast_generation_keeps_pytorchs_threads(numpy_blas, monkeypatch):
+    """Under a bfloat16 autocast the products are PyTorch's: no step may take its threads."""
+    seen = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(cpu_blas.torch, "set_num_threads", lambda n: seen.append(n) or real(n))
+    model = tiny_model()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        list(model.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0.0))
+    assert seen == []
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        list(model.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0.0))
+    assert seen == [1, threads] * 4  # each of the 4 steps on one thread, then given back

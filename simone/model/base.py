@@ -181,7 +181,8 @@ class LanguageModel(nn.Module):
         decoder = decoder or CachedDecoder(self, idx, max_new_tokens, use_cache)
         finished = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
         token = idx  # what the decoder reads next: first the prompt
-        streams = getattr(decoder, "streams_weights", False)  # steps through NumPy's BLAS: cpu_blas.py
+        # steps through NumPy's BLAS (cpu_blas.py): float32 only, so not under a CPU autocast
+        streams = getattr(decoder, "streams_weights", False) and not torch.is_autocast_enabled("cpu")
         for _ in range(max_new_tokens):
             few_rows = streams and token.numel() <= Linear.decode_rows  # a step, not a long prompt
             with decoding_threads() if few_rows else nullcontext():
