@@ -92,3 +92,16 @@ def test_an_autocast_generation_keeps_pytorchs_threads(numpy_blas, monkeypatch):
     with torch.no_grad():
         list(model.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0.0))
     assert seen == [1, threads] * 4  # each of the 4 steps on one thread, then given back
+
+
+def test_only_cached_steps_of_a_few_rows_run_on_one_thread(numpy_blas, monkeypatch):
+    """A long prompt, and the steps that recompute the whole context once the text outgrows the
+    cache, keep PyTorch's threads: they are big products."""
+    seen = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(cpu_blas.torch, "set_num_threads", lambda n: seen.append(n) or real(n))
+    model = tiny_model()  # context 24 positions
+    long_prompt = torch.zeros(3, 22, dtype=torch.long)  # 66 rows: more than a step's 64
+    with torch.no_grad():
+        out = list(model.generate(long_prompt, 4, temperature=0.0))
+    assert len(out) == 4 and len(seen) == 2 * 2  # the 2 steps that fit in the cache; not the prompt, not the 2 after

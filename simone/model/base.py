@@ -184,8 +184,7 @@ class LanguageModel(nn.Module):
         # steps through NumPy's BLAS (cpu_blas.py): float32 only, so not under a CPU autocast
         streams = getattr(decoder, "streams_weights", False) and not torch.is_autocast_enabled("cpu")
         for _ in range(max_new_tokens):
-            few_rows = streams and token.numel() <= Linear.decode_rows  # a step, not a long prompt
-            with decoding_threads() if few_rows else nullcontext():
+            with decoding_threads() if streams and decoder.is_cached_step(token) else nullcontext():
                 token = decoder.pick(decoder.feed(token), temperature, top_k, top_p, generator)
             if eos_id is not None:
                 token = token.masked_fill(finished, eos_id)
@@ -213,6 +212,12 @@ class CachedDecoder:
         self.idx: torch.Tensor | None = None  # the text so far (its last max_len tokens when recomputed)
         self.n_cached = 0  # positions of idx already in the cache
         self.logits: torch.Tensor | None = None
+
+    def is_cached_step(self, new: torch.Tensor) -> bool:
+        """Whether `feed(new)` will be a few rows through the KV cache (not a long prompt, not a
+        recomputation of the whole context): the steps `generate` runs in cpu_blas.decoding_threads."""
+        n_text = min(new.size(1), self.max_len) if self.idx is None else self.idx.size(1) + new.size(1)
+        return self.cache is not None and n_text <= self.cache.max_len and new.numel() <= Linear.decode_rows
 
     def feed(self, new: torch.Tensor) -> torch.Tensor:
         idx = new[:, -self.max_len :] if self.idx is None else torch.cat((self.idx, new), dim=1)
