@@ -39,24 +39,23 @@ def _rank_gpu(local_rank: int | None) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor ("AuthenticAMD", "GenuineIntel", ...; "" where /proc/cpuinfo does not say)."""
+def _cpuinfo(field: str) -> str | None:
+    """The first value of `field` in /proc/cpuinfo ("model name", "vendor_id"); None where it is not there."""
     try:
         for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.lower().startswith("vendor_id") and ":" in line:
+            if line.lower().startswith(field) and ":" in line:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return ""
+    return None
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor ("AuthenticAMD", "GenuineIntel", ...; "" where /proc/cpuinfo does not say)."""
+    return _cpuinfo("vendor_id") or ""
 
 
 def cpu_model() -> str:
     """The CPU's model name ("AMD EPYC 7B13", "Intel(R) Xeon(R) ..."): every benchmark figure is
     reported beside it, because CPUs here differ by 2x (with or without AMX / bf16 units)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.lower().startswith("model name") and ":" in line:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown"
