@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import shutil
 import sys
@@ -83,15 +84,14 @@ def _add_curation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers",
         type=int,
-        default=None,
         metavar="N",
         help="N processes curate and tokenize the shards, N threads train the tokenizer (default: one per core)",
     )
 
 
 def _add_config_args(p: argparse.ArgumentParser, with_data: bool = True) -> None:
-    p.add_argument("--preset", default=None, help=f"named preset ({', '.join(PRESETS)}; default {DEFAULT_PRESET})")
-    p.add_argument("--config", default=None, help="a saved config JSON (e.g. a run's config.json)")
+    p.add_argument("--preset", help=f"named preset ({', '.join(PRESETS)}; default {DEFAULT_PRESET})")
+    p.add_argument("--config", help="a saved config JSON (e.g. a run's config.json)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -104,31 +104,29 @@ def _add_config_args(p: argparse.ArgumentParser, with_data: bool = True) -> None
         p.add_argument(
             "--data",
             "--data_dir",
-            dest="data",
-            default=None,
             help="corpus: a folder of DOMAIN/SUBDOMAIN/*.txt and/or .jsonl(.gz|.zst)/.parquet record files, or one file (default: the embedded corpus)",
         )
         p.add_argument(
             "--validation-dir",
             "--validation_dir",
-            dest="validation_dir",
-            default=None,
             help="a pre-split validation folder (same layout): its documents are the "
             "validation split, every --data document trains",
         )
-        p.add_argument("--text-field", default=None, help="the text field of a .jsonl/.parquet record (default: text)")
-        p.add_argument("--domain-field", default=None, help="the record field naming its domain (default: its folder)")
-    p.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None)
-    p.add_argument("--max-minutes", "--max_minutes", dest="max_minutes", type=float, default=None)
+        p.add_argument("--text-field", help="the text field of a .jsonl/.parquet record (default: text)")
+        p.add_argument("--domain-field", help="the record field naming its domain (default: its folder)")
+    p.add_argument("--max-steps", "--max_steps", type=int)
+    p.add_argument("--max-minutes", "--max_minutes", type=float)
     for flag, key in LEGACY_CONFIG_FLAGS.items():
-        p.add_argument(flag, dest=f"legacy:{key}", default=None, help=f"alias of --set {key}=…")
+        p.add_argument(flag, dest=f"legacy:{key}", help=f"alias of --set {key}=…")
+
+
+# the --force of `run` and `train`
+_RUN_FORCE_HELP = "start over in a run dir that holds checkpoints (its earlier run moves to RUN/replaced-*)"
 
 
 def _add_init_from(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--init-from",
-        dest="init_from",
-        default=None,
         metavar="PACKAGE_OR_RUN",
         help="continued pretraining: start from this model's weights and tokenizer (a .tar.gz package, "
         "run dir or checkpoint), with its config, a fresh optimizer and schedule, and train.lr 0.3 x its own",
@@ -228,49 +226,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = build_config(args, run_dir if resume else None)
     legacy = _implied_legacy_preset(args, cfg)
     if legacy:
-        print(
-            f"[simone] legacy flags without --preset: starting from the original recipe, preset {LEGACY_PRESET}",
-            flush=True,
-        )
+        _say(f"legacy flags without --preset: starting from the original recipe, preset {LEGACY_PRESET}")
     # a CUDA preset chosen by the legacy flags runs on whatever device there is; one named
     # with --preset on a machine without CUDA is an error before any work
     check_device(cfg, fall_back_to_cpu=legacy, say=_say)
     if args.budget_minutes is not None and not resume:  # a resumed run keeps its saved shape
         _apply_budget_minutes(cfg, args.budget_minutes)
-    eval_data = Path(args.eval_data) if args.eval_data else None
-    if args.models:
-        models = [m.strip() for m in args.models.split(",") if m.strip()]
-        unknown = [m for m in models if m not in MODEL_CHOICES]
-        if unknown or not models:
-            raise CLIError(
-                f"--models: unknown model(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(MODEL_CHOICES)}"
-            )
-        result = run_models(
-            cfg,
-            run_dir,
-            models,
-            resume=resume,
-            package_dir=Path(args.package_dir),
-            monitor=args.monitor,
-            monitor_port=args.port,
-            eval_data=eval_data,
-            force=args.force,
-            say=_say,
-            show=_show,
+    models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODEL_CHOICES]
+    if args.models and (unknown or not models):
+        raise CLIError(
+            f"--models: unknown model(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(MODEL_CHOICES)}"
         )
-    else:
-        result = run_pipeline(
-            cfg,
-            run_dir,
-            resume=resume,
-            monitor=args.monitor,
-            monitor_port=args.port,
-            package_dir=Path(args.package_dir),
-            eval_data=eval_data,
-            force=args.force,
-            say=_say,
-            show=_show,
-        )
+    run = functools.partial(run_models, models=models) if models else run_pipeline
+    result = run(
+        cfg,
+        run_dir,
+        resume=resume,
+        monitor=args.monitor,
+        monitor_port=args.port,
+        package_dir=Path(args.package_dir),
+        eval_data=Path(args.eval_data) if args.eval_data else None,
+        force=args.force,
+        say=_say,
+        show=_show,
+    )
     return 0 if result.ok else 1
 
 
@@ -292,10 +272,9 @@ def _apply_budget_minutes(cfg: Config, minutes: float) -> None:
         base=cfg.model,
     )
     apply_budget(cfg, minutes, shape)
-    print(
-        f"[simone] --budget-minutes {minutes:g}: probe {tokens_per_s:,.0f} tokens/s on the preset's model; "
-        f"shape {shape.describe()}",
-        flush=True,
+    _say(
+        f"--budget-minutes {minutes:g}: probe {tokens_per_s:,.0f} tokens/s on the preset's model; "
+        f"shape {shape.describe()}"
     )
 
 
@@ -669,18 +648,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("run", cmd_run, "run every stage: corpus to packaged, validated model")
     _add_config_args(p)
     _add_init_from(p)
-    p.add_argument("--run-dir", "--output_dir", dest="run_dir", default=None, help="default: runs/<timestamp>")
-    p.add_argument(
-        "--resume", "--resume_from", dest="resume", default=None, help="latest | best (or best_model) | checkpoint path"
-    )
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="start over in a run dir that holds checkpoints (its earlier run moves to RUN/replaced-*)",
-    )
+    p.add_argument("--run-dir", "--output_dir", help="default: runs/<timestamp>")
+    p.add_argument("--resume", "--resume_from", help="latest | best (or best_model) | checkpoint path")
+    p.add_argument("--force", action="store_true", help=_RUN_FORCE_HELP)
     p.add_argument(
         "--models",
-        default=None,
         metavar="llama,gpt2",
         help="train several architectures on the same data, tokenizer and budget into "
         "RUN/runs/NAME, validate and package each, and write RUN/comparison.{md,json}",
@@ -691,17 +663,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_curation_flags(p)
     p.add_argument(
         "--budget-minutes",
-        dest="budget_minutes",
         type=float,
-        default=None,
         metavar="M",
         help="pick depth, width, context and batch for M minutes of training on this machine "
         "(a short throughput probe first) and cap training at M minutes",
     )
     p.add_argument(
         "--eval-data",
-        dest="eval_data",
-        default=None,
         metavar="DIR",
         help="at the end, bits per byte of the packaged model on this folder of text "
         "(written to RUN/validation/eval.json)",
@@ -709,16 +677,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("curate", cmd_curate, "clean, deduplicate, flag and report a corpus")
     _add_config_args(p)
-    p.add_argument("--run-dir", dest="run_dir", default=None)
+    p.add_argument("--run-dir")
     _add_curation_flags(p)
 
     p = verb("tokenizer", cmd_tokenizer, "train the BPE tokenizer on a curated run dir")
     _add_config_args(p, with_data=False)
-    p.add_argument("--run-dir", dest="run_dir", required=True)
+    p.add_argument("--run-dir", required=True)
 
     p = verb("prepare", cmd_prepare, "curate + tokenizer + token shards (everything before training)")
     _add_config_args(p)
-    p.add_argument("--run-dir", dest="run_dir", default=None)
+    p.add_argument("--run-dir")
     _add_curation_flags(p)
 
     p = verb(
@@ -728,91 +696,76 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     _add_init_from(p)
-    p.add_argument("--run-dir", dest="run_dir", required=True)
-    p.add_argument("--resume", "--resume_from", dest="resume", default=None)
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="start over in a run dir that holds checkpoints (its earlier run moves to RUN/replaced-*)",
-    )
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--resume", "--resume_from")
+    p.add_argument("--force", action="store_true", help=_RUN_FORCE_HELP)
     p.add_argument(
         "--parallel",
         choices=["ddp", "fsdp"],
-        default=None,
         help="under torchrun: ddp (a replica per process, default) or fsdp (FSDP2: sharded "
         "parameters, gradients and optimizer state, for models that do not fit one GPU)",
     )
 
     p = verb("finetune", cmd_finetune, "chat fine-tuning: train a model on conversations, loss on its replies only")
-    p.add_argument("--model", default=None, help="the package, run dir or checkpoint to fine-tune")
+    p.add_argument("--model", help="the package, run dir or checkpoint to fine-tune")
     p.add_argument(
         "--data",
-        default=None,
         metavar="CHATS.jsonl",
         help='conversations, a line each: {"messages": [{"role", "content"}, ...]} or {"prompt", "completion"} '
         "(default: a demo set built from the embedded corpus)",
     )
-    p.add_argument("--out", default=None, metavar="RUN", help="the run dir (default: runs/<timestamp>)")
+    p.add_argument("--out", metavar="RUN", help="the run dir (default: runs/<timestamp>)")
     p.add_argument("--skip-bad", action="store_true", help="leave malformed lines out (counted) instead of stopping")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
     )
-    p.add_argument("--max-steps", dest="max_steps", type=int, default=None)
-    p.add_argument("--max-minutes", dest="max_minutes", type=float, default=None)
-    p.add_argument(
-        "--eval-items", dest="eval_items", type=int, default=200, help="held-out replies measured (default 200)"
-    )
-    p.add_argument("--resume", default=None, help="latest | best | checkpoint path (of the run in --out)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--eval-items", type=int, default=200, help="held-out replies measured (default 200)")
+    p.add_argument("--resume", help="latest | best | checkpoint path (of the run in --out)")
     p.add_argument("--force", action="store_true", help="start over in a run dir that holds checkpoints")
     p.add_argument("--package-dir", default="models_for_download", help="where the .tar.gz goes")
 
     p = verb("validate", cmd_validate, "write validation/report.{json,md}; non-zero exit when a check fails")
     p.add_argument("--model", required=True, help="run dir, checkpoint dir or .tar.gz")
-    p.add_argument("--out", default=None, help="report folder (default: RUN/validation or next to the package)")
-    p.add_argument("--data-dir", default=None, help="a run's data/ folder with val.bin (default: the run's own)")
+    p.add_argument("--out", help="report folder (default: RUN/validation or next to the package)")
+    p.add_argument("--data-dir", help="a run's data/ folder with val.bin (default: the run's own)")
 
     p = verb("package", cmd_package, "pack a trained run into models_for_download/NAME.tar.gz")
-    p.add_argument("--run-dir", dest="run_dir", required=True)
+    p.add_argument("--run-dir", required=True)
     p.add_argument("--out", default="models_for_download")
 
     p = verb("generate", cmd_generate, "generate text from a trained model")
     p.add_argument("--model", required=True, help="run dir, checkpoint dir or .tar.gz")
     p.add_argument("--prompt", default="")
-    p.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, default=100)
+    p.add_argument("--max-tokens", "--max_tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", dest="top_k", type=int, default=50)
-    p.add_argument("--top-p", dest="top_p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end, not token by token")
-    p.add_argument("--domain", default=None, help="steer toward a domain: start from its <|domain:NAME|> token")
+    p.add_argument("--domain", help="steer toward a domain: start from its <|domain:NAME|> token")
     p.add_argument(
         "--policy-guidance",
-        dest="policy_guidance",
         type=float,
         default=0.0,
         metavar="W",
         help="rerank the top candidates by W x log p_policy(--domain) (governance models)",
     )
-    p.add_argument(
-        "--guidance-top-k", dest="guidance_top_k", type=int, default=8, help="candidates reranked by --policy-guidance"
-    )
+    p.add_argument("--guidance-top-k", type=int, default=8, help="candidates reranked by --policy-guidance")
     p.add_argument(
         "--trace",
-        default=None,
         metavar="FILE.jsonl",
         help="write one JSON object per generated token (probability, entropy, sources, policy)",
     )
     p.add_argument(
         "--trace-html",
-        dest="trace_html",
-        default=None,
         metavar="FILE.html",
         help="the trace as an HTML page (tokens coloured by probability, sources on hover)",
     )
     p.add_argument(
         "--stream-past-context",
-        dest="stream_past_context",
         action="store_true",
         help="keep generating past the context window (streaming KV cache, Llama-style models)",
     )
@@ -834,7 +787,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         choices=["f32", "f16", "bf16", "q8_0"],
-        default=None,
         help="gguf only: the type of the weight matrices, default f32 (norms stay f32)",
     )
     p.add_argument(
@@ -859,27 +811,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--data",
-        default=None,
         metavar="DIR",
         help="DOMAIN/SUB/*.txt or a flat folder of *.txt; with --suite, where a new suite's held-out "
         "documents come from: a run dir (its validation split), a documents.jsonl or a folder",
     )
     p.add_argument(
         "--suite",
-        default=None,
         metavar="FILE.jsonl",
         help="score the consistency suite in FILE (built there once from --data's held-out documents "
         "if it does not exist): bpb per domain, minimal pairs, cloze, generation health",
     )
     p.add_argument(
         "--pairs",
-        default=None,
         metavar="FILE.jsonl",
         help="your own minimal pairs (fields good, bad; optional domain, kind), scored as the suite's",
     )
     p.add_argument(
         "--suite-items",
-        dest="suite_items",
         type=int,
         default=100,
         metavar="N",
@@ -887,12 +835,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--lm-eval-tasks",
-        dest="lm_eval_tasks",
-        default=None,
         metavar="DIR",
         help="also write the suite as an lm-evaluation-harness task folder (offline, local files)",
     )
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the result here")
+    p.add_argument("--json", metavar="FILE", help="also write the result here")
     p.add_argument("--device", default="auto")
 
     p = verb(
@@ -903,13 +849,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument(
         "--budget-minutes",
-        dest="budget_minutes",
         type=float,
         default=30.0,
         help="total training time to share between the variants (sets the common step count)",
     )
     p.add_argument("--out", required=True, help="folder for the shared data, the runs and the report")
-    p.add_argument("--variants", default=None, help="comma-separated subset (default: all)")
+    p.add_argument("--variants", help="comma-separated subset (default: all)")
     p.add_argument(
         "--seeds",
         type=int,
@@ -918,19 +863,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tokens-per-variant",
-        dest="tokens_per_variant",
         type=int,
-        default=None,
         help="training tokens per run, the same for every variant (instead of --budget-minutes)",
     )
-    p.add_argument("--samples-per-domain", dest="samples_per_domain", type=int, default=50)
-    p.add_argument("--sample-tokens", dest="sample_tokens", type=int, default=128)
-    p.add_argument("--guidance-weight", dest="guidance_weight", type=float, default=1.0)
+    p.add_argument("--samples-per-domain", type=int, default=50)
+    p.add_argument("--sample-tokens", type=int, default=128)
+    p.add_argument("--guidance-weight", type=float, default=1.0)
     p.add_argument(
         "--heldout-batches",
-        dest="heldout_batches",
         type=int,
-        default=None,
         help="held-out batches per domain (default: every window of the held-out documents)",
     )
     p.add_argument(
@@ -954,12 +895,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--suite",
         action=argparse.BooleanOptionalAction,
-        default=None,
         help="score every run on the consistency suite built from the held-out documents (default: with data variants)",
     )
     p.add_argument(
         "--suite-items",
-        dest="suite_items",
         type=int,
         default=100,
         metavar="N",
@@ -976,16 +915,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
 
     p = verb("doctor", cmd_doctor, "check Python, PyTorch, device, disk, memory and the corpus")
-    p.add_argument("--data", "--data_dir", dest="data", default=None)
-    p.add_argument("--run-dir", dest="run_dir", default=None)
+    p.add_argument("--data", "--data_dir")
+    p.add_argument("--run-dir")
 
     p = verb("monitor", cmd_monitor, "serve the live training dashboard")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--runs", default=None, help="folder of run directories (default: runs/)")
-    g.add_argument("--run-dir", dest="run_dir", default=None, help="one run directory")
+    g.add_argument("--runs", help="folder of run directories (default: runs/)")
+    g.add_argument("--run-dir", help="one run directory")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5001)
-    p.add_argument("--token", default=None, help="required when binding off loopback (generated if absent)")
+    p.add_argument("--token", help="required when binding off loopback (generated if absent)")
 
     p = verb(
         "serve",
@@ -998,40 +937,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--api-key",
-        dest="api_key",
-        default=None,
         help="clients must send it as a Bearer token; required off loopback (default: $SIMONE_API_KEY, "
         "better: a key on the command line is visible to other local users in `ps`)",
     )
     p.add_argument("--device", default="auto")
     p.add_argument(
-        "--max-queue",
-        dest="max_queue",
-        type=int,
-        default=None,
-        help="requests that may wait behind the running one; more get 429 (default 16)",
+        "--max-queue", type=int, help="requests that may wait behind the running one; more get 429 (default 16)"
     )
     p.add_argument(
         "--max-request-tokens",
-        dest="max_request_tokens",
         type=int,
-        default=None,
         help="one request's prompts × n × (prompt + max_tokens) tokens at most (default 16384)",
     )
-    p.add_argument(
-        "--max-body-bytes",
-        dest="max_body_bytes",
-        type=int,
-        default=None,
-        help="largest request body; larger gets 413 (default 1048576)",
-    )
+    p.add_argument("--max-body-bytes", type=int, help="largest request body; larger gets 413 (default 1048576)")
 
     p = verb("chat", cmd_chat, "talk to a trained model in the terminal (its reply streams as it is written)")
     p.add_argument("--model", required=True, help="run dir, checkpoint dir or .tar.gz")
-    p.add_argument("--system", default=None, metavar="TEXT", help="a system message that opens the conversation")
+    p.add_argument("--system", metavar="TEXT", help="a system message that opens the conversation")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=256, help="longest reply (default 256)")
-    p.add_argument("--seed", type=int, default=None, help="repeatable replies (default: a fresh seed)")
+    p.add_argument("--max-tokens", type=int, default=256, help="longest reply (default 256)")
+    p.add_argument("--seed", type=int, help="repeatable replies (default: a fresh seed)")
     p.add_argument("--device", default="auto")
 
     p = verb(
@@ -1040,12 +965,12 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmark: training and generation against transformers, or data preparation (time and peak RAM)",
     )
     p.add_argument("kind", choices=["train", "generate", "prep"])
-    p.add_argument("--preset", default=None, help=f"model shape and training settings (default {DEFAULT_PRESET})")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
-    p.add_argument("--corpus", default=None, metavar="DIR", help="corpus folder (prep)")
+    p.add_argument("--preset", help=f"model shape and training settings (default {DEFAULT_PRESET})")
+    p.add_argument("--json", metavar="FILE", help="also write the results here")
+    p.add_argument("--corpus", metavar="DIR", help="corpus folder (prep)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per row (median shown)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: the preset's, auto)")
+    p.add_argument("--threads", type=int, help="torch threads (default: PyTorch's)")
+    p.add_argument("--device", help="cpu | cuda (default: the preset's, auto)")
     p.add_argument(
         "--dtype",
         action="append",
@@ -1055,7 +980,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
 
     p = verb("status", cmd_status, "print a run's state, progress, losses and ETA")
-    p.add_argument("run", nargs="?", default=None)
+    p.add_argument("run", nargs="?")
     p.add_argument("--runs", default="runs")
     return parser
 

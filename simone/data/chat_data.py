@@ -36,10 +36,11 @@ import numpy as np
 import tokenizers
 
 from simone.data.chat_template import CHAT_TOKENS, ROLES, chat_ids
-from simone.data.shards import INDEX_FILE, SCHEMA, token_dtype
+from simone.data.documents import read_documents
+from simone.data.shards import INDEX_FILE, token_dtype, write_index
 from simone.data.tokenizer import Tokenizer
 from simone.errors import SimoneError
-from simone.rundir import atomic_write_json, atomic_write_text, read_json, sha256_file
+from simone.rundir import atomic_write_text, read_json, sha256_file
 
 CHAT_DOMAIN = "chat"
 HELDOUT_FILE = "heldout.jsonl"
@@ -290,18 +291,8 @@ def build_chat_shards(
         for split in ("train", "val")
     }
     atomic_write_text(data_dir / HELDOUT_FILE, "".join(line + "\n" for line in heldout))
-    index = {
-        "schema": SCHEMA,
-        "dtype": dtype.name,
-        "vocab_size": tokenizer.vocab_size,
-        "eod_id": tokenizer.eod_id,
-        "tokenizer_sha256": tokenizer.sha256,
-        "chats": {"file": str(chats.resolve()), **counts.__dict__},
-        "chat_stamp": stamp,
-        "splits": splits,
-    }
-    atomic_write_json(data_dir / INDEX_FILE, index)  # last: a matching index means complete files
-    return index
+    chats_info = {"file": str(chats.resolve()), **counts.__dict__}
+    return write_index(data_dir, tokenizer, chats=chats_info, chat_stamp=stamp, splits=splits)
 
 
 def _write_split(
@@ -338,7 +329,4 @@ def _write_split(
 
 def heldout_conversations(data_dir: Path) -> Iterator[dict]:
     """The held-out pieces `build_chat_shards` wrote: {"line", "task", "messages"} each."""
-    with open(Path(data_dir) / HELDOUT_FILE, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
+    return read_documents(Path(data_dir) / HELDOUT_FILE)

@@ -153,7 +153,6 @@ def build_shards(
     if _is_current(existing, data_dir, documents_sha, tokenizer, control):
         return existing
 
-    dtype = token_dtype(tokenizer.vocab_size)
     tmp_dir = data_dir / ".shards-tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
@@ -171,20 +170,30 @@ def build_shards(
             _release_free_heap()  # a forked worker's RSS counts every page this process holds
             with _one_thread_encoders(), ProcessPoolExecutor(n, mp_context=ctx) as pool:
                 chunk_parts = list(pool.map(run, tasks))
-        index = {
-            "schema": SCHEMA,
-            "dtype": dtype.name,
-            "vocab_size": tokenizer.vocab_size,
-            "eod_id": tokenizer.eod_id,
-            "tokenizer_sha256": tokenizer.sha256,
-            "documents_sha256": documents_sha,
-            "control_token_prob": control[0],
-            "control_seed": control[1],
-            "splits": {split: _concatenate_split(split, chunk_parts, data_dir) for split in SPLITS},
-        }
+        splits = {split: _concatenate_split(split, chunk_parts, data_dir) for split in SPLITS}
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    # The index is written last: a present, matching index means complete .bin files.
+    return write_index(
+        data_dir,
+        tokenizer,
+        documents_sha256=documents_sha,
+        control_token_prob=control[0],
+        control_seed=control[1],
+        splits=splits,
+    )
+
+
+def write_index(data_dir: Path, tokenizer: Tokenizer, **fields: object) -> dict:
+    """Write and return `data_dir/index.json` (token and chat shards): the token format, the tokenizer, then
+    `fields`. Written last: a present, matching index means complete .bin files."""
+    index = {
+        "schema": SCHEMA,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "vocab_size": tokenizer.vocab_size,
+        "eod_id": tokenizer.eod_id,
+        "tokenizer_sha256": tokenizer.sha256,
+        **fields,
+    }
     atomic_write_json(data_dir / INDEX_FILE, index)
     return index
 

@@ -6,6 +6,8 @@ only a flag), `flagged` when any reason is a flag, else `kept`.
 
 from __future__ import annotations
 
+from simone.data.records import RECORD_REASONS
+
 QUARANTINE = {
     "empty",
     "binary",
@@ -22,15 +24,7 @@ QUARANTINE = {
     "timed_out",
     "hidden",
     "symlinked_dir",
-    # a record of a record file that is no document (records.RECORD_REASONS)
-    "bad_json",
-    "no_text_field",
-    "text_not_string",
-    "bad_domain",
-    "bad_compression",
-    "bad_row_group",
-    "bad_parquet",
-}
+} | RECORD_REASONS  # a record of a record file that is no document
 NOT_DOCUMENTS = {"hidden", "symlinked_dir"}  # folder-level skips: not counted in any domain
 FLAG = {
     "title_mismatch",

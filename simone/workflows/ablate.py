@@ -59,8 +59,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
-import shutil
 import statistics
 import time
 from collections.abc import Sequence
@@ -108,7 +106,7 @@ from simone.workflows.ablation_report import ablation_markdown, ablation_svg
 from simone.workflows.ablation_stats import summarize_runs
 from simone.workflows.data_variants import BASE as DATA_BASE
 from simone.workflows.data_variants import DataVariant, HeldOut, parse_data_variant, prepare_data_variant
-from simone.workflows.pipeline import stage_curate, stage_tokenizer
+from simone.workflows.pipeline import link_shared, stage_curate, stage_tokenizer
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "gpt2": {"arch": "gpt2", "governance": False},
@@ -155,17 +153,6 @@ class AblationSettings:
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def _link(target: Path, link: Path) -> None:
-    """`link` -> `target` (a relative symlink; a copy where symlinks are not allowed)."""
-    if link.is_symlink() or link.exists():
-        return
-    link.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
-    except OSError:
-        shutil.copytree(target, link)
 
 
 def prepare_shared(cfg: Config, out: Path, say: Say = quiet, show: Show = quiet) -> RunDir:
@@ -561,9 +548,9 @@ def run_ablation(cfg: Config, out: Path, settings: AblationSettings, say: Say = 
                 data_root, heldout_dir = prepared[name], shared.data
             else:
                 data_root, heldout_dir = shared, shared.data
-            _link(data_root.data, run.data)
+            link_shared(data_root.data, run.data)
             # a data variant's shards are its own, its tokenizer the base corpus's
-            _link((shared if name in data_variants else data_root).tokenizer_dir, run.tokenizer_dir)
+            link_shared((shared if name in data_variants else data_root).tokenizer_dir, run.tokenizer_dir)
             settle_model_sizes(vcfg, load_tokenizer(run.tokenizer))  # the uncurated variant has its own
             key = run_key(vcfg, name, k, steps, settings, run, judge_acc, heldout_dir, suite_file)
             trains_as = training_key(key)

@@ -38,6 +38,7 @@ from simone.inference.validation_report import format_report, validate
 from simone.lock import RunLock
 from simone.progress import Say, Show, quiet
 from simone.rundir import RunDir, atomic_write_json, atomic_write_text, read_json
+from simone.train.budget import training_flops_per_token
 from simone.train.distributed import barrier, broadcast_object, dist_env_from_environ, init_distributed, resolve_device
 from simone.train.metrics import cpu_peak_flops, gpu_peak_flops
 from simone.train.precision import autocast_dtype
@@ -117,13 +118,7 @@ def expected_training_seconds(cfg: Config, train_tokens: int, device_type: str) 
         peak = cpu_peak_flops(autocast_dtype(t.dtype, torch.device("cpu")) or torch.float32)
     if not peak:
         return None
-    # 6 FLOPs per matmul parameter per token, plus attention (LanguageModel.flops_per_token)
-    matmul_params = (
-        analytic_param_count(m)
-        - (m.max_seq_len * m.dim if m.arch == "gpt2" else 0)
-        - (0 if m.tie_embeddings else m.vocab_size * m.dim)
-    )
-    flops_per_token = 6.0 * matmul_params + 12.0 * m.n_layers * m.dim * m.max_seq_len
+    flops_per_token = training_flops_per_token(m)
     tokens_per_step = t.batch_size * t.grad_accum * m.max_seq_len
     steps = t.num_epochs * max(1, train_tokens // tokens_per_step)
     if t.max_steps is not None:
@@ -533,10 +528,11 @@ def model_variant(cfg: Config, name: str) -> Config:
     return out
 
 
-def _link_shared(target: Path, link: Path) -> None:
+def link_shared(target: Path, link: Path) -> None:
     """`link` -> `target` (a relative symlink; a copy where symlinks are not allowed)."""
     if link.is_symlink() or link.exists():
         return
+    link.parent.mkdir(parents=True, exist_ok=True)
     try:
         link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
     except OSError:
@@ -587,8 +583,8 @@ def run_models(
                 run.write_status(stage=f"model {name}")
                 sub = RunDir(run.root / "runs" / name)
                 sub.root.mkdir(parents=True, exist_ok=True)
-                _link_shared(run.data, sub.data)
-                _link_shared(run.tokenizer_dir, sub.tokenizer_dir)
+                link_shared(run.data, sub.data)
+                link_shared(run.tokenizer_dir, sub.tokenizer_dir)
                 say(f"model {name}: {sub.root}")
                 result = run_pipeline(
                     model_variant(cfg, name),
