@@ -117,8 +117,7 @@ def estimate_checkpoint_bytes(model_state: dict[str, torch.Tensor], train_state:
 
 def check_free_space(directory: Path, needed_bytes: int) -> tuple[bool, int]:
     """(enough, free_bytes) for writing `needed_bytes` under `directory`."""
-    directory = Path(directory)
-    probe = directory
+    probe = Path(directory)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
@@ -152,7 +151,8 @@ def weights_bytes(model_state: dict[str, torch.Tensor]) -> bytes:
 def weights_from_bytes(data: bytes, source: str) -> dict[str, torch.Tensor]:
     try:
         tensors = safetensors_load(data)
-        meta = _safetensors_metadata(data)
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+        meta = header.get("__metadata__", {}) or {}
     except (SafetensorError, ValueError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{source}: not a readable safetensors file ({e})") from e
     aliases = json.loads(meta.get("aliases", "{}") or "{}")
@@ -161,12 +161,6 @@ def weights_from_bytes(data: bytes, source: str) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{source}: tied tensor {alias} points to missing {target}")
         tensors[alias] = tensors[target]
     return tensors
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_len])
-    return header.get("__metadata__", {}) or {}
 
 
 # ----------------------------------------------------------------------------- save
@@ -247,14 +241,11 @@ def save_checkpoint(
             old = ckpt_root / f".old-{name}-{os.getpid()}-{time.time_ns()}"
             os.replace(final, old)
             faults.between_renames(step)
-            os.replace(tmp, final)
-            fsync_dir(ckpt_root)
-            verify_checkpoint(final)
+        os.replace(tmp, final)
+        fsync_dir(ckpt_root)
+        verify_checkpoint(final)
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-            fsync_dir(ckpt_root)
-            verify_checkpoint(final)
     except (OSError, CheckpointError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and old.exists() and not _intact(final):  # put the verified old copy back
@@ -299,7 +290,6 @@ def _recover_leftovers(ckpt_root: Path, log: Callable[[str], None]) -> None:
     for p in sorted(ckpt_root.iterdir()):
         if p.name.startswith(".tmp-") and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
-    for p in sorted(ckpt_root.iterdir()):
         m = re.match(r"^\.old-(step_\d+)-", p.name)
         if m is None or not p.is_dir():
             continue
@@ -485,15 +475,6 @@ def _few(names: Iterable[str]) -> str:
     return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
 
 
-def _checkpoint_root(path: Path) -> tuple[Path | None, Path | None]:
-    """(checkpoints dir, explicit checkpoint dir) for a run dir, checkpoints dir or step dir."""
-    if (path / MANIFEST).exists() or (path / WEIGHTS).exists():
-        return None, path
-    if (path / "checkpoints").is_dir():
-        return path / "checkpoints", None
-    return path, None
-
-
 def resolve_checkpoint(
     run_dir_or_ckpt: str | Path,
     which: str | tuple[str, ...] = "latest",
@@ -521,12 +502,10 @@ def resolve_checkpoint(
     path = Path(run_dir_or_ckpt)
     if not path.exists():
         raise CheckpointError(f"{path}: no such run directory or checkpoint")
-    ckpt_root, explicit = _checkpoint_root(path)
-    if explicit is not None:
-        verify_checkpoint(explicit)
-        return explicit
-    if ckpt_root is None:  # _checkpoint_root gives one or the other
-        raise CheckpointError(f"{path}: neither a run directory nor a checkpoint")
+    if (path / MANIFEST).exists() or (path / WEIGHTS).exists():  # one checkpoint directory
+        verify_checkpoint(path)
+        return path
+    ckpt_root = path / "checkpoints" if (path / "checkpoints").is_dir() else path  # a run dir, or its checkpoints
     dirs = list_checkpoints(ckpt_root)
     pointed = read_pointer(ckpt_root, which)
     if not dirs and (pointed is None or not _leftover_copies(ckpt_root, pointed)):

@@ -293,10 +293,8 @@ def _negation_sites(text: str) -> list[Site]:
             continue
         after = word + same_case("not", word) if word.lower() == "can" else f"{word} {same_case('not', word)}"
         sites.append(Site(m.start(), m.end(), "negation", word, after))
-    for m in _UNNEGATE_RE.finditer(text):
-        sites.append(Site(m.start(), m.end(), "negation", m.group(0), m.group(1)))
-    for m in _CANNOT_RE.finditer(text):
-        sites.append(Site(m.start(), m.end(), "negation", m.group(0), m.group(1)))
+    for pattern in (_UNNEGATE_RE, _CANNOT_RE):  # "was not" -> "was", "cannot" -> "can"
+        sites += [Site(m.start(), m.end(), "negation", m.group(0), m.group(1)) for m in pattern.finditer(text)]
     for m in _CONTRACTION_RE.finditer(text):
         word = m.group(1)
         sites.append(
@@ -569,19 +567,17 @@ def contradict_documents(
         if doc.get("split") == "train":
             n_train += 1
             bytes_before += len(text.encode("utf-8"))
-        if _doc_id(doc) in chosen and doc.get("split") == "train":
-            # bandit B311: a seeded generator makes the corpus reproducible; nothing here is secret
-            rng = random.Random(split_key(f"contradict-sites:{_doc_id(doc)}", seed))  # nosec B311
-            domain = str(doc.get("domain"))
-            new_text, doc_changes = contradict_text(text, rng, spec.kinds, pools.get(domain, []), flip_share)
-            if doc_changes:
-                n_changed += 1
-                doc = doc | {"text": new_text}
-            for c in doc_changes:
-                changes.append({"document": _doc_id(doc), "domain": domain, **c})
-                per_kind[c["kind"]] += 1
-            text = new_text
-        if doc.get("split") == "train":
+            if _doc_id(doc) in chosen:
+                # bandit B311: a seeded generator makes the corpus reproducible; nothing here is secret
+                rng = random.Random(split_key(f"contradict-sites:{_doc_id(doc)}", seed))  # nosec B311
+                domain = str(doc.get("domain"))
+                text, doc_changes = contradict_text(text, rng, spec.kinds, pools.get(domain, []), flip_share)
+                if doc_changes:
+                    n_changed += 1
+                    doc = doc | {"text": text}
+                for c in doc_changes:
+                    changes.append({"document": _doc_id(doc), "domain": domain, **c})
+                    per_kind[c["kind"]] += 1
             bytes_after += len(text.encode("utf-8"))
         out.append(doc)
     summary = {

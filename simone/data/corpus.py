@@ -34,20 +34,6 @@ RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")  # record fi
 DEFAULT_DOMAIN = "default"
 SIDECAR_MAX_BYTES = 1 << 20  # metadata, not text: a bigger sidecar is a bad one
 
-# metadata keys we understand, from a sidecar or from a header block
-_HEADER_KEYS = {
-    "title": "title",
-    "author": "author",
-    "source": "source",
-    "category": "category",
-    "subcategory": "subcategory",
-    "quality score": "quality_score",
-    "quality_score": "quality_score",
-    "word count": "word_count",
-    "url": "url",
-    "hash": "hash",
-    "priority": "priority",
-}
 _HEADER_LINE = re.compile(r"^([A-Za-z][A-Za-z _-]{0,40}):\s*(.*)$")
 _HEADER_RULE = re.compile(r"^={10,}\s*$")
 
@@ -262,11 +248,10 @@ def discover_files(path: str | Path) -> list[SourceFile]:
                 continue
             if real_dir:
                 subdirs.append(rel)
-                if suffix == TEXT_SUFFIX:  # a folder named x.txt: walked, and reported as no text file
-                    texts[rel] = _source(full, rel, *_domain_of(_printable(rel)), real_root=real_root)
-                continue
-            if suffix == TEXT_SUFFIX:
+            if suffix == TEXT_SUFFIX:  # a folder named x.txt too: walked, and reported as no text file
                 texts[rel] = _source(full, rel, *_domain_of(_printable(rel)), real_root=real_root)
+            elif real_dir:
+                continue  # any other folder: walked (subdirs), not an entry of its own
             elif is_record_file(entry.name):
                 records.append(_source(full, rel, *_domain_of(_printable(rel)), real_root=real_root))
             elif suffix == SIDECAR_SUFFIX:
@@ -474,7 +459,7 @@ def split_header(text: str, max_lines: int = 40) -> tuple[dict[str, Any] | None,
             return meta, text[offset + len(line) + 1 :]
         m = _HEADER_LINE.match(line)
         if m:
-            key = _HEADER_KEYS.get(m.group(1).strip().lower(), m.group(1).strip().lower().replace(" ", "_"))
+            key = m.group(1).strip().lower().replace(" ", "_")  # "Quality Score" -> quality_score
             meta[key] = _header_value(key, m.group(2).strip())
         elif line.strip():
             return None, text  # prose before any rule: not a header block

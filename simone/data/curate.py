@@ -434,7 +434,10 @@ def _process_text(
         rec["_grams"] = SpilledGrams.append(
             str(Path(st.spool) / f"grams.{os.getpid()}"), sample_grams(grams, CONTAMINATION_SAMPLE)
         )
-    return _spool(rec, body, st)
+    spooled = Path(st.spool) / f"{rec['_index']}.txt"
+    spooled.write_text(body, encoding="utf-8")
+    rec["_spool"] = str(spooled)
+    return rec
 
 
 def _read_raw(path: Path, rec: dict[str, Any], max_bytes: int) -> bytes:
@@ -442,13 +445,6 @@ def _read_raw(path: Path, rec: dict[str, Any], max_bytes: int) -> bytes:
     rec["bytes"] = len(raw)
     rec["sha256"] = hashlib.sha256(raw).hexdigest()
     return raw
-
-
-def _spool(rec: dict[str, Any], body: str, st: _Settings) -> dict[str, Any]:
-    path = Path(st.spool) / f"{rec['_index']}.txt"
-    path.write_text(body, encoding="utf-8")
-    rec["_spool"] = str(path)
-    return rec
 
 
 def _str_or_none(v: Any) -> str | None:
@@ -485,7 +481,11 @@ def curate(corpus: str | Path, data_dir: str | Path, cfg: Config, progress: bool
     files = [sf for sf in entries if sf.kind != "ignored"]
     ignored = [sf.rel for sf in entries if sf.kind == "ignored"]
     data_dir.mkdir(parents=True, exist_ok=True)
-    paths = _paths(corpus, data_dir)
+    paths = {
+        "manifest": data_dir / "manifest.jsonl",
+        "documents": data_dir / "documents.jsonl",
+        "report": data_dir / "report.html",
+    }
     stamp_path = data_dir / "curate.stamp.json"
     fingerprint = _fingerprint(files, cfg)
     previous = read_json(stamp_path)
@@ -602,14 +602,6 @@ def _refuse_unknown_text_field(records: list[dict[str, Any]], text_field: str, c
             f"{corpus}: no record has the text field {text_field!r} (--text-field, data.text_field), "
             f"e.g. {lacking[0]['notes']['no_text_field']}"
         )
-
-
-def _paths(corpus: Path, data_dir: Path) -> dict[str, Path]:
-    return {
-        "manifest": data_dir / "manifest.jsonl",
-        "documents": data_dir / "documents.jsonl",
-        "report": data_dir / "report.html",
-    }
 
 
 def _run_workers(files: list[SourceFile], st: _Settings, workers: int, progress: bool) -> list[dict[str, Any]]:
@@ -830,11 +822,9 @@ def _hold_out_slices(records: list[dict[str, Any]], cfg: Config, corpus: Path) -
         else:
             need = min_words_to_hold_out(min_words)
             words = sum(r["words"] for r in docs)
-            have = (
-                f"{words:,} words of text in domain {domain!r}"
-                if len(docs) == 1
-                else f"{words:,} words of text in domain {domain!r} but no validation document, and its longest document has {max(r['words'] for r in docs):,}"
-            )
+            have = f"{words:,} words of text in domain {domain!r}"
+            if len(docs) > 1:
+                have += f" but no validation document, and its longest document has {max(r['words'] for r in docs):,}"
             raise CorpusError(
                 f"{corpus}: corpus has {have}; need at least {need:,} to hold out validation "
                 f"({min_words} words, data.min_val_words, to validate on and as many to train on): "

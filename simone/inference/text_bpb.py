@@ -213,8 +213,7 @@ class TorchScorer:
         for w in windows:
             by_length.setdefault(w[1] - 1 - w[0], []).append(w)
         for length, group in by_length.items():
-            window_bytes = 4 * length * self.vocab_size
-            per_pass = min(self.batch_size, max(1, self.logits_budget_bytes // window_bytes))
+            per_pass = self._rows_per_pass(length, most=self.batch_size)
             for i in range(0, len(group), per_pass):
                 batch = group[i : i + per_pass]
                 x = torch.stack([all_ids[s : e - 1] for s, e, _ in batch]).to(self.device)

@@ -257,8 +257,7 @@ class TokenGate:
 
             async def send_with_cookie(message: dict) -> None:
                 if message["type"] == "http.response.start":
-                    message.setdefault("headers", [])
-                    message["headers"] = [*message["headers"], (b"set-cookie", set_cookie)]
+                    message["headers"] = [*message.get("headers", []), (b"set-cookie", set_cookie)]
                 await send(message)
 
             await self.app(scope, receive, send_with_cookie)
@@ -404,14 +403,8 @@ def create_dashboard_app(
         if target is None:
             raise HTTPException(404, "not found")
         suffix = target.suffix.lower()
-        if suffix == ".html":
-            media = "text/html; charset=utf-8"
-        elif suffix == ".json":
-            media = "application/json"
-        elif suffix in TEXT_TYPES:
-            media = "text/plain; charset=utf-8"
-        else:
-            media = "application/octet-stream"
+        fallback = "text/plain; charset=utf-8" if suffix in TEXT_TYPES else "application/octet-stream"
+        media = {".html": "text/html; charset=utf-8", ".json": "application/json"}.get(suffix, fallback)
         return FileResponse(
             target, media_type=media, headers={"Content-Security-Policy": FILE_CSP, "Cache-Control": "no-cache"}
         )
