@@ -311,14 +311,18 @@ def _cpu() -> Config:
     README's quality-per-minute tables): 2 layers x 128 at context 128 and batch 16 reached
     1.836 bits per byte where the former 4 x 256 at context 256 (4.3M parameters, 1.9M tokens
     seen: too big for the time) reached 1.991; more, smaller steps beat fewer, bigger ones; Muon
-    and a higher learning rate did not pay at this size. `make run` asks `--budget-minutes` for
-    the shape instead, which picks this one on such a machine and a bigger one on a faster machine.
+    and a higher learning rate did not pay at this size. An untied output head with twice the
+    learning rate (nanochat's lever) won over 3 seeds: -0.020 bits per byte at 10 minutes,
+    interval [-0.028, -0.012] (docs/experiments/quality_per_minute.md). `make run` asks
+    `--budget-minutes` for the shape instead, which picks this one on such a machine and a
+    bigger one on a faster machine.
     """
     c = Config(preset="cpu")
     c.data.control_token_prob = 0.5  # half the training docs open with <|domain:NAME|>: --domain steers
     c.tokenizer.vocab_size = 4096
-    c.model = ModelConfig(dim=128, n_layers=2, n_heads=2, max_seq_len=128, vocab_size=4096)
+    c.model = ModelConfig(dim=128, n_layers=2, n_heads=2, max_seq_len=128, vocab_size=4096, tie_embeddings=False)
     c.train = TrainConfig(
+        head_lr_scale=2.0,  # the untied head's learning rate: twice the schedule's
         # ~12-14k tokens/s on 2 idle cores (compiled, float32): up to four epochs of the default
         # corpus (2.45M tokens each; repeating data up to ~4 times costs little) would take ~11
         # minutes, so the 9-minute cap plans the schedule by time (train/schedule.py) and it
