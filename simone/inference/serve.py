@@ -491,9 +491,9 @@ def create_api_app(
         want_logprobs = job.sampling.n_top_logprobs is not None
         events = worker.submit(job)  # a full queue answers 429 here, before any byte of a stream
         rid, now = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
-        head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": name}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
+            head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": name}
             opening = [
                 {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 for i in range(job.n)
@@ -517,8 +517,10 @@ def create_api_app(
             return Response(status_code=499)  # the client left: nobody reads this
         return await json_in_thread(
             lambda: {
-                **head,
-                "object": "chat.completion",  # in head's place: the keys keep their order
+                "id": rid,
+                "object": "chat.completion",
+                "created": now,
+                "model": name,
                 "usage": usage(job.prompts, out.completion_tokens),
                 "choices": [
                     {
