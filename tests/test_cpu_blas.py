@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from simone.model import cpu_blas
+from simone.model.base import CachedDecoder
 from simone.model.cpu_blas import decoding_threads, rows_matmul, streams_weights
 from test_model import tiny_model
 
@@ -67,6 +68,26 @@ def test_generate_gives_the_same_tokens_through_numpy(numpy_blas, monkeypatch):
     monkeypatch.setattr(cpu_blas, "NUMPY_ROWS_PRODUCT", False)
     assert not streams_weights(model)
     assert torch.equal(with_numpy[0], tokens(prompt[:1])) and torch.equal(with_numpy[1], tokens(prompt))
+
+
+def test_which_step_and_threads_a_decoder_picks(monkeypatch):
+    """A model in the caches: the NumPy step on one BLAS thread, on any CPU. A streamed one: the
+    NumPy step on PyTorch's threads where NumPy's BLAS is the faster, else PyTorch's step (MKL)."""
+    model = tiny_model()
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+
+    def picked() -> tuple[bool, bool, int | None]:
+        decoder = CachedDecoder(model, prompt, 4)
+        return decoder.plan is not None, decoder.numpy_plan is not None, decoder.blas_threads
+
+    for numpy_faster in (True, False):
+        monkeypatch.setattr(cpu_blas, "NUMPY_ROWS_PRODUCT", numpy_faster)
+        assert picked() == (True, True, 1)
+    monkeypatch.setattr(cpu_blas, "STREAMED_BYTES", 0)  # every model is streamed
+    assert picked() == (True, False, None)
+    monkeypatch.setattr(cpu_blas, "NUMPY_ROWS_PRODUCT", True)
+    assert picked() == (True, True, torch.get_num_threads())
+    assert CachedDecoder(model, prompt, 4, use_cache=False).numpy_plan is None
 
 
 def test_small_models_and_intel_cpus_keep_pytorch(monkeypatch):

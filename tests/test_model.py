@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -456,6 +457,66 @@ def test_flat_decoding_step_equals_the_module_forward(extra, autocast):
     greedy = torch.cat(list(model.generate(prompt, 4, temperature=0.0)), 1)
     recomputed = torch.cat(list(model.generate(prompt, 4, temperature=0.0, use_cache=False)), 1)
     assert torch.equal(greedy, recomputed)
+
+
+@pytest.mark.parametrize("extra", [{}, {"n_kv_heads": 2}, {"n_kv_heads": 1},
+                                   {"tie_embeddings": False, "ffn_hidden": 40}],
+                         ids=["mha", "gqa", "mqa", "untied"])
+def test_numpy_decoding_step_equals_the_module_forward_to_rounding(extra):
+    """The NumPy step computes the module path's logits and cache entries (in another summation
+    order, so to float32 rounding), at batch 2 in a cache made for 3."""
+    from simone.model import decode
+
+    model = tiny_model(seed=4, **extra)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # distinct norm weights, so a swapped norm would show
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    prompt = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(25))
+    with torch.inference_mode():
+        cache_a, cache_b = model.new_kv_cache(3, 12), model.new_kv_cache(3, 12)
+        model(prompt[:, :6], kv_cache=cache_a, start_pos=0)
+        model(prompt[:, :6], kv_cache=cache_b, start_pos=0)
+        plan = decode.numpy_plan(model, cache_b)
+        for pos in range(6, 9):  # three steps: each reads the keys the one before wrote
+            expected, _ = model(prompt[:, pos : pos + 1], kv_cache=cache_a, start_pos=pos, last_logits_only=True)
+            got = decode.numpy_decode_step(plan, prompt[:, pos].numpy(), pos)
+            assert got.shape == (2, VOCAB) and got.dtype == np.float32
+            torch.testing.assert_close(torch.from_numpy(got), expected[:, -1], rtol=1e-5, atol=1e-5)
+    for layer in range(2):
+        torch.testing.assert_close(cache_b.k[layer], cache_a.k[layer], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cache_b.v[layer], cache_a.v[layer], rtol=1e-5, atol=1e-6)
+    assert not cache_b.k[0][2].any()  # the third row, not in the batch, is untouched
+
+
+def test_generate_decodes_a_small_float32_model_through_numpy(monkeypatch):
+    """Where it applies generate steps through NumPy, on one BLAS thread with PyTorch on one
+    thread (given back after), and its greedy tokens are those of cache-less recomputation;
+    under bf16 autocast (NumPy has none) the PyTorch step runs."""
+    from simone.model import cpu_blas, decode
+
+    model = tiny_model(seed=3, n_kv_heads=2)
+    prompt = torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(7))
+    threads = torch.get_num_threads()
+    seen = []
+    real = decode.numpy_decode_step
+
+    def spy(plan, tokens, pos):
+        seen.append((pos, torch.get_num_threads(), cpu_blas._NumpyBlas.threads))
+        return real(plan, tokens, pos)
+
+    monkeypatch.setattr(decode, "numpy_decode_step", spy)
+    for batch in (prompt[:1], prompt):
+        greedy = torch.cat(list(model.generate(batch, 15, temperature=0.0)), 1)
+        recomputed = torch.cat(list(model.generate(batch, 15, temperature=0.0, use_cache=False)), 1)
+        assert torch.equal(greedy, recomputed)
+    assert [pos for pos, _, _ in seen] == list(range(5, 19)) * 2  # every token after the prompt's first
+    assert {(t, blas) for _, t, blas in seen} == {(1, 1)} and torch.get_num_threads() == threads
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        list(model.generate(prompt, 4, temperature=0.0))
+    assert seen == []
 
 
 def test_flat_decoding_step_is_not_used_where_it_would_differ():

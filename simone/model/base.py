@@ -20,7 +20,7 @@ from torch import nn
 from simone.config import ModelConfig
 from simone.model import decode
 from simone.model.attention import CausalSelfAttention, KVCache
-from simone.model.cpu_blas import decoding_threads, streams_weights
+from simone.model.cpu_blas import decoding_threads, in_caches, streams_weights
 from simone.model.layers import Linear
 from simone.model.loss import linear_cross_entropy, soft_cap
 from simone.model.sampling import sample_next_token
@@ -182,9 +182,9 @@ class LanguageModel(nn.Module):
         finished = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
         token = idx  # what the decoder reads next: first the prompt
         # steps through NumPy's BLAS (cpu_blas.py): float32 only, so not under a CPU autocast
-        streams = getattr(decoder, "streams_weights", False) and not torch.is_autocast_enabled("cpu")
+        blas_threads = None if torch.is_autocast_enabled("cpu") else getattr(decoder, "blas_threads", None)
         for _ in range(max_new_tokens):
-            with decoding_threads() if streams and decoder.is_cached_step(token) else nullcontext():
+            with decoding_threads(blas_threads) if blas_threads and decoder.is_cached_step(token) else nullcontext():
                 token = decoder.pick(decoder.feed(token), temperature, top_k, top_p, generator)
             if eos_id is not None:
                 token = token.masked_fill(finished, eos_id)
@@ -198,8 +198,8 @@ class CachedDecoder:
     """What `generate` runs: `feed(new)` appends the tokens new [B, n] to the text and returns
     the logits [B, V] of the token after it (kept as `logits`); `pick(logits, temperature,
     top_k, top_p, generator)` chooses that token [B, 1]. This one feeds a KV cache (a single new
-    token through the flat `decode.decode_step` where it applies) and, once the text outgrows it
-    (or without one), recomputes the last max_seq_len tokens each step."""
+    token through the flat `decode.numpy_decode_step` or `decode.decode_step` where they apply)
+    and, once the text outgrows it (or without one), recomputes the last max_seq_len tokens each step."""
 
     pick = staticmethod(sample_next_token)
 
@@ -208,7 +208,12 @@ class CachedDecoder:
         size = min(self.max_len, min(idx.size(1), self.max_len) + max_new_tokens)
         self.cache = model.new_kv_cache(idx.size(0), size, idx.device) if use_cache else None
         self.plan = decode.plan_for(model) if decode.supports(model, self.cache) else None
-        self.streams_weights = streams_weights(model)  # `generate` runs its steps in cpu_blas.decoding_threads
+        # the flat step in NumPy (cpu_blas.py): for a model in the caches, or where NumPy's BLAS is the faster
+        streams = streams_weights(model)
+        numpy_step = self.plan is not None and (streams or in_caches(model))
+        self.numpy_plan = decode.numpy_plan(model, self.cache) if numpy_step and self.cache is not None else None
+        # `generate` runs each cached step in cpu_blas.decoding_threads(blas_threads) (None: not)
+        self.blas_threads = torch.get_num_threads() if streams else 1 if self.numpy_plan is not None else None
         self.idx: torch.Tensor | None = None  # the text so far (its last max_len tokens when recomputed)
         self.n_cached = 0  # positions of idx already in the cache
         self.logits: torch.Tensor | None = None
@@ -222,7 +227,10 @@ class CachedDecoder:
     def feed(self, new: torch.Tensor) -> torch.Tensor:
         idx = new[:, -self.max_len :] if self.idx is None else torch.cat((self.idx, new), dim=1)
         if self.cache is not None and idx.size(1) <= self.cache.max_len:
-            if self.plan is not None and self.n_cached > 0:  # exactly one new token
+            if self.numpy_plan is not None and self.n_cached > 0:  # exactly one new token
+                tokens = idx[:, self.n_cached].numpy()
+                logits = torch.from_numpy(decode.numpy_decode_step(self.numpy_plan, tokens, self.n_cached))
+            elif self.plan is not None and self.n_cached > 0:
                 logits = decode.decode_step(self.model, self.plan, idx[:, self.n_cached :], self.cache, self.n_cached)
             else:
                 logits = self.model(

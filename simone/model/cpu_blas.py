@@ -9,11 +9,15 @@ that is not Intel's, a model too big for the caches multiplies float32 rows thro
 (`np.matmul` on the tensors' own memory, no copies) while decoding. Intel CPUs keep MKL. The
 summation order differs from MKL's: results agree to float32 rounding, not bit for bit.
 
+A model small enough for the caches decodes through `decode.numpy_decode_step` instead, on any
+CPU: there the cost is dispatch, not the BLAS, and NumPy dispatches faster.
+
 OpenBLAS and PyTorch each keep a pool of threads that spin while they wait for work; used one
 after the other on the same cores they slow each other ~5x. So NumPy multiplies only inside
 `decoding_threads()`, which sets PyTorch to one thread (a step's other operations are too small
-to share out) and OpenBLAS to the threads PyTorch had; `LanguageModel.generate` runs each step
-of a few rows, the pick of its token included, inside it.
+to share out) and OpenBLAS to the threads PyTorch had (one for a model in the caches, whose
+products are too small to share out either); `LanguageModel.generate` runs each step of a few
+rows, the pick of its token included, inside it.
 """
 
 from __future__ import annotations
@@ -43,13 +47,16 @@ NUMPY_ROWS_PRODUCT = numpy_rows_product()  # a fact of the machine, read once
 STREAMED_BYTES = 64 << 20
 
 
-def streams_weights(model: torch.nn.Module) -> bool:
-    """Whether `model`'s decoding steps should run in `decoding_threads()`: a CPU where NumPy's
-    BLAS is the faster one, and float32 weights too big for the caches."""
-    if not NUMPY_ROWS_PRODUCT:
-        return False
+def in_caches(model: torch.nn.Module) -> bool:
+    """Whether `model`'s float32 CPU weights are small enough to stay in the caches while decoding."""
     params = [p for p in model.parameters() if p.device.type == "cpu" and p.dtype is torch.float32]
-    return sum(p.numel() * p.element_size() for p in params) >= STREAMED_BYTES
+    return sum(p.numel() * p.element_size() for p in params) < STREAMED_BYTES
+
+
+def streams_weights(model: torch.nn.Module) -> bool:
+    """Whether `model`'s decoding products should go through NumPy's BLAS: a CPU where it is the
+    faster one, and float32 weights too big for the caches."""
+    return NUMPY_ROWS_PRODUCT and not in_caches(model)
 
 
 class _NumpyBlas:
@@ -72,16 +79,17 @@ def rows_matmul(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def decoding_threads() -> Iterator[None]:
-    """Run a decoding step's products through NumPy's BLAS where that is faster
-    (`NUMPY_ROWS_PRODUCT`): PyTorch on one thread meanwhile, OpenBLAS on the threads PyTorch had."""
-    if not NUMPY_ROWS_PRODUCT or _NumpyBlas.active:
+def decoding_threads(blas_threads: int | None = None) -> Iterator[None]:
+    """Run a decoding step's products through NumPy's BLAS, on `blas_threads` threads (default:
+    those PyTorch has), with PyTorch on one thread meanwhile."""
+    if _NumpyBlas.active:
         yield
         return
     threads = torch.get_num_threads()
-    if threads != _NumpyBlas.threads:  # ~0.5 ms: only when the count changes
-        threadpoolctl.threadpool_limits(threads, user_api="blas")
-        _NumpyBlas.threads = threads
+    blas_threads = blas_threads or threads
+    if blas_threads != _NumpyBlas.threads:  # ~0.5 ms: only when the count changes
+        threadpoolctl.threadpool_limits(blas_threads, user_api="blas")
+        _NumpyBlas.threads = blas_threads
     torch.set_num_threads(1)
     _NumpyBlas.active = True
     try:
