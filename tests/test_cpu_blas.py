@@ -16,9 +16,14 @@ from test_model import tiny_model
 @pytest.fixture
 def numpy_blas(monkeypatch):
     """As on a CPU where NumPy's BLAS is the faster (an AMD one), whatever this machine is;
-    every model counts as too big for the caches."""
+    every model counts as too big for the caches; PyTorch on 2 threads (with the tests' usual 1,
+    a step's lowering to one thread would not show)."""
     monkeypatch.setattr(cpu_blas, "NUMPY_ROWS_PRODUCT", True)
     monkeypatch.setattr(cpu_blas, "STREAMED_BYTES", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_rows_go_through_numpy_only_inside_a_decoding_step(numpy_blas, monkeypatch):
@@ -109,10 +114,9 @@ def test_an_autocast_generation_keeps_pytorchs_threads(numpy_blas, monkeypatch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         list(model.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0.0))
     assert seen == []
-    threads = torch.get_num_threads()
     with torch.no_grad():
         list(model.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0.0))
-    assert seen == [1, threads] * 4  # each of the 4 steps on one thread, then given back
+    assert seen == [1, 2] * 4  # each of the 4 steps on one thread, then given back
 
 
 def test_only_cached_steps_of_a_few_rows_run_on_one_thread(numpy_blas, monkeypatch):

@@ -136,8 +136,10 @@ class NumpyPlan:
     embedding: np.ndarray
     norm: np.ndarray
     output: np.ndarray
-    rope_cos: np.ndarray  # [max_seq_len, head_dim / 2]
-    rope_sin: np.ndarray
+    # RoPE as x·cos + x[swap]·sin, with swap exchanging the halves: [max_seq_len, head_dim] each
+    rope_cos: np.ndarray  # cos, cos
+    rope_sin: np.ndarray  # −sin, sin
+    swap: np.ndarray
     keys: list[np.ndarray]  # per layer: [batch, max_len, n_kv_heads, head_dim], the cache's own memory
     values: list[np.ndarray]
     eps: float
@@ -158,13 +160,15 @@ def numpy_plan(model: Any, cache: KVCache) -> NumpyPlan | None:
     def view(t: torch.Tensor) -> np.ndarray:
         return t.detach().numpy()
 
+    cos, sin, half = view(model.rope_cos), view(model.rope_sin), plan.head_dim // 2
     return NumpyPlan(
         [tuple(view(w) for w in vars(layer).values()) for layer in plan.layers],
         view(plan.embedding),
         view(plan.norm),
         view(plan.output),
-        view(model.rope_cos),
-        view(model.rope_sin),
+        np.concatenate((cos, cos), axis=-1),
+        np.concatenate((-sin, sin), axis=-1),
+        np.r_[half : 2 * half, 0:half],
         [view(k) for k in cache.k],
         [view(v) for v in cache.v],
         plan.eps,
@@ -174,9 +178,13 @@ def numpy_plan(model: Any, cache: KVCache) -> NumpyPlan | None:
     )
 
 
+# The step below is ~100 NumPy calls on a few hundred numbers each, where each call's overhead is
+# most of its cost: so the reductions are the ufuncs' own (`.sum()` and `.max()` wrap them in
+# Python), and RoPE and SiLU are written in as few calls as they take.
+
+
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    mean_square = (x * x).sum(axis=-1, keepdims=True) / x.shape[-1]  # np.mean's checks cost more than this
-    return x * (1.0 / np.sqrt(mean_square + eps)) * weight
+    return x / np.sqrt(np.add.reduce(x * x, axis=-1, keepdims=True) / x.shape[-1] + eps) * weight
 
 
 def numpy_decode_step(plan: NumpyPlan, tokens: np.ndarray, pos: int) -> np.ndarray:
@@ -184,22 +192,23 @@ def numpy_decode_step(plan: NumpyPlan, tokens: np.ndarray, pos: int) -> np.ndarr
     `pos`, whose keys and values go into the plan's cache (which holds positions 0..pos-1)."""
     batch = tokens.shape[0]
     n_q, n_kv, head_dim = plan.n_heads, plan.n_kv_heads, plan.head_dim
-    half, group = head_dim // 2, n_q // n_kv
+    group, scale = n_q // n_kv, head_dim**-0.5
     cos, sin = plan.rope_cos[pos], plan.rope_sin[pos]
     h = plan.embedding[tokens]  # [B, dim]
     for (attention_norm, wqkv, wo, ffn_norm, w13, w2), keys, values in zip(plan.layers, plan.keys, plan.values):
         qkv = (_rms_norm(h, attention_norm, plan.eps) @ wqkv).reshape(batch, n_q + 2 * n_kv, head_dim)
-        x1, x2 = qkv[:, : n_q + n_kv, :half], qkv[:, : n_q + n_kv, half:]
-        qk = np.concatenate((x1 * cos - x2 * sin, x2 * cos + x1 * sin), axis=-1)  # RoPE, half-split
+        qk = qkv[:, : n_q + n_kv]
+        qk = qk * cos + qk[..., plan.swap] * sin  # RoPE, half-split (dimension i pairs with i + head_dim/2)
         keys[:batch, pos], values[:batch, pos] = qk[:, n_q:], qkv[:, n_q + n_kv :]
         # each group of n_q / n_kv query heads reads one key/value head (as SDPA's enable_gqa)
         q = qk[:, :n_q].reshape(batch, n_kv, group, head_dim)
-        scores = (q @ keys[:batch, : pos + 1].transpose(0, 2, 3, 1)) * head_dim**-0.5  # [B, n_kv, group, pos+1]
-        weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        weights /= weights.sum(axis=-1, keepdims=True)
+        scores = q @ keys[:batch, : pos + 1].transpose(0, 2, 3, 1)  # [B, n_kv, group, pos+1]
+        weights = np.exp((scores - np.maximum.reduce(scores, axis=-1, keepdims=True)) * scale)
+        weights /= np.add.reduce(weights, axis=-1, keepdims=True)
         y = weights @ values[:batch, : pos + 1].transpose(0, 2, 1, 3)  # [B, n_kv, group, head_dim]
         h = h + y.reshape(batch, n_q * head_dim) @ wo
         gate_up = _rms_norm(h, ffn_norm, plan.eps) @ w13
-        gate, up = gate_up[:, : w2.shape[0]], gate_up[:, w2.shape[0] :]
-        h = h + (gate * (0.5 + 0.5 * np.tanh(0.5 * gate)) * up) @ w2  # silu: x·sigmoid(x), which cannot overflow
+        half_gate, up = 0.5 * gate_up[:, : w2.shape[0]], gate_up[:, w2.shape[0] :]
+        # SiLU: g·sigmoid(g) = (g/2)·(1 + tanh(g/2)), which cannot overflow as exp(−g) can
+        h = h + ((half_gate + half_gate * np.tanh(half_gate)) * up) @ w2
     return _rms_norm(h, plan.norm, plan.eps) @ plan.output
