@@ -429,19 +429,28 @@ def test_compiled_decoding_gives_the_eager_tokens():
     assert torch.equal(compiled, eager)
 
 
-@pytest.mark.parametrize("extra", [{}, {"n_kv_heads": 2}, {"n_kv_heads": 1},
-                                   {"tie_embeddings": False, "ffn_hidden": 40}],
-                         ids=["mha", "gqa", "mqa", "untied"])
+DECODING_SHAPES = pytest.mark.parametrize(
+    "extra", [{}, {"n_kv_heads": 2}, {"n_kv_heads": 1}, {"tie_embeddings": False, "ffn_hidden": 40}],
+    ids=["mha", "gqa", "mqa", "untied"])
+
+
+def model_with_distinct_norms(**extra):
+    """A tiny model whose norm weights differ from one another, so a swapped norm would show."""
+    model = tiny_model(seed=4, **extra)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@DECODING_SHAPES
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
 def test_flat_decoding_step_equals_the_module_forward(extra, autocast):
     from simone.model import decode
 
-    model = tiny_model(seed=4, **extra)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():  # distinct norm weights, so a swapped norm would show
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    model = model_with_distinct_norms(**extra)
     prompt = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(25))
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         cache_a, cache_b = model.new_kv_cache(2, 12), model.new_kv_cache(2, 12)
@@ -459,20 +468,13 @@ def test_flat_decoding_step_equals_the_module_forward(extra, autocast):
     assert torch.equal(greedy, recomputed)
 
 
-@pytest.mark.parametrize("extra", [{}, {"n_kv_heads": 2}, {"n_kv_heads": 1},
-                                   {"tie_embeddings": False, "ffn_hidden": 40}],
-                         ids=["mha", "gqa", "mqa", "untied"])
+@DECODING_SHAPES
 def test_numpy_decoding_step_equals_the_module_forward_to_rounding(extra):
     """The NumPy step computes the module path's logits and cache entries (in another summation
     order, so to float32 rounding), at batch 2 in a cache made for 3."""
     from simone.model import decode
 
-    model = tiny_model(seed=4, **extra)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():  # distinct norm weights, so a swapped norm would show
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    model = model_with_distinct_norms(**extra)
     prompt = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(25))
     with torch.inference_mode():
         cache_a, cache_b = model.new_kv_cache(3, 12), model.new_kv_cache(3, 12)
