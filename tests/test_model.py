@@ -480,7 +480,7 @@ def test_numpy_decoding_step_equals_the_module_forward_to_rounding(extra):
         cache_a, cache_b = model.new_kv_cache(3, 12), model.new_kv_cache(3, 12)
         model(prompt[:, :6], kv_cache=cache_a, start_pos=0)
         model(prompt[:, :6], kv_cache=cache_b, start_pos=0)
-        plan = decode.numpy_plan(model, cache_b)
+        plan = decode.numpy_plan(model, decode.plan_for(model), cache_b)
         for pos in range(6, 9):  # three steps: each reads the keys the one before wrote
             expected, _ = model(prompt[:, pos : pos + 1], kv_cache=cache_a, start_pos=pos, last_logits_only=True)
             got = decode.numpy_decode_step(plan, prompt[:, pos].numpy(), pos)

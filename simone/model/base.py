@@ -210,8 +210,9 @@ class CachedDecoder:
         self.plan = decode.plan_for(model) if decode.supports(model, self.cache) else None
         # the flat step in NumPy (cpu_blas.py): for a model in the caches, or where NumPy's BLAS is the faster
         streams = streams_weights(model)
-        numpy_step = self.plan is not None and (streams or in_caches(model))
-        self.numpy_plan = decode.numpy_plan(model, self.cache) if numpy_step and self.cache is not None else None
+        self.numpy_plan: decode.NumpyPlan | None = None
+        if self.plan is not None and self.cache is not None and (streams or in_caches(model)):
+            self.numpy_plan = decode.numpy_plan(model, self.plan, self.cache)
         # `generate` runs each cached step in cpu_blas.decoding_threads(blas_threads) (None: not)
         self.blas_threads = torch.get_num_threads() if streams else 1 if self.numpy_plan is not None else None
         self.idx: torch.Tensor | None = None  # the text so far (its last max_len tokens when recomputed)

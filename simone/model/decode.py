@@ -149,10 +149,9 @@ class NumpyPlan:
     head_dim: int
 
 
-def numpy_plan(model: Any, cache: KVCache) -> NumpyPlan | None:
-    """`plan_for(model)` and `cache` as NumPy views for `numpy_decode_step`, or None where it
-    does not apply: weights or cache not float32 (NumPy has no bfloat16), or autocast on."""
-    plan = plan_for(model)
+def numpy_plan(model: Any, plan: DecodePlan, cache: KVCache) -> NumpyPlan | None:
+    """`plan` (`plan_for(model)`) and `cache` as NumPy views for `numpy_decode_step`, or None
+    where it does not apply: weights or cache not float32 (NumPy has no bfloat16), or autocast on."""
     layer_weights = [w for layer in plan.layers for w in vars(layer).values()]
     tensors = [plan.embedding, plan.norm, plan.output, cache.k[0], *layer_weights]
     if torch.is_autocast_enabled("cpu") or any(t.dtype is not torch.float32 for t in tensors):
