@@ -130,3 +130,22 @@ def test_only_cached_steps_of_a_few_rows_run_on_one_thread(numpy_blas, monkeypat
     with torch.no_grad():
         out = list(model.generate(long_prompt, 4, temperature=0.0))
     assert len(out) == 4 and len(seen) == 2 * 2  # the 2 steps that fit in the cache; not the prompt, not the 2 after
+
+
+def test_the_decode_step_benchmark_times_both_steps_on_the_same_tokens(capsys):
+    """bench/bench_decode_step.py: one arm through the NumPy step, the other through PyTorch's,
+    and the tokens of both compared."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_decode_step.py"
+    spec = importlib.util.spec_from_file_location("bench_decode_step", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model, prompt = tiny_model(), torch.zeros(1, 3, dtype=torch.long)
+    assert bench.decoder(model, prompt, 4, numpy_step=True).numpy_plan is not None
+    pytorch_arm = bench.decoder(model, prompt, 4, numpy_step=False)
+    assert pytorch_arm.numpy_plan is None and pytorch_arm.plan is not None and pytorch_arm.blas_threads is None
+    assert bench.main(["--preset", "tiny", "--tokens", "6", "--rounds", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "numpy step" in out and "pytorch step" in out and "same tokens: True" in out
