@@ -15,8 +15,9 @@ that change its computation (`architecture_levers`), positions within the cache,
 
 `numpy_decode_step` is the same step in NumPy, for float32 weights: a NumPy operation on a few
 hundred numbers costs ~1 µs where a PyTorch one costs 5–10, so at the `cpu` preset's shape
-(where a token is ~100 small operations) it decodes 1.8× faster than `decode_step` at one
-thread, 3.4× at two (AMD EPYC; README "Decoding speed on a CPU"). Its
+(where a token is ~100 small operations) it decodes about twice as fast as `decode_step`
+(1.8–3.6× in the runs on an AMD EPYC: `bench/bench_decode_step.py`, README "Decoding speed on a
+CPU"). Its
 products and sums run in another order (OpenBLAS's, not MKL's): its logits equal the module
 path's to float32 rounding, not bit for bit (tests/test_model.py).
 """
